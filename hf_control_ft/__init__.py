@@ -1,0 +1,15 @@
+"""hf_control_ft: reward fine-tuning of diffusion models without reward collapse (ELEGANT, SEIKO)."""
+
+from .config import ElegantConfig
+from .control import add_lora_control, pretrained_mode
+from .elegant_trainer import ElegantTrainer
+from .initial_noise import InitialNoiseModel
+from .kl import gaussian_kl, gaussian_log_prob
+from .sampler import ControlledSampler, Trajectory
+from .scheduling import DiffusionSchedule
+from .value_function import ValueFunction
+
+__version__ = "0.1.0"
+__all__ = ["ElegantConfig", "ElegantTrainer", "InitialNoiseModel", "ControlledSampler", "Trajectory",
+           "DiffusionSchedule", "ValueFunction", "add_lora_control", "pretrained_mode", "gaussian_kl",
+           "gaussian_log_prob"]

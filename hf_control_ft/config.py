@@ -1,0 +1,111 @@
+"""Training configuration: a dataclass validated in ``__post_init__``, loadable from YAML and CLI overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+import yaml
+
+
+def _check(cond: bool, field_name: str, message: str):
+    if not cond:
+        raise ValueError(f"ElegantConfig.{field_name}: {message}")
+
+
+@dataclass
+class ElegantConfig:
+    """Hyper-parameters of ELEGANT (entropy-regularised control, ``ALGORITHMS.md`` §2-4).
+
+    Objective: maximise ``E[r(x_0)] - alpha * KL(P_ft || P_pre)`` where the KL is in nats, summed over every
+    dimension of a sample (so ``alpha`` is in reward units per nat).
+    """
+
+    # objective and sampler
+    alpha: float = 1.0
+    eta: float = 1.0
+    num_inference_steps: int = 50
+    learn_initial_noise: bool = True
+    # drift (stage 3)
+    train_steps: int = 500
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    max_grad_norm: float | None = None
+    lora_rank: int = 8
+    lora_alpha: float | None = None
+    lora_target_modules: list[str] | None = None
+    gradient_checkpointing: bool = True
+    truncate_backprop_steps: int | None = None
+    # stage 1: value function at the start
+    value_num_rollouts: int = 4096
+    value_train_steps: int = 500
+    value_learning_rate: float = 1e-3
+    # stage 2: initial noise
+    noise_num_steps: int = 20
+    noise_train_steps: int = 300
+    noise_learning_rate: float = 1e-3
+    noise_batch_size: int = 256
+    aux_hidden: int = 128
+    # bookkeeping
+    seed: int = 0
+    log_every: int = 10
+    report_to: str | None = "tensorboard"
+    logging_dir: str | None = None
+    tracker_project_name: str = "hf_control_ft"
+
+    def __post_init__(self):
+        _check(isinstance(self.alpha, (int, float)) and self.alpha > 0, "alpha", f"must be > 0, got {self.alpha!r}")
+        _check(isinstance(self.eta, (int, float)) and 0 < self.eta <= 1, "eta",
+               f"must be in (0, 1], got {self.eta!r} (eta = 0 is deterministic: infinite KL for any control)")
+        for name in ("num_inference_steps", "train_steps", "batch_size", "lora_rank", "value_num_rollouts",
+                     "value_train_steps", "noise_num_steps", "noise_train_steps", "noise_batch_size",
+                     "aux_hidden", "log_every"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, f"must be an int >= 1, got {v!r}")
+        for name in ("learning_rate", "value_learning_rate", "noise_learning_rate"):
+            v = getattr(self, name)
+            _check(isinstance(v, (int, float)) and v > 0, name, f"must be > 0, got {v!r}")
+        _check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be > 0 or None")
+        _check(self.lora_alpha is None or self.lora_alpha > 0, "lora_alpha", "must be > 0 or None")
+        _check(self.truncate_backprop_steps is None or (isinstance(self.truncate_backprop_steps, int)
+               and 1 <= self.truncate_backprop_steps), "truncate_backprop_steps", "must be an int >= 1 or None")
+        if isinstance(self.lora_target_modules, str):
+            self.lora_target_modules = [self.lora_target_modules]
+        _check(self.lora_target_modules is None or (isinstance(self.lora_target_modules, list)
+               and all(isinstance(t, str) and t for t in self.lora_target_modules)),
+               "lora_target_modules", "must be None or a list of module-name suffixes")
+        _check(isinstance(self.seed, int), "seed", f"must be an int, got {self.seed!r}")
+        _check(self.report_to in (None, "none", "tensorboard", "wandb", "all"), "report_to",
+               f"must be None, 'tensorboard', 'wandb' or 'all', got {self.report_to!r}")
+
+    # ------------------------------------------------------------------ (de)serialisation
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict, **overrides):
+        """Builds a config; unknown keys are an error that names them."""
+        merged = {**(values or {}), **overrides}
+        unknown = sorted(set(merged) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys: {cls.field_names()}")
+        return cls(**merged)
+
+    @classmethod
+    def from_yaml(cls, path: str, **overrides):
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(yaml.safe_load(f) or {}, **overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def load(cls, path: str):
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))

@@ -1,0 +1,162 @@
+"""LoRA drift control: the fine-tuned network is the pretrained one plus a peft LoRA adapter.
+
+The **pretrained** model is the network with its adapters disabled, the **fine-tuned** model the same network
+with the adapter enabled, so one set of base weights serves both and the control
+``u_k = mu_ft(x_k) - mu_pre(x_k)`` is exactly zero at initialisation (peft initialises ``lora_B`` to zero).
+
+Any ``torch.nn.Module`` called as ``model(sample, timestep, **kwargs)`` works; it may return a tensor, an
+object with ``.sample`` (diffusers convention) or a tuple whose first element is the prediction. diffusers
+models that carry ``PeftAdapterMixin`` (e.g. ``UNet2DConditionModel``) get the adapter through their own
+``add_adapter`` (so ``save_lora_weights``/``load_lora_weights`` understand it); every other module gets peft's
+``inject_adapter_in_model``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+CONTROL_ADAPTER = "control"
+DIFFUSERS_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+_LORA_TYPES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Embedding)
+
+
+def call_denoiser(model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Calls ``model(sample, timestep, **kwargs)`` and returns the prediction tensor (shape of ``sample``)."""
+    out = model(sample, timestep, **kwargs)
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "sample"):
+        return out.sample
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(
+        f"the denoiser returned {type(out).__name__}; expected a tensor, an object with `.sample` or a tuple"
+    )
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def candidate_module_names(model: torch.nn.Module) -> list[str]:
+    """Names of the modules LoRA can wrap (Linear, Conv1d/2d, Embedding), in model order."""
+    return [n for n, m in model.named_modules() if isinstance(m, _LORA_TYPES) and n]
+
+
+def default_target_modules(model: torch.nn.Module) -> list[str]:
+    """Attention projections for diffusers-style models, every ``nn.Linear`` otherwise."""
+    names = candidate_module_names(model)
+    if any(_matches(n, t) for n in names for t in DIFFUSERS_ATTENTION_TARGETS):
+        return list(DIFFUSERS_ATTENTION_TARGETS)
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n]
+    if not linear:
+        raise ValueError(
+            "the model has no attention projections and no nn.Linear layers; pass lora_target_modules "
+            f"explicitly. Candidate modules: {names[:50]}"
+        )
+    return linear
+
+
+def resolve_target_modules(model: torch.nn.Module, target_modules: list[str] | None) -> list[str]:
+    """Validates ``target_modules`` (suffixes of module names) against the model.
+
+    Raises:
+        ValueError: naming every target that matches no module and listing the candidates.
+    """
+    if target_modules is None:
+        return default_target_modules(model)
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    names = candidate_module_names(model)
+    missing = [t for t in target_modules if not any(_matches(n, t) for n in names)]
+    if missing:
+        shown = names if len(names) <= 60 else names[:60] + [f"... ({len(names) - 60} more)"]
+        raise ValueError(
+            f"lora_target_modules {missing} match no Linear/Conv/Embedding module of "
+            f"{type(model).__name__}. Candidate module names: {shown}"
+        )
+    return list(target_modules)
+
+
+def add_lora_control(
+    model: torch.nn.Module,
+    rank: int,
+    target_modules: list[str] | None = None,
+    lora_alpha: float | None = None,
+    adapter_name: str = CONTROL_ADAPTER,
+) -> LoraConfig:
+    """Freezes ``model`` and adds a trainable LoRA adapter ``adapter_name`` (zero-initialised control).
+
+    Returns the ``LoraConfig`` used. ``lora_alpha`` defaults to ``rank`` (LoRA scale 1).
+    """
+    targets = resolve_target_modules(model, target_modules)
+    config = LoraConfig(
+        r=int(rank),
+        lora_alpha=float(lora_alpha if lora_alpha is not None else rank),
+        target_modules=targets,
+        init_lora_weights=True,
+    )
+    model.requires_grad_(False)
+    if hasattr(model, "add_adapter") and hasattr(model, "set_adapters"):  # diffusers PeftAdapterMixin
+        model.add_adapter(config, adapter_name=adapter_name)
+    else:
+        inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    set_active_adapter(model, adapter_name)
+    return config
+
+
+def tuner_layers(model: torch.nn.Module) -> list[BaseTunerLayer]:
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def set_active_adapter(model: torch.nn.Module, adapter_name: str) -> None:
+    """Makes ``adapter_name`` the active (and only trainable) adapter of every LoRA layer."""
+    layers = tuner_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA adapter; call add_lora_control first")
+    for layer in layers:
+        layer.set_adapter(adapter_name)
+
+
+def set_control_enabled(model: torch.nn.Module, enabled: bool) -> None:
+    """Enables (fine-tuned model) or disables (pretrained model) every adapter layer."""
+    for layer in tuner_layers(model):
+        layer.enable_adapters(enabled)
+
+
+@contextlib.contextmanager
+def pretrained_mode(model: torch.nn.Module):
+    """Context in which ``model`` computes the pretrained network (adapters disabled)."""
+    set_control_enabled(model, False)
+    try:
+        yield model
+    finally:
+        set_control_enabled(model, True)
+
+
+def lora_parameters(model: torch.nn.Module, adapter_name: str = CONTROL_ADAPTER) -> list[torch.nn.Parameter]:
+    """The LoRA parameters of ``adapter_name`` in a stable order."""
+    pattern = re.compile(rf"\.lora_(A|B|embedding_A|embedding_B)\.{re.escape(adapter_name)}(\.|$)")
+    return [p for n, p in model.named_parameters() if pattern.search(n)]
+
+
+def lora_state_dict(model: torch.nn.Module, adapter_name: str = CONTROL_ADAPTER) -> dict[str, torch.Tensor]:
+    """The adapter weights in peft's naming, with the adapter name removed (as peft saves them)."""
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, adapter_name=adapter_name)
+
+
+def load_lora_state_dict(model, state_dict, adapter_name: str = CONTROL_ADAPTER) -> None:
+    """Loads weights saved by :func:`lora_state_dict`; fails loudly on unexpected or missing keys."""
+    from peft.utils import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, state_dict, adapter_name=adapter_name)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"adapter weights do not fit the model: unexpected keys {unexpected[:10]}")

@@ -1,0 +1,306 @@
+"""ELEGANT: entropy-regularised reward fine-tuning of a diffusion model (``ALGORITHMS.md`` §2-4).
+
+    maximise  J = E[r(x_0)] - alpha * ( KL(nu_phi || N(0, I)) + sum_k E[ KL_k ] )
+
+Stage 1 fits the soft value at the start of sampling, ``v_T``, by Feynman--Kac regression on pretrained
+rollouts; stage 2 trains the initial-noise model ``nu_phi`` to ``nu* ∝ N(0, I) exp(v_T / alpha)``; stage 3 trains
+the LoRA drift on ``r(x_0) - alpha * sum_k KL_k`` by backpropagation through the sampler, with ``x_T ~ nu_phi``.
+The optimum samples the tilted law ``p_pre(x) exp(r(x) / alpha) / Z``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .config import ElegantConfig
+from .control import CONTROL_ADAPTER, add_lora_control, load_lora_state_dict, lora_parameters, lora_state_dict, \
+    tuner_layers
+from .initial_noise import InitialNoiseModel
+from .reward_checks import check_reward, reward_name
+from .sampler import ControlledSampler
+from .scheduling import DiffusionSchedule
+from .value_function import ValueFunction
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+INITIAL_NOISE_DIR = "initial_noise"
+CONFIG_NAME = "elegant_config.json"
+
+
+class ElegantTrainer:
+    """Fine-tunes ``model`` toward ``reward_fn`` with ELEGANT.
+
+    Args:
+        config: :class:`ElegantConfig`.
+        model: denoiser called as ``model(sample, timestep, **model_kwargs)``; a LoRA adapter named
+            ``"control"`` is added unless the model already has one. Its base weights are frozen.
+        scheduler: diffusers ``DDPMScheduler`` or ``DDIMScheduler``.
+        reward_fn: ``(B, *sample_shape) -> (B,)``, differentiable.
+        sample_shape: shape of one sample (e.g. ``(2,)``, ``(1, 8, 8)``, ``(4, 64, 64)``).
+        accelerator: an ``accelerate.Accelerator``; one is created from the config if omitted.
+        model_kwargs: extra keyword arguments for every denoiser call.
+    """
+
+    def __init__(self, config: ElegantConfig, model: torch.nn.Module, scheduler, reward_fn, sample_shape,
+                 accelerator: Accelerator | None = None, model_kwargs: dict | None = None):
+        if not isinstance(config, ElegantConfig):
+            raise TypeError(f"config must be an ElegantConfig, got {type(config).__name__}")
+        self.config = config
+        log_with = None if config.report_to in (None, "none") else config.report_to
+        self.accelerator = accelerator or Accelerator(log_with=log_with,
+                                                      project_dir=config.logging_dir or "runs")
+        self.device = self.accelerator.device
+        self.sample_shape = tuple(int(d) for d in sample_shape)
+        self.reward_fn = reward_fn
+        self.reward_name = reward_name(reward_fn) if reward_fn is not None else None
+
+        torch.manual_seed(config.seed)  # identical adapter / network init on every process
+        self.model = model.to(self.device)
+        if not tuner_layers(self.model):
+            self.lora_config = add_lora_control(self.model, config.lora_rank, config.lora_target_modules,
+                                                config.lora_alpha)
+        else:
+            self.lora_config = None
+        self.schedule = DiffusionSchedule(scheduler, config.num_inference_steps, config.eta)
+        self.sampler = ControlledSampler(self.model, self.schedule, config.gradient_checkpointing,
+                                         config.truncate_backprop_steps, model_kwargs)
+        self.initial_noise = None
+        if config.learn_initial_noise:
+            self.initial_noise = InitialNoiseModel(self.sample_shape, num_steps=config.noise_num_steps,
+                                                   hidden=config.aux_hidden).to(self.device)
+        self.value_function = None
+        self.global_step = 0
+        self.history: list[dict] = []
+        self._trackers_started = False
+        # per-process stream of training randomness
+        rank = self.accelerator.process_index
+        self.generator = torch.Generator().manual_seed(config.seed * 1000 + rank + 1)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def _progress(self, iterable, desc):
+        return tqdm(iterable, desc=desc, disable=not self.is_main_process)
+
+    def _start_trackers(self):
+        if not self._trackers_started and self.accelerator.log_with:
+            cfg = {k: (str(v) if isinstance(v, (list, type(None))) else v) for k, v in self.config.to_dict().items()}
+            self.accelerator.init_trackers(self.config.tracker_project_name, config=cfg)
+        self._trackers_started = True
+
+    def _log(self, metrics: dict, step: int):
+        self.history.append({"step": step, **metrics})
+        self.accelerator.log(metrics, step=step)
+
+    def _reward(self, x: torch.Tensor, require_grad: bool) -> torch.Tensor:
+        return check_reward(self.reward_fn(x), x.shape[0], self.reward_name, require_grad=require_grad)
+
+    def _sync_grads(self, params):
+        """Averages gradients over processes (the model is not DDP-wrapped: the sampler calls it many times)."""
+        if self.accelerator.num_processes > 1:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+
+    def _clip(self, params):
+        if self.config.max_grad_norm is not None:
+            return float(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm))
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+
+    def draw_initial_noise(self, num_samples: int, generator: torch.Generator | None = None):
+        """``(x_T, kl_init)`` without autograd: from the learned model if any, else ``N(0, I)`` (KL 0)."""
+        gen = generator if generator is not None else self.generator
+        with torch.no_grad():
+            if self.initial_noise is not None:
+                x_T, kl = self.initial_noise(num_samples, generator=gen, device=self.device)
+            else:
+                x_T = torch.randn((num_samples, *self.sample_shape), generator=gen).to(self.device)
+                kl = torch.zeros(num_samples, device=self.device)
+        return x_T, kl
+
+    # ------------------------------------------------------------------ stage 1
+    def fit_value_function(self) -> dict:
+        """Stage 1: Feynman--Kac regression of ``v_T`` on pretrained rollouts (gathered over processes)."""
+        cfg = self.config
+        n_local = math.ceil(cfg.value_num_rollouts / self.accelerator.num_processes)
+        xs, rs = [], []
+        for start in self._progress(range(0, n_local, cfg.batch_size), "stage 1: pretrained rollouts"):
+            b = min(cfg.batch_size, n_local - start)
+            x_T = torch.randn((b, *self.sample_shape), generator=self.generator).to(self.device)
+            x0 = self.sampler.sample(x_T, self.generator, controlled=False)
+            with torch.no_grad():
+                rs.append(self._reward(x0, require_grad=False).float())
+            xs.append(x_T)
+        x_T, r = torch.cat(xs), torch.cat(rs)
+        x_T, r = self.accelerator.gather(x_T), self.accelerator.gather(r)
+        torch.manual_seed(cfg.seed + 1)  # same value network on every process
+        self.value_function = ValueFunction(self.sample_shape, cfg.alpha, hidden=cfg.aux_hidden).to(self.device)
+        fit_gen = torch.Generator().manual_seed(cfg.seed + 2)
+        loss = self.value_function.fit(x_T, r, steps=cfg.value_train_steps, lr=cfg.value_learning_rate,
+                                       generator=fit_gen, progress=self.is_main_process)
+        self.value_function.requires_grad_(False)
+        metrics = {"value/loss": loss, "value/pretrained_reward_mean": float(r.mean()),
+                   "value/shift": float(self.value_function.shift)}
+        self._log(metrics, step=self.global_step)
+        return metrics
+
+    # ------------------------------------------------------------------ stage 2
+    def train_initial_noise(self) -> dict:
+        """Stage 2: maximise ``E[v_T(x_T)] - alpha * KL(nu_phi)`` over the initial-noise model."""
+        cfg = self.config
+        if self.initial_noise is None:
+            raise RuntimeError("learn_initial_noise=False: there is no initial-noise model to train")
+        if self.value_function is None:
+            self.fit_value_function()
+        params = list(self.initial_noise.parameters())
+        opt = torch.optim.Adam(params, lr=cfg.noise_learning_rate)
+        metrics = {}
+        for it in self._progress(range(cfg.noise_train_steps), "stage 2: initial noise"):
+            x_T, kl = self.initial_noise(cfg.noise_batch_size, generator=self.generator, device=self.device)
+            u = self.value_function.normalized(x_T)
+            loss = (kl - u).mean()  # = -(E[v_T] - alpha KL) / alpha, up to the constant shift
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self._sync_grads(params)
+            opt.step()
+            if it % cfg.log_every == 0 or it == cfg.noise_train_steps - 1:
+                metrics = {"noise/loss": loss.item(), "noise/kl": kl.mean().item(),
+                           "noise/value": float(self.value_function.shift + cfg.alpha * u.detach().mean())}
+                self._log(metrics, step=it)
+        self.initial_noise.requires_grad_(False)
+        return metrics
+
+    # ------------------------------------------------------------------ stage 3
+    def drift_step(self, optimizer, params) -> dict:
+        """One stage-3 iteration on ``mean(-r + alpha * (KL_drift + KL_init))``; returns its metrics."""
+        cfg = self.config
+        B = cfg.batch_size
+        x_T, kl_init = self.draw_initial_noise(B)
+        traj = self.sampler.rollout(x_T, self.generator)
+        x0 = traj.samples.detach().requires_grad_(True)
+        with torch.enable_grad():
+            r = self._reward(x0, require_grad=True)
+            grad_x0 = torch.autograd.grad(r.sum(), x0)[0]
+        optimizer.zero_grad(set_to_none=True)
+        self.sampler.backpropagate(traj, -grad_x0 / B, cfg.alpha / B)
+        self._sync_grads(params)
+        grad_norm = self._clip(params)
+        optimizer.step()
+        kl = traj.kl
+        return {"train/reward": r.mean().item(), "train/kl": kl.mean().item(),
+                "train/kl_init": kl_init.mean().item(),
+                "train/objective": (r.detach() - cfg.alpha * (kl + kl_init)).mean().item(),
+                "train/grad_norm": grad_norm}
+
+    def train_drift(self) -> dict:
+        """Stage 3: LoRA drift training for ``config.train_steps`` iterations."""
+        cfg = self.config
+        params = lora_parameters(self.model)
+        if not params:
+            raise RuntimeError("no trainable LoRA parameters found on the model")
+        opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+        metrics = {}
+        bar = self._progress(range(cfg.train_steps), "stage 3: drift")
+        for _ in bar:
+            metrics = self.drift_step(opt, params)
+            self.global_step += 1
+            if self.global_step % cfg.log_every == 0 or self.global_step == cfg.train_steps:
+                metrics = {k: float(self.accelerator.reduce(torch.tensor(v, device=self.device), "mean"))
+                           for k, v in metrics.items()}
+                self._log(metrics, step=self.global_step)
+                if self.is_main_process:
+                    bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", kl=f"{metrics['train/kl']:.3f}")
+        return metrics
+
+    def train(self) -> dict:
+        """Runs stages 1-3 (1-2 only with ``learn_initial_noise``); returns final metrics and timings."""
+        self._start_trackers()
+        summary, t0 = {}, time.perf_counter()
+        if self.initial_noise is not None:
+            summary.update(self.fit_value_function())
+            summary.update(self.train_initial_noise())
+        t1 = time.perf_counter()
+        summary.update(self.train_drift())
+        t2 = time.perf_counter()
+        summary.update({"time/stages_1_2_s": t1 - t0, "time/drift_s": t2 - t1})
+        self.accelerator.wait_for_everyone()
+        return summary
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def sample(self, num_samples: int, generator: torch.Generator | None = None, batch_size: int | None = None,
+               controlled: bool = True) -> torch.Tensor:
+        """Draws samples: learned initial noise + LoRA control (``controlled=False``: the pretrained model
+        from ``N(0, I)``). Deterministic given ``generator``. Returns ``(num_samples, *sample_shape)``."""
+        gen = generator if generator is not None else torch.Generator().manual_seed(self.config.seed)
+        bs = batch_size or self.config.batch_size
+        out = []
+        for start in range(0, num_samples, bs):
+            b = min(bs, num_samples - start)
+            if controlled:
+                x_T, _ = self.draw_initial_noise(b, gen)
+            else:
+                x_T = torch.randn((b, *self.sample_shape), generator=gen).to(self.device)
+            out.append(self.sampler.sample(x_T, gen, controlled=controlled))
+        return torch.cat(out)
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, save_directory: str) -> None:
+        """Writes the LoRA adapter (safetensors + peft config), the initial-noise model and the config.
+
+        Only the main process writes.
+        """
+        if not self.is_main_process:
+            return
+        os.makedirs(save_directory, exist_ok=True)
+        weights = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(self.model).items()}
+        save_file(weights, os.path.join(save_directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        peft_config = self._peft_config()
+        peft_config.save_pretrained(save_directory)
+        if self.initial_noise is not None:
+            self.initial_noise.save_pretrained(os.path.join(save_directory, INITIAL_NOISE_DIR))
+        self.config.save(os.path.join(save_directory, CONFIG_NAME))
+        with open(os.path.join(save_directory, "sample_shape.json"), "w") as f:
+            json.dump(list(self.sample_shape), f)
+
+    def _peft_config(self):
+        layer = tuner_layers(self.model)[0]
+        cfg = self.lora_config
+        if cfg is None:
+            peft_cfg = getattr(self.model, "peft_config", {})
+            cfg = peft_cfg.get(CONTROL_ADAPTER) if isinstance(peft_cfg, dict) else None
+        if cfg is None:
+            raise RuntimeError(f"cannot find the LoRA config of the control adapter ({type(layer).__name__})")
+        return cfg
+
+    @classmethod
+    def from_pretrained(cls, directory: str, model: torch.nn.Module, scheduler, reward_fn=None,
+                        accelerator: Accelerator | None = None, **config_overrides) -> "ElegantTrainer":
+        """Rebuilds a trainer from :meth:`save_pretrained` output on a fresh copy of the base ``model``."""
+        from peft import LoraConfig
+
+        config = ElegantConfig.from_dict(json.load(open(os.path.join(directory, CONFIG_NAME))), **config_overrides)
+        lora = LoraConfig.from_pretrained(directory)
+        targets = sorted(lora.target_modules) if not isinstance(lora.target_modules, str) else lora.target_modules
+        with open(os.path.join(directory, "sample_shape.json")) as f:
+            shape = tuple(json.load(f))
+        torch.manual_seed(config.seed)
+        if not tuner_layers(model):
+            add_lora_control(model, lora.r, targets, lora.lora_alpha)
+        trainer = cls(config, model, scheduler, reward_fn, shape, accelerator=accelerator)
+        load_lora_state_dict(trainer.model, load_file(os.path.join(directory, ADAPTER_WEIGHTS)))
+        noise_dir = os.path.join(directory, INITIAL_NOISE_DIR)
+        if config.learn_initial_noise:
+            trainer.initial_noise = InitialNoiseModel.from_pretrained(noise_dir).to(trainer.device)
+        return trainer

@@ -1,0 +1,167 @@
+"""Per-step Gaussian transitions of diffusers' stochastic samplers.
+
+A stochastic scheduler step (``DDPMScheduler`` or ``DDIMScheduler`` with ``eta > 0``) draws
+
+    x_{k+1} ~ N( mu_k(x_k, model_output), sigma_k^2 I )
+
+where ``sigma_k`` depends only on the noise schedule and ``eta`` and ``mu_k`` is an explicit function of
+the network's prediction. :class:`DiffusionSchedule` computes ``mu_k`` and ``sigma_k`` in closed form,
+mirroring ``scheduler.step`` line by line, so that the same code gives the pretrained mean, the fine-tuned
+mean, their KL and the log-probability of a transition. ``tests/test_scheduling.py`` checks it against
+``scheduler.step`` itself.
+
+Index convention (see ``ALGORITHMS.md`` §1): step ``k = 0 .. K-1`` goes from ``timesteps[k]`` to the next
+lower noise level; ``x_0`` in the docs is the final sample the reward sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+SUPPORTED_SCHEDULERS = (DDPMScheduler, DDIMScheduler)
+
+
+@dataclass
+class DiffusionSchedule:
+    """Closed-form transition coefficients of a diffusers scheduler for one sampling run.
+
+    Args:
+        scheduler: a ``DDPMScheduler`` or ``DDIMScheduler``. Its ``set_timesteps`` is called.
+        num_inference_steps: number of denoising steps ``K``.
+        eta: DDIM stochasticity in ``(0, 1]``; ``eta = 1`` is the DDPM posterior variance. A
+            ``DDPMScheduler`` has a fixed variance and accepts only ``eta = 1``.
+
+    Attributes:
+        timesteps: ``(K,)`` integer timesteps fed to the network, highest noise first.
+        std: ``(K,)`` float64 standard deviations ``sigma_k``; ``0`` marks a deterministic step (the last
+            DDPM step, the last DDIM step when ``set_alpha_to_one``). Deterministic steps cannot be
+            controlled at finite KL, so the sampler runs them with the pretrained network.
+    """
+
+    scheduler: DDPMScheduler | DDIMScheduler
+    num_inference_steps: int
+    eta: float = 1.0
+
+    def __post_init__(self):
+        sched = self.scheduler
+        if not isinstance(sched, SUPPORTED_SCHEDULERS):
+            raise TypeError(
+                f"scheduler must be a diffusers DDPMScheduler or DDIMScheduler, got {type(sched).__name__}"
+            )
+        if not (isinstance(self.num_inference_steps, int) and self.num_inference_steps >= 1):
+            raise ValueError(f"num_inference_steps must be an int >= 1, got {self.num_inference_steps!r}")
+        if not (0.0 < float(self.eta) <= 1.0):
+            raise ValueError(
+                f"eta must be in (0, 1], got {self.eta}. eta = 0 (deterministic DDIM) has sigma_k = 0 at every "
+                "step, so any control has infinite KL: use eta > 0 for training."
+            )
+        cfg = sched.config
+        if cfg.prediction_type not in ("epsilon", "sample", "v_prediction"):
+            raise ValueError(f"unsupported prediction_type {cfg.prediction_type!r}")
+        if cfg.thresholding:
+            raise ValueError("dynamic thresholding (scheduler.config.thresholding=True) is not supported")
+        is_ddpm = isinstance(sched, DDPMScheduler)
+        if is_ddpm and float(self.eta) != 1.0:
+            raise ValueError(
+                f"DDPMScheduler has a fixed variance and takes eta = 1.0 only, got eta={self.eta}; "
+                "use DDIMScheduler for eta < 1"
+            )
+        if is_ddpm and cfg.variance_type not in ("fixed_small", "fixed_small_log", "fixed_large"):
+            raise ValueError(f"DDPMScheduler variance_type {cfg.variance_type!r} is not supported")
+
+        sched.set_timesteps(self.num_inference_steps)
+        self.timesteps = sched.timesteps.clone().long()
+        abar = sched.alphas_cumprod.double()
+        a_t, a_prev, std, c_x0, c_eps, c_x = [], [], [], [], [], []
+        for i, t in enumerate(self.timesteps.tolist()):
+            if is_ddpm:
+                prev = self.timesteps[i + 1].item() if i + 1 < len(self.timesteps) else -1
+                ap = abar[prev] if prev >= 0 else torch.tensor(1.0, dtype=torch.float64)
+            else:
+                prev = t - cfg.num_train_timesteps // self.num_inference_steps
+                ap = abar[prev] if prev >= 0 else sched.final_alpha_cumprod.double()
+            at = abar[t]
+            if is_ddpm:
+                cur_alpha = at / ap
+                cur_beta = 1 - cur_alpha
+                # mean = c_x0 * pred_x0 + c_x * x   (DDPM posterior mean)
+                c_x0.append(ap.sqrt() * cur_beta / (1 - at))
+                c_x.append(cur_alpha.sqrt() * (1 - ap) / (1 - at))
+                c_eps.append(torch.tensor(0.0, dtype=torch.float64))
+                if t == 0:
+                    var = torch.tensor(0.0, dtype=torch.float64)  # diffusers adds no noise at t = 0
+                elif cfg.variance_type == "fixed_large":
+                    var = cur_beta
+                else:  # fixed_small and fixed_small_log share the posterior variance
+                    var = ((1 - ap) / (1 - at) * cur_beta).clamp(min=1e-20)
+                std.append(var.sqrt())
+            else:
+                var = (1 - ap) / (1 - at) * (1 - at / ap)
+                s = float(self.eta) * var.sqrt()
+                std.append(s)
+                # mean = sqrt(abar_prev) * pred_x0 + sqrt(1 - abar_prev - s^2) * pred_eps
+                c_x0.append(ap.sqrt())
+                c_eps.append((1 - ap - s**2).clamp(min=0).sqrt())
+                c_x.append(torch.tensor(0.0, dtype=torch.float64))
+            a_t.append(at)
+            a_prev.append(ap)
+        self.is_ddpm = is_ddpm
+        self.alpha_bar = torch.stack(a_t)
+        self.alpha_bar_prev = torch.stack(a_prev)
+        self.std = torch.stack(std)
+        self._c_x0 = torch.stack(c_x0)
+        self._c_eps = torch.stack(c_eps)
+        self._c_x = torch.stack(c_x)
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    def timestep(self, k: int) -> torch.Tensor:
+        """The network's timestep at step ``k`` (a 0-dim long tensor)."""
+        return self.timesteps[k]
+
+    def is_stochastic(self, k: int) -> bool:
+        return bool(self.std[k] > 0)
+
+    def predict_x0_eps(self, model_output: torch.Tensor, sample: torch.Tensor, k: int):
+        """Predicted clean sample and noise at step ``k``, with the scheduler's clipping rule.
+
+        Returns ``(pred_x0, pred_eps)``; ``pred_eps`` is the *unclipped* noise estimate, as diffusers uses in
+        the DDIM direction term (``use_clipped_model_output=False``).
+        """
+        cfg = self.scheduler.config
+        at = self.alpha_bar[k].item()
+        sa, sb = at**0.5, (1 - at) ** 0.5
+        if cfg.prediction_type == "epsilon":
+            x0 = (sample - sb * model_output) / sa
+            eps = model_output
+        elif cfg.prediction_type == "sample":
+            x0 = model_output
+            eps = (sample - sa * x0) / sb
+        else:  # v_prediction
+            x0 = sa * sample - sb * model_output
+            eps = sa * model_output + sb * sample
+        if cfg.clip_sample:
+            x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+        return x0, eps
+
+    def mean(self, model_output: torch.Tensor, sample: torch.Tensor, k: int) -> torch.Tensor:
+        """Transition mean ``mu_k`` (same shape as ``sample``); differentiable in both arguments."""
+        x0, eps = self.predict_x0_eps(model_output, sample, k)
+        if self.is_ddpm:
+            return self._c_x0[k].item() * x0 + self._c_x[k].item() * sample
+        return self._c_x0[k].item() * x0 + self._c_eps[k].item() * eps
+
+    def step(self, model_output, sample, k: int, noise: torch.Tensor | None) -> torch.Tensor:
+        """One transition: ``mean + sigma_k * noise`` (``noise`` ~ N(0, I), ignored where ``sigma_k = 0``)."""
+        return self.step_from_mean(self.mean(model_output, sample, k), k, noise)
+
+    def step_from_mean(self, mu: torch.Tensor, k: int, noise: torch.Tensor | None) -> torch.Tensor:
+        """``mu + sigma_k * noise``; ``noise`` may be ``None`` on deterministic steps."""
+        s = self.std[k].item()
+        if s == 0 or noise is None:
+            return mu
+        return mu + s * noise
