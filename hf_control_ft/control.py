@@ -129,14 +129,23 @@ def set_control_enabled(model: torch.nn.Module, enabled: bool) -> None:
         layer.enable_adapters(enabled)
 
 
+def control_enabled(model: torch.nn.Module) -> bool:
+    """Whether the adapters are currently enabled (fine-tuned model)."""
+    layers = tuner_layers(model)
+    return bool(layers) and not layers[0].disable_adapters
+
+
 @contextlib.contextmanager
 def pretrained_mode(model: torch.nn.Module):
-    """Context in which ``model`` computes the pretrained network (adapters disabled)."""
-    set_control_enabled(model, False)
+    """Context in which ``model`` computes the pretrained network (adapters disabled); restores the state."""
+    was_enabled = control_enabled(model)
+    if was_enabled:
+        set_control_enabled(model, False)
     try:
         yield model
     finally:
-        set_control_enabled(model, True)
+        if was_enabled:
+            set_control_enabled(model, True)
 
 
 def lora_parameters(model: torch.nn.Module, adapter_name: str = CONTROL_ADAPTER) -> list[torch.nn.Parameter]:

@@ -55,7 +55,7 @@ class TimeConditionedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, s) -> torch.Tensor:
         b = x.shape[0]
-        temb = self.time(sinusoidal_embedding(_time_batch(s, b, x.device), self.time_dim))
+        temb = self.time(sinusoidal_embedding(_time_batch(s, b, x.device), self.time_dim).to(x.dtype))
         h = self.inp(x.reshape(b, -1)) + temb
         for block in self.blocks:
             h = h + block(h + temb)
@@ -80,7 +80,7 @@ class TimeConditionedConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor, s) -> torch.Tensor:
         b = x.shape[0]
-        temb = self.time(sinusoidal_embedding(_time_batch(s, b, x.device), self.time_dim))[:, :, None, None]
+        temb = self.time(sinusoidal_embedding(_time_batch(s, b, x.device), self.time_dim).to(x.dtype))[:, :, None, None]
         h = self.inp(x) + temb
         for block in self.blocks:
             h = h + block(h + temb)

@@ -1,0 +1,97 @@
+import json
+
+import pytest
+import torch
+
+from conftest import ddim, make_mlp_denoiser
+from hf_control_ft import ElegantConfig, ElegantTrainer
+from hf_control_ft.control import lora_parameters
+from hf_control_ft.gaussian_mixture import distill_mixture_denoiser, three_mode_mixture
+
+
+def small_config(**kw):
+    base = dict(alpha=1.0, eta=1.0, num_inference_steps=5, train_steps=2, batch_size=8, value_num_rollouts=16,
+                value_train_steps=2, noise_train_steps=2, noise_num_steps=3, aux_hidden=16, report_to=None)
+    base.update(kw)
+    return ElegantConfig(**base)
+
+
+def quadratic_reward(x):
+    return -(x - 1.0).pow(2).sum(1)
+
+
+@pytest.mark.parametrize("field,value", [("alpha", 0.0), ("alpha", -1.0), ("eta", 0.0), ("eta", 1.2),
+                                         ("num_inference_steps", 0), ("batch_size", 0), ("train_steps", 1.5),
+                                         ("learning_rate", 0.0), ("lora_rank", 0), ("truncate_backprop_steps", 0),
+                                         ("report_to", "mlflow"), ("max_grad_norm", -1.0)])
+def test_bad_config_values_raise_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"ElegantConfig\.{field}"):
+        ElegantConfig(**{field: value})
+
+
+def test_config_from_yaml_rejects_unknown_keys(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("alpha: 0.5\nbatch_size: 4\n")
+    cfg = ElegantConfig.from_yaml(str(p), eta=0.5)
+    assert (cfg.alpha, cfg.batch_size, cfg.eta) == (0.5, 4, 0.5)
+    p.write_text("alpha: 0.5\nlearning_rat: 1e-3\n")
+    with pytest.raises(ValueError, match="learning_rat"):
+        ElegantConfig.from_yaml(str(p))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda x: torch.full((x.shape[0],), float("nan")) + x.sum() * 0, "NaN"),
+    (lambda x: x.sum(1) / 0.0, "inf"),
+    (lambda x: x.sum(1, keepdim=True), r"shape \(8, 1\)"),
+    (lambda x: x.sum(1).detach(), "not differentiable"),
+    (lambda x: x.sum(1).tolist(), "expected a torch.Tensor"),
+])
+def test_bad_rewards_give_errors_naming_the_reward(bad, match):
+    def my_reward(x):
+        return bad(x)
+
+    trainer = ElegantTrainer(small_config(learn_initial_noise=False), make_mlp_denoiser(lora=False), ddim(),
+                             my_reward, (2,))
+    with pytest.raises((ValueError, TypeError), match=match) as err:
+        trainer.train()
+    assert "my_reward" in str(err.value)
+
+
+def test_train_updates_lora_and_save_load_reproduces_samples_bit_for_bit(tmp_path):
+    trainer = ElegantTrainer(small_config(learning_rate=1e-2), make_mlp_denoiser(lora=False, seed=3), ddim(),
+                             quadratic_reward, (2,))
+    before = [p.detach().clone() for p in lora_parameters(trainer.model)]
+    summary = trainer.train()
+    assert {"train/reward", "train/kl", "train/objective", "value/loss", "noise/kl"} <= set(summary)
+    assert summary["train/kl"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, lora_parameters(trainer.model)))
+    x = trainer.sample(10, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (10, 2)
+    trainer.save_pretrained(str(tmp_path / "out"))
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "initial_noise", "elegant_config.json"} <= files
+    assert json.load(open(tmp_path / "out" / "elegant_config.json"))["alpha"] == 1.0
+    loaded = ElegantTrainer.from_pretrained(str(tmp_path / "out"), make_mlp_denoiser(lora=False, seed=3), ddim())
+    y = loaded.sample(10, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(x, y)
+    base = loaded.sample(10, generator=torch.Generator().manual_seed(0), controlled=False)
+    assert not torch.equal(x, base)
+
+
+def test_elegant_moves_mode_weights_toward_the_exact_tilted_target():
+    """The exact-target check of benchmarks/tilted_target.py, smaller (eta = 0.3, 20 steps)."""
+    mixture = three_mode_mixture()
+    c = torch.tensor([0.5, 0.3])
+    target = mixture.tilted_linear(c, 2.0)
+    sched = ddim(set_alpha_to_one=True)
+    den = distill_mixture_denoiser(mixture, sched, steps=400, hidden=64, depth=2)
+    cfg = small_config(alpha=2.0, eta=0.3, num_inference_steps=20, train_steps=40, batch_size=64,
+                       learning_rate=2e-3, value_num_rollouts=2048, value_train_steps=300, noise_train_steps=150,
+                       noise_num_steps=10, aux_hidden=64)
+    trainer = ElegantTrainer(cfg, den, sched, lambda x: x @ c, (2,))
+    pre = trainer.sample(4096, torch.Generator().manual_seed(0), 1024, controlled=False)
+    tv_pre = target.mode_weight_tv(pre)
+    assert tv_pre > 0.28
+    trainer.train()
+    tv = target.mode_weight_tv(trainer.sample(4096, torch.Generator().manual_seed(1), 1024))
+    assert tv < 0.12, (tv_pre, tv)
