@@ -198,9 +198,9 @@ class ElegantTrainer:
         grad_norm = self._clip(params)
         optimizer.step()
         kl = traj.kl
+        objective = (r.detach() - cfg.alpha * (kl + kl_init)).mean().item()
         return {"train/reward": r.mean().item(), "train/kl": kl.mean().item(),
-                "train/kl_init": kl_init.mean().item(),
-                "train/objective": (r.detach() - cfg.alpha * (kl + kl_init)).mean().item(),
+                "train/kl_init": kl_init.mean().item(), "train/objective": objective, "train/loss": -objective,
                 "train/grad_norm": grad_norm}
 
     def train_drift(self) -> dict:

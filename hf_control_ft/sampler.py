@@ -180,7 +180,7 @@ class ControlledSampler:
         return x, kl
 
     def backpropagate(self, trajectory: Trajectory, grad_samples: torch.Tensor,
-                      kl_weight: float | torch.Tensor) -> torch.Tensor:
+                      kl_weight: float | torch.Tensor | None) -> torch.Tensor:
         """Backward sweep: accumulates into the LoRA parameters' ``.grad`` the gradient of
 
             L = sum_b <grad_samples_b, x_0_b> + sum_b kl_weight_b * sum_k KL_k_b
@@ -188,22 +188,32 @@ class ControlledSampler:
         (e.g. ``grad_samples = -dr/dx_0 / B`` and ``kl_weight = alpha / B`` for the loss
         ``mean(-r + alpha * KL)``), fills ``trajectory.kl_steps`` for the recomputed steps and returns
         ``dL/dx_T`` ``(B, *shape)`` so the initial-noise model can continue the chain rule.
+
+        ``kl_weight=None`` drops the KL entirely (plain reward backpropagation, the AlignProp/DRaFT regime):
+        only the fine-tuned network is recomputed and ``kl_steps`` stay as the rollout left them.
         """
         K = len(self.schedule)
         first = self._first_grad_step()
         B = grad_samples.shape[0]
-        w = torch.as_tensor(kl_weight, dtype=grad_samples.dtype, device=grad_samples.device).expand(B)
+        with_kl = kl_weight is not None
+        if with_kl:
+            w = torch.as_tensor(kl_weight, dtype=grad_samples.dtype, device=grad_samples.device).expand(B)
         adjoint = grad_samples.detach()
         for k in reversed(range(first, K)):
             x_k = trajectory.states[k].detach().requires_grad_(True)
             with torch.enable_grad():
-                x_next, kl_k = self.step_with_kl(x_k, k, trajectory.noises[k])
+                if with_kl:
+                    x_next, kl_k = self.step_with_kl(x_k, k, trajectory.noises[k])
+                else:
+                    x_next = self.schedule.step_from_mean(self.mean(x_k, k), k, trajectory.noises[k])
+                    kl_k = None
                 outputs, grads = [x_next], [adjoint]
-                if kl_k.requires_grad:
+                if kl_k is not None and kl_k.requires_grad:
                     outputs.append(kl_k)
                     grads.append(w)
                 torch.autograd.backward(outputs, grads)
-            trajectory.kl_steps[k] = kl_k.detach()
+            if kl_k is not None:
+                trajectory.kl_steps[k] = kl_k.detach()
             adjoint = x_k.grad
         if first > 0:
             return torch.zeros_like(adjoint)

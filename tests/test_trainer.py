@@ -95,3 +95,15 @@ def test_elegant_moves_mode_weights_toward_the_exact_tilted_target():
     trainer.train()
     tv = target.mode_weight_tv(trainer.sample(4096, torch.Generator().manual_seed(1), 1024))
     assert tv < 0.12, (tv_pre, tv)
+
+
+def test_train_logs_reward_kl_and_loss_to_tensorboard(tmp_path):
+    cfg = small_config(report_to="tensorboard", logging_dir=str(tmp_path / "logs"), log_every=1,
+                       learn_initial_noise=False)
+    trainer = ElegantTrainer(cfg, make_mlp_denoiser(lora=False), ddim(), quadratic_reward, (2,))
+    trainer.train()
+    trainer.accelerator.end_training()
+    events = list((tmp_path / "logs").rglob("events.out.tfevents*"))
+    assert events and sum(e.stat().st_size for e in events) > 0
+    logged = {k for h in trainer.history for k in h}
+    assert {"train/reward", "train/kl", "train/loss"} <= logged
