@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .config import ElegantConfig
-from .control import CONTROL_ADAPTER, add_lora_control, load_lora_state_dict, lora_parameters, lora_state_dict, \
-    tuner_layers
+from .control import (CONTROL_ADAPTER, add_lora_control, load_lora_state_dict, lora_parameters,
+                      lora_state_dict, tuner_layers)
 from .initial_noise import InitialNoiseModel
 from .reward_checks import check_reward, reward_name
 from .sampler import ControlledSampler
@@ -33,6 +33,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 INITIAL_NOISE_DIR = "initial_noise"
 CONFIG_NAME = "elegant_config.json"
+SAMPLE_SHAPE_NAME = "sample_shape.json"
 
 
 class ElegantTrainer:
@@ -235,6 +236,9 @@ class ElegantTrainer:
         t2 = time.perf_counter()
         summary.update({"time/stages_1_2_s": t1 - t0, "time/drift_s": t2 - t1})
         self.accelerator.wait_for_everyone()
+        if self.accelerator.log_with:
+            self.accelerator.end_training()  # flush and close the trackers
+            self._trackers_started = False
         return summary
 
     # ------------------------------------------------------------------ inference
@@ -271,36 +275,39 @@ class ElegantTrainer:
         if self.initial_noise is not None:
             self.initial_noise.save_pretrained(os.path.join(save_directory, INITIAL_NOISE_DIR))
         self.config.save(os.path.join(save_directory, CONFIG_NAME))
-        with open(os.path.join(save_directory, "sample_shape.json"), "w") as f:
+        with open(os.path.join(save_directory, SAMPLE_SHAPE_NAME), "w", encoding="utf-8") as f:
             json.dump(list(self.sample_shape), f)
 
     def _peft_config(self):
-        layer = tuner_layers(self.model)[0]
-        cfg = self.lora_config
-        if cfg is None:
-            peft_cfg = getattr(self.model, "peft_config", {})
-            cfg = peft_cfg.get(CONTROL_ADAPTER) if isinstance(peft_cfg, dict) else None
-        if cfg is None:
-            raise RuntimeError(f"cannot find the LoRA config of the control adapter ({type(layer).__name__})")
-        return cfg
+        if self.lora_config is not None:
+            return self.lora_config
+        peft_cfg = getattr(self.model, "peft_config", None)  # adapter added by the caller
+        if isinstance(peft_cfg, dict) and CONTROL_ADAPTER in peft_cfg:
+            return peft_cfg[CONTROL_ADAPTER]
+        raise RuntimeError(f"cannot find the LoraConfig of the {CONTROL_ADAPTER!r} adapter on the model")
 
     @classmethod
     def from_pretrained(cls, directory: str, model: torch.nn.Module, scheduler, reward_fn=None,
                         accelerator: Accelerator | None = None, **config_overrides) -> "ElegantTrainer":
-        """Rebuilds a trainer from :meth:`save_pretrained` output on a fresh copy of the base ``model``."""
+        """Rebuilds a trainer from :meth:`save_pretrained` output on a fresh copy of the base ``model``.
+
+        The adapter is re-created from the saved ``adapter_config.json`` (rank, alpha, targets) and its
+        safetensors weights loaded; the initial-noise model comes from ``initial_noise/``.
+        """
         from peft import LoraConfig
 
-        config = ElegantConfig.from_dict(json.load(open(os.path.join(directory, CONFIG_NAME))), **config_overrides)
+        with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
+            saved = json.load(f)
         lora = LoraConfig.from_pretrained(directory)
-        targets = sorted(lora.target_modules) if not isinstance(lora.target_modules, str) else lora.target_modules
-        with open(os.path.join(directory, "sample_shape.json")) as f:
+        targets = lora.target_modules
+        saved.update(lora_rank=lora.r, lora_alpha=lora.lora_alpha,
+                     lora_target_modules=[targets] if isinstance(targets, str) else sorted(targets))
+        config = ElegantConfig.from_dict(saved, **config_overrides)
+        with open(os.path.join(directory, SAMPLE_SHAPE_NAME), encoding="utf-8") as f:
             shape = tuple(json.load(f))
-        torch.manual_seed(config.seed)
-        if not tuner_layers(model):
-            add_lora_control(model, lora.r, targets, lora.lora_alpha)
         trainer = cls(config, model, scheduler, reward_fn, shape, accelerator=accelerator)
         load_lora_state_dict(trainer.model, load_file(os.path.join(directory, ADAPTER_WEIGHTS)))
-        noise_dir = os.path.join(directory, INITIAL_NOISE_DIR)
         if config.learn_initial_noise:
+            noise_dir = os.path.join(directory, INITIAL_NOISE_DIR)
             trainer.initial_noise = InitialNoiseModel.from_pretrained(noise_dir).to(trainer.device)
         return trainer

@@ -102,8 +102,19 @@ def test_train_logs_reward_kl_and_loss_to_tensorboard(tmp_path):
                        learn_initial_noise=False)
     trainer = ElegantTrainer(cfg, make_mlp_denoiser(lora=False), ddim(), quadratic_reward, (2,))
     trainer.train()
-    trainer.accelerator.end_training()
     events = list((tmp_path / "logs").rglob("events.out.tfevents*"))
     assert events and sum(e.stat().st_size for e in events) > 0
     logged = {k for h in trainer.history for k in h}
     assert {"train/reward", "train/kl", "train/loss"} <= logged
+
+
+def test_config_from_cli_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("alpha: 0.5\nlora_target_modules: [a, b]\n")
+    cfg = ElegantConfig.from_cli(str(p), ["--eta", "0.3", "--truncate_backprop_steps", "4", "--report_to", "null"])
+    assert (cfg.alpha, cfg.eta, cfg.truncate_backprop_steps, cfg.report_to) == (0.5, 0.3, 4, None)
+    assert cfg.lora_target_modules == ["a", "b"]
+    with pytest.raises(ValueError, match="unknown ElegantConfig keys"):
+        ElegantConfig.from_cli(None, ["--alpah", "1"])
+    with pytest.raises(ValueError, match="ElegantConfig.eta"):
+        ElegantConfig.from_cli(None, ["--eta", "0"])
