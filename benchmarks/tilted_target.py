@@ -40,7 +40,8 @@ def run_setting(denoiser_state, scheduler, target, reward, args, eta, learn_init
                         learn_initial_noise=learn_initial_noise, train_steps=args.train_steps,
                         batch_size=args.batch_size, learning_rate=args.lr, lora_rank=8, seed=args.seed,
                         value_num_rollouts=args.value_rollouts, value_train_steps=args.value_train_steps,
-                        noise_train_steps=args.noise_train_steps, report_to=None, max_grad_norm=args.max_grad_norm)
+                        noise_train_steps=args.noise_train_steps, report_to=None, max_grad_norm=args.max_grad_norm,
+                        lr_scheduler=args.lr_scheduler)
     trainer = ElegantTrainer(cfg, model, scheduler, reward, (2,))
     gen = torch.Generator().manual_seed(1234)
     out = {}
@@ -64,6 +65,7 @@ def main():
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--max_grad_norm", type=float, default=None)
+    p.add_argument("--lr_scheduler", default="constant")
     p.add_argument("--value_rollouts", type=int, default=4096)
     p.add_argument("--value_train_steps", type=int, default=500)
     p.add_argument("--noise_train_steps", type=int, default=200)

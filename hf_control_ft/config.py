@@ -32,6 +32,8 @@ class ElegantConfig:
     batch_size: int = 64
     learning_rate: float = 1e-3
     max_grad_norm: float | None = None
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
     lora_rank: int = 8
     lora_alpha: float | None = None
     lora_target_modules: list[str] | None = None
@@ -66,6 +68,10 @@ class ElegantConfig:
         for name in ("learning_rate", "value_learning_rate", "noise_learning_rate"):
             v = getattr(self, name)
             _check(isinstance(v, (int, float)) and v > 0, name, f"must be > 0, got {v!r}")
+        _check(self.lr_scheduler in ("constant", "constant_with_warmup", "linear", "cosine"), "lr_scheduler",
+               f"must be 'constant', 'constant_with_warmup', 'linear' or 'cosine', got {self.lr_scheduler!r}")
+        _check(isinstance(self.lr_warmup_steps, int) and self.lr_warmup_steps >= 0, "lr_warmup_steps",
+               f"must be an int >= 0, got {self.lr_warmup_steps!r}")
         _check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be > 0 or None")
         _check(self.lora_alpha is None or self.lora_alpha > 0, "lora_alpha", "must be > 0 or None")
         _check(self.truncate_backprop_steps is None or (isinstance(self.truncate_backprop_steps, int)

@@ -17,6 +17,7 @@ import time
 
 import torch
 from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -211,10 +212,14 @@ class ElegantTrainer:
         if not params:
             raise RuntimeError("no trainable LoRA parameters found on the model")
         opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+        lr_schedule = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.lr_warmup_steps,
+                                    num_training_steps=cfg.train_steps)
         metrics = {}
         bar = self._progress(range(cfg.train_steps), "stage 3: drift")
         for _ in bar:
             metrics = self.drift_step(opt, params)
+            metrics["train/lr"] = lr_schedule.get_last_lr()[0]
+            lr_schedule.step()
             self.global_step += 1
             if self.global_step % cfg.log_every == 0 or self.global_step == cfg.train_steps:
                 metrics = {k: float(self.accelerator.reduce(torch.tensor(v, device=self.device), "mean"))

@@ -23,7 +23,8 @@ def quadratic_reward(x):
 @pytest.mark.parametrize("field,value", [("alpha", 0.0), ("alpha", -1.0), ("eta", 0.0), ("eta", 1.2),
                                          ("num_inference_steps", 0), ("batch_size", 0), ("train_steps", 1.5),
                                          ("learning_rate", 0.0), ("lora_rank", 0), ("truncate_backprop_steps", 0),
-                                         ("report_to", "mlflow"), ("max_grad_norm", -1.0)])
+                                         ("report_to", "mlflow"), ("max_grad_norm", -1.0),
+                                         ("lr_scheduler", "cyclic"), ("lr_warmup_steps", -1)])
 def test_bad_config_values_raise_naming_the_field(field, value):
     with pytest.raises(ValueError, match=rf"ElegantConfig\.{field}"):
         ElegantConfig(**{field: value})
