@@ -55,10 +55,10 @@ class InitialNoiseModel(nn.Module, PyTorchModelHubMixin, library_name="hf_contro
         ds = 1.0 / self.num_steps
         y = torch.zeros((num_samples, *self.sample_shape), device=device)
         kl = torch.zeros(num_samples, device=device)
+        gen_device = generator.device if generator is not None else device
         for j in range(self.num_steps):
             g = self.drift(y, j * ds)
             kl = kl + 0.5 * ds * g.reshape(num_samples, -1).pow(2).sum(dim=1)
-            gen_device = generator.device if generator is not None else device
             xi = torch.randn(y.shape, generator=generator, device=gen_device).to(device)
             y = y + g * ds + math.sqrt(ds) * xi
         return y, kl
