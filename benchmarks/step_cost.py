@@ -53,10 +53,7 @@ def plain_step(trainer, opt):
     B = trainer.config.batch_size
     x_T = torch.randn((B, *trainer.sample_shape), generator=trainer.generator).to(trainer.device)
     traj = trainer.sampler.rollout(x_T, trainer.generator)
-    x0 = traj.samples.detach().requires_grad_(True)
-    with torch.enable_grad():
-        r = trainer.reward_fn(x0)
-        g = torch.autograd.grad(r.sum(), x0)[0]
+    _, g = trainer.reward_and_gradient(traj.samples)
     opt.zero_grad(set_to_none=True)
     trainer.sampler.backpropagate(traj, -g / B, None)
     opt.step()

@@ -108,9 +108,6 @@ class ElegantConfig:
     def from_cli(cls, config_path: str | None, overrides: list[str]):
         """YAML file (optional) plus ``--key value`` overrides; values are parsed as YAML scalars/lists."""
         values = {}
-        if config_path:
-            with open(config_path, encoding="utf-8") as f:
-                values = yaml.safe_load(f) or {}
         i = 0
         while i < len(overrides):
             key = overrides[i]
@@ -118,7 +115,7 @@ class ElegantConfig:
                 raise ValueError(f"expected '--key value' pairs after the known arguments, got {overrides[i:]}")
             values[key[2:].replace("-", "_")] = yaml.safe_load(overrides[i + 1])
             i += 2
-        return cls.from_dict(values)
+        return cls.from_yaml(config_path, **values) if config_path else cls.from_dict(values)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -31,7 +31,6 @@ from .scheduling import DiffusionSchedule
 from .value_function import ValueFunction
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 INITIAL_NOISE_DIR = "initial_noise"
 CONFIG_NAME = "elegant_config.json"
 SAMPLE_SHAPE_NAME = "sample_shape.json"
@@ -184,23 +183,28 @@ class ElegantTrainer:
         return metrics
 
     # ------------------------------------------------------------------ stage 3
+    def reward_and_gradient(self, samples: torch.Tensor):
+        """Checked reward ``(B,)`` of ``samples`` and its gradient ``dr/dx_0`` (shape of ``samples``)."""
+        x0 = samples.detach().requires_grad_(True)
+        with torch.enable_grad():
+            r = self._reward(x0, require_grad=True)
+            (grad,) = torch.autograd.grad(r.sum(), x0)
+        return r.detach(), grad
+
     def drift_step(self, optimizer, params) -> dict:
         """One stage-3 iteration on ``mean(-r + alpha * (KL_drift + KL_init))``; returns its metrics."""
         cfg = self.config
         B = cfg.batch_size
         x_T, kl_init = self.draw_initial_noise(B)
         traj = self.sampler.rollout(x_T, self.generator)
-        x0 = traj.samples.detach().requires_grad_(True)
-        with torch.enable_grad():
-            r = self._reward(x0, require_grad=True)
-            grad_x0 = torch.autograd.grad(r.sum(), x0)[0]
+        r, grad_x0 = self.reward_and_gradient(traj.samples)
         optimizer.zero_grad(set_to_none=True)
         self.sampler.backpropagate(traj, -grad_x0 / B, cfg.alpha / B)
         self._sync_grads(params)
         grad_norm = self._clip(params)
         optimizer.step()
         kl = traj.kl
-        objective = (r.detach() - cfg.alpha * (kl + kl_init)).mean().item()
+        objective = (r - cfg.alpha * (kl + kl_init)).mean().item()
         return {"train/reward": r.mean().item(), "train/kl": kl.mean().item(),
                 "train/kl_init": kl_init.mean().item(), "train/objective": objective, "train/loss": -objective,
                 "train/grad_norm": grad_norm}
