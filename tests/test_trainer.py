@@ -119,3 +119,12 @@ def test_config_from_cli_overrides(tmp_path):
         ElegantConfig.from_cli(None, ["--alpah", "1"])
     with pytest.raises(ValueError, match="ElegantConfig.eta"):
         ElegantConfig.from_cli(None, ["--eta", "0"])
+
+
+def test_config_reads_exponent_floats_that_yaml_leaves_as_strings(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("learning_rate: 1e-3\n")
+    assert ElegantConfig.from_yaml(str(p)).learning_rate == 1e-3
+    assert ElegantConfig.from_cli(None, ["--alpha", "5e-1"]).alpha == 0.5
+    with pytest.raises(ValueError, match="ElegantConfig.alpha"):
+        ElegantConfig.from_cli(None, ["--alpha", "abc"])
