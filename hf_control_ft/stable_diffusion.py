@@ -265,6 +265,16 @@ class StableDiffusionOptions:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
+def as_stochastic_scheduler(scheduler):
+    """The scheduler itself if DDPM / DDIM, else a ``DDIMScheduler`` with the same noise schedule (e.g. the
+    ``PNDMScheduler`` that SD 1.5 ships with: ELEGANT needs Gaussian transitions)."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    if isinstance(scheduler, (DDIMScheduler, DDPMScheduler)):
+        return scheduler
+    return DDIMScheduler.from_config(scheduler.config)
+
+
 def latent_shape(pipeline, height: int | None, width: int | None) -> tuple[int, int, int]:
     """``(C, h, w)`` of the latents for ``height x width`` images (defaults: the UNet's sample size)."""
     scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
@@ -310,6 +320,7 @@ class StableDiffusionElegantTrainer(ElegantTrainer):
         denoiser = GuidedUNet(unet, options.guidance_scale, options.dtype)
         self.latent_reward = LatentReward(vae, reward_fn, options.dtype) if reward_fn is not None else None
         shape = latent_shape(pipeline, options.height, options.width)
+        pipeline.scheduler = as_stochastic_scheduler(pipeline.scheduler)
         super().__init__(config, denoiser, pipeline.scheduler, self.latent_reward, shape, accelerator=accelerator)
         self.lora_config = self.unet_lora_config
         self.user_reward_fn = reward_fn
