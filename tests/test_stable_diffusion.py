@@ -16,8 +16,8 @@ from hf_control_ft.persistence import HubPushError
 from hf_control_ft.pipelines import ControlledDiffusionPipeline, ControlledStableDiffusionPipeline
 from hf_control_ft.rewards import BrightnessReward, SaturationReward, WeightedSumReward
 from hf_control_ft.stable_diffusion import load_prompts
+from hf_control_ft.testing import tiny_components, tiny_sd_pipeline
 from hub_server import HubServer
-from tiny_sd import tiny_components, tiny_sd_pipeline
 
 PROMPTS = ["a cat", "the dog", "a red car"]
 
