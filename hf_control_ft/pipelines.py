@@ -68,6 +68,13 @@ class _ControlMixin:
             self.initial_noise = InitialNoiseModel.from_pretrained(noise_dir).eval()
         return saved
 
+    def to(self, *args, **kwargs):
+        """Moves the pipeline's modules and the initial-noise model (not a registered component)."""
+        result = super().to(*args, **kwargs)
+        if self.initial_noise is not None:
+            self.initial_noise.to(self.unet.device)
+        return result
+
     def _sampler(self, denoiser, num_inference_steps, eta) -> ControlledSampler:
         cfg = self.control_config
         schedule = DiffusionSchedule(self.scheduler, int(num_inference_steps or cfg.num_inference_steps),

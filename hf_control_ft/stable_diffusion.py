@@ -331,6 +331,28 @@ class StableDiffusionElegantTrainer(ElegantTrainer):
         self._fixed_prompts: list[str] | None = None
         self.current_prompts: list[str] = []
 
+    @classmethod
+    def from_pretrained(cls, directory: str, pipeline, reward_fn=None, prompts=None, accelerator=None,
+                        **config_overrides) -> "StableDiffusionElegantTrainer":
+        """Rebuilds a trainer (e.g. to continue training) from a save directory or Hub repo on a fresh base
+        ``pipeline``: adapter (rank / lora_alpha / targets from the LoRA metadata) and weights, initial-noise
+        model, config and Stable Diffusion options. ``prompts`` default to the empty prompt."""
+        from .control import load_lora_state_dict
+        from .initial_noise import InitialNoiseModel
+        from .lora_io import load_lora_file
+        from .persistence import read_saved, resolve_directory
+
+        directory = resolve_directory(directory)
+        saved = read_saved(directory)
+        config = ElegantConfig.from_dict(saved["config"], **config_overrides)
+        options = StableDiffusionOptions.load(os.path.join(directory, OPTIONS_NAME))
+        trainer = cls(pipeline, reward_fn, config, prompts if prompts is not None else [""], options, accelerator)
+        state, _ = load_lora_file(saved["lora_path"])
+        load_lora_state_dict(trainer.model.unet, state)
+        if config.learn_initial_noise:
+            trainer.initial_noise = InitialNoiseModel.from_pretrained(saved["initial_noise_dir"]).to(trainer.device)
+        return trainer
+
     # ------------------------------------------------------------------ conditioning
     def negative_embeds(self) -> torch.Tensor:
         if self._negative_embeds is None:

@@ -271,3 +271,13 @@ def test_unconditional_controlled_pipeline_reproduces_trainer(tmp_path):
     reloaded = ElegantTrainer.from_pretrained(str(tmp_path / "digits"), unet(), sched(), BrightnessReward())
     assert torch.equal(reloaded.sample(4, generator=torch.Generator().manual_seed(0)), x)
     assert reloaded.lora_config.lora_alpha == 4.0
+
+
+def test_sd_trainer_from_pretrained_resumes_the_saved_model(trained):
+    from hf_control_ft.stable_diffusion import StableDiffusionElegantTrainer
+
+    resumed = StableDiffusionElegantTrainer.from_pretrained(trained["dir"], tiny_sd_pipeline(), BrightnessReward(),
+                                                            prompts=PROMPTS)
+    assert resumed.options.guidance_scale == 2.0 and resumed.config.lora_alpha == 6.0
+    latents = resumed.sample(prompts=PROMPTS[:2], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(latents, trained["latents"])
