@@ -67,7 +67,7 @@ def save_trainer(trainer, save_directory: str, metrics: dict | None = None, samp
     grid_name = save_sample_grid(sample_grid, save_directory) if sample_grid is not None else None
     card = render_model_card(
         trainer.config, reward=trainer.reward_name or "(not recorded)", base_model=base_model, metrics=metrics,
-        sample_grid=grid_name, repo_id=repo_id, conditional=options is not None,
+        sample_grid=grid_name, repo_id=repo_id or save_directory, conditional=options is not None,
         guidance_scale=options.guidance_scale if options is not None else None, lora_rank=lora_config.r,
         lora_alpha=lora_config.lora_alpha, target_modules=lora_config.target_modules)
     with open(os.path.join(save_directory, MODEL_CARD_NAME), "w", encoding="utf-8") as f:

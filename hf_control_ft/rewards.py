@@ -3,6 +3,7 @@
 Convention (every reward here and every reward given to the Stable Diffusion trainer):
 
 * ``images``: float tensor ``(B, 3, H, W)`` in ``[0, 1]`` (NCHW, RGB), usually the differentiable VAE decode;
+  grayscale ``(B, 1, H, W)`` is accepted too (converted where a model needs RGB);
 * ``prompts``: list of ``B`` strings (or ``None`` for unconditional models); rewards that ignore the text
   accept and ignore it;
 * returns ``(B,)`` floats, differentiable with respect to ``images`` wherever the trainer backpropagates
@@ -51,26 +52,44 @@ def call_reward(fn, images: torch.Tensor, prompts=None) -> torch.Tensor:
     return fn(images)
 
 
+LUMA = (0.299, 0.587, 0.114)
+
+
 def check_images(images: torch.Tensor, name: str) -> None:
-    """Raises a ``ValueError`` naming the reward unless ``images`` is a float ``(B, 3, H, W)`` tensor."""
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+    """Raises a ``ValueError`` naming the reward unless ``images`` is a float ``(B, 3 or 1, H, W)`` tensor."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] not in (1, 3):
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"reward {name!r} expects images of shape (B, 3, H, W) in [0, 1], got {shape}")
+        raise ValueError(f"reward {name!r} expects images of shape (B, 3, H, W) (or (B, 1, H, W)) in [0, 1], "
+                         f"got {shape}")
     if not images.is_floating_point():
         raise ValueError(f"reward {name!r} expects float images in [0, 1], got dtype {images.dtype}")
 
 
-def preprocess_for_vision_model(images: torch.Tensor, size: int | tuple[int, int], mean, std) -> torch.Tensor:
+def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """Grayscale -> RGB by repetition, RGB -> grayscale by luma; unchanged when the count already matches."""
+    if images.shape[1] == channels:
+        return images
+    if images.shape[1] == 1 and channels == 3:
+        return images.expand(-1, 3, -1, -1)
+    if images.shape[1] == 3 and channels == 1:
+        weights = torch.tensor(LUMA, device=images.device, dtype=images.dtype)
+        return torch.einsum("bchw,c->bhw", images, weights).unsqueeze(1)
+    raise ValueError(f"cannot convert {images.shape[1]}-channel images to {channels} channels")
+
+
+def preprocess_for_vision_model(images: torch.Tensor, size: int | tuple[int, int], mean, std,
+                                channels: int = 3) -> torch.Tensor:
     """Differentiable resize (bicubic, antialiased) + normalisation, the tensor version of an image processor.
 
-    ``images`` ``(B, 3, H, W)`` in ``[0, 1]`` -> ``(B, 3, size, size)`` normalised with ``mean`` / ``std``.
+    ``images`` ``(B, 1 or 3, H, W)`` in ``[0, 1]`` -> ``(B, channels, size, size)`` normalised with
+    ``mean`` / ``std`` (one value per output channel).
     """
     size = (size, size) if isinstance(size, int) else tuple(size)
-    x = images.float()
+    x = match_channels(images.float(), channels)
     if tuple(x.shape[-2:]) != size:
         x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)[:, :channels]
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)[:, :channels]
     return (x - m) / s
 
 
@@ -89,18 +108,19 @@ class ImageReward(nn.Module):
 
 
 class BrightnessReward(ImageReward):
-    """Mean luma ``0.299 R + 0.587 G + 0.114 B`` over pixels, in ``[0, 1]`` (differentiable; for demos)."""
+    """Mean luma ``0.299 R + 0.587 G + 0.114 B`` over pixels (the mean for grayscale), in ``[0, 1]``
+    (differentiable; for demos)."""
 
     name = "brightness"
 
     def forward(self, images, prompts=None):
-        weights = torch.tensor([0.299, 0.587, 0.114], device=images.device, dtype=images.dtype)
-        return torch.einsum("bchw,c->b", images, weights) / (images.shape[-1] * images.shape[-2])
+        return match_channels(images, 1).flatten(1).mean(dim=1)
 
 
 class SaturationReward(ImageReward):
     """Mean chroma ``max(R, G, B) - min(R, G, B)`` over pixels, in ``[0, 1]`` (differentiable almost
-    everywhere; the HSV saturation without the division by the value, which is unstable near black)."""
+    everywhere; the HSV saturation without the division by the value, which is unstable near black).
+    Zero for grayscale images."""
 
     name = "saturation"
 
@@ -266,13 +286,15 @@ class ClassifierReward(ImageReward):
         self.image_size = image_size or getattr(cfg, "image_size", None)
         if self.image_size is None:
             raise ValueError("ClassifierReward: pass image_size (the classifier config has none)")
-        self.image_mean = tuple(image_mean or (0.5, 0.5, 0.5))
-        self.image_std = tuple(image_std or (0.5, 0.5, 0.5))
+        self.num_channels = int(getattr(cfg, "num_channels", 3) or 3)
+        self.image_mean = tuple(image_mean or (0.5,) * self.num_channels)
+        self.image_std = tuple(image_std or (0.5,) * self.num_channels)
         label = (getattr(cfg, "id2label", None) or {}).get(target, str(target))
         self.__name__ = f"classifier_logprob[{label}]"
 
     def forward(self, images, prompts=None):
-        pixels = preprocess_for_vision_model(images, self.image_size, self.image_mean, self.image_std)
+        pixels = preprocess_for_vision_model(images, self.image_size, self.image_mean, self.image_std,
+                                             channels=self.num_channels)
         dtype = next(self.model.parameters()).dtype
         logits = self.model(pixel_values=pixels.to(dtype)).logits.float()
         return torch.log_softmax(logits, dim=-1)[:, self.target]

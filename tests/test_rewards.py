@@ -34,6 +34,9 @@ def test_brightness_and_saturation_values_and_gradients():
     x[1, 0] = 1.0                    # pure red: brightness 0.299, chroma 1
     torch.testing.assert_close(BrightnessReward()(x), torch.tensor([1.0, 0.299]))
     torch.testing.assert_close(SaturationReward()(x), torch.tensor([0.0, 1.0]))
+    gray = torch.rand(2, 1, 4, 4)
+    torch.testing.assert_close(BrightnessReward()(gray), gray.flatten(1).mean(1))
+    torch.testing.assert_close(SaturationReward()(gray), torch.zeros(2))
     y = images().requires_grad_(True)
     BrightnessReward()(y).sum().backward()
     torch.testing.assert_close(y.grad[0, :, 0, 0], torch.tensor([0.299, 0.587, 0.114]) / 256)
@@ -107,3 +110,12 @@ def test_classifier_reward_is_the_log_probability_of_the_class(tmp_path):
         ClassifierReward(model, "three")
     with pytest.raises(ValueError, match=r"int in \[0, 3\)"):
         ClassifierReward(model, 5)
+    # RGB samples for a grayscale classifier (e.g. digits): converted by luma
+    gray_model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_channels=1,
+                                                     intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                                                     num_labels=10))
+    gray_reward = ClassifierReward(gray_model, 7)
+    luma = torch.einsum("bchw,c->bhw", x.detach(), torch.tensor([0.299, 0.587, 0.114]))[:, None]
+    with torch.no_grad():
+        expected = torch.log_softmax(gray_model(pixel_values=(luma - 0.5) / 0.5).logits, -1)[:, 7]
+    torch.testing.assert_close(gray_reward(x.detach()), expected)
