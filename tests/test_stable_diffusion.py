@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -298,3 +299,17 @@ def test_from_control_loads_the_base_pipeline_from_disk(trained, tmp_path):
     pipe.set_progress_bar_config(disable=True)
     out = pipe(PROMPTS[:2], generator=torch.Generator().manual_seed(0), output_type="latent").images
     assert torch.equal(out, trained["latents"])
+
+
+def test_sd_training_resumes_from_a_checkpoint_exactly(tmp_path):
+    def run(resume):
+        cfg = sd_config(train_steps=3, checkpointing_steps=1, output_dir=str(tmp_path))
+        trainer = ElegantTrainer.from_pipeline(tiny_sd_pipeline(), BrightnessReward(), cfg, prompts=PROMPTS)
+        summary = trainer.train(resume_from_checkpoint="latest" if resume else None)
+        return summary, torch.cat([p.detach().flatten() for p in lora_parameters(trainer.model)])
+
+    _, full = run(resume=False)
+    shutil.rmtree(tmp_path / "checkpoint-3")  # as if the run had crashed after step 2
+    summary, resumed = run(resume=True)
+    assert summary["resumed_from"].endswith("checkpoint-2")
+    assert torch.equal(resumed, full)
