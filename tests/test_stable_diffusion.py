@@ -313,3 +313,24 @@ def test_sd_training_resumes_from_a_checkpoint_exactly(tmp_path):
     summary, resumed = run(resume=True)
     assert summary["resumed_from"].endswith("checkpoint-2")
     assert torch.equal(resumed, full)
+
+
+def test_controlled_pipeline_on_the_digits_unet_with_ddpm(tmp_path):
+    from hf_control_ft.digits import digits_scheduler, digits_unet_config
+
+    def unet():
+        torch.manual_seed(0)
+        return UNet2DModel(**digits_unet_config())
+
+    cfg = sd_config(batch_size=3, num_inference_steps=4)
+    trainer = ElegantTrainer(cfg, unet(), digits_scheduler(), BrightnessReward(), (1, 8, 8))
+    trainer.train()
+    x = trainer.sample(3, generator=torch.Generator().manual_seed(0))
+    grid = Image.new("L", (24, 8))
+    trainer.save_pretrained(str(tmp_path / "digits"), metrics={"genuine_reward": 0.5}, sample_grid=grid)
+    pipe = ControlledDiffusionPipeline.from_pretrained(str(tmp_path / "digits"), unet=unet(),
+                                                       scheduler=digits_scheduler())
+    out = pipe(batch_size=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    torch.testing.assert_close(out, (x / 2 + 0.5).clamp(0, 1), rtol=0, atol=0)
+    pil = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), output_type="pil").images
+    assert len(pil) == 2 and pil[0].size == (8, 8) and pil[0].mode == "L"
