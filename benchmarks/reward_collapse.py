@@ -23,7 +23,7 @@ from hf_control_ft import ElegantConfig, ElegantTrainer, digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ("proxy_reward", "genuine_reward", "genuine_target_rate", "diversity_pairwise_distance",
-        "class_entropy_nats")
+        "target_class_pairwise_distance", "class_entropy_nats")
 
 
 def run_method(name, config, unet, scheduler, reward, proxy, genuine, target, n_eval, out):
@@ -47,10 +47,12 @@ def plot(results, path):
     import matplotlib.pyplot as plt
 
     names = list(results)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, key, title in zip(axes, ("proxy_reward", "genuine_reward", "diversity_pairwise_distance"),
-                              ("proxy reward (trained on)", "genuine reward (held out)", "diversity (mean pairwise L2)")):
-        ax.bar(range(len(names)), [results[n][key] for n in names],
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    panels = (("proxy_reward", "proxy reward (trained on)"), ("genuine_reward", "genuine reward (held out)"),
+              ("diversity_pairwise_distance", "diversity: mean pairwise L2"),
+              ("target_class_pairwise_distance", "style diversity within the target class"))
+    for ax, (key, title) in zip(axes, panels):
+        ax.bar(range(len(names)), [results[n][key] or 0.0 for n in names],
                color=["grey"] + ["tab:blue"] * (len(names) - 2) + ["tab:red"])
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
@@ -86,6 +88,8 @@ def main():
     # no KL: reward backpropagation through the sampler from fixed N(0, I) noise (AlignProp / DRaFT)
     methods["no_kl"] = ElegantConfig.from_dict({**base.to_dict(), "alpha": args.no_kl_alpha,
                                                 "learn_initial_noise": False})
+    images, labels = digits.load_digits_tensors()
+    data_style = digits.mean_pairwise_distance(images[labels == args.target_digit])
     results = {}
     for name, config in methods.items():
         results[name] = run_method(name, config, unet, scheduler, reward, proxy, genuine, args.target_digit,
@@ -93,6 +97,7 @@ def main():
         print(name, json.dumps({k: results[name][k] for k in KEYS}), file=sys.stderr, flush=True)
     plot(results, os.path.join(args.out, "reward_collapse.png"))
     print(json.dumps({"target_digit": args.target_digit, "train_steps": base.train_steps,
+                      "data_target_class_pairwise_distance": data_style,
                       "num_eval_samples": args.num_eval_samples, "results": results,
                       "plot": os.path.join(args.out, "reward_collapse.png")}, indent=2))
 
