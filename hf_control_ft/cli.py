@@ -80,7 +80,8 @@ def cmd_evaluate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-control-ft", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="hf-control-ft",
+                                     description="Look at and measure a saved ELEGANT adapter directory.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("sample", help="write an image grid of samples from a saved adapter directory")
