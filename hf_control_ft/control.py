@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -161,10 +162,12 @@ def add_reference_adapter(model: torch.nn.Module, adapter_name: str, source: str
     if adapter_name in peft_cfg:
         raise ValueError(f"the model already has an adapter named {adapter_name!r}")
     config = copy.deepcopy(peft_cfg[source])
-    if hasattr(model, "add_adapter") and hasattr(model, "set_adapters"):  # diffusers PeftAdapterMixin
-        model.add_adapter(config, adapter_name=adapter_name)
-    else:
-        inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    with warnings.catch_warnings():  # a second adapter is the point here, not an accident
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        if hasattr(model, "add_adapter") and hasattr(model, "set_adapters"):  # diffusers PeftAdapterMixin
+            model.add_adapter(config, adapter_name=adapter_name)
+        else:
+            inject_adapter_in_model(config, model, adapter_name=adapter_name)
     copy_adapter_weights(model, source, adapter_name)
     set_active_adapter(model, source)
 

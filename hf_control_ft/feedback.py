@@ -36,10 +36,15 @@ import shutil
 import time
 
 import torch
-from datasets import Dataset, Features, List, Value, load_from_disk
+from datasets import Dataset, Features, Value, load_from_disk
 from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
 from .oracle import FAILED, OK, PENDING, OracleAnswer
+
+try:  # datasets >= 4
+    from datasets import List
+except ImportError:  # datasets 3.x: Sequence of a scalar is the variable-length list
+    from datasets import Sequence as List
 
 CURRENT = "current"
 VERSIONS = "versions"

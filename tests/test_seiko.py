@@ -249,3 +249,30 @@ def test_sigkill_mid_round_resumes_without_losing_or_repeating_queries(tmp_path)
     b = loaded.sample(6, torch.Generator().manual_seed(4))
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, trainer.sample(6, torch.Generator().manual_seed(4), controlled=False))
+
+
+def test_combined_initial_noise_and_reference_chain(tmp_path):
+    sys.path.insert(0, HERE)
+    from seiko_child import LoggingOracle, build_trainer
+
+    tr = build_trainer(tmp_path / "run", LoggingOracle(str(tmp_path / "log")))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in tr.initial_noise.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    tr.previous_noise.load_state_dict(tr.initial_noise.state_dict())
+    y, kl0, klp = tr._noise_with_reference(6, torch.Generator().manual_seed(1))
+    y_ref, kl_ref = tr.initial_noise(6, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(kl0, kl_ref)
+    assert (kl0 > 0).all() and torch.equal(klp, torch.zeros(6))  # same SDE as the previous round: no KL
+    with torch.no_grad():
+        for p in tr.previous_noise.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    _, _, klp = tr._noise_with_reference(6, torch.Generator().manual_seed(1))
+    assert (klp > 0).all()
+    # previous adapter = pretrained (fresh zero LoRA): the mixture chain is the pretrained chain, no running cost
+    x_T = torch.randn(5, 2, generator=g)
+    x0, cost = tr.reference_rollout(x_T, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(x0, tr.sampler.sample(x_T, torch.Generator().manual_seed(2), controlled=False))
+    assert torch.equal(cost, torch.zeros(5))
