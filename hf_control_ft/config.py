@@ -50,6 +50,9 @@ class ElegantConfig:
     noise_batch_size: int = 256
     aux_hidden: int = 128
     # bookkeeping
+    output_dir: str | None = None
+    checkpointing_steps: int = 0
+    checkpoints_total_limit: int | None = 2
     seed: int = 0
     log_every: int = 10
     report_to: str | None = "tensorboard"
@@ -81,6 +84,12 @@ class ElegantConfig:
         _check(self.lora_target_modules is None or (isinstance(self.lora_target_modules, list)
                and all(isinstance(t, str) and t for t in self.lora_target_modules)),
                "lora_target_modules", "must be None or a list of module-name suffixes")
+        _check(isinstance(self.checkpointing_steps, int) and self.checkpointing_steps >= 0, "checkpointing_steps",
+               f"must be an int >= 0 (0: no checkpoints), got {self.checkpointing_steps!r}")
+        _check(self.checkpointing_steps == 0 or self.output_dir, "output_dir",
+               "must be set when checkpointing_steps > 0 (checkpoints go to <output_dir>/checkpoint-<step>)")
+        _check(self.checkpoints_total_limit is None or (isinstance(self.checkpoints_total_limit, int)
+               and self.checkpoints_total_limit >= 1), "checkpoints_total_limit", "must be an int >= 1 or None")
         _check(isinstance(self.seed, int), "seed", f"must be an int, got {self.seed!r}")
         _check(self.report_to in (None, "none", "tensorboard", "wandb", "all"), "report_to",
                f"must be None, 'tensorboard', 'wandb' or 'all', got {self.report_to!r}")

@@ -10,6 +10,7 @@ The optimum samples the tilted law ``p_pre(x) exp(r(x) / alpha) / Z``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from . import checkpointing
 from .config import ElegantConfig
 from .control import (CONTROL_ADAPTER, add_lora_control, load_lora_state_dict, lora_parameters,
                       lora_state_dict, tuner_layers)
@@ -79,6 +81,8 @@ class ElegantTrainer:
                                                    hidden=config.aux_hidden).to(self.device)
         self.value_function = None
         self.global_step = 0
+        self.initial_noise_trained = False
+        self._optimizer_state = None  # restored by load_checkpoint, applied when the drift optimiser exists
         self.history: list[dict] = []
         self._trackers_started = False
         # per-process stream of training randomness
@@ -180,6 +184,7 @@ class ElegantTrainer:
                            "noise/value": float(self.value_function.shift + cfg.alpha * u.detach().mean())}
                 self._log(metrics, step=it)
         self.initial_noise.requires_grad_(False)
+        self.initial_noise_trained = True
         return metrics
 
     # ------------------------------------------------------------------ stage 3
@@ -218,9 +223,16 @@ class ElegantTrainer:
         opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
         lr_schedule = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.lr_warmup_steps,
                                     num_training_steps=cfg.train_steps)
+        if self._optimizer_state is not None:  # resuming: restore moments and the schedule position
+            tensors, meta = self._optimizer_state
+            checkpointing.load_optimizer_state(opt, tensors, meta["optimizer"])
+            lr_schedule.load_state_dict(meta["lr_schedule"])
+            self._optimizer_state = None
         metrics = {}
-        bar = self._progress(range(cfg.train_steps), "stage 3: drift")
+        bar = self._progress(range(self.global_step, cfg.train_steps), "stage 3: drift")
         for _ in bar:
+            # the randomness of step n depends on (seed, rank, n) only, so a resumed run repeats it exactly
+            self.generator.manual_seed(self._step_seed(self.global_step))
             metrics = self.drift_step(opt, params)
             metrics["train/lr"] = lr_schedule.get_last_lr()[0]
             lr_schedule.step()
@@ -231,15 +243,74 @@ class ElegantTrainer:
                 self._log(metrics, step=self.global_step)
                 if self.is_main_process:
                     bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", kl=f"{metrics['train/kl']:.3f}")
+            if cfg.checkpointing_steps and self.global_step % cfg.checkpointing_steps == 0:
+                self.save_checkpoint(opt, lr_schedule)
         return metrics
 
-    def train(self) -> dict:
-        """Runs stages 1-3 (1-2 only with ``learn_initial_noise``); returns final metrics and timings."""
+    def _step_seed(self, step: int) -> int:
+        """A 63-bit seed hashed from (seed, rank, step): independent of every other stream the trainer uses."""
+        key = f"hf_control_ft/drift/{self.config.seed}/{self.accelerator.process_index}/{step}".encode()
+        return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, optimizer=None, lr_schedule=None) -> str | None:
+        """Writes ``<output_dir>/checkpoint-<global_step>`` (main process; atomic rename; rotation to
+        ``checkpoints_total_limit``). Returns its path on the main process."""
+        cfg = self.config
+        self.accelerator.wait_for_everyone()
+        path = None
+        if self.is_main_process:
+            tmp = checkpointing.begin(cfg.output_dir, self.global_step)
+            weights = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(self.model).items()}
+            save_file(weights, os.path.join(tmp, "lora.safetensors"))
+            state = {"global_step": self.global_step, "initial_noise_trained": self.initial_noise_trained,
+                     "history": self.history}
+            if optimizer is not None:
+                tensors, meta = checkpointing.optimizer_state_tensors(optimizer)
+                save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
+                state["optimizer"] = meta
+                state["lr_schedule"] = lr_schedule.state_dict()  # JSON-able: LambdaLR stores no functions
+            if self.initial_noise is not None and self.initial_noise_trained:
+                self.initial_noise.save_pretrained(os.path.join(tmp, INITIAL_NOISE_DIR))
+            with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:
+                json.dump(state, f, indent=1)
+            path = checkpointing.commit(cfg.output_dir, self.global_step, cfg.checkpoints_total_limit)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restores what :meth:`save_checkpoint` wrote; training continues at its ``global_step``."""
+        with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
+            state = json.load(f)
+        load_lora_state_dict(self.model, load_file(os.path.join(path, "lora.safetensors"), device=str(self.device)))
+        self.global_step = int(state["global_step"])
+        self.history = list(state.get("history", []))
+        self.initial_noise_trained = bool(state.get("initial_noise_trained", False))
+        if self.initial_noise is not None and self.initial_noise_trained:
+            self.initial_noise = InitialNoiseModel.from_pretrained(os.path.join(path, INITIAL_NOISE_DIR)).to(self.device)
+            self.initial_noise.requires_grad_(False)
+        if "optimizer" in state:
+            tensors = load_file(os.path.join(path, "optimizer.safetensors"), device=str(self.device))
+            self._optimizer_state = (tensors, state)
+
+    def train(self, resume_from_checkpoint: str | None = None) -> dict:
+        """Runs stages 1-3 (1-2 only with ``learn_initial_noise``); returns final metrics and timings.
+
+        ``resume_from_checkpoint``: ``"latest"`` (newest checkpoint in ``config.output_dir``, or a fresh start when
+        there is none) or a checkpoint path. Stages already finished there are not repeated, and the drift
+        stage continues at the checkpoint's step with the same randomness an uninterrupted run would use.
+        """
+        cfg = self.config
+        checkpoint = checkpointing.resolve_checkpoint(cfg.output_dir, resume_from_checkpoint)
+        if checkpoint is not None:
+            self.load_checkpoint(checkpoint)
         self._start_trackers()
-        summary, t0 = {}, time.perf_counter()
-        if self.initial_noise is not None:
+        summary, t0 = {"resumed_from": checkpoint}, time.perf_counter()
+        if self.initial_noise is not None and not self.initial_noise_trained:
             summary.update(self.fit_value_function())
             summary.update(self.train_initial_noise())
+            if cfg.checkpointing_steps:
+                self.save_checkpoint()  # checkpoint-0: stages 1-2 are never repeated after a crash
         t1 = time.perf_counter()
         summary.update(self.train_drift())
         t2 = time.perf_counter()

@@ -1,0 +1,76 @@
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import ddim, make_mlp_denoiser
+from hf_control_ft import ElegantConfig, ElegantTrainer
+from hf_control_ft import checkpointing
+from hf_control_ft.control import lora_parameters
+
+
+def quadratic_reward(x):
+    return -(x - 1.0).pow(2).sum(1)
+
+
+def config(out, **kw):
+    base = dict(alpha=1.0, num_inference_steps=4, train_steps=6, batch_size=8, value_num_rollouts=16,
+                value_train_steps=2, noise_train_steps=2, noise_num_steps=3, aux_hidden=16, report_to=None,
+                learning_rate=1e-2, log_every=2, output_dir=str(out), checkpointing_steps=2, checkpoints_total_limit=2)
+    base.update(kw)
+    return ElegantConfig(**base)
+
+
+def make_trainer(out, **kw):
+    return ElegantTrainer(config(out, **kw), make_mlp_denoiser(lora=False, seed=3), ddim(), quadratic_reward, (2,))
+
+
+def test_resume_from_checkpoint_reproduces_the_uninterrupted_run_exactly(tmp_path):
+    full = make_trainer(tmp_path / "full")
+    full.train()
+    steps = [s for s, _ in checkpointing.list_checkpoints(str(tmp_path / "full"))]
+    assert steps == [4, 6]  # rotation kept the newest two (checkpoint-0, -2 removed)
+    assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path / "full"))
+
+    # a run that "crashed" after step 4: restart from that checkpoint with a fresh model
+    resumed = make_trainer(tmp_path / "full")
+    summary = resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-4"))
+    assert summary["resumed_from"].endswith("checkpoint-4")
+    assert resumed.global_step == 6
+    assert "value/loss" not in summary  # stages 1-2 were not repeated
+    for a, b in zip(lora_parameters(full.model), lora_parameters(resumed.model)):
+        assert torch.equal(a, b)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(full.sample(16, generator=g), resumed.sample(16, generator=torch.Generator().manual_seed(0)))
+    assert [h["step"] for h in resumed.history if "train/reward" in h] == [2, 4, 6]
+
+
+def test_latest_with_no_checkpoint_starts_fresh_and_bad_path_errors(tmp_path):
+    trainer = make_trainer(tmp_path / "run", train_steps=2, learn_initial_noise=False)
+    summary = trainer.train(resume_from_checkpoint="latest")
+    assert summary["resumed_from"] is None and trainer.global_step == 2
+    state = json.load(open(tmp_path / "run" / "checkpoint-2" / "trainer_state.json"))
+    assert state["global_step"] == 2 and state["optimizer"]["param_groups"][0]["lr"] == 1e-2
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+        make_trainer(tmp_path / "run").train(resume_from_checkpoint=str(tmp_path / "nope"))
+
+
+def test_optimizer_state_round_trips_through_safetensors_layout():
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    tensors, meta = checkpointing.optimizer_state_tensors(opt)
+    assert set(tensors) == {"0.step", "0.exp_avg", "0.exp_avg_sq"}
+    json.dumps(meta)
+    q = torch.nn.Parameter(p.detach().clone())
+    opt2 = torch.optim.AdamW([q], lr=0.5)
+    checkpointing.load_optimizer_state(opt2, tensors, meta)
+    assert opt2.param_groups[0]["lr"] == 0.1
+    assert torch.equal(opt2.state[q]["exp_avg"], opt.state[p]["exp_avg"])
+
+
+def test_checkpointing_requires_output_dir():
+    with pytest.raises(ValueError, match="ElegantConfig.output_dir"):
+        ElegantConfig(checkpointing_steps=5)
