@@ -12,6 +12,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["hf_control_ft", "hf_control_ft.*"]),
+    package_data={"hf_control_ft": ["model_cards/*.md"]},
     install_requires=[
         "torch>=2.4",
         "diffusers>=0.35,<0.43",
@@ -28,6 +29,7 @@ setup(
         "scikit-learn",
         "matplotlib",
         "pillow",
+        "jinja2>=3.0",
     ],
     extras_require={"dev": ["pytest>=8", "pytest-timeout"]},
     entry_points={"console_scripts": ["hf-control-ft=hf_control_ft.cli:main"]},

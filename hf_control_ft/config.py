@@ -106,6 +106,13 @@ class ElegantConfig:
         unknown = sorted(set(merged) - set(cls.field_names()))
         if unknown:
             raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys: {cls.field_names()}")
+        float_fields = {f.name for f in dataclasses.fields(cls) if "float" in str(f.type)}
+        for key, value in merged.items():
+            if key in float_fields and isinstance(value, str):
+                try:  # YAML 1.1 reads "1e-3" (no dot) as a string
+                    merged[key] = float(value)
+                except ValueError:
+                    pass  # left for __post_init__ to reject with the field name
         return cls(**merged)
 
     @classmethod

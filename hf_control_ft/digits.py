@@ -16,7 +16,6 @@ under ``cache_dir`` (default ``$HF_CONTROL_FT_CACHE`` or ``./cache/digits``) and
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import torch
@@ -24,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from tqdm.auto import tqdm
+
+from .images import image_grid
 
 NUM_CLASSES = 10
 SAMPLE_SHAPE = (1, 8, 8)
@@ -112,6 +113,11 @@ def load_or_pretrain_digits_model(cache_dir: str | None = None, steps: int = 300
     return pipe.unet, pipe.scheduler
 
 
+def digits_grid(samples: torch.Tensor, nrow: int = 8):
+    """A PIL grid of digits in ``[-1, 1]``, 4x enlarged."""
+    return image_grid(samples, nrow=nrow, scale=4)
+
+
 def digits_pipeline_path(cache_dir: str | None = None) -> str:
     return os.path.join(cache_dir or default_cache_dir(), PIPELINE_DIR)
 
@@ -165,15 +171,15 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
     return float((model(images).argmax(-1) == labels).float().mean())
 
 
-def load_or_train_classifiers(cache_dir: str | None = None) -> tuple[DigitClassifier, DigitClassifier]:
+def load_or_train_classifiers(cache_dir: str | None = None, epochs: int = 60) -> tuple[DigitClassifier, DigitClassifier]:
     """``(proxy, genuine)`` classifiers, trained on disjoint halves and cached (safetensors + config)."""
     root = cache_dir or default_cache_dir()
     paths = os.path.join(root, PROXY_DIR), os.path.join(root, GENUINE_DIR)
     if not all(os.path.exists(os.path.join(p, "model.safetensors")) for p in paths):
         images, labels = load_digits_tensors()
         half_a, half_b = disjoint_halves(images.shape[0])
-        proxy = train_classifier("mlp", images[half_a], labels[half_a], seed=1)
-        genuine = train_classifier("cnn", images[half_b], labels[half_b], noise_std=0.3, seed=2)
+        proxy = train_classifier("mlp", images[half_a], labels[half_a], epochs=epochs, seed=1)
+        genuine = train_classifier("cnn", images[half_b], labels[half_b], epochs=epochs, noise_std=0.3, seed=2)
         report = {"proxy_heldout_accuracy": accuracy(proxy, images[half_b], labels[half_b]),
                   "genuine_heldout_accuracy": accuracy(genuine, images[half_a], labels[half_a])}
         for model, path in zip((proxy, genuine), paths):
@@ -231,20 +237,3 @@ def digits_metrics(samples: torch.Tensor, proxy: nn.Module, genuine: nn.Module, 
         "genuine_class_histogram": [round(float(h), 4) for h in hist],
         "pixel_range": [float(x.min()), float(x.max())],
     }
-
-
-def image_grid(samples: torch.Tensor, nrow: int | None = None, scale: int = 4):
-    """A PIL grid of ``(B, 1, H, W)`` samples in ``[-1, 1]``, each pixel drawn as ``scale x scale`` pixels."""
-    from PIL import Image
-
-    x = ((samples.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    b, _, h, w = x.shape
-    nrow = nrow or math.ceil(math.sqrt(b))
-    ncol = math.ceil(b / nrow)
-    pad = 1
-    canvas = torch.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=torch.uint8)
-    for i in range(b):
-        r, c = divmod(i, nrow)
-        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = x[i, 0]
-    img = Image.fromarray(canvas.numpy(), mode="L")
-    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)

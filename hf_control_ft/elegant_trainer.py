@@ -27,15 +27,12 @@ from .config import ElegantConfig
 from .control import (CONTROL_ADAPTER, add_lora_control, load_lora_state_dict, lora_parameters,
                       lora_state_dict, tuner_layers)
 from .initial_noise import InitialNoiseModel
+from .lora_io import load_lora_file
+from .persistence import INITIAL_NOISE_DIR, push_directory, read_saved, save_trainer
 from .reward_checks import check_reward, reward_name
 from .sampler import ControlledSampler
 from .scheduling import DiffusionSchedule
 from .value_function import ValueFunction
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-INITIAL_NOISE_DIR = "initial_noise"
-CONFIG_NAME = "elegant_config.json"
-SAMPLE_SHAPE_NAME = "sample_shape.json"
 
 
 class ElegantTrainer:
@@ -123,6 +120,9 @@ class ElegantTrainer:
             return float(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm))
         return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
 
+    def _prepare_batch(self, batch_size: int, generator: torch.Generator | None = None) -> None:
+        """Called before every batch of samples (conditional trainers set that batch's prompts here)."""
+
     def draw_initial_noise(self, num_samples: int, generator: torch.Generator | None = None):
         """``(x_T, kl_init)`` without autograd: from the learned model if any, else ``N(0, I)`` (KL 0)."""
         gen = generator if generator is not None else self.generator
@@ -142,6 +142,7 @@ class ElegantTrainer:
         xs, rs = [], []
         for start in self._progress(range(0, n_local, cfg.batch_size), "stage 1: pretrained rollouts"):
             b = min(cfg.batch_size, n_local - start)
+            self._prepare_batch(b)
             x_T = torch.randn((b, *self.sample_shape), generator=self.generator).to(self.device)
             x0 = self.sampler.sample(x_T, self.generator, controlled=False)
             with torch.no_grad():
@@ -200,6 +201,7 @@ class ElegantTrainer:
         """One stage-3 iteration on ``mean(-r + alpha * (KL_drift + KL_init))``; returns its metrics."""
         cfg = self.config
         B = cfg.batch_size
+        self._prepare_batch(B)
         x_T, kl_init = self.draw_initial_noise(B)
         traj = self.sampler.rollout(x_T, self.generator)
         r, grad_x0 = self.reward_and_gradient(traj.samples)
@@ -332,6 +334,7 @@ class ElegantTrainer:
         out = []
         for start in range(0, num_samples, bs):
             b = min(bs, num_samples - start)
+            self._prepare_batch(b, gen)
             if controlled:
                 x_T, _ = self.draw_initial_noise(b, gen)
             else:
@@ -340,23 +343,44 @@ class ElegantTrainer:
         return torch.cat(out)
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, save_directory: str) -> None:
-        """Writes the LoRA adapter (safetensors + peft config), the initial-noise model and the config.
+    def save_pretrained(self, save_directory: str, metrics: dict | None = None, sample_grid=None,
+                        base_model: str | None = None, repo_id: str | None = None) -> None:
+        """Writes the adapter (``pytorch_lora_weights.safetensors``, diffusers format with metadata), the
+        initial-noise model, the config and a model card ``README.md`` (see :mod:`hf_control_ft.persistence`).
+
+        Args:
+            metrics: ``{name: value}`` for the card's metrics table.
+            sample_grid: PIL image or path of a PNG, copied to ``sample_grid.png`` and shown in the card.
+            base_model: Hub id / path of the base model, for the card and the loading snippets.
+            repo_id: Hub repo the card's loading snippets refer to.
 
         Only the main process writes.
         """
         if not self.is_main_process:
             return
-        os.makedirs(save_directory, exist_ok=True)
-        weights = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(self.model).items()}
-        save_file(weights, os.path.join(save_directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        peft_config = self._peft_config()
-        peft_config.save_pretrained(save_directory)
-        if self.initial_noise is not None:
-            self.initial_noise.save_pretrained(os.path.join(save_directory, INITIAL_NOISE_DIR))
-        self.config.save(os.path.join(save_directory, CONFIG_NAME))
-        with open(os.path.join(save_directory, SAMPLE_SHAPE_NAME), "w", encoding="utf-8") as f:
-            json.dump(list(self.sample_shape), f)
+        save_trainer(self, save_directory, metrics=metrics, sample_grid=sample_grid, base_model=base_model,
+                     repo_id=repo_id)
+
+    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None,
+                    commit_message: str = "Upload ELEGANT fine-tuned model", save_directory: str | None = None,
+                    metrics: dict | None = None, sample_grid=None, base_model: str | None = None,
+                    endpoint: str | None = None):
+        """Saves (to ``save_directory``, or a temporary one) and uploads everything to ``repo_id`` in one
+        commit, creating the repo if needed. Returns the ``CommitInfo`` (``None`` off the main process).
+
+        Raises:
+            hf_control_ft.persistence.HubPushError: with the Hub's message; ``save_directory`` is kept.
+        """
+        if not self.is_main_process:
+            return None
+        import tempfile
+
+        if save_directory is not None:
+            self.save_pretrained(save_directory, metrics, sample_grid, base_model, repo_id)
+            return push_directory(save_directory, repo_id, private, token, commit_message, endpoint)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, metrics, sample_grid, base_model, repo_id)
+            return push_directory(tmp, repo_id, private, token, commit_message, endpoint)
 
     def _peft_config(self):
         if self.lora_config is not None:
@@ -369,25 +393,42 @@ class ElegantTrainer:
     @classmethod
     def from_pretrained(cls, directory: str, model: torch.nn.Module, scheduler, reward_fn=None,
                         accelerator: Accelerator | None = None, **config_overrides) -> "ElegantTrainer":
-        """Rebuilds a trainer from :meth:`save_pretrained` output on a fresh copy of the base ``model``.
+        """Rebuilds a trainer from :meth:`save_pretrained` output (a directory or a Hub repo id) on a fresh
+        copy of the base ``model``.
 
-        The adapter is re-created from the saved ``adapter_config.json`` (rank, alpha, targets) and its
-        safetensors weights loaded; the initial-noise model comes from ``initial_noise/``.
+        The adapter is re-created from the LoRA file's metadata (rank, lora_alpha, targets) and its weights
+        loaded; the initial-noise model comes from ``initial_noise/``.
         """
-        from peft import LoraConfig
+        from .persistence import resolve_directory
 
-        with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
-            saved = json.load(f)
-        lora = LoraConfig.from_pretrained(directory)
-        targets = lora.target_modules
-        saved.update(lora_rank=lora.r, lora_alpha=lora.lora_alpha,
-                     lora_target_modules=[targets] if isinstance(targets, str) else sorted(targets))
-        config = ElegantConfig.from_dict(saved, **config_overrides)
-        with open(os.path.join(directory, SAMPLE_SHAPE_NAME), encoding="utf-8") as f:
-            shape = tuple(json.load(f))
-        trainer = cls(config, model, scheduler, reward_fn, shape, accelerator=accelerator)
-        load_lora_state_dict(trainer.model, load_file(os.path.join(directory, ADAPTER_WEIGHTS)))
+        saved = read_saved(resolve_directory(directory))
+        config = ElegantConfig.from_dict(saved["config"], **config_overrides)
+        trainer = cls(config, model, scheduler, reward_fn, saved["sample_shape"], accelerator=accelerator)
+        state, _ = load_lora_file(saved["lora_path"])
+        load_lora_state_dict(trainer.model, state)
         if config.learn_initial_noise:
-            noise_dir = os.path.join(directory, INITIAL_NOISE_DIR)
-            trainer.initial_noise = InitialNoiseModel.from_pretrained(noise_dir).to(trainer.device)
+            trainer.initial_noise = InitialNoiseModel.from_pretrained(saved["initial_noise_dir"]).to(trainer.device)
         return trainer
+
+    @classmethod
+    def from_pipeline(cls, pipeline, reward_fn, config: ElegantConfig, prompts, accelerator=None, **options):
+        """ELEGANT on a diffusers ``StableDiffusionPipeline`` (text-conditioned, classifier-free guidance).
+
+        Args:
+            pipeline: the base pipeline; its UNet gets the LoRA control adapter (diffusers ``add_adapter``).
+            reward_fn: ``reward_fn(images, prompts) -> (B,)`` on decoded images in ``[0, 1]``.
+            config: :class:`ElegantConfig`.
+            prompts: a list of prompts, a text file (one per line) or a ``datasets`` dataset.
+            **options: fields of :class:`hf_control_ft.stable_diffusion.StableDiffusionOptions`
+                (``guidance_scale``, ``negative_prompt``, ``height``, ``width``, ``mixed_precision``,
+                ``base_model``, ``prompt_column``).
+
+        Returns:
+            a :class:`hf_control_ft.stable_diffusion.StableDiffusionElegantTrainer`.
+        """
+        from .stable_diffusion import StableDiffusionElegantTrainer, StableDiffusionOptions
+
+        if options.get("base_model") is None:
+            options["base_model"] = getattr(pipeline, "name_or_path", None) or None
+        return StableDiffusionElegantTrainer(pipeline, reward_fn, config, prompts, StableDiffusionOptions(**options),
+                                             accelerator=accelerator)

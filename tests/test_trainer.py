@@ -70,7 +70,7 @@ def test_train_updates_lora_and_save_load_reproduces_samples_bit_for_bit(tmp_pat
     assert x.shape == (10, 2)
     trainer.save_pretrained(str(tmp_path / "out"))
     files = {p.name for p in (tmp_path / "out").iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json", "initial_noise", "elegant_config.json"} <= files
+    assert {"pytorch_lora_weights.safetensors", "initial_noise", "elegant_config.json", "README.md"} <= files
     assert json.load(open(tmp_path / "out" / "elegant_config.json"))["alpha"] == 1.0
     loaded = ElegantTrainer.from_pretrained(str(tmp_path / "out"), make_mlp_denoiser(lora=False, seed=3), ddim())
     y = loaded.sample(10, generator=torch.Generator().manual_seed(0))
@@ -119,3 +119,12 @@ def test_config_from_cli_overrides(tmp_path):
         ElegantConfig.from_cli(None, ["--alpah", "1"])
     with pytest.raises(ValueError, match="ElegantConfig.eta"):
         ElegantConfig.from_cli(None, ["--eta", "0"])
+
+
+def test_config_reads_exponent_floats_that_yaml_leaves_as_strings(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("learning_rate: 1e-3\n")
+    assert ElegantConfig.from_yaml(str(p)).learning_rate == 1e-3
+    assert ElegantConfig.from_cli(None, ["--alpha", "5e-1"]).alpha == 0.5
+    with pytest.raises(ValueError, match="ElegantConfig.alpha"):
+        ElegantConfig.from_cli(None, ["--alpha", "abc"])

@@ -1,0 +1,152 @@
+"""Cost of one ELEGANT training iteration on Stable Diffusion 1.5 shapes (random weights), as JSON.
+
+One iteration = draw prompts and encode them, sample ``x_T`` from the initial-noise model, roll out the
+fine-tuned chain (classifier-free guidance: the UNet runs on 2B samples), decode with the VAE and take the
+reward gradient (differentiably), then the backward sweep with the exact per-step KL (fine-tuned and
+pretrained UNet per step, adapter-aware block checkpointing), then the optimizer step. The "plain" variant
+is the same iteration without the KL and the initial-noise model (N(0, I) start, AlignProp/DRaFT-style
+reward backprop), for the ratio.
+
+Reported per batch size: seconds per iteration (best of ``--repeats`` after a warm-up), peak GPU memory
+(``torch.cuda.max_memory_allocated``), and achieved TFLOP/s of UNet work: FLOPs counted by
+``torch.utils.flop_counter.FlopCounterMode`` inside the UNet (forward, checkpoint recomputation and
+backward) during one separate, untimed iteration, divided by the timed seconds.
+
+    python benchmarks/sd_step.py --dtype bf16 --batch_sizes 1 2 4        # GPU: SD 1.5 shapes, 512x512, 50 steps
+    python benchmarks/sd_step.py --tiny                                  # CPU smoke test (tiny pipeline)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from hf_control_ft import ElegantConfig, ElegantTrainer
+from hf_control_ft.control import lora_parameters
+from hf_control_ft.rewards import BrightnessReward
+from hf_control_ft.testing import sd15_components, tiny_components
+
+PROMPTS = ["a photo of a cat", "a red car in the rain", "the mountains at dawn", "a bowl of fruit"]
+
+
+def build(args, batch_size: int, plain: bool):
+    from diffusers import StableDiffusionPipeline
+
+    components = tiny_components() if args.tiny else sd15_components()
+    pipe = StableDiffusionPipeline(**components).to(args.device)
+    cfg = ElegantConfig(alpha=1.0, eta=1.0, num_inference_steps=args.steps, learn_initial_noise=not plain,
+                        batch_size=batch_size, report_to=None, lora_rank=4, gradient_checkpointing=True,
+                        truncate_backprop_steps=args.truncate, noise_num_steps=args.noise_steps, aux_hidden=32)
+    trainer = ElegantTrainer.from_pipeline(pipe, BrightnessReward(), cfg, prompts=PROMPTS,
+                                           guidance_scale=args.guidance_scale,
+                                           mixed_precision="no" if args.dtype == "fp32" else args.dtype,
+                                           height=args.resolution, width=args.resolution)
+    params = lora_parameters(trainer.model)
+    return trainer, params, torch.optim.AdamW(params, lr=1e-4)
+
+
+def plain_step(trainer, opt):
+    """No KL, no initial noise: rollout from N(0, I), reward backprop through the sampler."""
+    B = trainer.config.batch_size
+    trainer._prepare_batch(B)
+    x_T = torch.randn((B, *trainer.sample_shape), generator=trainer.generator).to(trainer.device)
+    traj = trainer.sampler.rollout(x_T, trainer.generator)
+    _, g = trainer.reward_and_gradient(traj.samples)
+    opt.zero_grad(set_to_none=True)
+    trainer.sampler.backpropagate(traj, -g / B, None)
+    opt.step()
+
+
+def iteration(trainer, params, opt, plain):
+    if plain:
+        plain_step(trainer, opt)
+    else:
+        trainer.drift_step(opt, params)
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def count_flops(trainer, params, opt, plain) -> tuple[int, int]:
+    """``(unet, total)`` FLOPs of one iteration (checkpoint recomputation and backward included)."""
+    counter = FlopCounterMode(display=False, depth=None)
+    with counter:
+        iteration(trainer, params, opt, plain)
+    counts = counter.get_flop_counts()
+    key = "GuidedUNet.unet"  # the UNet inside the classifier-free-guidance wrapper
+    if key not in counts:
+        raise RuntimeError(f"FlopCounterMode saw no {key} module; keys: {sorted(counts)[:10]}")
+    return int(sum(counts[key].values())), int(counter.get_total_flops())
+
+
+def measure(args, batch_size: int, plain: bool) -> dict:
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    trainer, params, opt = build(args, batch_size, plain)
+    iteration(trainer, params, opt, plain)  # warm-up
+    sync(args.device)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.repeats):
+        sync(args.device)
+        t0 = time.perf_counter()
+        iteration(trainer, params, opt, plain)
+        sync(args.device)
+        times.append(time.perf_counter() - t0)
+    seconds = min(times)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
+    flops = count_flops(trainer, params, opt, plain) if args.count_flops else None
+    out = {"seconds_per_iteration": round(seconds, 4), "peak_gpu_memory_gib": None if peak is None else round(peak, 2)}
+    if flops is not None:
+        unet, total = flops
+        out.update({"unet_tflop_per_iteration": float(f"{unet / 1e12:.4g}"),
+                    "total_tflop_per_iteration": float(f"{total / 1e12:.4g}"),
+                    "achieved_unet_tflops": float(f"{unet / seconds / 1e12:.4g}")})
+    del trainer, params, opt
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny random pipeline on CPU (smoke test)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--truncate", type=int, default=None, help="truncate backprop to the last N steps")
+    p.add_argument("--noise_steps", type=int, default=20, help="Euler steps of the initial-noise model")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--no_flops", dest="count_flops", action="store_false")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    if args.tiny:
+        args.device, args.resolution = "cpu", 16
+        args.steps = min(args.steps, 4)
+        args.batch_sizes = [b for b in args.batch_sizes if b <= 2] or [1]
+        args.dtype = "fp32" if args.dtype == "fp16" else args.dtype  # CPU autocast: bf16 or none
+        args.repeats = 1
+    results = []
+    for b in args.batch_sizes:
+        elegant = measure(args, b, plain=False)
+        plain = measure(args, b, plain=True)
+        results.append({"batch_size": b, "elegant": elegant, "plain_reward_backprop": plain,
+                        "time_ratio": round(elegant["seconds_per_iteration"] / plain["seconds_per_iteration"], 3)})
+    print(json.dumps({"benchmark": "sd_step", "model": "tiny-random-sd" if args.tiny else "sd15-shaped-random",
+                      "device": args.device,
+                      "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+                      "dtype": args.dtype, "resolution": args.resolution, "steps": args.steps, "eta": 1.0,
+                      "guidance_scale": args.guidance_scale, "gradient_checkpointing": True,
+                      "truncate_backprop_steps": args.truncate, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Model cards: ``README.md`` rendered from ``hf_control_ft/model_cards/elegant_model_card.md`` (Jinja2,
+through ``huggingface_hub.ModelCard``, so the YAML header carries ``base_model``, ``license``, ``tags`` and
+``library_name`` as the Hub expects). The template ships inside the package, so it is found from a source
+checkout and from an installed wheel alike."""
+
+from __future__ import annotations
+
+import os
+
+from huggingface_hub import ModelCard, ModelCardData
+
+TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_cards")
+DEFAULT_TEMPLATE = os.path.join(TEMPLATE_DIR, "elegant_model_card.md")
+DEFAULT_TAGS = ["hf_control_ft", "elegant", "reward-fine-tuning", "lora", "diffusers"]
+
+
+def _format_value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def render_model_card(config, reward: str, base_model: str | None = None, metrics: dict | None = None,
+                      sample_grid: str | None = None, repo_id: str | None = None, conditional: bool = False,
+                      guidance_scale: float | None = None, lora_rank: int | None = None,
+                      lora_alpha: float | None = None, target_modules=None, license: str = "apache-2.0",
+                      tags: list[str] | None = None, model_name: str | None = None,
+                      template_path: str | None = None) -> str:
+    """Renders the model card of an ELEGANT run and returns it (YAML header + markdown).
+
+    Args:
+        config: the :class:`~hf_control_ft.ElegantConfig` of the run.
+        reward: name / description of the reward.
+        base_model: Hub id or path of the base model (``base_model`` in the YAML header when given).
+        metrics: ``{name: value}`` shown as a table (floats with 6 significant digits).
+        sample_grid: relative path of a sample image inside the repo (shown in the card).
+        repo_id: the repo the card describes (used in the loading snippets; default ``"REPO_ID"``).
+        conditional: Stable Diffusion (text-conditioned) card vs unconditional denoiser card.
+        guidance_scale: classifier-free guidance scale used in training (conditional only).
+        lora_rank / lora_alpha / target_modules: the adapter (default: from ``config``).
+        license, tags, model_name, template_path: card metadata and an alternative template.
+    """
+    tags = list(dict.fromkeys([*(DEFAULT_TAGS if tags is None else tags),
+                                *(["stable-diffusion", "text-to-image"] if conditional else [])]))
+    data = ModelCardData(license=license, library_name="diffusers", tags=tags,
+                         base_model=base_model if base_model and not os.path.isdir(base_model) else None,
+                         pipeline_tag="text-to-image" if conditional else "unconditional-image-generation")
+    rank = lora_rank if lora_rank is not None else config.lora_rank
+    targets = target_modules if target_modules is not None else config.lora_target_modules
+    if targets is not None and not isinstance(targets, str):
+        targets = ", ".join(f"`{t}`" for t in sorted(targets))
+    card = ModelCard.from_template(
+        data, template_path=template_path or DEFAULT_TEMPLATE,
+        model_name=model_name or (repo_id.split("/")[-1] if repo_id else "ELEGANT reward fine-tuned adapter"),
+        repo_id=repo_id or "REPO_ID", reward=reward, base_model=base_model, alpha=config.alpha, eta=config.eta,
+        num_inference_steps=config.num_inference_steps, guidance_scale=guidance_scale if conditional else None,
+        lora_rank=rank, lora_alpha=lora_alpha if lora_alpha is not None else (config.lora_alpha or rank),
+        target_modules=targets or "(default)", learn_initial_noise=config.learn_initial_noise,
+        train_steps=config.train_steps, batch_size=config.batch_size, learning_rate=config.learning_rate,
+        truncate_backprop_steps=config.truncate_backprop_steps,
+        metrics=[(k, _format_value(v)) for k, v in (metrics or {}).items()], sample_grid=sample_grid,
+        conditional=conditional, license=license)
+    return str(card)

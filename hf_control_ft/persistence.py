@@ -1,0 +1,128 @@
+"""Saving, loading and publishing a trained ELEGANT model.
+
+A saved directory (also the layout of a Hub repo) holds:
+
+* ``pytorch_lora_weights.safetensors``: the control adapter in diffusers' LoRA format with adapter metadata
+  (:mod:`hf_control_ft.lora_io`), loadable with ``pipeline.load_lora_weights``;
+* ``initial_noise/``: the learned initial-noise model (``model.safetensors`` + ``config.json``), when learned;
+* ``elegant_config.json``: every training setting; ``sample_shape.json``: the shape of one sample;
+* ``stable_diffusion.json`` (text-conditioned runs): guidance scale, negative prompt, size, base model;
+* ``README.md``: the model card; ``sample_grid.png`` when a sample grid is given.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+
+from .lora_io import LORA_WEIGHTS_NAME, read_lora_config, save_lora_file
+from .model_card import render_model_card
+
+INITIAL_NOISE_DIR = "initial_noise"
+CONFIG_NAME = "elegant_config.json"
+SAMPLE_SHAPE_NAME = "sample_shape.json"
+SAMPLE_GRID_NAME = "sample_grid.png"
+MODEL_CARD_NAME = "README.md"
+
+logger = logging.getLogger(__name__)
+
+
+def save_sample_grid(sample_grid, save_directory: str) -> str:
+    """Writes ``sample_grid`` (a PIL image or the path of a PNG) as ``sample_grid.png``; returns its name."""
+    target = os.path.join(save_directory, SAMPLE_GRID_NAME)
+    if isinstance(sample_grid, (str, os.PathLike)):
+        if not os.path.isfile(sample_grid):
+            raise FileNotFoundError(f"sample_grid: no such file {sample_grid!r}")
+        if not str(sample_grid).lower().endswith(".png"):
+            raise ValueError(f"sample_grid must be a PNG file or a PIL image, got {sample_grid!r}")
+        if os.path.abspath(sample_grid) != os.path.abspath(target):
+            shutil.copyfile(sample_grid, target)
+    elif hasattr(sample_grid, "save"):
+        sample_grid.save(target, format="PNG")
+    else:
+        raise TypeError(f"sample_grid must be a PIL image or a path to a PNG, got {type(sample_grid).__name__}")
+    return SAMPLE_GRID_NAME
+
+
+def save_trainer(trainer, save_directory: str, metrics: dict | None = None, sample_grid=None,
+                 base_model: str | None = None, repo_id: str | None = None) -> None:
+    """Writes everything listed in the module docstring for ``trainer`` (an ``ElegantTrainer``)."""
+    os.makedirs(save_directory, exist_ok=True)
+    lora_model = getattr(trainer.model, "unet", trainer.model)
+    lora_config = trainer._peft_config()
+    save_lora_file(lora_model, lora_config, save_directory)
+    if trainer.initial_noise is not None:
+        trainer.initial_noise.save_pretrained(os.path.join(save_directory, INITIAL_NOISE_DIR))
+    trainer.config.save(os.path.join(save_directory, CONFIG_NAME))
+    with open(os.path.join(save_directory, SAMPLE_SHAPE_NAME), "w", encoding="utf-8") as f:
+        json.dump(list(trainer.sample_shape), f)
+    options = getattr(trainer, "options", None)
+    if options is not None:
+        if base_model is not None:
+            options.base_model = base_model
+        base_model = options.base_model
+        options.save(os.path.join(save_directory, "stable_diffusion.json"))
+    grid_name = save_sample_grid(sample_grid, save_directory) if sample_grid is not None else None
+    card = render_model_card(
+        trainer.config, reward=trainer.reward_name or "(not recorded)", base_model=base_model, metrics=metrics,
+        sample_grid=grid_name, repo_id=repo_id or save_directory, conditional=options is not None,
+        guidance_scale=options.guidance_scale if options is not None else None, lora_rank=lora_config.r,
+        lora_alpha=lora_config.lora_alpha, target_modules=lora_config.target_modules)
+    with open(os.path.join(save_directory, MODEL_CARD_NAME), "w", encoding="utf-8") as f:
+        f.write(card)
+
+
+def read_saved(directory: str) -> dict:
+    """Reads the config dict (with the adapter's rank / alpha / targets from the LoRA metadata) and the
+    sample shape of a saved directory."""
+    path = os.path.join(directory, LORA_WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory} has no {LORA_WEIGHTS_NAME}; is it an hf_control_ft save directory?")
+    with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
+        config = json.load(f)
+    lora = read_lora_config(path)
+    targets = lora.target_modules
+    config.update(lora_rank=lora.r, lora_alpha=lora.lora_alpha,
+                  lora_target_modules=[targets] if isinstance(targets, str) else sorted(targets))
+    with open(os.path.join(directory, SAMPLE_SHAPE_NAME), encoding="utf-8") as f:
+        shape = tuple(json.load(f))
+    return {"config": config, "sample_shape": shape, "lora_path": path,
+            "initial_noise_dir": os.path.join(directory, INITIAL_NOISE_DIR)}
+
+
+def resolve_directory(name_or_path: str, token: str | None = None, revision: str | None = None,
+                      endpoint: str | None = None, cache_dir: str | None = None) -> str:
+    """A local directory as is, otherwise the snapshot of the Hub repo ``name_or_path`` (downloaded)."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(name_or_path, revision=revision, token=token, endpoint=endpoint, cache_dir=cache_dir)
+
+
+class HubPushError(RuntimeError):
+    """A push to the Hub failed; the message is the Hub's, and the local directory is left intact."""
+
+
+def push_directory(folder: str, repo_id: str, private: bool = False, token: str | None = None,
+                   commit_message: str = "Upload ELEGANT fine-tuned model", endpoint: str | None = None):
+    """Creates ``repo_id`` (if needed) and uploads ``folder`` in one commit; returns the ``CommitInfo``.
+
+    Raises:
+        HubPushError: with the Hub's error message (never the token); ``folder`` is not modified.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        return api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model",
+                                 commit_message=commit_message)
+    except HfHubHTTPError as err:
+        message = str(err)
+        if token:
+            message = message.replace(token, "***")
+        raise HubPushError(f"push of {folder!r} to {repo_id!r} failed (local files kept): {message}") from None

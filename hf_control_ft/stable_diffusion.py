@@ -1,0 +1,406 @@
+"""Text-conditioned ELEGANT on a diffusers ``StableDiffusionPipeline``.
+
+The trainer core works on a denoiser ``model(sample, t)`` and a reward ``reward_fn(x_0)``. Stable Diffusion
+is brought to that form by two adapters, so the sampler, the KL accounting and the backward sweep are the
+ones the unconditional trainer uses:
+
+* :class:`GuidedUNet` holds the UNet, the current batch's prompt embeddings and the guidance scale and
+  returns the classifier-free-guided noise prediction ``eps_u + w (eps_c - eps_u)``. The pretrained and the
+  fine-tuned means are both computed from *guided* predictions (adapters off / on), so the per-step KL is the
+  KL between the transitions that are actually sampled.
+* :class:`LatentReward` decodes latents with the VAE (differentiably) to images in ``[0, 1]`` and calls the
+  user's ``reward_fn(images, prompts)`` with the batch's prompts.
+
+:class:`StableDiffusionElegantTrainer` draws a batch of prompts before every batch of samples (the hook
+:meth:`~hf_control_ft.ElegantTrainer._prepare_batch`) and sets them on both adapters.
+
+Mixed precision: the frozen UNet / VAE / text encoder may be cast to fp16 or bf16; the LoRA parameters stay
+in fp32 and every UNet / VAE call runs under ``torch.autocast``. Sampler arithmetic (means, KL, noise) is
+fp32.
+
+Limitation: the learned initial-noise model is prompt-agnostic; it targets the prompt-averaged tilt of
+``x_T`` (``ALGORITHMS.md`` §3 with the value averaged over the prompt distribution).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import ElegantConfig
+from torch.utils.checkpoint import checkpoint
+
+from .control import add_lora_control, tuner_layers
+from .elegant_trainer import ElegantTrainer
+from .reward_checks import reward_name
+from .rewards import call_reward
+
+OPTIONS_NAME = "stable_diffusion.json"
+DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+def load_prompts(prompts, column: str = "prompt") -> list[str]:
+    """Prompts from a list of strings, a text file (one prompt per non-empty line) or a ``datasets.Dataset``
+    column. Raises ``ValueError`` naming the problem when the result is empty or not strings."""
+    source = prompts
+    if isinstance(prompts, (str, os.PathLike)):
+        if not os.path.isfile(prompts):
+            raise ValueError(f"prompts: {prompts!r} is not a file; pass a list of prompts, a text file (one "
+                             "prompt per line) or a datasets.Dataset")
+        with open(prompts, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    elif hasattr(prompts, "column_names"):  # datasets.Dataset
+        if column not in prompts.column_names:
+            raise ValueError(f"prompts: the dataset has no column {column!r}; columns: {prompts.column_names}")
+        prompts = list(prompts[column])
+    else:
+        prompts = list(prompts)
+    if not prompts:
+        raise ValueError(f"prompts: no prompts found in {source!r}")
+    bad = [p for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"prompts must be strings; got {type(bad[0]).__name__} ({bad[0]!r})")
+    return prompts
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:
+    """CLIP text embeddings ``(B, L, D)`` as ``StableDiffusionPipeline.encode_prompt`` computes them
+    (padding to ``model_max_length``, last hidden state)."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+    mask = None
+    if getattr(text_encoder.config, "use_attention_mask", False):
+        mask = (ids != tokenizer.pad_token_id).long()
+    return text_encoder(ids, attention_mask=mask)[0]
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------- gradient checkpointing
+def enable_adapter_aware_checkpointing(model: nn.Module) -> None:
+    """Turns on diffusers' block-level gradient checkpointing with a checkpoint function that recomputes
+    each block under the adapter state (LoRA on / off) it had in the forward pass.
+
+    Why: one sampler step runs the UNet twice, fine-tuned (adapters on) and pretrained (adapters off), and
+    backpropagates through both. Plain checkpointing recomputes blocks during backward under whatever adapter
+    state is current then, so the pretrained branch would be recomputed with the LoRA enabled: wrong
+    gradients (or a checkpoint metadata error).
+    """
+    layers = tuner_layers(model)
+
+    def set_enabled(enabled: bool):
+        for layer in layers:
+            if layer.disable_adapters == enabled:
+                layer.enable_adapters(enabled)
+
+    def checkpoint_fn(module, *args):
+        enabled = bool(layers) and not layers[0].disable_adapters
+
+        def run(*inputs):
+            previous = bool(layers) and not layers[0].disable_adapters
+            if previous != enabled:
+                set_enabled(enabled)
+            try:
+                return module(*inputs)
+            finally:
+                if previous != enabled:
+                    set_enabled(previous)
+
+        return checkpoint(run, *args, use_reentrant=False)
+
+    model.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_fn)
+
+
+# ----------------------------------------------------------------------------------------------- adapters
+class GuidedUNet(nn.Module):
+    """Presents a text-conditioned UNet as an unconditional denoiser ``model(sample, t) -> eps``.
+
+    Args:
+        unet: ``UNet2DConditionModel`` (with the LoRA control adapter).
+        guidance_scale: classifier-free guidance weight ``w``; ``w <= 1`` runs the conditional branch only.
+        autocast_dtype: run the UNet under ``torch.autocast`` with this dtype (None: no autocast).
+
+    Call :meth:`set_condition` before sampling a batch. The output is fp32 ``(B, C, h, w)``.
+    """
+
+    def __init__(self, unet: nn.Module, guidance_scale: float = 7.5, autocast_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.unet = unet
+        self.guidance_scale = float(guidance_scale)
+        self.autocast_dtype = autocast_dtype
+        self.prompt_embeds = None
+        self.negative_embeds = None
+
+    @property
+    def peft_config(self):
+        return getattr(self.unet, "peft_config", None)
+
+    @property
+    def do_guidance(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    def set_condition(self, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None = None) -> None:
+        """``prompt_embeds`` ``(B, L, D)``; ``negative_embeds`` ``(B, L, D)`` or ``(1, L, D)`` (broadcast)."""
+        if self.do_guidance and negative_embeds is None:
+            raise ValueError("guidance_scale > 1 needs negative (unconditional) prompt embeddings")
+        self.prompt_embeds = prompt_embeds.detach()
+        self.negative_embeds = None if negative_embeds is None else negative_embeds.detach()
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        if self.prompt_embeds is None:
+            raise RuntimeError("GuidedUNet: no prompt embeddings set; call set_condition(prompt_embeds, ...) first")
+        B = sample.shape[0]
+        cond = self.prompt_embeds
+        if cond.shape[0] != B:
+            raise ValueError(f"GuidedUNet: {cond.shape[0]} prompt embeddings for a batch of {B} samples")
+        dtype = self.unet.dtype if self.autocast_dtype is None else self.autocast_dtype
+        with _autocast(sample.device, self.autocast_dtype):
+            if self.do_guidance:
+                neg = self.negative_embeds.expand(B, *self.negative_embeds.shape[1:])
+                x = torch.cat([sample, sample]).to(dtype)
+                t = torch.cat([timestep, timestep])
+                eps = self.unet(x, t, encoder_hidden_states=torch.cat([neg, cond]).to(dtype)).sample
+                eps_u, eps_c = eps.float().chunk(2)
+                return eps_u + self.guidance_scale * (eps_c - eps_u)
+            return self.unet(sample.to(dtype), timestep, encoder_hidden_states=cond.to(dtype)).sample.float()
+
+
+def decode_latents(vae, latents: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``(B, 4, h, w)`` latents -> ``(B, 3, 8h, 8w)`` fp32 images in ``[0, 1]`` (differentiable)."""
+    dtype = vae.dtype if autocast_dtype is None else autocast_dtype
+    with _autocast(latents.device, autocast_dtype):
+        images = vae.decode((latents / vae.config.scaling_factor).to(dtype)).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+class LatentReward:
+    """``reward(latents)``: differentiable VAE decode to ``[0, 1]`` images, then ``reward_fn(images, prompts)``.
+
+    ``prompts`` is the list of the current batch, set by the trainer. ``__name__`` is the user reward's name
+    so that reward errors name it.
+    """
+
+    def __init__(self, vae, reward_fn, autocast_dtype: torch.dtype | None = None):
+        self.vae = vae
+        self.reward_fn = reward_fn
+        self.autocast_dtype = autocast_dtype
+        self.prompts: list[str] | None = None
+        self.__name__ = reward_name(reward_fn)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return decode_latents(self.vae, latents, self.autocast_dtype)
+
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        images = self.decode(latents)
+        prompts = self.prompts if self.prompts is not None else None
+        if prompts is not None and len(prompts) != latents.shape[0]:
+            raise RuntimeError(f"LatentReward: {len(prompts)} prompts for {latents.shape[0]} latents")
+        values = call_reward(self.reward_fn, images, prompts)
+        return values.float() if isinstance(values, torch.Tensor) and values.is_floating_point() else values
+
+
+# ------------------------------------------------------------------------------------------------ options
+@dataclass
+class StableDiffusionOptions:
+    """Settings of text-conditioned training and inference (saved as ``stable_diffusion.json``).
+
+    Attributes:
+        guidance_scale: classifier-free guidance weight (``<= 1``: no guidance).
+        negative_prompt: the unconditional prompt of classifier-free guidance.
+        height / width: image size in pixels (multiples of the VAE scale factor, usually 8).
+        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"``: dtype of the frozen UNet / VAE / text encoder
+            and of autocast. LoRA parameters stay fp32.
+        base_model: Hub id or path of the base pipeline (for the model card and for loading).
+        prompt_column: column of a ``datasets`` prompt source.
+    """
+
+    guidance_scale: float = 7.5
+    negative_prompt: str = ""
+    height: int | None = None
+    width: int | None = None
+    mixed_precision: str = "no"
+    base_model: str | None = None
+    prompt_column: str = "prompt"
+
+    def __post_init__(self):
+        def check(cond, name, msg):
+            if not cond:
+                raise ValueError(f"StableDiffusionOptions.{name}: {msg}")
+
+        check(isinstance(self.guidance_scale, (int, float)) and self.guidance_scale >= 0, "guidance_scale",
+              f"must be a number >= 0, got {self.guidance_scale!r}")
+        check(isinstance(self.negative_prompt, str), "negative_prompt", "must be a string")
+        check(self.mixed_precision in DTYPES, "mixed_precision",
+              f"must be one of {sorted(DTYPES)}, got {self.mixed_precision!r}")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            check(v is None or (isinstance(v, int) and v >= 8 and v % 8 == 0), name,
+                  f"must be None or a positive multiple of 8, got {v!r}")
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return DTYPES[self.mixed_precision]
+
+    def save(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(dataclasses.asdict(self), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def load(cls, path: str) -> "StableDiffusionOptions":
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def as_stochastic_scheduler(scheduler):
+    """The scheduler itself if DDPM / DDIM, else a ``DDIMScheduler`` with the same noise schedule (e.g. the
+    ``PNDMScheduler`` that SD 1.5 ships with: ELEGANT needs Gaussian transitions)."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    if isinstance(scheduler, (DDIMScheduler, DDPMScheduler)):
+        return scheduler
+    return DDIMScheduler.from_config(scheduler.config)
+
+
+def latent_shape(pipeline, height: int | None, width: int | None) -> tuple[int, int, int]:
+    """``(C, h, w)`` of the latents for ``height x width`` images (defaults: the UNet's sample size)."""
+    scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+    size = pipeline.unet.config.sample_size
+    size = size if isinstance(size, int) else size[0]
+    height = height or size * scale
+    width = width or size * scale
+    if height % scale or width % scale:
+        raise ValueError(f"height and width must be multiples of the VAE scale factor {scale}, got "
+                         f"{height}x{width}")
+    return (pipeline.unet.config.in_channels, height // scale, width // scale)
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+class StableDiffusionElegantTrainer(ElegantTrainer):
+    """ELEGANT on a ``StableDiffusionPipeline``; build it with :meth:`ElegantTrainer.from_pipeline`.
+
+    Everything of :class:`~hf_control_ft.ElegantTrainer` applies; in addition every batch of samples (value
+    rollouts, drift iterations, :meth:`sample`) draws ``batch_size`` prompts uniformly from the prompt
+    source and conditions the UNet and the reward on them.
+    """
+
+    def __init__(self, pipeline, reward_fn, config: ElegantConfig, prompts, options: StableDiffusionOptions | None
+                 = None, accelerator=None):
+        from diffusers.training_utils import cast_training_params
+
+        options = options or StableDiffusionOptions()
+        self.options = options
+        self.pipeline = pipeline
+        self.prompts = load_prompts(prompts, options.prompt_column)
+        unet, vae, text_encoder = pipeline.unet, pipeline.vae, pipeline.text_encoder
+        for module in (unet, vae, text_encoder):
+            module.requires_grad_(False)
+            if options.dtype is not None:
+                module.to(options.dtype)
+        torch.manual_seed(config.seed)
+        self.unet_lora_config = add_lora_control(unet, config.lora_rank, config.lora_target_modules,
+                                                 config.lora_alpha)
+        cast_training_params(unet, torch.float32)  # LoRA parameters in fp32 under mixed precision
+        if config.gradient_checkpointing:
+            enable_adapter_aware_checkpointing(unet)
+            vae.enable_gradient_checkpointing()
+        denoiser = GuidedUNet(unet, options.guidance_scale, options.dtype)
+        self.latent_reward = LatentReward(vae, reward_fn, options.dtype) if reward_fn is not None else None
+        shape = latent_shape(pipeline, options.height, options.width)
+        pipeline.scheduler = as_stochastic_scheduler(pipeline.scheduler)
+        super().__init__(config, denoiser, pipeline.scheduler, self.latent_reward, shape, accelerator=accelerator)
+        self.lora_config = self.unet_lora_config
+        self.user_reward_fn = reward_fn
+        self.reward_name = reward_name(reward_fn) if reward_fn is not None else None
+        vae.to(self.device)
+        text_encoder.to(self.device)
+        self._negative_embeds = None
+        self._fixed_prompts: list[str] | None = None
+        self.current_prompts: list[str] = []
+
+    @classmethod
+    def from_pretrained(cls, directory: str, pipeline, reward_fn=None, prompts=None, accelerator=None,
+                        **config_overrides) -> "StableDiffusionElegantTrainer":
+        """Rebuilds a trainer (e.g. to continue training) from a save directory or Hub repo on a fresh base
+        ``pipeline``: adapter (rank / lora_alpha / targets from the LoRA metadata) and weights, initial-noise
+        model, config and Stable Diffusion options. ``prompts`` default to the empty prompt."""
+        from .control import load_lora_state_dict
+        from .initial_noise import InitialNoiseModel
+        from .lora_io import load_lora_file
+        from .persistence import read_saved, resolve_directory
+
+        directory = resolve_directory(directory)
+        saved = read_saved(directory)
+        config = ElegantConfig.from_dict(saved["config"], **config_overrides)
+        options = StableDiffusionOptions.load(os.path.join(directory, OPTIONS_NAME))
+        trainer = cls(pipeline, reward_fn, config, prompts if prompts is not None else [""], options, accelerator)
+        state, _ = load_lora_file(saved["lora_path"])
+        load_lora_state_dict(trainer.model.unet, state)
+        if config.learn_initial_noise:
+            trainer.initial_noise = InitialNoiseModel.from_pretrained(saved["initial_noise_dir"]).to(trainer.device)
+        return trainer
+
+    # ------------------------------------------------------------------ conditioning
+    def negative_embeds(self) -> torch.Tensor:
+        if self._negative_embeds is None:
+            self._negative_embeds = encode_prompts(self.pipeline.tokenizer, self.pipeline.text_encoder,
+                                                   [self.options.negative_prompt], self.device)
+        return self._negative_embeds
+
+    def set_prompts(self, prompts: list[str]) -> None:
+        """Conditions the denoiser and the reward on ``prompts`` (one per sample of the next batch)."""
+        embeds = encode_prompts(self.pipeline.tokenizer, self.pipeline.text_encoder, prompts, self.device)
+        neg = self.negative_embeds() if self.model.do_guidance else None
+        self.model.set_condition(embeds, neg)
+        if self.latent_reward is not None:
+            self.latent_reward.prompts = list(prompts)
+        self.current_prompts = list(prompts)
+
+    def _prepare_batch(self, batch_size: int, generator: torch.Generator | None = None) -> None:
+        if self._fixed_prompts is not None:
+            prompts, self._fixed_prompts = self._fixed_prompts[:batch_size], self._fixed_prompts[batch_size:]
+        else:
+            gen = generator if generator is not None else self.generator
+            idx = torch.randint(len(self.prompts), (batch_size,), generator=gen).tolist()
+            prompts = [self.prompts[i] for i in idx]
+        self.set_prompts(prompts)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int | None = None, generator: torch.Generator | None = None,
+               batch_size: int | None = None, controlled: bool = True, prompts: list[str] | None = None):
+        """Latents ``(N, 4, h, w)``; with ``prompts`` one sample per prompt (in order), else prompts drawn
+        from the training source with ``generator``. Decode with :meth:`decode`."""
+        if prompts is not None:
+            prompts = load_prompts(prompts)
+            num_samples = len(prompts) if num_samples is None else num_samples
+            if num_samples != len(prompts):
+                raise ValueError(f"num_samples={num_samples} but {len(prompts)} prompts were given")
+            self._fixed_prompts = list(prompts)
+        if num_samples is None:
+            raise ValueError("pass num_samples or prompts")
+        try:
+            return super().sample(num_samples, generator, batch_size, controlled)
+        finally:
+            self._fixed_prompts = None
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images ``(B, 3, H, W)`` in ``[0, 1]``."""
+        return decode_latents(self.pipeline.vae, latents, self.options.dtype)
+
+    def _card_extras(self) -> dict:
+        return {"base_model": self.options.base_model, "guidance_scale": self.options.guidance_scale,
+                "conditional": True, "prompts_count": len(self.prompts)}

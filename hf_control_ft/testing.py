@@ -1,0 +1,72 @@
+"""Stable Diffusion pipelines built from configs with random weights (no network), for tests and benchmarks.
+
+* :func:`tiny_sd_pipeline`: SD 1.x layout (UNet2DConditionModel + AutoencoderKL with 4 latent channels + CLIP
+  text encoder) at a size that trains on CPU in seconds: 16x16 images, 8x8x4 latents, 32-dim text embeddings.
+* :func:`sd15_components`: the SD 1.5 shapes (860M-parameter UNet, 84M VAE, 123M CLIP ViT-L/14 text encoder)
+  with random weights, for compute / memory benchmarks.
+
+The tokenizer is a CLIP BPE tokenizer over single letters, built in memory.
+"""
+
+from __future__ import annotations
+
+import string
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+
+def tiny_tokenizer(model_max_length: int = 16) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer over single letters (+ word-end forms) and two merges."""
+    tokens = ["<|startoftext|>", "<|endoftext|>"]
+    for c in string.ascii_lowercase:
+        tokens += [c, c + "</w>"]
+    tokens += ["th", "the</w>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = [("t", "h"), ("th", "e</w>")]  # transformers 5: merges are tuples
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def tiny_components(seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
+                        latent_channels=4, layers_per_block=1, norm_num_groups=8, sample_size=16)
+    tokenizer = tiny_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=32))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def sd15_components(seed: int = 0) -> dict:
+    """SD 1.5-shaped UNet / VAE / text encoder (random weights), DDIM scheduler with SD's noise schedule."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                                block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
+                                attention_head_dim=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                        block_out_channels=(128, 256, 512, 512), sample_size=512,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    tokenizer = tiny_tokenizer(model_max_length=77)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=768))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline(**tiny_components(seed))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
