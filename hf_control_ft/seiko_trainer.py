@@ -444,24 +444,26 @@ class SeikoTrainer:
         """Samples of the current model (``controlled=False``: the pretrained one), ``(N, *sample_shape)``."""
         return self.elegant.sample(num_samples, generator, batch_size, controlled)
 
-    def save_pretrained(self, save_directory: str) -> None:
-        """The fine-tuned model in the ELEGANT format (loadable with ``ElegantTrainer.from_pretrained``) plus
-        ``seiko_config.json``."""
-        self.elegant.save_pretrained(save_directory)
+    def save_pretrained(self, save_directory: str, metrics: dict | None = None, sample_grid=None,
+                        base_model: str | None = None, repo_id: str | None = None) -> None:
+        """The fine-tuned model in the ELEGANT format (``ElegantTrainer.save_pretrained``: adapter, initial-noise
+        model, config, model card; loadable with ``ElegantTrainer.from_pretrained``) plus ``seiko_config.json``."""
+        self.elegant.save_pretrained(save_directory, metrics=metrics, sample_grid=sample_grid, base_model=base_model,
+                                     repo_id=repo_id)
         self.config.save(os.path.join(save_directory, SEIKO_CONFIG_NAME))
 
-    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
-                    feedback_repo_id: str | None = None, commit_message: str | None = None):
-        """Uploads :meth:`save_pretrained` output as a model repo; with ``feedback_repo_id`` also the feedback
-        dataset as a dataset repo. Returns the model repo's commit info."""
-        from huggingface_hub import HfApi
+    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None,
+                    feedback_repo_id: str | None = None, commit_message: str | None = None,
+                    endpoint: str | None = None, metrics: dict | None = None, base_model: str | None = None):
+        """Uploads :meth:`save_pretrained` output to the model repo ``repo_id`` in one commit (creating it if
+        needed); with ``feedback_repo_id`` also the feedback dataset as a dataset repo
+        (:meth:`FeedbackDataset.push_to_hub`). Returns the model repo's ``CommitInfo``."""
+        from .persistence import push_directory
 
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
+        message = commit_message or f"SEIKO model after {self.completed_rounds} rounds, {len(self.feedback)} queries"
         with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp)
-            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message or
-                                     f"SEIKO adapter after {self.completed_rounds} rounds, {len(self.feedback)} queries")
+            self.save_pretrained(tmp, metrics=metrics, base_model=base_model, repo_id=repo_id)
+            info = push_directory(tmp, repo_id, private, token, message, endpoint)
         if feedback_repo_id is not None:
             self.feedback.push_to_hub(feedback_repo_id, private=private, token=token)
         return info

@@ -276,3 +276,22 @@ def test_combined_initial_noise_and_reference_chain(tmp_path):
     x0, cost = tr.reference_rollout(x_T, torch.Generator().manual_seed(2))
     torch.testing.assert_close(x0, tr.sampler.sample(x_T, torch.Generator().manual_seed(2), controlled=False))
     assert torch.equal(cost, torch.zeros(5))
+
+
+def test_push_to_hub_through_a_local_hub(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
+    sys.path.insert(0, HERE)
+    from hub_server import HubServer
+    from seiko_child import LoggingOracle, build_trainer
+
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_DISABLE_XET", True)
+    tr = build_trainer(tmp_path / "run", LoggingOracle(str(tmp_path / "log")))
+    with HubServer() as hub:
+        commit = tr.push_to_hub("me/tiny-seiko", token="hf_test_token_456", endpoint=hub.url)
+        repo = hub.repos["me/tiny-seiko"]
+        assert commit.oid == repo.sha and len(repo.commits) == 1
+        assert {"seiko_config.json", "pytorch_lora_weights.safetensors", "elegant_config.json",
+                "initial_noise/model.safetensors", "README.md"} <= set(repo.files)
+        assert json.loads(repo.files["seiko_config.json"])["optimism"] == "ucb"
