@@ -20,12 +20,18 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
+
+# the main job: pretrain (cached), then ELEGANT toward digit 3; re-running resumes the finished run instead of
+# overwriting it (delete outputs/digits-elegant to start over)
 demo: $(STAMP)
-	$(PY) benchmarks/tilted_target.py
+	$(PY) examples/pretrain_digits.py
+	$(LAUNCH) examples/train_elegant.py --config examples/configs/digits_elegant.yaml --resume_from_checkpoint latest
 
 bench: $(STAMP)
 	$(PY) benchmarks/tilted_target.py
 	$(PY) benchmarks/step_cost.py
+	$(PY) benchmarks/reward_collapse.py
 
 clean:
-	rm -rf $(VENV) outputs runs .pytest_cache
+	rm -rf $(VENV) outputs runs .pytest_cache build

@@ -11,8 +11,10 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["hf_control_ft", "hf_control_ft.*"]),
-    package_data={"hf_control_ft": ["model_cards/*.md"]},
+    # the card templates live in the top-level model_cards/ and ship inside the wheel as hf_control_ft/model_cards
+    packages=find_packages(include=["hf_control_ft", "hf_control_ft.*"]) + ["hf_control_ft.model_cards"],
+    package_dir={"hf_control_ft.model_cards": "model_cards"},
+    package_data={"hf_control_ft.model_cards": ["*.md"]},
     install_requires=[
         "torch>=2.4",
         "diffusers>=0.35,<0.43",

@@ -49,21 +49,9 @@ def build(args, batch_size: int, plain: bool):
     return trainer, params, torch.optim.AdamW(params, lr=1e-4)
 
 
-def plain_step(trainer, opt):
-    """No KL, no initial noise: rollout from N(0, I), reward backprop through the sampler."""
-    B = trainer.config.batch_size
-    trainer._prepare_batch(B)
-    x_T = torch.randn((B, *trainer.sample_shape), generator=trainer.generator).to(trainer.device)
-    traj = trainer.sampler.rollout(x_T, trainer.generator)
-    _, g = trainer.reward_and_gradient(traj.samples)
-    opt.zero_grad(set_to_none=True)
-    trainer.sampler.backpropagate(traj, -g / B, None)
-    opt.step()
-
-
 def iteration(trainer, params, opt, plain):
     if plain:
-        plain_step(trainer, opt)
+        trainer.reward_backprop_step(opt)
     else:
         trainer.drift_step(opt, params)
 

@@ -48,20 +48,9 @@ def build(args, steps, plain=False):
     return trainer, params, torch.optim.AdamW(params, lr=1e-4)
 
 
-def plain_step(trainer, opt):
-    """AlignProp/DRaFT-style iteration: N(0, I) start, reward backprop through the sampler, no KL."""
-    B = trainer.config.batch_size
-    x_T = torch.randn((B, *trainer.sample_shape), generator=trainer.generator).to(trainer.device)
-    traj = trainer.sampler.rollout(x_T, trainer.generator)
-    _, g = trainer.reward_and_gradient(traj.samples)
-    opt.zero_grad(set_to_none=True)
-    trainer.sampler.backpropagate(traj, -g / B, None)
-    opt.step()
-
-
 def one_iteration(trainer, params, opt, plain):
     if plain:
-        plain_step(trainer, opt)
+        trainer.reward_backprop_step(opt)
     else:
         trainer.drift_step(opt, params)
 

@@ -31,6 +31,8 @@ from hf_control_ft import ElegantConfig, ElegantTrainer
 from hf_control_ft import digits
 
 DEFAULT_OUTPUT_DIR = os.path.join("outputs", "digits-elegant")
+CARD_METRICS = ("proxy_reward", "genuine_reward", "genuine_target_rate", "diversity_pairwise_distance",
+                "distinct_classes")
 
 
 def parse_args(argv=None):
@@ -93,6 +95,7 @@ def run(argv=None) -> ElegantTrainer:
 
     summary = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
 
+    grid, card_metrics, after = None, None, None
     if accelerator.is_main_process:
         samples, after = evaluate(trainer, proxy, genuine, args.target_digit, args.num_eval_samples, True)
         grid = digits.digits_grid(samples[:64])
@@ -101,17 +104,19 @@ def run(argv=None) -> ElegantTrainer:
                    "train": {k: v for k, v in summary.items() if not isinstance(v, dict)}}
         with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as f:
             json.dump(metrics, f, indent=2)
-    trainer.save_pretrained(out)  # main process only
+        card_metrics = {f"{k} ({name})": m[k] for k in CARD_METRICS
+                        for name, m in (("pretrained", before), ("ELEGANT", after))}
+        card_metrics["path KL per sample (nats)"] = summary.get("train/kl")
+    cache_dir = os.path.abspath(args.cache_dir or digits.default_cache_dir())
+    trainer.save_pretrained(out, metrics=card_metrics, sample_grid=grid,  # main process only
+                            base_model=digits.digits_pipeline_path(cache_dir))
     if accelerator.is_main_process:
-        cache_dir = os.path.abspath(args.cache_dir or digits.default_cache_dir())
         task = {"task": "digits", "target_digit": args.target_digit, "cache_dir": cache_dir,
                 "base_model": digits.digits_pipeline_path(cache_dir), "reward": reward.__name__}
         with open(os.path.join(out, "task.json"), "w", encoding="utf-8") as f:
             json.dump(task, f, indent=2)
-        keys = ("proxy_reward", "genuine_reward", "genuine_target_rate", "diversity_pairwise_distance",
-                "distinct_classes")
         print(f"\n{'metric':<30}{'pretrained':>12}{'ELEGANT':>12}")
-        for k in keys:
+        for k in CARD_METRICS:
             print(f"{k:<30}{before[k]:>12.3f}{after[k]:>12.3f}")
         print(f"train KL (nats/sample): {summary.get('train/kl', float('nan')):.3f}")
         print(f"\noutputs in {os.path.abspath(out)}: samples_before.png, samples_after.png, metrics.json, "

@@ -225,6 +225,7 @@ def digits_metrics(samples: torch.Tensor, proxy: nn.Module, genuine: nn.Module, 
     pred = genuine_logp.argmax(-1)
     hist = torch.bincount(pred, minlength=NUM_CLASSES).double() / x.shape[0]
     nz = hist[hist > 0]
+    in_target = x[pred == target_digit]
     return {
         "num_samples": int(x.shape[0]),
         "proxy_reward": float(proxy_logp[:, target_digit].mean()),
@@ -232,6 +233,8 @@ def digits_metrics(samples: torch.Tensor, proxy: nn.Module, genuine: nn.Module, 
         "proxy_target_rate": float((proxy_logp.argmax(-1) == target_digit).double().mean()),
         "genuine_target_rate": float((pred == target_digit).double().mean()),
         "diversity_pairwise_distance": mean_pairwise_distance(x),
+        # style diversity within the target class (a collapsed model draws the same few images)
+        "target_class_pairwise_distance": mean_pairwise_distance(in_target) if len(in_target) > 1 else None,
         "class_entropy_nats": float(-(nz * nz.log()).sum()),
         "distinct_classes": int((hist >= 0.01).sum()),
         "genuine_class_histogram": [round(float(h), 4) for h in hist],

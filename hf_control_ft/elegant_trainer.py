@@ -216,6 +216,19 @@ class ElegantTrainer:
                 "train/kl_init": kl_init.mean().item(), "train/objective": objective, "train/loss": -objective,
                 "train/grad_norm": grad_norm}
 
+    def reward_backprop_step(self, optimizer) -> None:
+        """The no-KL baseline iteration (AlignProp / DRaFT): ``x_T ~ N(0, I)``, reward backpropagation through
+        the same sampler and backward sweep, no KL terms, no initial-noise model. The step-cost benchmarks
+        time it as the reference cost of an ELEGANT iteration."""
+        B = self.config.batch_size
+        self._prepare_batch(B)
+        x_T = torch.randn((B, *self.sample_shape), generator=self.generator).to(self.device)
+        traj = self.sampler.rollout(x_T, self.generator)
+        _, grad_x0 = self.reward_and_gradient(traj.samples)
+        optimizer.zero_grad(set_to_none=True)
+        self.sampler.backpropagate(traj, -grad_x0 / B, None)
+        optimizer.step()
+
     def train_drift(self) -> dict:
         """Stage 3: LoRA drift training for ``config.train_steps`` iterations."""
         cfg = self.config

@@ -1,7 +1,7 @@
-"""Model cards: ``README.md`` rendered from ``hf_control_ft/model_cards/elegant_model_card.md`` (Jinja2,
-through ``huggingface_hub.ModelCard``, so the YAML header carries ``base_model``, ``license``, ``tags`` and
-``library_name`` as the Hub expects). The template ships inside the package, so it is found from a source
-checkout and from an installed wheel alike."""
+"""Model cards: ``README.md`` rendered from ``model_cards/elegant_model_card.md`` (Jinja2, through
+``huggingface_hub.ModelCard``, so the YAML header carries ``base_model``, ``license``, ``tags`` and
+``library_name`` as the Hub expects). The templates live in the repository's top-level ``model_cards/``; a wheel
+ships them as ``hf_control_ft/model_cards/`` (see ``setup.py``), and both places are searched."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import os
 
 from huggingface_hub import ModelCard, ModelCardData
 
-TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_cards")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+TEMPLATE_DIR = next((d for d in (os.path.join(_PACKAGE_DIR, "model_cards"),  # installed wheel
+                                 os.path.join(os.path.dirname(_PACKAGE_DIR), "model_cards"))  # source checkout
+                     if os.path.isdir(d)), os.path.join(_PACKAGE_DIR, "model_cards"))
 DEFAULT_TEMPLATE = os.path.join(TEMPLATE_DIR, "elegant_model_card.md")
 DEFAULT_TAGS = ["hf_control_ft", "elegant", "reward-fine-tuning", "lora", "diffusers"]
 
@@ -42,8 +45,9 @@ def render_model_card(config, reward: str, base_model: str | None = None, metric
     """
     tags = list(dict.fromkeys([*(DEFAULT_TAGS if tags is None else tags),
                                 *(["stable-diffusion", "text-to-image"] if conditional else [])]))
+    on_hub = bool(base_model) and not os.path.isdir(base_model) and not os.path.isabs(base_model)
     data = ModelCardData(license=license, library_name="diffusers", tags=tags,
-                         base_model=base_model if base_model and not os.path.isdir(base_model) else None,
+                         base_model=base_model if on_hub else None,
                          pipeline_tag="text-to-image" if conditional else "unconditional-image-generation")
     rank = lora_rank if lora_rank is not None else config.lora_rank
     targets = target_modules if target_modules is not None else config.lora_target_modules
@@ -52,7 +56,8 @@ def render_model_card(config, reward: str, base_model: str | None = None, metric
     card = ModelCard.from_template(
         data, template_path=template_path or DEFAULT_TEMPLATE,
         model_name=model_name or (repo_id.split("/")[-1] if repo_id else "ELEGANT reward fine-tuned adapter"),
-        repo_id=repo_id or "REPO_ID", reward=reward, base_model=base_model, alpha=config.alpha, eta=config.eta,
+        repo_id=repo_id or "REPO_ID", reward=reward, base_model=base_model, base_model_on_hub=on_hub,
+        alpha=config.alpha, eta=config.eta,
         num_inference_steps=config.num_inference_steps, guidance_scale=guidance_scale if conditional else None,
         lora_rank=rank, lora_alpha=lora_alpha if lora_alpha is not None else (config.lora_alpha or rank),
         target_modules=targets or "(default)", learn_initial_noise=config.learn_initial_noise,

@@ -41,6 +41,11 @@ def tiny_components(seed: int = 0) -> dict:
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=32))
+    return _components(unet, vae, text_encoder, tokenizer)
+
+
+def _components(unet, vae, text_encoder, tokenizer) -> dict:
+    """``StableDiffusionPipeline`` keyword arguments with SD's noise schedule on a DDIM scheduler, no safety checker."""
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
@@ -60,10 +65,7 @@ def sd15_components(seed: int = 0) -> dict:
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
         max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=768))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return _components(unet, vae, text_encoder, tokenizer)
 
 
 def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
