@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -146,6 +147,65 @@ def pretrained_mode(model: torch.nn.Module):
     finally:
         if was_enabled:
             set_control_enabled(model, True)
+
+
+def add_reference_adapter(model: torch.nn.Module, adapter_name: str, source: str = CONTROL_ADAPTER) -> None:
+    """Adds a frozen copy ``adapter_name`` of the LoRA adapter ``source`` (same rank, alpha and targets).
+
+    The model keeps ``source`` active and trainable. Refresh the copy with :func:`copy_adapter_weights`.
+    """
+    import copy
+
+    peft_cfg = getattr(model, "peft_config", None)
+    if not isinstance(peft_cfg, dict) or source not in peft_cfg:
+        raise ValueError(f"the model has no LoRA adapter {source!r} to copy; call add_lora_control first")
+    if adapter_name in peft_cfg:
+        raise ValueError(f"the model already has an adapter named {adapter_name!r}")
+    config = copy.deepcopy(peft_cfg[source])
+    with warnings.catch_warnings():  # a second adapter is the point here, not an accident
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        if hasattr(model, "add_adapter") and hasattr(model, "set_adapters"):  # diffusers PeftAdapterMixin
+            model.add_adapter(config, adapter_name=adapter_name)
+        else:
+            inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    copy_adapter_weights(model, source, adapter_name)
+    set_active_adapter(model, source)
+
+
+def copy_adapter_weights(model: torch.nn.Module, source: str, target: str) -> None:
+    """Copies the LoRA weights of adapter ``source`` into adapter ``target`` (same shapes) in place."""
+    src, dst = lora_parameters(model, source), lora_parameters(model, target)
+    if len(src) != len(dst) or not src:
+        raise ValueError(f"adapters {source!r} ({len(src)} tensors) and {target!r} ({len(dst)}) do not match")
+    with torch.no_grad():
+        for a, b in zip(src, dst):
+            b.copy_(a)
+
+
+@contextlib.contextmanager
+def reference_adapter_mode(model: torch.nn.Module, adapter_name: str):
+    """Context in which ``model`` computes with the frozen adapter ``adapter_name`` active (adapters enabled).
+
+    The adapter is activated in peft's inference mode (its weights keep ``requires_grad=False``), so gradients
+    flow through the network's input but never into the reference adapter; the previously active adapter (and
+    its trainability) is restored on exit. Used for the second KL term of SEIKO (KL to the previous round).
+    """
+    layers = tuner_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA adapter; call add_lora_control first")
+    previous = [list(layer.active_adapters) for layer in layers]
+    was_enabled = control_enabled(model)
+    if not was_enabled:
+        set_control_enabled(model, True)
+    for layer in layers:
+        layer.set_adapter(adapter_name, inference_mode=True)
+    try:
+        yield model
+    finally:
+        for layer, names in zip(layers, previous):
+            layer.set_adapter(names)
+        if not was_enabled:
+            set_control_enabled(model, False)
 
 
 def lora_parameters(model: torch.nn.Module, adapter_name: str = CONTROL_ADAPTER) -> list[torch.nn.Parameter]:

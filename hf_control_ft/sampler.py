@@ -19,6 +19,16 @@ Two ways to get gradients, with identical results (``tests/test_sampler.py`` che
   forward more than plain reward backprop plus one pretrained forward and input-gradient backward -- the
   minimum the exact KL gradient needs -- and memory is one step's activations plus the ``K+1`` states.
 
+**Reference adapter (SEIKO).** With ``reference_adapter="previous"`` (a second, frozen LoRA adapter on the same
+network, e.g. the previous round's control) every stochastic step also measures
+
+    KLref_k = ||mu_ft(x_k) - mu_ref(x_k)||^2 / (2 sigma_k^2),
+
+``mu_ref`` being the mean with the reference adapter active. ``rollout`` fills ``Trajectory.ref_kl_steps`` and
+``backpropagate(..., reference_kl_weight=w)`` adds ``sum_b w_b sum_k KLref_k`` to the loss, with the gradient
+flowing through ``x_k`` into all three means (never into the frozen reference adapter). Without a reference
+adapter nothing changes.
+
 Truncation (``truncate_backprop_steps=N``) backpropagates through the last ``N`` steps only. It is an
 approximation (DRaFT-K style): earlier steps get no gradient; their KL is still measured and reported.
 """
@@ -30,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .control import call_denoiser, pretrained_mode
+from .control import call_denoiser, pretrained_mode, reference_adapter_mode
 from .kl import gaussian_kl
 from .scheduling import DiffusionSchedule
 
@@ -45,11 +55,14 @@ class Trajectory:
         noises: ``K`` tensors (or ``None`` for deterministic steps) used at each step.
         kl_steps: ``(K, B)`` per-step KL; filled by :meth:`ControlledSampler.backpropagate` for the steps
             it recomputes and by the rollout for the others (``measure_kl=True``).
+        ref_kl_steps: ``(K, B)`` per-step KL to the reference adapter (filled like ``kl_steps``), or ``None``
+            when the sampler has no reference adapter.
     """
 
     states: list
     noises: list
     kl_steps: torch.Tensor
+    ref_kl_steps: torch.Tensor | None = None
 
     @property
     def samples(self) -> torch.Tensor:
@@ -59,6 +72,11 @@ class Trajectory:
     def kl(self) -> torch.Tensor:
         """``(B,)`` path KL of the drift (sum over steps), nats."""
         return self.kl_steps.sum(dim=0)
+
+    @property
+    def ref_kl(self) -> torch.Tensor | None:
+        """``(B,)`` path KL to the reference adapter's chain, nats (``None`` without a reference adapter)."""
+        return None if self.ref_kl_steps is None else self.ref_kl_steps.sum(dim=0)
 
 
 class ControlledSampler:
@@ -70,6 +88,8 @@ class ControlledSampler:
         gradient_checkpointing: checkpoint each step in :meth:`differentiable_sample`.
         truncate_backprop_steps: backpropagate through the last N steps only (approximation; None = all).
         model_kwargs: extra keyword arguments for every denoiser call (e.g. ``encoder_hidden_states``).
+        reference_adapter: name of a frozen adapter on ``model`` whose chain is the reference of a second
+            per-step KL term (SEIKO's previous round); ``None`` (default) for the plain ELEGANT sampler.
     """
 
     def __init__(
@@ -79,6 +99,7 @@ class ControlledSampler:
         gradient_checkpointing: bool = True,
         truncate_backprop_steps: int | None = None,
         model_kwargs: dict | None = None,
+        reference_adapter: str | None = None,
     ):
         self.model = model
         self.schedule = schedule
@@ -87,6 +108,7 @@ class ControlledSampler:
             raise ValueError(f"truncate_backprop_steps must be >= 1 or None, got {truncate_backprop_steps}")
         self.truncate_backprop_steps = truncate_backprop_steps
         self.model_kwargs = model_kwargs or {}
+        self.reference_adapter = reference_adapter
 
     # ------------------------------------------------------------------ single steps
     def predict(self, x: torch.Tensor, k: int) -> torch.Tensor:
@@ -100,6 +122,27 @@ class ControlledSampler:
             return self.schedule.mean(self.predict(x, k), x, k)
         with pretrained_mode(self.model):
             return self.schedule.mean(self.predict(x, k), x, k)
+
+    def reference_mean(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """Transition mean at step ``k`` under the frozen reference adapter (pretrained at deterministic steps,
+        like every chain here)."""
+        if self.reference_adapter is None:
+            raise ValueError("this sampler has no reference_adapter")
+        if not self.schedule.is_stochastic(k):
+            return self.mean(x, k, controlled=False)
+        with reference_adapter_mode(self.model, self.reference_adapter):
+            return self.schedule.mean(self.predict(x, k), x, k)
+
+    def step_with_kls(self, x: torch.Tensor, k: int, noise: torch.Tensor | None):
+        """``(x_{k+1}, KL_k, KLref_k)``: the step, its KL to the pretrained chain and to the reference chain."""
+        if not self.schedule.is_stochastic(k):
+            zeros = x.new_zeros(x.shape[0])
+            return self.mean(x, k, controlled=False), zeros, zeros
+        mu_ft = self.mean(x, k, controlled=True)
+        mu_pre = self.mean(x, k, controlled=False)
+        mu_ref = self.reference_mean(x, k)
+        std = self.schedule.std[k]
+        return self.schedule.step_from_mean(mu_ft, k, noise), gaussian_kl(mu_ft, mu_pre, std), gaussian_kl(mu_ft, mu_ref, std)
 
     def step_with_kl(self, x: torch.Tensor, k: int, noise: torch.Tensor | None):
         """``(x_{k+1}, KL_k)`` for one step; ``KL_k`` is ``(B,)`` (zeros for deterministic steps)."""
@@ -136,17 +179,21 @@ class ControlledSampler:
         first = self._first_grad_step()
         states, noises = [x_T.detach()], []
         kl_steps = x_T.new_zeros(K, x_T.shape[0])
+        with_ref = controlled and self.reference_adapter is not None
+        ref_kl_steps = x_T.new_zeros(K, x_T.shape[0]) if with_ref else None
         x = x_T.detach()
         for k in range(K):
             noise = self._noise(x, k, generator)
-            if controlled and (measure_kl or k < first):
+            if with_ref and (measure_kl or k < first):
+                x, kl_steps[k], ref_kl_steps[k] = self.step_with_kls(x, k, noise)
+            elif controlled and (measure_kl or k < first):
                 x, kl_steps[k] = self.step_with_kl(x, k, noise)
             else:
                 mu = self.mean(x, k, controlled=controlled)
                 x = self.schedule.step_from_mean(mu, k, noise)
             states.append(x)
             noises.append(noise)
-        return Trajectory(states=states, noises=noises, kl_steps=kl_steps)
+        return Trajectory(states=states, noises=noises, kl_steps=kl_steps, ref_kl_steps=ref_kl_steps)
 
     @torch.no_grad()
     def sample(self, x_T: torch.Tensor, generator: torch.Generator | None = None, controlled: bool = True):
@@ -157,30 +204,39 @@ class ControlledSampler:
             x = self.schedule.step_from_mean(self.mean(x, k, controlled=controlled), k, noise)
         return x
 
-    def differentiable_sample(self, x_T: torch.Tensor, generator: torch.Generator | None = None):
+    def differentiable_sample(self, x_T: torch.Tensor, generator: torch.Generator | None = None,
+                              return_reference_kl: bool = False):
         """Samples with autograd through the chain (and into ``x_T``).
 
         Returns:
             ``(x_0, kl)``: final samples ``(B, *shape)`` and the path KL of the drift ``(B,)``, both
             differentiable with respect to the LoRA parameters and ``x_T``. Each step is checkpointed when
             ``gradient_checkpointing`` is set; steps before the truncation window run without gradients.
+            With ``return_reference_kl=True`` (needs a reference adapter): ``(x_0, kl, ref_kl)``.
         """
+        if return_reference_kl and self.reference_adapter is None:
+            raise ValueError("return_reference_kl=True needs a sampler built with reference_adapter")
+        step = self.step_with_kls if return_reference_kl else self.step_with_kl
         first = self._first_grad_step()
         x, kl = x_T, x_T.new_zeros(x_T.shape[0])
+        ref_kl = x_T.new_zeros(x_T.shape[0])
         for k in range(len(self.schedule)):
             noise = self._noise(x, k, generator)
             if k < first:
                 with torch.no_grad():
-                    x, kl_k = self.step_with_kl(x.detach(), k, noise)
+                    out = step(x.detach(), k, noise)
             elif self.gradient_checkpointing and torch.is_grad_enabled():
-                x, kl_k = checkpoint(self.step_with_kl, x, k, noise, use_reentrant=False)
+                out = checkpoint(step, x, k, noise, use_reentrant=False)
             else:
-                x, kl_k = self.step_with_kl(x, k, noise)
-            kl = kl + kl_k
-        return x, kl
+                out = step(x, k, noise)
+            x, kl = out[0], kl + out[1]
+            if return_reference_kl:
+                ref_kl = ref_kl + out[2]
+        return (x, kl, ref_kl) if return_reference_kl else (x, kl)
 
     def backpropagate(self, trajectory: Trajectory, grad_samples: torch.Tensor,
-                      kl_weight: float | torch.Tensor | None) -> torch.Tensor:
+                      kl_weight: float | torch.Tensor | None,
+                      reference_kl_weight: float | torch.Tensor | None = None) -> torch.Tensor:
         """Backward sweep: accumulates into the LoRA parameters' ``.grad`` the gradient of
 
             L = sum_b <grad_samples_b, x_0_b> + sum_b kl_weight_b * sum_k KL_k_b
@@ -191,18 +247,30 @@ class ControlledSampler:
 
         ``kl_weight=None`` drops the KL entirely (plain reward backpropagation, the AlignProp/DRaFT regime):
         only the fine-tuned network is recomputed and ``kl_steps`` stay as the rollout left them.
+
+        ``reference_kl_weight`` (needs a reference adapter and a ``kl_weight``) adds
+        ``sum_b reference_kl_weight_b * sum_k KLref_k`` (SEIKO: ``beta / B``) and fills ``ref_kl_steps``.
         """
         K = len(self.schedule)
         first = self._first_grad_step()
         B = grad_samples.shape[0]
         with_kl = kl_weight is not None
+        with_ref = reference_kl_weight is not None
+        if with_ref and (not with_kl or self.reference_adapter is None or trajectory.ref_kl_steps is None):
+            raise ValueError("reference_kl_weight needs a kl_weight, a sampler with reference_adapter and a "
+                             "trajectory rolled out by it")
         if with_kl:
             w = torch.as_tensor(kl_weight, dtype=grad_samples.dtype, device=grad_samples.device).expand(B)
+        if with_ref:
+            w_ref = torch.as_tensor(reference_kl_weight, dtype=grad_samples.dtype, device=grad_samples.device).expand(B)
         adjoint = grad_samples.detach()
         for k in reversed(range(first, K)):
             x_k = trajectory.states[k].detach().requires_grad_(True)
             with torch.enable_grad():
-                if with_kl:
+                ref_k = None
+                if with_ref:
+                    x_next, kl_k, ref_k = self.step_with_kls(x_k, k, trajectory.noises[k])
+                elif with_kl:
                     x_next, kl_k = self.step_with_kl(x_k, k, trajectory.noises[k])
                 else:
                     x_next = self.schedule.step_from_mean(self.mean(x_k, k), k, trajectory.noises[k])
@@ -211,9 +279,14 @@ class ControlledSampler:
                 if kl_k is not None and kl_k.requires_grad:
                     outputs.append(kl_k)
                     grads.append(w)
+                if ref_k is not None and ref_k.requires_grad:
+                    outputs.append(ref_k)
+                    grads.append(w_ref)
                 torch.autograd.backward(outputs, grads)
             if kl_k is not None:
                 trajectory.kl_steps[k] = kl_k.detach()
+            if ref_k is not None:
+                trajectory.ref_kl_steps[k] = ref_k.detach()
             adjoint = x_k.grad
         if first > 0:
             return torch.zeros_like(adjoint)

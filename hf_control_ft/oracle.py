@@ -1,0 +1,171 @@
+"""The feedback oracle: an expensive, possibly noisy, slow or failing black box (``ALGORITHMS.md`` §6).
+
+A user oracle is any callable ``fn(samples, prompts) -> values``:
+
+* ``samples``: ``(B, *sample_shape)`` tensor (detached, on CPU); ``prompts``: list of ``B`` strings or ``None``;
+* ``values``: a sequence/tensor of ``B`` numbers. An item whose value is ``None``, NaN or infinite is a
+  *failed* query. The whole call may also raise; the wrapper then asks the items one by one so that one bad
+  item does not cost the batch.
+
+It need not be differentiable (SEIKO only learns from its answers). :class:`Oracle` wraps it with the failure
+policy: ``"skip"`` records a failed item as failed at once, ``"retry"`` asks it again up to ``max_retries``
+times. Every item ends as an :class:`OracleAnswer` with ``status`` ``"ok"`` or ``"failed"`` -- failed answers
+are recorded in the feedback dataset, never dropped. :class:`RoundBudget` does the per-round accounting: the
+budget counts *distinct samples submitted* (retries are counted in ``attempts``, not in the budget).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+OK = "ok"
+FAILED = "failed"
+PENDING = "pending"
+FAILURE_POLICIES = ("skip", "retry")
+
+
+class OracleOutputError(ValueError):
+    """The oracle broke its contract (not one value per sample): a bug to fix, never a failed query."""
+
+
+class BudgetExceededError(RuntimeError):
+    """Raised when a round would submit more samples than its oracle budget."""
+
+
+@dataclass
+class OracleAnswer:
+    """The outcome of one query: ``value`` (NaN unless ``status == "ok"``), ``status``, ``error`` message of the
+    last failure (empty when ok) and the number of ``attempts`` the oracle was asked."""
+
+    value: float
+    status: str
+    error: str
+    attempts: int
+
+
+def _to_float(v) -> float:
+    if v is None:
+        return math.nan
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"one value per sample expected, got a tensor of shape {tuple(v.shape)}")
+        return float(v.item())
+    return float(v)
+
+
+class Oracle:
+    """Failure-handling wrapper of a user oracle.
+
+    Args:
+        fn: ``fn(samples, prompts) -> B values`` (see the module docstring).
+        on_failure: ``"skip"`` (record failed items as failed) or ``"retry"`` (ask them again).
+        max_retries: extra attempts per failed item under ``"retry"``.
+        name: for messages and the dataset card; defaults to the callable's name.
+
+    Counters: ``num_calls`` (calls of ``fn``), ``num_item_attempts`` (items submitted, retries included).
+    """
+
+    def __init__(self, fn, on_failure: str = "skip", max_retries: int = 2, name: str | None = None):
+        if not callable(fn):
+            raise TypeError(f"the oracle must be callable, got {type(fn).__name__}")
+        if on_failure not in FAILURE_POLICIES:
+            raise ValueError(f"on_failure must be one of {FAILURE_POLICIES}, got {on_failure!r}")
+        if not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
+        self.fn = fn
+        self.on_failure = on_failure
+        self.max_retries = max_retries
+        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+        self.num_calls = 0
+        self.num_item_attempts = 0
+
+    def _call(self, samples: torch.Tensor, prompts) -> list[tuple[float, str]]:
+        """One call of ``fn`` on a batch; returns ``(value, error)`` per item (error "" when ok)."""
+        B = samples.shape[0]
+        self.num_calls += 1
+        self.num_item_attempts += B
+        values = self.fn(samples, prompts)
+        if isinstance(values, torch.Tensor):
+            values = values.detach().cpu().reshape(-1).tolist() if values.dim() <= 1 else list(values)
+        values = list(values)
+        if len(values) != B:
+            raise OracleOutputError(f"oracle {self.name!r} returned {len(values)} values for {B} samples")
+        out = []
+        for v in values:
+            try:
+                f = _to_float(v)
+            except (TypeError, ValueError) as err:
+                out.append((math.nan, f"invalid value {v!r}: {err}"))
+                continue
+            out.append((f, "") if math.isfinite(f) else (math.nan, f"oracle returned {v!r}"))
+        return out
+
+    def _ask(self, samples: torch.Tensor, prompts) -> list[tuple[float, str]]:
+        """Asks a batch; if the call raises, asks the items one by one (a raising item fails alone)."""
+        try:
+            return self._call(samples, prompts)
+        except OracleOutputError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any user failure becomes a recorded failed query
+            if samples.shape[0] == 1:
+                return [(math.nan, f"{type(err).__name__}: {err}")]
+        out = []
+        for i in range(samples.shape[0]):
+            out.extend(self._ask(samples[i:i + 1], None if prompts is None else [prompts[i]]))
+        return out
+
+    def query(self, samples: torch.Tensor, prompts: list[str] | None = None) -> list[OracleAnswer]:
+        """Queries every sample once (plus retries per the policy); returns one answer per sample, in order."""
+        samples = samples.detach().cpu()
+        B = samples.shape[0]
+        if prompts is not None and len(prompts) != B:
+            raise ValueError(f"{len(prompts)} prompts for {B} samples")
+        results = self._ask(samples, prompts)
+        attempts = [1] * B
+        retries = self.max_retries if self.on_failure == "retry" else 0
+        for _ in range(retries):
+            todo = [i for i, (_, err) in enumerate(results) if err]
+            if not todo:
+                break
+            sub_prompts = None if prompts is None else [prompts[i] for i in todo]
+            for i, res in zip(todo, self._ask(samples[todo], sub_prompts)):
+                results[i] = res
+                attempts[i] += 1
+        return [OracleAnswer(value=v, status=FAILED if err else OK, error=err, attempts=a)
+                for (v, err), a in zip(results, attempts)]
+
+
+class RoundBudget:
+    """Per-round oracle budgets ``B_1..B_R`` (distinct samples submitted per round).
+
+    Args:
+        queries_per_round: an int (same budget every round) or a list with one entry per round.
+        num_rounds: number of rounds ``R``.
+    """
+
+    def __init__(self, queries_per_round, num_rounds: int):
+        if isinstance(queries_per_round, int):
+            queries_per_round = [queries_per_round] * num_rounds
+        self.budgets = [int(b) for b in queries_per_round]
+        if len(self.budgets) != num_rounds:
+            raise ValueError(f"{len(self.budgets)} budgets for {num_rounds} rounds")
+
+    def __getitem__(self, round_index: int) -> int:
+        """Budget of round ``round_index`` (1-based, as in the papers)."""
+        if not 1 <= round_index <= len(self.budgets):
+            raise IndexError(f"round {round_index} outside 1..{len(self.budgets)}")
+        return self.budgets[round_index - 1]
+
+    @property
+    def total(self) -> int:
+        return sum(self.budgets)
+
+    def check(self, round_index: int, already_submitted: int, requested: int) -> None:
+        """Raises :class:`BudgetExceededError` if ``requested`` more samples would exceed the round's budget."""
+        budget = self[round_index]
+        if already_submitted + requested > budget:
+            raise BudgetExceededError(f"round {round_index}: {already_submitted} samples already submitted, "
+                                      f"{requested} requested, budget {budget}")

@@ -1,0 +1,110 @@
+"""Configuration of SEIKO (online feedback-efficient fine-tuning, ``ALGORITHMS.md`` §6).
+
+:class:`SeikoConfig` extends :class:`~hf_control_ft.config.ElegantConfig`: every ELEGANT field keeps its meaning
+for the per-round update (``train_steps`` = drift iterations *per round*, ``value_*`` / ``noise_*`` = the
+per-round initial-noise stages, ``alpha`` = KL weight to the pretrained model), and the SEIKO fields below are
+added. Both KL weights are in reward units per nat, the KL summed over every dimension of a sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import ElegantConfig
+from .oracle import FAILURE_POLICIES
+from .reward_ensemble import OPTIMISM_KINDS
+
+
+def _check(cond: bool, field_name: str, message: str):
+    if not cond:
+        raise ValueError(f"SeikoConfig.{field_name}: {message}")
+
+
+def _is_int(v, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+@dataclass
+class SeikoConfig(ElegantConfig):
+    """Hyper-parameters of SEIKO.
+
+    Round ``i`` maximises ``E[r_hat + g] - alpha KL(p || p_pre) - beta KL(p || p_{i-1})``, whose optimum is
+    ``p_i ∝ exp((r_hat + g) / (alpha + beta)) p_pre^(alpha / (alpha + beta)) p_{i-1}^(beta / (alpha + beta))``.
+
+    SEIKO fields:
+        num_rounds: rounds ``R``.
+        queries_per_round: oracle budget per round: one int for every round, or a list of ``R`` ints.
+        beta: KL weight to the previous round's model (> 0).
+        optimism: ``"ucb"``, ``"bootstrap"``, ``"ts"`` or ``"greedy"`` (see :mod:`hf_control_ft.reward_ensemble`).
+            The non-adaptive baseline is ``num_rounds=1`` (whole budget from the pretrained model).
+        bonus_scale: ``C`` of the UCB / bootstrap bonus (>= 0).
+        ensemble_size: reward heads (``"bootstrap"`` needs >= 2).
+        ucb_ridge: ``lambda`` of the Gram matrix ``lambda I + sum phi phi^T``.
+        reward_hidden, reward_depth, reward_train_steps, reward_learning_rate, reward_weight_decay,
+            reward_batch_size: the reward heads and their per-round fit.
+        oracle_batch_size: samples per oracle call; the dataset is persisted after each.
+        oracle_on_failure: ``"skip"`` or ``"retry"``; oracle_max_retries: extra attempts under ``"retry"``.
+        output_dir: where the feedback dataset and the per-round trainer state live (resume from it).
+    """
+
+    num_rounds: int = 4
+    queries_per_round: int | list[int] = 256
+    beta: float = 1.0
+    optimism: str = "ucb"
+    bonus_scale: float = 1.0
+    ensemble_size: int = 4
+    ucb_ridge: float = 1.0
+    reward_hidden: int = 64
+    reward_depth: int = 2
+    reward_train_steps: int = 500
+    reward_learning_rate: float = 3e-3
+    reward_weight_decay: float = 1e-4
+    reward_batch_size: int = 256
+    oracle_batch_size: int = 64
+    oracle_on_failure: str = "skip"
+    oracle_max_retries: int = 2
+    output_dir: str = "seiko_output"
+    tracker_project_name: str = field(default="hf_control_ft_seiko")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(_is_int(self.num_rounds, 1), "num_rounds", f"must be an int >= 1, got {self.num_rounds!r}")
+        q = self.queries_per_round
+        if isinstance(q, (list, tuple)):
+            _check(len(q) == self.num_rounds, "queries_per_round",
+                   f"has {len(q)} entries but num_rounds is {self.num_rounds}")
+            _check(all(_is_int(v, 1) for v in q), "queries_per_round", f"entries must be ints >= 1, got {list(q)!r}")
+            self.queries_per_round = [int(v) for v in q]
+        else:
+            _check(_is_int(q, 1), "queries_per_round", f"must be an int >= 1 or a list of them, got {q!r}")
+        _check(isinstance(self.beta, (int, float)) and not isinstance(self.beta, bool) and self.beta > 0, "beta",
+               f"must be > 0, got {self.beta!r}")
+        _check(self.optimism in OPTIMISM_KINDS, "optimism", f"must be one of {OPTIMISM_KINDS}, got {self.optimism!r}")
+        _check(isinstance(self.bonus_scale, (int, float)) and self.bonus_scale >= 0, "bonus_scale",
+               f"must be >= 0, got {self.bonus_scale!r}")
+        _check(_is_int(self.ensemble_size, 1), "ensemble_size", f"must be an int >= 1, got {self.ensemble_size!r}")
+        _check(self.optimism not in ("bootstrap", "ts") or self.ensemble_size >= 2, "ensemble_size",
+               f"must be >= 2 for optimism={self.optimism!r} (got {self.ensemble_size})")
+        _check(isinstance(self.ucb_ridge, (int, float)) and self.ucb_ridge > 0, "ucb_ridge",
+               f"must be > 0, got {self.ucb_ridge!r}")
+        for name in ("reward_hidden", "reward_depth", "reward_train_steps", "reward_batch_size", "oracle_batch_size"):
+            _check(_is_int(getattr(self, name), 1), name, f"must be an int >= 1, got {getattr(self, name)!r}")
+        for name in ("reward_learning_rate",):
+            _check(isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0, name, "must be > 0")
+        _check(isinstance(self.reward_weight_decay, (int, float)) and self.reward_weight_decay >= 0,
+               "reward_weight_decay", f"must be >= 0, got {self.reward_weight_decay!r}")
+        _check(self.oracle_on_failure in FAILURE_POLICIES, "oracle_on_failure",
+               f"must be one of {FAILURE_POLICIES}, got {self.oracle_on_failure!r}")
+        _check(_is_int(self.oracle_max_retries, 0), "oracle_max_retries",
+               f"must be an int >= 0, got {self.oracle_max_retries!r}")
+        _check(isinstance(self.output_dir, str) and bool(self.output_dir), "output_dir", "must be a non-empty path")
+
+    def budgets(self) -> list[int]:
+        """Oracle budget of each round, ``[B_1, ..., B_R]``."""
+        q = self.queries_per_round
+        return list(q) if isinstance(q, list) else [q] * self.num_rounds
+
+    def elegant_config(self) -> ElegantConfig:
+        """The ELEGANT fields as an :class:`ElegantConfig` (what the shared machinery and saved adapters use)."""
+        names = ElegantConfig.field_names()
+        return ElegantConfig.from_dict({k: v for k, v in self.to_dict().items() if k in names})

@@ -1,0 +1,469 @@
+"""SEIKO: online, feedback-efficient fine-tuning of a diffusion model from an expensive oracle (``ALGORITHMS.md`` §6).
+
+Round ``i = 1..R`` (``p_0`` = pretrained):
+
+1. **Collect.** Draw ``B_i`` samples from ``p_{i-1}``, write them to the feedback dataset as *pending*, then ask
+   the oracle in batches of ``oracle_batch_size``, persisting the dataset after every batch.
+2. **Fit.** Train the reward ensemble on every answered query; build the optimistic reward ``r_hat + g``
+   (UCB Gram bonus / bootstrap spread / Thompson head / greedy).
+3. **Update.** Freeze the current adapter as ``"previous"`` (``p_{i-1}``) and maximise, over the ``"control"``
+   adapter and the initial-noise model,
+
+       E[r_hat(x_0) + g(x_0)] - alpha KL(P || P_pre) - beta KL(P || P_{i-1})
+
+   where ``P`` is the *extended path*: the auxiliary initial-noise SDE followed by the sampling chain. Per
+   sampling step both KLs are the exact Gaussian ones (:class:`~hf_control_ft.sampler.ControlledSampler` with
+   ``reference_adapter="previous"``). For the initial noise, ``KL(P || P_pre)`` contributes
+   ``sum_j ||g_phi||^2 ds / 2`` (to the driftless SDE, i.e. to ``N(0, I)``) and ``KL(P || P_{i-1})``
+   contributes ``sum_j ||g_phi - g_{i-1}||^2 ds / 2`` (to the previous round's frozen initial-noise SDE).
+
+   The initial-noise stage needs the soft value of the combined problem. Completing the square, the geometric
+   mixture ``N(mu_pre, s^2)^(a/(a+b)) N(mu_prev, s^2)^(b/(a+b))`` of the two reference transitions is
+   ``N(mu_mix, s^2) exp(-c_k / (a+b))`` with ``mu_mix = (a mu_pre + b mu_prev) / (a+b)`` and running cost
+   ``c_k = a b / (a+b) ||mu_pre - mu_prev||^2 / (2 s^2)``, so
+
+       v_T(x) = (a+b) log E_mix[ exp((r_hat + g - sum_k c_k) / (a+b)) | x_T = x ]
+
+   is fitted by Feynman--Kac regression on rollouts of the ``mu_mix`` chain, and the initial-noise model
+   maximises ``E[v_T] - a KL_aux(nu || N(0, I)) - b KL_aux(nu || nu_{i-1})``. The optimum of the extended-path
+   problem is ``P_i ∝ exp((r_hat + g)(x_0) / (a+b)) P_pre^(a/(a+b)) P_{i-1}^(b/(a+b))``; since every exact
+   optimum is an endpoint reweighting of ``P_pre`` (induction over rounds), its ``x_0`` marginal is the SEIKO
+   fixed point ``p_i ∝ exp((r_hat+g)/(a+b)) p_pre^(a/(a+b)) p_{i-1}^(b/(a+b))``.
+
+No feedback is lost: the dataset is versioned on disk (:mod:`hf_control_ft.feedback`), and after each round the
+adapters, initial-noise models and counters are written (safetensors + JSON, atomically switched) to
+``output_dir/trainer_state``. Restarting with the same ``output_dir`` resumes after the last completed round:
+pending samples of the interrupted round are queried (answered ones never again), then the round's fit and
+update are redone from the saved state. All randomness is drawn from generators seeded by
+``(seed, round, phase)``, so a resumed run draws exactly what the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+
+import torch
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .control import (CONTROL_ADAPTER, add_reference_adapter, copy_adapter_weights, load_lora_state_dict,
+                      lora_parameters, lora_state_dict)
+from .elegant_trainer import ElegantTrainer
+from .feedback import FeedbackDataset
+from .kl import gaussian_kl
+from .oracle import Oracle, RoundBudget
+from .reward_ensemble import OptimisticReward, RewardEnsemble
+from .seiko_config import SeikoConfig
+from .value_function import ValueFunction
+
+PREVIOUS_ADAPTER = "previous"
+FEEDBACK_DIR = "feedback"
+STATE_DIR = "trainer_state"
+STATE_NAME = "state.json"
+SEIKO_CONFIG_NAME = "seiko_config.json"
+# fields that must not change between a run and its resumption (they define what was already collected)
+_RESUME_KEYS = ("num_rounds", "queries_per_round", "seed", "optimism", "alpha", "beta", "num_inference_steps", "eta",
+                "learn_initial_noise", "lora_rank", "lora_alpha", "lora_target_modules", "noise_num_steps")
+_PHASES = {"sample": 1, "reward": 2, "ts": 3, "value": 4, "noise": 5, "drift": 6}
+
+
+def round_seed(seed: int, round_index: int, phase: str) -> int:
+    """Seed of the generator of one phase of one round: resumption redraws exactly the same numbers."""
+    return (seed * 1_000_003 + round_index * 101 + _PHASES[phase]) % (2**63 - 1)
+
+
+def _generator(seed: int, round_index: int, phase: str) -> torch.Generator:
+    return torch.Generator().manual_seed(round_seed(seed, round_index, phase))
+
+
+def _atomic_switch(directory: str, pointer: str, name: str) -> None:
+    tmp = os.path.join(directory, f".{pointer}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(directory, pointer))
+
+
+class SeikoTrainer:
+    """Online fine-tuning of ``model`` from ``oracle`` feedback with SEIKO.
+
+    Args:
+        config: :class:`SeikoConfig` (``config.output_dir`` holds the feedback and the resumable state).
+        model: denoiser ``model(sample, timestep, **model_kwargs)``; gets a trainable ``"control"`` LoRA adapter
+            and a frozen ``"previous"`` copy of it. Base weights are frozen.
+        scheduler: diffusers ``DDPMScheduler`` or ``DDIMScheduler``.
+        oracle: an :class:`~hf_control_ft.oracle.Oracle` or a plain callable ``fn(samples, prompts) -> values``
+            (wrapped with the config's failure policy). Need not be differentiable.
+        sample_shape: shape of one sample.
+        accelerator: optional ``accelerate.Accelerator`` (single process: the oracle and the dataset are not
+            sharded).
+        model_kwargs: extra keyword arguments for every denoiser call.
+        feature_extractor, feature_dim: embedding of samples for the reward heads (default: raw flattened
+            samples); e.g. a frozen image encoder for images.
+    """
+
+    def __init__(self, config: SeikoConfig, model: torch.nn.Module, scheduler, oracle, sample_shape,
+                 accelerator: Accelerator | None = None, model_kwargs: dict | None = None,
+                 feature_extractor=None, feature_dim: int | None = None):
+        if not isinstance(config, SeikoConfig):
+            raise TypeError(f"config must be a SeikoConfig, got {type(config).__name__}")
+        self.config = config
+        elegant_config = config.elegant_config()
+        if elegant_config.logging_dir is None:
+            elegant_config.logging_dir = os.path.join(config.output_dir, "logs")
+        self.elegant = ElegantTrainer(elegant_config, model, scheduler, None, sample_shape,
+                                      accelerator=accelerator, model_kwargs=model_kwargs)
+        if self.elegant.accelerator.num_processes > 1:
+            raise ValueError("SeikoTrainer runs the oracle and the feedback dataset in one process; launch it with "
+                             f"num_processes=1 (got {self.elegant.accelerator.num_processes})")
+        self.accelerator = self.elegant.accelerator
+        self.device = self.elegant.device
+        self.model = self.elegant.model
+        self.sample_shape = self.elegant.sample_shape
+        self.schedule = self.elegant.schedule
+        self.sampler = self.elegant.sampler
+        add_reference_adapter(self.model, PREVIOUS_ADAPTER, source=CONTROL_ADAPTER)
+        self.sampler.reference_adapter = PREVIOUS_ADAPTER
+        self.initial_noise = self.elegant.initial_noise
+        self.previous_noise = copy.deepcopy(self.initial_noise).requires_grad_(False) if self.initial_noise else None
+        self.oracle = oracle if isinstance(oracle, Oracle) else Oracle(
+            oracle, on_failure=config.oracle_on_failure, max_retries=config.oracle_max_retries)
+        self.budget = RoundBudget(config.budgets(), config.num_rounds)
+        self.feature_extractor, self.feature_dim = feature_extractor, feature_dim
+        self.output_dir = config.output_dir
+        os.makedirs(os.path.join(self.output_dir, STATE_DIR), exist_ok=True)
+        self._check_resume_config()
+        self.feedback = FeedbackDataset(os.path.join(self.output_dir, FEEDBACK_DIR), self.sample_shape)
+        self.completed_rounds = 0
+        self.global_step = 0
+        self.reward: OptimisticReward | None = None
+        self.history: list[dict] = []
+        self._trackers_started = False
+        self._load_state()
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _check_resume_config(self) -> None:
+        path = os.path.join(self.output_dir, SEIKO_CONFIG_NAME)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+            current = self.config.to_dict()
+            changed = [k for k in _RESUME_KEYS if saved.get(k) != current.get(k)]
+            if changed:
+                raise ValueError(f"{self.output_dir} holds a run with different {changed} "
+                                 f"({ {k: saved.get(k) for k in changed} } vs { {k: current.get(k) for k in changed} }); "
+                                 "use another output_dir to start a new run")
+        else:
+            self.config.save(path)
+
+    def _progress(self, iterable, desc, **kw):
+        return tqdm(iterable, desc=desc, disable=not self.accelerator.is_main_process, **kw)
+
+    def _log(self, metrics: dict, step: int) -> None:
+        self.history.append({"step": step, **metrics})
+        self.accelerator.log(metrics, step=step)
+
+    def _start_trackers(self) -> None:
+        if not self._trackers_started and self.accelerator.log_with:
+            cfg = {k: (str(v) if isinstance(v, (list, type(None))) else v) for k, v in self.config.to_dict().items()}
+            self.accelerator.init_trackers(self.config.tracker_project_name, config=cfg)
+        self._trackers_started = True
+
+    # ------------------------------------------------------------------ state (per round)
+    def _state_root(self) -> str:
+        return os.path.join(self.output_dir, STATE_DIR)
+
+    def save_state(self) -> str:
+        """Writes the resumable state after a completed round (safetensors + JSON) and switches to it atomically."""
+        root = self._state_root()
+        name = f"round_{self.completed_rounds:04d}"
+        final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}-{os.getpid()}")
+        for stale in (tmp, final):
+            if os.path.exists(stale):
+                shutil.rmtree(stale)
+        os.makedirs(tmp)
+        for adapter in (CONTROL_ADAPTER, PREVIOUS_ADAPTER):
+            weights = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(self.model, adapter).items()}
+            save_file(weights, os.path.join(tmp, f"adapter_{adapter}.safetensors"), metadata={"format": "pt"})
+        if self.initial_noise is not None:
+            for label, module in (("initial_noise", self.initial_noise), ("previous_initial_noise", self.previous_noise)):
+                weights = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+                save_file(weights, os.path.join(tmp, f"{label}.safetensors"), metadata={"format": "pt"})
+        state = {"completed_rounds": self.completed_rounds, "global_step": self.global_step,
+                 "feedback_version": self.feedback.version, "oracle_calls": self.oracle.num_calls,
+                 "rng": "per-(seed, round, phase) generators, see seiko_trainer.round_seed", "time": time.time()}
+        with open(os.path.join(tmp, STATE_NAME), "w", encoding="utf-8") as f:
+            json.dump(state, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, final)
+        _atomic_switch(root, "current", name)
+        for entry in os.listdir(root):  # keep the live state and the one before it
+            if entry.startswith("round_") and entry not in (name, f"round_{self.completed_rounds - 1:04d}"):
+                shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+        return final
+
+    def _load_state(self) -> None:
+        pointer = os.path.join(self._state_root(), "current")
+        if not os.path.exists(pointer):
+            return
+        with open(pointer, encoding="utf-8") as f:
+            directory = os.path.join(self._state_root(), f.read().strip())
+        with open(os.path.join(directory, STATE_NAME), encoding="utf-8") as f:
+            state = json.load(f)
+        for adapter in (CONTROL_ADAPTER, PREVIOUS_ADAPTER):
+            load_lora_state_dict(self.model, load_file(os.path.join(directory, f"adapter_{adapter}.safetensors")),
+                                 adapter_name=adapter)
+        if self.initial_noise is not None:
+            self.initial_noise.load_state_dict(load_file(os.path.join(directory, "initial_noise.safetensors")))
+            self.previous_noise.load_state_dict(load_file(os.path.join(directory, "previous_initial_noise.safetensors")))
+        self.completed_rounds = int(state["completed_rounds"])
+        self.global_step = int(state["global_step"])
+
+    # ------------------------------------------------------------------ 1. collect
+    def collect_feedback(self, round_index: int) -> dict:
+        """Samples the round's budget from the current model (write-ahead), then queries every pending sample."""
+        cfg = self.config
+        budget = self.budget[round_index]
+        submitted = self.feedback.num_submitted(round_index)
+        if submitted == 0:
+            self.budget.check(round_index, 0, budget)
+            gen = _generator(cfg.seed, round_index, "sample")
+            # round 1 samples the pretrained model p_0; later rounds the current fine-tuned model p_{i-1}
+            x = self.elegant.sample(budget, gen, batch_size=cfg.batch_size, controlled=round_index > 1)
+            self.feedback.add_pending(x.cpu(), round_index)
+        elif submitted != budget:
+            raise RuntimeError(f"round {round_index} has {submitted} samples on disk but a budget of {budget}")
+        pending = self.feedback.pending(round_index)
+        batches = [pending[i:i + cfg.oracle_batch_size] for i in range(0, len(pending), cfg.oracle_batch_size)]
+        t0 = time.perf_counter()
+        for batch in self._progress(batches, f"round {round_index}: oracle", leave=False):
+            answers = self.oracle.query(self.feedback.samples(batch), None)
+            self.feedback.record(batch, answers, self.feedback.next_batch_index(round_index))
+        rows = self.feedback.rows(round_index)
+        ok = [i for i in rows if self.feedback.columns["status"][i] == "ok"]
+        values = [self.feedback.columns["value"][i] for i in ok]
+        return {"round/queries": len(rows), "round/failed_queries": len(rows) - len(ok),
+                "round/oracle_mean": sum(values) / len(values) if values else math.nan,
+                "round/oracle_max": max(values) if values else math.nan,
+                "round/total_queries": len(self.feedback), "time/oracle_s": time.perf_counter() - t0}
+
+    # ------------------------------------------------------------------ 2. fit
+    def fit_reward(self, round_index: int) -> dict:
+        """Fits the reward ensemble on every answered query and sets :attr:`reward` (the optimistic reward)."""
+        cfg = self.config
+        x, y = self.feedback.training_data()
+        gen = _generator(cfg.seed, round_index, "reward")
+        ensemble = RewardEnsemble(self.sample_shape, cfg.ensemble_size, cfg.reward_hidden, cfg.reward_depth,
+                                  self.feature_extractor, self.feature_dim).to(self.device)
+        loss = ensemble.fit(x, y, bootstrap=cfg.optimism in ("bootstrap", "ts"), steps=cfg.reward_train_steps,
+                            lr=cfg.reward_learning_rate, weight_decay=cfg.reward_weight_decay,
+                            batch_size=cfg.reward_batch_size, generator=gen)
+        head = None
+        if cfg.optimism == "ucb":
+            ensemble.fit_gram(x, cfg.ucb_ridge)
+        elif cfg.optimism == "ts":
+            head = int(torch.randint(0, cfg.ensemble_size, (1,), generator=_generator(cfg.seed, round_index, "ts")))
+        self.reward = OptimisticReward(ensemble, cfg.optimism, cfg.bonus_scale, head)
+        self.elegant.reward_fn = self.reward
+        self.elegant.reward_name = self.reward.__name__
+        with torch.no_grad():
+            r_hat, bonus = self.reward.parts(x.to(self.device))
+        return {"reward_model/loss": loss, "reward_model/num_train": int(x.shape[0]),
+                "reward_model/bonus_on_data": float(bonus.mean()), "reward_model/rmse_on_data":
+                float((r_hat.cpu() - y).pow(2).mean().sqrt())}
+
+    # ------------------------------------------------------------------ 3. update
+    @torch.no_grad()
+    def reference_rollout(self, x_T: torch.Tensor, generator: torch.Generator):
+        """Rollout of the geometric-mixture reference chain (mean ``mu_mix``) from ``x_T``.
+
+        Returns ``(x_0, cost)`` with ``cost = sum_k a b / (a+b) ||mu_pre - mu_prev||^2 / (2 s_k^2)``, ``(B,)``.
+        """
+        a, b = self.config.alpha, self.config.beta
+        w = b / (a + b)
+        x, cost = x_T, x_T.new_zeros(x_T.shape[0])
+        for k in range(len(self.schedule)):
+            if not self.schedule.is_stochastic(k):
+                x = self.schedule.step_from_mean(self.sampler.mean(x, k, controlled=False), k, None)
+                continue
+            mu_pre = self.sampler.mean(x, k, controlled=False)
+            mu_prev = self.sampler.reference_mean(x, k)
+            cost += (a * b / (a + b)) * gaussian_kl(mu_pre, mu_prev, self.schedule.std[k])
+            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+            x = self.schedule.step_from_mean((1 - w) * mu_pre + w * mu_prev, k, noise)
+        return x, cost
+
+    def _noise_with_reference(self, num_samples: int, generator: torch.Generator):
+        """``(x_T, kl_to_standard, kl_to_previous)`` from the initial-noise SDE, differentiable in its parameters.
+
+        Same Euler--Maruyama path as :class:`~hf_control_ft.initial_noise.InitialNoiseModel`, also measuring the
+        path KL ``sum_j ||g - g_prev||^2 ds / 2`` to the previous round's frozen initial-noise SDE.
+        """
+        model, prev = self.initial_noise, self.previous_noise
+        ds = 1.0 / model.num_steps
+        y = torch.zeros((num_samples, *self.sample_shape), device=self.device)
+        kl0 = torch.zeros(num_samples, device=self.device)
+        klp = torch.zeros(num_samples, device=self.device)
+        for j in range(model.num_steps):
+            g = model.drift(y, j * ds)
+            g_prev = prev.drift(y, j * ds)
+            kl0 = kl0 + 0.5 * ds * g.reshape(num_samples, -1).pow(2).sum(1)
+            klp = klp + 0.5 * ds * (g - g_prev).reshape(num_samples, -1).pow(2).sum(1)
+            xi = torch.randn(y.shape, generator=generator).to(self.device)
+            y = y + g * ds + math.sqrt(ds) * xi
+        return y, kl0, klp
+
+    def train_initial_noise(self, round_index: int) -> dict:
+        """Value of the combined problem by Feynman--Kac on the mixture chain, then the initial-noise model."""
+        cfg = self.config
+        a, b = cfg.alpha, cfg.beta
+        gen = _generator(cfg.seed, round_index, "value")
+        xs, targets = [], []
+        n = cfg.value_num_rollouts
+        for start in self._progress(range(0, n, cfg.batch_size), f"round {round_index}: value rollouts", leave=False):
+            m = min(cfg.batch_size, n - start)
+            half = m // 2  # cover both N(0, I) and the previous initial law, where nu_i will put its mass
+            x_T = torch.cat([torch.randn((m - half, *self.sample_shape), generator=gen).to(self.device),
+                             self.previous_noise.sample(half, generator=gen, device=self.device)])
+            x0, cost = self.reference_rollout(x_T, gen)
+            with torch.no_grad():
+                r = self.reward(x0)
+            xs.append(x_T)
+            targets.append((r - cost).float())
+        x_T, target = torch.cat(xs), torch.cat(targets)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(round_seed(cfg.seed, round_index, "value"))
+            value = ValueFunction(self.sample_shape, a + b, hidden=cfg.aux_hidden).to(self.device)
+        value_loss = value.fit(x_T, target, steps=cfg.value_train_steps, lr=cfg.value_learning_rate,
+                               generator=gen, progress=False)
+        value.requires_grad_(False)
+        self.initial_noise.requires_grad_(True)
+        params = list(self.initial_noise.parameters())
+        opt = torch.optim.Adam(params, lr=cfg.noise_learning_rate)
+        ngen = _generator(cfg.seed, round_index, "noise")
+        for _ in self._progress(range(cfg.noise_train_steps), f"round {round_index}: initial noise", leave=False):
+            y, kl0, klp = self._noise_with_reference(cfg.noise_batch_size, ngen)
+            # -(E[v_T] - a KL0 - b KLprev) / (a + b), up to the constant shift of v_T
+            loss = ((a * kl0 + b * klp) / (a + b) - value.normalized(y)).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        self.initial_noise.requires_grad_(False)
+        return {"noise/value_loss": value_loss, "noise/loss": loss.item(), "noise/kl_standard": kl0.mean().item(),
+                "noise/kl_previous": klp.mean().item()}
+
+    def train_drift(self, round_index: int) -> dict:
+        """``train_steps`` iterations on ``mean(-(r_hat + g) + alpha KL_pre + beta KL_prev)`` (exact sweep)."""
+        cfg = self.config
+        B = cfg.batch_size
+        params = lora_parameters(self.model, CONTROL_ADAPTER)
+        opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+        lr_schedule = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.lr_warmup_steps,
+                                    num_training_steps=cfg.train_steps)
+        gen = _generator(cfg.seed, round_index, "drift")
+        metrics = {}
+        bar = self._progress(range(cfg.train_steps), f"round {round_index}: drift", leave=False)
+        for it in bar:
+            x_T, kl_init = self.elegant.draw_initial_noise(B, gen)
+            traj = self.sampler.rollout(x_T, gen)
+            r, grad_x0 = self.elegant.reward_and_gradient(traj.samples)
+            opt.zero_grad(set_to_none=True)
+            self.sampler.backpropagate(traj, -grad_x0 / B, cfg.alpha / B, reference_kl_weight=cfg.beta / B)
+            if cfg.max_grad_norm is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            else:
+                grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params
+                                                                        if p.grad is not None])))
+            opt.step()
+            lr_schedule.step()
+            self.global_step += 1
+            kl, kl_prev = traj.kl.mean().item(), traj.ref_kl.mean().item()
+            metrics = {"train/optimistic_reward": r.mean().item(), "train/kl_pretrained": kl,
+                       "train/kl_previous": kl_prev, "train/kl_init": kl_init.mean().item(),
+                       "train/objective": r.mean().item() - cfg.alpha * kl - cfg.beta * kl_prev,
+                       "train/grad_norm": grad_norm}
+            if (it + 1) % cfg.log_every == 0 or it == cfg.train_steps - 1:
+                self._log(metrics, step=self.global_step)
+                bar.set_postfix(reward=f"{metrics['train/optimistic_reward']:.3f}", kl=f"{kl:.3f}")
+        return metrics
+
+    def update_model(self, round_index: int) -> dict:
+        """Freezes ``p_{i-1}`` (adapter and initial noise) and solves the round's two-KL problem."""
+        copy_adapter_weights(self.model, CONTROL_ADAPTER, PREVIOUS_ADAPTER)
+        metrics = {}
+        if self.initial_noise is not None:
+            self.previous_noise.load_state_dict(self.initial_noise.state_dict())
+            metrics.update(self.train_initial_noise(round_index))
+        metrics.update(self.train_drift(round_index))
+        return metrics
+
+    # ------------------------------------------------------------------ loop
+    def train(self, callback=None) -> dict:
+        """Runs (or resumes) the rounds; returns the last round's metrics.
+
+        Args:
+            callback: optional ``callback(trainer, round_index) -> dict`` called after each round's update
+                (e.g. evaluation against a true reward); its metrics are logged with the round's.
+        """
+        self._start_trackers()
+        metrics = {}
+        first = self.completed_rounds + 1
+        rounds = self._progress(range(first, self.config.num_rounds + 1), "SEIKO rounds",
+                                initial=self.completed_rounds, total=self.config.num_rounds)
+        for i in rounds:
+            t0 = time.perf_counter()
+            metrics = {"round": i}
+            metrics.update(self.collect_feedback(i))
+            metrics.update(self.fit_reward(i))
+            metrics.update(self.update_model(i))
+            self.completed_rounds = i
+            self.save_state()
+            metrics["time/round_s"] = time.perf_counter() - t0
+            if callback is not None:
+                metrics.update(callback(self, i) or {})
+            self._log({f"round_metrics/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=i)
+            rounds.set_postfix(queries=len(self.feedback), oracle_mean=f"{metrics['round/oracle_mean']:.3f}")
+        if self.accelerator.log_with and self._trackers_started:
+            self.accelerator.end_training()
+            self._trackers_started = False
+        return metrics
+
+    # ------------------------------------------------------------------ inference and export
+    def sample(self, num_samples: int, generator: torch.Generator | None = None, batch_size: int | None = None,
+               controlled: bool = True) -> torch.Tensor:
+        """Samples of the current model (``controlled=False``: the pretrained one), ``(N, *sample_shape)``."""
+        return self.elegant.sample(num_samples, generator, batch_size, controlled)
+
+    def save_pretrained(self, save_directory: str, metrics: dict | None = None, sample_grid=None,
+                        base_model: str | None = None, repo_id: str | None = None) -> None:
+        """The fine-tuned model in the ELEGANT format (``ElegantTrainer.save_pretrained``: adapter, initial-noise
+        model, config, model card; loadable with ``ElegantTrainer.from_pretrained``) plus ``seiko_config.json``."""
+        self.elegant.save_pretrained(save_directory, metrics=metrics, sample_grid=sample_grid, base_model=base_model,
+                                     repo_id=repo_id)
+        self.config.save(os.path.join(save_directory, SEIKO_CONFIG_NAME))
+
+    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None,
+                    feedback_repo_id: str | None = None, commit_message: str | None = None,
+                    endpoint: str | None = None, metrics: dict | None = None, base_model: str | None = None):
+        """Uploads :meth:`save_pretrained` output to the model repo ``repo_id`` in one commit (creating it if
+        needed); with ``feedback_repo_id`` also the feedback dataset as a dataset repo
+        (:meth:`FeedbackDataset.push_to_hub`). Returns the model repo's ``CommitInfo``."""
+        from .persistence import push_directory
+
+        message = commit_message or f"SEIKO model after {self.completed_rounds} rounds, {len(self.feedback)} queries"
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, metrics=metrics, base_model=base_model, repo_id=repo_id)
+            info = push_directory(tmp, repo_id, private, token, message, endpoint)
+        if feedback_repo_id is not None:
+            self.feedback.push_to_hub(feedback_repo_id, private=private, token=token)
+        return info
