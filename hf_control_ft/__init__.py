@@ -18,4 +18,15 @@ __version__ = "0.1.0"
 __all__ = ["ElegantConfig", "ElegantTrainer", "InitialNoiseModel", "ControlledSampler", "Trajectory",
            "DiffusionSchedule", "ValueFunction", "add_lora_control", "pretrained_mode", "gaussian_kl",
            "gaussian_log_prob", "SeikoConfig", "SeikoTrainer", "Oracle", "OracleAnswer", "FeedbackDataset",
-           "RewardEnsemble", "OptimisticReward"]
+           "RewardEnsemble", "OptimisticReward", "ControlledDiffusionPipeline", "ControlledStableDiffusionPipeline"]
+
+_LAZY = {"ControlledDiffusionPipeline": "pipelines", "ControlledStableDiffusionPipeline": "pipelines"}
+
+
+def __getattr__(name):
+    """The pipelines import transformers (CLIP); load them only when asked for."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
