@@ -509,5 +509,5 @@ class SeikoTrainer:
             self.save_pretrained(tmp, metrics=metrics, base_model=base_model, repo_id=repo_id)
             info = push_directory(tmp, repo_id, private, token, message, endpoint)
         if feedback_repo_id is not None:
-            self.feedback.push_to_hub(feedback_repo_id, private=private, token=token)
+            self.feedback.push_to_hub(feedback_repo_id, private=private, token=token, endpoint=endpoint)
         return info

@@ -169,3 +169,43 @@ def test_adapter_aware_checkpointing_recomputes_the_previous_adapter_branch(tmp_
     plain = grads(False)
     assert plain.abs().sum() > 0
     torch.testing.assert_close(grads(True), plain, rtol=1e-4, atol=1e-6)
+
+
+def test_push_to_hub_uploads_the_model_and_the_feedback_dataset(run, tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub_constants
+    from datasets import Dataset
+    from huggingface_hub import hf_hub_download
+
+    from hub_server import HubServer
+
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_DISABLE_XET", True)
+    trainer = run["trainer"]
+    with HubServer() as hub:
+        commit = trainer.push_to_hub("me/seiko-sd", token="hf_test_token_sd", endpoint=hub.url,
+                                     feedback_repo_id="me/seiko-sd-feedback")
+        model = hub.repos["me/seiko-sd"]
+        assert commit.oid == model.sha
+        assert {"pytorch_lora_weights.safetensors", "seiko_config.json", "stable_diffusion.json"} <= set(model.files)
+        assert "me/seiko-sd-feedback" in hub.dataset_repos and "me/seiko-sd-feedback" not in hub.repos
+        path = hf_hub_download("me/seiko-sd-feedback", "data/train-00000-of-00001.parquet", repo_type="dataset",
+                               endpoint=hub.url, cache_dir=str(tmp_path / "cache"))
+    pulled = Dataset.from_parquet(path, cache_dir=str(tmp_path / "pq"))
+    fb = trainer.feedback
+    assert pulled["prompt"] == fb.columns["prompt"] and pulled["value"] == fb.columns["value"]
+    torch.testing.assert_close(torch.tensor(pulled["sample"]).reshape(8, 4, 8, 8), fb.samples(list(range(8))))
+
+
+def test_bf16_mixed_precision_keeps_both_adapters_in_fp32(tmp_path):
+    torch.manual_seed(0)
+    pipe = tiny_sd_pipeline()
+    trainer = SeikoTrainer.from_pipeline(pipe, PromptOracle(), seiko_sd_config(tmp_path / "run", num_rounds=1,
+                                                                               queries_per_round=[3]),
+                                         prompts=PROMPTS, guidance_scale=2.0, mixed_precision="bf16")
+    assert pipe.unet.conv_in.weight.dtype == torch.bfloat16 and pipe.vae.decoder.conv_in.weight.dtype == torch.bfloat16
+    for name in ("control", "previous"):
+        assert all(p.dtype == torch.float32 for p in lora_parameters(trainer.model, name))
+    metrics = trainer.train()
+    assert metrics["train/kl_pretrained"] > 0 and metrics["train/kl_previous"] > 0
+    assert math.isfinite(metrics["train/objective"]) and len(trainer.feedback) == 3
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora_parameters(trainer.model))
