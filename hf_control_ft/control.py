@@ -168,6 +168,10 @@ def add_reference_adapter(model: torch.nn.Module, adapter_name: str, source: str
             model.add_adapter(config, adapter_name=adapter_name)
         else:
             inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    # same dtype as the source (fp32 LoRA on a half-precision base): the copy is exact, and so is every refresh
+    for ref, src in zip(lora_parameters(model, adapter_name), lora_parameters(model, source)):
+        if ref.dtype != src.dtype:
+            ref.data = ref.data.to(src.dtype)
     copy_adapter_weights(model, source, adapter_name)
     set_active_adapter(model, source)
 

@@ -254,13 +254,24 @@ class FeedbackDataset:
 
     # ------------------------------------------------------------------ Hub
     def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
-                    commit_message: str | None = None):
-        """Pushes the live rows to the Hub as a dataset repo (``Dataset.push_to_hub``, Parquet).
+                    commit_message: str | None = None, endpoint: str | None = None):
+        """Pushes the live rows to the Hub as a dataset repo (``Dataset.push_to_hub``, Parquet); returns the
+        ``CommitInfo``.
 
-        ``sample_shape`` is written into the dataset description so ``sample`` can be reshaped.
+        ``sample_shape`` is written into the dataset description so ``sample`` can be reshaped. ``endpoint``: a
+        Hub other than ``HF_ENDPOINT`` (``datasets`` reads its endpoint from ``datasets.config.HF_ENDPOINT``,
+        which is set to ``endpoint`` for the duration of the push and restored after).
         """
+        import datasets.config
+
         ds = self.to_dataset()
         ds.info.description = (f"hf_control_ft SEIKO feedback: oracle queries and answers. sample_shape="
                                f"{list(self.sample_shape)}; status in (pending, ok, failed).")
-        return ds.push_to_hub(repo_id, private=private, token=token,
-                              commit_message=commit_message or f"feedback: {len(self)} queries")
+        previous = datasets.config.HF_ENDPOINT
+        if endpoint is not None:
+            datasets.config.HF_ENDPOINT = endpoint.rstrip("/")
+        try:
+            return ds.push_to_hub(repo_id, private=private, token=token,
+                                  commit_message=commit_message or f"feedback: {len(self)} queries")
+        finally:
+            datasets.config.HF_ENDPOINT = previous

@@ -120,8 +120,7 @@ class SeikoTrainer:
         elegant_config = config.elegant_config()
         if elegant_config.logging_dir is None:
             elegant_config.logging_dir = os.path.join(config.output_dir, "logs")
-        self.elegant = ElegantTrainer(elegant_config, model, scheduler, None, sample_shape,
-                                      accelerator=accelerator, model_kwargs=model_kwargs)
+        self.elegant = self._build_elegant(elegant_config, model, scheduler, sample_shape, accelerator, model_kwargs)
         if self.elegant.accelerator.num_processes > 1:
             raise ValueError("SeikoTrainer runs the oracle and the feedback dataset in one process; launch it with "
                              f"num_processes=1 (got {self.elegant.accelerator.num_processes})")
@@ -131,7 +130,7 @@ class SeikoTrainer:
         self.sample_shape = self.elegant.sample_shape
         self.schedule = self.elegant.schedule
         self.sampler = self.elegant.sampler
-        add_reference_adapter(self.model, PREVIOUS_ADAPTER, source=CONTROL_ADAPTER)
+        add_reference_adapter(getattr(self.model, "unet", self.model), PREVIOUS_ADAPTER, source=CONTROL_ADAPTER)
         self.sampler.reference_adapter = PREVIOUS_ADAPTER
         self.initial_noise = self.elegant.initial_noise
         self.previous_noise = copy.deepcopy(self.initial_noise).requires_grad_(False) if self.initial_noise else None
@@ -149,6 +148,41 @@ class SeikoTrainer:
         self.history: list[dict] = []
         self._trackers_started = False
         self._load_state()
+
+    def _build_elegant(self, elegant_config, model, scheduler, sample_shape, accelerator, model_kwargs):
+        """The ELEGANT trainer whose sampler, KL accounting and backward sweep every round reuses."""
+        return ElegantTrainer(elegant_config, model, scheduler, None, sample_shape, accelerator=accelerator,
+                              model_kwargs=model_kwargs)
+
+    @classmethod
+    def from_pipeline(cls, pipeline, oracle, config: SeikoConfig, prompts, accelerator: Accelerator | None = None,
+                      feature_extractor=None, feature_dim: int | None = None, **options):
+        """SEIKO on a diffusers ``StableDiffusionPipeline`` (text-conditioned, classifier-free guidance).
+
+        Args:
+            pipeline: the base pipeline; its UNet gets the ``"control"`` and ``"previous"`` LoRA adapters.
+            oracle: ``oracle(images, prompts) -> (B,)`` on decoded images ``(B, 3, H, W)`` in ``[0, 1]``.
+            config: :class:`SeikoConfig`.
+            prompts: a list of prompts, a text file (one per line) or a ``datasets`` dataset; every query draws
+                its prompt uniformly from it, and the prompt is stored with the query's latent.
+            feature_extractor: differentiable ``images -> (B, D)`` embedding for the reward heads (e.g. a frozen
+                CLIP image tower); default :class:`hf_control_ft.seiko_stable_diffusion.PooledPixelFeatures`.
+            feature_dim: ``D`` (inferred with one decode when omitted).
+            **options: fields of :class:`hf_control_ft.stable_diffusion.StableDiffusionOptions`
+                (``guidance_scale``, ``negative_prompt``, ``height``, ``width``, ``mixed_precision``,
+                ``base_model``, ``prompt_column``).
+
+        Returns:
+            a :class:`hf_control_ft.seiko_stable_diffusion.StableDiffusionSeikoTrainer`.
+        """
+        from .seiko_stable_diffusion import StableDiffusionSeikoTrainer
+        from .stable_diffusion import StableDiffusionOptions
+
+        if options.get("base_model") is None:
+            options["base_model"] = getattr(pipeline, "name_or_path", None) or None
+        return StableDiffusionSeikoTrainer(pipeline, oracle, config, prompts, StableDiffusionOptions(**options),
+                                           accelerator=accelerator, feature_extractor=feature_extractor,
+                                           feature_dim=feature_dim)
 
     # ------------------------------------------------------------------ bookkeeping
     def _check_resume_config(self) -> None:
@@ -230,6 +264,16 @@ class SeikoTrainer:
         self.global_step = int(state["global_step"])
 
     # ------------------------------------------------------------------ 1. collect
+    def _draw_queries(self, round_index: int, num_samples: int, generator: torch.Generator):
+        """``(samples, prompts)`` of a round's queries (``prompts`` is ``None`` for unconditional models)."""
+        # round 1 samples the pretrained model p_0; later rounds the current fine-tuned model p_{i-1}
+        x = self.elegant.sample(num_samples, generator, batch_size=self.config.batch_size, controlled=round_index > 1)
+        return x, None
+
+    def _oracle_inputs(self, query_indices: list[int]):
+        """What the oracle is asked for these stored queries: ``(samples, prompts)``."""
+        return self.feedback.samples(query_indices), None
+
     def collect_feedback(self, round_index: int) -> dict:
         """Samples the round's budget from the current model (write-ahead), then queries every pending sample."""
         cfg = self.config
@@ -237,17 +281,15 @@ class SeikoTrainer:
         submitted = self.feedback.num_submitted(round_index)
         if submitted == 0:
             self.budget.check(round_index, 0, budget)
-            gen = _generator(cfg.seed, round_index, "sample")
-            # round 1 samples the pretrained model p_0; later rounds the current fine-tuned model p_{i-1}
-            x = self.elegant.sample(budget, gen, batch_size=cfg.batch_size, controlled=round_index > 1)
-            self.feedback.add_pending(x.cpu(), round_index)
+            x, prompts = self._draw_queries(round_index, budget, _generator(cfg.seed, round_index, "sample"))
+            self.feedback.add_pending(x.cpu(), round_index, prompts)
         elif submitted != budget:
             raise RuntimeError(f"round {round_index} has {submitted} samples on disk but a budget of {budget}")
         pending = self.feedback.pending(round_index)
         batches = [pending[i:i + cfg.oracle_batch_size] for i in range(0, len(pending), cfg.oracle_batch_size)]
         t0 = time.perf_counter()
         for batch in self._progress(batches, f"round {round_index}: oracle", leave=False):
-            answers = self.oracle.query(self.feedback.samples(batch), None)
+            answers = self.oracle.query(*self._oracle_inputs(batch))
             self.feedback.record(batch, answers, self.feedback.next_batch_index(round_index))
         rows = self.feedback.rows(round_index)
         ok = [i for i in rows if self.feedback.columns["status"][i] == "ok"]
@@ -333,6 +375,7 @@ class SeikoTrainer:
         for start in self._progress(range(0, n, cfg.batch_size), f"round {round_index}: value rollouts", leave=False):
             m = min(cfg.batch_size, n - start)
             half = m // 2  # cover both N(0, I) and the previous initial law, where nu_i will put its mass
+            self.elegant._prepare_batch(m, gen)  # conditional models: this batch's prompts
             x_T = torch.cat([torch.randn((m - half, *self.sample_shape), generator=gen).to(self.device),
                              self.previous_noise.sample(half, generator=gen, device=self.device)])
             x0, cost = self.reference_rollout(x_T, gen)
@@ -374,6 +417,7 @@ class SeikoTrainer:
         metrics = {}
         bar = self._progress(range(cfg.train_steps), f"round {round_index}: drift", leave=False)
         for it in bar:
+            self.elegant._prepare_batch(B, gen)  # conditional models: this batch's prompts
             x_T, kl_init = self.elegant.draw_initial_noise(B, gen)
             traj = self.sampler.rollout(x_T, gen)
             r, grad_x0 = self.elegant.reward_and_gradient(traj.samples)
@@ -465,5 +509,5 @@ class SeikoTrainer:
             self.save_pretrained(tmp, metrics=metrics, base_model=base_model, repo_id=repo_id)
             info = push_directory(tmp, repo_id, private, token, message, endpoint)
         if feedback_repo_id is not None:
-            self.feedback.push_to_hub(feedback_repo_id, private=private, token=token)
+            self.feedback.push_to_hub(feedback_repo_id, private=private, token=token, endpoint=endpoint)
         return info

@@ -89,34 +89,59 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 # ------------------------------------------------------------------------------- gradient checkpointing
+def _adapter_state(layers) -> tuple:
+    """``(enabled, active adapter names, active adapters trainable)`` of the LoRA layers (read from the first)."""
+    if not layers:
+        return (False, (), False)
+    layer = layers[0]
+    names = tuple(layer.active_adapters)
+    trainable = False
+    for attr in layer.adapter_layer_names:
+        group = getattr(layer, attr, None)
+        for name in names:
+            if group is not None and name in group:
+                item = group[name]
+                params = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+                trainable = trainable or any(p.requires_grad for p in params)
+    return (not layer.disable_adapters, names, trainable)
+
+
+def _set_adapter_state(layers, state: tuple) -> None:
+    enabled, names, trainable = state
+    for layer in layers:
+        if tuple(layer.active_adapters) != names:
+            layer.set_adapter(list(names), inference_mode=not trainable)
+        if layer.disable_adapters == enabled:
+            layer.enable_adapters(enabled)
+            if enabled and not trainable:  # enable_adapters makes the active adapter trainable again
+                layer.set_adapter(list(names), inference_mode=True)
+
+
 def enable_adapter_aware_checkpointing(model: nn.Module) -> None:
     """Turns on diffusers' block-level gradient checkpointing with a checkpoint function that recomputes
-    each block under the adapter state (LoRA on / off) it had in the forward pass.
+    each block under the adapter state it had in the forward pass: LoRA on / off, and which adapter is
+    active (SEIKO's frozen ``"previous"`` adapter or the trainable ``"control"`` one).
 
-    Why: one sampler step runs the UNet twice, fine-tuned (adapters on) and pretrained (adapters off), and
-    backpropagates through both. Plain checkpointing recomputes blocks during backward under whatever adapter
-    state is current then, so the pretrained branch would be recomputed with the LoRA enabled: wrong
-    gradients (or a checkpoint metadata error).
+    Why: one sampler step runs the UNet two or three times, fine-tuned (adapters on), pretrained (adapters
+    off) and, for SEIKO, with the previous round's adapter, and backpropagates through all of them. Plain
+    checkpointing recomputes blocks during backward under whatever adapter state is current then, so the
+    pretrained / reference branches would be recomputed with the trainable LoRA: wrong gradients (or a
+    checkpoint metadata error).
     """
     layers = tuner_layers(model)
 
-    def set_enabled(enabled: bool):
-        for layer in layers:
-            if layer.disable_adapters == enabled:
-                layer.enable_adapters(enabled)
-
     def checkpoint_fn(module, *args):
-        enabled = bool(layers) and not layers[0].disable_adapters
+        forward_state = _adapter_state(layers)
 
         def run(*inputs):
-            previous = bool(layers) and not layers[0].disable_adapters
-            if previous != enabled:
-                set_enabled(enabled)
+            current = _adapter_state(layers)
+            if current != forward_state:
+                _set_adapter_state(layers, forward_state)
             try:
                 return module(*inputs)
             finally:
-                if previous != enabled:
-                    set_enabled(previous)
+                if current != forward_state:
+                    _set_adapter_state(layers, current)
 
         return checkpoint(run, *args, use_reentrant=False)
 

@@ -1,12 +1,18 @@
 """A minimal in-process Hugging Face Hub for tests: the endpoints huggingface_hub 2.x calls for
 ``create_repo``, ``upload_folder`` / ``create_commit`` (regular, non-LFS uploads), ``repo_info``,
-``list_repo_tree``, ``snapshot_download`` and ``hf_hub_download``.
+``list_repo_tree``, ``snapshot_download`` and ``hf_hub_download``, for model repos and (``repo_type="dataset"``,
+what ``datasets.Dataset.push_to_hub`` uses) dataset repos.
 
 Run on ``127.0.0.1`` with an ephemeral port; point the client at it with ``HfApi(endpoint=server.url)`` or
 ``endpoint=server.url``. Set ``HF_HUB_DISABLE_XET=1`` (the server never offers xet storage; its preupload
 answer is always ``"regular"`` so every file travels base64-encoded inside the NDJSON commit).
 
 ``server.refuse_commits[repo_id] = message`` makes the commit endpoint answer 403 with ``message``.
+Model repos are in ``server.repos``, dataset repos in ``server.dataset_repos`` (both keyed by repo id).
+Files whose name ends with one of ``server.lfs_suffixes`` (default ``.parquet``, as the Hub's
+``.gitattributes`` does) are answered ``"lfs"`` by preupload and travel by the basic LFS protocol (batch
+request, then a PUT of the content, stored by sha256), as ``datasets`` expects: it deletes its temporary Parquet
+shards right after ``preupload_lfs_files``.
 """
 
 from __future__ import annotations
@@ -17,9 +23,10 @@ import json
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 REPO = r"(?P<repo>[^/]+/[^/]+)"
+KIND = r"(?P<kind>models|datasets)"
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -40,6 +47,9 @@ class HubServer:
 
     def __init__(self):
         self.repos: dict[str, _Repo] = {}
+        self.dataset_repos: dict[str, _Repo] = {}
+        self.lfs_suffixes: tuple[str, ...] = (".parquet",)
+        self.lfs_objects: dict[str, bytes] = {}
         self.refuse_commits: dict[str, str] = {}
         self.requests: list[tuple[str, str, bool]] = []
         self.authorizations: list[str] = []
@@ -56,6 +66,10 @@ class HubServer:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=5)
+
+    def store(self, kind: str) -> dict[str, _Repo]:
+        """The repos of one type: ``"models"`` / ``"model"`` or ``"datasets"`` / ``"dataset"``."""
+        return self.dataset_repos if kind in ("datasets", "dataset") else self.repos
 
     # ------------------------------------------------------------------ handler
     def _handler_class(self):
@@ -96,8 +110,8 @@ class HubServer:
                     if auth:
                         hub.authorizations.append(auth)
 
-            def _repo(self, repo_id, head=False):
-                repo = hub.repos.get(repo_id)
+            def _repo(self, repo_id, head=False, kind="models"):
+                repo = hub.store(kind).get(repo_id)
                 if repo is None:
                     self._error(404, f"Repository {repo_id} not found", "RepoNotFound", head=head)
                 return repo
@@ -110,29 +124,41 @@ class HubServer:
                 if path == "/api/repos/create":
                     payload = json.loads(body)
                     repo_id = f"{payload.get('organization') or 'user'}/{payload['name']}"
+                    kind = payload.get("type") or "model"
+                    url = f"{hub.url}/{repo_id}" if kind == "model" else f"{hub.url}/{kind}s/{repo_id}"
                     with hub._lock:
-                        if repo_id in hub.repos:  # the Hub's 409 body also carries the url
-                            message = "You already created this model repo"
-                            return self._send(409, {"error": message, "url": f"{hub.url}/{repo_id}"},
+                        store = hub.store(kind)
+                        if repo_id in store:  # the Hub's 409 body also carries the url
+                            message = f"You already created this {kind} repo"
+                            return self._send(409, {"error": message, "url": url},
                                               headers={"X-Error-Message": message})
-                        hub.repos[repo_id] = _Repo(payload.get("visibility") == "private")
-                    return self._send(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id})
+                        store[repo_id] = _Repo(payload.get("visibility") == "private")
+                    return self._send(200, {"url": url, "name": repo_id})
                 if path == "/api/validate-yaml":
                     return self._send(200, {"errors": [], "warnings": []})
-                m = re.fullmatch(rf"/api/models/{REPO}/preupload/(?P<rev>[^/]+)", path)
+                m = re.fullmatch(rf"/api/{KIND}/{REPO}/preupload/(?P<rev>[^/]+)", path)
                 if m:
-                    if self._repo(m["repo"]) is None:
+                    if self._repo(m["repo"], kind=m["kind"]) is None:
                         return None
                     files = json.loads(body)["files"]
-                    return self._send(200, {"files": [{"path": f["path"], "uploadMode": "regular",
-                                                       "shouldIgnore": False, "oid": None} for f in files]})
-                m = re.fullmatch(rf"/api/models/{REPO}/commit/(?P<rev>[^/]+)", path)
+                    return self._send(200, {"files": [
+                        {"path": f["path"], "uploadMode": "lfs" if f["path"].endswith(hub.lfs_suffixes) else "regular",
+                         "shouldIgnore": False, "oid": None} for f in files]})
+                m = re.fullmatch(r"(?:/(?P<kind>datasets))?/(?P<repo>[^/]+/[^/]+?)\.git/info/lfs/objects/batch", path)
                 if m:
-                    return self._commit(m["repo"], body)
+                    if self._repo(m["repo"], kind=m["kind"] or "models") is None:
+                        return None
+                    objects = json.loads(body)["objects"]
+                    return self._send(200, {"transfer": "basic", "objects": [
+                        {"oid": o["oid"], "size": o["size"],
+                         "actions": {"upload": {"href": f"{hub.url}/lfs-upload/{o['oid']}"}}} for o in objects]})
+                m = re.fullmatch(rf"/api/{KIND}/{REPO}/commit/(?P<rev>[^/]+)", path)
+                if m:
+                    return self._commit(m["repo"], body, m["kind"])
                 return self._error(404, f"unknown endpoint POST {path}")
 
-            def _commit(self, repo_id, body):
-                repo = self._repo(repo_id)
+            def _commit(self, repo_id, body, kind="models"):
+                repo = self._repo(repo_id, kind=kind)
                 if repo is None:
                     return None
                 if repo_id in hub.refuse_commits:
@@ -144,6 +170,11 @@ class HubServer:
                     item = json.loads(line)
                     if item["key"] == "header":
                         summary = item["value"]["summary"]
+                    elif item["key"] == "lfsFile":
+                        value = item["value"]
+                        if value["oid"] not in hub.lfs_objects:
+                            return self._error(400, f"LFS object {value['oid']} of {value['path']} was never uploaded")
+                        added[value["path"]] = hub.lfs_objects[value["oid"]]
                     elif item["key"] == "file":
                         value = item["value"]
                         if value.get("encoding") != "base64":
@@ -156,8 +187,22 @@ class HubServer:
                     repo.files.update(added)
                     repo.sha = hashlib.sha1((repo.sha + summary + json.dumps(sorted(added))).encode()).hexdigest()
                     repo.commits.append(summary)
-                return self._send(200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{repo.sha}",
+                prefix = "/datasets" if kind == "datasets" else ""
+                return self._send(200, {"commitUrl": f"{hub.url}{prefix}/{repo_id}/commit/{repo.sha}",
                                         "commitOid": repo.sha, "pullRequestUrl": None})
+
+            def do_PUT(self):
+                self._record()
+                path = urlparse(self.path).path
+                body = self._body()
+                m = re.fullmatch(r"/lfs-upload/(?P<oid>[0-9a-f]{64})", path)
+                if m is None:
+                    return self._error(404, f"unknown endpoint PUT {path}")
+                if hashlib.sha256(body).hexdigest() != m["oid"]:
+                    return self._error(400, "LFS upload: content does not match its sha256")
+                with hub._lock:
+                    hub.lfs_objects[m["oid"]] = body
+                return self._send(200, {})
 
             def do_GET(self):
                 self._record()
@@ -169,25 +214,37 @@ class HubServer:
 
             def _get(self, head: bool):
                 path = unquote(urlparse(self.path).path)
-                m = re.fullmatch(rf"/api/models/{REPO}(/revision/(?P<rev>[^/]+))?", path)
+                m = re.fullmatch(rf"/api/{KIND}/{REPO}(/revision/(?P<rev>[^/]+))?", path)
                 if m:
-                    repo = self._repo(m["repo"], head)
+                    repo = self._repo(m["repo"], head, m["kind"])
                     if repo is None:
                         return None
                     return self._send(200, {"id": m["repo"], "sha": repo.sha, "private": repo.private,
                                             "siblings": [{"rfilename": p} for p in sorted(repo.files)]}, head=head)
-                m = re.fullmatch(rf"/api/models/{REPO}/tree/(?P<rev>[^/]+)(?P<sub>/.*)?", path)
+                m = re.fullmatch(rf"/api/{KIND}/{REPO}/tree/(?P<rev>[^/]+)(?P<sub>/.*)?", path)
                 if m:
-                    repo = self._repo(m["repo"], head)
+                    repo = self._repo(m["repo"], head, m["kind"])
                     if repo is None:
                         return None
                     prefix = (m["sub"] or "").strip("/")
-                    entries = [{"type": "file", "path": p, "size": len(d), "oid": git_blob_sha1(d)}
-                               for p, d in sorted(repo.files.items()) if p.startswith(prefix)]
+                    recursive = parse_qs(urlparse(self.path).query).get("recursive", ["false"])[0].lower() == "true"
+                    under = {p[len(prefix) + 1:] if prefix else p: d for p, d in sorted(repo.files.items())
+                             if not prefix or p.startswith(prefix + "/")}
+                    if prefix and not under:  # like the Hub: a folder that does not exist is a 404
+                        return self._error(404, f"Entry {prefix} not found", "EntryNotFound", head=head)
+                    entries, folders = [], set()
+                    for rel, d in under.items():
+                        full = f"{prefix}/{rel}" if prefix else rel
+                        if recursive or "/" not in rel:
+                            entries.append({"type": "file", "path": full, "size": len(d), "oid": git_blob_sha1(d)})
+                        if not recursive and "/" in rel:
+                            folders.add(f"{prefix}/{rel.split('/')[0]}" if prefix else rel.split("/")[0])
+                    entries += [{"type": "directory", "path": f, "oid": hashlib.sha1(f.encode()).hexdigest()}
+                                for f in sorted(folders)]
                     return self._send(200, entries, head=head)
-                m = re.fullmatch(rf"/{REPO}/resolve/(?P<rev>[^/]+)/(?P<file>.+)", path)
+                m = re.fullmatch(rf"(?:/(?P<kind>datasets))?/{REPO}/resolve/(?P<rev>[^/]+)/(?P<file>.+)", path)
                 if m:
-                    repo = self._repo(m["repo"], head)
+                    repo = self._repo(m["repo"], head, m["kind"] or "models")
                     if repo is None:
                         return None
                     data = repo.files.get(m["file"])
