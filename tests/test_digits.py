@@ -145,10 +145,12 @@ def test_two_cpu_processes_keep_identical_lora_and_only_main_writes(cache, tmp_p
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), os.path.join(ROOT, "tests", "distributed_worker.py"),
            "--cache_dir", cache, "--output_dir", out, "--train_steps", "3", "--checkpointing_steps", "2", *TINY]
-    done = subprocess.run(cmd, env={**env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
-                          timeout=400)
+    result_dir = tmp_path / "results"
+    result_dir.mkdir()
+    done = subprocess.run(cmd, env={**env(), "ACCELERATE_USE_CPU": "1", "RESULT_DIR": str(result_dir)},
+                          capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
-    results = [json.loads(line[len("RESULT "):]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    results = [json.load(open(p)) for p in sorted(result_dir.iterdir())]
     assert sorted(r["rank"] for r in results) == [0, 1]
     assert all(r["num_processes"] == 2 and r["identical"] for r in results)
     assert results[0]["lora_norm"] == results[1]["lora_norm"] > 0
