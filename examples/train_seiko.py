@@ -75,10 +75,10 @@ def setup_digits(args, config):
     if args.features == "proxy":
         embed = proxy.net[:-1]  # everything but the logits layer: (B, 1, 8, 8) -> (B, hidden), frozen
 
-        def extractor(x):
+        def proxy_features(x):
             return embed(x.float())
 
-        dim = proxy.net[-1].in_features
+        extractor, dim = proxy_features, proxy.net[-1].in_features
 
     def evaluate(trainer, controlled, n=args.num_eval_samples):
         x = trainer.sample(n, torch.Generator().manual_seed(1234), batch_size=256, controlled=controlled)

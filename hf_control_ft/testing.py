@@ -72,3 +72,13 @@ def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     pipe = StableDiffusionPipeline(**tiny_components(seed))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_unet_output(unet, seed: int = 1) -> torch.Tensor:
+    """The tiny UNet's prediction on a fixed random latent batch, text embedding and timesteps: a fingerprint
+    for comparing adapters exactly (``torch.equal``)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    emb = torch.randn(2, 16, 32, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([700, 300]), encoder_hidden_states=emb).sample

@@ -11,7 +11,7 @@ import torch
 from hf_control_ft import SeikoConfig, SeikoTrainer
 from hf_control_ft.control import lora_parameters
 from hf_control_ft.feedback import FeedbackDataset
-from hf_control_ft.testing import tiny_sd_pipeline
+from hf_control_ft.testing import tiny_sd_pipeline, tiny_unet_output
 
 PROMPTS = ["a cat", "the dog", "a red car"]
 
@@ -59,14 +59,6 @@ def build(output_dir, oracle, **kw):
     torch.manual_seed(0)
     return SeikoTrainer.from_pipeline(tiny_sd_pipeline(), oracle, seiko_sd_config(output_dir, **kw), prompts=PROMPTS,
                                       guidance_scale=2.0, base_model="tiny/sd-random")
-
-
-def unet_output(unet, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 4, 8, 8, generator=g)
-    emb = torch.randn(2, 16, 32, generator=g)
-    with torch.no_grad():
-        return unet(x, torch.tensor([700, 300]), encoder_hidden_states=emb).sample
 
 
 @pytest.fixture(scope="module")
@@ -140,10 +132,10 @@ def test_export_loads_with_stock_load_lora_weights(run, tmp_path):
     assert {"pytorch_lora_weights.safetensors", "seiko_config.json", "stable_diffusion.json", "README.md"} <= files
     assert json.load(open(tmp_path / "export" / "stable_diffusion.json"))["guidance_scale"] == 2.0
     pipe = tiny_sd_pipeline()
-    base = unet_output(pipe.unet)
+    base = tiny_unet_output(pipe.unet)
     pipe.load_lora_weights(str(tmp_path / "export"))
-    trained = unet_output(trainer.model.unet)
-    assert torch.equal(unet_output(pipe.unet), trained)
+    trained = tiny_unet_output(trainer.model.unet)
+    assert torch.equal(tiny_unet_output(pipe.unet), trained)
     assert not torch.allclose(base, trained, atol=1e-4)
 
 

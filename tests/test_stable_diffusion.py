@@ -17,7 +17,7 @@ from hf_control_ft.persistence import HubPushError
 from hf_control_ft.pipelines import ControlledDiffusionPipeline, ControlledStableDiffusionPipeline
 from hf_control_ft.rewards import BrightnessReward, SaturationReward, WeightedSumReward
 from hf_control_ft.stable_diffusion import load_prompts
-from hf_control_ft.testing import tiny_components, tiny_sd_pipeline
+from hf_control_ft.testing import tiny_components, tiny_sd_pipeline, tiny_unet_output
 from hub_server import HubServer
 
 PROMPTS = ["a cat", "the dog", "a red car"]
@@ -29,14 +29,6 @@ def sd_config(**kw):
                 learning_rate=5e-2, lora_rank=2, lora_alpha=6.0, report_to=None)
     base.update(kw)
     return ElegantConfig(**base)
-
-
-def unet_output(unet, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 4, 8, 8, generator=g)
-    emb = torch.randn(2, 16, 32, generator=g)
-    with torch.no_grad():
-        return unet(x, torch.tensor([700, 300]), encoder_hidden_states=emb).sample
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +80,11 @@ def test_saved_files_card_and_adapter_metadata(trained):
 
 def test_stock_load_lora_weights_reproduces_trained_unet(trained):
     pipe = tiny_sd_pipeline()
-    base = unet_output(pipe.unet)
+    base = tiny_unet_output(pipe.unet)
     pipe.load_lora_weights(trained["dir"])
     assert pipe.unet.peft_config["default_0"].lora_alpha == 6.0  # survives thanks to the metadata
-    trained_out = unet_output(trained["trainer"].model.unet)
-    assert torch.equal(unet_output(pipe.unet), trained_out)
+    trained_out = tiny_unet_output(trained["trainer"].model.unet)
+    assert torch.equal(tiny_unet_output(pipe.unet), trained_out)
     assert not torch.allclose(base, trained_out, atol=1e-4)
 
 
@@ -131,7 +123,7 @@ def test_push_and_pull_through_a_local_hub(trained, tmp_path, monkeypatch):
         assert open(card).read().startswith("---\n")
         pipe = tiny_sd_pipeline()
         pipe.load_lora_weights(snapshot)
-        assert torch.equal(unet_output(pipe.unet), unet_output(trained["trainer"].model.unet))
+        assert torch.equal(tiny_unet_output(pipe.unet), tiny_unet_output(trained["trainer"].model.unet))
         controlled = ControlledStableDiffusionPipeline(**tiny_components()).load_control(
             "me/tiny-elegant", endpoint=hub.url, cache_dir=str(tmp_path / "cache2"))
         out = controlled(PROMPTS[:2], generator=torch.Generator().manual_seed(0), output_type="latent").images
