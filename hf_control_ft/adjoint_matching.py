@@ -34,9 +34,13 @@ adjoint passes through them with the pretrained Jacobian, as the chain itself ru
 
 Cost per step: one fine-tuned forward + parameter backward and one pretrained forward + input backward, the
 same as the exact pathwise gradient of :meth:`ControlledSampler.backpropagate`; memory is one step's
-activations plus the stored states. Unlike the pathwise gradient, the update does not differentiate through
-the fine-tuned chain, so a rare path that crosses between modes contributes a bounded residual rather than
-a product of fine-tuned Jacobians.
+activations plus the stored states.
+
+**Variance.** The single-path adjoint ``a_{k+1}`` is heavy-tailed when modes are far apart: most paths
+contract inside a mode, and the few that pass near a boundary between modes carry large Jacobian products
+(``ALGORITHMS.md`` §8). Passing ``value_gradient`` (a fitted ``grad V_{k+1}``,
+:mod:`hf_control_ft.step_values`) replaces the target by its conditional expectation: same fixed point, low
+variance, biased only by the value fit (``ElegantConfig.drift_objective="value_guided"``).
 """
 
 from __future__ import annotations

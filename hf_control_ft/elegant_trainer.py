@@ -4,7 +4,9 @@
 
 Stage 1 fits the soft value at the start of sampling, ``v_T``, by Feynman--Kac regression on pretrained
 rollouts; stage 2 trains the initial-noise model ``nu_phi`` to ``nu* ∝ N(0, I) exp(v_T / alpha)``; stage 3 trains
-the LoRA drift on ``r(x_0) - alpha * sum_k KL_k`` by backpropagation through the sampler, with ``x_T ~ nu_phi``.
+the LoRA drift on ``r(x_0) - alpha * sum_k KL_k`` with ``x_T ~ nu_phi``: by backpropagation through the
+sampler (``drift_objective="pathwise"``), or by regressing the control onto adjoint (``"adjoint_matching"``)
+or fitted-value (``"value_guided"``) targets with the same optimum (:mod:`hf_control_ft.adjoint_matching`).
 The optimum samples the tilted law ``p_pre(x) exp(r(x) / alpha) / Z``.
 """
 
