@@ -2,11 +2,16 @@
 
 Pretrained law: a 2-D three-mode Gaussian mixture with unequal weights; the pretrained model is a small MLP
 denoiser distilled to its exact noise prediction. Reward r(x) = c . x, whose tilted target is a mixture in
-closed form. For the pretrained model, ELEGANT, and ELEGANT with learn_initial_noise=False it reports the
-total-variation distance between the samples' mode weights and the target weights, and each mode's mean
-error, at eta = 1 and at a low-noise setting. Prints one JSON object.
+closed form. For the pretrained model, ELEGANT with each drift objective of ``--drift_objectives``
+(``ElegantConfig.drift_objective``: "value_guided", "adjoint_matching", "pathwise"), and ELEGANT with
+learn_initial_noise=False (first objective) it reports the total-variation distance between the samples' mode
+weights and the target weights, and each mode's mean error, at eta = 1 and at a low-noise setting. It also
+reports a discretisation floor: the same LoRA fitted by regression to the exact noise prediction of the
+tilted target and sampled with the same sampler from N(0, I). Prints one JSON object (stdout); each
+setting's block is also printed to stderr as soon as it is done.
 
-    python benchmarks/tilted_target.py                 # full run (CPU, a few minutes)
+    python benchmarks/tilted_target.py                 # full run (CPU, tens of minutes on 2 shared cores)
+    python benchmarks/tilted_target.py --drift_objectives value_guided   # one objective (+ fixed noise)
     python benchmarks/tilted_target.py --quick         # smaller, for a smoke test
 """
 
@@ -14,13 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
 from diffusers import DDIMScheduler
 
-from hf_control_ft import ElegantConfig, ElegantTrainer
-from hf_control_ft.gaussian_mixture import distill_mixture_denoiser, three_mode_mixture
+from hf_control_ft import ControlledSampler, DiffusionSchedule, ElegantConfig, ElegantTrainer
+from hf_control_ft.control import add_lora_control, lora_parameters
+from hf_control_ft.gaussian_mixture import distill_mixture_denoiser, exact_noise_prediction, three_mode_mixture
 
 
 def evaluate(target, x):
@@ -30,18 +37,53 @@ def evaluate(target, x):
                              torch.bincount(target.assign(x), minlength=len(target.weights)).double() / len(x)]}
 
 
-def run_setting(denoiser_state, scheduler, target, reward, args, eta, learn_initial_noise):
+def load_denoiser(denoiser_state):
     from hf_control_ft.networks import MLPDenoiser
 
     model = MLPDenoiser(**denoiser_state["config"])
     model.load_state_dict(denoiser_state["weights"])
-    model.requires_grad_(False)
+    return model.requires_grad_(False)
+
+
+def discretisation_floor(denoiser_state, scheduler, target, args, eta):
+    """TV reached by the same LoRA (rank 8) fitted by regression to the exact noise prediction of the tilted
+    target, sampled from N(0, I) with the same sampler: what the sampler's discretisation and the adapter's
+    capacity allow, independent of the drift optimiser (ALGORITHMS.md §8)."""
+    model = load_denoiser(denoiser_state)
+    torch.manual_seed(args.seed)
+    add_lora_control(model, rank=8)
+    schedule = DiffusionSchedule(scheduler, args.steps, eta)
+    abar = schedule.alpha_bar.float()
+    params = lora_parameters(model)
+    opt = torch.optim.Adam(params, lr=args.floor_lr)
+    lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.floor_steps)
+    gen = torch.Generator().manual_seed(args.seed + 7)
+    t0 = time.perf_counter()
+    for _ in range(args.floor_steps):
+        k = torch.randint(0, len(schedule), (1024,), generator=gen)
+        a = abar[k]
+        x0 = target.sample(1024, gen)
+        xt = a.sqrt()[:, None] * x0 + (1 - a).sqrt()[:, None] * torch.randn(x0.shape, generator=gen)
+        loss = (model(xt, schedule.timesteps[k]).sample - exact_noise_prediction(target, xt, a)).pow(2).sum(1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        lr_sched.step()
+    sampler = ControlledSampler(model, schedule)
+    gen = torch.Generator().manual_seed(99)
+    x = torch.cat([sampler.sample(torch.randn(2048, 2, generator=gen), gen) for _ in range(max(1, args.eval_samples // 2048))])
+    return {**evaluate(target, x), "fit_loss": round(loss.item(), 5),
+            "fit_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def run_setting(denoiser_state, scheduler, target, reward, args, eta, learn_initial_noise, drift_objective):
+    model = load_denoiser(denoiser_state)
     cfg = ElegantConfig(alpha=args.alpha, eta=eta, num_inference_steps=args.steps,
                         learn_initial_noise=learn_initial_noise, train_steps=args.train_steps,
                         batch_size=args.batch_size, learning_rate=args.lr, lora_rank=8, seed=args.seed,
                         value_num_rollouts=args.value_rollouts, value_train_steps=args.value_train_steps,
                         noise_train_steps=args.noise_train_steps, report_to=None, max_grad_norm=args.max_grad_norm,
-                        lr_scheduler=args.lr_scheduler)
+                        lr_scheduler=args.lr_scheduler, drift_objective=drift_objective)
     trainer = ElegantTrainer(cfg, model, scheduler, reward, (2,))
     gen = torch.Generator().manual_seed(1234)
     out = {}
@@ -72,13 +114,19 @@ def main():
     p.add_argument("--distill_steps", type=int, default=1500)
     p.add_argument("--eval_samples", type=int, default=8192)
     p.add_argument("--etas", type=str, default=None, help="comma-separated etas (default: 1.0,low_eta)")
+    p.add_argument("--drift_objectives", type=str, default="value_guided,pathwise",
+                   help="comma-separated ElegantConfig.drift_objective values; the first also runs with fixed noise")
     p.add_argument("--skip_fixed_noise", action="store_true", help="run only ELEGANT with learned noise")
+    p.add_argument("--floor_steps", type=int, default=1500, help="regression steps of the discretisation floor")
+    p.add_argument("--floor_lr", type=float, default=3e-3)
+    p.add_argument("--skip_floor", action="store_true", help="skip the discretisation-floor fit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke test")
     args = p.parse_args()
     if args.quick:
         args.train_steps, args.distill_steps, args.value_rollouts = 30, 300, 1024
         args.value_train_steps, args.noise_train_steps, args.eval_samples, args.steps = 100, 50, 2048, 20
+        args.floor_steps = 200
 
     mixture = three_mode_mixture()
     c = torch.tensor([0.5, 0.3])
@@ -98,12 +146,22 @@ def main():
               "target_means": [[round(float(v), 4) for v in m] for m in target.means],
               "distill_seconds": round(time.perf_counter() - t0, 1), "settings": {}}
     etas = [float(e) for e in args.etas.split(",")] if args.etas else [1.0, args.low_eta]
+    objectives = args.drift_objectives.split(",")
+    result["drift_objectives"] = objectives
     for eta in etas:
-        res = run_setting(state, scheduler, target, linear_reward, args, eta, True)
-        result["settings"][f"eta={eta}"] = {"pretrained": res.pop("pretrained"), "elegant": res}
+        out = result["settings"][f"eta={eta}"] = {}
+        for i, obj in enumerate(objectives):
+            res = run_setting(state, scheduler, target, linear_reward, args, eta, True, obj)
+            if i == 0:
+                out["pretrained"] = res["pretrained"]
+            res.pop("pretrained")
+            out[f"elegant_{obj}"] = res
         if not args.skip_fixed_noise:
-            fixed = run_setting(state, scheduler, target, linear_reward, args, eta, False)
-            result["settings"][f"eta={eta}"]["elegant_fixed_noise"] = fixed
+            fixed = run_setting(state, scheduler, target, linear_reward, args, eta, False, objectives[0])
+            out[f"elegant_fixed_noise_{objectives[0]}"] = fixed
+        if not args.skip_floor:
+            out["discretisation_floor"] = discretisation_floor(state, scheduler, target, args, eta)
+        print(json.dumps({f"eta={eta}": out}), file=sys.stderr, flush=True)  # progress; final JSON on stdout
     print(json.dumps(result))
 
 

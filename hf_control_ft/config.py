@@ -9,6 +9,9 @@ from dataclasses import dataclass
 import yaml
 
 
+DRIFT_OBJECTIVES = ("pathwise", "adjoint_matching", "value_guided")
+
+
 def _check(cond: bool, field_name: str, message: str):
     if not cond:
         raise ValueError(f"ElegantConfig.{field_name}: {message}")
@@ -20,6 +23,19 @@ class ElegantConfig:
 
     Objective: maximise ``E[r(x_0)] - alpha * KL(P_ft || P_pre)`` where the KL is in nats, summed over every
     dimension of a sample (so ``alpha`` is in reward units per nat).
+
+    ``drift_objective`` picks the stage-3 optimiser (all three have the same optimum, ``ALGORITHMS.md`` §2):
+
+    * ``"pathwise"`` (default): the exact gradient of ``r - alpha * KL`` backpropagated through the sampler;
+    * ``"adjoint_matching"``: regresses the control ``u_k`` onto ``sigma_k^2 a_{k+1} / alpha`` with the lean
+      adjoint ``a`` (:mod:`hf_control_ft.adjoint_matching`); same cost per iteration as ``"pathwise"``;
+    * ``"value_guided"``: the same regression with ``grad V_{k+1}`` as target, ``V_k`` fitted at every step
+      by Feynman--Kac regression on ``value_num_rollouts`` pretrained rollouts for ``step_value_train_steps``
+      iterations (:mod:`hf_control_ft.step_values`) -- a low-variance target, biased by the value fit; it
+      stores ``value_num_rollouts * num_inference_steps`` states, so suits small samples.
+
+    On the exact-target benchmark (README) ``"value_guided"`` is the one that reaches the tilted target's mode
+    weights; ``truncate_backprop_steps`` applies to ``"pathwise"`` only.
     """
 
     # objective and sampler
@@ -28,6 +44,7 @@ class ElegantConfig:
     num_inference_steps: int = 50
     learn_initial_noise: bool = True
     # drift (stage 3)
+    drift_objective: str = "pathwise"
     train_steps: int = 500
     batch_size: int = 64
     learning_rate: float = 1e-3
@@ -43,6 +60,7 @@ class ElegantConfig:
     value_num_rollouts: int = 4096
     value_train_steps: int = 500
     value_learning_rate: float = 1e-3
+    step_value_train_steps: int = 2000
     # stage 2: initial noise
     noise_num_steps: int = 20
     noise_train_steps: int = 300
@@ -64,13 +82,18 @@ class ElegantConfig:
         _check(isinstance(self.eta, (int, float)) and 0 < self.eta <= 1, "eta",
                f"must be in (0, 1], got {self.eta!r} (eta = 0 is deterministic: infinite KL for any control)")
         for name in ("num_inference_steps", "train_steps", "batch_size", "lora_rank", "value_num_rollouts",
-                     "value_train_steps", "noise_num_steps", "noise_train_steps", "noise_batch_size",
+                     "value_train_steps", "step_value_train_steps", "noise_num_steps", "noise_train_steps", "noise_batch_size",
                      "aux_hidden", "log_every"):
             v = getattr(self, name)
             _check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, f"must be an int >= 1, got {v!r}")
         for name in ("learning_rate", "value_learning_rate", "noise_learning_rate"):
             v = getattr(self, name)
             _check(isinstance(v, (int, float)) and v > 0, name, f"must be > 0, got {v!r}")
+        _check(self.drift_objective in DRIFT_OBJECTIVES, "drift_objective",
+               f"must be one of {DRIFT_OBJECTIVES}, got {self.drift_objective!r}")
+        _check(self.drift_objective == "pathwise" or self.truncate_backprop_steps is None, "truncate_backprop_steps",
+               "applies to drift_objective='pathwise' only (adjoint matching regresses every step and keeps no "
+               "graph over the chain); set it to None")
         _check(self.lr_scheduler in ("constant", "constant_with_warmup", "linear", "cosine"), "lr_scheduler",
                f"must be 'constant', 'constant_with_warmup', 'linear' or 'cosine', got {self.lr_scheduler!r}")
         _check(isinstance(self.lr_warmup_steps, int) and self.lr_warmup_steps >= 0, "lr_warmup_steps",

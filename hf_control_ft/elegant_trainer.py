@@ -4,7 +4,9 @@
 
 Stage 1 fits the soft value at the start of sampling, ``v_T``, by Feynman--Kac regression on pretrained
 rollouts; stage 2 trains the initial-noise model ``nu_phi`` to ``nu* ∝ N(0, I) exp(v_T / alpha)``; stage 3 trains
-the LoRA drift on ``r(x_0) - alpha * sum_k KL_k`` by backpropagation through the sampler, with ``x_T ~ nu_phi``.
+the LoRA drift on ``r(x_0) - alpha * sum_k KL_k`` with ``x_T ~ nu_phi``: by backpropagation through the
+sampler (``drift_objective="pathwise"``), or by regressing the control onto adjoint (``"adjoint_matching"``)
+or fitted-value (``"value_guided"``) targets with the same optimum (:mod:`hf_control_ft.adjoint_matching`).
 The optimum samples the tilted law ``p_pre(x) exp(r(x) / alpha) / Z``.
 """
 
@@ -23,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import checkpointing
+from .adjoint_matching import adjoint_matching_backward
 from .config import ElegantConfig
 from .control import (CONTROL_ADAPTER, add_lora_control, load_lora_state_dict, lora_parameters,
                       lora_state_dict, tuner_layers)
@@ -32,6 +35,7 @@ from .persistence import INITIAL_NOISE_DIR, push_directory, read_saved, save_tra
 from .reward_checks import check_reward, reward_name
 from .sampler import ControlledSampler
 from .scheduling import DiffusionSchedule
+from .step_values import StepValueFunction
 from .value_function import ValueFunction
 
 
@@ -77,6 +81,7 @@ class ElegantTrainer:
             self.initial_noise = InitialNoiseModel(self.sample_shape, num_steps=config.noise_num_steps,
                                                    hidden=config.aux_hidden).to(self.device)
         self.value_function = None
+        self.step_values = None  # drift_objective="value_guided": V_k at every step
         self.global_step = 0
         self.initial_noise_trained = False
         self._optimizer_state = None  # restored by load_checkpoint, applied when the drift optimiser exists
@@ -189,6 +194,34 @@ class ElegantTrainer:
         return metrics
 
     # ------------------------------------------------------------------ stage 3
+    def fit_step_values(self) -> dict:
+        """Feynman--Kac regression of ``V_k`` at every step on ``value_num_rollouts`` pretrained rollouts from
+        ``N(0, I)`` (:mod:`hf_control_ft.step_values`); used by ``drift_objective="value_guided"``."""
+        cfg = self.config
+        n_local = math.ceil(cfg.value_num_rollouts / self.accelerator.num_processes)
+        K = len(self.schedule)
+        states, rs = [[] for _ in range(K)], []
+        for start in self._progress(range(0, n_local, cfg.batch_size), "step values: pretrained rollouts"):
+            b = min(cfg.batch_size, n_local - start)
+            self._prepare_batch(b)
+            x_T = torch.randn((b, *self.sample_shape), generator=self.generator).to(self.device)
+            traj = self.sampler.rollout(x_T, self.generator, controlled=False)
+            with torch.no_grad():
+                rs.append(self._reward(traj.samples, require_grad=False).float())
+            for k in range(K):
+                states[k].append(traj.states[k])
+        states = [self.accelerator.gather(torch.cat(s)) for s in states]
+        r = self.accelerator.gather(torch.cat(rs))
+        times = self.schedule.timesteps.float() / self.schedule.scheduler.config.num_train_timesteps
+        torch.manual_seed(cfg.seed + 3)  # same network on every process
+        self.step_values = StepValueFunction(self.sample_shape, cfg.alpha, times, hidden=cfg.aux_hidden).to(self.device)
+        loss = self.step_values.fit(states, r, steps=cfg.step_value_train_steps, lr=cfg.value_learning_rate,
+                                    generator=torch.Generator().manual_seed(cfg.seed + 4),
+                                    progress=self.is_main_process)
+        metrics = {"step_values/loss": loss}
+        self._log(metrics, step=self.global_step)
+        return metrics
+
     def reward_and_gradient(self, samples: torch.Tensor):
         """Checked reward ``(B,)`` of ``samples`` and its gradient ``dr/dx_0`` (shape of ``samples``)."""
         x0 = samples.detach().requires_grad_(True)
@@ -198,7 +231,14 @@ class ElegantTrainer:
         return r.detach(), grad
 
     def drift_step(self, optimizer, params) -> dict:
-        """One stage-3 iteration on ``mean(-r + alpha * (KL_drift + KL_init))``; returns its metrics."""
+        """One stage-3 iteration; returns its metrics.
+
+        ``drift_objective="pathwise"``: exact gradient of ``mean(-r + alpha * (KL_drift + KL_init))``
+        (``train/loss`` is its value). ``"adjoint_matching"``: the regression of
+        :func:`~hf_control_ft.adjoint_matching.adjoint_matching_backward` (``train/loss`` is the regression loss);
+        ``"value_guided"``: the same regression with ``grad V_{k+1}`` of :meth:`fit_step_values` as target;
+        reward, exact KL and objective are logged the same way for both.
+        """
         cfg = self.config
         B = cfg.batch_size
         self._prepare_batch(B)
@@ -206,15 +246,26 @@ class ElegantTrainer:
         traj = self.sampler.rollout(x_T, self.generator)
         r, grad_x0 = self.reward_and_gradient(traj.samples)
         optimizer.zero_grad(set_to_none=True)
-        self.sampler.backpropagate(traj, -grad_x0 / B, cfg.alpha / B)
+        if cfg.drift_objective in ("adjoint_matching", "value_guided"):
+            value_gradient = None
+            if cfg.drift_objective == "value_guided":
+                if self.step_values is None:
+                    self.fit_step_values()
+                value_gradient = self.step_values.gradient
+            am_loss = adjoint_matching_backward(self.sampler, traj, grad_x0, cfg.alpha, 1.0 / B, value_gradient)
+        else:
+            self.sampler.backpropagate(traj, -grad_x0 / B, cfg.alpha / B)
         self._sync_grads(params)
         grad_norm = self._clip(params)
         optimizer.step()
-        kl = traj.kl
+        kl = traj.kl  # exact path KL of the rollout's fine-tuned chain (both objectives fill every step)
         objective = (r - cfg.alpha * (kl + kl_init)).mean().item()
-        return {"train/reward": r.mean().item(), "train/kl": kl.mean().item(),
-                "train/kl_init": kl_init.mean().item(), "train/objective": objective, "train/loss": -objective,
-                "train/grad_norm": grad_norm}
+        metrics = {"train/reward": r.mean().item(), "train/kl": kl.mean().item(),
+                   "train/kl_init": kl_init.mean().item(), "train/objective": objective, "train/loss": -objective,
+                   "train/grad_norm": grad_norm}
+        if cfg.drift_objective != "pathwise":
+            metrics["train/loss"] = metrics["train/adjoint_matching_loss"] = am_loss.mean().item()
+        return metrics
 
     def reward_backprop_step(self, optimizer) -> None:
         """The no-KL baseline iteration (AlignProp / DRaFT): ``x_T ~ N(0, I)``, reward backpropagation through
@@ -235,6 +286,8 @@ class ElegantTrainer:
         params = lora_parameters(self.model)
         if not params:
             raise RuntimeError("no trainable LoRA parameters found on the model")
+        if cfg.drift_objective == "value_guided" and self.step_values is None:
+            self.fit_step_values()
         opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
         lr_schedule = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.lr_warmup_steps,
                                     num_training_steps=cfg.train_steps)

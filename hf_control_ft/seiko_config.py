@@ -68,6 +68,8 @@ class SeikoConfig(ElegantConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        _check(self.drift_objective == "pathwise", "drift_objective",
+               f"SEIKO rounds use the pathwise two-KL gradient; got {self.drift_objective!r}")
         _check(_is_int(self.num_rounds, 1), "num_rounds", f"must be an int >= 1, got {self.num_rounds!r}")
         q = self.queries_per_round
         if isinstance(q, (list, tuple)):

@@ -326,6 +326,9 @@ class StableDiffusionElegantTrainer(ElegantTrainer):
                  = None, accelerator=None):
         from diffusers.training_utils import cast_training_params
 
+        if config.drift_objective == "value_guided":
+            raise ValueError("ElegantConfig.drift_objective: 'value_guided' fits prompt-agnostic step values over "
+                             "stored states; use 'pathwise' or 'adjoint_matching' for Stable Diffusion")
         options = options or StableDiffusionOptions()
         self.options = options
         self.pipeline = pipeline

@@ -6,6 +6,11 @@ from hf_control_ft.control import add_lora_control, lora_parameters
 from hf_control_ft.networks import MLPDenoiser
 
 
+# Bit-for-bit comparisons (save -> load, resume, pipeline vs trainer) need one fixed reduction order: with
+# several intra-op threads, CPU kernels may split sums differently between two otherwise identical calls.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -1,0 +1,133 @@
+"""Adjoint matching for the drift stage: a regression on detached targets instead of reward backprop.
+
+Domingo-Enrich et al., "Adjoint Matching" (arXiv 2409.08861), in the discrete time of a diffusers sampler
+(``ALGORITHMS.md`` §1-2 notation: step ``k = 0 .. K-1`` maps ``x_k`` to ``x_{k+1}``, ``x_K`` is the sample).
+
+**Lean adjoint.** Along a rollout ``x_0 .. x_K`` of the *current* fine-tuned chain (no autograd),
+
+    a_K = grad r(x_K),        a_k = (d mu_pre(x_k) / d x_k)^T a_{k+1},
+
+i.e. the reward gradient pulled back through the *pretrained* means only (vector-Jacobian products of the
+frozen network). With zero control this is exactly ``d r(x_K) / d x_k`` through the chain at fixed noises.
+
+**Regression.** The control ``u_k = mu_ft(x_k) - mu_pre(x_k)`` of every stochastic step is regressed onto
+
+    target_k = sigma_k^2 * a_{k+1} / alpha,     loss = mean_b sum_k ||u_k - target_k||^2 / (2 sigma_k^2),
+
+(the per-step weight ``1 / (2 sigma_k^2)`` puts the loss in KL units, like the objective's KL term). Targets
+are detached: the gradient reaches the LoRA parameters only through ``mu_ft``.
+
+**Why the fixed point is the ELEGANT optimum.** Let ``V_k(x) = alpha log E_pre[exp(r(x_K)/alpha) | x_k = x]``
+and ``Q*`` the tilted path law (pretrained paths reweighted by ``exp(r/alpha)``). Reparameterising the
+pretrained chain at fixed noises, ``grad V_k(x) = E_{Q*}[a_k | x_k = x]`` exactly (the pathwise derivative of
+``r`` through ``mu_pre`` is ``a_k``). The optimal transition ``q*(x_{k+1} | x_k) ∝ p_pre(x_{k+1} | x_k)
+exp(V_{k+1}(x_{k+1}) / alpha)`` has mean ``mu_pre(x_k) + sigma_k^2 E_{q*}[grad V_{k+1}(x_{k+1})] / alpha``
+(Gaussian integration by parts), which is the regression's solution ``mu_pre + E[target_k | x_k]`` when the
+chain is ``Q*``. So the optimal Gaussian-mean control is a fixed point of this regression, up to the
+discrete-time restriction of transitions to Gaussians with the pretrained variance (which vanishes as steps
+shrink). The start law is not touched here: with ``x_0 ~ nu*`` (the learned initial noise, stage 2) the
+fixed point samples ``p_pre(x) exp(r(x)/alpha) / Z``; with ``x_0 ~ N(0, I)`` it samples the fixed-noise
+(biased, ``ALGORITHMS.md`` §3) law.
+
+Deterministic steps (``sigma_k = 0``, e.g. DDIM's last step with ``set_alpha_to_one``) carry no control; the
+adjoint passes through them with the pretrained Jacobian, as the chain itself runs the pretrained network.
+
+Cost per step: one fine-tuned forward + parameter backward and one pretrained forward + input backward, the
+same as the exact pathwise gradient of :meth:`ControlledSampler.backpropagate`; memory is one step's
+activations plus the stored states.
+
+**Variance.** The single-path adjoint ``a_{k+1}`` is heavy-tailed when modes are far apart: most paths
+contract inside a mode, and the few that pass near a boundary between modes carry large Jacobian products
+(``ALGORITHMS.md`` §8). Passing ``value_gradient`` (a fitted ``grad V_{k+1}``,
+:mod:`hf_control_ft.step_values`) replaces the target by its conditional expectation: same fixed point, low
+variance, biased only by the value fit (``ElegantConfig.drift_objective="value_guided"``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sampler import ControlledSampler, Trajectory
+
+
+def _sum_non_batch(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1).sum(dim=1)
+
+
+def lean_adjoints(sampler: ControlledSampler, trajectory: Trajectory, grad_samples: torch.Tensor) -> list:
+    """The lean adjoints ``[a_0, ..., a_K]`` of a rollout (each ``(B, *shape)``, detached).
+
+    Args:
+        sampler: the sampler that produced ``trajectory``.
+        trajectory: a rollout (``states[k]`` is ``x_k``).
+        grad_samples: ``a_K``, e.g. ``grad r(x_K)`` ``(B, *shape)``.
+    """
+    K = len(sampler.schedule)
+    adjoints = [None] * (K + 1)
+    adjoints[K] = grad_samples.detach()
+    for k in reversed(range(K)):
+        x_k = trajectory.states[k].detach().requires_grad_(True)
+        with torch.enable_grad():
+            mu_pre = sampler.mean(x_k, k, controlled=False)
+            (a_k,) = torch.autograd.grad(mu_pre, x_k, adjoints[k + 1])
+        adjoints[k] = a_k.detach()
+    return adjoints
+
+
+def adjoint_matching_backward(sampler: ControlledSampler, trajectory: Trajectory, grad_samples: torch.Tensor,
+                              alpha: float, loss_scale: float = 1.0, value_gradient=None) -> torch.Tensor:
+    """One backward sweep of adjoint matching; accumulates LoRA gradients into ``.grad``.
+
+    Walks the steps from last to first, carrying the lean adjoint ``a_{k+1}``. At each stochastic step it
+    evaluates ``u_k = mu_ft(x_k) - mu_pre(x_k)``, backpropagates ``loss_scale * sum_b ||u_k - sigma_k^2
+    a_{k+1} / alpha||^2 / (2 sigma_k^2)`` into the LoRA parameters (through ``mu_ft`` only), records the exact
+    per-step KL ``||u_k||^2 / (2 sigma_k^2)`` in ``trajectory.kl_steps[k]`` and pulls the adjoint back through
+    the pretrained mean.
+
+    Args:
+        sampler: the sampler that produced ``trajectory`` (fine-tuned rollout).
+        trajectory: rollout of the current fine-tuned chain; its ``kl_steps`` are overwritten.
+        grad_samples: ``grad r(x_K)`` per sample, ``(B, *shape)``.
+        alpha: KL weight of the objective (> 0).
+        loss_scale: multiplies the loss before backward (``1 / B`` gives the batch mean).
+        value_gradient: optional ``(x, k) -> grad V_k(x)`` (e.g. :meth:`StepValueFunction.gradient
+            <hf_control_ft.step_values.StepValueFunction.gradient>`). When given, the target of step ``k`` uses
+            ``grad V_{k+1}(x_{k+1})`` instead of the single-path adjoint ``a_{k+1}`` (``a_K = grad r`` stays
+            exact): the conditional expectation of ``a_{k+1}`` under the tilted law, so the same fixed point
+            with a low-variance target, at the price of the value fit's error ("value-guided" drift). No
+            pretrained input-gradient is then needed.
+
+    Returns:
+        ``(B,)`` regression loss per sample (detached, in nats), summed over steps.
+    """
+    if alpha <= 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    schedule = sampler.schedule
+    K = len(schedule)
+    B = grad_samples.shape[0]
+    adjoint = grad_samples.detach()
+    total = grad_samples.new_zeros(B)
+    for k in reversed(range(K)):
+        if value_gradient is not None and k + 1 < K:
+            adjoint = value_gradient(trajectory.states[k + 1], k + 1).detach()
+        x_k = trajectory.states[k].detach()
+        x_in = x_k.clone().requires_grad_(value_gradient is None)
+        with torch.enable_grad():
+            mu_pre = sampler.mean(x_in, k, controlled=False)
+            outputs, grads = ([mu_pre], [adjoint]) if value_gradient is None else ([], [])
+            if schedule.is_stochastic(k):
+                var = float(schedule.std[k]) ** 2
+                mu_ft = sampler.mean(x_k, k, controlled=True)  # x_k without grad: only LoRA params
+                u = mu_ft - mu_pre.detach()
+                target = (var / alpha) * adjoint
+                loss_k = _sum_non_batch((u - target).pow(2)) / (2.0 * var)
+                if loss_k.requires_grad:
+                    outputs.append(loss_k.sum())
+                    grads.append(torch.as_tensor(loss_scale, dtype=loss_k.dtype, device=loss_k.device))
+                trajectory.kl_steps[k] = _sum_non_batch(u.detach().pow(2)) / (2.0 * var)
+                total = total + loss_k.detach()
+            if outputs:
+                torch.autograd.backward(outputs, grads)
+        if value_gradient is None:
+            adjoint = x_in.grad.detach()
+    return total

@@ -1,0 +1,88 @@
+"""Soft values at every sampling step, by Feynman--Kac regression on pretrained rollouts.
+
+    V_k(x) = alpha * log E_pre[ exp(r(x_K) / alpha) | x_k = x ],     k = 0 .. K-1,
+
+generalises stage 1's ``v_T = V_0`` (:mod:`hf_control_ft.value_function`) to every state of the chain. Each
+pretrained rollout ``x_0 .. x_K`` gives ``K`` pairs ``(x_k, r(x_K))``; one time-conditioned network
+``u(x, s_k)`` is fitted with the same exponential (Bregman) loss, whose minimiser is
+``u = log E[exp((r - c) / alpha) | x_k]``, so ``V_k = c + alpha * u``. Its input gradient
+``grad V_k`` is the Rao--Blackwellised lean adjoint: ``grad V_k(x) = E_{Q*}[a_k | x_k = x]`` under the tilted
+path law (:mod:`hf_control_ft.adjoint_matching`), without the heavy tail of single-path adjoints.
+
+Memory: the fit keeps the rollouts' states (``N * K`` samples); for large samples keep ``N`` small or
+subsample steps (``steps_per_rollout``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .networks import FieldNetwork
+from .value_function import safe_exp, soft_value_shift
+
+
+class StepValueFunction(nn.Module):
+    """``V_k(x) = c + alpha * u(x, s_k)``, ``s_k = timesteps[k] / num_train_timesteps`` in ``[0, 1]``.
+
+    Args:
+        sample_shape: shape of one sample.
+        alpha: KL weight of the objective (the value's temperature).
+        times: ``(K,)`` the steps' times ``s_k`` (highest noise first).
+        hidden, depth: network size.
+    """
+
+    def __init__(self, sample_shape, alpha: float, times: torch.Tensor, hidden: int = 128, depth: int = 3):
+        super().__init__()
+        self.alpha = float(alpha)
+        self.net = FieldNetwork(sample_shape, out="scalar", hidden=hidden, depth=depth)
+        self.register_buffer("times", torch.as_tensor(times, dtype=torch.float32).clone())
+        self.register_buffer("shift", torch.zeros(()))
+
+    def normalized(self, x: torch.Tensor, k) -> torch.Tensor:
+        """``u(x, s_k) = (V_k(x) - c) / alpha``, ``(B,)``; ``k`` an int or a ``(B,)`` long tensor."""
+        s = self.times[k] if isinstance(k, int) else self.times[k.to(self.times.device)]
+        return self.net(x, s)
+
+    def forward(self, x: torch.Tensor, k) -> torch.Tensor:
+        """``V_k(x)`` in reward units, ``(B,)``."""
+        return self.shift + self.alpha * self.normalized(x, k)
+
+    def gradient(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """``grad_x V_k(x)``, detached, shape of ``x``."""
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(self.normalized(x, k).sum(), x)
+        return self.alpha * g
+
+    def fit(self, states: list, rewards: torch.Tensor, steps: int = 2000, lr: float = 1e-3, batch_size: int = 1024,
+            generator: torch.Generator | None = None, progress: bool = True) -> float:
+        """Fits on pretrained rollouts; returns the final mean loss.
+
+        Args:
+            states: ``K`` tensors ``(N, *shape)``: ``states[k]`` holds ``x_k`` of every rollout.
+            rewards: ``(N,)`` ``r(x_K)`` of every rollout.
+        """
+        K, N = len(states), rewards.shape[0]
+        if K != len(self.times):
+            raise ValueError(f"got states for {K} steps, the value function has {len(self.times)} step times")
+        x_all = torch.stack([s.detach() for s in states])  # (K, N, *shape)
+        rewards = rewards.detach().to(x_all.device).float()
+        self.shift.fill_(soft_value_shift(rewards, self.alpha))
+        z = (rewards - self.shift) / self.alpha
+        opt = torch.optim.Adam(self.net.parameters(), lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        last = float("nan")
+        for _ in tqdm(range(steps), desc="step values", disable=not progress):
+            k = torch.randint(0, K, (batch_size,), generator=generator).to(x_all.device)
+            n = torch.randint(0, N, (batch_size,), generator=generator).to(x_all.device)
+            u = self.normalized(x_all[k, n], k)
+            loss = (safe_exp(z[n] - u) + u).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            last = loss.item()
+        self.requires_grad_(False)
+        return last

@@ -1,0 +1,267 @@
+import pytest
+import torch
+from torch import nn
+
+from conftest import ddim, make_mlp_denoiser
+from hf_control_ft import ElegantConfig, ElegantTrainer
+from hf_control_ft.adjoint_matching import adjoint_matching_backward, lean_adjoints
+from hf_control_ft.control import add_lora_control, lora_parameters
+from hf_control_ft.gaussian_mixture import distill_mixture_denoiser, three_mode_mixture
+from hf_control_ft.sampler import ControlledSampler
+from hf_control_ft.scheduling import DiffusionSchedule
+from hf_control_ft.step_values import StepValueFunction
+
+
+def _float64(fn):
+    def wrapped(*args, **kwargs):
+        torch.set_default_dtype(torch.float64)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_default_dtype(torch.float32)
+    wrapped.__name__ = fn.__name__
+    return wrapped
+
+
+def _reward(x):
+    return torch.sin(x[:, 0]) * x[:, 1] + 0.3 * x.pow(2).sum(1)
+
+
+def _autograd_adjoints(sampler, x_T, gen_seed):
+    """``d r(x_K) / d x_k`` through a chain whose step ``k`` is ``mu_pre(x_k) + stopgrad(u_k) + sigma_k eps_k``."""
+    gen = torch.Generator().manual_seed(gen_seed)
+    x = x_T.clone().requires_grad_(True)
+    states = [x]
+    for k in range(len(sampler.schedule)):
+        noise = sampler._noise(x, k, gen)
+        mu_pre = sampler.mean(x, k, controlled=False)
+        u = (sampler.mean(x, k, controlled=True) - mu_pre).detach()
+        x = sampler.schedule.step_from_mean(mu_pre + u, k, noise)
+        x.retain_grad()
+        states.append(x)
+    _reward(x).sum().backward()
+    return [s.grad for s in states]
+
+
+@_float64
+def test_lean_adjoint_equals_autograd_through_the_pretrained_chain():
+    for perturb in (0.0, 0.3):  # zero control: the plain chain; non-zero: pretrained Jacobians only
+        model = make_mlp_denoiser(perturb=perturb).double()
+        s = ControlledSampler(model, DiffusionSchedule(ddim(set_alpha_to_one=True), 6, 0.5))
+        assert not s.schedule.is_stochastic(5)  # the deterministic last step is covered too
+        x_T = torch.randn(5, 2)
+        ref = _autograd_adjoints(s, x_T, 7)
+        traj = s.rollout(x_T, torch.Generator().manual_seed(7))
+        x0 = traj.samples.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(_reward(x0).sum(), x0)
+        adj = lean_adjoints(s, traj, grad)
+        assert len(adj) == 7
+        for a, b in zip(adj, ref):
+            torch.testing.assert_close(a, b)
+        if perturb == 0.0:  # with zero control the rollout is the pretrained chain: a_0 = d r / d x_T
+            x_T2 = x_T.clone().requires_grad_(True)
+            out = s.differentiable_sample(x_T2, torch.Generator().manual_seed(7))[0]
+            (g,) = torch.autograd.grad(_reward(out).sum(), x_T2)
+            torch.testing.assert_close(adj[0], g)
+
+
+class _AffineDenoiser(nn.Module):
+    """``eps(x, t) = W x + b + shift(onehot(t))``: an affine pretrained chain (Gaussian, exactly solvable);
+    the LoRA on ``shift`` can represent any per-step constant control."""
+
+    def __init__(self, timesteps):
+        super().__init__()
+        self.index = {int(t): i for i, t in enumerate(timesteps)}
+        self.net = nn.Linear(2, 2)
+        self.shift = nn.Linear(len(timesteps), 2, bias=False)
+        nn.init.zeros_(self.shift.weight)
+
+    def forward(self, x, t):
+        idx = torch.tensor([self.index[int(v)] for v in t])
+        onehot = nn.functional.one_hot(idx, len(self.index)).to(x.dtype)
+        return self.net(x) + self.shift(onehot)
+
+
+def _set_control(model, sampler, targets):
+    """Sets the rank-2 LoRA on ``shift`` so that ``mu_ft - mu_pre = targets[k]`` (constant in x) at every step."""
+    K = len(sampler.schedule)
+    cols = []
+    for k in range(K):
+        zero = torch.zeros(1, 2)
+        gain = sampler.schedule.mean(torch.ones(1, 2), zero, k) - sampler.schedule.mean(zero, zero, k)
+        cols.append(targets[k] / gain[0] if sampler.schedule.is_stochastic(k) else torch.zeros(2))
+    delta = torch.stack(cols, dim=1)  # (2, K): eps shift per step
+    lora_a, lora_b = [m for n, m in model.named_modules() if n.endswith("lora_A.control")], \
+                     [m for n, m in model.named_modules() if n.endswith("lora_B.control")]
+    u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
+    with torch.no_grad():
+        lora_b[0].weight.copy_(u * sv)
+        lora_a[0].weight.copy_(vh)
+
+
+@_float64
+def test_regression_gradient_vanishes_at_the_exact_optimum_of_a_gaussian_chain():
+    alpha, c = 0.7, torch.tensor([1.0, -0.5])
+    sched = DiffusionSchedule(ddim(set_alpha_to_one=False), 4, 0.8)
+    torch.manual_seed(0)
+    model = _AffineDenoiser(sched.timesteps)
+    with torch.no_grad():
+        model.net.weight.mul_(0.5)
+    add_lora_control(model, rank=2, target_modules=["shift"])
+    s = ControlledSampler(model, sched)
+    K = len(sched)
+    # pretrained chain is affine: J_k = d mu_pre / dx is constant, so the optimal control is constant per step
+    eye = torch.eye(2)
+    J = [torch.autograd.functional.jacobian(lambda x, k=k: s.mean(x[None], k, controlled=False)[0], torch.zeros(2))
+         for k in range(K)]
+    a = [None] * (K + 1)
+    a[K] = c
+    for k in reversed(range(K)):
+        a[k] = J[k].T @ a[k + 1]
+    optimum = [float(sched.std[k]) ** 2 * a[k + 1] / alpha for k in range(K)]  # 0 on the deterministic last step
+    assert not sched.is_stochastic(K - 1) and all(sched.is_stochastic(k) for k in range(K - 1))
+    _set_control(model, s, optimum)
+
+    x_T = torch.randn(16, 2)
+    traj = s.rollout(x_T, torch.Generator().manual_seed(0))
+    grad = c.expand(16, 2)
+    params = lora_parameters(model)
+    for p in params:
+        p.grad = None
+    loss = adjoint_matching_backward(s, traj, grad, alpha, 1.0 / 16)
+    assert float(loss.abs().max()) < 1e-20
+    assert max(float(p.grad.abs().max()) for p in params) < 1e-12
+    # the exact per-step KL is that of the optimal control
+    kl_ref = sum(float((optimum[k] ** 2).sum()) / (2 * float(sched.std[k]) ** 2) for k in range(K - 1))
+    torch.testing.assert_close(traj.kl, torch.full((16,), kl_ref))
+    # and the fine-tuned chain samples the tilted law: its mean shifts by Cov(x_K | x_T) c / alpha
+    cov = torch.zeros(2, 2)
+    for k in range(K):
+        cov = J[k] @ cov @ J[k].T + float(sched.std[k]) ** 2 * eye
+    x_ft, x_pre = x_T.clone(), x_T.clone()
+    for k in range(K):
+        x_ft, x_pre = s.mean(x_ft, k, controlled=True), s.mean(x_pre, k, controlled=False)
+    torch.testing.assert_close(x_ft - x_pre, (cov @ c / alpha).expand(16, 2))
+
+    # away from the optimum the gradient does not vanish, and plain gradient descent on the regression
+    # converges back to the optimum
+    with torch.no_grad():  # back to peft's initialisation: zero control, lora_B = 0, lora_A random
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.zero_()
+            elif "lora_A" in n:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    traj = s.rollout(x_T, torch.Generator().manual_seed(0))
+    for p in params:
+        p.grad = None
+    adjoint_matching_backward(s, traj, grad, alpha, 1.0 / 16)
+    assert max(float(p.grad.abs().max()) for p in params) > 1e-2
+    opt = torch.optim.Adam(params, lr=0.05)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(200):
+        traj = s.rollout(torch.randn(32, 2, generator=gen), gen)
+        opt.zero_grad()
+        adjoint_matching_backward(s, traj, c.expand(32, 2), alpha, 1.0 / 32)
+        opt.step()
+    x_ft = x_T.clone()
+    for k in range(K):
+        x_ft = s.mean(x_ft, k, controlled=True)
+    torch.testing.assert_close(x_ft - x_pre, (cov @ c / alpha).expand(16, 2), atol=1e-2, rtol=1e-2)
+
+
+def test_config_validates_drift_objective():
+    with pytest.raises(ValueError, match=r"ElegantConfig\.drift_objective"):
+        ElegantConfig(drift_objective="reinforce")
+    with pytest.raises(ValueError, match=r"ElegantConfig\.truncate_backprop_steps"):
+        ElegantConfig(drift_objective="adjoint_matching", truncate_backprop_steps=3)
+    assert ElegantConfig().drift_objective == "pathwise"
+
+
+def test_value_guided_drift_moves_mode_weights_to_the_exact_tilted_target():
+    """The exact-target check of benchmarks/tilted_target.py, smaller (eta = 0.3, 20 steps)."""
+    mixture = three_mode_mixture()
+    c = torch.tensor([0.5, 0.3])
+    target = mixture.tilted_linear(c, 2.0)
+    sched = ddim(set_alpha_to_one=True)
+    den = distill_mixture_denoiser(mixture, sched, steps=400, hidden=64, depth=2)
+    cfg = ElegantConfig(alpha=2.0, eta=0.3, num_inference_steps=20, train_steps=60, batch_size=64,
+                        learning_rate=2e-3, value_num_rollouts=2048, value_train_steps=300, noise_train_steps=150,
+                        noise_num_steps=10, aux_hidden=64, report_to=None, drift_objective="value_guided",
+                        step_value_train_steps=500, log_every=1)
+    trainer = ElegantTrainer(cfg, den, sched, lambda x: x @ c, (2,))
+    pre = trainer.sample(4096, torch.Generator().manual_seed(0), 1024, controlled=False)
+    tv_pre = target.mode_weight_tv(pre)
+    assert tv_pre > 0.28
+    summary = trainer.train()
+    assert {"train/reward", "train/kl", "train/objective", "train/loss", "train/adjoint_matching_loss",
+            "step_values/loss"} <= {k for h in trainer.history for k in h}
+    assert summary["train/kl"] > 0
+    tv = target.mode_weight_tv(trainer.sample(4096, torch.Generator().manual_seed(1), 1024))
+    print("tv", tv_pre, tv)
+    assert tv < 0.12, (tv_pre, tv)
+
+
+def _affine_chain(alpha_bar_one=False, steps=4, eta=0.8, weight_scale=0.5):
+    sched = DiffusionSchedule(ddim(set_alpha_to_one=alpha_bar_one), steps, eta)
+    torch.manual_seed(0)
+    model = _AffineDenoiser(sched.timesteps)
+    with torch.no_grad():
+        model.net.weight.mul_(weight_scale)
+    add_lora_control(model, rank=2, target_modules=["shift"])
+    s = ControlledSampler(model, sched)
+    J = [torch.autograd.functional.jacobian(lambda x, k=k: s.mean(x[None], k, controlled=False)[0], torch.zeros(2))
+         for k in range(steps)]
+    return s, model, J
+
+
+def test_value_guided_target_with_exact_values_equals_lean_adjoint_target():
+    s, model, J = _affine_chain()
+    c, K = torch.tensor([0.4, 0.3]), len(s.schedule)
+    a = [c]
+    for k in reversed(range(K)):
+        a.insert(0, J[k].T @ a[0])  # grad V_k = (J_k ... J_{K-1})^T c, constant for an affine chain
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    traj = s.rollout(torch.randn(8, 2), torch.Generator().manual_seed(0))
+    params = lora_parameters(model)
+    results = []
+    for vg in (None, lambda x, k: a[k].expand_as(x)):
+        for p in params:
+            p.grad = None
+        loss = adjoint_matching_backward(s, traj, c.expand(8, 2), 0.5, 1.0 / 8, value_gradient=vg)
+        results.append((loss, [p.grad.clone() for p in params], traj.kl.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][2], results[1][2])
+    for g0, g1 in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(g0, g1)
+    assert float(results[0][0].min()) > 0
+
+
+def test_step_values_fit_the_exact_value_gradient_of_a_gaussian_random_walk():
+    """Rollouts x_{k+1} = x_k + 0.5 xi_k, r = c . x_K: V_k(x) = c . x + const_k, so grad V_k = c at every step."""
+    K, N, alpha, c = 5, 4096, 1.0, torch.tensor([0.5, -0.3])
+    gen = torch.Generator().manual_seed(0)
+    states = [torch.randn(N, 2, generator=gen)]
+    for _ in range(K):
+        states.append(states[-1] + 0.5 * torch.randn(N, 2, generator=gen))
+    torch.manual_seed(0)
+    values = StepValueFunction((2,), alpha, torch.linspace(0.9, 0.1, K), hidden=32, depth=2)
+    values.fit(states[:K], states[K] @ c, steps=400, lr=3e-3, batch_size=512, generator=gen, progress=False)
+    for k in range(K):
+        g = values.gradient(states[k][:512], k)
+        err = (g - c).norm(dim=1).mean() / c.norm()
+        assert err < 0.15, (k, float(err), g.mean(0))
+
+
+def test_conditional_trainers_reject_prompt_agnostic_value_guided_drift():
+    from hf_control_ft import SeikoConfig
+    from hf_control_ft.testing import tiny_sd_pipeline
+
+    with pytest.raises(ValueError, match="SeikoConfig.drift_objective"):
+        SeikoConfig(drift_objective="value_guided")
+    config = ElegantConfig(drift_objective="value_guided", report_to=None)
+    with pytest.raises(ValueError, match="drift_objective"):
+        ElegantTrainer.from_pipeline(tiny_sd_pipeline(), lambda images, prompts: images.mean((1, 2, 3)), config,
+                                     prompts=["a cat"])
