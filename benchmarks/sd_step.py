@@ -29,6 +29,7 @@ from hf_control_ft import ElegantConfig, ElegantTrainer
 from hf_control_ft.control import lora_parameters
 from hf_control_ft.rewards import BrightnessReward
 from hf_control_ft.testing import sd15_components, tiny_components
+from step_cost import one_iteration  # same iteration as the step-cost benchmark (benchmarks/ is on sys.path)
 
 PROMPTS = ["a photo of a cat", "a red car in the rain", "the mountains at dawn", "a bowl of fruit"]
 
@@ -49,13 +50,6 @@ def build(args, batch_size: int, plain: bool):
     return trainer, params, torch.optim.AdamW(params, lr=1e-4)
 
 
-def iteration(trainer, params, opt, plain):
-    if plain:
-        trainer.reward_backprop_step(opt)
-    else:
-        trainer.drift_step(opt, params)
-
-
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -65,7 +59,7 @@ def count_flops(trainer, params, opt, plain) -> tuple[int, int]:
     """``(unet, total)`` FLOPs of one iteration (checkpoint recomputation and backward included)."""
     counter = FlopCounterMode(display=False, depth=None)
     with counter:
-        iteration(trainer, params, opt, plain)
+        one_iteration(trainer, params, opt, plain)
     counts = counter.get_flop_counts()
     key = "GuidedUNet.unet"  # the UNet inside the classifier-free-guidance wrapper
     if key not in counts:
@@ -78,7 +72,7 @@ def measure(args, batch_size: int, plain: bool) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     trainer, params, opt = build(args, batch_size, plain)
-    iteration(trainer, params, opt, plain)  # warm-up
+    one_iteration(trainer, params, opt, plain)  # warm-up
     sync(args.device)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -86,7 +80,7 @@ def measure(args, batch_size: int, plain: bool) -> dict:
     for _ in range(args.repeats):
         sync(args.device)
         t0 = time.perf_counter()
-        iteration(trainer, params, opt, plain)
+        one_iteration(trainer, params, opt, plain)
         sync(args.device)
         times.append(time.perf_counter() - t0)
     seconds = min(times)
