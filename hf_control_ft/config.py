@@ -12,6 +12,14 @@ import yaml
 DRIFT_OBJECTIVES = ("pathwise", "adjoint_matching", "value_guided")
 
 
+def _as_float(text: str):
+    """``float(text)``, or ``text`` unchanged when it is not a number (``__post_init__`` then names the field)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _check(cond: bool, field_name: str, message: str):
     if not cond:
         raise ValueError(f"ElegantConfig.{field_name}: {message}")
@@ -131,11 +139,8 @@ class ElegantConfig:
             raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys: {cls.field_names()}")
         float_fields = {f.name for f in dataclasses.fields(cls) if "float" in str(f.type)}
         for key, value in merged.items():
-            if key in float_fields and isinstance(value, str):
-                try:  # YAML 1.1 reads "1e-3" (no dot) as a string
-                    merged[key] = float(value)
-                except ValueError:
-                    pass  # left for __post_init__ to reject with the field name
+            if key in float_fields and isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+                merged[key] = _as_float(value)
         return cls(**merged)
 
     @classmethod

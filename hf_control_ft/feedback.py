@@ -29,6 +29,7 @@ the round, -1 while pending), ``sample`` (flattened float32; ``sample_shape`` in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -64,14 +65,14 @@ FEATURES = Features({
 
 
 def _fsync_dir(path: str) -> None:
+    """Flushes a directory entry (the atomic switch) to disk where the OS allows it; best effort."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):  # some filesystems refuse fsync on a directory
+            os.fsync(fd)
     finally:
         os.close(fd)
 
