@@ -29,11 +29,9 @@ the round, -1 while pending), ``sample`` (flattened float32; ``sample_shape`` in
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import shutil
 import time
 
 import torch
@@ -41,6 +39,7 @@ from datasets import Dataset, Features, Value, load_from_disk
 from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
 from .oracle import FAILED, OK, PENDING, OracleAnswer
+from .versioned_dir import VersionedDirectory
 
 try:  # datasets >= 4
     from datasets import List
@@ -64,19 +63,6 @@ FEATURES = Features({
 })
 
 
-def _fsync_dir(path: str) -> None:
-    """Flushes a directory entry (the atomic switch) to disk where the OS allows it; best effort."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):  # some filesystems refuse fsync on a directory
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class FeedbackDataset:
     """All oracle queries of a run, persisted after every change.
 
@@ -90,20 +76,14 @@ class FeedbackDataset:
         self.sample_shape = tuple(int(d) for d in sample_shape)
         self.columns: dict[str, list] = {name: [] for name in FEATURES}
         self.version = 0
-        os.makedirs(os.path.join(directory, VERSIONS), exist_ok=True)
+        self.store = VersionedDirectory(os.path.join(directory, VERSIONS), os.path.join(directory, CURRENT))
         self._load()
 
     # ------------------------------------------------------------------ persistence
-    def _current_path(self) -> str:
-        return os.path.join(self.directory, CURRENT)
-
     def _load(self) -> None:
-        path = self._current_path()
-        if not os.path.exists(path):
+        version_dir = self.store.current()
+        if version_dir is None:
             return
-        with open(path, encoding="utf-8") as f:
-            name = f.read().strip()
-        version_dir = os.path.join(self.directory, VERSIONS, name)
         with open(os.path.join(version_dir, META_NAME), encoding="utf-8") as f:
             meta = json.load(f)
         if tuple(meta["sample_shape"]) != self.sample_shape:
@@ -117,12 +97,7 @@ class FeedbackDataset:
         """Writes a new version and makes it live atomically; returns its directory."""
         self.version += 1
         name = f"v{self.version:06d}"
-        versions = os.path.join(self.directory, VERSIONS)
-        final = os.path.join(versions, name)
-        tmp = os.path.join(versions, f".tmp-{name}-{os.getpid()}")
-        for stale in (tmp, final):  # leftovers of a crash before the switch (never live)
-            if os.path.exists(stale):
-                shutil.rmtree(stale)
+        tmp = self.store.begin(name)
         quiet = not are_progress_bars_disabled()
         if quiet:  # one bar per oracle batch would flood the logs
             disable_progress_bars()
@@ -136,23 +111,7 @@ class FeedbackDataset:
                        "num_rows": len(self)}, f)
             f.flush()
             os.fsync(f.fileno())
-        os.rename(tmp, final)
-        _fsync_dir(versions)
-        pointer_tmp = self._current_path() + f".tmp-{os.getpid()}"
-        with open(pointer_tmp, "w", encoding="utf-8") as f:
-            f.write(name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(pointer_tmp, self._current_path())
-        _fsync_dir(self.directory)
-        self._collect_garbage(keep={name, f"v{self.version - 1:06d}"})
-        return final
-
-    def _collect_garbage(self, keep: set) -> None:
-        versions = os.path.join(self.directory, VERSIONS)
-        for entry in os.listdir(versions):
-            if entry not in keep:
-                shutil.rmtree(os.path.join(versions, entry), ignore_errors=True)
+        return self.store.commit(name, keep={f"v{self.version - 1:06d}"})
 
     # ------------------------------------------------------------------ content
     def __len__(self) -> int:

@@ -44,7 +44,6 @@ import copy
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
 
@@ -63,6 +62,7 @@ from .oracle import Oracle, RoundBudget
 from .reward_ensemble import OptimisticReward, RewardEnsemble
 from .seiko_config import SeikoConfig
 from .value_function import ValueFunction
+from .versioned_dir import VersionedDirectory
 
 PREVIOUS_ADAPTER = "previous"
 FEEDBACK_DIR = "feedback"
@@ -82,15 +82,6 @@ def round_seed(seed: int, round_index: int, phase: str) -> int:
 
 def _generator(seed: int, round_index: int, phase: str) -> torch.Generator:
     return torch.Generator().manual_seed(round_seed(seed, round_index, phase))
-
-
-def _atomic_switch(directory: str, pointer: str, name: str) -> None:
-    tmp = os.path.join(directory, f".{pointer}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(directory, pointer))
 
 
 class SeikoTrainer:
@@ -213,18 +204,15 @@ class SeikoTrainer:
         self._trackers_started = True
 
     # ------------------------------------------------------------------ state (per round)
-    def _state_root(self) -> str:
-        return os.path.join(self.output_dir, STATE_DIR)
+    def _state_store(self) -> VersionedDirectory:
+        root = os.path.join(self.output_dir, STATE_DIR)
+        return VersionedDirectory(root, os.path.join(root, "current"))
 
     def save_state(self) -> str:
         """Writes the resumable state after a completed round (safetensors + JSON) and switches to it atomically."""
-        root = self._state_root()
+        store = self._state_store()
         name = f"round_{self.completed_rounds:04d}"
-        final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}-{os.getpid()}")
-        for stale in (tmp, final):
-            if os.path.exists(stale):
-                shutil.rmtree(stale)
-        os.makedirs(tmp)
+        tmp = store.begin(name)
         for adapter in (CONTROL_ADAPTER, PREVIOUS_ADAPTER):
             weights = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(self.model, adapter).items()}
             save_file(weights, os.path.join(tmp, f"adapter_{adapter}.safetensors"), metadata={"format": "pt"})
@@ -239,19 +227,13 @@ class SeikoTrainer:
             json.dump(state, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        os.rename(tmp, final)
-        _atomic_switch(root, "current", name)
-        for entry in os.listdir(root):  # keep the live state and the one before it
-            if entry.startswith("round_") and entry not in (name, f"round_{self.completed_rounds - 1:04d}"):
-                shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
-        return final
+        # keep the live state and the one before it
+        return store.commit(name, keep={f"round_{self.completed_rounds - 1:04d}"})
 
     def _load_state(self) -> None:
-        pointer = os.path.join(self._state_root(), "current")
-        if not os.path.exists(pointer):
+        directory = self._state_store().current()
+        if directory is None:
             return
-        with open(pointer, encoding="utf-8") as f:
-            directory = os.path.join(self._state_root(), f.read().strip())
         with open(os.path.join(directory, STATE_NAME), encoding="utf-8") as f:
             state = json.load(f)
         for adapter in (CONTROL_ADAPTER, PREVIOUS_ADAPTER):
