@@ -140,19 +140,27 @@ class ElegantTrainer:
         return x_T, kl
 
     # ------------------------------------------------------------------ stage 1
-    def fit_value_function(self) -> dict:
-        """Stage 1: Feynman--Kac regression of ``v_T`` on pretrained rollouts (gathered over processes)."""
+    def _pretrained_rollouts(self, desc: str):
+        """Yields ``(trajectory, reward)`` for batches of the pretrained chain from ``N(0, I)``: this process's
+        share of ``value_num_rollouts`` (the Feynman--Kac data of stages 1 and of the step values)."""
         cfg = self.config
         n_local = math.ceil(cfg.value_num_rollouts / self.accelerator.num_processes)
-        xs, rs = [], []
-        for start in self._progress(range(0, n_local, cfg.batch_size), "stage 1: pretrained rollouts"):
+        for start in self._progress(range(0, n_local, cfg.batch_size), desc):
             b = min(cfg.batch_size, n_local - start)
             self._prepare_batch(b)
             x_T = torch.randn((b, *self.sample_shape), generator=self.generator).to(self.device)
-            x0 = self.sampler.sample(x_T, self.generator, controlled=False)
+            traj = self.sampler.rollout(x_T, self.generator, controlled=False)
             with torch.no_grad():
-                rs.append(self._reward(x0, require_grad=False).float())
-            xs.append(x_T)
+                r = self._reward(traj.samples, require_grad=False).float()
+            yield traj, r
+
+    def fit_value_function(self) -> dict:
+        """Stage 1: Feynman--Kac regression of ``v_T`` on pretrained rollouts (gathered over processes)."""
+        cfg = self.config
+        xs, rs = [], []
+        for traj, r in self._pretrained_rollouts("stage 1: pretrained rollouts"):
+            xs.append(traj.states[0])
+            rs.append(r)
         x_T, r = torch.cat(xs), torch.cat(rs)
         x_T, r = self.accelerator.gather(x_T), self.accelerator.gather(r)
         torch.manual_seed(cfg.seed + 1)  # same value network on every process
@@ -198,16 +206,10 @@ class ElegantTrainer:
         """Feynman--Kac regression of ``V_k`` at every step on ``value_num_rollouts`` pretrained rollouts from
         ``N(0, I)`` (:mod:`hf_control_ft.step_values`); used by ``drift_objective="value_guided"``."""
         cfg = self.config
-        n_local = math.ceil(cfg.value_num_rollouts / self.accelerator.num_processes)
         K = len(self.schedule)
         states, rs = [[] for _ in range(K)], []
-        for start in self._progress(range(0, n_local, cfg.batch_size), "step values: pretrained rollouts"):
-            b = min(cfg.batch_size, n_local - start)
-            self._prepare_batch(b)
-            x_T = torch.randn((b, *self.sample_shape), generator=self.generator).to(self.device)
-            traj = self.sampler.rollout(x_T, self.generator, controlled=False)
-            with torch.no_grad():
-                rs.append(self._reward(traj.samples, require_grad=False).float())
+        for traj, r in self._pretrained_rollouts("step values: pretrained rollouts"):
+            rs.append(r)
             for k in range(K):
                 states[k].append(traj.states[k])
         states = [self.accelerator.gather(torch.cat(s)) for s in states]
