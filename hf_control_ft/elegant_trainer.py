@@ -441,14 +441,14 @@ class ElegantTrainer:
         """
         if not self.is_main_process:
             return None
+        import contextlib
         import tempfile
 
-        if save_directory is not None:
-            self.save_pretrained(save_directory, metrics, sample_grid, base_model, repo_id)
-            return push_directory(save_directory, repo_id, private, token, commit_message, endpoint)
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, metrics, sample_grid, base_model, repo_id)
-            return push_directory(tmp, repo_id, private, token, commit_message, endpoint)
+        target = (contextlib.nullcontext(save_directory) if save_directory is not None
+                  else tempfile.TemporaryDirectory())
+        with target as directory:
+            self.save_pretrained(directory, metrics, sample_grid, base_model, repo_id)
+            return push_directory(directory, repo_id, private, token, commit_message, endpoint)
 
     def _peft_config(self):
         if self.lora_config is not None:
