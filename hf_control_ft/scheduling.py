@@ -16,12 +16,21 @@ lower noise level; ``x_0`` in the docs is the final sample the reward sees.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
+logger = logging.getLogger(__name__)
+
 SUPPORTED_SCHEDULERS = (DDPMScheduler, DDIMScheduler)
+
+# diffusers floors a zero DDPM posterior variance at 1e-20 (``DDPMScheduler._get_variance``). Such a step adds
+# noise of standard deviation 1e-10: numerically deterministic, and a KL divided by 2e-20 is meaningless
+# (``docs`` / ``ALGORITHMS.md`` §10). Any step with a variance at or below this floor is treated as
+# deterministic: it runs the pretrained network and carries no KL and no control.
+VARIANCE_FLOOR = 1e-20
 
 
 @dataclass
@@ -36,8 +45,9 @@ class DiffusionSchedule:
 
     Attributes:
         timesteps: ``(K,)`` integer timesteps fed to the network, highest noise first.
-        std: ``(K,)`` float64 standard deviations ``sigma_k``; ``0`` marks a deterministic step (the last
-            DDPM step, the last DDIM step when ``set_alpha_to_one``). Deterministic steps cannot be
+        std: ``(K,)`` float64 standard deviations ``sigma_k``; ``0`` marks a deterministic step: the last
+            DDPM step (at ``t = 0``, or the floored-variance last step of ``steps_offset=1`` / ``"trailing"``
+            spacing), the last DDIM step when its previous ``alpha_bar`` is 1. Deterministic steps cannot be
             controlled at finite KL, so the sampler runs them with the pretrained network.
     """
 
@@ -58,6 +68,8 @@ class DiffusionSchedule:
                 f"eta must be in (0, 1], got {self.eta}. eta = 0 (deterministic DDIM) has sigma_k = 0 at every "
                 "step, so any control has infinite KL: use eta > 0 for training."
             )
+        # work on a private copy: set_timesteps below must not change the caller's scheduler
+        sched = self.scheduler = type(sched).from_config(sched.config)
         cfg = sched.config
         if cfg.prediction_type not in ("epsilon", "sample", "v_prediction"):
             raise ValueError(f"unsupported prediction_type {cfg.prediction_type!r}")
@@ -75,6 +87,12 @@ class DiffusionSchedule:
         sched.set_timesteps(self.num_inference_steps)
         self.timesteps = sched.timesteps.clone().long()
         abar = sched.alphas_cumprod.double()
+        if cfg.prediction_type == "epsilon" and float(abar[self.timesteps[0]]) < 1e-12:
+            raise ValueError(
+                "zero terminal SNR (alpha_bar = 0 at the first timestep, e.g. rescale_betas_zero_snr=True) with "
+                "prediction_type='epsilon': the clean-sample estimate (x - sqrt(1 - alpha_bar) eps) / "
+                "sqrt(alpha_bar) divides by 0. Use a v_prediction model with zero-terminal-SNR schedules."
+            )
         a_t, a_prev, std, c_x0, c_eps, c_x = [], [], [], [], [], []
         for i, t in enumerate(self.timesteps.tolist()):
             if is_ddpm:
@@ -96,10 +114,15 @@ class DiffusionSchedule:
                 elif cfg.variance_type == "fixed_large":
                     var = cur_beta
                 else:  # fixed_small and fixed_small_log share the posterior variance
-                    var = ((1 - ap) / (1 - at) * cur_beta).clamp(min=1e-20)
+                    var = (1 - ap) / (1 - at) * cur_beta
+                if var <= VARIANCE_FLOOR:
+                    # (1) diffusers floors this variance at 1e-20 and adds 1e-10 * noise: a deterministic step
+                    var = torch.tensor(0.0, dtype=torch.float64)
                 std.append(var.sqrt())
             else:
                 var = (1 - ap) / (1 - at) * (1 - at / ap)
+                if var <= VARIANCE_FLOOR:  # previous alpha_bar = 1 (set_alpha_to_one): deterministic
+                    var = torch.tensor(0.0, dtype=torch.float64)
                 s = float(self.eta) * var.sqrt()
                 std.append(s)
                 # mean = sqrt(abar_prev) * pred_x0 + sqrt(1 - abar_prev - s^2) * pred_eps
@@ -165,3 +188,42 @@ class DiffusionSchedule:
         if s == 0 or noise is None:
             return mu
         return mu + s * noise
+
+
+# keys of a variance-preserving scheduler config that define the noise schedule and the timestep grid
+_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                  "prediction_type", "timestep_spacing", "steps_offset", "set_alpha_to_one",
+                  "rescale_betas_zero_snr")
+
+
+def as_stochastic_scheduler(scheduler) -> DDPMScheduler | DDIMScheduler:
+    """A new ``DDPMScheduler`` / ``DDIMScheduler`` for the stochastic sampler; ``scheduler`` is never modified.
+
+    * DDPM / DDIM: a fresh copy with the same config (``DiffusionSchedule`` calls ``set_timesteps``, which
+      must not change the user's object).
+    * Other schedulers of a variance-preserving noise schedule (e.g. the ``PNDMScheduler`` Stable Diffusion
+      1.x ships with, Euler, DPM-Solver): a ``DDIMScheduler`` with the *same* noise schedule and timestep grid
+      (the keys in ``_SCHEDULE_KEYS``), ``clip_sample=False`` and ``thresholding=False`` set explicitly
+      (``DDIMScheduler.from_config`` would otherwise fill ``clip_sample=True`` and clamp latents to +-1). One
+      log line says what was inherited and what took DDIM's default.
+    * Flow-matching schedulers (``FlowMatchEulerDiscreteScheduler``) and anything without a beta schedule are
+      refused: their noise schedule is not variance preserving and converting them would train a different
+      process.
+    """
+    name = type(scheduler).__name__
+    config = getattr(scheduler, "config", None)
+    if "FlowMatch" in name or config is None or "beta_schedule" not in config:
+        raise ValueError(
+            f"{name} is not supported by the DDPM/DDIM stochastic sampler: ELEGANT here needs a variance-"
+            "preserving noise schedule (DDPMScheduler, DDIMScheduler, or a scheduler with the same beta schedule "
+            "such as PNDMScheduler / EulerDiscreteScheduler, converted to DDIM). Flow-matching schedulers "
+            "(SD3, FLUX) are not supported yet."
+        )
+    if isinstance(scheduler, (DDPMScheduler, DDIMScheduler)):
+        return type(scheduler).from_config(scheduler.config)
+    inherited = {k: config[k] for k in _SCHEDULE_KEYS if k in config}
+    defaulted = [k for k in _SCHEDULE_KEYS if k not in config]
+    converted = DDIMScheduler.from_config(inherited, clip_sample=False, thresholding=False)
+    logger.info("converted %s to DDIMScheduler for stochastic sampling: inherited %s; DDIM defaults for %s; "
+                "clip_sample=False, thresholding=False", name, inherited, defaulted or "nothing")
+    return converted

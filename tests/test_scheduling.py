@@ -12,7 +12,8 @@ from hf_control_ft.scheduling import DiffusionSchedule
 def test_ddim_mean_and_std_match_scheduler_step(eta, prediction_type, clip):
     sched = DDIMScheduler(num_train_timesteps=1000, prediction_type=prediction_type, clip_sample=clip,
                           set_alpha_to_one=False)
-    sch = DiffusionSchedule(sched, 10, eta)
+    sch = DiffusionSchedule(sched, 10, eta)  # works on its own copy of the scheduler
+    sched.set_timesteps(10)
     g = torch.Generator().manual_seed(0)
     for k, t in enumerate(sch.timesteps):
         x = torch.randn(3, 4, generator=g)
@@ -34,7 +35,8 @@ def test_ddim_with_steps_offset_is_stochastic_at_every_step():
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_ddpm_mean_and_std_match_scheduler_step(variance_type, prediction_type):
     sched = DDPMScheduler(num_train_timesteps=1000, variance_type=variance_type, prediction_type=prediction_type)
-    sch = DiffusionSchedule(sched, 8, 1.0)
+    sch = DiffusionSchedule(sched, 8, 1.0)  # works on its own copy of the scheduler
+    sched.set_timesteps(8)
     g = torch.Generator().manual_seed(1)
     for k, t in enumerate(sch.timesteps):
         x = torch.randn(2, 3, generator=g)
