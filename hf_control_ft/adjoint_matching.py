@@ -112,7 +112,7 @@ def adjoint_matching_backward(sampler: ControlledSampler, trajectory: Trajectory
             adjoint = value_gradient(trajectory.states[k + 1], k + 1).detach()
         x_k = trajectory.states[k].detach()
         x_in = x_k.clone().requires_grad_(value_gradient is None)
-        with torch.enable_grad():
+        with torch.enable_grad(), sampler.kl_context():
             mu_pre = sampler.mean(x_in, k, controlled=False)
             outputs, grads = ([mu_pre], [adjoint]) if value_gradient is None else ([], [])
             if schedule.is_stochastic(k):

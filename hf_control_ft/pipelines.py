@@ -25,8 +25,8 @@ from .initial_noise import InitialNoiseModel
 from .lora_io import attach_lora_file
 from .persistence import INITIAL_NOISE_DIR, read_saved, resolve_directory
 from .sampler import ControlledSampler
-from .scheduling import DiffusionSchedule
-from .stable_diffusion import (OPTIONS_NAME, GuidedUNet, StableDiffusionOptions, as_stochastic_scheduler,
+from .scheduling import DiffusionSchedule, as_stochastic_scheduler
+from .stable_diffusion import (OPTIONS_NAME, GuidedUNet, StableDiffusionOptions,
                                decode_latents, encode_prompts, latent_shape)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -77,7 +77,8 @@ class _ControlMixin:
 
     def _sampler(self, denoiser, num_inference_steps, eta) -> ControlledSampler:
         cfg = self.control_config
-        schedule = DiffusionSchedule(self.scheduler, int(num_inference_steps or cfg.num_inference_steps),
+        # a DDPM/DDIM copy of the pipeline's scheduler (same noise schedule); self.scheduler is left unchanged
+        schedule = DiffusionSchedule(as_stochastic_scheduler(self.scheduler), int(num_inference_steps or cfg.num_inference_steps),
                                      float(eta if eta is not None else cfg.eta))
         return ControlledSampler(denoiser, schedule, gradient_checkpointing=False)
 
@@ -91,7 +92,8 @@ class ControlledDiffusionPipeline(DiffusionPipeline, _ControlMixin):
 
     def __init__(self, unet: torch.nn.Module, scheduler):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=as_stochastic_scheduler(scheduler))
+        as_stochastic_scheduler(scheduler)  # refuses schedulers the stochastic sampler cannot run
+        self.register_modules(unet=unet, scheduler=scheduler)
         self.initial_noise = None
         self.control_config = None
         self.sample_shape = None
@@ -172,7 +174,7 @@ class ControlledStableDiffusionPipeline(StableDiffusionPipeline, _ControlMixin):
         directory = resolve_directory(control, **hub_kwargs)
         self._load_common(directory)
         self.control_options = StableDiffusionOptions.load(os.path.join(directory, OPTIONS_NAME))
-        self.scheduler = as_stochastic_scheduler(self.scheduler)
+        as_stochastic_scheduler(self.scheduler)  # refuses schedulers the stochastic sampler cannot run
         self.load_lora_weights(directory, adapter_name=CONTROL_ADAPTER)
         if self.initial_noise is not None:
             self.initial_noise.to(self.unet.device)

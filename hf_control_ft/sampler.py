@@ -29,12 +29,21 @@ network, e.g. the previous round's control) every stochastic step also measures
 flowing through ``x_k`` into all three means (never into the frozen reference adapter). Without a reference
 adapter nothing changes.
 
+**Precision of the KL.** ``KL_k`` is the squared difference of two network outputs. Under half-precision
+autocast each output carries rounding noise of relative size 2^-8 (bf16) or 2^-11 (fp16), and their difference
+has a noise floor that can exceed the true KL of a small control by orders of magnitude
+(``benchmarks/kl_precision.py``). ``kl_context`` (a callable returning a context manager, e.g.
+:meth:`hf_control_ft.stable_diffusion.GuidedUNet.full_precision`) wraps every network call that feeds a KL:
+the fine-tuned, pretrained and reference means of :meth:`step_with_kl` / :meth:`step_with_kls` (and of the
+adjoint-matching regression). Plain sampling steps without a KL run as the model is configured.
+
 Truncation (``truncate_backprop_steps=N``) backpropagates through the last ``N`` steps only. It is an
 approximation (DRaFT-K style): earlier steps get no gradient; their KL is still measured and reported.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +99,8 @@ class ControlledSampler:
         model_kwargs: extra keyword arguments for every denoiser call (e.g. ``encoder_hidden_states``).
         reference_adapter: name of a frozen adapter on ``model`` whose chain is the reference of a second
             per-step KL term (SEIKO's previous round); ``None`` (default) for the plain ELEGANT sampler.
+        kl_context: callable returning a context manager entered around every network call that feeds a KL
+            (see the module docstring); ``None``: no change.
     """
 
     def __init__(
@@ -100,6 +111,7 @@ class ControlledSampler:
         truncate_backprop_steps: int | None = None,
         model_kwargs: dict | None = None,
         reference_adapter: str | None = None,
+        kl_context=None,
     ):
         self.model = model
         self.schedule = schedule
@@ -109,6 +121,7 @@ class ControlledSampler:
         self.truncate_backprop_steps = truncate_backprop_steps
         self.model_kwargs = model_kwargs or {}
         self.reference_adapter = reference_adapter
+        self.kl_context = kl_context or contextlib.nullcontext
 
     # ------------------------------------------------------------------ single steps
     def predict(self, x: torch.Tensor, k: int) -> torch.Tensor:
@@ -138,9 +151,10 @@ class ControlledSampler:
         if not self.schedule.is_stochastic(k):
             zeros = x.new_zeros(x.shape[0])
             return self.mean(x, k, controlled=False), zeros, zeros
-        mu_ft = self.mean(x, k, controlled=True)
-        mu_pre = self.mean(x, k, controlled=False)
-        mu_ref = self.reference_mean(x, k)
+        with self.kl_context():
+            mu_ft = self.mean(x, k, controlled=True)
+            mu_pre = self.mean(x, k, controlled=False)
+            mu_ref = self.reference_mean(x, k)
         std = self.schedule.std[k]
         return self.schedule.step_from_mean(mu_ft, k, noise), gaussian_kl(mu_ft, mu_pre, std), gaussian_kl(mu_ft, mu_ref, std)
 
@@ -148,8 +162,9 @@ class ControlledSampler:
         """``(x_{k+1}, KL_k)`` for one step; ``KL_k`` is ``(B,)`` (zeros for deterministic steps)."""
         if not self.schedule.is_stochastic(k):
             return self.mean(x, k, controlled=False), x.new_zeros(x.shape[0])
-        mu_ft = self.mean(x, k, controlled=True)
-        mu_pre = self.mean(x, k, controlled=False)
+        with self.kl_context():
+            mu_ft = self.mean(x, k, controlled=True)
+            mu_pre = self.mean(x, k, controlled=False)
         kl = gaussian_kl(mu_ft, mu_pre, self.schedule.std[k])
         return self.schedule.step_from_mean(mu_ft, k, noise), kl
 

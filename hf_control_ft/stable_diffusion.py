@@ -14,9 +14,15 @@ ones the unconditional trainer uses:
 :class:`StableDiffusionElegantTrainer` draws a batch of prompts before every batch of samples (the hook
 :meth:`~hf_control_ft.ElegantTrainer._prepare_batch`) and sets them on both adapters.
 
-Mixed precision: the frozen UNet / VAE / text encoder may be cast to fp16 or bf16; the LoRA parameters stay
-in fp32 and every UNet / VAE call runs under ``torch.autocast``. Sampler arithmetic (means, KL, noise) is
-fp32.
+Mixed precision (``mixed_precision="fp16"|"bf16"``): the VAE and text encoder are cast to the half dtype, the
+LoRA parameters stay fp32, and sampling steps without a KL (rollouts, stage-1 data, inference) run the UNet
+under ``torch.autocast``. The per-step KL is the squared difference of two UNet outputs times the guidance
+scale, so half-precision rounding gives it a floor far above the KL of a small control. With
+``kl_precision="fp32"`` (default) the UNet keeps fp32 weights and every UNet call that feeds a KL runs without
+autocast (:meth:`GuidedUNet.full_precision`, used as the sampler's ``kl_context``); on GPU, TF32 matmuls apply
+if the user enabled them. ``kl_precision="autocast"`` runs those calls in the half dtype too (faster, UNet
+weights cast to the half dtype) and logs a warning: its KL floor is measured by ``benchmarks/kl_precision.py``.
+Sampler arithmetic (means, KL, noise) is fp32 in every mode.
 
 Limitation: the learned initial-noise model is prompt-agnostic; it targets the prompt-averaged tilt of
 ``x_T`` (``ALGORITHMS.md`` §3 with the value averaged over the prompt distribution).
@@ -27,22 +33,26 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-from .config import ElegantConfig
 from torch.utils.checkpoint import checkpoint
 
+from .config import ElegantConfig
 from .control import add_lora_control, tuner_layers
 from .elegant_trainer import ElegantTrainer
 from .reward_checks import reward_name
 from .rewards import call_reward
+from .scheduling import as_stochastic_scheduler
+
+logger = logging.getLogger(__name__)
 
 OPTIONS_NAME = "stable_diffusion.json"
 DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+KL_PRECISIONS = ("fp32", "autocast")
 
 
 # ------------------------------------------------------------------------------------------------ prompts
@@ -167,6 +177,20 @@ class GuidedUNet(nn.Module):
         self.autocast_dtype = autocast_dtype
         self.prompt_embeds = None
         self.negative_embeds = None
+        self._full_precision = False
+
+    @contextlib.contextmanager
+    def full_precision(self):
+        """Inside the block the UNet runs without autocast, in its own (fp32) weights' precision.
+
+        The sampler enters it around the calls whose outputs are subtracted for the KL (``mu_ft - mu_pre``):
+        a difference of two half-precision outputs is dominated by rounding when the control is small.
+        """
+        previous, self._full_precision = self._full_precision, True
+        try:
+            yield
+        finally:
+            self._full_precision = previous
 
     @property
     def peft_config(self):
@@ -190,8 +214,9 @@ class GuidedUNet(nn.Module):
         cond = self.prompt_embeds
         if cond.shape[0] != B:
             raise ValueError(f"GuidedUNet: {cond.shape[0]} prompt embeddings for a batch of {B} samples")
-        dtype = self.unet.dtype if self.autocast_dtype is None else self.autocast_dtype
-        with _autocast(sample.device, self.autocast_dtype):
+        autocast_dtype = None if self._full_precision else self.autocast_dtype
+        dtype = self.unet.dtype if autocast_dtype is None else autocast_dtype
+        with _autocast(sample.device, autocast_dtype):
             if self.do_guidance:
                 neg = self.negative_embeds.expand(B, *self.negative_embeds.shape[1:])
                 x = torch.cat([sample, sample]).to(dtype)
@@ -245,10 +270,14 @@ class StableDiffusionOptions:
         guidance_scale: classifier-free guidance weight (``<= 1``: no guidance).
         negative_prompt: the unconditional prompt of classifier-free guidance.
         height / width: image size in pixels (multiples of the VAE scale factor, usually 8).
-        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"``: dtype of the frozen UNet / VAE / text encoder
-            and of autocast. LoRA parameters stay fp32.
+        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"``: dtype of the frozen VAE / text encoder and of
+            autocast. LoRA parameters stay fp32.
+        kl_precision: ``"fp32"`` (default): UNet weights stay fp32 and every UNet call feeding a KL runs
+            without autocast, so the KL matches fp32 training; ``"autocast"``: those calls run in the half dtype
+            too (UNet weights cast to it), faster but with a KL rounding floor (module docstring).
         base_model: Hub id or path of the base pipeline (for the model card and for loading).
         prompt_column: column of a ``datasets`` prompt source.
+        guidance_rescale: must be 0 (accepted so that diffusers' argument gets a clear error, not a TypeError).
     """
 
     guidance_scale: float = 7.5
@@ -256,8 +285,10 @@ class StableDiffusionOptions:
     height: int | None = None
     width: int | None = None
     mixed_precision: str = "no"
+    kl_precision: str = "fp32"
     base_model: str | None = None
     prompt_column: str = "prompt"
+    guidance_rescale: float = 0.0
 
     def __post_init__(self):
         def check(cond, name, msg):
@@ -267,8 +298,14 @@ class StableDiffusionOptions:
         check(isinstance(self.guidance_scale, (int, float)) and self.guidance_scale >= 0, "guidance_scale",
               f"must be a number >= 0, got {self.guidance_scale!r}")
         check(isinstance(self.negative_prompt, str), "negative_prompt", "must be a string")
+        check(self.guidance_rescale == 0, "guidance_rescale",
+              f"is not supported (got {self.guidance_rescale!r}): rescaling the guided prediction by its standard "
+              "deviation makes the transition mean a non-linear function of both branches, which the exact KL "
+              "accounting does not cover; use 0")
         check(self.mixed_precision in DTYPES, "mixed_precision",
               f"must be one of {sorted(DTYPES)}, got {self.mixed_precision!r}")
+        check(self.kl_precision in KL_PRECISIONS, "kl_precision",
+              f"must be one of {KL_PRECISIONS}, got {self.kl_precision!r}")
         for name in ("height", "width"):
             v = getattr(self, name)
             check(v is None or (isinstance(v, int) and v >= 8 and v % 8 == 0), name,
@@ -290,16 +327,6 @@ class StableDiffusionOptions:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
-def as_stochastic_scheduler(scheduler):
-    """The scheduler itself if DDPM / DDIM, else a ``DDIMScheduler`` with the same noise schedule (e.g. the
-    ``PNDMScheduler`` that SD 1.5 ships with: ELEGANT needs Gaussian transitions)."""
-    from diffusers import DDIMScheduler, DDPMScheduler
-
-    if isinstance(scheduler, (DDIMScheduler, DDPMScheduler)):
-        return scheduler
-    return DDIMScheduler.from_config(scheduler.config)
-
-
 def latent_shape(pipeline, height: int | None, width: int | None) -> tuple[int, int, int]:
     """``(C, h, w)`` of the latents for ``height x width`` images (defaults: the UNet's sample size)."""
     scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
@@ -311,6 +338,21 @@ def latent_shape(pipeline, height: int | None, width: int | None) -> tuple[int, 
         raise ValueError(f"height and width must be multiples of the VAE scale factor {scale}, got "
                          f"{height}x{width}")
     return (pipeline.unet.config.in_channels, height // scale, width // scale)
+
+
+def check_supported_pipeline(pipeline) -> None:
+    """Raises ``ValueError`` naming the pipeline when it is not a Stable Diffusion 1.x/2.x text-to-image pipeline
+    (one CLIP text encoder, a ``UNet2DConditionModel``, a variance-preserving scheduler)."""
+    name = type(pipeline).__name__
+    supported = "StableDiffusionPipeline (SD 1.x / 2.x)"
+    if "XL" in name or getattr(pipeline, "text_encoder_2", None) is not None:
+        raise ValueError(f"{name}: SDXL pipelines (two text encoders, pooled embeddings, added time ids) are not "
+                         f"supported yet; supported: {supported}")
+    for attr in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if getattr(pipeline, attr, None) is None:
+            raise ValueError(f"{name} has no {attr!r} component; supported: {supported} (flow-matching "
+                             "transformer pipelines such as SD3 / FLUX are not supported yet)")
+    as_stochastic_scheduler(pipeline.scheduler)  # raises for flow-matching / unknown schedulers
 
 
 # ------------------------------------------------------------------------------------------------ trainer
@@ -329,15 +371,24 @@ class StableDiffusionElegantTrainer(ElegantTrainer):
         if config.drift_objective == "value_guided":
             raise ValueError("ElegantConfig.drift_objective: 'value_guided' fits prompt-agnostic step values over "
                              "stored states; use 'pathwise' or 'adjoint_matching' for Stable Diffusion")
+        check_supported_pipeline(pipeline)
         options = options or StableDiffusionOptions()
         self.options = options
         self.pipeline = pipeline
         self.prompts = load_prompts(prompts, options.prompt_column)
         unet, vae, text_encoder = pipeline.unet, pipeline.vae, pipeline.text_encoder
+        precise_kl = options.kl_precision == "fp32"
         for module in (unet, vae, text_encoder):
             module.requires_grad_(False)
-            if options.dtype is not None:
+            if module is unet and precise_kl:
+                module.to(torch.float32)  # the KL passes run in the weights' precision
+            elif options.dtype is not None:
                 module.to(options.dtype)
+        if options.dtype is not None and not precise_kl:
+            logger.warning(
+                "kl_precision='autocast' with mixed_precision=%r: the per-step KL is a difference of two "
+                "half-precision UNet outputs and has a rounding floor (benchmarks/kl_precision.py measures it); "
+                "use kl_precision='fp32' when the KL must be exact", options.mixed_precision)
         torch.manual_seed(config.seed)
         self.unet_lora_config = add_lora_control(unet, config.lora_rank, config.lora_target_modules,
                                                  config.lora_alpha)
@@ -348,8 +399,12 @@ class StableDiffusionElegantTrainer(ElegantTrainer):
         denoiser = GuidedUNet(unet, options.guidance_scale, options.dtype)
         self.latent_reward = LatentReward(vae, reward_fn, options.dtype) if reward_fn is not None else None
         shape = latent_shape(pipeline, options.height, options.width)
-        pipeline.scheduler = as_stochastic_scheduler(pipeline.scheduler)
-        super().__init__(config, denoiser, pipeline.scheduler, self.latent_reward, shape, accelerator=accelerator)
+        # the sampler's own DDPM/DDIM copy; the pipeline's scheduler is left as the user set it
+        self.stochastic_scheduler = as_stochastic_scheduler(pipeline.scheduler)
+        super().__init__(config, denoiser, self.stochastic_scheduler, self.latent_reward, shape,
+                         accelerator=accelerator)
+        if precise_kl:
+            self.sampler.kl_context = denoiser.full_precision
         self.lora_config = self.unet_lora_config
         self.user_reward_fn = reward_fn
         self.reward_name = reward_name(reward_fn) if reward_fn is not None else None

@@ -82,3 +82,33 @@ def tiny_unet_output(unet, seed: int = 1) -> torch.Tensor:
     emb = torch.randn(2, 16, 32, generator=g)
     with torch.no_grad():
         return unet(x, torch.tensor([700, 300]), encoder_hidden_states=emb).sample
+
+
+def scale_lora(model: torch.nn.Module, scale: float, seed: int = 0) -> None:
+    """Sets every LoRA ``B`` matrix to ``scale * N(0, 1)`` (``A`` keeps its initialisation): a control of known
+    size, identical across trainers built with the same seed."""
+    from .control import tuner_layers
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in tuner_layers(model):
+            for name, b in sorted(layer.lora_B.items()):
+                b.weight.copy_(scale * torch.randn(b.weight.shape, generator=g).to(b.weight))
+
+
+def kl_and_gradient(trainer, batch_size: int = 2, seed: int = 0) -> tuple[float, float]:
+    """``(mean path KL per sample, norm of its LoRA gradient)`` of ``trainer``'s fine-tuned chain from ``N(0, I)``
+    with fixed prompts / noise (``seed``): the quantities whose precision ``benchmarks/kl_precision.py``
+    compares between precision modes."""
+    from .control import lora_parameters
+
+    gen = torch.Generator().manual_seed(seed)
+    trainer._prepare_batch(batch_size, gen)
+    x_T = torch.randn((batch_size, *trainer.sample_shape), generator=gen).to(trainer.device)
+    traj = trainer.sampler.rollout(x_T, gen)
+    params = lora_parameters(trainer.model)
+    for p in params:
+        p.grad = None
+    trainer.sampler.backpropagate(traj, torch.zeros_like(traj.samples), 1.0 / batch_size)
+    grad = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+    return float(traj.kl.mean()), float(grad)

@@ -194,7 +194,8 @@ def test_bf16_mixed_precision_keeps_both_adapters_in_fp32(tmp_path):
     trainer = SeikoTrainer.from_pipeline(pipe, PromptOracle(), seiko_sd_config(tmp_path / "run", num_rounds=1,
                                                                                queries_per_round=[3]),
                                          prompts=PROMPTS, guidance_scale=2.0, mixed_precision="bf16")
-    assert pipe.unet.conv_in.weight.dtype == torch.bfloat16 and pipe.vae.decoder.conv_in.weight.dtype == torch.bfloat16
+    # kl_precision="fp32" (default): fp32 UNet weights for the KL passes, bf16 VAE
+    assert pipe.unet.conv_in.weight.dtype == torch.float32 and pipe.vae.decoder.conv_in.weight.dtype == torch.bfloat16
     for name in ("control", "previous"):
         assert all(p.dtype == torch.float32 for p in lora_parameters(trainer.model, name))
     metrics = trainer.train()

@@ -208,7 +208,9 @@ def test_bf16_autocast_keeps_lora_in_fp32_and_trains():
     trainer = ElegantTrainer.from_pipeline(pipe, BrightnessReward(), sd_config(learn_initial_noise=False, train_steps=1),
                                            prompts=PROMPTS, mixed_precision="bf16", guidance_scale=1.0)
     assert type(trainer.schedule.scheduler).__name__ == "DDIMScheduler"
-    assert pipe.unet.conv_in.weight.dtype == torch.bfloat16
+    assert type(pipe.scheduler).__name__ == "PNDMScheduler"  # the user's pipeline keeps its scheduler
+    # kl_precision="fp32" (default): the UNet keeps fp32 weights for the KL passes; the VAE runs in bf16
+    assert pipe.unet.conv_in.weight.dtype == torch.float32 and pipe.vae.dtype == torch.bfloat16
     params = lora_parameters(trainer.model)
     assert params and all(p.dtype == torch.float32 for p in params)
     metrics = trainer.train()

@@ -1,0 +1,110 @@
+"""Precision of the per-step KL and its LoRA gradient under every precision mode the library offers, as JSON.
+
+The KL of a step is ``||mu_ft - mu_pre||^2 / (2 sigma^2)``: a squared difference of two UNet outputs, times the
+guidance scale squared. Under half-precision autocast both outputs carry rounding noise and the KL gets a floor
+that does not shrink with the control. For each mode, guidance scale and LoRA size (every ``B`` matrix set to
+``scale * N(0, 1)``) this prints the mean path KL per sample and the norm of its LoRA gradient (the drift
+stage's backward sweep with the KL alone), each as a ratio to fp32, and the seconds per KL + gradient
+evaluation.
+
+Modes: ``fp32``; ``fp16`` / ``bf16`` (``mixed_precision``, default ``kl_precision="fp32"``: UNet calls that feed
+a KL run in fp32, the rest under autocast); ``fp16-autocast`` / ``bf16-autocast`` (``kl_precision="autocast"``:
+every UNet call in the half dtype); ``tf32`` (fp32 with TF32 matmuls) where a CUDA device is present.
+
+    python benchmarks/kl_precision.py                         # tiny SD + SD-1.5-shaped UNet (CPU: ~15 min)
+    python benchmarks/kl_precision.py --models tiny           # tiny SD only (~1 min)
+
+The last stdout line is one JSON object: ``{"records": [...], "summary": {...}}``; ``summary`` gives, per mode,
+the worst KL and gradient ratio over the settings whose fp32 KL per sample is >= 0.1 nats (the goal: within
+10%) and the floor (the KL at the smallest control).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from hf_control_ft import ElegantConfig, ElegantTrainer
+from hf_control_ft.testing import kl_and_gradient, scale_lora, sd15_components, tiny_components
+
+PROMPTS = ["a photo of a cat", "a red car in the rain"]
+MODES = {  # name -> (mixed_precision, kl_precision)
+    "fp32": ("no", "fp32"),
+    "fp16": ("fp16", "fp32"),
+    "bf16": ("bf16", "fp32"),
+    "fp16-autocast": ("fp16", "autocast"),
+    "bf16-autocast": ("bf16", "autocast"),
+}
+
+
+def build(model: str, mode: str, guidance: float, steps: int, resolution: int | None, device: str):
+    mixed, kl_precision = MODES.get(mode, ("no", "fp32"))
+    pipe = StableDiffusionPipeline(**(tiny_components() if model == "tiny" else sd15_components())).to(device)
+    cfg = ElegantConfig(alpha=1.0, eta=1.0, num_inference_steps=steps, learn_initial_noise=False, batch_size=2,
+                        report_to=None, lora_rank=4, gradient_checkpointing=model != "tiny")
+    return ElegantTrainer.from_pipeline(pipe, None, cfg, prompts=PROMPTS, guidance_scale=guidance,
+                                        mixed_precision=mixed, kl_precision=kl_precision, height=resolution,
+                                        width=resolution)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["tiny", "sd15"], choices=["tiny", "sd15"])
+    parser.add_argument("--scales", nargs="+", type=float, default=[1e-4, 1e-3, 1e-2, 1e-1])
+    parser.add_argument("--guidance_scales", nargs="+", type=float, default=[1.0, 7.5])
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: tiny 10, sd15 4)")
+    parser.add_argument("--sd15_resolution", type=int, default=64, help="image size of the SD-1.5-shaped runs")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    modes = list(MODES) + (["tf32"] if args.device == "cuda" else [])
+    records = []
+    for model in args.models:
+        steps = args.steps or (10 if model == "tiny" else 4)
+        resolution = None if model == "tiny" else args.sd15_resolution
+        for guidance in args.guidance_scales:
+            reference = {}
+            for mode in modes:
+                torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
+                torch.backends.cudnn.allow_tf32 = mode == "tf32"
+                trainer = build(model, mode, guidance, steps, resolution, args.device)
+                for scale in args.scales:
+                    scale_lora(trainer.model.unet, scale)
+                    kl_and_gradient(trainer)  # warm-up (allocations, autocast weight cache)
+                    t0 = time.perf_counter()
+                    kl, grad = kl_and_gradient(trainer)
+                    if args.device == "cuda":
+                        torch.cuda.synchronize()
+                    seconds = time.perf_counter() - t0
+                    if mode == "fp32":
+                        reference[scale] = (kl, grad)
+                    kl32, grad32 = reference[scale]
+                    rec = {"model": model, "mode": mode, "guidance_scale": guidance, "lora_scale": scale,
+                           "steps": steps, "kl": kl, "grad_norm": grad, "kl_fp32": kl32, "grad_norm_fp32": grad32,
+                           "kl_ratio": kl / kl32 if kl32 > 0 else None,
+                           "grad_ratio": grad / grad32 if grad32 > 0 else None, "seconds": seconds}
+                    records.append(rec)
+                    print(json.dumps(rec), flush=True)
+                del trainer
+    summary = {}
+    for model in args.models:
+        for mode in modes:
+            rows = [r for r in records if r["model"] == model and r["mode"] == mode]
+            at_op = [r for r in rows if r["kl_fp32"] >= 0.1]
+            smallest = min(rows, key=lambda r: r["lora_scale"])
+            t32 = sum(r["seconds"] for r in records if r["model"] == model and r["mode"] == "fp32")
+            summary[f"{model}/{mode}"] = {
+                "worst_kl_error": max((abs(r["kl_ratio"] - 1) for r in at_op), default=None),
+                "worst_grad_error": max((abs(r["grad_ratio"] - 1) for r in at_op), default=None),
+                "kl_floor_at_smallest_scale": {str(r["guidance_scale"]): r["kl"] for r in rows
+                                               if r["lora_scale"] == smallest["lora_scale"]},
+                "time_vs_fp32": sum(r["seconds"] for r in rows) / t32,
+            }
+    print(json.dumps({"records": records, "summary": summary}))
+
+
+if __name__ == "__main__":
+    main()
