@@ -9,6 +9,10 @@ pretrained rollout ``x_0 .. x_K`` gives ``K`` pairs ``(x_k, r(x_K))``; one time-
 ``grad V_k`` is the Rao--Blackwellised lean adjoint: ``grad V_k(x) = E_{Q*}[a_k | x_k = x]`` under the tilted
 path law (:mod:`hf_control_ft.adjoint_matching`), without the heavy tail of single-path adjoints.
 
+The network predicts in units of the reward's spread with a least-squares warm start and a reduced learning
+rate in the exponential phase, exactly as stage 1 (:mod:`hf_control_ft.value_function`, "Output scale" and
+"Warm start"), so the fit holds at small alpha.
+
 Memory: the fit keeps the rollouts' states (``N * K`` samples); for large samples keep ``N`` small or
 subsample steps (``steps_per_rollout``).
 """
@@ -20,7 +24,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .networks import FieldNetwork
-from .value_function import safe_exp, soft_value_shift
+from .value_function import (WARM_START_FRACTION, check_value_range, exp_phase_lr_factor, reward_scale,
+                             soft_value_shift, value_regression_loss)
 
 
 class StepValueFunction(nn.Module):
@@ -39,11 +44,14 @@ class StepValueFunction(nn.Module):
         self.net = FieldNetwork(sample_shape, out="scalar", hidden=hidden, depth=depth)
         self.register_buffer("times", torch.as_tensor(times, dtype=torch.float32).clone())
         self.register_buffer("shift", torch.zeros(()))
+        self.register_buffer("scale", torch.ones(()))  # s_r, reward units
+
+    def _time(self, k):
+        return self.times[k] if isinstance(k, int) else self.times[k.to(self.times.device)]
 
     def normalized(self, x: torch.Tensor, k) -> torch.Tensor:
         """``u(x, s_k) = (V_k(x) - c) / alpha``, ``(B,)``; ``k`` an int or a ``(B,)`` long tensor."""
-        s = self.times[k] if isinstance(k, int) else self.times[k.to(self.times.device)]
-        return self.net(x, s)
+        return (self.scale / self.alpha) * self.net(x, self._time(k))
 
     def forward(self, x: torch.Tensor, k) -> torch.Tensor:
         """``V_k(x)`` in reward units, ``(B,)``."""
@@ -70,19 +78,32 @@ class StepValueFunction(nn.Module):
         x_all = torch.stack([s.detach() for s in states])  # (K, N, *shape)
         rewards = rewards.detach().to(x_all.device).float()
         self.shift.fill_(soft_value_shift(rewards, self.alpha))
-        z = (rewards - self.shift) / self.alpha
-        opt = torch.optim.Adam(self.net.parameters(), lr=lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        self.scale.fill_(reward_scale(rewards))
+        warm_steps = int(WARM_START_FRACTION * steps)
+        # two phases, each with its own Adam + cosine schedule: least squares, then the exponential loss at a
+        # learning rate scaled by min(1, alpha / s_r)
+        phases = [(warm_steps, lr, True), (steps - warm_steps, lr * exp_phase_lr_factor(float(self.scale), self.alpha),
+                                           False)]
         last = float("nan")
-        for _ in tqdm(range(steps), desc="step values", disable=not progress):
-            k = torch.randint(0, K, (batch_size,), generator=generator).to(x_all.device)
-            n = torch.randint(0, N, (batch_size,), generator=generator).to(x_all.device)
-            u = self.normalized(x_all[k, n], k)
-            loss = (safe_exp(z[n] - u) + u).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            last = loss.item()
+        bar = tqdm(total=steps, desc="step values", disable=not progress)
+        for n_steps, phase_lr, warm in phases:
+            if n_steps <= 0:
+                continue
+            opt = torch.optim.Adam(self.net.parameters(), lr=phase_lr)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, n_steps)
+            for _ in range(n_steps):
+                k = torch.randint(0, K, (batch_size,), generator=generator).to(x_all.device)
+                n = torch.randint(0, N, (batch_size,), generator=generator).to(x_all.device)
+                f = self.net(x_all[k, n], self._time(k))
+                loss = value_regression_loss(f, rewards[n], self.shift, self.scale, self.alpha, warm_start=warm)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                last = loss.item()
+                bar.update(1)
+        bar.close()
         self.requires_grad_(False)
+        with torch.no_grad():
+            check_value_range(self(x_all[0, :4096], 0), rewards[:4096], self.alpha, "step values V_0")
         return last
