@@ -15,6 +15,16 @@ through them):
   the standard deviation of the observed values, so ``C`` is in units of observed-reward spread;
 * ``"bootstrap"``: heads trained on bootstrap resamples of ``D``; ``mean_h r_h + C * std_h r_h``;
 * ``"ts"`` (Thompson sampling): heads on bootstrap resamples; one head ``r_h`` drawn per round.
+
+**Bounded optimism.** Both bonuses grow without bound off the data (the UCB width is linear in ``|phi|``; the
+heads' spread grows with the distance from the data), and the drift would chase them off the feasible
+manifold. Two guards, both documented config fields of SEIKO:
+
+* the bonus is saturated smoothly at ``bonus_cap * s_y``: ``g = m tanh(g_raw / m)`` with ``m = bonus_cap * s_y``
+  (equal to ``g_raw`` to first order where ``g_raw`` is small against ``m``, never above ``m``, and with a
+  vanishing gradient far off the data, so there is nothing to chase there);
+* feature standard deviations are floored at ``feature_std_floor`` times their mean over features, so a nearly
+  constant feature (an image border) cannot turn a tiny shift into a huge standardised feature.
 """
 
 from __future__ import annotations
@@ -51,11 +61,16 @@ class RewardEnsemble(nn.Module):
         hidden, depth: width of ``phi`` and number of hidden layers per head.
         feature_extractor: differentiable ``(B, *sample_shape) -> (B, feature_dim)``; default flattens.
         feature_dim: output width of ``feature_extractor`` (required with one).
+        feature_std_floor: feature standard deviations are floored at this fraction of their mean (module
+            docstring); 0 keeps only a 1e-6 floor.
     """
 
     def __init__(self, sample_shape, ensemble_size: int = 4, hidden: int = 64, depth: int = 2,
-                 feature_extractor=None, feature_dim: int | None = None):
+                 feature_extractor=None, feature_dim: int | None = None, feature_std_floor: float = 0.1):
         super().__init__()
+        if not feature_std_floor >= 0:
+            raise ValueError(f"feature_std_floor must be >= 0, got {feature_std_floor!r}")
+        self.feature_std_floor = float(feature_std_floor)
         self.sample_shape = tuple(int(d) for d in sample_shape)
         if feature_extractor is not None and feature_dim is None:
             raise ValueError("feature_dim is required with a feature_extractor")
@@ -104,7 +119,8 @@ class RewardEnsemble(nn.Module):
         with torch.no_grad():
             f = x.reshape(x.shape[0], -1) if self.feature_extractor is None else self.feature_extractor(x)
             self.f_mean.copy_(f.mean(0))
-            self.f_std.copy_(f.std(0).clamp_min(1e-6))
+            std = f.std(0)
+            self.f_std.copy_(std.clamp_min(max(self.feature_std_floor * float(std.mean()), 1e-6)))
             self.y_mean.copy_(y.mean())
             self.y_std.copy_(y.std().clamp_min(1e-6))
             f = (f - self.f_mean) / self.f_std
@@ -162,9 +178,14 @@ class OptimisticReward:
         kind: one of ``"ucb"``, ``"bootstrap"``, ``"ts"``, ``"greedy"``.
         bonus_scale: ``C``.
         head: the head drawn for ``"ts"``.
+        bonus_cap: the bonus saturates at ``bonus_cap * s_y`` (module docstring); ``None``: unbounded.
     """
 
-    def __init__(self, ensemble: RewardEnsemble, kind: str, bonus_scale: float = 1.0, head: int | None = None):
+    def __init__(self, ensemble: RewardEnsemble, kind: str, bonus_scale: float = 1.0, head: int | None = None,
+                 bonus_cap: float | None = 1.0):
+        if bonus_cap is not None and not bonus_cap > 0:
+            raise ValueError(f"bonus_cap must be > 0 or None, got {bonus_cap!r}")
+        self.bonus_cap = None if bonus_cap is None else float(bonus_cap)
         if kind not in OPTIMISM_KINDS:
             raise ValueError(f"kind must be one of {OPTIMISM_KINDS}, got {kind!r}")
         if kind == "ts" and (head is None or not 0 <= head < ensemble.ensemble_size):
@@ -183,8 +204,17 @@ class OptimisticReward:
         if self.kind == "greedy":
             return mean, torch.zeros_like(mean)
         if self.kind == "bootstrap":
-            return mean, self.bonus_scale * preds.std(0, unbiased=False)
-        return mean, self.bonus_scale * self.ensemble.y_std * self.ensemble.ucb_width(x, phis)
+            raw = self.bonus_scale * preds.std(0, unbiased=False)
+        else:
+            raw = self.bonus_scale * self.ensemble.y_std * self.ensemble.ucb_width(x, phis)
+        return mean, self.saturate(raw)
+
+    def saturate(self, raw: torch.Tensor) -> torch.Tensor:
+        """``m tanh(raw / m)`` with ``m = bonus_cap * s_y`` (identity without a cap)."""
+        if self.bonus_cap is None:
+            return raw
+        m = self.bonus_cap * self.ensemble.y_std
+        return m * torch.tanh(raw / m)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         r, g = self.parts(x)

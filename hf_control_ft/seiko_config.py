@@ -8,6 +8,7 @@ added. Both KL weights are in reward units per nat, the KL summed over every dim
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .config import ElegantConfig
@@ -40,6 +41,12 @@ class SeikoConfig(ElegantConfig):
         bonus_scale: ``C`` of the UCB / bootstrap bonus (>= 0).
         ensemble_size: reward heads (``"bootstrap"`` needs >= 2).
         ucb_ridge: ``lambda`` of the Gram matrix ``lambda I + sum phi phi^T``.
+        bonus_cap: the UCB / bootstrap bonus saturates smoothly at ``bonus_cap`` standard deviations of the
+            observed oracle values (``g = m tanh(g_raw / m)``); ``None`` leaves it unbounded. Off the data the raw
+            bonus grows without bound and the drift would chase it off the feasible manifold; the default 1.0
+            sits well above the bonus on the data.
+        feature_std_floor: the reward model's feature standard deviations are floored at this fraction of their
+            mean over features (nearly constant features, such as image borders, would otherwise be amplified).
         reward_hidden, reward_depth, reward_train_steps, reward_learning_rate, reward_weight_decay,
             reward_batch_size: the reward heads and their per-round fit.
         oracle_batch_size: samples per oracle call; the dataset is persisted after each.
@@ -54,6 +61,8 @@ class SeikoConfig(ElegantConfig):
     bonus_scale: float = 1.0
     ensemble_size: int = 4
     ucb_ridge: float = 1.0
+    bonus_cap: float | None = 1.0
+    feature_std_floor: float = 0.1
     reward_hidden: int = 64
     reward_depth: int = 2
     reward_train_steps: int = 500
@@ -89,6 +98,11 @@ class SeikoConfig(ElegantConfig):
                f"must be >= 2 for optimism={self.optimism!r} (got {self.ensemble_size})")
         _check(isinstance(self.ucb_ridge, (int, float)) and self.ucb_ridge > 0, "ucb_ridge",
                f"must be > 0, got {self.ucb_ridge!r}")
+        _check(self.bonus_cap is None or (isinstance(self.bonus_cap, (int, float)) and not isinstance(self.bonus_cap, bool)
+               and 0 < self.bonus_cap < math.inf), "bonus_cap", f"must be a finite number > 0 or None, got {self.bonus_cap!r}")
+        _check(isinstance(self.feature_std_floor, (int, float)) and not isinstance(self.feature_std_floor, bool)
+               and 0 <= self.feature_std_floor < 1, "feature_std_floor",
+               f"must be in [0, 1), got {self.feature_std_floor!r}")
         for name in ("reward_hidden", "reward_depth", "reward_train_steps", "reward_batch_size", "oracle_batch_size"):
             _check(_is_int(getattr(self, name), 1), name, f"must be an int >= 1, got {getattr(self, name)!r}")
         for name in ("reward_learning_rate",):

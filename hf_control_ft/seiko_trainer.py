@@ -288,7 +288,8 @@ class SeikoTrainer:
         x, y = self.feedback.training_data()
         gen = _generator(cfg.seed, round_index, "reward")
         ensemble = RewardEnsemble(self.sample_shape, cfg.ensemble_size, cfg.reward_hidden, cfg.reward_depth,
-                                  self.feature_extractor, self.feature_dim).to(self.device)
+                                  self.feature_extractor, self.feature_dim,
+                                  feature_std_floor=cfg.feature_std_floor).to(self.device)
         loss = ensemble.fit(x, y, bootstrap=cfg.optimism in ("bootstrap", "ts"), steps=cfg.reward_train_steps,
                             lr=cfg.reward_learning_rate, weight_decay=cfg.reward_weight_decay,
                             batch_size=cfg.reward_batch_size, generator=gen)
@@ -297,7 +298,7 @@ class SeikoTrainer:
             ensemble.fit_gram(x, cfg.ucb_ridge)
         elif cfg.optimism == "ts":
             head = int(torch.randint(0, cfg.ensemble_size, (1,), generator=_generator(cfg.seed, round_index, "ts")))
-        self.reward = OptimisticReward(ensemble, cfg.optimism, cfg.bonus_scale, head)
+        self.reward = OptimisticReward(ensemble, cfg.optimism, cfg.bonus_scale, head, bonus_cap=cfg.bonus_cap)
         self.elegant.reward_fn = self.reward
         self.elegant.reward_name = self.reward.__name__
         with torch.no_grad():
@@ -320,8 +321,9 @@ class SeikoTrainer:
             if not self.schedule.is_stochastic(k):
                 x = self.schedule.step_from_mean(self.sampler.mean(x, k, controlled=False), k, None)
                 continue
-            mu_pre = self.sampler.mean(x, k, controlled=False)
-            mu_prev = self.sampler.reference_mean(x, k)
+            with self.sampler.kl_context():
+                mu_pre = self.sampler.mean(x, k, controlled=False)
+                mu_prev = self.sampler.reference_mean(x, k)
             cost += (a * b / (a + b)) * gaussian_kl(mu_pre, mu_prev, self.schedule.std[k])
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
             x = self.schedule.step_from_mean((1 - w) * mu_pre + w * mu_prev, k, noise)
