@@ -1,6 +1,6 @@
 """Feedback efficiency of SEIKO on a Gaussian mixture with a known true reward and feasibility region.
 
-Task (``ALGORITHMS.md`` §6): the pretrained model is an MLP denoiser distilled from a 2-D three-mode mixture in
+Task (``docs/algorithms.md`` §6): the pretrained model is an MLP denoiser distilled from a 2-D three-mode mixture in
 which the mode nearest the reward peak is *rare* (weight 0.04). The true reward ``r(x) = -||x - p||^2 / 4``
 peaks at ``p = (0, 7.5)``, off the data manifold (2.3 units = 4.6 mode std above the rare mode). The oracle
 returns ``r(x) + N(0, 0.5^2)``. A sample is *feasible* if it lies within ``k = 3`` standard deviations (1.5

@@ -1,4 +1,4 @@
-"""Exact-target benchmark (ALGORITHMS.md §5): does ELEGANT sample p_pre(x) exp(r(x)/alpha) / Z?
+"""Exact-target benchmark (docs/algorithms.md §5): does ELEGANT sample p_pre(x) exp(r(x)/alpha) / Z?
 
 Pretrained law: a 2-D three-mode Gaussian mixture with unequal weights; the pretrained model is a small MLP
 denoiser distilled to its exact noise prediction. Reward r(x) = c . x, whose tilted target is a mixture in
@@ -48,7 +48,7 @@ def load_denoiser(denoiser_state):
 def discretisation_floor(denoiser_state, scheduler, target, args, eta):
     """TV reached by the same LoRA (rank 8) fitted by regression to the exact noise prediction of the tilted
     target, sampled from N(0, I) with the same sampler: what the sampler's discretisation and the adapter's
-    capacity allow, independent of the drift optimiser (ALGORITHMS.md §8)."""
+    capacity allow, independent of the drift optimiser (docs/algorithms.md §8)."""
     model = load_denoiser(denoiser_state)
     torch.manual_seed(args.seed)
     add_lora_control(model, rank=8)

@@ -1,7 +1,7 @@
 """Adjoint matching for the drift stage: a regression on detached targets instead of reward backprop.
 
 Domingo-Enrich et al., "Adjoint Matching" (arXiv 2409.08861), in the discrete time of a diffusers sampler
-(``ALGORITHMS.md`` §1-2 notation: step ``k = 0 .. K-1`` maps ``x_k`` to ``x_{k+1}``, ``x_K`` is the sample).
+(``docs/algorithms.md`` §1-2 notation: step ``k = 0 .. K-1`` maps ``x_k`` to ``x_{k+1}``, ``x_K`` is the sample).
 
 **Lean adjoint.** Along a rollout ``x_0 .. x_K`` of the *current* fine-tuned chain (no autograd),
 
@@ -27,7 +27,7 @@ chain is ``Q*``. So the optimal Gaussian-mean control is a fixed point of this r
 discrete-time restriction of transitions to Gaussians with the pretrained variance (which vanishes as steps
 shrink). The start law is not touched here: with ``x_0 ~ nu*`` (the learned initial noise, stage 2) the
 fixed point samples ``p_pre(x) exp(r(x)/alpha) / Z``; with ``x_0 ~ N(0, I)`` it samples the fixed-noise
-(biased, ``ALGORITHMS.md`` §3) law.
+(biased, ``docs/algorithms.md`` §3) law.
 
 Deterministic steps (``sigma_k = 0``, e.g. DDIM's last step with ``set_alpha_to_one``) carry no control; the
 adjoint passes through them with the pretrained Jacobian, as the chain itself runs the pretrained network.
@@ -38,7 +38,7 @@ activations plus the stored states.
 
 **Variance.** The single-path adjoint ``a_{k+1}`` is heavy-tailed when modes are far apart: most paths
 contract inside a mode, and the few that pass near a boundary between modes carry large Jacobian products
-(``ALGORITHMS.md`` §8). Passing ``value_gradient`` (a fitted ``grad V_{k+1}``,
+(``docs/algorithms.md`` §8). Passing ``value_gradient`` (a fitted ``grad V_{k+1}``,
 :mod:`hf_control_ft.step_values`) replaces the target by its conditional expectation: same fixed point, low
 variance, biased only by the value fit (``ElegantConfig.drift_objective="value_guided"``).
 """

@@ -27,12 +27,12 @@ def _check(cond: bool, field_name: str, message: str):
 
 @dataclass
 class ElegantConfig:
-    """Hyper-parameters of ELEGANT (entropy-regularised control, ``ALGORITHMS.md`` §2-4).
+    """Hyper-parameters of ELEGANT (entropy-regularised control, ``docs/algorithms.md`` §2-4).
 
     Objective: maximise ``E[r(x_0)] - alpha * KL(P_ft || P_pre)`` where the KL is in nats, summed over every
     dimension of a sample (so ``alpha`` is in reward units per nat).
 
-    ``drift_objective`` picks the stage-3 optimiser (all three have the same optimum, ``ALGORITHMS.md`` §2):
+    ``drift_objective`` picks the stage-3 optimiser (all three have the same optimum, ``docs/algorithms.md`` §2):
 
     * ``"pathwise"`` (default): the exact gradient of ``r - alpha * KL`` backpropagated through the sampler;
     * ``"adjoint_matching"``: regresses the control ``u_k`` onto ``sigma_k^2 a_{k+1} / alpha`` with the lean

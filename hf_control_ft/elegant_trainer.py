@@ -1,4 +1,4 @@
-"""ELEGANT: entropy-regularised reward fine-tuning of a diffusion model (``ALGORITHMS.md`` §2-4).
+"""ELEGANT: entropy-regularised reward fine-tuning of a diffusion model (``docs/algorithms.md`` §2-4).
 
     maximise  J = E[r(x_0)] - alpha * ( KL(nu_phi || N(0, I)) + sum_k E[ KL_k ] )
 

@@ -1,4 +1,4 @@
-"""Gaussian mixtures: an exactly solvable test case for reward fine-tuning (``ALGORITHMS.md`` §5).
+"""Gaussian mixtures: an exactly solvable test case for reward fine-tuning (``docs/algorithms.md`` §5).
 
 Under the VP forward process ``x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps`` a mixture stays a mixture, so the
 exact noise prediction ``eps_hat(x, t) = -sqrt(1 - abar_t) grad log p_t(x)`` is available in closed form, and

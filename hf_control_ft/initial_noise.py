@@ -7,7 +7,7 @@
 and ``x_T = y_M ~ nu_phi``. The KL between the discretised path laws with and without drift is exactly
 ``sum_j ||g_phi(s_j, y_j)||^2 ds / 2`` (each step is a Gaussian with the same covariance ``ds I``), and by the
 data-processing inequality it upper-bounds ``KL(nu_phi || N(0, I))``, with equality at the optimum of
-``E[v_T(y_M)] - alpha * KL`` (``ALGORITHMS.md`` §4). With ``g = 0`` (the zero-initialised network) the model
+``E[v_T(y_M)] - alpha * KL`` (``docs/algorithms.md`` §4). With ``g = 0`` (the zero-initialised network) the model
 samples exactly ``N(0, I)`` and reports KL 0.
 
 Memory is that of ``M`` small-network calls on a batch of samples, so it scales to Stable Diffusion latents.

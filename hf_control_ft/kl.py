@@ -1,7 +1,7 @@
 """Exact KL and log-density of Gaussian transitions, summed over every dimension.
 
 Units: nats per sample. Every function sums over all non-batch dimensions; averaging over dimensions would
-silently rescale ``alpha`` by the dimension count (``ALGORITHMS.md`` §2).
+silently rescale ``alpha`` by the dimension count (``docs/algorithms.md`` §2).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The feedback oracle: an expensive, possibly noisy, slow or failing black box (``ALGORITHMS.md`` §6).
+"""The feedback oracle: an expensive, possibly noisy, slow or failing black box (``docs/algorithms.md`` §6).
 
 A user oracle is any callable ``fn(samples, prompts) -> values``:
 

@@ -1,4 +1,4 @@
-"""Reward model with uncertainty for SEIKO: an ensemble of heads on a feature extractor (``ALGORITHMS.md`` §6).
+"""Reward model with uncertainty for SEIKO: an ensemble of heads on a feature extractor (``docs/algorithms.md`` §6).
 
 Each head is a small MLP ``x -> features(x) -> phi_h(x) (penultimate, width hidden) -> r_h(x)`` regressing the
 oracle values of the feedback dataset (inputs and targets standardised from the data). ``features`` is the

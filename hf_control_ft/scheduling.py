@@ -10,7 +10,7 @@ mirroring ``scheduler.step`` line by line, so that the same code gives the pretr
 mean, their KL and the log-probability of a transition. ``tests/test_scheduling.py`` checks it against
 ``scheduler.step`` itself.
 
-Index convention (see ``ALGORITHMS.md`` §1): step ``k = 0 .. K-1`` goes from ``timesteps[k]`` to the next
+Index convention (see ``docs/algorithms.md`` §1): step ``k = 0 .. K-1`` goes from ``timesteps[k]`` to the next
 lower noise level; ``x_0`` in the docs is the final sample the reward sees.
 """
 
@@ -28,7 +28,7 @@ SUPPORTED_SCHEDULERS = (DDPMScheduler, DDIMScheduler)
 
 # diffusers floors a zero DDPM posterior variance at 1e-20 (``DDPMScheduler._get_variance``). Such a step adds
 # noise of standard deviation 1e-10: numerically deterministic, and a KL divided by 2e-20 is meaningless
-# (``docs`` / ``ALGORITHMS.md`` §10). Any step with a variance at or below this floor is treated as
+# (``docs/algorithms.md`` §10). Any step with a variance at or below this floor is treated as
 # deterministic: it runs the pretrained network and carries no KL and no control.
 VARIANCE_FLOOR = 1e-20
 

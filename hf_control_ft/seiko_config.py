@@ -1,4 +1,4 @@
-"""Configuration of SEIKO (online feedback-efficient fine-tuning, ``ALGORITHMS.md`` §6).
+"""Configuration of SEIKO (online feedback-efficient fine-tuning, ``docs/algorithms.md`` §6).
 
 :class:`SeikoConfig` extends :class:`~hf_control_ft.config.ElegantConfig`: every ELEGANT field keeps its meaning
 for the per-round update (``train_steps`` = drift iterations *per round*, ``value_*`` / ``noise_*`` = the

@@ -1,4 +1,4 @@
-"""SEIKO: online, feedback-efficient fine-tuning of a diffusion model from an expensive oracle (``ALGORITHMS.md`` §6).
+"""SEIKO: online, feedback-efficient fine-tuning of a diffusion model from an expensive oracle (``docs/algorithms.md`` §6).
 
 Round ``i = 1..R`` (``p_0`` = pretrained):
 

@@ -25,7 +25,7 @@ weights cast to the half dtype) and logs a warning: its KL floor is measured by 
 Sampler arithmetic (means, KL, noise) is fp32 in every mode.
 
 Limitation: the learned initial-noise model is prompt-agnostic; it targets the prompt-averaged tilt of
-``x_T`` (``ALGORITHMS.md`` §3 with the value averaged over the prompt distribution).
+``x_T`` (``docs/algorithms.md`` §3 with the value averaged over the prompt distribution).
 """
 
 from __future__ import annotations
