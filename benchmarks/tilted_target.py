@@ -26,8 +26,8 @@ import torch
 from diffusers import DDIMScheduler
 
 from hf_control_ft import ControlledSampler, DiffusionSchedule, ElegantConfig, ElegantTrainer
-from hf_control_ft.control import add_lora_control, lora_parameters
-from hf_control_ft.gaussian_mixture import distill_mixture_denoiser, exact_noise_prediction, three_mode_mixture
+from hf_control_ft.core.control import add_lora_control, lora_parameters
+from hf_control_ft.tasks.gaussian_mixture import distill_mixture_denoiser, exact_noise_prediction, three_mode_mixture
 
 
 def evaluate(target, x):
@@ -38,7 +38,7 @@ def evaluate(target, x):
 
 
 def load_denoiser(denoiser_state):
-    from hf_control_ft.networks import MLPDenoiser
+    from hf_control_ft.models.networks import MLPDenoiser
 
     model = MLPDenoiser(**denoiser_state["config"])
     model.load_state_dict(denoiser_state["weights"])

@@ -16,7 +16,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from hf_control_ft import ElegantConfig, ElegantTrainer
-from hf_control_ft.gaussian_mixture import distill_mixture_denoiser, three_mode_mixture
+from hf_control_ft.tasks.gaussian_mixture import distill_mixture_denoiser, three_mode_mixture
 
 
 def main():

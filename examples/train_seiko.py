@@ -5,12 +5,12 @@
     accelerate launch --num_processes 1 examples/train_seiko.py --task mixture \\
         --config examples/configs/seiko_mixture.yaml
 
-``--task digits`` (default): the embedded 8x8 digits model (``hf_control_ft.digits``). The oracle is the
+``--task digits`` (default): the embedded 8x8 digits model (``hf_control_ft.tasks.digits``). The oracle is the
 *genuine* classifier's ``log p(target | x)`` plus Gaussian noise (``--oracle_noise``), called without gradients:
 SEIKO only learns from its answers (the trainer never sees the proxy classifier). The reward heads work on the
 raw 64 pixels, or with ``--features proxy`` on the frozen proxy classifier's penultimate layer (an example of a
 pluggable image embedding). Reported after training: the genuine and proxy rewards, the genuine target rate and
-diversity of the samples before and after (``hf_control_ft.digits.digits_metrics``).
+diversity of the samples before and after (``hf_control_ft.tasks.digits.digits_metrics``).
 
 ``--task mixture``: the 2-D Gaussian mixture of ``benchmarks/seiko_feedback.py`` (rare mode next to an
 off-manifold reward peak), with true reward, feasibility (within 3 std of a mode) and rare-mode weight.
@@ -33,8 +33,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from hf_control_ft.seiko_config import SeikoConfig
-from hf_control_ft.seiko_trainer import SeikoTrainer
+from hf_control_ft.trainers.seiko_config import SeikoConfig
+from hf_control_ft.trainers.seiko import SeikoTrainer
 
 MIXTURE_PEAK = torch.tensor([0.0, 7.5])
 MIXTURE_MODE_STD = 0.5
@@ -96,7 +96,7 @@ def setup_digits(args, config):
 def setup_mixture(args, config):
     from diffusers import DDPMScheduler
 
-    from hf_control_ft.gaussian_mixture import GaussianMixture, distill_mixture_denoiser
+    from hf_control_ft.tasks.gaussian_mixture import GaussianMixture, distill_mixture_denoiser
 
     mix = GaussianMixture([0.6, 0.36, 0.04], [[-3.0, 0.0], [3.0, 0.0], [0.0, 5.2]],
                           (MIXTURE_MODE_STD**2 * torch.eye(2)).expand(3, 2, 2).clone())

@@ -1,18 +1,18 @@
 """hf_control_ft: reward fine-tuning of diffusion models without reward collapse (ELEGANT, SEIKO)."""
 
-from .config import ElegantConfig
-from .control import add_lora_control, pretrained_mode
-from .elegant_trainer import ElegantTrainer
-from .feedback import FeedbackDataset
-from .initial_noise import InitialNoiseModel
-from .kl import gaussian_kl, gaussian_log_prob
-from .oracle import Oracle, OracleAnswer
-from .reward_ensemble import OptimisticReward, RewardEnsemble
-from .sampler import ControlledSampler, Trajectory
-from .scheduling import DiffusionSchedule
-from .seiko_config import SeikoConfig
-from .seiko_trainer import SeikoTrainer
-from .value_function import ValueFunction
+from .trainers.elegant_config import ElegantConfig
+from .core.control import add_lora_control, pretrained_mode
+from .trainers.elegant import ElegantTrainer
+from .feedback.store import FeedbackDataset
+from .models.initial_noise import InitialNoiseModel
+from .core.kl import gaussian_kl, gaussian_log_prob
+from .feedback.oracle import Oracle, OracleAnswer
+from .models.reward_ensemble import OptimisticReward, RewardEnsemble
+from .core.sampler import ControlledSampler, Trajectory
+from .core.scheduling import DiffusionSchedule
+from .trainers.seiko_config import SeikoConfig
+from .trainers.seiko import SeikoTrainer
+from .models.value_function import ValueFunction
 
 __version__ = "0.1.0"
 __all__ = ["ElegantConfig", "ElegantTrainer", "InitialNoiseModel", "ControlledSampler", "Trajectory",
@@ -20,7 +20,7 @@ __all__ = ["ElegantConfig", "ElegantTrainer", "InitialNoiseModel", "ControlledSa
            "gaussian_log_prob", "SeikoConfig", "SeikoTrainer", "Oracle", "OracleAnswer", "FeedbackDataset",
            "RewardEnsemble", "OptimisticReward", "ControlledDiffusionPipeline", "ControlledStableDiffusionPipeline"]
 
-_LAZY = {"ControlledDiffusionPipeline": "pipelines", "ControlledStableDiffusionPipeline": "pipelines"}
+_LAZY = {"ControlledDiffusionPipeline": "pipelines.controlled", "ControlledStableDiffusionPipeline": "pipelines.controlled"}
 
 
 def __getattr__(name):

@@ -31,7 +31,7 @@ def load_trainer(adapter_dir: str, base_model: str | None):
     """An ``ElegantTrainer`` (inference use) on the base pipeline's UNet with the saved adapter."""
     from diffusers import DiffusionPipeline
 
-    from .elegant_trainer import ElegantTrainer
+    from .trainers.elegant import ElegantTrainer
 
     if not os.path.isdir(adapter_dir):
         raise SystemExit(f"adapter directory {adapter_dir!r} does not exist")
@@ -46,7 +46,7 @@ def load_trainer(adapter_dir: str, base_model: str | None):
 
 
 def cmd_sample(args) -> int:
-    from .images import image_grid
+    from .utils.images import image_grid
 
     trainer = load_trainer(args.adapter_dir, args.base_model)
     samples = trainer.sample(args.num_samples, generator=torch.Generator().manual_seed(args.seed),
@@ -58,7 +58,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from . import digits
+    from .tasks import digits
 
     task = read_task(args.adapter_dir)
     target = args.target_digit if args.target_digit is not None else task.get("target_digit")

@@ -2,8 +2,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from hf_control_ft.control import add_lora_control, lora_parameters
-from hf_control_ft.networks import MLPDenoiser
+from hf_control_ft.core.control import add_lora_control, lora_parameters
+from hf_control_ft.models.networks import MLPDenoiser
 
 
 # Bit-for-bit comparisons (save -> load, resume, pipeline vs trainer) need one fixed reduction order: with

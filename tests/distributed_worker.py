@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 import train_elegant  # noqa: E402
 
-from hf_control_ft.control import lora_parameters  # noqa: E402
+from hf_control_ft.core.control import lora_parameters  # noqa: E402
 
 WRITE_EVENTS = {"os.mkdir", "os.rename", "os.remove", "os.rmdir", "shutil.rmtree", "shutil.copyfile"}
 

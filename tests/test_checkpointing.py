@@ -7,7 +7,7 @@ import torch
 from conftest import ddim, make_mlp_denoiser
 from hf_control_ft import ElegantConfig, ElegantTrainer
 from hf_control_ft import checkpointing
-from hf_control_ft.control import lora_parameters
+from hf_control_ft.core.control import lora_parameters
 
 
 def quadratic_reward(x):

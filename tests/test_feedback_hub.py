@@ -7,8 +7,8 @@ import torch
 from datasets import Dataset
 from huggingface_hub import hf_hub_download
 
-from hf_control_ft.feedback import FeedbackDataset
-from hf_control_ft.oracle import OracleAnswer
+from hf_control_ft.feedback.store import FeedbackDataset
+from hf_control_ft.feedback.oracle import OracleAnswer
 from hub_server import HubServer
 
 

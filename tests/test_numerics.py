@@ -12,15 +12,15 @@ from diffusers import (DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteSched
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from hf_control_ft import ElegantConfig, ElegantTrainer, SeikoConfig
-from hf_control_ft.control import pretrained_mode
-from hf_control_ft.kl import gaussian_kl
-from hf_control_ft.reward_ensemble import OptimisticReward, RewardEnsemble
-from hf_control_ft.sampler import ControlledSampler
-from hf_control_ft.scheduling import DiffusionSchedule, as_stochastic_scheduler
-from hf_control_ft.stable_diffusion import StableDiffusionOptions
-from hf_control_ft.step_values import StepValueFunction
+from hf_control_ft.core.control import pretrained_mode
+from hf_control_ft.core.kl import gaussian_kl
+from hf_control_ft.models.reward_ensemble import OptimisticReward, RewardEnsemble
+from hf_control_ft.core.sampler import ControlledSampler
+from hf_control_ft.core.scheduling import DiffusionSchedule, as_stochastic_scheduler
+from hf_control_ft.processes.stable_diffusion import StableDiffusionOptions
+from hf_control_ft.models.step_values import StepValueFunction
 from hf_control_ft.testing import kl_and_gradient, scale_lora, tiny_components, tiny_sd_pipeline
-from hf_control_ft.value_function import ValueFunction
+from hf_control_ft.models.value_function import ValueFunction
 
 PROMPTS = ["a cat", "the dog"]
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -94,7 +94,7 @@ def test_conversion_keeps_the_noise_schedule_and_never_clips(caplog):
     pndm = PNDMScheduler(num_train_timesteps=1000, steps_offset=1, set_alpha_to_one=False, skip_prk_steps=True,
                          **SD_BETAS)
     assert "clip_sample" not in pndm.config  # DDIM's default (True) would clamp SD latents to +-1
-    with caplog.at_level(logging.INFO, logger="hf_control_ft.scheduling"):
+    with caplog.at_level(logging.INFO, logger="hf_control_ft.core.scheduling"):
         ddim = as_stochastic_scheduler(pndm)
     assert isinstance(ddim, DDIMScheduler) and type(pndm) is PNDMScheduler
     assert ddim.config.clip_sample is False and ddim.config.thresholding is False
@@ -209,10 +209,10 @@ def test_step_value_slopes_at_small_alpha(spread_over_alpha):
 
 
 def test_flat_value_fit_is_warned_about(caplog):
-    from hf_control_ft.value_function import check_value_range
+    from hf_control_ft.models.value_function import check_value_range
 
     r = torch.linspace(-1, 1, 100)
-    with caplog.at_level(logging.WARNING, logger="hf_control_ft.value_function"):
+    with caplog.at_level(logging.WARNING, logger="hf_control_ft.models.value_function"):
         assert check_value_range(torch.zeros(100), r, alpha=0.01, name="stage 1 value v_T")
         assert not check_value_range(r.clone(), r, alpha=0.01, name="ok")
         assert not check_value_range(torch.zeros(100), r, alpha=10.0, name="alpha large")  # r / alpha < 1

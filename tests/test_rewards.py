@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, ViTConfig, ViTForImageClassification
 
-from hf_control_ft.rewards import (AestheticHead, AestheticReward, BrightnessReward, ClassifierReward,
+from hf_control_ft.rewards.image_rewards import (AestheticHead, AestheticReward, BrightnessReward, ClassifierReward,
                                    SaturationReward, WeightedSumReward, call_reward)
 
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from hf_control_ft.kl import gaussian_kl, gaussian_log_prob
-from hf_control_ft.scheduling import DiffusionSchedule
+from hf_control_ft.core.kl import gaussian_kl, gaussian_log_prob
+from hf_control_ft.core.scheduling import DiffusionSchedule
 
 
 @pytest.mark.parametrize("eta", [0.3, 1.0])

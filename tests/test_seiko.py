@@ -11,10 +11,10 @@ import time
 import pytest
 import torch
 
-from hf_control_ft.feedback import FeedbackDataset
-from hf_control_ft.oracle import BudgetExceededError, Oracle, RoundBudget
-from hf_control_ft.reward_ensemble import OptimisticReward, RewardEnsemble
-from hf_control_ft.seiko_config import SeikoConfig
+from hf_control_ft.feedback.store import FeedbackDataset
+from hf_control_ft.feedback.oracle import BudgetExceededError, Oracle, RoundBudget
+from hf_control_ft.models.reward_ensemble import OptimisticReward, RewardEnsemble
+from hf_control_ft.trainers.seiko_config import SeikoConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -90,7 +90,7 @@ def test_round_budget():
 
 # ---------------------------------------------------------------------------------------------- feedback
 def test_feedback_dataset_persists_every_batch_atomically(tmp_path):
-    from hf_control_ft.oracle import OracleAnswer
+    from hf_control_ft.feedback.oracle import OracleAnswer
 
     fb = FeedbackDataset(str(tmp_path / "fb"), (1, 2))
     q = fb.add_pending(torch.arange(8.0).reshape(4, 1, 2), round_index=1, prompts=["a", "b", "c", "d"])

@@ -3,9 +3,9 @@
 import torch
 
 from conftest import ddim, ddpm, make_mlp_denoiser
-from hf_control_ft.control import add_reference_adapter, lora_parameters, reference_adapter_mode
-from hf_control_ft.sampler import ControlledSampler
-from hf_control_ft.scheduling import DiffusionSchedule
+from hf_control_ft.core.control import add_reference_adapter, lora_parameters, reference_adapter_mode
+from hf_control_ft.core.sampler import ControlledSampler
+from hf_control_ft.core.scheduling import DiffusionSchedule
 
 
 def _two_adapter_model(seed=0):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from hf_control_ft import SeikoConfig, SeikoTrainer
-from hf_control_ft.control import lora_parameters
-from hf_control_ft.feedback import FeedbackDataset
+from hf_control_ft.core.control import lora_parameters
+from hf_control_ft.feedback.store import FeedbackDataset
 from hf_control_ft.testing import tiny_sd_pipeline, tiny_unet_output
 
 PROMPTS = ["a cat", "the dog", "a red car"]

@@ -11,12 +11,12 @@ from PIL import Image
 from safetensors import safe_open
 
 from hf_control_ft import ElegantConfig, ElegantTrainer
-from hf_control_ft.control import lora_parameters, set_control_enabled
-from hf_control_ft.kl import gaussian_kl
-from hf_control_ft.persistence import HubPushError
-from hf_control_ft.pipelines import ControlledDiffusionPipeline, ControlledStableDiffusionPipeline
-from hf_control_ft.rewards import BrightnessReward, SaturationReward, WeightedSumReward
-from hf_control_ft.stable_diffusion import load_prompts
+from hf_control_ft.core.control import lora_parameters, set_control_enabled
+from hf_control_ft.core.kl import gaussian_kl
+from hf_control_ft.serialization.saved import HubPushError
+from hf_control_ft.pipelines.controlled import ControlledDiffusionPipeline, ControlledStableDiffusionPipeline
+from hf_control_ft.rewards.image_rewards import BrightnessReward, SaturationReward, WeightedSumReward
+from hf_control_ft.processes.stable_diffusion import load_prompts
 from hf_control_ft.testing import tiny_components, tiny_sd_pipeline, tiny_unet_output
 from hub_server import HubServer
 
@@ -277,7 +277,7 @@ def test_unconditional_controlled_pipeline_reproduces_trainer(tmp_path):
 
 
 def test_sd_trainer_from_pretrained_resumes_the_saved_model(trained):
-    from hf_control_ft.stable_diffusion import StableDiffusionElegantTrainer
+    from hf_control_ft.processes.stable_diffusion import StableDiffusionElegantTrainer
 
     resumed = StableDiffusionElegantTrainer.from_pretrained(trained["dir"], tiny_sd_pipeline(), BrightnessReward(),
                                                             prompts=PROMPTS)
@@ -310,7 +310,7 @@ def test_sd_training_resumes_from_a_checkpoint_exactly(tmp_path):
 
 
 def test_controlled_pipeline_on_the_digits_unet_with_ddpm(tmp_path):
-    from hf_control_ft.digits import digits_scheduler, digits_unet_config
+    from hf_control_ft.tasks.digits import digits_scheduler, digits_unet_config
 
     def unet():
         torch.manual_seed(0)

@@ -3,7 +3,7 @@
 A saved directory (also the layout of a Hub repo) holds:
 
 * ``pytorch_lora_weights.safetensors``: the control adapter in diffusers' LoRA format with adapter metadata
-  (:mod:`hf_control_ft.lora_io`), loadable with ``pipeline.load_lora_weights``;
+  (:mod:`hf_control_ft.serialization.lora_io`), loadable with ``pipeline.load_lora_weights``;
 * ``initial_noise/``: the learned initial-noise model (``model.safetensors`` + ``config.json``), when learned;
 * ``elegant_config.json``: every training setting; ``sample_shape.json``: the shape of one sample;
 * ``stable_diffusion.json`` (text-conditioned runs): guidance scale, negative prompt, size, base model;

@@ -36,10 +36,10 @@ class ElegantConfig:
 
     * ``"pathwise"`` (default): the exact gradient of ``r - alpha * KL`` backpropagated through the sampler;
     * ``"adjoint_matching"``: regresses the control ``u_k`` onto ``sigma_k^2 a_{k+1} / alpha`` with the lean
-      adjoint ``a`` (:mod:`hf_control_ft.adjoint_matching`); same cost per iteration as ``"pathwise"``;
+      adjoint ``a`` (:mod:`hf_control_ft.core.adjoint_matching`); same cost per iteration as ``"pathwise"``;
     * ``"value_guided"``: the same regression with ``grad V_{k+1}`` as target, ``V_k`` fitted at every step
       by Feynman--Kac regression on ``value_num_rollouts`` pretrained rollouts for ``step_value_train_steps``
-      iterations (:mod:`hf_control_ft.step_values`) -- a low-variance target, biased by the value fit; it
+      iterations (:mod:`hf_control_ft.models.step_values`) -- a low-variance target, biased by the value fit; it
       stores ``value_num_rollouts * num_inference_steps`` states, so suits small samples.
 
     On the exact-target benchmark (README) ``"value_guided"`` is the one that reaches the tilted target's mode

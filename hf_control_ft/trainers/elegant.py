@@ -6,7 +6,7 @@ Stage 1 fits the soft value at the start of sampling, ``v_T``, by Feynman--Kac r
 rollouts; stage 2 trains the initial-noise model ``nu_phi`` to ``nu* ∝ N(0, I) exp(v_T / alpha)``; stage 3 trains
 the LoRA drift on ``r(x_0) - alpha * sum_k KL_k`` with ``x_T ~ nu_phi``: by backpropagation through the
 sampler (``drift_objective="pathwise"``), or by regressing the control onto adjoint (``"adjoint_matching"``)
-or fitted-value (``"value_guided"``) targets with the same optimum (:mod:`hf_control_ft.adjoint_matching`).
+or fitted-value (``"value_guided"``) targets with the same optimum (:mod:`hf_control_ft.core.adjoint_matching`).
 The optimum samples the tilted law ``p_pre(x) exp(r(x) / alpha) / Z``.
 """
 
@@ -24,19 +24,19 @@ from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import checkpointing
-from .adjoint_matching import adjoint_matching_backward
-from .config import ElegantConfig
-from .control import (CONTROL_ADAPTER, add_lora_control, load_lora_state_dict, lora_parameters,
+from ..serialization import checkpoints as checkpointing
+from ..core.adjoint_matching import adjoint_matching_backward
+from .elegant_config import ElegantConfig
+from ..core.control import (CONTROL_ADAPTER, add_lora_control, load_lora_state_dict, lora_parameters,
                       lora_state_dict, tuner_layers)
-from .initial_noise import InitialNoiseModel
-from .lora_io import load_lora_file
-from .persistence import INITIAL_NOISE_DIR, push_directory, read_saved, save_trainer
-from .reward_checks import check_reward, reward_name
-from .sampler import ControlledSampler
-from .scheduling import DiffusionSchedule
-from .step_values import StepValueFunction
-from .value_function import ValueFunction
+from ..models.initial_noise import InitialNoiseModel
+from ..serialization.lora_io import load_lora_file
+from ..serialization.saved import INITIAL_NOISE_DIR, push_directory, read_saved, save_trainer
+from ..rewards.checks import check_reward, reward_name
+from ..core.sampler import ControlledSampler
+from ..core.scheduling import DiffusionSchedule
+from ..models.step_values import StepValueFunction
+from ..models.value_function import ValueFunction
 
 
 class ElegantTrainer:
@@ -204,7 +204,7 @@ class ElegantTrainer:
     # ------------------------------------------------------------------ stage 3
     def fit_step_values(self) -> dict:
         """Feynman--Kac regression of ``V_k`` at every step on ``value_num_rollouts`` pretrained rollouts from
-        ``N(0, I)`` (:mod:`hf_control_ft.step_values`); used by ``drift_objective="value_guided"``."""
+        ``N(0, I)`` (:mod:`hf_control_ft.models.step_values`); used by ``drift_objective="value_guided"``."""
         cfg = self.config
         K = len(self.schedule)
         states, rs = [[] for _ in range(K)], []
@@ -237,7 +237,7 @@ class ElegantTrainer:
 
         ``drift_objective="pathwise"``: exact gradient of ``mean(-r + alpha * (KL_drift + KL_init))``
         (``train/loss`` is its value). ``"adjoint_matching"``: the regression of
-        :func:`~hf_control_ft.adjoint_matching.adjoint_matching_backward` (``train/loss`` is the regression loss);
+        :func:`~hf_control_ft.core.adjoint_matching.adjoint_matching_backward` (``train/loss`` is the regression loss);
         ``"value_guided"``: the same regression with ``grad V_{k+1}`` of :meth:`fit_step_values` as target;
         reward, exact KL and objective are logged the same way for both.
         """
@@ -414,7 +414,7 @@ class ElegantTrainer:
     def save_pretrained(self, save_directory: str, metrics: dict | None = None, sample_grid=None,
                         base_model: str | None = None, repo_id: str | None = None) -> None:
         """Writes the adapter (``pytorch_lora_weights.safetensors``, diffusers format with metadata), the
-        initial-noise model, the config and a model card ``README.md`` (see :mod:`hf_control_ft.persistence`).
+        initial-noise model, the config and a model card ``README.md`` (see :mod:`hf_control_ft.serialization.saved`).
 
         Args:
             metrics: ``{name: value}`` for the card's metrics table.
@@ -437,7 +437,7 @@ class ElegantTrainer:
         commit, creating the repo if needed. Returns the ``CommitInfo`` (``None`` off the main process).
 
         Raises:
-            hf_control_ft.persistence.HubPushError: with the Hub's message; ``save_directory`` is kept.
+            hf_control_ft.serialization.saved.HubPushError: with the Hub's message; ``save_directory`` is kept.
         """
         if not self.is_main_process:
             return None
@@ -467,7 +467,7 @@ class ElegantTrainer:
         The adapter is re-created from the LoRA file's metadata (rank, lora_alpha, targets) and its weights
         loaded; the initial-noise model comes from ``initial_noise/``.
         """
-        from .persistence import resolve_directory
+        from ..serialization.saved import resolve_directory
 
         saved = read_saved(resolve_directory(directory))
         config = ElegantConfig.from_dict(saved["config"], **config_overrides)
@@ -487,14 +487,14 @@ class ElegantTrainer:
             reward_fn: ``reward_fn(images, prompts) -> (B,)`` on decoded images in ``[0, 1]``.
             config: :class:`ElegantConfig`.
             prompts: a list of prompts, a text file (one per line) or a ``datasets`` dataset.
-            **options: fields of :class:`hf_control_ft.stable_diffusion.StableDiffusionOptions`
+            **options: fields of :class:`hf_control_ft.processes.stable_diffusion.StableDiffusionOptions`
                 (``guidance_scale``, ``negative_prompt``, ``height``, ``width``, ``mixed_precision``,
                 ``base_model``, ``prompt_column``).
 
         Returns:
-            a :class:`hf_control_ft.stable_diffusion.StableDiffusionElegantTrainer`.
+            a :class:`hf_control_ft.processes.stable_diffusion.StableDiffusionElegantTrainer`.
         """
-        from .stable_diffusion import StableDiffusionElegantTrainer, StableDiffusionOptions
+        from ..processes.stable_diffusion import StableDiffusionElegantTrainer, StableDiffusionOptions
 
         if options.get("base_model") is None:
             options["base_model"] = getattr(pipeline, "name_or_path", None) or None

@@ -39,7 +39,7 @@ activations plus the stored states.
 **Variance.** The single-path adjoint ``a_{k+1}`` is heavy-tailed when modes are far apart: most paths
 contract inside a mode, and the few that pass near a boundary between modes carry large Jacobian products
 (``docs/algorithms.md`` §8). Passing ``value_gradient`` (a fitted ``grad V_{k+1}``,
-:mod:`hf_control_ft.step_values`) replaces the target by its conditional expectation: same fixed point, low
+:mod:`hf_control_ft.models.step_values`) replaces the target by its conditional expectation: same fixed point, low
 variance, biased only by the value fit (``ElegantConfig.drift_objective="value_guided"``).
 """
 
@@ -91,7 +91,7 @@ def adjoint_matching_backward(sampler: ControlledSampler, trajectory: Trajectory
         alpha: KL weight of the objective (> 0).
         loss_scale: multiplies the loss before backward (``1 / B`` gives the batch mean).
         value_gradient: optional ``(x, k) -> grad V_k(x)`` (e.g. :meth:`StepValueFunction.gradient
-            <hf_control_ft.step_values.StepValueFunction.gradient>`). When given, the target of step ``k`` uses
+            <hf_control_ft.models.step_values.StepValueFunction.gradient>`). When given, the target of step ``k`` uses
             ``grad V_{k+1}(x_{k+1})`` instead of the single-path adjoint ``a_{k+1}`` (``a_K = grad r`` stays
             exact): the conditional expectation of ``a_{k+1}`` under the tilted law, so the same fixed point
             with a low-variance target, at the price of the value fit's error ("value-guided" drift). No

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from tqdm.auto import tqdm
 
-from .images import image_grid
+from ..utils.images import image_grid
 
 NUM_CLASSES = 10
 SAMPLE_SHAPE = (1, 8, 8)

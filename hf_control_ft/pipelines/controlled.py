@@ -19,14 +19,14 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
-from .config import ElegantConfig
-from .control import CONTROL_ADAPTER, tuner_layers
-from .initial_noise import InitialNoiseModel
-from .lora_io import attach_lora_file
-from .persistence import INITIAL_NOISE_DIR, read_saved, resolve_directory
-from .sampler import ControlledSampler
-from .scheduling import DiffusionSchedule, as_stochastic_scheduler
-from .stable_diffusion import (OPTIONS_NAME, GuidedUNet, StableDiffusionOptions,
+from ..trainers.elegant_config import ElegantConfig
+from ..core.control import CONTROL_ADAPTER, tuner_layers
+from ..models.initial_noise import InitialNoiseModel
+from ..serialization.lora_io import attach_lora_file
+from ..serialization.saved import INITIAL_NOISE_DIR, read_saved, resolve_directory
+from ..core.sampler import ControlledSampler
+from ..core.scheduling import DiffusionSchedule, as_stochastic_scheduler
+from ..processes.stable_diffusion import (OPTIONS_NAME, GuidedUNet, StableDiffusionOptions,
                                decode_latents, encode_prompts, latent_shape)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")

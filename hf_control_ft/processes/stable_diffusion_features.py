@@ -1,7 +1,7 @@
 """SEIKO on a diffusers ``StableDiffusionPipeline``: oracle feedback on decoded images, per-query prompts.
 
 Built with :meth:`hf_control_ft.SeikoTrainer.from_pipeline`. The Stable Diffusion machinery is the one of
-:mod:`hf_control_ft.stable_diffusion` (the :class:`~hf_control_ft.stable_diffusion.GuidedUNet` denoiser, the
+:mod:`hf_control_ft.processes.stable_diffusion` (the :class:`~hf_control_ft.processes.stable_diffusion.GuidedUNet` denoiser, the
 differentiable VAE decode, prompt loading and encoding); the SEIKO rounds are those of
 :class:`~hf_control_ft.SeikoTrainer`, with three differences:
 
@@ -19,7 +19,7 @@ differentiable VAE decode, prompt loading and encoding); the SEIKO rounds are th
   to the previous round's adapter) are between classifier-free-guided transitions.
 
 Limitation: the reward model is prompt-agnostic (it sees the image only), as is the learned initial noise
-(see :mod:`hf_control_ft.stable_diffusion`). For prompt-dependent oracles pass a feature extractor whose
+(see :mod:`hf_control_ft.processes.stable_diffusion`). For prompt-dependent oracles pass a feature extractor whose
 embedding captures what the oracle rewards.
 """
 
@@ -29,8 +29,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .seiko_config import SeikoConfig
-from .seiko_trainer import SeikoTrainer
+from ..trainers.seiko_config import SeikoConfig
+from ..trainers.seiko import SeikoTrainer
 from .stable_diffusion import StableDiffusionElegantTrainer, StableDiffusionOptions, decode_latents
 
 
@@ -81,10 +81,10 @@ class StableDiffusionSeikoTrainer(SeikoTrainer):
     Args:
         pipeline: the base pipeline (its UNet gets the ``"control"`` and ``"previous"`` LoRA adapters; UNet,
             VAE and text encoder are frozen).
-        oracle: ``oracle(images, prompts) -> (B,)`` or an :class:`~hf_control_ft.oracle.Oracle` around one.
+        oracle: ``oracle(images, prompts) -> (B,)`` or an :class:`~hf_control_ft.feedback.oracle.Oracle` around one.
         config: :class:`SeikoConfig`.
         prompts: list of prompts, text file (one per line) or ``datasets`` dataset.
-        options: :class:`~hf_control_ft.stable_diffusion.StableDiffusionOptions`.
+        options: :class:`~hf_control_ft.processes.stable_diffusion.StableDiffusionOptions`.
         accelerator: optional ``accelerate.Accelerator`` (single process).
         feature_extractor: differentiable ``images (B, 3, H, W) in [0, 1] -> (B, D)``; moved to the device and
             frozen. Default :class:`PooledPixelFeatures`.

@@ -33,7 +33,7 @@ adapter nothing changes.
 autocast each output carries rounding noise of relative size 2^-8 (bf16) or 2^-11 (fp16), and their difference
 has a noise floor that can exceed the true KL of a small control by orders of magnitude
 (``benchmarks/kl_precision.py``). ``kl_context`` (a callable returning a context manager, e.g.
-:meth:`hf_control_ft.stable_diffusion.GuidedUNet.full_precision`) wraps every network call that feeds a KL:
+:meth:`hf_control_ft.processes.stable_diffusion.GuidedUNet.full_precision`) wraps every network call that feeds a KL:
 the fine-tuned, pretrained and reference means of :meth:`step_with_kl` / :meth:`step_with_kls` (and of the
 adjoint-matching regression). Plain sampling steps without a KL run as the model is configured.
 
@@ -92,7 +92,7 @@ class ControlledSampler:
     """Fine-tuned reverse chain of a LoRA-controlled denoiser on a :class:`DiffusionSchedule`.
 
     Args:
-        model: denoiser with a LoRA adapter (see :func:`hf_control_ft.control.add_lora_control`).
+        model: denoiser with a LoRA adapter (see :func:`hf_control_ft.core.control.add_lora_control`).
         schedule: transitions of the scheduler.
         gradient_checkpointing: checkpoint each step in :meth:`differentiable_sample`.
         truncate_backprop_steps: backpropagate through the last N steps only (approximation; None = all).

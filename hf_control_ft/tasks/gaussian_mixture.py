@@ -108,14 +108,14 @@ def three_mode_mixture() -> GaussianMixture:
 def distill_mixture_denoiser(mixture: GaussianMixture, scheduler, steps: int = 1500, batch_size: int = 1024,
                              hidden: int = 128, depth: int = 3, lr: float = 2e-3, seed: int = 0,
                              progress: bool = False):
-    """Trains an :class:`~hf_control_ft.networks.MLPDenoiser` to the exact noise prediction of ``mixture``.
+    """Trains an :class:`~hf_control_ft.models.networks.MLPDenoiser` to the exact noise prediction of ``mixture``.
 
     Regression on ``x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps`` with the closed-form target (lower variance than
     the usual ``eps`` target, same minimiser). Returns the frozen denoiser in eval mode.
     """
     from tqdm.auto import tqdm
 
-    from .networks import MLPDenoiser
+    from ..models.networks import MLPDenoiser
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)

@@ -2,15 +2,15 @@
 
     V_k(x) = alpha * log E_pre[ exp(r(x_K) / alpha) | x_k = x ],     k = 0 .. K-1,
 
-generalises stage 1's ``v_T = V_0`` (:mod:`hf_control_ft.value_function`) to every state of the chain. Each
+generalises stage 1's ``v_T = V_0`` (:mod:`hf_control_ft.models.value_function`) to every state of the chain. Each
 pretrained rollout ``x_0 .. x_K`` gives ``K`` pairs ``(x_k, r(x_K))``; one time-conditioned network
 ``u(x, s_k)`` is fitted with the same exponential (Bregman) loss, whose minimiser is
 ``u = log E[exp((r - c) / alpha) | x_k]``, so ``V_k = c + alpha * u``. Its input gradient
 ``grad V_k`` is the Rao--Blackwellised lean adjoint: ``grad V_k(x) = E_{Q*}[a_k | x_k = x]`` under the tilted
-path law (:mod:`hf_control_ft.adjoint_matching`), without the heavy tail of single-path adjoints.
+path law (:mod:`hf_control_ft.core.adjoint_matching`), without the heavy tail of single-path adjoints.
 
 The network predicts in units of the reward's spread with a least-squares warm start and a reduced learning
-rate in the exponential phase, exactly as stage 1 (:mod:`hf_control_ft.value_function`, "Output scale" and
+rate in the exponential phase, exactly as stage 1 (:mod:`hf_control_ft.models.value_function`, "Output scale" and
 "Warm start"), so the fit holds at small alpha.
 
 Memory: the fit keeps the rollouts' states (``N * K`` samples); for large samples keep ``N`` small or

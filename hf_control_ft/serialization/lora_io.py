@@ -21,7 +21,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .control import CONTROL_ADAPTER, load_lora_state_dict, lora_state_dict, set_active_adapter
+from ..core.control import CONTROL_ADAPTER, load_lora_state_dict, lora_state_dict, set_active_adapter
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 LORA_METADATA_KEY = "lora_adapter_metadata"

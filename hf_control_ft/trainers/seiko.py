@@ -12,7 +12,7 @@ Round ``i = 1..R`` (``p_0`` = pretrained):
        E[r_hat(x_0) + g(x_0)] - alpha KL(P || P_pre) - beta KL(P || P_{i-1})
 
    where ``P`` is the *extended path*: the auxiliary initial-noise SDE followed by the sampling chain. Per
-   sampling step both KLs are the exact Gaussian ones (:class:`~hf_control_ft.sampler.ControlledSampler` with
+   sampling step both KLs are the exact Gaussian ones (:class:`~hf_control_ft.core.sampler.ControlledSampler` with
    ``reference_adapter="previous"``). For the initial noise, ``KL(P || P_pre)`` contributes
    ``sum_j ||g_phi||^2 ds / 2`` (to the driftless SDE, i.e. to ``N(0, I)``) and ``KL(P || P_{i-1})``
    contributes ``sum_j ||g_phi - g_{i-1}||^2 ds / 2`` (to the previous round's frozen initial-noise SDE).
@@ -30,7 +30,7 @@ Round ``i = 1..R`` (``p_0`` = pretrained):
    optimum is an endpoint reweighting of ``P_pre`` (induction over rounds), its ``x_0`` marginal is the SEIKO
    fixed point ``p_i ∝ exp((r_hat+g)/(a+b)) p_pre^(a/(a+b)) p_{i-1}^(b/(a+b))``.
 
-No feedback is lost: the dataset is versioned on disk (:mod:`hf_control_ft.feedback`), and after each round the
+No feedback is lost: the dataset is versioned on disk (:mod:`hf_control_ft.feedback.store`), and after each round the
 adapters, initial-noise models and counters are written (safetensors + JSON, atomically switched) to
 ``output_dir/trainer_state``. Restarting with the same ``output_dir`` resumes after the last completed round:
 pending samples of the interrupted round are queried (answered ones never again), then the round's fit and
@@ -53,16 +53,16 @@ from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .control import (CONTROL_ADAPTER, add_reference_adapter, copy_adapter_weights, load_lora_state_dict,
+from ..core.control import (CONTROL_ADAPTER, add_reference_adapter, copy_adapter_weights, load_lora_state_dict,
                       lora_parameters, lora_state_dict)
-from .elegant_trainer import ElegantTrainer
-from .feedback import FeedbackDataset
-from .kl import gaussian_kl
-from .oracle import Oracle, RoundBudget
-from .reward_ensemble import OptimisticReward, RewardEnsemble
+from .elegant import ElegantTrainer
+from ..feedback.store import FeedbackDataset
+from ..core.kl import gaussian_kl
+from ..feedback.oracle import Oracle, RoundBudget
+from ..models.reward_ensemble import OptimisticReward, RewardEnsemble
 from .seiko_config import SeikoConfig
-from .value_function import ValueFunction
-from .versioned_dir import VersionedDirectory
+from ..models.value_function import ValueFunction
+from ..utils.versioned_dir import VersionedDirectory
 
 PREVIOUS_ADAPTER = "previous"
 FEEDBACK_DIR = "feedback"
@@ -92,7 +92,7 @@ class SeikoTrainer:
         model: denoiser ``model(sample, timestep, **model_kwargs)``; gets a trainable ``"control"`` LoRA adapter
             and a frozen ``"previous"`` copy of it. Base weights are frozen.
         scheduler: diffusers ``DDPMScheduler`` or ``DDIMScheduler``.
-        oracle: an :class:`~hf_control_ft.oracle.Oracle` or a plain callable ``fn(samples, prompts) -> values``
+        oracle: an :class:`~hf_control_ft.feedback.oracle.Oracle` or a plain callable ``fn(samples, prompts) -> values``
             (wrapped with the config's failure policy). Need not be differentiable.
         sample_shape: shape of one sample.
         accelerator: optional ``accelerate.Accelerator`` (single process: the oracle and the dataset are not
@@ -157,17 +157,17 @@ class SeikoTrainer:
             prompts: a list of prompts, a text file (one per line) or a ``datasets`` dataset; every query draws
                 its prompt uniformly from it, and the prompt is stored with the query's latent.
             feature_extractor: differentiable ``images -> (B, D)`` embedding for the reward heads (e.g. a frozen
-                CLIP image tower); default :class:`hf_control_ft.seiko_stable_diffusion.PooledPixelFeatures`.
+                CLIP image tower); default :class:`hf_control_ft.processes.stable_diffusion_features.PooledPixelFeatures`.
             feature_dim: ``D`` (inferred with one decode when omitted).
-            **options: fields of :class:`hf_control_ft.stable_diffusion.StableDiffusionOptions`
+            **options: fields of :class:`hf_control_ft.processes.stable_diffusion.StableDiffusionOptions`
                 (``guidance_scale``, ``negative_prompt``, ``height``, ``width``, ``mixed_precision``,
                 ``base_model``, ``prompt_column``).
 
         Returns:
-            a :class:`hf_control_ft.seiko_stable_diffusion.StableDiffusionSeikoTrainer`.
+            a :class:`hf_control_ft.processes.stable_diffusion_features.StableDiffusionSeikoTrainer`.
         """
-        from .seiko_stable_diffusion import StableDiffusionSeikoTrainer
-        from .stable_diffusion import StableDiffusionOptions
+        from ..processes.stable_diffusion_features import StableDiffusionSeikoTrainer
+        from ..processes.stable_diffusion import StableDiffusionOptions
 
         if options.get("base_model") is None:
             options["base_model"] = getattr(pipeline, "name_or_path", None) or None
@@ -332,7 +332,7 @@ class SeikoTrainer:
     def _noise_with_reference(self, num_samples: int, generator: torch.Generator):
         """``(x_T, kl_to_standard, kl_to_previous)`` from the initial-noise SDE, differentiable in its parameters.
 
-        Same Euler--Maruyama path as :class:`~hf_control_ft.initial_noise.InitialNoiseModel`, also measuring the
+        Same Euler--Maruyama path as :class:`~hf_control_ft.models.initial_noise.InitialNoiseModel`, also measuring the
         path KL ``sum_j ||g - g_prev||^2 ds / 2`` to the previous round's frozen initial-noise SDE.
         """
         model, prev = self.initial_noise, self.previous_noise
@@ -486,7 +486,7 @@ class SeikoTrainer:
         """Uploads :meth:`save_pretrained` output to the model repo ``repo_id`` in one commit (creating it if
         needed); with ``feedback_repo_id`` also the feedback dataset as a dataset repo
         (:meth:`FeedbackDataset.push_to_hub`). Returns the model repo's ``CommitInfo``."""
-        from .persistence import push_directory
+        from ..serialization.saved import push_directory
 
         message = commit_message or f"SEIKO model after {self.completed_rounds} rounds, {len(self.feedback)} queries"
         with tempfile.TemporaryDirectory() as tmp:

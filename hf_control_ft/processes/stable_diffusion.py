@@ -41,12 +41,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ElegantConfig
-from .control import add_lora_control, tuner_layers
-from .elegant_trainer import ElegantTrainer
-from .reward_checks import reward_name
-from .rewards import call_reward
-from .scheduling import as_stochastic_scheduler
+from ..trainers.elegant_config import ElegantConfig
+from ..core.control import add_lora_control, tuner_layers
+from ..trainers.elegant import ElegantTrainer
+from ..rewards.checks import reward_name
+from ..rewards.image_rewards import call_reward
+from ..core.scheduling import as_stochastic_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -420,10 +420,10 @@ class StableDiffusionElegantTrainer(ElegantTrainer):
         """Rebuilds a trainer (e.g. to continue training) from a save directory or Hub repo on a fresh base
         ``pipeline``: adapter (rank / lora_alpha / targets from the LoRA metadata) and weights, initial-noise
         model, config and Stable Diffusion options. ``prompts`` default to the empty prompt."""
-        from .control import load_lora_state_dict
-        from .initial_noise import InitialNoiseModel
-        from .lora_io import load_lora_file
-        from .persistence import read_saved, resolve_directory
+        from ..core.control import load_lora_state_dict
+        from ..models.initial_noise import InitialNoiseModel
+        from ..serialization.lora_io import load_lora_file
+        from ..serialization.saved import read_saved, resolve_directory
 
         directory = resolve_directory(directory)
         saved = read_saved(directory)

@@ -1,6 +1,6 @@
 """Configuration of SEIKO (online feedback-efficient fine-tuning, ``docs/algorithms.md`` §6).
 
-:class:`SeikoConfig` extends :class:`~hf_control_ft.config.ElegantConfig`: every ELEGANT field keeps its meaning
+:class:`SeikoConfig` extends :class:`~hf_control_ft.trainers.elegant_config.ElegantConfig`: every ELEGANT field keeps its meaning
 for the per-round update (``train_steps`` = drift iterations *per round*, ``value_*`` / ``noise_*`` = the
 per-round initial-noise stages, ``alpha`` = KL weight to the pretrained model), and the SEIKO fields below are
 added. Both KL weights are in reward units per nat, the KL summed over every dimension of a sample.
@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .config import ElegantConfig
-from .oracle import FAILURE_POLICIES
-from .reward_ensemble import OPTIMISM_KINDS
+from .elegant_config import ElegantConfig
+from ..feedback.oracle import FAILURE_POLICIES
+from ..models.reward_ensemble import OPTIMISM_KINDS
 
 
 def _check(cond: bool, field_name: str, message: str):
@@ -36,7 +36,7 @@ class SeikoConfig(ElegantConfig):
         num_rounds: rounds ``R``.
         queries_per_round: oracle budget per round: one int for every round, or a list of ``R`` ints.
         beta: KL weight to the previous round's model (> 0).
-        optimism: ``"ucb"``, ``"bootstrap"``, ``"ts"`` or ``"greedy"`` (see :mod:`hf_control_ft.reward_ensemble`).
+        optimism: ``"ucb"``, ``"bootstrap"``, ``"ts"`` or ``"greedy"`` (see :mod:`hf_control_ft.models.reward_ensemble`).
             The non-adaptive baseline is ``num_rounds=1`` (whole budget from the pretrained model).
         bonus_scale: ``C`` of the UCB / bootstrap bonus (>= 0).
         ensemble_size: reward heads (``"bootstrap"`` needs >= 2).
