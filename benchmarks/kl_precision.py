@@ -72,7 +72,7 @@ def main():
                 torch.backends.cudnn.allow_tf32 = mode == "tf32"
                 trainer = build(model, mode, guidance, steps, resolution, args.device)
                 for i, scale in enumerate(args.scales):
-                    scale_lora(trainer.model.unet, scale)
+                    scale_lora(trainer.process.lora_model, scale)
                     if i == 0:
                         kl_and_gradient(trainer)  # warm-up (allocations), once per mode
                     t0 = time.perf_counter()

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from hf_control_ft import digits
+from hf_control_ft.tasks import digits
 
 
 def main():

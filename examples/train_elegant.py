@@ -28,7 +28,7 @@ import torch
 from accelerate import Accelerator
 
 from hf_control_ft import ElegantConfig, ElegantTrainer
-from hf_control_ft import digits
+from hf_control_ft.tasks import digits
 
 DEFAULT_OUTPUT_DIR = os.path.join("outputs", "digits-elegant")
 CARD_METRICS = ("proxy_reward", "genuine_reward", "genuine_target_rate", "diversity_pairwise_distance",

@@ -60,7 +60,7 @@ class NoisyOracle:
 
 # ---------------------------------------------------------------------------------------------- digits
 def setup_digits(args, config):
-    from hf_control_ft import digits
+    from hf_control_ft.tasks import digits
 
     unet, scheduler = digits.load_or_pretrain_digits_model(args.cache_dir, progress=True)
     proxy, genuine = digits.load_or_train_classifiers(args.cache_dir)

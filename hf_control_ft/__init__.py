@@ -1,5 +1,6 @@
 """hf_control_ft: reward fine-tuning of diffusion models without reward collapse (ELEGANT, SEIKO)."""
 
+from .processes import ControlledProcess, StableDiffusionProcess, process_from_pipeline
 from .trainers.elegant_config import ElegantConfig
 from .core.control import add_lora_control, pretrained_mode
 from .trainers.elegant import ElegantTrainer
@@ -18,7 +19,8 @@ __version__ = "0.1.0"
 __all__ = ["ElegantConfig", "ElegantTrainer", "InitialNoiseModel", "ControlledSampler", "Trajectory",
            "DiffusionSchedule", "ValueFunction", "add_lora_control", "pretrained_mode", "gaussian_kl",
            "gaussian_log_prob", "SeikoConfig", "SeikoTrainer", "Oracle", "OracleAnswer", "FeedbackDataset",
-           "RewardEnsemble", "OptimisticReward", "ControlledDiffusionPipeline", "ControlledStableDiffusionPipeline"]
+           "RewardEnsemble", "OptimisticReward", "ControlledProcess", "StableDiffusionProcess", "process_from_pipeline",
+           "ControlledDiffusionPipeline", "ControlledStableDiffusionPipeline"]
 
 _LAZY = {"ControlledDiffusionPipeline": "pipelines.controlled", "ControlledStableDiffusionPipeline": "pipelines.controlled"}
 

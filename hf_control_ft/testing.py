@@ -13,8 +13,11 @@ from __future__ import annotations
 import string
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .core.control import add_lora_control, lora_parameters
+from .models.networks import MLPDenoiser
 
 
 def tiny_tokenizer(model_max_length: int = 16) -> CLIPTokenizer:
@@ -103,7 +106,7 @@ def kl_and_gradient(trainer, batch_size: int = 2, seed: int = 0) -> tuple[float,
     from .core.control import lora_parameters
 
     gen = torch.Generator().manual_seed(seed)
-    trainer._prepare_batch(batch_size, gen)
+    trainer.process.prepare_batch(batch_size, gen)
     x_T = torch.randn((batch_size, *trainer.sample_shape), generator=gen).to(trainer.device)
     traj = trainer.sampler.rollout(x_T, gen)
     params = lora_parameters(trainer.model)
@@ -112,3 +115,27 @@ def kl_and_gradient(trainer, batch_size: int = 2, seed: int = 0) -> tuple[float,
     trainer.sampler.backpropagate(traj, torch.zeros_like(traj.samples), 1.0 / batch_size)
     grad = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
     return float(traj.kl.mean()), float(grad)
+
+
+def make_mlp_denoiser(dim=2, hidden=32, depth=2, seed=0, lora=True, perturb=0.0):
+    """A random-weight MLP denoiser with a LoRA control adapter; ``perturb`` > 0 makes the control non-zero."""
+    torch.manual_seed(seed)
+    model = MLPDenoiser(dim=dim, hidden=hidden, depth=depth)
+    if lora:
+        add_lora_control(model, rank=4)
+        if perturb:
+            g = torch.Generator().manual_seed(seed + 100)
+            with torch.no_grad():
+                for p in lora_parameters(model):
+                    p.add_(perturb * torch.randn(p.shape, generator=g))
+    return model
+
+
+def ddim(**kw) -> DDIMScheduler:
+    """A 1000-step DDIM scheduler without clipping."""
+    return DDIMScheduler(num_train_timesteps=1000, clip_sample=False, **kw)
+
+
+def ddpm(**kw) -> DDPMScheduler:
+    """A 1000-step DDPM scheduler without clipping."""
+    return DDPMScheduler(num_train_timesteps=1000, clip_sample=False, **kw)

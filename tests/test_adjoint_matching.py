@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ddim, make_mlp_denoiser
+from hf_control_ft.testing import ddim, make_mlp_denoiser
 from hf_control_ft import ElegantConfig, ElegantTrainer
 from hf_control_ft.core.adjoint_matching import adjoint_matching_backward, lean_adjoints
 from hf_control_ft.core.control import add_lora_control, lora_parameters

@@ -4,9 +4,9 @@ import os
 import pytest
 import torch
 
-from conftest import ddim, make_mlp_denoiser
+from hf_control_ft.testing import ddim, make_mlp_denoiser
 from hf_control_ft import ElegantConfig, ElegantTrainer
-from hf_control_ft import checkpointing
+from hf_control_ft.serialization import checkpoints as checkpointing
 from hf_control_ft.core.control import lora_parameters
 
 

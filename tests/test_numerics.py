@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_mlp_denoiser
+from hf_control_ft.testing import make_mlp_denoiser
 from diffusers import (DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler, PNDMScheduler,
                        StableDiffusionXLPipeline)
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
@@ -144,7 +144,7 @@ def _kl_grad(mixed, kl_precision, scale, guidance=7.5):
                         report_to=None, lora_rank=4, gradient_checkpointing=False)
     trainer = ElegantTrainer.from_pipeline(tiny_sd_pipeline(), None, cfg, prompts=PROMPTS, guidance_scale=guidance,
                                            mixed_precision=mixed, kl_precision=kl_precision)
-    scale_lora(trainer.model.unet, scale)
+    scale_lora(trainer.process.lora_model, scale)
     return kl_and_gradient(trainer)
 
 

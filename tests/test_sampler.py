@@ -1,6 +1,6 @@
 import torch
 
-from conftest import ddim, ddpm, make_mlp_denoiser
+from hf_control_ft.testing import ddim, ddpm, make_mlp_denoiser
 from hf_control_ft.core.control import lora_parameters, pretrained_mode, set_control_enabled
 from hf_control_ft.models.initial_noise import InitialNoiseModel
 from hf_control_ft.core.sampler import ControlledSampler

@@ -239,7 +239,7 @@ def test_sigkill_mid_round_resumes_without_losing_or_repeating_queries(tmp_path)
     again = build_trainer(out, LoggingOracle(str(log)))
     again.train()
     assert len(_read_log(log)) == 32 and len(again.feedback) == 32
-    from conftest import ddpm, make_mlp_denoiser
+    from hf_control_ft.testing import ddpm, make_mlp_denoiser
     from hf_control_ft import ElegantTrainer
 
     trainer.save_pretrained(str(tmp_path / "export"))
@@ -261,7 +261,7 @@ def test_combined_initial_noise_and_reference_chain(tmp_path):
         for p in tr.initial_noise.parameters():
             p.add_(0.2 * torch.randn(p.shape, generator=g))
     tr.previous_noise.load_state_dict(tr.initial_noise.state_dict())
-    y, kl0, klp = tr._noise_with_reference(6, torch.Generator().manual_seed(1))
+    y, kl0, klp = tr.initial_noise(6, generator=torch.Generator().manual_seed(1), reference=tr.previous_noise)
     y_ref, kl_ref = tr.initial_noise(6, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(kl0, kl_ref)
@@ -269,7 +269,7 @@ def test_combined_initial_noise_and_reference_chain(tmp_path):
     with torch.no_grad():
         for p in tr.previous_noise.parameters():
             p.add_(0.2 * torch.randn(p.shape, generator=g))
-    _, _, klp = tr._noise_with_reference(6, torch.Generator().manual_seed(1))
+    _, _, klp = tr.initial_noise(6, generator=torch.Generator().manual_seed(1), reference=tr.previous_noise)
     assert (klp > 0).all()
     # previous adapter = pretrained (fresh zero LoRA): the mixture chain is the pretrained chain, no running cost
     x_T = torch.randn(5, 2, generator=g)

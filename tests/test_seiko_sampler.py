@@ -2,7 +2,7 @@
 
 import torch
 
-from conftest import ddim, ddpm, make_mlp_denoiser
+from hf_control_ft.testing import ddim, ddpm, make_mlp_denoiser
 from hf_control_ft.core.control import add_reference_adapter, lora_parameters, reference_adapter_mode
 from hf_control_ft.core.sampler import ControlledSampler
 from hf_control_ft.core.scheduling import DiffusionSchedule

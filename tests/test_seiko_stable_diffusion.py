@@ -111,7 +111,8 @@ def test_crash_and_resume_keep_every_answer_and_reuse_the_stored_prompts(run):
 
 def test_rounds_report_both_kl_terms_and_change_the_lora(run):
     trainer, metrics = run["trainer"], run["metrics"]
-    assert type(trainer).__name__ == "StableDiffusionSeikoTrainer" and trainer.sample_shape == (4, 8, 8)
+    assert type(trainer) is SeikoTrainer and type(trainer.process).__name__ == "StableDiffusionProcess"
+    assert trainer.sample_shape == (4, 8, 8)
     assert metrics["round"] == 2 and trainer.global_step == 4
     assert metrics["train/kl_pretrained"] > 0 and metrics["train/kl_previous"] > 0
     assert math.isfinite(metrics["train/objective"]) and metrics["reward_model/num_train"] == 8
@@ -122,7 +123,7 @@ def test_rounds_report_both_kl_terms_and_change_the_lora(run):
     latents = trainer.sample(prompts=PROMPTS[:2], generator=torch.Generator().manual_seed(0))
     images = trainer.decode(latents)
     assert latents.shape == (2, 4, 8, 8) and images.shape == (2, 3, 16, 16)
-    assert trainer.elegant.current_prompts == PROMPTS[:2]
+    assert trainer.process.current_conditions == PROMPTS[:2]
 
 
 def test_export_loads_with_stock_load_lora_weights(run, tmp_path):
@@ -150,7 +151,7 @@ def test_adapter_aware_checkpointing_recomputes_the_previous_adapter_branch(tmp_
             for name in ("control", "previous"):
                 for p in lora_parameters(trainer.model, name):
                     p.add_(0.2 * torch.randn(p.shape, generator=g))
-        trainer.elegant.set_prompts(PROMPTS[:2])
+        trainer.process.set_conditions(PROMPTS[:2])
         x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
         traj = trainer.sampler.rollout(x_T, torch.Generator().manual_seed(6))
         trainer.sampler.backpropagate(traj, torch.ones_like(traj.samples) / 2, 0.5, reference_kl_weight=0.5)

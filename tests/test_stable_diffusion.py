@@ -51,13 +51,13 @@ def trained(tmp_path_factory):
 
 def test_training_updates_lora_and_reports_guided_kl(trained):
     trainer, summary = trained["trainer"], trained["summary"]
-    assert type(trainer).__name__ == "StableDiffusionElegantTrainer"
+    assert type(trainer) is ElegantTrainer and type(trainer.process).__name__ == "StableDiffusionProcess"
     assert trainer.sample_shape == (4, 8, 8)
     assert summary["train/kl"] > 0 and torch.isfinite(torch.tensor(summary["train/objective"]))
     assert any(not torch.equal(a, b) for a, b in zip(trained["before"], lora_parameters(trainer.model)))
     assert trained["latents"].shape == (2, 4, 8, 8)
     assert trained["images"].shape == (2, 3, 16, 16) and 0 <= trained["images"].min() <= trained["images"].max() <= 1
-    assert all(p in PROMPTS for p in trainer.current_prompts)
+    assert all(p in PROMPTS for p in trainer.process.current_conditions)
 
 
 def test_saved_files_card_and_adapter_metadata(trained):
@@ -146,7 +146,7 @@ def test_guided_kl_is_the_kl_of_the_sampled_guided_means():
     with torch.no_grad():
         for p in lora_parameters(trainer.model):
             p.add_(0.3 * torch.randn_like(p))
-    trainer.set_prompts(PROMPTS[:2])
+    trainer.process.set_conditions(PROMPTS[:2])
     sampler, schedule, unet = trainer.sampler, trainer.schedule, trainer.model.unet
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     k = 1
@@ -188,7 +188,7 @@ def test_adapter_aware_checkpointing_gives_the_plain_gradients():
         with torch.no_grad():
             for p in lora_parameters(trainer.model):
                 p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-        trainer.set_prompts(PROMPTS[:2])
+        trainer.process.set_conditions(PROMPTS[:2])
         x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
         traj = trainer.sampler.rollout(x_T, torch.Generator().manual_seed(6))
         _, grad_x0 = trainer.reward_and_gradient(traj.samples)
@@ -277,11 +277,9 @@ def test_unconditional_controlled_pipeline_reproduces_trainer(tmp_path):
 
 
 def test_sd_trainer_from_pretrained_resumes_the_saved_model(trained):
-    from hf_control_ft.processes.stable_diffusion import StableDiffusionElegantTrainer
-
-    resumed = StableDiffusionElegantTrainer.from_pretrained(trained["dir"], tiny_sd_pipeline(), BrightnessReward(),
-                                                            prompts=PROMPTS)
-    assert resumed.options.guidance_scale == 2.0 and resumed.config.lora_alpha == 6.0
+    resumed = ElegantTrainer.from_pretrained(trained["dir"], pipeline=tiny_sd_pipeline(), reward_fn=BrightnessReward(),
+                                             prompts=PROMPTS)
+    assert resumed.process.options.guidance_scale == 2.0 and resumed.config.lora_alpha == 6.0
     latents = resumed.sample(prompts=PROMPTS[:2], generator=torch.Generator().manual_seed(0))
     assert torch.equal(latents, trained["latents"])
 

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from conftest import ddim, make_mlp_denoiser
+from hf_control_ft.testing import ddim, make_mlp_denoiser
 from hf_control_ft import ElegantConfig, ElegantTrainer
 from hf_control_ft.core.control import lora_parameters
 from hf_control_ft.tasks.gaussian_mixture import distill_mixture_denoiser, three_mode_mixture

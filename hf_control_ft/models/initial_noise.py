@@ -45,23 +45,36 @@ class InitialNoiseModel(nn.Module, PyTorchModelHubMixin, library_name="hf_contro
         self.num_steps = int(num_steps)
         self.drift = FieldNetwork(self.sample_shape, out="same", hidden=hidden, depth=depth)
 
-    def forward(self, num_samples: int, generator: torch.Generator | None = None, device=None):
+    def forward(self, num_samples: int, generator: torch.Generator | None = None, device=None,
+                reference: "InitialNoiseModel | None" = None):
         """Draws ``num_samples`` initial noises (reparameterised: differentiable in ``phi``).
 
+        Args:
+            reference: a second initial-noise model with the same ``num_steps`` (e.g. SEIKO's previous round,
+                frozen). Along the same path it also measures ``sum_j ||g - g_ref||^2 ds / 2``, the exact KL of
+                the discretised path laws of this model and the reference.
+
         Returns:
-            ``(x_T, kl)``: ``(B, *sample_shape)`` samples and ``(B,)`` path KL in nats.
+            ``(x_T, kl)``: ``(B, *sample_shape)`` samples and ``(B,)`` path KL to ``N(0, I)`` in nats; with a
+            ``reference``, ``(x_T, kl, kl_ref)``.
         """
         device = device or next(self.parameters()).device
+        if reference is not None and reference.num_steps != self.num_steps:
+            raise ValueError(f"reference has {reference.num_steps} steps, this model {self.num_steps}")
         ds = 1.0 / self.num_steps
         y = torch.zeros((num_samples, *self.sample_shape), device=device)
         kl = torch.zeros(num_samples, device=device)
+        kl_ref = torch.zeros(num_samples, device=device)
         gen_device = generator.device if generator is not None else device
         for j in range(self.num_steps):
             g = self.drift(y, j * ds)
             kl = kl + 0.5 * ds * g.reshape(num_samples, -1).pow(2).sum(dim=1)
+            if reference is not None:
+                g_ref = reference.drift(y, j * ds)
+                kl_ref = kl_ref + 0.5 * ds * (g - g_ref).reshape(num_samples, -1).pow(2).sum(dim=1)
             xi = torch.randn(y.shape, generator=generator, device=gen_device).to(device)
             y = y + g * ds + math.sqrt(ds) * xi
-        return y, kl
+        return (y, kl) if reference is None else (y, kl, kl_ref)
 
     def sample(self, num_samples: int, generator: torch.Generator | None = None, device=None):
         """``x_T`` only, without autograd."""

@@ -19,15 +19,15 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
-from ..trainers.elegant_config import ElegantConfig
 from ..core.control import CONTROL_ADAPTER, tuner_layers
-from ..models.initial_noise import InitialNoiseModel
-from ..serialization.lora_io import attach_lora_file
-from ..serialization.saved import INITIAL_NOISE_DIR, read_saved, resolve_directory
 from ..core.sampler import ControlledSampler
 from ..core.scheduling import DiffusionSchedule, as_stochastic_scheduler
-from ..processes.stable_diffusion import (OPTIONS_NAME, GuidedUNet, StableDiffusionOptions,
-                               decode_latents, encode_prompts, latent_shape)
+from ..models.initial_noise import InitialNoiseModel
+from ..processes.sd_components import (OPTIONS_NAME, GuidedUNet, StableDiffusionOptions, decode_latents,
+                                       encode_prompts, latent_shape)
+from ..serialization.lora_io import attach_lora_file
+from ..serialization.saved import INITIAL_NOISE_DIR, read_saved, resolve_directory
+from ..trainers.elegant_config import ElegantConfig
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 

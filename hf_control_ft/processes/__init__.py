@@ -1,0 +1,31 @@
+"""Controlled processes: what is fine-tuned (network + adapters, schedule, conditioning, decoding, persistence).
+
+* :class:`ControlledProcess`: any unconditional ``model(sample, t)`` on a DDPM / DDIM scheduler.
+* :class:`StableDiffusionProcess`: a ``StableDiffusionPipeline`` (SD 1.x / 2.x).
+
+:func:`process_from_pipeline` picks the process of a diffusers pipeline. A new model family is one new module
+here; the trainers take any process.
+"""
+
+from .base import ControlledProcess
+from .sd_components import StableDiffusionOptions
+from .stable_diffusion import StableDiffusionProcess
+
+
+def process_from_pipeline(pipeline, config, prompts, **options) -> ControlledProcess:
+    """The controlled process of a diffusers pipeline.
+
+    Args:
+        pipeline: a ``StableDiffusionPipeline`` (others are refused with the list of supported classes).
+        config: the training config (LoRA, sampler and seed fields).
+        prompts: list of prompts, a text file (one per line) or a ``datasets.Dataset``.
+        **options: fields of :class:`StableDiffusionOptions` (``guidance_scale``, ``negative_prompt``,
+            ``height``, ``width``, ``mixed_precision``, ``kl_precision``, ``base_model``, ``prompt_column``).
+            ``base_model`` defaults to the pipeline's ``name_or_path``.
+    """
+    if options.get("base_model") is None:
+        options["base_model"] = getattr(pipeline, "name_or_path", None) or None
+    return StableDiffusionProcess(pipeline, config, prompts, StableDiffusionOptions(**options))
+
+
+__all__ = ["ControlledProcess", "StableDiffusionProcess", "StableDiffusionOptions", "process_from_pipeline"]

@@ -9,7 +9,7 @@ import os
 
 from huggingface_hub import ModelCard, ModelCardData
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # hf_control_ft/
 TEMPLATE_DIR = next((d for d in (os.path.join(_PACKAGE_DIR, "model_cards"),  # installed wheel
                                  os.path.join(os.path.dirname(_PACKAGE_DIR), "model_cards"))  # source checkout
                      if os.path.isdir(d)), os.path.join(_PACKAGE_DIR, "model_cards"))

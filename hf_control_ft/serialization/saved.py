@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 
-from .lora_io import LORA_WEIGHTS_NAME, read_lora_config, save_lora_file
+from .lora_io import LORA_WEIGHTS_NAME, read_lora_config
 from .model_card import render_model_card
 
 INITIAL_NOISE_DIR = "initial_noise"
@@ -25,6 +25,7 @@ CONFIG_NAME = "elegant_config.json"
 SAMPLE_SHAPE_NAME = "sample_shape.json"
 SAMPLE_GRID_NAME = "sample_grid.png"
 MODEL_CARD_NAME = "README.md"
+OPTIONS_NAME = "stable_diffusion.json"  # the options of a Stable Diffusion process
 
 logger = logging.getLogger(__name__)
 
@@ -46,30 +47,33 @@ def save_sample_grid(sample_grid, save_directory: str) -> str:
     return SAMPLE_GRID_NAME
 
 
-def save_trainer(trainer, save_directory: str, metrics: dict | None = None, sample_grid=None,
-                 base_model: str | None = None, repo_id: str | None = None) -> None:
-    """Writes everything listed in the module docstring for ``trainer`` (an ``ElegantTrainer``)."""
+def save_control(save_directory: str, process, config, initial_noise=None, reward: str | None = None,
+                 metrics: dict | None = None, sample_grid=None, base_model: str | None = None,
+                 repo_id: str | None = None) -> None:
+    """Writes everything listed in the module docstring for a trained control.
+
+    Args:
+        process: the controlled process (:mod:`hf_control_ft.processes`): writes the adapter in its family's
+            LoRA format and its options, and gives the card's family fields.
+        config: the training config (saved as ``elegant_config.json``; shown on the card).
+        initial_noise: the learned initial-noise model, or ``None``.
+        reward: the reward's name for the card.
+    """
     os.makedirs(save_directory, exist_ok=True)
-    lora_model = getattr(trainer.model, "unet", trainer.model)
-    lora_config = trainer._peft_config()
-    save_lora_file(lora_model, lora_config, save_directory)
-    if trainer.initial_noise is not None:
-        trainer.initial_noise.save_pretrained(os.path.join(save_directory, INITIAL_NOISE_DIR))
-    trainer.config.save(os.path.join(save_directory, CONFIG_NAME))
+    process.save_adapter(save_directory)
+    lora_config = process.peft_config()
+    if initial_noise is not None:
+        initial_noise.save_pretrained(os.path.join(save_directory, INITIAL_NOISE_DIR))
+    config.save(os.path.join(save_directory, CONFIG_NAME))
     with open(os.path.join(save_directory, SAMPLE_SHAPE_NAME), "w", encoding="utf-8") as f:
-        json.dump(list(trainer.sample_shape), f)
-    options = getattr(trainer, "options", None)
-    if options is not None:
-        if base_model is not None:
-            options.base_model = base_model
-        base_model = options.base_model
-        options.save(os.path.join(save_directory, "stable_diffusion.json"))
+        json.dump(list(process.sample_shape), f)
+    fields = process.save_options(save_directory, base_model)
     grid_name = save_sample_grid(sample_grid, save_directory) if sample_grid is not None else None
     card = render_model_card(
-        trainer.config, reward=trainer.reward_name or "(not recorded)", base_model=base_model, metrics=metrics,
-        sample_grid=grid_name, repo_id=repo_id or save_directory, conditional=options is not None,
-        guidance_scale=options.guidance_scale if options is not None else None, lora_rank=lora_config.r,
-        lora_alpha=lora_config.lora_alpha, target_modules=lora_config.target_modules)
+        config, reward=reward or "(not recorded)", base_model=fields["base_model"], metrics=metrics,
+        sample_grid=grid_name, repo_id=repo_id or save_directory, conditional=fields["conditional"],
+        guidance_scale=fields["guidance_scale"], lora_rank=lora_config.r, lora_alpha=lora_config.lora_alpha,
+        target_modules=lora_config.target_modules)
     with open(os.path.join(save_directory, MODEL_CARD_NAME), "w", encoding="utf-8") as f:
         f.write(card)
 
@@ -88,8 +92,10 @@ def read_saved(directory: str) -> dict:
                   lora_target_modules=[targets] if isinstance(targets, str) else sorted(targets))
     with open(os.path.join(directory, SAMPLE_SHAPE_NAME), encoding="utf-8") as f:
         shape = tuple(json.load(f))
+    options = os.path.join(directory, OPTIONS_NAME)
     return {"config": config, "sample_shape": shape, "lora_path": path,
-            "initial_noise_dir": os.path.join(directory, INITIAL_NOISE_DIR)}
+            "initial_noise_dir": os.path.join(directory, INITIAL_NOISE_DIR),
+            "options_path": options if os.path.isfile(options) else None}
 
 
 def resolve_directory(name_or_path: str, token: str | None = None, revision: str | None = None,

@@ -20,63 +20,55 @@ import time
 
 import torch
 from accelerate import Accelerator
-from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from ..serialization import checkpoints as checkpointing
-from ..core.adjoint_matching import adjoint_matching_backward
-from .elegant_config import ElegantConfig
-from ..core.control import (CONTROL_ADAPTER, add_lora_control, load_lora_state_dict, lora_parameters,
-                      lora_state_dict, tuner_layers)
+from ..core.control import load_lora_state_dict, lora_parameters, lora_state_dict
 from ..models.initial_noise import InitialNoiseModel
-from ..serialization.lora_io import load_lora_file
-from ..serialization.saved import INITIAL_NOISE_DIR, push_directory, read_saved, save_trainer
-from ..rewards.checks import check_reward, reward_name
-from ..core.sampler import ControlledSampler
-from ..core.scheduling import DiffusionSchedule
 from ..models.step_values import StepValueFunction
 from ..models.value_function import ValueFunction
+from ..processes import ControlledProcess, process_from_pipeline
+from ..processes.stable_diffusion import load_options
+from ..serialization import checkpoints as checkpointing
+from ..serialization.lora_io import load_lora_file
+from ..serialization.saved import INITIAL_NOISE_DIR, push_directory, read_saved, resolve_directory, save_control
+from .base import BaseTrainer
+from .elegant_config import ElegantConfig
 
 
-class ElegantTrainer:
-    """Fine-tunes ``model`` toward ``reward_fn`` with ELEGANT.
+class ElegantTrainer(BaseTrainer):
+    """Fine-tunes a controlled process toward ``reward_fn`` with ELEGANT.
 
     Args:
         config: :class:`ElegantConfig`.
         model: denoiser called as ``model(sample, timestep, **model_kwargs)``; a LoRA adapter named
             ``"control"`` is added unless the model already has one. Its base weights are frozen.
         scheduler: diffusers ``DDPMScheduler`` or ``DDIMScheduler``.
-        reward_fn: ``(B, *sample_shape) -> (B,)``, differentiable.
+        reward_fn: ``(B, *sample_shape) -> (B,)``, differentiable (for a pipeline: ``fn(images, prompts)``).
         sample_shape: shape of one sample (e.g. ``(2,)``, ``(1, 8, 8)``, ``(4, 64, 64)``).
         accelerator: an ``accelerate.Accelerator``; one is created from the config if omitted.
         model_kwargs: extra keyword arguments for every denoiser call.
+        process: a ready :class:`~hf_control_ft.processes.ControlledProcess` instead of
+            ``model`` / ``scheduler`` / ``sample_shape`` (:meth:`from_pipeline` builds one from a pipeline).
     """
 
-    def __init__(self, config: ElegantConfig, model: torch.nn.Module, scheduler, reward_fn, sample_shape,
-                 accelerator: Accelerator | None = None, model_kwargs: dict | None = None):
+    def __init__(self, config: ElegantConfig, model: torch.nn.Module | None = None, scheduler=None, reward_fn=None,
+                 sample_shape=None, accelerator: Accelerator | None = None, model_kwargs: dict | None = None,
+                 process: ControlledProcess | None = None):
         if not isinstance(config, ElegantConfig):
             raise TypeError(f"config must be an ElegantConfig, got {type(config).__name__}")
-        self.config = config
-        log_with = None if config.report_to in (None, "none") else config.report_to
-        self.accelerator = accelerator or Accelerator(log_with=log_with,
-                                                      project_dir=config.logging_dir or "runs")
-        self.device = self.accelerator.device
-        self.sample_shape = tuple(int(d) for d in sample_shape)
-        self.reward_fn = reward_fn
-        self.reward_name = reward_name(reward_fn) if reward_fn is not None else None
-
+        super().__init__(config, accelerator)
         torch.manual_seed(config.seed)  # identical adapter / network init on every process
-        self.model = model.to(self.device)
-        if not tuner_layers(self.model):
-            self.lora_config = add_lora_control(self.model, config.lora_rank, config.lora_target_modules,
-                                                config.lora_alpha)
-        else:
-            self.lora_config = None
-        self.schedule = DiffusionSchedule(scheduler, config.num_inference_steps, config.eta)
-        self.sampler = ControlledSampler(self.model, self.schedule, config.gradient_checkpointing,
-                                         config.truncate_backprop_steps, model_kwargs)
-        self.initial_noise = None
+        if process is None:
+            if model is None or scheduler is None or sample_shape is None:
+                raise ValueError("pass model, scheduler and sample_shape, or a process")
+            process = ControlledProcess(model.to(self.device), scheduler, sample_shape, config, model_kwargs)
+        if config.drift_objective == "value_guided" and not process.supports_step_values:
+            raise ValueError(f"ElegantConfig.drift_objective: 'value_guided' fits prompt-agnostic step values over "
+                             f"stored states, which the {process.family} process does not support; use "
+                             "'pathwise' or 'adjoint_matching'")
+        self.process = process.to(self.device)
+        self.sampler = process.make_sampler()
+        self.set_reward(reward_fn)
         if config.learn_initial_noise:
             self.initial_noise = InitialNoiseModel(self.sample_shape, num_steps=config.noise_num_steps,
                                                    hidden=config.aux_hidden).to(self.device)
@@ -85,59 +77,6 @@ class ElegantTrainer:
         self.global_step = 0
         self.initial_noise_trained = False
         self._optimizer_state = None  # restored by load_checkpoint, applied when the drift optimiser exists
-        self.history: list[dict] = []
-        self._trackers_started = False
-        # per-process stream of training randomness
-        rank = self.accelerator.process_index
-        self.generator = torch.Generator().manual_seed(config.seed * 1000 + rank + 1)
-
-    # ------------------------------------------------------------------ helpers
-    @property
-    def is_main_process(self) -> bool:
-        return self.accelerator.is_main_process
-
-    def _progress(self, iterable, desc):
-        return tqdm(iterable, desc=desc, disable=not self.is_main_process)
-
-    def _start_trackers(self):
-        if not self._trackers_started and self.accelerator.log_with:
-            cfg = {k: (str(v) if isinstance(v, (list, type(None))) else v) for k, v in self.config.to_dict().items()}
-            self.accelerator.init_trackers(self.config.tracker_project_name, config=cfg)
-        self._trackers_started = True
-
-    def _log(self, metrics: dict, step: int):
-        self.history.append({"step": step, **metrics})
-        self.accelerator.log(metrics, step=step)
-
-    def _reward(self, x: torch.Tensor, require_grad: bool) -> torch.Tensor:
-        return check_reward(self.reward_fn(x), x.shape[0], self.reward_name, require_grad=require_grad)
-
-    def _sync_grads(self, params):
-        """Averages gradients over processes (the model is not DDP-wrapped: the sampler calls it many times)."""
-        if self.accelerator.num_processes > 1:
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad = self.accelerator.reduce(p.grad, reduction="mean")
-
-    def _clip(self, params):
-        if self.config.max_grad_norm is not None:
-            return float(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm))
-        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-
-    def _prepare_batch(self, batch_size: int, generator: torch.Generator | None = None) -> None:
-        """Called before every batch of samples (conditional trainers set that batch's prompts here)."""
-
-    def draw_initial_noise(self, num_samples: int, generator: torch.Generator | None = None):
-        """``(x_T, kl_init)`` without autograd: from the learned model if any, else ``N(0, I)`` (KL 0)."""
-        gen = generator if generator is not None else self.generator
-        with torch.no_grad():
-            if self.initial_noise is not None:
-                x_T, kl = self.initial_noise(num_samples, generator=gen, device=self.device)
-            else:
-                x_T = torch.randn((num_samples, *self.sample_shape), generator=gen).to(self.device)
-                kl = torch.zeros(num_samples, device=self.device)
-        return x_T, kl
 
     # ------------------------------------------------------------------ stage 1
     def _pretrained_rollouts(self, desc: str):
@@ -147,7 +86,7 @@ class ElegantTrainer:
         n_local = math.ceil(cfg.value_num_rollouts / self.accelerator.num_processes)
         for start in self._progress(range(0, n_local, cfg.batch_size), desc):
             b = min(cfg.batch_size, n_local - start)
-            self._prepare_batch(b)
+            self.process.prepare_batch(b, self.generator)
             x_T = torch.randn((b, *self.sample_shape), generator=self.generator).to(self.device)
             traj = self.sampler.rollout(x_T, self.generator, controlled=False)
             with torch.no_grad():
@@ -182,22 +121,8 @@ class ElegantTrainer:
             raise RuntimeError("learn_initial_noise=False: there is no initial-noise model to train")
         if self.value_function is None:
             self.fit_value_function()
-        params = list(self.initial_noise.parameters())
-        opt = torch.optim.Adam(params, lr=cfg.noise_learning_rate)
-        metrics = {}
-        for it in self._progress(range(cfg.noise_train_steps), "stage 2: initial noise"):
-            x_T, kl = self.initial_noise(cfg.noise_batch_size, generator=self.generator, device=self.device)
-            u = self.value_function.normalized(x_T)
-            loss = (kl - u).mean()  # = -(E[v_T] - alpha KL) / alpha, up to the constant shift
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self._sync_grads(params)
-            opt.step()
-            if it % cfg.log_every == 0 or it == cfg.noise_train_steps - 1:
-                metrics = {"noise/loss": loss.item(), "noise/kl": kl.mean().item(),
-                           "noise/value": float(self.value_function.shift + cfg.alpha * u.detach().mean())}
-                self._log(metrics, step=it)
-        self.initial_noise.requires_grad_(False)
+        metrics = self.fit_initial_noise(self.value_function, cfg.noise_train_steps, self.generator,
+                                         desc="stage 2: initial noise")
         self.initial_noise_trained = True
         return metrics
 
@@ -224,49 +149,29 @@ class ElegantTrainer:
         self._log(metrics, step=self.global_step)
         return metrics
 
-    def reward_and_gradient(self, samples: torch.Tensor):
-        """Checked reward ``(B,)`` of ``samples`` and its gradient ``dr/dx_0`` (shape of ``samples``)."""
-        x0 = samples.detach().requires_grad_(True)
-        with torch.enable_grad():
-            r = self._reward(x0, require_grad=True)
-            (grad,) = torch.autograd.grad(r.sum(), x0)
-        return r.detach(), grad
-
     def drift_step(self, optimizer, params) -> dict:
         """One stage-3 iteration; returns its metrics.
 
         ``drift_objective="pathwise"``: exact gradient of ``mean(-r + alpha * (KL_drift + KL_init))``
         (``train/loss`` is its value). ``"adjoint_matching"``: the regression of
-        :func:`~hf_control_ft.core.adjoint_matching.adjoint_matching_backward` (``train/loss`` is the regression loss);
-        ``"value_guided"``: the same regression with ``grad V_{k+1}`` of :meth:`fit_step_values` as target;
-        reward, exact KL and objective are logged the same way for both.
+        :func:`~hf_control_ft.core.adjoint_matching.adjoint_matching_backward` (``train/loss`` is the regression
+        loss); ``"value_guided"``: the same regression with ``grad V_{k+1}`` of :meth:`fit_step_values` as target;
+        reward, exact KL and objective are logged the same way for every objective.
         """
         cfg = self.config
-        B = cfg.batch_size
-        self._prepare_batch(B)
-        x_T, kl_init = self.draw_initial_noise(B)
-        traj = self.sampler.rollout(x_T, self.generator)
-        r, grad_x0 = self.reward_and_gradient(traj.samples)
-        optimizer.zero_grad(set_to_none=True)
-        if cfg.drift_objective in ("adjoint_matching", "value_guided"):
-            value_gradient = None
-            if cfg.drift_objective == "value_guided":
-                if self.step_values is None:
-                    self.fit_step_values()
-                value_gradient = self.step_values.gradient
-            am_loss = adjoint_matching_backward(self.sampler, traj, grad_x0, cfg.alpha, 1.0 / B, value_gradient)
-        else:
-            self.sampler.backpropagate(traj, -grad_x0 / B, cfg.alpha / B)
-        self._sync_grads(params)
-        grad_norm = self._clip(params)
-        optimizer.step()
-        kl = traj.kl  # exact path KL of the rollout's fine-tuned chain (both objectives fill every step)
+        value_gradient = None
+        if cfg.drift_objective == "value_guided":
+            if self.step_values is None:
+                self.fit_step_values()
+            value_gradient = self.step_values.gradient
+        out = self.drift_iteration(optimizer, params, value_gradient=value_gradient)
+        r, kl, kl_init = out["reward"], out["kl"], out["kl_init"]  # exact path KL of the rollout's chain
         objective = (r - cfg.alpha * (kl + kl_init)).mean().item()
         metrics = {"train/reward": r.mean().item(), "train/kl": kl.mean().item(),
                    "train/kl_init": kl_init.mean().item(), "train/objective": objective, "train/loss": -objective,
-                   "train/grad_norm": grad_norm}
-        if cfg.drift_objective != "pathwise":
-            metrics["train/loss"] = metrics["train/adjoint_matching_loss"] = am_loss.mean().item()
+                   "train/grad_norm": out["grad_norm"]}
+        if out["regression_loss"] is not None:
+            metrics["train/loss"] = metrics["train/adjoint_matching_loss"] = out["regression_loss"]
         return metrics
 
     def reward_backprop_step(self, optimizer) -> None:
@@ -274,7 +179,7 @@ class ElegantTrainer:
         the same sampler and backward sweep, no KL terms, no initial-noise model. The step-cost benchmarks
         time it as the reference cost of an ELEGANT iteration."""
         B = self.config.batch_size
-        self._prepare_batch(B)
+        self.process.prepare_batch(B, self.generator)
         x_T = torch.randn((B, *self.sample_shape), generator=self.generator).to(self.device)
         traj = self.sampler.rollout(x_T, self.generator)
         _, grad_x0 = self.reward_and_gradient(traj.samples)
@@ -290,9 +195,7 @@ class ElegantTrainer:
             raise RuntimeError("no trainable LoRA parameters found on the model")
         if cfg.drift_objective == "value_guided" and self.step_values is None:
             self.fit_step_values()
-        opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
-        lr_schedule = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.lr_warmup_steps,
-                                    num_training_steps=cfg.train_steps)
+        opt, lr_schedule = self.make_optimizer(params)
         if self._optimizer_state is not None:  # resuming: restore moments and the schedule position
             tensors, meta = self._optimizer_state
             checkpointing.load_optimizer_state(opt, tensors, meta["optimizer"])
@@ -386,35 +289,15 @@ class ElegantTrainer:
         t2 = time.perf_counter()
         summary.update({"time/stages_1_2_s": t1 - t0, "time/drift_s": t2 - t1})
         self.accelerator.wait_for_everyone()
-        if self.accelerator.log_with:
-            self.accelerator.end_training()  # flush and close the trackers
-            self._trackers_started = False
+        self._end_trackers()
         return summary
-
-    # ------------------------------------------------------------------ inference
-    @torch.no_grad()
-    def sample(self, num_samples: int, generator: torch.Generator | None = None, batch_size: int | None = None,
-               controlled: bool = True) -> torch.Tensor:
-        """Draws samples: learned initial noise + LoRA control (``controlled=False``: the pretrained model
-        from ``N(0, I)``). Deterministic given ``generator``. Returns ``(num_samples, *sample_shape)``."""
-        gen = generator if generator is not None else torch.Generator().manual_seed(self.config.seed)
-        bs = batch_size or self.config.batch_size
-        out = []
-        for start in range(0, num_samples, bs):
-            b = min(bs, num_samples - start)
-            self._prepare_batch(b, gen)
-            if controlled:
-                x_T, _ = self.draw_initial_noise(b, gen)
-            else:
-                x_T = torch.randn((b, *self.sample_shape), generator=gen).to(self.device)
-            out.append(self.sampler.sample(x_T, gen, controlled=controlled))
-        return torch.cat(out)
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, save_directory: str, metrics: dict | None = None, sample_grid=None,
                         base_model: str | None = None, repo_id: str | None = None) -> None:
         """Writes the adapter (``pytorch_lora_weights.safetensors``, diffusers format with metadata), the
-        initial-noise model, the config and a model card ``README.md`` (see :mod:`hf_control_ft.serialization.saved`).
+        initial-noise model, the config, the process's options and a model card ``README.md``
+        (:mod:`hf_control_ft.serialization.saved`).
 
         Args:
             metrics: ``{name: value}`` for the card's metrics table.
@@ -426,8 +309,8 @@ class ElegantTrainer:
         """
         if not self.is_main_process:
             return
-        save_trainer(self, save_directory, metrics=metrics, sample_grid=sample_grid, base_model=base_model,
-                     repo_id=repo_id)
+        save_control(save_directory, self.process, self.config, self.initial_noise, reward=self.reward_name,
+                     metrics=metrics, sample_grid=sample_grid, base_model=base_model, repo_id=repo_id)
 
     def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None,
                     commit_message: str = "Upload ELEGANT fine-tuned model", save_directory: str | None = None,
@@ -450,53 +333,51 @@ class ElegantTrainer:
             self.save_pretrained(directory, metrics, sample_grid, base_model, repo_id)
             return push_directory(directory, repo_id, private, token, commit_message, endpoint)
 
-    def _peft_config(self):
-        if self.lora_config is not None:
-            return self.lora_config
-        peft_cfg = getattr(self.model, "peft_config", None)  # adapter added by the caller
-        if isinstance(peft_cfg, dict) and CONTROL_ADAPTER in peft_cfg:
-            return peft_cfg[CONTROL_ADAPTER]
-        raise RuntimeError(f"cannot find the LoraConfig of the {CONTROL_ADAPTER!r} adapter on the model")
-
     @classmethod
-    def from_pretrained(cls, directory: str, model: torch.nn.Module, scheduler, reward_fn=None,
-                        accelerator: Accelerator | None = None, **config_overrides) -> "ElegantTrainer":
-        """Rebuilds a trainer from :meth:`save_pretrained` output (a directory or a Hub repo id) on a fresh
-        copy of the base ``model``.
+    def from_pretrained(cls, directory: str, model: torch.nn.Module | None = None, scheduler=None, reward_fn=None,
+                        accelerator: Accelerator | None = None, pipeline=None, prompts=None,
+                        **config_overrides) -> "ElegantTrainer":
+        """Rebuilds a trainer from :meth:`save_pretrained` output (a directory or a Hub repo id), e.g. to
+        continue training: on a fresh copy of the base ``model`` + ``scheduler``, or, for a save of a pipeline
+        run (``stable_diffusion.json`` present), on a fresh base ``pipeline`` with its saved options
+        (``prompts`` default to the empty prompt).
 
         The adapter is re-created from the LoRA file's metadata (rank, lora_alpha, targets) and its weights
         loaded; the initial-noise model comes from ``initial_noise/``.
         """
-        from ..serialization.saved import resolve_directory
-
-        saved = read_saved(resolve_directory(directory))
+        directory = resolve_directory(directory)
+        saved = read_saved(directory)
         config = ElegantConfig.from_dict(saved["config"], **config_overrides)
-        trainer = cls(config, model, scheduler, reward_fn, saved["sample_shape"], accelerator=accelerator)
+        if saved["options_path"] is not None:
+            if pipeline is None:
+                raise ValueError(f"{directory} was trained on a pipeline; pass pipeline= (a fresh base pipeline)")
+            options = load_options(directory)
+            process = process_from_pipeline(pipeline, config, prompts if prompts is not None else [""],
+                                            **vars(options))
+            trainer = cls(config, reward_fn=reward_fn, accelerator=accelerator, process=process)
+        else:
+            trainer = cls(config, model, scheduler, reward_fn, saved["sample_shape"], accelerator=accelerator)
         state, _ = load_lora_file(saved["lora_path"])
-        load_lora_state_dict(trainer.model, state)
+        load_lora_state_dict(trainer.process.lora_model, state)
         if config.learn_initial_noise:
             trainer.initial_noise = InitialNoiseModel.from_pretrained(saved["initial_noise_dir"]).to(trainer.device)
         return trainer
 
     @classmethod
     def from_pipeline(cls, pipeline, reward_fn, config: ElegantConfig, prompts, accelerator=None, **options):
-        """ELEGANT on a diffusers ``StableDiffusionPipeline`` (text-conditioned, classifier-free guidance).
+        """ELEGANT on a diffusers pipeline (``StableDiffusionPipeline``: text-conditioned, classifier-free
+        guidance), through its controlled process (:func:`hf_control_ft.processes.process_from_pipeline`).
 
         Args:
             pipeline: the base pipeline; its UNet gets the LoRA control adapter (diffusers ``add_adapter``).
             reward_fn: ``reward_fn(images, prompts) -> (B,)`` on decoded images in ``[0, 1]``.
             config: :class:`ElegantConfig`.
             prompts: a list of prompts, a text file (one per line) or a ``datasets`` dataset.
-            **options: fields of :class:`hf_control_ft.processes.stable_diffusion.StableDiffusionOptions`
-                (``guidance_scale``, ``negative_prompt``, ``height``, ``width``, ``mixed_precision``,
+            **options: fields of :class:`hf_control_ft.processes.StableDiffusionOptions` (``guidance_scale``,
+                ``negative_prompt``, ``height``, ``width``, ``mixed_precision``, ``kl_precision``,
                 ``base_model``, ``prompt_column``).
-
-        Returns:
-            a :class:`hf_control_ft.processes.stable_diffusion.StableDiffusionElegantTrainer`.
         """
-        from ..processes.stable_diffusion import StableDiffusionElegantTrainer, StableDiffusionOptions
-
-        if options.get("base_model") is None:
-            options["base_model"] = getattr(pipeline, "name_or_path", None) or None
-        return StableDiffusionElegantTrainer(pipeline, reward_fn, config, prompts, StableDiffusionOptions(**options),
-                                             accelerator=accelerator)
+        if not isinstance(config, ElegantConfig):
+            raise TypeError(f"config must be an ElegantConfig, got {type(config).__name__}")
+        process = process_from_pipeline(pipeline, config, prompts, **options)
+        return cls(config, reward_fn=reward_fn, accelerator=accelerator, process=process)

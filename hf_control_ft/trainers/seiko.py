@@ -49,20 +49,21 @@ import time
 
 import torch
 from accelerate import Accelerator
-from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from ..core.control import (CONTROL_ADAPTER, add_reference_adapter, copy_adapter_weights, load_lora_state_dict,
-                      lora_parameters, lora_state_dict)
-from .elegant import ElegantTrainer
-from ..feedback.store import FeedbackDataset
+                            lora_parameters, lora_state_dict)
 from ..core.kl import gaussian_kl
 from ..feedback.oracle import Oracle, RoundBudget
+from ..feedback.store import FeedbackDataset
+from ..models.initial_noise import InitialNoiseModel
 from ..models.reward_ensemble import OptimisticReward, RewardEnsemble
-from .seiko_config import SeikoConfig
 from ..models.value_function import ValueFunction
+from ..processes import ControlledProcess, process_from_pipeline
+from ..serialization.saved import push_directory, save_control
 from ..utils.versioned_dir import VersionedDirectory
+from .base import BaseTrainer
+from .seiko_config import SeikoConfig
 
 PREVIOUS_ADAPTER = "previous"
 FEEDBACK_DIR = "feedback"
@@ -84,51 +85,56 @@ def _generator(seed: int, round_index: int, phase: str) -> torch.Generator:
     return torch.Generator().manual_seed(round_seed(seed, round_index, phase))
 
 
-class SeikoTrainer:
-    """Online fine-tuning of ``model`` from ``oracle`` feedback with SEIKO.
+class SeikoTrainer(BaseTrainer):
+    """Online fine-tuning of a controlled process from ``oracle`` feedback with SEIKO.
 
     Args:
         config: :class:`SeikoConfig` (``config.output_dir`` holds the feedback and the resumable state).
         model: denoiser ``model(sample, timestep, **model_kwargs)``; gets a trainable ``"control"`` LoRA adapter
             and a frozen ``"previous"`` copy of it. Base weights are frozen.
         scheduler: diffusers ``DDPMScheduler`` or ``DDIMScheduler``.
-        oracle: an :class:`~hf_control_ft.feedback.oracle.Oracle` or a plain callable ``fn(samples, prompts) -> values``
-            (wrapped with the config's failure policy). Need not be differentiable.
+        oracle: an :class:`~hf_control_ft.feedback.oracle.Oracle` or a plain callable ``fn(samples, prompts) ->
+            values`` (wrapped with the config's failure policy). Need not be differentiable.
         sample_shape: shape of one sample.
         accelerator: optional ``accelerate.Accelerator`` (single process: the oracle and the dataset are not
             sharded).
         model_kwargs: extra keyword arguments for every denoiser call.
         feature_extractor, feature_dim: embedding of samples for the reward heads (default: raw flattened
-            samples); e.g. a frozen image encoder for images.
+            samples; for a pipeline, image features of the decoded latents).
+        process: a ready :class:`~hf_control_ft.processes.ControlledProcess` instead of
+            ``model`` / ``scheduler`` / ``sample_shape`` (:meth:`from_pipeline` builds one from a pipeline).
     """
 
-    def __init__(self, config: SeikoConfig, model: torch.nn.Module, scheduler, oracle, sample_shape,
-                 accelerator: Accelerator | None = None, model_kwargs: dict | None = None,
-                 feature_extractor=None, feature_dim: int | None = None):
+    def __init__(self, config: SeikoConfig, model: torch.nn.Module | None = None, scheduler=None, oracle=None,
+                 sample_shape=None, accelerator: Accelerator | None = None, model_kwargs: dict | None = None,
+                 feature_extractor=None, feature_dim: int | None = None, process: ControlledProcess | None = None):
         if not isinstance(config, SeikoConfig):
             raise TypeError(f"config must be a SeikoConfig, got {type(config).__name__}")
-        self.config = config
-        elegant_config = config.elegant_config()
-        if elegant_config.logging_dir is None:
-            elegant_config.logging_dir = os.path.join(config.output_dir, "logs")
-        self.elegant = self._build_elegant(elegant_config, model, scheduler, sample_shape, accelerator, model_kwargs)
-        if self.elegant.accelerator.num_processes > 1:
+        if oracle is None:
+            raise ValueError("SeikoTrainer needs an oracle")
+        if config.logging_dir is None:
+            config.logging_dir = os.path.join(config.output_dir, "logs")
+        super().__init__(config, accelerator)
+        if self.accelerator.num_processes > 1:
             raise ValueError("SeikoTrainer runs the oracle and the feedback dataset in one process; launch it with "
-                             f"num_processes=1 (got {self.elegant.accelerator.num_processes})")
-        self.accelerator = self.elegant.accelerator
-        self.device = self.elegant.device
-        self.model = self.elegant.model
-        self.sample_shape = self.elegant.sample_shape
-        self.schedule = self.elegant.schedule
-        self.sampler = self.elegant.sampler
-        add_reference_adapter(getattr(self.model, "unet", self.model), PREVIOUS_ADAPTER, source=CONTROL_ADAPTER)
-        self.sampler.reference_adapter = PREVIOUS_ADAPTER
-        self.initial_noise = self.elegant.initial_noise
+                             f"num_processes=1 (got {self.accelerator.num_processes})")
+        torch.manual_seed(config.seed)  # identical adapter / network init on every process
+        if process is None:
+            if model is None or scheduler is None or sample_shape is None:
+                raise ValueError("pass model, scheduler and sample_shape, or a process")
+            process = ControlledProcess(model.to(self.device), scheduler, sample_shape, config, model_kwargs)
+        self.process = process.to(self.device)
+        if config.learn_initial_noise:
+            self.initial_noise = InitialNoiseModel(self.sample_shape, num_steps=config.noise_num_steps,
+                                                   hidden=config.aux_hidden).to(self.device)
+        add_reference_adapter(process.lora_model, PREVIOUS_ADAPTER, source=CONTROL_ADAPTER)
+        self.sampler = process.make_sampler(reference_adapter=PREVIOUS_ADAPTER)
         self.previous_noise = copy.deepcopy(self.initial_noise).requires_grad_(False) if self.initial_noise else None
         self.oracle = oracle if isinstance(oracle, Oracle) else Oracle(
             oracle, on_failure=config.oracle_on_failure, max_retries=config.oracle_max_retries)
         self.budget = RoundBudget(config.budgets(), config.num_rounds)
-        self.feature_extractor, self.feature_dim = feature_extractor, feature_dim
+        self.feature_extractor, self.feature_dim = process.reward_features(feature_extractor, feature_dim,
+                                                                           chunk_size=config.batch_size)
         self.output_dir = config.output_dir
         os.makedirs(os.path.join(self.output_dir, STATE_DIR), exist_ok=True)
         self._check_resume_config()
@@ -136,19 +142,12 @@ class SeikoTrainer:
         self.completed_rounds = 0
         self.global_step = 0
         self.reward: OptimisticReward | None = None
-        self.history: list[dict] = []
-        self._trackers_started = False
         self._load_state()
-
-    def _build_elegant(self, elegant_config, model, scheduler, sample_shape, accelerator, model_kwargs):
-        """The ELEGANT trainer whose sampler, KL accounting and backward sweep every round reuses."""
-        return ElegantTrainer(elegant_config, model, scheduler, None, sample_shape, accelerator=accelerator,
-                              model_kwargs=model_kwargs)
 
     @classmethod
     def from_pipeline(cls, pipeline, oracle, config: SeikoConfig, prompts, accelerator: Accelerator | None = None,
                       feature_extractor=None, feature_dim: int | None = None, **options):
-        """SEIKO on a diffusers ``StableDiffusionPipeline`` (text-conditioned, classifier-free guidance).
+        """SEIKO on a diffusers pipeline (``StableDiffusionPipeline``), through its controlled process.
 
         Args:
             pipeline: the base pipeline; its UNet gets the ``"control"`` and ``"previous"`` LoRA adapters.
@@ -157,23 +156,21 @@ class SeikoTrainer:
             prompts: a list of prompts, a text file (one per line) or a ``datasets`` dataset; every query draws
                 its prompt uniformly from it, and the prompt is stored with the query's latent.
             feature_extractor: differentiable ``images -> (B, D)`` embedding for the reward heads (e.g. a frozen
-                CLIP image tower); default :class:`hf_control_ft.processes.stable_diffusion_features.PooledPixelFeatures`.
+                CLIP image tower); default
+                :class:`hf_control_ft.processes.stable_diffusion_features.PooledPixelFeatures`.
             feature_dim: ``D`` (inferred with one decode when omitted).
-            **options: fields of :class:`hf_control_ft.processes.stable_diffusion.StableDiffusionOptions`
-                (``guidance_scale``, ``negative_prompt``, ``height``, ``width``, ``mixed_precision``,
-                ``base_model``, ``prompt_column``).
-
-        Returns:
-            a :class:`hf_control_ft.processes.stable_diffusion_features.StableDiffusionSeikoTrainer`.
+            **options: fields of :class:`hf_control_ft.processes.StableDiffusionOptions`.
         """
-        from ..processes.stable_diffusion_features import StableDiffusionSeikoTrainer
-        from ..processes.stable_diffusion import StableDiffusionOptions
+        if not isinstance(config, SeikoConfig):
+            raise TypeError(f"config must be a SeikoConfig, got {type(config).__name__}")
+        process = process_from_pipeline(pipeline, config, prompts, **options)
+        return cls(config, oracle=oracle, accelerator=accelerator, feature_extractor=feature_extractor,
+                   feature_dim=feature_dim, process=process)
 
-        if options.get("base_model") is None:
-            options["base_model"] = getattr(pipeline, "name_or_path", None) or None
-        return StableDiffusionSeikoTrainer(pipeline, oracle, config, prompts, StableDiffusionOptions(**options),
-                                           accelerator=accelerator, feature_extractor=feature_extractor,
-                                           feature_dim=feature_dim)
+    @property
+    def prompts(self):
+        """The prompt source of a text-conditioned process (``None`` for unconditional ones)."""
+        return getattr(self.process, "prompts", None)
 
     # ------------------------------------------------------------------ bookkeeping
     def _check_resume_config(self) -> None:
@@ -189,19 +186,6 @@ class SeikoTrainer:
                                  "use another output_dir to start a new run")
         else:
             self.config.save(path)
-
-    def _progress(self, iterable, desc, **kw):
-        return tqdm(iterable, desc=desc, disable=not self.accelerator.is_main_process, **kw)
-
-    def _log(self, metrics: dict, step: int) -> None:
-        self.history.append({"step": step, **metrics})
-        self.accelerator.log(metrics, step=step)
-
-    def _start_trackers(self) -> None:
-        if not self._trackers_started and self.accelerator.log_with:
-            cfg = {k: (str(v) if isinstance(v, (list, type(None))) else v) for k, v in self.config.to_dict().items()}
-            self.accelerator.init_trackers(self.config.tracker_project_name, config=cfg)
-        self._trackers_started = True
 
     # ------------------------------------------------------------------ state (per round)
     def _state_store(self) -> VersionedDirectory:
@@ -247,14 +231,19 @@ class SeikoTrainer:
 
     # ------------------------------------------------------------------ 1. collect
     def _draw_queries(self, round_index: int, num_samples: int, generator: torch.Generator):
-        """``(samples, prompts)`` of a round's queries (``prompts`` is ``None`` for unconditional models)."""
-        # round 1 samples the pretrained model p_0; later rounds the current fine-tuned model p_{i-1}
-        x = self.elegant.sample(num_samples, generator, batch_size=self.config.batch_size, controlled=round_index > 1)
-        return x, None
+        """``(samples, conditions)`` of a round's queries: one condition per query (a prompt drawn uniformly from
+        the source; ``None`` for unconditional processes), then its sample under that condition. Round 1
+        samples the pretrained model ``p_0``, later rounds the current fine-tuned model ``p_{i-1}``."""
+        conditions = self.process.draw_conditions(num_samples, generator)
+        x = self.sample(num_samples, generator, batch_size=self.config.batch_size, controlled=round_index > 1,
+                        prompts=conditions)
+        return x, conditions
 
     def _oracle_inputs(self, query_indices: list[int]):
-        """What the oracle is asked for these stored queries: ``(samples, prompts)``."""
-        return self.feedback.samples(query_indices), None
+        """What the oracle is asked for these stored queries: ``(inputs, prompts)`` (decoded for latents)."""
+        samples = self.feedback.samples(query_indices)
+        conditions = self.feedback.prompts(query_indices) if self.prompts is not None else None
+        return self.process.oracle_inputs(samples, conditions, chunk_size=self.config.batch_size)
 
     def collect_feedback(self, round_index: int) -> dict:
         """Samples the round's budget from the current model (write-ahead), then queries every pending sample."""
@@ -299,8 +288,8 @@ class SeikoTrainer:
         elif cfg.optimism == "ts":
             head = int(torch.randint(0, cfg.ensemble_size, (1,), generator=_generator(cfg.seed, round_index, "ts")))
         self.reward = OptimisticReward(ensemble, cfg.optimism, cfg.bonus_scale, head, bonus_cap=cfg.bonus_cap)
-        self.elegant.reward_fn = self.reward
-        self.elegant.reward_name = self.reward.__name__
+        self.reward_fn = self.reward  # on samples directly: the heads' features decode latents themselves
+        self.reward_name = self.reward.__name__
         with torch.no_grad():
             r_hat, bonus = self.reward.parts(x.to(self.device))
         return {"reward_model/loss": loss, "reward_model/num_train": int(x.shape[0]),
@@ -329,26 +318,6 @@ class SeikoTrainer:
             x = self.schedule.step_from_mean((1 - w) * mu_pre + w * mu_prev, k, noise)
         return x, cost
 
-    def _noise_with_reference(self, num_samples: int, generator: torch.Generator):
-        """``(x_T, kl_to_standard, kl_to_previous)`` from the initial-noise SDE, differentiable in its parameters.
-
-        Same Euler--Maruyama path as :class:`~hf_control_ft.models.initial_noise.InitialNoiseModel`, also measuring the
-        path KL ``sum_j ||g - g_prev||^2 ds / 2`` to the previous round's frozen initial-noise SDE.
-        """
-        model, prev = self.initial_noise, self.previous_noise
-        ds = 1.0 / model.num_steps
-        y = torch.zeros((num_samples, *self.sample_shape), device=self.device)
-        kl0 = torch.zeros(num_samples, device=self.device)
-        klp = torch.zeros(num_samples, device=self.device)
-        for j in range(model.num_steps):
-            g = model.drift(y, j * ds)
-            g_prev = prev.drift(y, j * ds)
-            kl0 = kl0 + 0.5 * ds * g.reshape(num_samples, -1).pow(2).sum(1)
-            klp = klp + 0.5 * ds * (g - g_prev).reshape(num_samples, -1).pow(2).sum(1)
-            xi = torch.randn(y.shape, generator=generator).to(self.device)
-            y = y + g * ds + math.sqrt(ds) * xi
-        return y, kl0, klp
-
     def train_initial_noise(self, round_index: int) -> dict:
         """Value of the combined problem by Feynman--Kac on the mixture chain, then the initial-noise model."""
         cfg = self.config
@@ -359,7 +328,7 @@ class SeikoTrainer:
         for start in self._progress(range(0, n, cfg.batch_size), f"round {round_index}: value rollouts", leave=False):
             m = min(cfg.batch_size, n - start)
             half = m // 2  # cover both N(0, I) and the previous initial law, where nu_i will put its mass
-            self.elegant._prepare_batch(m, gen)  # conditional models: this batch's prompts
+            self.process.prepare_batch(m, gen)  # conditional models: this batch's prompts
             x_T = torch.cat([torch.randn((m - half, *self.sample_shape), generator=gen).to(self.device),
                              self.previous_noise.sample(half, generator=gen, device=self.device)])
             x0, cost = self.reference_rollout(x_T, gen)
@@ -374,55 +343,31 @@ class SeikoTrainer:
         value_loss = value.fit(x_T, target, steps=cfg.value_train_steps, lr=cfg.value_learning_rate,
                                generator=gen, progress=False)
         value.requires_grad_(False)
-        self.initial_noise.requires_grad_(True)
-        params = list(self.initial_noise.parameters())
-        opt = torch.optim.Adam(params, lr=cfg.noise_learning_rate)
-        ngen = _generator(cfg.seed, round_index, "noise")
-        for _ in self._progress(range(cfg.noise_train_steps), f"round {round_index}: initial noise", leave=False):
-            y, kl0, klp = self._noise_with_reference(cfg.noise_batch_size, ngen)
-            # -(E[v_T] - a KL0 - b KLprev) / (a + b), up to the constant shift of v_T
-            loss = ((a * kl0 + b * klp) / (a + b) - value.normalized(y)).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        self.initial_noise.requires_grad_(False)
-        return {"noise/value_loss": value_loss, "noise/loss": loss.item(), "noise/kl_standard": kl0.mean().item(),
-                "noise/kl_previous": klp.mean().item()}
+        metrics = self.fit_initial_noise(value, cfg.noise_train_steps, _generator(cfg.seed, round_index, "noise"),
+                                         reference=self.previous_noise, reference_weight=b / (a + b), log_prefix=None,
+                                         desc=f"round {round_index}: initial noise")
+        return {"noise/value_loss": value_loss, "noise/loss": metrics["noise/loss"],
+                "noise/kl_standard": metrics["noise/kl"], "noise/kl_previous": metrics["noise/kl_previous"]}
 
     def train_drift(self, round_index: int) -> dict:
         """``train_steps`` iterations on ``mean(-(r_hat + g) + alpha KL_pre + beta KL_prev)`` (exact sweep)."""
         cfg = self.config
-        B = cfg.batch_size
         params = lora_parameters(self.model, CONTROL_ADAPTER)
-        opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
-        lr_schedule = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.lr_warmup_steps,
-                                    num_training_steps=cfg.train_steps)
+        opt, lr_schedule = self.make_optimizer(params)
         gen = _generator(cfg.seed, round_index, "drift")
         metrics = {}
         bar = self._progress(range(cfg.train_steps), f"round {round_index}: drift", leave=False)
         for it in bar:
-            self.elegant._prepare_batch(B, gen)  # conditional models: this batch's prompts
-            x_T, kl_init = self.elegant.draw_initial_noise(B, gen)
-            traj = self.sampler.rollout(x_T, gen)
-            r, grad_x0 = self.elegant.reward_and_gradient(traj.samples)
-            opt.zero_grad(set_to_none=True)
-            self.sampler.backpropagate(traj, -grad_x0 / B, cfg.alpha / B, reference_kl_weight=cfg.beta / B)
-            if cfg.max_grad_norm is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-            else:
-                grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params
-                                                                        if p.grad is not None])))
-            opt.step()
+            out = self.drift_iteration(opt, params, gen, reference_kl_weight=cfg.beta)
             lr_schedule.step()
             self.global_step += 1
-            kl, kl_prev = traj.kl.mean().item(), traj.ref_kl.mean().item()
-            metrics = {"train/optimistic_reward": r.mean().item(), "train/kl_pretrained": kl,
-                       "train/kl_previous": kl_prev, "train/kl_init": kl_init.mean().item(),
-                       "train/objective": r.mean().item() - cfg.alpha * kl - cfg.beta * kl_prev,
-                       "train/grad_norm": grad_norm}
+            r, kl, kl_prev = out["reward"].mean().item(), out["kl"].mean().item(), out["ref_kl"].mean().item()
+            metrics = {"train/optimistic_reward": r, "train/kl_pretrained": kl, "train/kl_previous": kl_prev,
+                       "train/kl_init": out["kl_init"].mean().item(),
+                       "train/objective": r - cfg.alpha * kl - cfg.beta * kl_prev, "train/grad_norm": out["grad_norm"]}
             if (it + 1) % cfg.log_every == 0 or it == cfg.train_steps - 1:
                 self._log(metrics, step=self.global_step)
-                bar.set_postfix(reward=f"{metrics['train/optimistic_reward']:.3f}", kl=f"{kl:.3f}")
+                bar.set_postfix(reward=f"{r:.3f}", kl=f"{kl:.3f}")
         return metrics
 
     def update_model(self, round_index: int) -> dict:
@@ -461,23 +406,17 @@ class SeikoTrainer:
                 metrics.update(callback(self, i) or {})
             self._log({f"round_metrics/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=i)
             rounds.set_postfix(queries=len(self.feedback), oracle_mean=f"{metrics['round/oracle_mean']:.3f}")
-        if self.accelerator.log_with and self._trackers_started:
-            self.accelerator.end_training()
-            self._trackers_started = False
+        self._end_trackers()
         return metrics
 
-    # ------------------------------------------------------------------ inference and export
-    def sample(self, num_samples: int, generator: torch.Generator | None = None, batch_size: int | None = None,
-               controlled: bool = True) -> torch.Tensor:
-        """Samples of the current model (``controlled=False``: the pretrained one), ``(N, *sample_shape)``."""
-        return self.elegant.sample(num_samples, generator, batch_size, controlled)
-
+    # ------------------------------------------------------------------ export
     def save_pretrained(self, save_directory: str, metrics: dict | None = None, sample_grid=None,
                         base_model: str | None = None, repo_id: str | None = None) -> None:
-        """The fine-tuned model in the ELEGANT format (``ElegantTrainer.save_pretrained``: adapter, initial-noise
-        model, config, model card; loadable with ``ElegantTrainer.from_pretrained``) plus ``seiko_config.json``."""
-        self.elegant.save_pretrained(save_directory, metrics=metrics, sample_grid=sample_grid, base_model=base_model,
-                                     repo_id=repo_id)
+        """The fine-tuned model in the ELEGANT format (adapter, initial-noise model, config, options, model card;
+        loadable with ``ElegantTrainer.from_pretrained``) plus ``seiko_config.json``."""
+        save_control(save_directory, self.process, self.config.elegant_config(), self.initial_noise,
+                     reward=self.reward_name, metrics=metrics, sample_grid=sample_grid, base_model=base_model,
+                     repo_id=repo_id)
         self.config.save(os.path.join(save_directory, SEIKO_CONFIG_NAME))
 
     def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None,
@@ -486,8 +425,6 @@ class SeikoTrainer:
         """Uploads :meth:`save_pretrained` output to the model repo ``repo_id`` in one commit (creating it if
         needed); with ``feedback_repo_id`` also the feedback dataset as a dataset repo
         (:meth:`FeedbackDataset.push_to_hub`). Returns the model repo's ``CommitInfo``."""
-        from ..serialization.saved import push_directory
-
         message = commit_message or f"SEIKO model after {self.completed_rounds} rounds, {len(self.feedback)} queries"
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, metrics=metrics, base_model=base_model, repo_id=repo_id)

@@ -1,0 +1,145 @@
+"""The controlled process: the one object that says what is being fine-tuned and how it is sampled.
+
+A :class:`ControlledProcess` holds
+
+* the **network and its adapters**: ``model`` is what the sampler calls as ``model(sample, t, **model_kwargs)``
+  (for Stable Diffusion a classifier-free-guidance wrapper around the UNet); ``lora_model`` is the module that
+  carries the LoRA layers (the ``"control"`` adapter and, for SEIKO, a frozen ``"previous"`` copy);
+* the **schedule as Gaussian transitions** (:class:`~hf_control_ft.core.scheduling.DiffusionSchedule`: means,
+  standard deviations, deterministic steps) and the sampler built on it;
+* the **per-batch conditioning**: :meth:`draw_conditions` draws one condition per sample (a prompt, or nothing
+  for unconditional models), :meth:`set_conditions` conditions the network and the reward on them;
+* the **decoding** to what the reward and the oracle see (:meth:`reward_function`, :meth:`oracle_inputs`,
+  :meth:`decode`) and the features the SEIKO reward heads use (:meth:`reward_features`);
+* the **sample shape**;
+* what it **saves and loads**: the adapter in the family's diffusers LoRA format and the family's options.
+
+The trainers (:mod:`hf_control_ft.trainers`) take a process and never look inside the network. This module is
+the unconditional implementation (any ``model(sample, t)`` on a DDPM / DDIM scheduler); a new model family is a
+subclass in a module of its own (:mod:`hf_control_ft.processes.stable_diffusion`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.control import add_lora_control, call_denoiser, tuner_layers
+from ..core.sampler import ControlledSampler
+from ..core.scheduling import DiffusionSchedule
+from ..serialization.lora_io import save_lora_file
+
+
+class ControlledProcess:
+    """An unconditional denoiser on a DDPM / DDIM scheduler with a LoRA control.
+
+    Args:
+        model: denoiser called as ``model(sample, timestep, **model_kwargs)``; a LoRA adapter named
+            ``"control"`` is added unless the model already has one. Its base weights are frozen.
+        scheduler: diffusers ``DDPMScheduler`` or ``DDIMScheduler`` (the schedule works on a copy).
+        sample_shape: shape of one sample, e.g. ``(2,)`` or ``(1, 8, 8)``.
+        config: the training config (fields ``num_inference_steps``, ``eta``, ``lora_rank``, ``lora_alpha``,
+            ``lora_target_modules``, ``gradient_checkpointing``, ``truncate_backprop_steps``).
+        model_kwargs: extra keyword arguments for every denoiser call.
+    """
+
+    #: name of the model family (model cards, logs)
+    family = "unconditional"
+    #: whether prompt-agnostic per-step values (``drift_objective="value_guided"``) are exact for this process
+    supports_step_values = True
+
+    def __init__(self, model: torch.nn.Module, scheduler, sample_shape, config, model_kwargs: dict | None = None):
+        self.config = config
+        self.sample_shape = tuple(int(d) for d in sample_shape)
+        self.model = model
+        self.lora_model = model
+        self.lora_config = None
+        if not tuner_layers(model):
+            self.lora_config = add_lora_control(model, config.lora_rank, config.lora_target_modules,
+                                                config.lora_alpha)
+        self.schedule = DiffusionSchedule(scheduler, config.num_inference_steps, config.eta)
+        self.model_kwargs = model_kwargs or {}
+        self.current_conditions = None
+
+    # ------------------------------------------------------------------ network and sampler
+    def to(self, device) -> "ControlledProcess":
+        self.model.to(device)
+        return self
+
+    def make_sampler(self, reference_adapter: str | None = None) -> ControlledSampler:
+        """The controlled sampler of this process (optionally with a frozen reference adapter, SEIKO)."""
+        return ControlledSampler(self.model, self.schedule, self.config.gradient_checkpointing,
+                                 self.config.truncate_backprop_steps, self.model_kwargs,
+                                 reference_adapter=reference_adapter, kl_context=self.kl_context())
+
+    def kl_context(self):
+        """Callable returning the context entered around network calls that feed a KL (``None``: none)."""
+        return None
+
+    def peft_config(self, adapter_name: str = "control"):
+        """The ``LoraConfig`` of an adapter on :attr:`lora_model`."""
+        if adapter_name == "control" and self.lora_config is not None:
+            return self.lora_config
+        peft_cfg = getattr(self.lora_model, "peft_config", None)
+        if isinstance(peft_cfg, dict) and adapter_name in peft_cfg:
+            return peft_cfg[adapter_name]
+        raise RuntimeError(f"cannot find the LoraConfig of the {adapter_name!r} adapter on the model")
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Network prediction ``(B, *sample_shape)`` under the current adapter state."""
+        return call_denoiser(self.model, x, t, **self.model_kwargs)
+
+    # ------------------------------------------------------------------ conditioning
+    def draw_conditions(self, batch_size: int, generator: torch.Generator | None):
+        """One condition per sample of the next batch (``None``: unconditional; draws nothing)."""
+        return None
+
+    def set_conditions(self, conditions) -> None:
+        """Conditions the network and the reward on ``conditions`` (one per sample)."""
+        if conditions is not None:
+            raise ValueError(f"{type(self).__name__} is unconditional: it takes no prompts / conditions")
+        self.current_conditions = None
+
+    def prepare_batch(self, batch_size: int, generator: torch.Generator | None):
+        """Draws and sets the conditions of the next batch; returns them."""
+        conditions = self.draw_conditions(batch_size, generator)
+        self.set_conditions(conditions)
+        return conditions
+
+    def check_conditions(self, conditions, num_samples: int | None):
+        """Validates user-given conditions for :meth:`sample`-style calls; returns ``(conditions, num_samples)``."""
+        if conditions is not None:
+            raise ValueError(f"{type(self).__name__} is unconditional: prompts cannot be given")
+        if num_samples is None:
+            raise ValueError("pass num_samples")
+        return None, num_samples
+
+    # ------------------------------------------------------------------ what the reward / oracle sees
+    def reward_function(self, reward_fn):
+        """``x -> (B,)`` for the trainer: the user's reward on what it sees (here: the samples themselves)."""
+        return reward_fn
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples -> what a person (and the reward) sees; the identity for unconditional processes."""
+        return x
+
+    @torch.no_grad()
+    def oracle_inputs(self, samples: torch.Tensor, conditions, chunk_size: int):
+        """``(inputs, conditions)`` the oracle is called with for stored samples and their conditions."""
+        return samples, None
+
+    def reward_features(self, feature_extractor, feature_dim: int | None, chunk_size: int):
+        """``(extractor, dim)`` of the SEIKO reward heads (``(None, None)``: the raw flattened samples)."""
+        return feature_extractor, feature_dim
+
+    # ------------------------------------------------------------------ persistence
+    def save_adapter(self, directory: str, adapter_name: str = "control") -> str:
+        """Writes the adapter in diffusers' LoRA format with its metadata; returns the file path."""
+        return save_lora_file(self.lora_model, self.peft_config(adapter_name), directory, adapter_name)
+
+    def save_options(self, directory: str, base_model: str | None = None) -> dict:
+        """Writes the family's options (none here); returns the model-card fields they give."""
+        return {"base_model": base_model, "conditional": False, "guidance_scale": None}
+
+    def card_info(self) -> dict:
+        """Fields for the model card and the logs."""
+        return {"family": self.family}

@@ -1,0 +1,347 @@
+"""Stable Diffusion building blocks of :class:`~hf_control_ft.processes.stable_diffusion.StableDiffusionProcess`.
+
+The sampler works on a denoiser ``model(sample, t)`` and the trainer on a reward ``reward(x_0)``. Stable
+Diffusion is brought to that form by two adapters, so the sampler, the KL accounting and the backward sweep
+are the ones of every process:
+
+* :class:`GuidedUNet` holds the UNet, the current batch's prompt embeddings and the guidance scale and
+  returns the classifier-free-guided noise prediction ``eps_u + w (eps_c - eps_u)``. The pretrained and the
+  fine-tuned means are both computed from *guided* predictions (adapters off / on), so the per-step KL is the
+  KL between the transitions that are actually sampled.
+* :class:`LatentReward` decodes latents with the VAE (differentiably) to images in ``[0, 1]`` and calls the
+  user's ``reward_fn(images, prompts)`` with the batch's prompts.
+
+Mixed precision (``mixed_precision="fp16"|"bf16"``): the VAE and text encoder are cast to the half dtype, the
+LoRA parameters stay fp32, and sampling steps without a KL (rollouts, stage-1 data, inference) run the UNet
+under ``torch.autocast``. The per-step KL is the squared difference of two UNet outputs times the guidance
+scale, so half-precision rounding gives it a floor far above the KL of a small control
+(``docs/algorithms.md`` §9). With ``kl_precision="fp32"`` (default) the UNet keeps fp32 weights and every UNet
+call that feeds a KL runs without autocast (:meth:`GuidedUNet.full_precision`, the sampler's ``kl_context``);
+on GPU, TF32 matmuls apply if the user enabled them. ``kl_precision="autocast"`` runs those calls in the half
+dtype too (faster, UNet weights cast to the half dtype) and logs a warning: its KL floor is measured by
+``benchmarks/kl_precision.py``. Sampler arithmetic (means, KL, noise) is fp32 in every mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..core.control import tuner_layers
+from ..core.scheduling import as_stochastic_scheduler
+from ..rewards.checks import reward_name
+from ..rewards.image_rewards import call_reward
+from ..serialization.saved import OPTIONS_NAME
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+KL_PRECISIONS = ("fp32", "autocast")
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+def load_prompts(prompts, column: str = "prompt") -> list[str]:
+    """Prompts from a list of strings, a text file (one prompt per non-empty line) or a ``datasets.Dataset``
+    column. Raises ``ValueError`` naming the problem when the result is empty or not strings."""
+    source = prompts
+    if isinstance(prompts, (str, os.PathLike)):
+        if not os.path.isfile(prompts):
+            raise ValueError(f"prompts: {prompts!r} is not a file; pass a list of prompts, a text file (one "
+                             "prompt per line) or a datasets.Dataset")
+        with open(prompts, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    elif hasattr(prompts, "column_names"):  # datasets.Dataset
+        if column not in prompts.column_names:
+            raise ValueError(f"prompts: the dataset has no column {column!r}; columns: {prompts.column_names}")
+        prompts = list(prompts[column])
+    else:
+        prompts = list(prompts)
+    if not prompts:
+        raise ValueError(f"prompts: no prompts found in {source!r}")
+    bad = [p for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"prompts must be strings; got {type(bad[0]).__name__} ({bad[0]!r})")
+    return prompts
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:
+    """CLIP text embeddings ``(B, L, D)`` as ``StableDiffusionPipeline.encode_prompt`` computes them
+    (padding to ``model_max_length``, last hidden state)."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+    mask = None
+    if getattr(text_encoder.config, "use_attention_mask", False):
+        mask = (ids != tokenizer.pad_token_id).long()
+    return text_encoder(ids, attention_mask=mask)[0]
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------- gradient checkpointing
+def _adapter_state(layers) -> tuple:
+    """``(enabled, active adapter names, active adapters trainable)`` of the LoRA layers (read from the first)."""
+    if not layers:
+        return (False, (), False)
+    layer = layers[0]
+    names = tuple(layer.active_adapters)
+    trainable = False
+    for attr in layer.adapter_layer_names:
+        group = getattr(layer, attr, None)
+        for name in names:
+            if group is not None and name in group:
+                item = group[name]
+                params = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+                trainable = trainable or any(p.requires_grad for p in params)
+    return (not layer.disable_adapters, names, trainable)
+
+
+def _set_adapter_state(layers, state: tuple) -> None:
+    enabled, names, trainable = state
+    for layer in layers:
+        if tuple(layer.active_adapters) != names:
+            layer.set_adapter(list(names), inference_mode=not trainable)
+        if layer.disable_adapters == enabled:
+            layer.enable_adapters(enabled)
+            if enabled and not trainable:  # enable_adapters makes the active adapter trainable again
+                layer.set_adapter(list(names), inference_mode=True)
+
+
+def enable_adapter_aware_checkpointing(model: nn.Module) -> None:
+    """Turns on diffusers' block-level gradient checkpointing with a checkpoint function that recomputes
+    each block under the adapter state it had in the forward pass: LoRA on / off, and which adapter is
+    active (SEIKO's frozen ``"previous"`` adapter or the trainable ``"control"`` one).
+
+    Why: one sampler step runs the UNet two or three times, fine-tuned (adapters on), pretrained (adapters
+    off) and, for SEIKO, with the previous round's adapter, and backpropagates through all of them. Plain
+    checkpointing recomputes blocks during backward under whatever adapter state is current then, so the
+    pretrained / reference branches would be recomputed with the trainable LoRA: wrong gradients (or a
+    checkpoint metadata error).
+    """
+    layers = tuner_layers(model)
+
+    def checkpoint_fn(module, *args):
+        forward_state = _adapter_state(layers)
+
+        def run(*inputs):
+            current = _adapter_state(layers)
+            if current != forward_state:
+                _set_adapter_state(layers, forward_state)
+            try:
+                return module(*inputs)
+            finally:
+                if current != forward_state:
+                    _set_adapter_state(layers, current)
+
+        return checkpoint(run, *args, use_reentrant=False)
+
+    model.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_fn)
+
+
+# ----------------------------------------------------------------------------------------------- adapters
+class GuidedUNet(nn.Module):
+    """Presents a text-conditioned UNet as an unconditional denoiser ``model(sample, t) -> eps``.
+
+    Args:
+        unet: ``UNet2DConditionModel`` (with the LoRA control adapter).
+        guidance_scale: classifier-free guidance weight ``w``; ``w <= 1`` runs the conditional branch only.
+        autocast_dtype: run the UNet under ``torch.autocast`` with this dtype (None: no autocast).
+
+    Call :meth:`set_condition` before sampling a batch. The output is fp32 ``(B, C, h, w)``.
+    """
+
+    def __init__(self, unet: nn.Module, guidance_scale: float = 7.5, autocast_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.unet = unet
+        self.guidance_scale = float(guidance_scale)
+        self.autocast_dtype = autocast_dtype
+        self.prompt_embeds = None
+        self.negative_embeds = None
+        self._full_precision = False
+
+    @contextlib.contextmanager
+    def full_precision(self):
+        """Inside the block the UNet runs without autocast, in its own (fp32) weights' precision.
+
+        The sampler enters it around the calls whose outputs are subtracted for the KL (``mu_ft - mu_pre``):
+        a difference of two half-precision outputs is dominated by rounding when the control is small.
+        """
+        previous, self._full_precision = self._full_precision, True
+        try:
+            yield
+        finally:
+            self._full_precision = previous
+
+    @property
+    def peft_config(self):
+        return getattr(self.unet, "peft_config", None)
+
+    @property
+    def do_guidance(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    def set_condition(self, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None = None) -> None:
+        """``prompt_embeds`` ``(B, L, D)``; ``negative_embeds`` ``(B, L, D)`` or ``(1, L, D)`` (broadcast)."""
+        if self.do_guidance and negative_embeds is None:
+            raise ValueError("guidance_scale > 1 needs negative (unconditional) prompt embeddings")
+        self.prompt_embeds = prompt_embeds.detach()
+        self.negative_embeds = None if negative_embeds is None else negative_embeds.detach()
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        if self.prompt_embeds is None:
+            raise RuntimeError("GuidedUNet: no prompt embeddings set; call set_condition(prompt_embeds, ...) first")
+        B = sample.shape[0]
+        cond = self.prompt_embeds
+        if cond.shape[0] != B:
+            raise ValueError(f"GuidedUNet: {cond.shape[0]} prompt embeddings for a batch of {B} samples")
+        autocast_dtype = None if self._full_precision else self.autocast_dtype
+        dtype = self.unet.dtype if autocast_dtype is None else autocast_dtype
+        with _autocast(sample.device, autocast_dtype):
+            if self.do_guidance:
+                neg = self.negative_embeds.expand(B, *self.negative_embeds.shape[1:])
+                x = torch.cat([sample, sample]).to(dtype)
+                t = torch.cat([timestep, timestep])
+                eps = self.unet(x, t, encoder_hidden_states=torch.cat([neg, cond]).to(dtype)).sample
+                eps_u, eps_c = eps.float().chunk(2)
+                return eps_u + self.guidance_scale * (eps_c - eps_u)
+            return self.unet(sample.to(dtype), timestep, encoder_hidden_states=cond.to(dtype)).sample.float()
+
+
+def decode_latents(vae, latents: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``(B, 4, h, w)`` latents -> ``(B, 3, 8h, 8w)`` fp32 images in ``[0, 1]`` (differentiable)."""
+    dtype = vae.dtype if autocast_dtype is None else autocast_dtype
+    with _autocast(latents.device, autocast_dtype):
+        images = vae.decode((latents / vae.config.scaling_factor).to(dtype)).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+class LatentReward:
+    """``reward(latents)``: differentiable VAE decode to ``[0, 1]`` images, then ``reward_fn(images, prompts)``.
+
+    ``prompts`` is the list of the current batch, set by the trainer. ``__name__`` is the user reward's name
+    so that reward errors name it.
+    """
+
+    def __init__(self, vae, reward_fn, autocast_dtype: torch.dtype | None = None):
+        self.vae = vae
+        self.reward_fn = reward_fn
+        self.autocast_dtype = autocast_dtype
+        self.prompts: list[str] | None = None
+        self.__name__ = reward_name(reward_fn)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return decode_latents(self.vae, latents, self.autocast_dtype)
+
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        images = self.decode(latents)
+        prompts = self.prompts if self.prompts is not None else None
+        if prompts is not None and len(prompts) != latents.shape[0]:
+            raise RuntimeError(f"LatentReward: {len(prompts)} prompts for {latents.shape[0]} latents")
+        values = call_reward(self.reward_fn, images, prompts)
+        return values.float() if isinstance(values, torch.Tensor) and values.is_floating_point() else values
+
+
+# ------------------------------------------------------------------------------------------------ options
+@dataclass
+class StableDiffusionOptions:
+    """Settings of text-conditioned training and inference (saved as ``stable_diffusion.json``).
+
+    Attributes:
+        guidance_scale: classifier-free guidance weight (``<= 1``: no guidance).
+        negative_prompt: the unconditional prompt of classifier-free guidance.
+        height / width: image size in pixels (multiples of the VAE scale factor, usually 8).
+        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"``: dtype of the frozen VAE / text encoder and of
+            autocast. LoRA parameters stay fp32.
+        kl_precision: ``"fp32"`` (default): UNet weights stay fp32 and every UNet call feeding a KL runs
+            without autocast, so the KL matches fp32 training; ``"autocast"``: those calls run in the half dtype
+            too (UNet weights cast to it), faster but with a KL rounding floor (module docstring).
+        base_model: Hub id or path of the base pipeline (for the model card and for loading).
+        prompt_column: column of a ``datasets`` prompt source.
+        guidance_rescale: must be 0 (accepted so that diffusers' argument gets a clear error, not a TypeError).
+    """
+
+    guidance_scale: float = 7.5
+    negative_prompt: str = ""
+    height: int | None = None
+    width: int | None = None
+    mixed_precision: str = "no"
+    kl_precision: str = "fp32"
+    base_model: str | None = None
+    prompt_column: str = "prompt"
+    guidance_rescale: float = 0.0
+
+    def __post_init__(self):
+        def check(cond, name, msg):
+            if not cond:
+                raise ValueError(f"StableDiffusionOptions.{name}: {msg}")
+
+        check(isinstance(self.guidance_scale, (int, float)) and self.guidance_scale >= 0, "guidance_scale",
+              f"must be a number >= 0, got {self.guidance_scale!r}")
+        check(isinstance(self.negative_prompt, str), "negative_prompt", "must be a string")
+        check(self.guidance_rescale == 0, "guidance_rescale",
+              f"is not supported (got {self.guidance_rescale!r}): rescaling the guided prediction by its standard "
+              "deviation makes the transition mean a non-linear function of both branches, which the exact KL "
+              "accounting does not cover; use 0")
+        check(self.mixed_precision in DTYPES, "mixed_precision",
+              f"must be one of {sorted(DTYPES)}, got {self.mixed_precision!r}")
+        check(self.kl_precision in KL_PRECISIONS, "kl_precision",
+              f"must be one of {KL_PRECISIONS}, got {self.kl_precision!r}")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            check(v is None or (isinstance(v, int) and v >= 8 and v % 8 == 0), name,
+                  f"must be None or a positive multiple of 8, got {v!r}")
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return DTYPES[self.mixed_precision]
+
+    def save(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(dataclasses.asdict(self), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def load(cls, path: str) -> "StableDiffusionOptions":
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def latent_shape(pipeline, height: int | None, width: int | None) -> tuple[int, int, int]:
+    """``(C, h, w)`` of the latents for ``height x width`` images (defaults: the UNet's sample size)."""
+    scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+    size = pipeline.unet.config.sample_size
+    size = size if isinstance(size, int) else size[0]
+    height = height or size * scale
+    width = width or size * scale
+    if height % scale or width % scale:
+        raise ValueError(f"height and width must be multiples of the VAE scale factor {scale}, got "
+                         f"{height}x{width}")
+    return (pipeline.unet.config.in_channels, height // scale, width // scale)
+
+
+def check_supported_pipeline(pipeline) -> None:
+    """Raises ``ValueError`` naming the pipeline when it is not a Stable Diffusion 1.x/2.x text-to-image pipeline
+    (one CLIP text encoder, a ``UNet2DConditionModel``, a variance-preserving scheduler)."""
+    name = type(pipeline).__name__
+    supported = "StableDiffusionPipeline (SD 1.x / 2.x)"
+    if "XL" in name or getattr(pipeline, "text_encoder_2", None) is not None:
+        raise ValueError(f"{name}: SDXL pipelines (two text encoders, pooled embeddings, added time ids) are not "
+                         f"supported yet; supported: {supported}")
+    for attr in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if getattr(pipeline, attr, None) is None:
+            raise ValueError(f"{name} has no {attr!r} component; supported: {supported} (flow-matching "
+                             "transformer pipelines such as SD3 / FLUX are not supported yet)")
+    as_stochastic_scheduler(pipeline.scheduler)  # raises for flow-matching / unknown schedulers

@@ -1,0 +1,253 @@
+"""What ELEGANT and SEIKO share: one base class over a controlled process.
+
+:class:`BaseTrainer` owns the accelerator, the trackers, progress bars, gradient synchronisation and clipping,
+the drift optimiser and its learning-rate schedule, the per-process random stream, and the three operations
+both algorithms are built from:
+
+* :meth:`~BaseTrainer.sample`: conditions per batch, initial noise, the controlled chain;
+* :meth:`~BaseTrainer.fit_initial_noise`: stage 2 (``docs/algorithms.md`` §4), optionally with the KL to a
+  second, frozen initial-noise model (SEIKO's previous round);
+* :meth:`~BaseTrainer.drift_iteration`: one stage-3 step (``docs/algorithms.md`` §7), optionally with the KL to
+  a frozen reference adapter (SEIKO's previous round).
+
+Subclasses add their own loop (ELEGANT's three stages, SEIKO's rounds) and persistence. The process
+(:mod:`hf_control_ft.processes`) is the only thing that knows the network, its conditioning and its decoding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from ..core.adjoint_matching import adjoint_matching_backward
+from ..rewards.checks import check_reward, reward_name
+
+
+class BaseTrainer:
+    """Shared machinery of the trainers (not used directly).
+
+    Args:
+        config: the algorithm's config (an :class:`~hf_control_ft.trainers.elegant_config.ElegantConfig` or
+            subclass).
+        accelerator: an ``accelerate.Accelerator``; one is created from the config if omitted.
+
+    Subclasses set :attr:`process`, :attr:`sampler`, :attr:`initial_noise` and :attr:`reward_fn`.
+    """
+
+    def __init__(self, config, accelerator: Accelerator | None = None):
+        self.config = config
+        log_with = None if config.report_to in (None, "none") else config.report_to
+        self.accelerator = accelerator or Accelerator(log_with=log_with, project_dir=config.logging_dir or "runs")
+        self.device = self.accelerator.device
+        self.history: list[dict] = []
+        self._trackers_started = False
+        self.process = None
+        self.sampler = None
+        self.initial_noise = None
+        self.reward_fn = None
+        self.reward_name = None
+        # per-process stream of training randomness
+        self.generator = torch.Generator().manual_seed(config.seed * 1000 + self.accelerator.process_index + 1)
+
+    # ------------------------------------------------------------------ process views
+    @property
+    def model(self) -> torch.nn.Module:
+        """The network the sampler calls (with its LoRA adapters)."""
+        return self.process.model
+
+    @property
+    def schedule(self):
+        return self.process.schedule
+
+    @property
+    def sample_shape(self) -> tuple:
+        return self.process.sample_shape
+
+    @property
+    def lora_config(self):
+        return self.process.peft_config()
+
+    def set_reward(self, reward_fn) -> None:
+        """Sets the reward the drift maximises (the user's function on what the process decodes to)."""
+        self.reward_fn = self.process.reward_function(reward_fn) if reward_fn is not None else None
+        self.reward_name = reward_name(reward_fn) if reward_fn is not None else None
+
+    # ------------------------------------------------------------------ logging and progress
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def _progress(self, iterable, desc, **kwargs):
+        return tqdm(iterable, desc=desc, disable=not self.is_main_process, **kwargs)
+
+    def _start_trackers(self) -> None:
+        if not self._trackers_started and self.accelerator.log_with:
+            cfg = {k: (str(v) if isinstance(v, (list, type(None))) else v) for k, v in self.config.to_dict().items()}
+            self.accelerator.init_trackers(self.config.tracker_project_name, config=cfg)
+        self._trackers_started = True
+
+    def _end_trackers(self) -> None:
+        if self.accelerator.log_with and self._trackers_started:
+            self.accelerator.end_training()  # flush and close the trackers
+        self._trackers_started = False
+
+    def _log(self, metrics: dict, step: int) -> None:
+        self.history.append({"step": step, **metrics})
+        self.accelerator.log(metrics, step=step)
+
+    # ------------------------------------------------------------------ gradients and optimiser
+    def _sync_grads(self, params) -> None:
+        """Averages gradients over processes (the model is not DDP-wrapped: the sampler calls it many times)."""
+        if self.accelerator.num_processes > 1:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+
+    def _clip(self, params) -> float:
+        """Clips to ``max_grad_norm`` (when set); returns the gradient norm before clipping."""
+        if self.config.max_grad_norm is not None:
+            return float(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm))
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+
+    def make_optimizer(self, params):
+        """``(AdamW, LR schedule)`` of the drift stage from the config."""
+        cfg = self.config
+        opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+        schedule = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=cfg.train_steps)
+        return opt, schedule
+
+    # ------------------------------------------------------------------ rewards and initial noise
+    def _reward(self, x: torch.Tensor, require_grad: bool) -> torch.Tensor:
+        return check_reward(self.reward_fn(x), x.shape[0], self.reward_name, require_grad=require_grad)
+
+    def reward_and_gradient(self, samples: torch.Tensor):
+        """Checked reward ``(B,)`` of ``samples`` and its gradient ``dr/dx_0`` (shape of ``samples``)."""
+        x0 = samples.detach().requires_grad_(True)
+        with torch.enable_grad():
+            r = self._reward(x0, require_grad=True)
+            (grad,) = torch.autograd.grad(r.sum(), x0)
+        return r.detach(), grad
+
+    def draw_initial_noise(self, num_samples: int, generator: torch.Generator | None = None):
+        """``(x_T, kl_init)`` without autograd: from the learned model if any, else ``N(0, I)`` (KL 0)."""
+        gen = generator if generator is not None else self.generator
+        with torch.no_grad():
+            if self.initial_noise is not None:
+                x_T, kl = self.initial_noise(num_samples, generator=gen, device=self.device)
+            else:
+                x_T = torch.randn((num_samples, *self.sample_shape), generator=gen).to(self.device)
+                kl = torch.zeros(num_samples, device=self.device)
+        return x_T, kl
+
+    def fit_initial_noise(self, value, steps: int, generator: torch.Generator, reference=None,
+                          reference_weight: float = 0.0, log_prefix: str | None = "noise", desc: str = "initial noise"):
+        """Stage 2: maximise ``E[v_T(x_T)] - alpha * KL`` over :attr:`initial_noise` (``docs/algorithms.md`` §4).
+
+        ``value`` is a fitted :class:`~hf_control_ft.models.value_function.ValueFunction` whose temperature is
+        the total KL weight. With a frozen ``reference`` initial-noise model the KL term is
+        ``(1 - w) KL(nu || N(0, I)) + w KL_path(nu || reference)`` with ``w = reference_weight`` (SEIKO:
+        ``beta / (alpha + beta)``). Logs every ``log_every`` iterations under ``log_prefix`` (``None``: no logs).
+        Returns the last iteration's metrics.
+        """
+        cfg = self.config
+        self.initial_noise.requires_grad_(True)
+        params = list(self.initial_noise.parameters())
+        opt = torch.optim.Adam(params, lr=cfg.noise_learning_rate)
+        w = float(reference_weight)
+        metrics = {}
+        for it in self._progress(range(steps), desc, leave=log_prefix is not None):
+            if reference is None:
+                x_T, kl = self.initial_noise(cfg.noise_batch_size, generator=generator, device=self.device)
+                kl_ref, cost = None, kl
+            else:
+                x_T, kl, kl_ref = self.initial_noise(cfg.noise_batch_size, generator=generator, device=self.device,
+                                                     reference=reference)
+                cost = (1 - w) * kl + w * kl_ref
+            u = value.normalized(x_T)
+            loss = (cost - u).mean()  # = -(E[v_T] - alpha KL) / alpha, up to the constant shift of v_T
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self._sync_grads(params)
+            opt.step()
+            metrics = {f"{log_prefix or 'noise'}/loss": loss.item(), f"{log_prefix or 'noise'}/kl": kl.mean().item()}
+            if kl_ref is not None:
+                metrics[f"{log_prefix or 'noise'}/kl_previous"] = kl_ref.mean().item()
+            if log_prefix is not None and (it % cfg.log_every == 0 or it == steps - 1):
+                metrics[f"{log_prefix}/value"] = float(value.shift + value.alpha * u.detach().mean())
+                self._log(metrics, step=it)
+        self.initial_noise.requires_grad_(False)
+        return metrics
+
+    # ------------------------------------------------------------------ stage 3
+    def drift_iteration(self, optimizer, params, generator: torch.Generator | None = None,
+                        reference_kl_weight: float | None = None, value_gradient=None) -> dict:
+        """One drift step on ``mean(-r + alpha (KL + KL_init) [+ beta KLref])``; returns raw quantities.
+
+        The objective is ``config.drift_objective`` (``docs/algorithms.md`` §7): the exact pathwise gradient,
+        or the adjoint-matching / value-guided regression (``value_gradient``: ``(x, k) -> grad V_k``). With
+        ``reference_kl_weight`` (SEIKO's ``beta``) the KL to the sampler's reference adapter is added
+        (pathwise only). Returns ``{"reward", "kl", "kl_init", "ref_kl", "grad_norm", "regression_loss"}``
+        as ``(B,)`` tensors / floats.
+        """
+        cfg = self.config
+        B = cfg.batch_size
+        gen = generator if generator is not None else self.generator
+        self.process.prepare_batch(B, gen)
+        x_T, kl_init = self.draw_initial_noise(B, gen)
+        traj = self.sampler.rollout(x_T, gen)
+        r, grad_x0 = self.reward_and_gradient(traj.samples)
+        optimizer.zero_grad(set_to_none=True)
+        regression_loss = None
+        if cfg.drift_objective in ("adjoint_matching", "value_guided"):
+            regression_loss = adjoint_matching_backward(self.sampler, traj, grad_x0, cfg.alpha, 1.0 / B,
+                                                        value_gradient).mean().item()
+        else:
+            ref = None if reference_kl_weight is None else reference_kl_weight / B
+            self.sampler.backpropagate(traj, -grad_x0 / B, cfg.alpha / B, reference_kl_weight=ref)
+        self._sync_grads(params)
+        grad_norm = self._clip(params)
+        optimizer.step()
+        return {"reward": r, "kl": traj.kl, "kl_init": kl_init, "ref_kl": traj.ref_kl, "grad_norm": grad_norm,
+                "regression_loss": regression_loss}
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def sample(self, num_samples: int | None = None, generator: torch.Generator | None = None,
+               batch_size: int | None = None, controlled: bool = True, prompts=None) -> torch.Tensor:
+        """Draws samples: learned initial noise + LoRA control (``controlled=False``: the pretrained model from
+        ``N(0, I)``). With ``prompts`` (conditional processes) one sample per prompt, in order; else conditions
+        are drawn from the process's source with ``generator``. Deterministic given ``generator``.
+
+        Returns ``(num_samples, *sample_shape)`` (latents for latent processes: see :meth:`decode`).
+        """
+        prompts, num_samples = self.process.check_conditions(prompts, num_samples)
+        gen = generator if generator is not None else torch.Generator().manual_seed(self.config.seed)
+        bs = batch_size or self.config.batch_size
+        out = []
+        for start in range(0, num_samples, bs):
+            b = min(bs, num_samples - start)
+            if prompts is not None:
+                self.process.set_conditions(prompts[start:start + b])
+            else:
+                self.process.prepare_batch(b, gen)
+            if controlled:
+                x_T, _ = self.draw_initial_noise(b, gen)
+            else:
+                x_T = torch.randn((b, *self.sample_shape), generator=gen).to(self.device)
+            out.append(self.sampler.sample(x_T, gen, controlled=controlled))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        """Samples -> what the reward sees (images ``(B, 3, H, W)`` in ``[0, 1]`` for latent processes)."""
+        return self.process.decode(samples)
+
+    @staticmethod
+    def _nan_mean(values: list) -> float:
+        return sum(values) / len(values) if values else math.nan
