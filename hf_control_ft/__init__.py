@@ -1,28 +1,33 @@
-"""hf_control_ft: reward fine-tuning of diffusion models without reward collapse (ELEGANT, SEIKO)."""
+"""hf_control_ft: reward fine-tuning of diffusion models without reward collapse (ELEGANT, SEIKO).
 
-from .processes import ControlledProcess, StableDiffusionProcess, process_from_pipeline
-from .trainers.elegant_config import ElegantConfig
+Layers, lowest first (docs/architecture.md): ``utils`` < ``core`` < ``models`` < ``rewards`` < ``serialization``
+< ``feedback`` < ``tasks`` < ``processes`` < ``trainers`` < ``pipelines``; each imports only layers below it.
+"""
+
 from .core.control import add_lora_control, pretrained_mode
-from .trainers.elegant import ElegantTrainer
-from .feedback.store import FeedbackDataset
-from .models.initial_noise import InitialNoiseModel
 from .core.kl import gaussian_kl, gaussian_log_prob
-from .feedback.oracle import Oracle, OracleAnswer
-from .models.reward_ensemble import OptimisticReward, RewardEnsemble
 from .core.sampler import ControlledSampler, Trajectory
 from .core.scheduling import DiffusionSchedule
-from .trainers.seiko_config import SeikoConfig
-from .trainers.seiko import SeikoTrainer
+from .feedback.oracle import Oracle, OracleAnswer
+from .feedback.store import FeedbackDataset
+from .models.initial_noise import InitialNoiseModel
+from .models.reward_ensemble import OptimisticReward, RewardEnsemble
 from .models.value_function import ValueFunction
+from .processes import ControlledProcess, StableDiffusionProcess, process_from_pipeline
+from .trainers.elegant import ElegantTrainer
+from .trainers.elegant_config import ElegantConfig
+from .trainers.seiko import SeikoTrainer
+from .trainers.seiko_config import SeikoConfig
 
 __version__ = "0.1.0"
-__all__ = ["ElegantConfig", "ElegantTrainer", "InitialNoiseModel", "ControlledSampler", "Trajectory",
-           "DiffusionSchedule", "ValueFunction", "add_lora_control", "pretrained_mode", "gaussian_kl",
-           "gaussian_log_prob", "SeikoConfig", "SeikoTrainer", "Oracle", "OracleAnswer", "FeedbackDataset",
-           "RewardEnsemble", "OptimisticReward", "ControlledProcess", "StableDiffusionProcess", "process_from_pipeline",
-           "ControlledDiffusionPipeline", "ControlledStableDiffusionPipeline"]
+__all__ = ["ElegantConfig", "ElegantTrainer", "SeikoConfig", "SeikoTrainer", "ControlledProcess",
+           "StableDiffusionProcess", "process_from_pipeline", "InitialNoiseModel", "ValueFunction",
+           "ControlledSampler", "Trajectory", "DiffusionSchedule", "add_lora_control", "pretrained_mode",
+           "gaussian_kl", "gaussian_log_prob", "Oracle", "OracleAnswer", "FeedbackDataset", "RewardEnsemble",
+           "OptimisticReward", "ControlledDiffusionPipeline", "ControlledStableDiffusionPipeline"]
 
-_LAZY = {"ControlledDiffusionPipeline": "pipelines.controlled", "ControlledStableDiffusionPipeline": "pipelines.controlled"}
+_LAZY = {"ControlledDiffusionPipeline": "pipelines.controlled",
+         "ControlledStableDiffusionPipeline": "pipelines.controlled"}
 
 
 def __getattr__(name):

@@ -41,7 +41,6 @@ update are redone from the saved state. All randomness is drawn from generators 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import tempfile
@@ -49,10 +48,8 @@ import time
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
 
-from ..core.control import (CONTROL_ADAPTER, add_reference_adapter, copy_adapter_weights, load_lora_state_dict,
-                            lora_parameters, lora_state_dict)
+from ..core.control import CONTROL_ADAPTER, add_reference_adapter, copy_adapter_weights, lora_parameters
 from ..core.kl import gaussian_kl
 from ..feedback.oracle import Oracle, RoundBudget
 from ..feedback.store import FeedbackDataset
@@ -61,29 +58,10 @@ from ..models.reward_ensemble import OptimisticReward, RewardEnsemble
 from ..models.value_function import ValueFunction
 from ..processes import ControlledProcess, process_from_pipeline
 from ..serialization.saved import push_directory, save_control
-from ..utils.versioned_dir import VersionedDirectory
 from .base import BaseTrainer
 from .seiko_config import SeikoConfig
-
-PREVIOUS_ADAPTER = "previous"
-FEEDBACK_DIR = "feedback"
-STATE_DIR = "trainer_state"
-STATE_NAME = "state.json"
-SEIKO_CONFIG_NAME = "seiko_config.json"
-# fields that must not change between a run and its resumption (they define what was already collected)
-_RESUME_KEYS = ("num_rounds", "queries_per_round", "seed", "optimism", "alpha", "beta", "num_inference_steps", "eta",
-                "learn_initial_noise", "lora_rank", "lora_alpha", "lora_target_modules", "noise_num_steps")
-_PHASES = {"sample": 1, "reward": 2, "ts": 3, "value": 4, "noise": 5, "drift": 6}
-
-
-def round_seed(seed: int, round_index: int, phase: str) -> int:
-    """Seed of the generator of one phase of one round: resumption redraws exactly the same numbers."""
-    return (seed * 1_000_003 + round_index * 101 + _PHASES[phase]) % (2**63 - 1)
-
-
-def _generator(seed: int, round_index: int, phase: str) -> torch.Generator:
-    return torch.Generator().manual_seed(round_seed(seed, round_index, phase))
-
+from .seiko_state import (FEEDBACK_DIR, PREVIOUS_ADAPTER, SEIKO_CONFIG_NAME, STATE_DIR, check_resume_config,
+                          load_round_state, round_generator, round_seed, save_round_state)
 
 class SeikoTrainer(BaseTrainer):
     """Online fine-tuning of a controlled process from ``oracle`` feedback with SEIKO.
@@ -172,62 +150,21 @@ class SeikoTrainer(BaseTrainer):
         """The prompt source of a text-conditioned process (``None`` for unconditional ones)."""
         return getattr(self.process, "prompts", None)
 
-    # ------------------------------------------------------------------ bookkeeping
-    def _check_resume_config(self) -> None:
-        path = os.path.join(self.output_dir, SEIKO_CONFIG_NAME)
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                saved = json.load(f)
-            current = self.config.to_dict()
-            changed = [k for k in _RESUME_KEYS if saved.get(k) != current.get(k)]
-            if changed:
-                raise ValueError(f"{self.output_dir} holds a run with different {changed} "
-                                 f"({ {k: saved.get(k) for k in changed} } vs { {k: current.get(k) for k in changed} }); "
-                                 "use another output_dir to start a new run")
-        else:
-            self.config.save(path)
-
     # ------------------------------------------------------------------ state (per round)
-    def _state_store(self) -> VersionedDirectory:
-        root = os.path.join(self.output_dir, STATE_DIR)
-        return VersionedDirectory(root, os.path.join(root, "current"))
+    def _check_resume_config(self) -> None:
+        check_resume_config(self.config, self.output_dir)
 
     def save_state(self) -> str:
         """Writes the resumable state after a completed round (safetensors + JSON) and switches to it atomically."""
-        store = self._state_store()
-        name = f"round_{self.completed_rounds:04d}"
-        tmp = store.begin(name)
-        for adapter in (CONTROL_ADAPTER, PREVIOUS_ADAPTER):
-            weights = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(self.model, adapter).items()}
-            save_file(weights, os.path.join(tmp, f"adapter_{adapter}.safetensors"), metadata={"format": "pt"})
-        if self.initial_noise is not None:
-            for label, module in (("initial_noise", self.initial_noise), ("previous_initial_noise", self.previous_noise)):
-                weights = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-                save_file(weights, os.path.join(tmp, f"{label}.safetensors"), metadata={"format": "pt"})
-        state = {"completed_rounds": self.completed_rounds, "global_step": self.global_step,
-                 "feedback_version": self.feedback.version, "oracle_calls": self.oracle.num_calls,
-                 "rng": "per-(seed, round, phase) generators, see seiko_trainer.round_seed", "time": time.time()}
-        with open(os.path.join(tmp, STATE_NAME), "w", encoding="utf-8") as f:
-            json.dump(state, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        # keep the live state and the one before it
-        return store.commit(name, keep={f"round_{self.completed_rounds - 1:04d}"})
+        counters = {"completed_rounds": self.completed_rounds, "global_step": self.global_step,
+                    "feedback_version": self.feedback.version, "oracle_calls": self.oracle.num_calls}
+        return save_round_state(self.output_dir, self.model, self.initial_noise, self.previous_noise, counters)
 
     def _load_state(self) -> None:
-        directory = self._state_store().current()
-        if directory is None:
-            return
-        with open(os.path.join(directory, STATE_NAME), encoding="utf-8") as f:
-            state = json.load(f)
-        for adapter in (CONTROL_ADAPTER, PREVIOUS_ADAPTER):
-            load_lora_state_dict(self.model, load_file(os.path.join(directory, f"adapter_{adapter}.safetensors")),
-                                 adapter_name=adapter)
-        if self.initial_noise is not None:
-            self.initial_noise.load_state_dict(load_file(os.path.join(directory, "initial_noise.safetensors")))
-            self.previous_noise.load_state_dict(load_file(os.path.join(directory, "previous_initial_noise.safetensors")))
-        self.completed_rounds = int(state["completed_rounds"])
-        self.global_step = int(state["global_step"])
+        state = load_round_state(self.output_dir, self.model, self.initial_noise, self.previous_noise)
+        if state is not None:
+            self.completed_rounds = int(state["completed_rounds"])
+            self.global_step = int(state["global_step"])
 
     # ------------------------------------------------------------------ 1. collect
     def _draw_queries(self, round_index: int, num_samples: int, generator: torch.Generator):
@@ -252,7 +189,7 @@ class SeikoTrainer(BaseTrainer):
         submitted = self.feedback.num_submitted(round_index)
         if submitted == 0:
             self.budget.check(round_index, 0, budget)
-            x, prompts = self._draw_queries(round_index, budget, _generator(cfg.seed, round_index, "sample"))
+            x, prompts = self._draw_queries(round_index, budget, round_generator(cfg.seed, round_index, "sample"))
             self.feedback.add_pending(x.cpu(), round_index, prompts)
         elif submitted != budget:
             raise RuntimeError(f"round {round_index} has {submitted} samples on disk but a budget of {budget}")
@@ -275,7 +212,7 @@ class SeikoTrainer(BaseTrainer):
         """Fits the reward ensemble on every answered query and sets :attr:`reward` (the optimistic reward)."""
         cfg = self.config
         x, y = self.feedback.training_data()
-        gen = _generator(cfg.seed, round_index, "reward")
+        gen = round_generator(cfg.seed, round_index, "reward")
         ensemble = RewardEnsemble(self.sample_shape, cfg.ensemble_size, cfg.reward_hidden, cfg.reward_depth,
                                   self.feature_extractor, self.feature_dim,
                                   feature_std_floor=cfg.feature_std_floor).to(self.device)
@@ -286,7 +223,7 @@ class SeikoTrainer(BaseTrainer):
         if cfg.optimism == "ucb":
             ensemble.fit_gram(x, cfg.ucb_ridge)
         elif cfg.optimism == "ts":
-            head = int(torch.randint(0, cfg.ensemble_size, (1,), generator=_generator(cfg.seed, round_index, "ts")))
+            head = int(torch.randint(0, cfg.ensemble_size, (1,), generator=round_generator(cfg.seed, round_index, "ts")))
         self.reward = OptimisticReward(ensemble, cfg.optimism, cfg.bonus_scale, head, bonus_cap=cfg.bonus_cap)
         self.reward_fn = self.reward  # on samples directly: the heads' features decode latents themselves
         self.reward_name = self.reward.__name__
@@ -322,7 +259,7 @@ class SeikoTrainer(BaseTrainer):
         """Value of the combined problem by Feynman--Kac on the mixture chain, then the initial-noise model."""
         cfg = self.config
         a, b = cfg.alpha, cfg.beta
-        gen = _generator(cfg.seed, round_index, "value")
+        gen = round_generator(cfg.seed, round_index, "value")
         xs, targets = [], []
         n = cfg.value_num_rollouts
         for start in self._progress(range(0, n, cfg.batch_size), f"round {round_index}: value rollouts", leave=False):
@@ -343,7 +280,7 @@ class SeikoTrainer(BaseTrainer):
         value_loss = value.fit(x_T, target, steps=cfg.value_train_steps, lr=cfg.value_learning_rate,
                                generator=gen, progress=False)
         value.requires_grad_(False)
-        metrics = self.fit_initial_noise(value, cfg.noise_train_steps, _generator(cfg.seed, round_index, "noise"),
+        metrics = self.fit_initial_noise(value, cfg.noise_train_steps, round_generator(cfg.seed, round_index, "noise"),
                                          reference=self.previous_noise, reference_weight=b / (a + b), log_prefix=None,
                                          desc=f"round {round_index}: initial noise")
         return {"noise/value_loss": value_loss, "noise/loss": metrics["noise/loss"],
@@ -354,7 +291,7 @@ class SeikoTrainer(BaseTrainer):
         cfg = self.config
         params = lora_parameters(self.model, CONTROL_ADAPTER)
         opt, lr_schedule = self.make_optimizer(params)
-        gen = _generator(cfg.seed, round_index, "drift")
+        gen = round_generator(cfg.seed, round_index, "drift")
         metrics = {}
         bar = self._progress(range(cfg.train_steps), f"round {round_index}: drift", leave=False)
         for it in bar:

@@ -79,6 +79,7 @@ def test_train_updates_lora_and_save_load_reproduces_samples_bit_for_bit(tmp_pat
     assert not torch.equal(x, base)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective,extra", [
     ("pathwise", {}),
     ("value_guided", {"step_value_train_steps": 500}),

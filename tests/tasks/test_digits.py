@@ -15,7 +15,7 @@ from hf_control_ft.serialization import checkpoints as checkpointing
 from hf_control_ft.tasks import digits
 from hf_control_ft.cli import main as cli_main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "examples", "train_elegant.py")
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 import train_elegant  # noqa: E402
@@ -78,6 +78,7 @@ def test_digits_metrics_numbers():
     assert m["class_entropy_nats"] == pytest.approx(torch.log(torch.tensor(2.0)).item())
 
 
+@pytest.mark.slow
 def test_train_script_writes_outputs_refuses_overwrite_and_cli_reads_them(cache, tmp_path):
     out = str(tmp_path / "run")
     argv = ["--config", os.path.join(ROOT, "examples", "configs", "digits_elegant.yaml"), "--cache_dir", cache,
@@ -108,6 +109,7 @@ def test_train_script_writes_outputs_refuses_overwrite_and_cli_reads_them(cache,
     assert result["fine_tuned"]["num_samples"] == 16 and "genuine_reward" in result["pretrained"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_latest_checkpoint_and_reaches_the_step_count(cache, tmp_path):
     out = str(tmp_path / "killed")
     cmd = [sys.executable, SCRIPT, "--cache_dir", cache, "--output_dir", out, "--train_steps", "12",
@@ -140,11 +142,12 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_keep_identical_lora_and_only_main_writes(cache, tmp_path):
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), os.path.join(ROOT, "tests", "distributed_worker.py"),
+           "--main_process_port", str(free_port()), os.path.join(ROOT, "tests", "helpers", "distributed_worker.py"),
            "--cache_dir", cache, "--output_dir", out, "--train_steps", "3", "--checkpointing_steps", "2", *TINY]
     result_dir = tmp_path / "results"
     result_dir.mkdir()

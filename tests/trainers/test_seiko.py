@@ -16,8 +16,8 @@ from hf_control_ft.feedback.oracle import BudgetExceededError, Oracle, RoundBudg
 from hf_control_ft.models.reward_ensemble import OptimisticReward, RewardEnsemble
 from hf_control_ft.trainers.seiko_config import SeikoConfig
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.join(ROOT, "tests", "helpers")
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -180,6 +180,7 @@ def _read_log(path):
         return [tuple(json.loads(line)) for line in f]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_round_resumes_without_losing_or_repeating_queries(tmp_path):
     sys.path.insert(0, HERE)
     from seiko_child import LoggingOracle, build_trainer, tiny_config
