@@ -23,13 +23,13 @@ import json
 import time
 
 import torch
+from step_cost import one_iteration  # same iteration as the step-cost benchmark (benchmarks/ is on sys.path)
 from torch.utils.flop_counter import FlopCounterMode
 
 from hf_control_ft import ElegantConfig, ElegantTrainer
 from hf_control_ft.core.control import lora_parameters
 from hf_control_ft.rewards.image_rewards import BrightnessReward
 from hf_control_ft.testing import sd15_components, tiny_components
-from step_cost import one_iteration  # same iteration as the step-cost benchmark (benchmarks/ is on sys.path)
 
 PROMPTS = ["a photo of a cat", "a red car in the rain", "the mountains at dawn", "a bowl of fruit"]
 

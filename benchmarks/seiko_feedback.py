@@ -36,8 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from diffusers import DDPMScheduler  # noqa: E402
 
 from hf_control_ft.tasks.gaussian_mixture import GaussianMixture, distill_mixture_denoiser  # noqa: E402
-from hf_control_ft.trainers.seiko_config import SeikoConfig  # noqa: E402
 from hf_control_ft.trainers.seiko import SeikoTrainer  # noqa: E402
+from hf_control_ft.trainers.seiko_config import SeikoConfig  # noqa: E402
 
 MODE_STD = 0.5
 PEAK = torch.tensor([0.0, 7.5])

@@ -33,8 +33,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from hf_control_ft.trainers.seiko_config import SeikoConfig
 from hf_control_ft.trainers.seiko import SeikoTrainer
+from hf_control_ft.trainers.seiko_config import SeikoConfig
 
 MIXTURE_PEAK = torch.tensor([0.0, 7.5])
 MIXTURE_MODE_STD = 0.5

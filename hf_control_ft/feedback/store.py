@@ -38,8 +38,8 @@ import torch
 from datasets import Dataset, Features, Value, load_from_disk
 from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-from .oracle import FAILED, OK, PENDING, OracleAnswer
 from ..utils.versioned_dir import VersionedDirectory
+from .oracle import FAILED, OK, PENDING, OracleAnswer
 
 try:  # datasets >= 4
     from datasets import List

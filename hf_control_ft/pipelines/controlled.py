@@ -23,10 +23,10 @@ from ..core.control import CONTROL_ADAPTER, tuner_layers
 from ..core.sampler import ControlledSampler
 from ..core.scheduling import DiffusionSchedule, as_stochastic_scheduler
 from ..models.initial_noise import InitialNoiseModel
-from ..processes.sd_components import (OPTIONS_NAME, GuidedUNet, StableDiffusionOptions, decode_latents,
-                                       encode_prompts, latent_shape)
+from ..processes.sd_components import (GuidedUNet, StableDiffusionOptions, decode_latents, encode_prompts,
+                                       latent_shape)
 from ..serialization.lora_io import attach_lora_file
-from ..serialization.saved import INITIAL_NOISE_DIR, read_saved, resolve_directory
+from ..serialization.saved import INITIAL_NOISE_DIR, OPTIONS_NAME, read_saved, resolve_directory
 from ..trainers.elegant_config import ElegantConfig
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")

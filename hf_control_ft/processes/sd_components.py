@@ -39,7 +39,7 @@ from ..core.control import tuner_layers
 from ..core.scheduling import as_stochastic_scheduler
 from ..rewards.checks import reward_name
 from ..rewards.image_rewards import call_reward
-from ..serialization.saved import OPTIONS_NAME
+from ..utils.validation import field_checker
 
 logger = logging.getLogger(__name__)
 
@@ -283,10 +283,7 @@ class StableDiffusionOptions:
     guidance_rescale: float = 0.0
 
     def __post_init__(self):
-        def check(cond, name, msg):
-            if not cond:
-                raise ValueError(f"StableDiffusionOptions.{name}: {msg}")
-
+        check = field_checker("StableDiffusionOptions")
         check(isinstance(self.guidance_scale, (int, float)) and self.guidance_scale >= 0, "guidance_scale",
               f"must be a number >= 0, got {self.guidance_scale!r}")
         check(isinstance(self.negative_prompt, str), "negative_prompt", "must be a string")

@@ -2,8 +2,15 @@
 output passes before the trainer uses it."""
 
 from .checks import check_reward, reward_name
-from .image_rewards import (AestheticReward, BrightnessReward, ClassifierReward, ImageReward, SaturationReward,
-                            WeightedSumReward, call_reward)
+from .image_rewards import (
+                            AestheticReward,
+                            BrightnessReward,
+                            ClassifierReward,
+                            ImageReward,
+                            SaturationReward,
+                            WeightedSumReward,
+                            call_reward,
+)
 
 __all__ = ["check_reward", "reward_name", "call_reward", "ImageReward", "BrightnessReward", "SaturationReward",
            "WeightedSumReward", "AestheticReward", "ClassifierReward"]

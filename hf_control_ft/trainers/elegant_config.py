@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import yaml
 
+from ..utils.validation import field_checker
 
 DRIFT_OBJECTIVES = ("pathwise", "adjoint_matching", "value_guided")
 
@@ -20,9 +21,7 @@ def _as_float(text: str):
         return text
 
 
-def _check(cond: bool, field_name: str, message: str):
-    if not cond:
-        raise ValueError(f"ElegantConfig.{field_name}: {message}")
+_check = field_checker("ElegantConfig")
 
 
 @dataclass

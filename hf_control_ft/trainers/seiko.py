@@ -63,6 +63,7 @@ from .seiko_config import SeikoConfig
 from .seiko_state import (FEEDBACK_DIR, PREVIOUS_ADAPTER, SEIKO_CONFIG_NAME, STATE_DIR, check_resume_config,
                           load_round_state, round_generator, round_seed, save_round_state)
 
+
 class SeikoTrainer(BaseTrainer):
     """Online fine-tuning of a controlled process from ``oracle`` feedback with SEIKO.
 

@@ -11,18 +11,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .elegant_config import ElegantConfig
 from ..feedback.oracle import FAILURE_POLICIES
 from ..models.reward_ensemble import OPTIMISM_KINDS
+from ..utils.validation import field_checker, is_int
+from .elegant_config import ElegantConfig
 
-
-def _check(cond: bool, field_name: str, message: str):
-    if not cond:
-        raise ValueError(f"SeikoConfig.{field_name}: {message}")
-
-
-def _is_int(v, low: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+_check = field_checker("SeikoConfig")
 
 
 @dataclass
@@ -79,21 +73,21 @@ class SeikoConfig(ElegantConfig):
         super().__post_init__()
         _check(self.drift_objective == "pathwise", "drift_objective",
                f"SEIKO rounds use the pathwise two-KL gradient; got {self.drift_objective!r}")
-        _check(_is_int(self.num_rounds, 1), "num_rounds", f"must be an int >= 1, got {self.num_rounds!r}")
+        _check(is_int(self.num_rounds, 1), "num_rounds", f"must be an int >= 1, got {self.num_rounds!r}")
         q = self.queries_per_round
         if isinstance(q, (list, tuple)):
             _check(len(q) == self.num_rounds, "queries_per_round",
                    f"has {len(q)} entries but num_rounds is {self.num_rounds}")
-            _check(all(_is_int(v, 1) for v in q), "queries_per_round", f"entries must be ints >= 1, got {list(q)!r}")
+            _check(all(is_int(v, 1) for v in q), "queries_per_round", f"entries must be ints >= 1, got {list(q)!r}")
             self.queries_per_round = [int(v) for v in q]
         else:
-            _check(_is_int(q, 1), "queries_per_round", f"must be an int >= 1 or a list of them, got {q!r}")
+            _check(is_int(q, 1), "queries_per_round", f"must be an int >= 1 or a list of them, got {q!r}")
         _check(isinstance(self.beta, (int, float)) and not isinstance(self.beta, bool) and self.beta > 0, "beta",
                f"must be > 0, got {self.beta!r}")
         _check(self.optimism in OPTIMISM_KINDS, "optimism", f"must be one of {OPTIMISM_KINDS}, got {self.optimism!r}")
         _check(isinstance(self.bonus_scale, (int, float)) and self.bonus_scale >= 0, "bonus_scale",
                f"must be >= 0, got {self.bonus_scale!r}")
-        _check(_is_int(self.ensemble_size, 1), "ensemble_size", f"must be an int >= 1, got {self.ensemble_size!r}")
+        _check(is_int(self.ensemble_size, 1), "ensemble_size", f"must be an int >= 1, got {self.ensemble_size!r}")
         _check(self.optimism not in ("bootstrap", "ts") or self.ensemble_size >= 2, "ensemble_size",
                f"must be >= 2 for optimism={self.optimism!r} (got {self.ensemble_size})")
         _check(isinstance(self.ucb_ridge, (int, float)) and self.ucb_ridge > 0, "ucb_ridge",
@@ -104,14 +98,14 @@ class SeikoConfig(ElegantConfig):
                and 0 <= self.feature_std_floor < 1, "feature_std_floor",
                f"must be in [0, 1), got {self.feature_std_floor!r}")
         for name in ("reward_hidden", "reward_depth", "reward_train_steps", "reward_batch_size", "oracle_batch_size"):
-            _check(_is_int(getattr(self, name), 1), name, f"must be an int >= 1, got {getattr(self, name)!r}")
+            _check(is_int(getattr(self, name), 1), name, f"must be an int >= 1, got {getattr(self, name)!r}")
         for name in ("reward_learning_rate",):
             _check(isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0, name, "must be > 0")
         _check(isinstance(self.reward_weight_decay, (int, float)) and self.reward_weight_decay >= 0,
                "reward_weight_decay", f"must be >= 0, got {self.reward_weight_decay!r}")
         _check(self.oracle_on_failure in FAILURE_POLICIES, "oracle_on_failure",
                f"must be one of {FAILURE_POLICIES}, got {self.oracle_on_failure!r}")
-        _check(_is_int(self.oracle_max_retries, 0), "oracle_max_retries",
+        _check(is_int(self.oracle_max_retries, 0), "oracle_max_retries",
                f"must be an int >= 0, got {self.oracle_max_retries!r}")
         _check(isinstance(self.output_dir, str) and bool(self.output_dir), "output_dir", "must be a non-empty path")
 

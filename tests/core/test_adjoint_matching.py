@@ -2,13 +2,13 @@ import pytest
 import torch
 from torch import nn
 
-from hf_control_ft.testing import ddim, make_mlp_denoiser
 from hf_control_ft import ElegantConfig, ElegantTrainer
 from hf_control_ft.core.adjoint_matching import adjoint_matching_backward, lean_adjoints
 from hf_control_ft.core.control import add_lora_control, lora_parameters
 from hf_control_ft.core.sampler import ControlledSampler
 from hf_control_ft.core.scheduling import DiffusionSchedule
 from hf_control_ft.models.step_values import StepValueFunction
+from hf_control_ft.testing import ddim, make_mlp_denoiser
 
 
 def _float64(fn):

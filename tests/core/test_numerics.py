@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from hf_control_ft.testing import make_mlp_denoiser
 from diffusers import (DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler, PNDMScheduler,
                        StableDiffusionXLPipeline)
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
@@ -14,13 +13,13 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 from hf_control_ft import ElegantConfig, ElegantTrainer, SeikoConfig
 from hf_control_ft.core.control import pretrained_mode
 from hf_control_ft.core.kl import gaussian_kl
-from hf_control_ft.models.reward_ensemble import OptimisticReward, RewardEnsemble
 from hf_control_ft.core.sampler import ControlledSampler
 from hf_control_ft.core.scheduling import DiffusionSchedule, as_stochastic_scheduler
-from hf_control_ft.processes.stable_diffusion import StableDiffusionOptions
+from hf_control_ft.models.reward_ensemble import OptimisticReward, RewardEnsemble
 from hf_control_ft.models.step_values import StepValueFunction
-from hf_control_ft.testing import kl_and_gradient, scale_lora, tiny_components, tiny_sd_pipeline
 from hf_control_ft.models.value_function import ValueFunction
+from hf_control_ft.processes.stable_diffusion import StableDiffusionOptions
+from hf_control_ft.testing import kl_and_gradient, make_mlp_denoiser, scale_lora, tiny_components, tiny_sd_pipeline
 
 PROMPTS = ["a cat", "the dog"]
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")

@@ -1,10 +1,10 @@
 import torch
 
-from hf_control_ft.testing import ddim, ddpm, make_mlp_denoiser
 from hf_control_ft.core.control import lora_parameters, pretrained_mode, set_control_enabled
-from hf_control_ft.models.initial_noise import InitialNoiseModel
 from hf_control_ft.core.sampler import ControlledSampler
 from hf_control_ft.core.scheduling import DiffusionSchedule
+from hf_control_ft.models.initial_noise import InitialNoiseModel
+from hf_control_ft.testing import ddim, ddpm, make_mlp_denoiser
 
 
 def _sampler(model, steps=6, eta=0.7, scheduler=None, **kw):

@@ -2,10 +2,10 @@
 
 import torch
 
-from hf_control_ft.testing import ddim, ddpm, make_mlp_denoiser
 from hf_control_ft.core.control import add_reference_adapter, lora_parameters, reference_adapter_mode
 from hf_control_ft.core.sampler import ControlledSampler
 from hf_control_ft.core.scheduling import DiffusionSchedule
+from hf_control_ft.testing import ddim, ddpm, make_mlp_denoiser
 
 
 def _two_adapter_model(seed=0):

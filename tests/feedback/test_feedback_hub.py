@@ -5,11 +5,11 @@ import math
 import datasets.config
 import torch
 from datasets import Dataset
+from hub_server import HubServer
 from huggingface_hub import hf_hub_download
 
-from hf_control_ft.feedback.store import FeedbackDataset
 from hf_control_ft.feedback.oracle import OracleAnswer
-from hub_server import HubServer
+from hf_control_ft.feedback.store import FeedbackDataset
 
 
 def test_feedback_push_to_hub_writes_a_loadable_dataset_repo(tmp_path, monkeypatch):

@@ -17,8 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from hf_control_ft.testing import ddpm, make_mlp_denoiser  # noqa: E402
-from hf_control_ft.trainers.seiko_config import SeikoConfig  # noqa: E402
 from hf_control_ft.trainers.seiko import SeikoTrainer  # noqa: E402
+from hf_control_ft.trainers.seiko_config import SeikoConfig  # noqa: E402
 
 PEAK = torch.tensor([1.5, -1.0])
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from hf_control_ft.testing import make_mlp_denoiser
 from hf_control_ft.core.control import add_lora_control, default_target_modules, lora_parameters, resolve_target_modules
 from hf_control_ft.models.initial_noise import InitialNoiseModel
 from hf_control_ft.models.value_function import ValueFunction, safe_exp
+from hf_control_ft.testing import make_mlp_denoiser
 
 
 def test_missing_lora_targets_name_the_candidates():

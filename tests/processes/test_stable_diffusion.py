@@ -7,18 +7,18 @@ import shutil
 import pytest
 import torch
 from diffusers import PNDMScheduler, UNet2DModel
+from hub_server import HubServer
 from PIL import Image
 from safetensors import safe_open
 
 from hf_control_ft import ElegantConfig, ElegantTrainer
 from hf_control_ft.core.control import lora_parameters, set_control_enabled
 from hf_control_ft.core.kl import gaussian_kl
-from hf_control_ft.serialization.saved import HubPushError
 from hf_control_ft.pipelines.controlled import ControlledDiffusionPipeline, ControlledStableDiffusionPipeline
-from hf_control_ft.rewards.image_rewards import BrightnessReward, SaturationReward, WeightedSumReward
 from hf_control_ft.processes.stable_diffusion import load_prompts
+from hf_control_ft.rewards.image_rewards import BrightnessReward, SaturationReward, WeightedSumReward
+from hf_control_ft.serialization.saved import HubPushError
 from hf_control_ft.testing import tiny_components, tiny_sd_pipeline, tiny_unet_output
-from hub_server import HubServer
 
 PROMPTS = ["a cat", "the dog", "a red car"]
 

@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, ViTConfig, ViTForImageClassification
 
 from hf_control_ft.rewards.image_rewards import (AestheticHead, AestheticReward, BrightnessReward, ClassifierReward,
-                                   SaturationReward, WeightedSumReward, call_reward)
+                                                 SaturationReward, WeightedSumReward, call_reward)
 
 
 def images(seed=0, b=3, size=16):

@@ -4,10 +4,10 @@ import os
 import pytest
 import torch
 
-from hf_control_ft.testing import ddim, make_mlp_denoiser
 from hf_control_ft import ElegantConfig, ElegantTrainer
-from hf_control_ft.serialization import checkpoints as checkpointing
 from hf_control_ft.core.control import lora_parameters
+from hf_control_ft.serialization import checkpoints as checkpointing
+from hf_control_ft.testing import ddim, make_mlp_denoiser
 
 
 def quadratic_reward(x):

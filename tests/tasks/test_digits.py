@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
+from hf_control_ft.cli import main as cli_main
 from hf_control_ft.serialization import checkpoints as checkpointing
 from hf_control_ft.tasks import digits
-from hf_control_ft.cli import main as cli_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "examples", "train_elegant.py")

@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from hf_control_ft.feedback.store import FeedbackDataset
 from hf_control_ft.feedback.oracle import BudgetExceededError, Oracle, RoundBudget
+from hf_control_ft.feedback.store import FeedbackDataset
 from hf_control_ft.models.reward_ensemble import OptimisticReward, RewardEnsemble
 from hf_control_ft.trainers.seiko_config import SeikoConfig
 
@@ -240,8 +240,8 @@ def test_sigkill_mid_round_resumes_without_losing_or_repeating_queries(tmp_path)
     again = build_trainer(out, LoggingOracle(str(log)))
     again.train()
     assert len(_read_log(log)) == 32 and len(again.feedback) == 32
-    from hf_control_ft.testing import ddpm, make_mlp_denoiser
     from hf_control_ft import ElegantTrainer
+    from hf_control_ft.testing import ddpm, make_mlp_denoiser
 
     trainer.save_pretrained(str(tmp_path / "export"))
     loaded = ElegantTrainer.from_pretrained(str(tmp_path / "export"), make_mlp_denoiser(lora=False, hidden=16), ddpm(),

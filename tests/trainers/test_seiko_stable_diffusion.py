@@ -167,9 +167,8 @@ def test_adapter_aware_checkpointing_recomputes_the_previous_adapter_branch(tmp_
 def test_push_to_hub_uploads_the_model_and_the_feedback_dataset(run, tmp_path, monkeypatch):
     import huggingface_hub.constants as hub_constants
     from datasets import Dataset
-    from huggingface_hub import hf_hub_download
-
     from hub_server import HubServer
+    from huggingface_hub import hf_hub_download
 
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
     monkeypatch.setattr(hub_constants, "HF_HUB_DISABLE_XET", True)

@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-from hf_control_ft.testing import ddim, make_mlp_denoiser
 from hf_control_ft import ElegantConfig, ElegantTrainer
 from hf_control_ft.core.control import lora_parameters
 from hf_control_ft.tasks.gaussian_mixture import distill_mixture_denoiser, three_mode_mixture
+from hf_control_ft.testing import ddim, make_mlp_denoiser
 
 
 def small_config(**kw):
