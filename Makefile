@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo venv bench clean
+.PHONY: test test-fast demo venv bench clean
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# the inner loop: everything but the subprocess / crash-resume / exact-target tests (about a minute)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
 LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 
 # the main job: pretrain (cached), then ELEGANT toward digit 3; re-running resumes the finished run instead of
@@ -32,6 +36,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/tilted_target.py
 	$(PY) benchmarks/step_cost.py
 	$(PY) benchmarks/reward_collapse.py
+	$(PY) benchmarks/kl_precision.py
 
 clean:
 	rm -rf $(VENV) outputs runs .pytest_cache build

@@ -8,17 +8,28 @@ Layout (diffusers' training-script convention)::
         initial_noise/              the learned initial-noise model (when there is one)
         trainer_state.json          global step, optimizer hyper-parameters, LR-schedule state, metric history
 
-A checkpoint is written to ``checkpoint-<step>.tmp`` and renamed into place (an atomic ``os.replace`` on one
-filesystem), so a process killed mid-write never leaves a half checkpoint under a valid name.
+A checkpoint is written to ``checkpoint-<step>.tmp``, its files fsynced, and renamed into place (an atomic
+``os.replace`` on one filesystem), so a process killed mid-write never leaves a half checkpoint under a valid
+name. Non-finite weights are never written (:func:`check_finite`), and resuming validates the checkpoint it
+picks (:func:`validate_checkpoint`): with ``"latest"`` a damaged one is reported by file name and the newest
+intact one is used instead.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 import re
 import shutil
 
 import torch
+from safetensors.torch import load_file, save_file
+
+from ..utils.versioned_dir import fsync_dir
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "checkpoint-"
 _PATTERN = re.compile(rf"^{PREFIX}(\d+)$")
@@ -40,18 +51,89 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint directory is unreadable or holds non-finite weights; the message names the file."""
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Raises ``FloatingPointError`` naming the first tensor with NaN / inf values (never checkpoint those)."""
+    for name, value in tensors.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise FloatingPointError(f"{what}: tensor {name!r} has non-finite values; refusing to write them")
+
+
+def validate_checkpoint(path: str) -> None:
+    """Reads every file of a checkpoint (JSON and safetensors) and checks the weights are finite.
+
+    Raises :class:`CheckpointError` naming the damaged file.
+    """
+    state_path = os.path.join(path, "trainer_state.json")
+    try:
+        with open(state_path, encoding="utf-8") as f:
+            json.load(f)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint file {state_path} is unreadable: {err}") from None
+    for root, _, names in os.walk(path):
+        for name in sorted(names):
+            file = os.path.join(root, name)
+            if name.endswith(".safetensors"):
+                try:
+                    tensors = load_file(file)
+                except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+                    raise CheckpointError(f"checkpoint file {file} is unreadable: {err}") from None
+                try:
+                    check_finite(tensors, file)
+                except FloatingPointError as err:
+                    raise CheckpointError(str(err)) from None
+            elif name.endswith(".json"):
+                try:
+                    with open(file, encoding="utf-8") as f:
+                        json.load(f)
+                except (OSError, ValueError) as err:
+                    raise CheckpointError(f"checkpoint file {file} is unreadable: {err}") from None
+
+
 def resolve_checkpoint(output_dir: str | None, resume_from_checkpoint: str | None) -> str | None:
-    """``"latest"`` -> the newest checkpoint in ``output_dir`` (``None`` when there is none yet, so a first run
-    and a restarted run use the same command); a path -> that checkpoint, which must exist."""
+    """``"latest"`` -> the newest *intact* checkpoint in ``output_dir`` (``None`` when there is none yet, so a
+    first run and a restarted run use the same command; damaged ones are logged by file name and skipped); a
+    path -> that checkpoint, which must exist and be intact (else :class:`CheckpointError` naming the file)."""
     if resume_from_checkpoint in (None, "", False):
         return None
     if resume_from_checkpoint == "latest":
         found = list_checkpoints(output_dir)
-        return found[-1][1] if found else None
-    if not os.path.isfile(os.path.join(resume_from_checkpoint, "trainer_state.json")):
+        for _, path in reversed(found):
+            try:
+                validate_checkpoint(path)
+                return path
+            except CheckpointError as err:
+                logger.warning("skipping damaged checkpoint: %s; trying an older one", err)
+        if found:
+            raise CheckpointError(f"every checkpoint in {output_dir} is damaged ({[p for _, p in found]}); "
+                                  "start a new run with overwrite_output_dir=True")
+        return None
+    path = resume_from_checkpoint
+    if not os.path.isdir(path) and output_dir and os.path.isdir(os.path.join(output_dir, path)):
+        path = os.path.join(output_dir, path)  # "checkpoint-N" relative to output_dir
+    if not os.path.isfile(os.path.join(path, "trainer_state.json")):
         raise FileNotFoundError(f"resume_from_checkpoint={resume_from_checkpoint!r} is not a checkpoint directory "
                                 f"(no trainer_state.json); available: {[p for _, p in list_checkpoints(output_dir)]}")
-    return resume_from_checkpoint
+    validate_checkpoint(path)
+    return path
+
+
+def fsync_tree(path: str) -> None:
+    """Flushes every file below ``path`` and the directories themselves to disk (best effort for directories)."""
+    for root, dirs, names in os.walk(path):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        for d in [root, *(os.path.join(root, x) for x in dirs)]:
+            with contextlib.suppress(OSError):
+                fd = os.open(d, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
 
 
 def begin(output_dir: str, step: int) -> str:
@@ -65,9 +147,11 @@ def begin(output_dir: str, step: int) -> str:
 def commit(output_dir: str, step: int, total_limit: int | None = None) -> str:
     """Moves the finished temporary directory into place, then deletes the oldest beyond ``total_limit``."""
     final = checkpoint_path(output_dir, step)
+    fsync_tree(final + ".tmp")
     if os.path.exists(final):
         shutil.rmtree(final)
     os.replace(final + ".tmp", final)
+    fsync_dir(output_dir)
     if total_limit is not None:
         for _, path in list_checkpoints(output_dir)[:-total_limit]:
             shutil.rmtree(path, ignore_errors=True)
@@ -97,3 +181,43 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, to
         pid, key = name.split(".", 1)
         state.setdefault(int(pid), {})[key] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def write_checkpoint(output_dir: str, step: int, weights: dict[str, torch.Tensor], state: dict, optimizer=None,
+                     lr_schedule=None, initial_noise=None, total_limit: int | None = None) -> str:
+    """Writes ``checkpoint-<step>`` (layout in the module docstring) atomically; returns its path.
+
+    ``weights``: the LoRA tensors; ``state``: JSON-able trainer state (step, history, config, ...). Raises
+    ``FloatingPointError`` (and writes nothing) when a weight or optimizer tensor is not finite.
+    """
+    weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    check_finite(weights, f"checkpoint-{step} LoRA weights")
+    state = dict(state)
+    tensors = None
+    if optimizer is not None:
+        tensors, meta = optimizer_state_tensors(optimizer)
+        check_finite(tensors, f"checkpoint-{step} optimizer state")
+        state["optimizer"] = meta
+        state["lr_schedule"] = lr_schedule.state_dict()  # JSON-able: LambdaLR stores no functions
+    if initial_noise is not None:
+        check_finite(dict(initial_noise.state_dict()), f"checkpoint-{step} initial-noise model")
+    tmp = begin(output_dir, step)
+    save_file(weights, os.path.join(tmp, "lora.safetensors"))
+    if tensors is not None:
+        save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
+    if initial_noise is not None:
+        initial_noise.save_pretrained(os.path.join(tmp, "initial_noise"))
+    with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:
+        json.dump(state, f, indent=1)
+    return commit(output_dir, step, total_limit)
+
+
+def read_checkpoint(path: str, device) -> tuple[dict[str, torch.Tensor], dict, dict[str, torch.Tensor] | None]:
+    """``(lora_weights, state, optimizer_tensors or None)`` of a checkpoint written by :func:`write_checkpoint`."""
+    with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    weights = load_file(os.path.join(path, "lora.safetensors"), device=str(device))
+    optim = None
+    if "optimizer" in state:
+        optim = load_file(os.path.join(path, "optimizer.safetensors"), device=str(device))
+    return weights, state, optim

@@ -112,23 +112,32 @@ class HubPushError(RuntimeError):
     """A push to the Hub failed; the message is the Hub's, and the local directory is left intact."""
 
 
+def mask_token(message: str, token: str | None) -> str:
+    """``message`` with every occurrence of ``token`` replaced by ``***`` (errors, logs, cards never show it)."""
+    return message.replace(token, "***") if token else message
+
+
 def push_directory(folder: str, repo_id: str, private: bool = False, token: str | None = None,
-                   commit_message: str = "Upload ELEGANT fine-tuned model", endpoint: str | None = None):
+                   commit_message: str = "Upload ELEGANT fine-tuned model", endpoint: str | None = None,
+                   keep_local: bool = True):
     """Creates ``repo_id`` (if needed) and uploads ``folder`` in one commit; returns the ``CommitInfo``.
 
+    ``keep_local``: ``folder`` outlives the call (the error then says where the files are); ``False`` for a
+    temporary directory, which the error does not name.
+
     Raises:
-        HubPushError: with the Hub's error message (never the token); ``folder`` is not modified.
+        HubPushError: for any failure of the push, an HTTP error of the Hub or a network error (connection
+            refused, DNS); the message is the Hub's or the network's, never the token; ``folder`` is not modified.
     """
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi(endpoint=endpoint, token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         return api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model",
                                  commit_message=commit_message)
-    except HfHubHTTPError as err:
-        message = str(err)
-        if token:
-            message = message.replace(token, "***")
-        raise HubPushError(f"push of {folder!r} to {repo_id!r} failed (local files kept): {message}") from None
+    except Exception as err:  # noqa: BLE001 - HTTP errors, httpx / socket errors: all are a failed push
+        message = mask_token(f"{type(err).__name__}: {err}", token)
+        where = (f"the local files are kept in {folder!r}" if keep_local else
+                 "nothing was kept locally: pass save_directory= to keep a copy")
+        raise HubPushError(f"push to {repo_id!r} failed ({where}): {message}") from None

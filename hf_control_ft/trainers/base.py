@@ -16,7 +16,9 @@ Subclasses add their own loop (ELEGANT's three stages, SEIKO's rounds) and persi
 
 from __future__ import annotations
 
+import contextlib
 import math
+import tempfile
 
 import torch
 from accelerate import Accelerator
@@ -25,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..core.adjoint_matching import adjoint_matching_backward
 from ..rewards.checks import check_reward, reward_name
+from ..serialization.saved import push_directory
 
 
 class BaseTrainer:
@@ -50,6 +53,8 @@ class BaseTrainer:
         self.initial_noise = None
         self.reward_fn = None
         self.reward_name = None
+        self.skipped_steps = 0  # drift steps skipped for a non-finite gradient
+        self._nonfinite_in_row = 0
         # per-process stream of training randomness
         self.generator = torch.Generator().manual_seed(config.seed * 1000 + self.accelerator.process_index + 1)
 
@@ -211,10 +216,33 @@ class BaseTrainer:
             ref = None if reference_kl_weight is None else reference_kl_weight / B
             self.sampler.backpropagate(traj, -grad_x0 / B, cfg.alpha / B, reference_kl_weight=ref)
         self._sync_grads(params)
-        grad_norm = self._clip(params)
-        optimizer.step()
+        skipped = not self._gradients_finite(params, r)
+        grad_norm = math.nan if skipped else self._clip(params)
+        if skipped:
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer.step()
         return {"reward": r, "kl": traj.kl, "kl_init": kl_init, "ref_kl": traj.ref_kl, "grad_norm": grad_norm,
-                "regression_loss": regression_loss}
+                "regression_loss": regression_loss, "skipped": skipped}
+
+    def _gradients_finite(self, params, reward: torch.Tensor) -> bool:
+        """False (and counted) when a LoRA gradient is NaN / inf: the step is then skipped, so non-finite values
+        never reach the weights. ``max_nonfinite_steps`` such steps in a row raise ``FloatingPointError``."""
+        if all(p.grad is None or torch.isfinite(p.grad).all() for p in params):
+            self._nonfinite_in_row = 0
+            return True
+        self.skipped_steps += 1
+        self._nonfinite_in_row += 1
+        limit = self.config.max_nonfinite_steps
+        finite_reward = bool(torch.isfinite(reward).all())
+        if self._nonfinite_in_row >= limit:
+            raise FloatingPointError(
+                f"the gradient of the LoRA parameters was non-finite (NaN / inf) in {self._nonfinite_in_row} drift "
+                f"steps in a row (max_nonfinite_steps={limit}); the reward values were "
+                f"{'finite' if finite_reward else 'NOT finite'}, so look at the reward's gradient "
+                f"({self.reward_name!r}), the learning rate and the precision settings. No non-finite weights were "
+                "applied or saved.")
+        return False
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -248,6 +276,26 @@ class BaseTrainer:
         """Samples -> what the reward sees (images ``(B, 3, H, W)`` in ``[0, 1]`` for latent processes)."""
         return self.process.decode(samples)
 
-    @staticmethod
-    def _nan_mean(values: list) -> float:
-        return sum(values) / len(values) if values else math.nan
+    # ------------------------------------------------------------------ Hub
+    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None,
+                    commit_message: str | None = None, save_directory: str | None = None,
+                    metrics: dict | None = None, sample_grid=None, base_model: str | None = None,
+                    endpoint: str | None = None):
+        """Saves (:meth:`save_pretrained`, to ``save_directory`` or a temporary one) and uploads everything to
+        ``repo_id`` in one commit, creating the repo if needed. Returns the ``CommitInfo`` (``None`` off the
+        main process).
+
+        Raises:
+            hf_control_ft.serialization.saved.HubPushError: with the Hub's message (the token masked); a given
+                ``save_directory`` is kept.
+        """
+        if not self.is_main_process:
+            return None
+        message = commit_message or f"Upload {type(self).__name__.removesuffix('Trainer')} fine-tuned model"
+        target = (contextlib.nullcontext(save_directory) if save_directory is not None
+                  else tempfile.TemporaryDirectory())
+        with target as directory:
+            self.save_pretrained(directory, metrics=metrics, sample_grid=sample_grid, base_model=base_model,
+                                 repo_id=repo_id)
+            return push_directory(directory, repo_id, private, token, message, endpoint,
+                                  keep_local=save_directory is not None)

@@ -12,15 +12,15 @@ The optimum samples the tilted law ``p_pre(x) exp(r(x) / alpha) / Z``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import math
 import os
+import shutil
 import time
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
 
 from ..core.control import load_lora_state_dict, lora_parameters, lora_state_dict
 from ..models.initial_noise import InitialNoiseModel
@@ -30,9 +30,10 @@ from ..processes import ControlledProcess, process_from_pipeline
 from ..processes.stable_diffusion import load_options
 from ..serialization import checkpoints as checkpointing
 from ..serialization.lora_io import load_lora_file
-from ..serialization.saved import INITIAL_NOISE_DIR, push_directory, read_saved, resolve_directory, save_control
+from ..serialization.saved import INITIAL_NOISE_DIR, read_saved, resolve_directory, save_control
 from .base import BaseTrainer
-from .elegant_config import ElegantConfig
+from ..utils.run_lock import RunLock
+from .elegant_config import RESUME_KEYS, ElegantConfig
 
 
 class ElegantTrainer(BaseTrainer):
@@ -169,7 +170,7 @@ class ElegantTrainer(BaseTrainer):
         objective = (r - cfg.alpha * (kl + kl_init)).mean().item()
         metrics = {"train/reward": r.mean().item(), "train/kl": kl.mean().item(),
                    "train/kl_init": kl_init.mean().item(), "train/objective": objective, "train/loss": -objective,
-                   "train/grad_norm": out["grad_norm"]}
+                   "train/grad_norm": out["grad_norm"], "train/skipped_steps": self.skipped_steps}
         if out["regression_loss"] is not None:
             metrics["train/loss"] = metrics["train/adjoint_matching_loss"] = out["regression_loss"]
         return metrics
@@ -227,69 +228,88 @@ class ElegantTrainer(BaseTrainer):
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, optimizer=None, lr_schedule=None) -> str | None:
-        """Writes ``<output_dir>/checkpoint-<global_step>`` (main process; atomic rename; rotation to
-        ``checkpoints_total_limit``). Returns its path on the main process."""
+        """Writes ``<output_dir>/checkpoint-<global_step>`` (main process; fsynced, atomic rename; rotation to
+        ``checkpoints_total_limit``; never non-finite weights). Returns its path on the main process."""
         cfg = self.config
         self.accelerator.wait_for_everyone()
         path = None
         if self.is_main_process:
-            tmp = checkpointing.begin(cfg.output_dir, self.global_step)
-            weights = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(self.model).items()}
-            save_file(weights, os.path.join(tmp, "lora.safetensors"))
             state = {"global_step": self.global_step, "initial_noise_trained": self.initial_noise_trained,
-                     "history": self.history}
-            if optimizer is not None:
-                tensors, meta = checkpointing.optimizer_state_tensors(optimizer)
-                save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
-                state["optimizer"] = meta
-                state["lr_schedule"] = lr_schedule.state_dict()  # JSON-able: LambdaLR stores no functions
-            if self.initial_noise is not None and self.initial_noise_trained:
-                self.initial_noise.save_pretrained(os.path.join(tmp, INITIAL_NOISE_DIR))
-            with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:
-                json.dump(state, f, indent=1)
-            path = checkpointing.commit(cfg.output_dir, self.global_step, cfg.checkpoints_total_limit)
+                     "history": self.history, "config": cfg.to_dict()}
+            noise = self.initial_noise if self.initial_noise is not None and self.initial_noise_trained else None
+            path = checkpointing.write_checkpoint(cfg.output_dir, self.global_step, lora_state_dict(self.model), state,
+                                                  optimizer, lr_schedule, noise, cfg.checkpoints_total_limit)
         self.accelerator.wait_for_everyone()
         return path
 
     def load_checkpoint(self, path: str) -> None:
-        """Restores what :meth:`save_checkpoint` wrote; training continues at its ``global_step``."""
-        with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
-            state = json.load(f)
-        load_lora_state_dict(self.model, load_file(os.path.join(path, "lora.safetensors"), device=str(self.device)))
+        """Restores what :meth:`save_checkpoint` wrote; training continues at its ``global_step``.
+
+        Raises ``ValueError`` listing the fields of :data:`RESUME_KEYS` whose values differ from the checkpoint's.
+        """
+        weights, state, optim = checkpointing.read_checkpoint(path, self.device)
+        saved = state.get("config")
+        if saved is not None:
+            current = self.config.to_dict()
+            changed = {k: (saved.get(k), current.get(k)) for k in RESUME_KEYS if saved.get(k) != current.get(k)}
+            if changed:
+                raise ValueError(f"{path} was trained with other settings; resuming with changed {sorted(changed)} "
+                                 f"(saved vs now: {changed}) would change the objective, the model or the optimiser. "
+                                 "Resume with the saved values, or start a new run in another output_dir")
+        load_lora_state_dict(self.model, weights)
         self.global_step = int(state["global_step"])
         self.history = list(state.get("history", []))
         self.initial_noise_trained = bool(state.get("initial_noise_trained", False))
         if self.initial_noise is not None and self.initial_noise_trained:
             self.initial_noise = InitialNoiseModel.from_pretrained(os.path.join(path, INITIAL_NOISE_DIR)).to(self.device)
             self.initial_noise.requires_grad_(False)
-        if "optimizer" in state:
-            tensors = load_file(os.path.join(path, "optimizer.safetensors"), device=str(self.device))
-            self._optimizer_state = (tensors, state)
+        if optim is not None:
+            self._optimizer_state = (optim, state)
+
+    def _claim_output_dir(self) -> None:
+        """A fresh run: refuses an ``output_dir`` that holds checkpoints (unless ``overwrite_output_dir``, which
+        deletes them), so a new run never mixes with or resumes an old one."""
+        cfg = self.config
+        found = checkpointing.list_checkpoints(cfg.output_dir)
+        if not found or not self.is_main_process:
+            return
+        if not cfg.overwrite_output_dir:
+            raise FileExistsError(f"{cfg.output_dir} already holds a run ({', '.join(os.path.basename(p) for _, p in found)}); "
+                                  "pass resume_from_checkpoint='latest' to continue it, overwrite_output_dir=True to "
+                                  "delete its checkpoints and start over, or another output_dir")
+        for _, path in found:
+            shutil.rmtree(path)
 
     def train(self, resume_from_checkpoint: str | None = None) -> dict:
         """Runs stages 1-3 (1-2 only with ``learn_initial_noise``); returns final metrics and timings.
 
-        ``resume_from_checkpoint``: ``"latest"`` (newest checkpoint in ``config.output_dir``, or a fresh start when
-        there is none) or a checkpoint path. Stages already finished there are not repeated, and the drift
-        stage continues at the checkpoint's step with the same randomness an uninterrupted run would use.
+        ``resume_from_checkpoint``: ``"latest"`` (newest intact checkpoint in ``config.output_dir``, or a fresh
+        start when there is none), ``"checkpoint-N"`` or a checkpoint path. Stages already finished there are not
+        repeated, and the drift stage continues at the checkpoint's step with the same randomness an
+        uninterrupted run would use. The run holds ``<output_dir>/.lock``: a second run on the same directory
+        fails at once.
         """
         cfg = self.config
-        checkpoint = checkpointing.resolve_checkpoint(cfg.output_dir, resume_from_checkpoint)
-        if checkpoint is not None:
-            self.load_checkpoint(checkpoint)
-        self._start_trackers()
-        summary, t0 = {"resumed_from": checkpoint}, time.perf_counter()
-        if self.initial_noise is not None and not self.initial_noise_trained:
-            summary.update(self.fit_value_function())
-            summary.update(self.train_initial_noise())
-            if cfg.checkpointing_steps:
-                self.save_checkpoint()  # checkpoint-0: stages 1-2 are never repeated after a crash
-        t1 = time.perf_counter()
-        summary.update(self.train_drift())
-        t2 = time.perf_counter()
-        summary.update({"time/stages_1_2_s": t1 - t0, "time/drift_s": t2 - t1})
-        self.accelerator.wait_for_everyone()
-        self._end_trackers()
+        lock = RunLock(cfg.output_dir) if cfg.output_dir and self.is_main_process else contextlib.nullcontext()
+        with lock:
+            checkpoint = checkpointing.resolve_checkpoint(cfg.output_dir, resume_from_checkpoint)
+            if checkpoint is not None:
+                self.load_checkpoint(checkpoint)
+            elif cfg.output_dir:
+                self._claim_output_dir()
+            self._start_trackers()
+            summary, t0 = {"resumed_from": checkpoint}, time.perf_counter()
+            if self.initial_noise is not None and not self.initial_noise_trained:
+                summary.update(self.fit_value_function())
+                summary.update(self.train_initial_noise())
+                if cfg.checkpointing_steps:
+                    self.save_checkpoint()  # checkpoint-0: stages 1-2 are never repeated after a crash
+            t1 = time.perf_counter()
+            summary.update(self.train_drift())
+            t2 = time.perf_counter()
+            summary.update({"time/stages_1_2_s": t1 - t0, "time/drift_s": t2 - t1})
+            self.accelerator.wait_for_everyone()
+            self._end_trackers()
         return summary
 
     # ------------------------------------------------------------------ persistence
@@ -311,27 +331,6 @@ class ElegantTrainer(BaseTrainer):
             return
         save_control(save_directory, self.process, self.config, self.initial_noise, reward=self.reward_name,
                      metrics=metrics, sample_grid=sample_grid, base_model=base_model, repo_id=repo_id)
-
-    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None,
-                    commit_message: str = "Upload ELEGANT fine-tuned model", save_directory: str | None = None,
-                    metrics: dict | None = None, sample_grid=None, base_model: str | None = None,
-                    endpoint: str | None = None):
-        """Saves (to ``save_directory``, or a temporary one) and uploads everything to ``repo_id`` in one
-        commit, creating the repo if needed. Returns the ``CommitInfo`` (``None`` off the main process).
-
-        Raises:
-            hf_control_ft.serialization.saved.HubPushError: with the Hub's message; ``save_directory`` is kept.
-        """
-        if not self.is_main_process:
-            return None
-        import contextlib
-        import tempfile
-
-        target = (contextlib.nullcontext(save_directory) if save_directory is not None
-                  else tempfile.TemporaryDirectory())
-        with target as directory:
-            self.save_pretrained(directory, metrics, sample_grid, base_model, repo_id)
-            return push_directory(directory, repo_id, private, token, commit_message, endpoint)
 
     @classmethod
     def from_pretrained(cls, directory: str, model: torch.nn.Module | None = None, scheduler=None, reward_fn=None,

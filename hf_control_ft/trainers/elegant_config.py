@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 
 import yaml
 
-from ..utils.validation import field_checker
+from ..utils.validation import field_checker, is_int, is_number
 
 DRIFT_OBJECTIVES = ("pathwise", "adjoint_matching", "value_guided")
+# settings a resumed run may not change: they define the objective, the model or the optimiser (train_steps,
+# checkpointing, logging and output settings may change)
+RESUME_KEYS = ("alpha", "eta", "num_inference_steps", "learn_initial_noise", "drift_objective", "batch_size",
+               "learning_rate", "max_grad_norm", "lr_scheduler", "lr_warmup_steps", "lora_rank", "lora_alpha",
+               "lora_target_modules", "truncate_backprop_steps", "value_num_rollouts", "value_train_steps",
+               "value_learning_rate", "step_value_train_steps", "noise_num_steps", "noise_train_steps",
+               "noise_learning_rate", "noise_batch_size", "aux_hidden", "seed")
 
 
 def _as_float(text: str):
@@ -41,6 +49,12 @@ class ElegantConfig:
       iterations (:mod:`hf_control_ft.models.step_values`) -- a low-variance target, biased by the value fit; it
       stores ``value_num_rollouts * num_inference_steps`` states, so suits small samples.
 
+    Robustness: a drift step whose LoRA gradient is not finite is skipped and counted (``train/skipped_steps``);
+    ``max_nonfinite_steps`` such steps in a row stop training with an error. ``train`` refuses an ``output_dir``
+    that already holds a run unless it resumes (``resume_from_checkpoint``) or ``overwrite_output_dir=True``
+    (which deletes the old checkpoints first); a resumed run refuses settings that change the objective, the
+    model or the optimiser (``RESUME_KEYS``). One run at a time holds ``<output_dir>/.lock``.
+
     On the exact-target benchmark (README) ``"value_guided"`` is the one that reaches the tilted target's mode
     weights; ``truncate_backprop_steps`` applies to ``"pathwise"`` only.
     """
@@ -56,6 +70,7 @@ class ElegantConfig:
     batch_size: int = 64
     learning_rate: float = 1e-3
     max_grad_norm: float | None = None
+    max_nonfinite_steps: int = 5
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
     lora_rank: int = 8
@@ -76,6 +91,7 @@ class ElegantConfig:
     aux_hidden: int = 128
     # bookkeeping
     output_dir: str | None = None
+    overwrite_output_dir: bool = False
     checkpointing_steps: int = 0
     checkpoints_total_limit: int | None = 2
     seed: int = 0
@@ -85,17 +101,22 @@ class ElegantConfig:
     tracker_project_name: str = "hf_control_ft"
 
     def __post_init__(self):
-        _check(isinstance(self.alpha, (int, float)) and self.alpha > 0, "alpha", f"must be > 0, got {self.alpha!r}")
-        _check(isinstance(self.eta, (int, float)) and 0 < self.eta <= 1, "eta",
+        _check(is_number(self.alpha) and 0 < self.alpha < math.inf, "alpha",
+               f"must be a finite number > 0, got {self.alpha!r}")
+        for name in ("learn_initial_noise", "gradient_checkpointing", "overwrite_output_dir"):
+            v = getattr(self, name)
+            _check(isinstance(v, bool), name, f"must be true or false, got {v!r} ({type(v).__name__}); a string "
+                   "such as 'false' is not a boolean")
+        _check(is_number(self.eta) and 0 < self.eta <= 1, "eta",
                f"must be in (0, 1], got {self.eta!r} (eta = 0 is deterministic: infinite KL for any control)")
         for name in ("num_inference_steps", "train_steps", "batch_size", "lora_rank", "value_num_rollouts",
                      "value_train_steps", "step_value_train_steps", "noise_num_steps", "noise_train_steps", "noise_batch_size",
                      "aux_hidden", "log_every"):
             v = getattr(self, name)
-            _check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, f"must be an int >= 1, got {v!r}")
+            _check(is_int(v, 1), name, f"must be an int >= 1, got {v!r}")
         for name in ("learning_rate", "value_learning_rate", "noise_learning_rate"):
             v = getattr(self, name)
-            _check(isinstance(v, (int, float)) and v > 0, name, f"must be > 0, got {v!r}")
+            _check(is_number(v) and 0 < v < math.inf, name, f"must be a finite number > 0, got {v!r}")
         _check(self.drift_objective in DRIFT_OBJECTIVES, "drift_objective",
                f"must be one of {DRIFT_OBJECTIVES}, got {self.drift_objective!r}")
         _check(self.drift_objective == "pathwise" or self.truncate_backprop_steps is None, "truncate_backprop_steps",
@@ -105,22 +126,27 @@ class ElegantConfig:
                f"must be 'constant', 'constant_with_warmup', 'linear' or 'cosine', got {self.lr_scheduler!r}")
         _check(isinstance(self.lr_warmup_steps, int) and self.lr_warmup_steps >= 0, "lr_warmup_steps",
                f"must be an int >= 0, got {self.lr_warmup_steps!r}")
-        _check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be > 0 or None")
-        _check(self.lora_alpha is None or self.lora_alpha > 0, "lora_alpha", "must be > 0 or None")
+        _check(self.max_grad_norm is None or (is_number(self.max_grad_norm) and 0 < self.max_grad_norm < math.inf),
+               "max_grad_norm", f"must be a finite number > 0 or None, got {self.max_grad_norm!r}")
+        _check(self.lora_alpha is None or (is_number(self.lora_alpha) and 0 < self.lora_alpha < math.inf),
+               "lora_alpha", f"must be a finite number > 0 or None, got {self.lora_alpha!r}")
+        _check(is_int(self.max_nonfinite_steps, 1), "max_nonfinite_steps",
+               f"must be an int >= 1, got {self.max_nonfinite_steps!r}")
         _check(self.truncate_backprop_steps is None or (isinstance(self.truncate_backprop_steps, int)
                and 1 <= self.truncate_backprop_steps), "truncate_backprop_steps", "must be an int >= 1 or None")
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [self.lora_target_modules]
         _check(self.lora_target_modules is None or (isinstance(self.lora_target_modules, list)
-               and all(isinstance(t, str) and t for t in self.lora_target_modules)),
-               "lora_target_modules", "must be None or a list of module-name suffixes")
+               and len(self.lora_target_modules) > 0 and all(isinstance(t, str) and t for t in self.lora_target_modules)),
+               "lora_target_modules", f"must be None (the default targets) or a non-empty list of module-name "
+               f"suffixes, got {self.lora_target_modules!r}")
         _check(isinstance(self.checkpointing_steps, int) and self.checkpointing_steps >= 0, "checkpointing_steps",
                f"must be an int >= 0 (0: no checkpoints), got {self.checkpointing_steps!r}")
         _check(self.checkpointing_steps == 0 or self.output_dir, "output_dir",
                "must be set when checkpointing_steps > 0 (checkpoints go to <output_dir>/checkpoint-<step>)")
         _check(self.checkpoints_total_limit is None or (isinstance(self.checkpoints_total_limit, int)
                and self.checkpoints_total_limit >= 1), "checkpoints_total_limit", "must be an int >= 1 or None")
-        _check(isinstance(self.seed, int), "seed", f"must be an int, got {self.seed!r}")
+        _check(is_int(self.seed, 0), "seed", f"must be an int >= 0, got {self.seed!r}")
         _check(self.report_to in (None, "none", "tensorboard", "wandb", "all"), "report_to",
                f"must be None, 'tensorboard', 'wandb' or 'all', got {self.report_to!r}")
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import tempfile
 import time
 
 import torch
@@ -57,7 +56,7 @@ from ..models.initial_noise import InitialNoiseModel
 from ..models.reward_ensemble import OptimisticReward, RewardEnsemble
 from ..models.value_function import ValueFunction
 from ..processes import ControlledProcess, process_from_pipeline
-from ..serialization.saved import push_directory, save_control
+from ..serialization.saved import save_control
 from .base import BaseTrainer
 from .seiko_config import SeikoConfig
 from .seiko_state import (FEEDBACK_DIR, PREVIOUS_ADAPTER, SEIKO_CONFIG_NAME, STATE_DIR, check_resume_config,
@@ -302,7 +301,8 @@ class SeikoTrainer(BaseTrainer):
             r, kl, kl_prev = out["reward"].mean().item(), out["kl"].mean().item(), out["ref_kl"].mean().item()
             metrics = {"train/optimistic_reward": r, "train/kl_pretrained": kl, "train/kl_previous": kl_prev,
                        "train/kl_init": out["kl_init"].mean().item(),
-                       "train/objective": r - cfg.alpha * kl - cfg.beta * kl_prev, "train/grad_norm": out["grad_norm"]}
+                       "train/objective": r - cfg.alpha * kl - cfg.beta * kl_prev, "train/grad_norm": out["grad_norm"],
+                       "train/skipped_steps": self.skipped_steps}
             if (it + 1) % cfg.log_every == 0 or it == cfg.train_steps - 1:
                 self._log(metrics, step=self.global_step)
                 bar.set_postfix(reward=f"{r:.3f}", kl=f"{kl:.3f}")
@@ -359,14 +359,14 @@ class SeikoTrainer(BaseTrainer):
 
     def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None,
                     feedback_repo_id: str | None = None, commit_message: str | None = None,
-                    endpoint: str | None = None, metrics: dict | None = None, base_model: str | None = None):
+                    endpoint: str | None = None, metrics: dict | None = None, base_model: str | None = None,
+                    save_directory: str | None = None):
         """Uploads :meth:`save_pretrained` output to the model repo ``repo_id`` in one commit (creating it if
         needed); with ``feedback_repo_id`` also the feedback dataset as a dataset repo
         (:meth:`FeedbackDataset.push_to_hub`). Returns the model repo's ``CommitInfo``."""
         message = commit_message or f"SEIKO model after {self.completed_rounds} rounds, {len(self.feedback)} queries"
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, metrics=metrics, base_model=base_model, repo_id=repo_id)
-            info = push_directory(tmp, repo_id, private, token, message, endpoint)
+        info = super().push_to_hub(repo_id, private, token, message, save_directory, metrics, base_model=base_model,
+                                   endpoint=endpoint)
         if feedback_repo_id is not None:
             self.feedback.push_to_hub(feedback_repo_id, private=private, token=token, endpoint=endpoint)
         return info

@@ -19,3 +19,8 @@ def field_checker(owner: str):
 def is_int(value, low: int) -> bool:
     """An int (not a bool) ``>= low``."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def is_number(value) -> bool:
+    """An int or float (not a bool, not a string)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -13,7 +13,7 @@ import os
 import shutil
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     """Flushes a directory entry (the atomic switch) to disk where the OS allows it; best effort."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -59,14 +59,14 @@ class VersionedDirectory:
         except those in ``keep``. Returns the version's directory."""
         final = os.path.join(self.versions_dir, name)
         os.rename(os.path.join(self.versions_dir, f".tmp-{name}-{os.getpid()}"), final)
-        _fsync_dir(self.versions_dir)
+        fsync_dir(self.versions_dir)
         pointer_tmp = f"{self.pointer_path}.tmp-{os.getpid()}"
         with open(pointer_tmp, "w", encoding="utf-8") as f:
             f.write(name + "\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(pointer_tmp, self.pointer_path)
-        _fsync_dir(os.path.dirname(os.path.abspath(self.pointer_path)))
+        fsync_dir(os.path.dirname(os.path.abspath(self.pointer_path)))
         for entry in os.listdir(self.versions_dir):
             path = os.path.join(self.versions_dir, entry)
             if entry not in keep | {name} and os.path.isdir(path):
