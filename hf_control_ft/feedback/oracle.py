@@ -9,14 +9,17 @@ A user oracle is any callable ``fn(samples, prompts) -> values``:
 
 It need not be differentiable (SEIKO only learns from its answers). :class:`Oracle` wraps it with the failure
 policy: ``"skip"`` records a failed item as failed at once, ``"retry"`` asks it again up to ``max_retries``
-times. Every item ends as an :class:`OracleAnswer` with ``status`` ``"ok"`` or ``"failed"`` -- failed answers
+times within the call. Failed items are not lost for good: the SEIKO trainer asks them again in later
+collections and after a restart, up to ``oracle_max_attempts`` sends in total. ``timeout`` bounds one call. Every item ends as an :class:`OracleAnswer` with ``status`` ``"ok"`` or ``"failed"`` -- failed answers
 are recorded in the feedback dataset, never dropped. :class:`RoundBudget` does the per-round accounting: the
 budget counts *distinct samples submitted* (retries are counted in ``attempts``, not in the budget).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +32,10 @@ FAILURE_POLICIES = ("skip", "retry")
 
 class OracleOutputError(ValueError):
     """The oracle broke its contract (not one value per sample): a bug to fix, never a failed query."""
+
+
+class OracleUnavailableError(RuntimeError):
+    """A round got too few answers (an outage): everything obtained is stored; restart when the oracle is back."""
 
 
 class BudgetExceededError(RuntimeError):
@@ -46,14 +53,37 @@ class OracleAnswer:
     attempts: int
 
 
-def _to_float(v) -> float:
+def _item_value(v, name: str) -> float:
+    """One returned value as a float: ``None`` -> NaN (a failed query); a non-number is a contract error."""
     if v is None:
         return math.nan
     if isinstance(v, torch.Tensor):
-        if v.numel() != 1:
-            raise ValueError(f"one value per sample expected, got a tensor of shape {tuple(v.shape)}")
+        if v.numel() != 1 or not (v.is_floating_point() or v.dtype in (torch.int32, torch.int64)):
+            raise OracleOutputError(f"oracle {name!r} returned {v!r} for one sample; expected one number")
         return float(v.item())
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise OracleOutputError(f"oracle {name!r} returned {v!r} ({type(v).__name__}) for one sample; expected a "
+                                "number (or None / NaN for a failed query)")
     return float(v)
+
+
+def _values_list(values, batch_size: int, name: str) -> list:
+    """The per-sample values of one oracle call, checked against the contract (one number per sample)."""
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):
+        raise OracleOutputError(f"oracle {name!r} returned a {type(values).__name__}; expected a sequence or a "
+                                f"1-D tensor of {batch_size} numbers")
+    if isinstance(values, torch.Tensor) or type(values).__module__ == "numpy":
+        values = torch.as_tensor(values)
+        if values.dim() == 2 and values.shape[1] == 1:
+            values = values[:, 0]
+        if values.dim() != 1 or values.dtype == torch.bool:
+            raise OracleOutputError(f"oracle {name!r} returned a tensor of shape {tuple(values.shape)} and dtype "
+                                    f"{values.dtype}; expected ({batch_size},) numbers")
+        values = values.detach().cpu().tolist()
+    values = list(values)
+    if len(values) != batch_size:
+        raise OracleOutputError(f"oracle {name!r} returned {len(values)} values for {batch_size} samples")
+    return values
 
 
 class Oracle:
@@ -68,72 +98,91 @@ class Oracle:
     Counters: ``num_calls`` (calls of ``fn``), ``num_item_attempts`` (items submitted, retries included).
     """
 
-    def __init__(self, fn, on_failure: str = "skip", max_retries: int = 2, name: str | None = None):
+    def __init__(self, fn, on_failure: str = "skip", max_retries: int = 2, name: str | None = None,
+                 timeout: float | None = None):
         if not callable(fn):
             raise TypeError(f"the oracle must be callable, got {type(fn).__name__}")
         if on_failure not in FAILURE_POLICIES:
             raise ValueError(f"on_failure must be one of {FAILURE_POLICIES}, got {on_failure!r}")
         if not isinstance(max_retries, int) or max_retries < 0:
             raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
         self.fn = fn
         self.on_failure = on_failure
         self.max_retries = max_retries
+        self.timeout = timeout
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
         self.num_calls = 0
         self.num_item_attempts = 0
+
+    def _invoke(self, samples: torch.Tensor, prompts):
+        """``fn(samples, prompts)``, in a worker thread when ``timeout`` is set (a call past it raises
+        ``TimeoutError``; the thread cannot be killed and finishes in the background, its result unused)."""
+        if self.timeout is None:
+            return self.fn(samples, prompts)
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="oracle")
+        try:
+            return pool.submit(self.fn, samples, prompts).result(timeout=self.timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"oracle call exceeded oracle_timeout={self.timeout} s") from None
+        finally:
+            pool.shutdown(wait=False)
 
     def _call(self, samples: torch.Tensor, prompts) -> list[tuple[float, str]]:
         """One call of ``fn`` on a batch; returns ``(value, error)`` per item (error "" when ok)."""
         B = samples.shape[0]
         self.num_calls += 1
         self.num_item_attempts += B
-        values = self.fn(samples, prompts)
-        if isinstance(values, torch.Tensor):
-            values = values.detach().cpu().reshape(-1).tolist() if values.dim() <= 1 else list(values)
-        values = list(values)
-        if len(values) != B:
-            raise OracleOutputError(f"oracle {self.name!r} returned {len(values)} values for {B} samples")
+        values = _values_list(self._invoke(samples, prompts), B, self.name)
         out = []
         for v in values:
-            try:
-                f = _to_float(v)
-            except (TypeError, ValueError) as err:
-                out.append((math.nan, f"invalid value {v!r}: {err}"))
-                continue
+            f = _item_value(v, self.name)
             out.append((f, "") if math.isfinite(f) else (math.nan, f"oracle returned {v!r}"))
         return out
 
-    def _ask(self, samples: torch.Tensor, prompts) -> list[tuple[float, str]]:
-        """Asks a batch; if the call raises, asks the items one by one (a raising item fails alone)."""
+    def _ask(self, samples: torch.Tensor, prompts) -> tuple[list[tuple[float, str]], list[int]]:
+        """Asks a batch; if the call raises, asks the items one by one (a raising item fails alone).
+
+        Returns the ``(value, error)`` of each item and how many times each item was sent.
+        """
+        B = samples.shape[0]
         try:
-            return self._call(samples, prompts)
+            return self._call(samples, prompts), [1] * B
         except OracleOutputError:
             raise
         except Exception as err:  # noqa: BLE001 - any user failure becomes a recorded failed query
-            if samples.shape[0] == 1:
-                return [(math.nan, f"{type(err).__name__}: {err}")]
-        out = []
-        for i in range(samples.shape[0]):
-            out.extend(self._ask(samples[i:i + 1], None if prompts is None else [prompts[i]]))
-        return out
+            if B == 1:
+                return [(math.nan, f"{type(err).__name__}: {err}")], [1]
+        out, sends = [], []
+        for i in range(B):
+            res, n = self._ask(samples[i:i + 1], None if prompts is None else [prompts[i]])
+            out.extend(res)
+            sends.append(1 + n[0])  # the failed batch call sent it once already
+        return out, sends
 
     def query(self, samples: torch.Tensor, prompts: list[str] | None = None) -> list[OracleAnswer]:
-        """Queries every sample once (plus retries per the policy); returns one answer per sample, in order."""
+        """Queries every sample once (plus retries per the policy); returns one answer per sample, in order.
+
+        ``attempts`` counts every time an item was sent to ``fn`` (a batch call that raised and the item's own
+        call are two). Raises :class:`OracleOutputError` when ``fn`` breaks its contract (not one number per
+        sample: a dict, a string, booleans, a ``(B, 2)`` tensor...): nothing of that call is recorded as ok.
+        """
         samples = samples.detach().cpu()
         B = samples.shape[0]
         if prompts is not None and len(prompts) != B:
             raise ValueError(f"{len(prompts)} prompts for {B} samples")
-        results = self._ask(samples, prompts)
-        attempts = [1] * B
+        results, attempts = self._ask(samples, prompts)
         retries = self.max_retries if self.on_failure == "retry" else 0
         for _ in range(retries):
             todo = [i for i, (_, err) in enumerate(results) if err]
             if not todo:
                 break
             sub_prompts = None if prompts is None else [prompts[i] for i in todo]
-            for i, res in zip(todo, self._ask(samples[todo], sub_prompts)):
+            sub_results, sub_sends = self._ask(samples[todo], sub_prompts)
+            for i, res, n in zip(todo, sub_results, sub_sends):
                 results[i] = res
-                attempts[i] += 1
+                attempts[i] += n
         return [OracleAnswer(value=v, status=FAILED if err else OK, error=err, attempts=a)
                 for (v, err), a in zip(results, attempts)]
 

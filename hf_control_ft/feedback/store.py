@@ -1,211 +1,355 @@
-"""The feedback dataset: every oracle query and answer, persisted crash-safely with 🤗 ``datasets``.
+"""The feedback dataset: every oracle query and answer, persisted crash-safely in append-only shards.
 
-Oracle answers are the most expensive data in the system, so the dataset is written *before* anything else
-uses them, and samples are written *before* they are sent (write-ahead):
+Oracle answers are the most expensive data in the system, so they are written *before* anything else uses
+them, and samples are written *before* they are sent (write-ahead):
 
-1. :meth:`FeedbackDataset.add_pending` appends a round's samples with ``status="pending"`` and persists;
-2. after every oracle batch, :meth:`FeedbackDataset.record` fills ``value``/``status``/``error``/``attempts``/
-   ``timestamp`` of those rows and persists again.
+1. :meth:`FeedbackDataset.add_pending` appends a round's samples with ``status="pending"``;
+2. after every oracle batch, :meth:`FeedbackDataset.record` stores ``value``/``status``/``error``/``attempts``/
+   ``timestamp`` of those queries.
 
-A process killed at any point therefore restarts with every answer it had persisted, and the samples still
-``pending`` are exactly the ones whose answer was never recorded: resuming queries those and nothing else (no
-sample is asked twice once its answer is stored, and no new samples replace them).
-
+Each of these writes **one new shard** holding only the rows it adds or updates, then atomically replaces the
+manifest that lists the shards, so the cost of a write is proportional to the batch, not to the dataset.
 On disk (``directory``)::
 
-    current                 # one line: the name of the live version ("v000012"), replaced with os.replace
-    versions/v000012/       # Dataset.save_to_disk output + feedback_meta.json
-    versions/v000011/       # the previous version is kept until the next switch
+    manifest.json                 # {"format": 2, "sample_shape": [...], "shards": [...]}; os.replace'd
+    shards/shard-000001.parquet   # pending rows of a round: query_index, round, prompt, sample (float32)
+    shards/shard-000002.parquet   # answers of one oracle batch: query_index, batch, value, status, error, ...
 
-A version directory is written under a temporary name, renamed, and only then made live by atomically
-replacing ``current``; a crash leaves either the old or the new version live, never a half-written one (a
-``datasets`` dataset cannot overwrite the directory it was loaded from, hence versions).
+A shard is written under a temporary name, fsynced and renamed before the manifest names it, and shards are
+never rewritten or deleted. A process killed at any point restarts with every answer whose shard the manifest
+listed; the samples still ``pending`` (or ``failed`` with attempts left) are exactly the ones to ask.
 
-Columns: ``query_index`` (int64, unique, in submission order), ``round`` (1-based), ``batch`` (oracle batch in
-the round, -1 while pending), ``sample`` (flattened float32; ``sample_shape`` in the metadata), ``prompt``
-(str, "" if none), ``value`` (float64, NaN unless ok), ``status`` ("pending" / "ok" / "failed"), ``error``
-(str), ``attempts`` (int), ``timestamp`` (UNIX seconds of the answer, NaN while pending).
+**Damage.** A missing or unreadable manifest is rebuilt from the shards on disk (a warning says so); a listed
+shard that is missing or unreadable stops the load with :class:`FeedbackStoreError` naming the file (its rows
+may be answers: nothing is dropped silently). A directory in the earlier versioned format
+(``current`` + ``versions/``) is converted to shards on first open.
+
+In memory, samples are one float32 tensor ``(N, *sample_shape)`` and the per-row fields plain lists with
+per-round indexes, so scans are proportional to a round, not to the dataset.
+
+:func:`load_feedback` reads a run's feedback as a ``datasets.Dataset`` with the columns ``query_index, round,
+batch, status, value, error, attempts, prompt, sample`` (plus ``timestamp``): the supported way to read it.
 """
 
 from __future__ import annotations
 
+import glob
 import json
+import logging
 import math
 import os
+import re
 import time
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
-from datasets import Dataset, Features, Value, load_from_disk
-from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-from ..utils.versioned_dir import VersionedDirectory
+from ..serialization.saved import HubPushError, mask_token
+from ..utils.versioned_dir import fsync_dir
 from .oracle import FAILED, OK, PENDING, OracleAnswer
 
-try:  # datasets >= 4
-    from datasets import List
-except ImportError:  # datasets 3.x: Sequence of a scalar is the variable-length list
-    from datasets import Sequence as List
+logger = logging.getLogger(__name__)
 
-CURRENT = "current"
-VERSIONS = "versions"
-META_NAME = "feedback_meta.json"
-FEATURES = Features({
-    "query_index": Value("int64"),
-    "round": Value("int32"),
-    "batch": Value("int32"),
-    "sample": List(Value("float32")),
-    "prompt": Value("string"),
-    "value": Value("float64"),
-    "status": Value("string"),
-    "error": Value("string"),
-    "attempts": Value("int32"),
-    "timestamp": Value("float64"),
-})
+MANIFEST = "manifest.json"
+SHARDS = "shards"
+FORMAT = 2
+_SHARD = re.compile(r"^shard-(\d{6})\.parquet$")
+COLUMNS = ("query_index", "round", "batch", "status", "value", "error", "attempts", "prompt", "sample", "timestamp")
+
+
+class FeedbackStoreError(RuntimeError):
+    """The feedback directory is damaged in a way that could lose answers; the message names the file."""
 
 
 class FeedbackDataset:
-    """All oracle queries of a run, persisted after every change.
+    """All oracle queries of a run, persisted after every change (one shard per change).
 
     Args:
-        directory: where versions live (created if missing). If it already holds a dataset, it is loaded.
+        directory: where the shards and the manifest live (created if missing). An existing dataset is loaded.
         sample_shape: shape of one sample; must match a loaded dataset's.
     """
 
     def __init__(self, directory: str, sample_shape):
         self.directory = directory
         self.sample_shape = tuple(int(d) for d in sample_shape)
-        self.columns: dict[str, list] = {name: [] for name in FEATURES}
-        self.version = 0
-        self.store = VersionedDirectory(os.path.join(directory, VERSIONS), os.path.join(directory, CURRENT))
+        self._numel = math.prod(self.sample_shape)
+        self.version = 0  # number of shards written (the manifest's length)
+        self._shards: list[str] = []
+        self._chunks: list[torch.Tensor] = []  # float32 sample blocks, in query order
+        self._samples_cache: torch.Tensor | None = None
+        self.columns: dict[str, list] = {name: [] for name in COLUMNS if name != "sample"}
+        self._by_round: dict[int, list[int]] = {}
+        os.makedirs(os.path.join(directory, SHARDS), exist_ok=True)
         self._load()
 
-    # ------------------------------------------------------------------ persistence
-    def _load(self) -> None:
-        version_dir = self.store.current()
-        if version_dir is None:
-            return
-        with open(os.path.join(version_dir, META_NAME), encoding="utf-8") as f:
-            meta = json.load(f)
-        if tuple(meta["sample_shape"]) != self.sample_shape:
-            raise ValueError(f"feedback dataset in {self.directory} has sample_shape {tuple(meta['sample_shape'])}, "
-                             f"expected {self.sample_shape}")
-        ds = load_from_disk(version_dir, keep_in_memory=True)
-        self.columns = {name: list(ds[name]) for name in FEATURES}
-        self.version = int(meta["version"])
+    # ------------------------------------------------------------------ loading
+    def _manifest_path(self) -> str:
+        return os.path.join(self.directory, MANIFEST)
 
-    def persist(self) -> str:
-        """Writes a new version and makes it live atomically; returns its directory."""
-        self.version += 1
-        name = f"v{self.version:06d}"
-        tmp = self.store.begin(name)
-        quiet = not are_progress_bars_disabled()
-        if quiet:  # one bar per oracle batch would flood the logs
-            disable_progress_bars()
-        try:
-            self.to_dataset().save_to_disk(tmp)
-        finally:
-            if quiet:
-                enable_progress_bars()
-        with open(os.path.join(tmp, META_NAME), "w", encoding="utf-8") as f:
-            json.dump({"sample_shape": list(self.sample_shape), "version": self.version,
-                       "num_rows": len(self)}, f)
+    def _shards_on_disk(self) -> list[str]:
+        return sorted(n for n in os.listdir(os.path.join(self.directory, SHARDS)) if _SHARD.match(n))
+
+    def _read_manifest(self) -> list[str] | None:
+        self._rebuilt = False
+        path = self._manifest_path()
+        on_disk = self._shards_on_disk()
+        if os.path.exists(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    meta = json.load(f)
+                shards = list(meta["shards"])
+                if tuple(meta["sample_shape"]) != self.sample_shape:
+                    raise ValueError(f"feedback dataset in {self.directory} has sample_shape "
+                                     f"{tuple(meta['sample_shape'])}, expected {self.sample_shape}")
+                return shards
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                if isinstance(err, ValueError) and "sample_shape" in str(err):
+                    raise
+                if not on_disk:
+                    raise FeedbackStoreError(f"feedback manifest {path} is damaged ({err}) and no shard is on "
+                                             "disk to rebuild it from") from None
+                logger.warning("feedback manifest %s is damaged (%s); rebuilding it from the %d shards on disk",
+                               path, err, len(on_disk))
+                self._rebuilt = True
+                return on_disk
+        if on_disk:
+            logger.warning("feedback manifest %s is missing; rebuilding it from the %d shards on disk", path,
+                           len(on_disk))
+            self._rebuilt = True
+            return on_disk
+        return None
+
+    def _load(self) -> None:
+        shards = self._read_manifest()
+        if shards is None:
+            self._migrate_versioned()
+            return
+        for name in shards:
+            path = os.path.join(self.directory, SHARDS, name)
+            try:
+                table = pq.read_table(path)
+            except Exception as err:  # noqa: BLE001 - missing or truncated: name it, never skip answers silently
+                intact = shards[: shards.index(name)]
+                raise FeedbackStoreError(
+                    f"feedback shard {path} is missing or damaged ({type(err).__name__}: {err}); the intact shards "
+                    f"before it are {intact[-3:]}{' ...' if len(intact) > 3 else ''}. Restore the file (its rows may "
+                    "hold oracle answers) or move the run directory away to start over") from None
+            self._apply(table)
+        self._shards = list(shards)
+        self.version = len(shards)
+        if self._rebuilt:
+            self._write_manifest()
+
+    def _migrate_versioned(self) -> None:
+        """Converts a directory of the earlier ``current`` + ``versions/`` format into one shard."""
+        pointer = os.path.join(self.directory, "current")
+        if not os.path.exists(pointer):
+            return
+        from datasets import load_from_disk
+
+        with open(pointer, encoding="utf-8") as f:
+            version_dir = os.path.join(self.directory, "versions", f.read().strip())
+        ds = load_from_disk(version_dir, keep_in_memory=True)
+        cols = {name: list(ds[name]) for name in ds.column_names}
+        n = len(cols["query_index"])
+        samples = torch.tensor(cols["sample"], dtype=torch.float32).reshape(n, *self.sample_shape)
+        self._append_rows(cols["query_index"], cols["round"], cols["prompt"], samples)
+        self._update_rows(cols["query_index"], cols["batch"], cols["value"], cols["status"], cols["error"],
+                          cols["attempts"], cols["timestamp"])
+        self._write_shard(self._table(range(n), with_samples=True))
+        logger.warning("converted the feedback dataset in %s to the shard format (%d rows)", self.directory, n)
+
+    def _apply(self, table: pa.Table) -> None:
+        cols = table.to_pydict()
+        if "sample" in cols:  # pending rows of a round (and the converted format: a full snapshot)
+            flat = table.column("sample").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            samples = torch.from_numpy(flat.astype("float32", copy=False).copy()).reshape(-1, *self.sample_shape)
+            new = [i for i, q in enumerate(cols["query_index"]) if q >= len(self)]
+            if new:
+                self._append_rows([cols["query_index"][i] for i in new], [cols["round"][i] for i in new],
+                                  [cols["prompt"][i] for i in new], samples[new])
+        if "status" in cols:
+            self._update_rows(cols["query_index"], cols["batch"], cols["value"], cols["status"], cols["error"],
+                              cols["attempts"], cols["timestamp"])
+
+    # ------------------------------------------------------------------ writing
+    def _table(self, positions, with_samples: bool) -> pa.Table:
+        positions = list(positions)
+        data = {"query_index": pa.array([self.columns["query_index"][p] for p in positions], pa.int64())}
+        if with_samples:
+            data["round"] = pa.array([self.columns["round"][p] for p in positions], pa.int32())
+            data["prompt"] = pa.array([self.columns["prompt"][p] for p in positions], pa.string())
+            flat = self.all_samples()[positions].reshape(-1).numpy() if positions else []
+            data["sample"] = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), self._numel)
+        else:
+            for name, kind in (("batch", pa.int32()), ("value", pa.float64()), ("status", pa.string()),
+                               ("error", pa.string()), ("attempts", pa.int32()), ("timestamp", pa.float64())):
+                data[name] = pa.array([self.columns[name][p] for p in positions], kind)
+        return pa.table(data)
+
+    def _write_shard(self, table: pa.Table) -> None:
+        on_disk = self._shards_on_disk()
+        seq = max([int(_SHARD.match(n).group(1)) for n in on_disk + self._shards], default=0) + 1
+        name = f"shard-{seq:06d}.parquet"
+        shard_dir = os.path.join(self.directory, SHARDS)
+        tmp = os.path.join(shard_dir, f".{name}.tmp-{os.getpid()}")
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(shard_dir, name))
+        fsync_dir(shard_dir)
+        self._shards.append(name)
+        self.version = len(self._shards)
+        self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        path = self._manifest_path()
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"format": FORMAT, "sample_shape": list(self.sample_shape), "num_rows": len(self),
+                       "shards": self._shards}, f)
             f.flush()
             os.fsync(f.fileno())
-        return self.store.commit(name, keep={f"v{self.version - 1:06d}"})
+        os.replace(tmp, path)
+        fsync_dir(self.directory)
+
+    # ------------------------------------------------------------------ in-memory rows
+    def _append_rows(self, query_indices, rounds, prompts, samples: torch.Tensor) -> None:
+        start = len(self)
+        for offset, q in enumerate(query_indices):
+            if int(q) != start + offset:
+                raise FeedbackStoreError(f"feedback rows in {self.directory} are not contiguous: expected query "
+                                         f"{start + offset}, found {q}")
+        n = len(query_indices)
+        self.columns["query_index"].extend(int(q) for q in query_indices)
+        self.columns["round"].extend(int(r) for r in rounds)
+        self.columns["prompt"].extend(p or "" for p in prompts)
+        self.columns["batch"].extend([-1] * n)
+        self.columns["value"].extend([math.nan] * n)
+        self.columns["status"].extend([PENDING] * n)
+        self.columns["error"].extend([""] * n)
+        self.columns["attempts"].extend([0] * n)
+        self.columns["timestamp"].extend([math.nan] * n)
+        for pos, r in zip(range(start, start + n), rounds):
+            self._by_round.setdefault(int(r), []).append(pos)
+        self._chunks.append(samples.detach().to("cpu", torch.float32).reshape(n, *self.sample_shape).contiguous())
+        self._samples_cache = None
+
+    def _update_rows(self, query_indices, batches, values, statuses, errors, attempts, timestamps) -> None:
+        for q, b, v, s, e, a, t in zip(query_indices, batches, values, statuses, errors, attempts, timestamps):
+            pos = self._position(q)
+            self.columns["batch"][pos] = int(b)
+            self.columns["value"][pos] = float(v) if v is not None else math.nan
+            self.columns["status"][pos] = s
+            self.columns["error"][pos] = e or ""
+            self.columns["attempts"][pos] = int(a)
+            self.columns["timestamp"][pos] = float(t) if t is not None else math.nan
+
+    def all_samples(self) -> torch.Tensor:
+        """``(N, *sample_shape)`` float32: every stored sample."""
+        if self._samples_cache is None:
+            self._samples_cache = (torch.cat(self._chunks) if self._chunks
+                                   else torch.zeros((0, *self.sample_shape)))
+            self._chunks = [self._samples_cache]
+        return self._samples_cache
+
+    def _position(self, query_index: int) -> int:
+        # query indices are contiguous from 0 in submission order
+        pos = int(query_index)
+        if not (0 <= pos < len(self)):
+            raise KeyError(f"no query with index {query_index}")
+        return pos
 
     # ------------------------------------------------------------------ content
     def __len__(self) -> int:
         return len(self.columns["query_index"])
 
-    def to_dataset(self) -> Dataset:
-        """The rows as a ``datasets.Dataset`` (in memory)."""
-        return Dataset.from_dict(self.columns, features=FEATURES)
+    def persist(self) -> None:
+        """Rewrites the manifest (every change is already persisted by its own shard)."""
+        self._write_manifest()
+
+    def to_dataset(self):
+        """The rows as a ``datasets.Dataset`` (in memory), with the columns of :data:`COLUMNS`."""
+        from datasets import Dataset
+
+        data = {name: self.columns[name] for name in COLUMNS if name != "sample"}
+        table = pa.table(data).append_column("sample", self._table(range(len(self)), True).column("sample"))
+        return Dataset(table.select(list(COLUMNS)))
 
     def rows(self, round_index: int | None = None, status: str | None = None) -> list[int]:
         """Row positions, optionally filtered by round and status."""
-        return [i for i in range(len(self))
-                if (round_index is None or self.columns["round"][i] == round_index)
-                and (status is None or self.columns["status"][i] == status)]
+        positions = self._by_round.get(round_index, []) if round_index is not None else range(len(self))
+        return [i for i in positions if status is None or self.columns["status"][i] == status]
 
     def num_submitted(self, round_index: int) -> int:
         """Samples written for a round (pending, ok or failed): what counts against its budget."""
-        return len(self.rows(round_index))
+        return len(self._by_round.get(round_index, []))
 
     def add_pending(self, samples: torch.Tensor, round_index: int, prompts: list[str] | None = None) -> list[int]:
-        """Appends samples ``(B, *sample_shape)`` as pending queries of ``round_index`` and persists.
-
-        Returns their ``query_index`` values.
-        """
+        """Appends samples ``(B, *sample_shape)`` as pending queries of ``round_index`` (one shard); returns their
+        ``query_index`` values."""
         if tuple(samples.shape[1:]) != self.sample_shape:
             raise ValueError(f"samples of shape {tuple(samples.shape[1:])}, expected {self.sample_shape}")
         B = samples.shape[0]
         if prompts is not None and len(prompts) != B:
             raise ValueError(f"{len(prompts)} prompts for {B} samples")
-        start = (max(self.columns["query_index"]) + 1) if len(self) else 0
-        flat = samples.detach().cpu().float().reshape(B, -1).tolist()
+        start = len(self)
         new = list(range(start, start + B))
-        self.columns["query_index"].extend(new)
-        self.columns["round"].extend([int(round_index)] * B)
-        self.columns["batch"].extend([-1] * B)
-        self.columns["sample"].extend(flat)
-        self.columns["prompt"].extend(list(prompts) if prompts is not None else [""] * B)
-        self.columns["value"].extend([math.nan] * B)
-        self.columns["status"].extend([PENDING] * B)
-        self.columns["error"].extend([""] * B)
-        self.columns["attempts"].extend([0] * B)
-        self.columns["timestamp"].extend([math.nan] * B)
-        self.persist()
+        self._append_rows(new, [int(round_index)] * B, list(prompts) if prompts is not None else [""] * B, samples)
+        self._write_shard(self._table(range(start, start + B), with_samples=True))
         return new
 
-    def _position(self, query_index: int) -> int:
-        # query indices are contiguous from 0 in submission order
-        pos = int(query_index)
-        if not (0 <= pos < len(self)) or self.columns["query_index"][pos] != query_index:
-            raise KeyError(f"no query with index {query_index}")
-        return pos
-
     def record(self, query_indices: list[int], answers: list[OracleAnswer], batch_index: int) -> None:
-        """Stores the answers of one oracle batch and persists (call once per batch, right after the oracle)."""
+        """Stores the answers of one oracle batch (one shard; call right after the oracle).
+
+        A query may be answered again while it is ``failed`` (its ``attempts`` add up); an ``ok`` answer is never
+        overwritten.
+        """
         if len(query_indices) != len(answers):
             raise ValueError(f"{len(answers)} answers for {len(query_indices)} queries")
         now = time.time()
+        positions = []
         for q, a in zip(query_indices, answers):
             pos = self._position(q)
-            if self.columns["status"][pos] != PENDING:
-                raise ValueError(f"query {q} already has status {self.columns['status'][pos]!r}: answers are "
-                                 "never overwritten")
+            if self.columns["status"][pos] == OK:
+                raise ValueError(f"query {q} already has an ok answer: answers are never overwritten")
             if a.status not in (OK, FAILED):
                 raise ValueError(f"answer status must be {OK!r} or {FAILED!r}, got {a.status!r}")
             self.columns["value"][pos] = float(a.value) if a.status == OK else math.nan
             self.columns["status"][pos] = a.status
             self.columns["error"][pos] = a.error
-            self.columns["attempts"][pos] = int(a.attempts)
+            self.columns["attempts"][pos] += int(a.attempts)
             self.columns["timestamp"][pos] = now
             self.columns["batch"][pos] = int(batch_index)
-        self.persist()
+            positions.append(pos)
+        self._write_shard(self._table(positions, with_samples=False))
 
     def pending(self, round_index: int | None = None) -> list[int]:
         """``query_index`` of the samples written but never answered (in order)."""
         return [self.columns["query_index"][i] for i in self.rows(round_index, PENDING)]
 
+    def retryable(self, max_attempts: int, up_to_round: int | None = None) -> list[int]:
+        """``query_index`` of failed queries with fewer than ``max_attempts`` sends, rounds ``<= up_to_round``."""
+        return [self.columns["query_index"][i] for i in range(len(self))
+                if self.columns["status"][i] == FAILED and self.columns["attempts"][i] < max_attempts
+                and (up_to_round is None or self.columns["round"][i] <= up_to_round)]
+
     def samples(self, query_indices: list[int]) -> torch.Tensor:
         """``(len(query_indices), *sample_shape)`` float32 samples."""
-        rows = [self.columns["sample"][self._position(q)] for q in query_indices]
-        return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), *self.sample_shape)
+        return self.all_samples()[[self._position(q) for q in query_indices]]
 
     def prompts(self, query_indices: list[int]) -> list[str]:
         return [self.columns["prompt"][self._position(q)] for q in query_indices]
 
     def next_batch_index(self, round_index: int) -> int:
-        batches = [self.columns["batch"][i] for i in self.rows(round_index)]
-        return max(batches, default=-1) + 1
+        return max((self.columns["batch"][i] for i in self.rows(round_index)), default=-1) + 1
 
     def training_data(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, y)``: the answered samples ``(N, *sample_shape)`` and their values ``(N,)`` (failed excluded)."""
         rows = self.rows(status=OK)
-        x = torch.tensor([self.columns["sample"][i] for i in rows], dtype=torch.float32)
         y = torch.tensor([self.columns["value"][i] for i in rows], dtype=torch.float32)
-        return x.reshape(len(rows), *self.sample_shape), y
+        return self.all_samples()[rows], y
 
     def summary(self) -> dict:
         st = self.columns["status"]
@@ -215,13 +359,10 @@ class FeedbackDataset:
     # ------------------------------------------------------------------ Hub
     def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
                     commit_message: str | None = None, endpoint: str | None = None):
-        """Pushes the live rows to the Hub as a dataset repo (``Dataset.push_to_hub``, Parquet); returns the
-        ``CommitInfo``.
-
-        ``sample_shape`` is written into the dataset description so ``sample`` can be reshaped. ``endpoint``: a
-        Hub other than ``HF_ENDPOINT`` (``datasets`` reads its endpoint from ``datasets.config.HF_ENDPOINT``,
-        which is set to ``endpoint`` for the duration of the push and restored after).
-        """
+        """Pushes the rows to the Hub as a dataset repo (``Dataset.push_to_hub``, Parquet); returns the
+        ``CommitInfo``. ``sample_shape`` is written into the dataset description. ``endpoint``: a Hub other than
+        ``HF_ENDPOINT``. Raises :class:`~hf_control_ft.serialization.saved.HubPushError` (token masked) on any
+        failure; the local store is untouched."""
         import datasets.config
 
         ds = self.to_dataset()
@@ -233,5 +374,34 @@ class FeedbackDataset:
         try:
             return ds.push_to_hub(repo_id, private=private, token=token,
                                   commit_message=commit_message or f"feedback: {len(self)} queries")
+        except Exception as err:  # noqa: BLE001 - HTTP and network errors alike
+            raise HubPushError(f"feedback push to {repo_id!r} failed (the local feedback in {self.directory!r} is "
+                               f"kept): {mask_token(f'{type(err).__name__}: {err}', token)}") from None
         finally:
             datasets.config.HF_ENDPOINT = previous
+
+
+def load_feedback(output_dir: str):
+    """The feedback of a SEIKO run as a ``datasets.Dataset`` (columns ``query_index, round, batch, status, value,
+    error, attempts, prompt, sample, timestamp``; ``sample`` flattened float32, its shape in
+    ``<output_dir>/feedback/manifest.json``).
+
+    ``output_dir`` is the run's ``config.output_dir`` (or its ``feedback/`` directory itself).
+    """
+    directory = output_dir if os.path.exists(os.path.join(output_dir, MANIFEST)) or \
+        glob.glob(os.path.join(output_dir, SHARDS, "shard-*.parquet")) else os.path.join(output_dir, "feedback")
+    shape = _sample_shape(directory)
+    return FeedbackDataset(directory, shape).to_dataset()
+
+
+def _sample_shape(directory: str) -> tuple:
+    try:
+        with open(os.path.join(directory, MANIFEST), encoding="utf-8") as f:
+            return tuple(json.load(f)["sample_shape"])
+    except (OSError, ValueError, KeyError):
+        shards = sorted(glob.glob(os.path.join(directory, SHARDS, "shard-*.parquet")))
+        for path in shards:
+            schema = pq.read_schema(path)
+            if "sample" in schema.names:
+                return (schema.field("sample").type.list_size,)
+        raise FeedbackStoreError(f"no feedback dataset in {directory}") from None

@@ -50,17 +50,18 @@ from accelerate import Accelerator
 
 from ..core.control import CONTROL_ADAPTER, add_reference_adapter, copy_adapter_weights, lora_parameters
 from ..core.kl import gaussian_kl
-from ..feedback.oracle import Oracle, RoundBudget
+from ..feedback.oracle import Oracle, OracleUnavailableError, RoundBudget
 from ..feedback.store import FeedbackDataset
 from ..models.initial_noise import InitialNoiseModel
 from ..models.reward_ensemble import OptimisticReward, RewardEnsemble
 from ..models.value_function import ValueFunction
 from ..processes import ControlledProcess, process_from_pipeline
 from ..serialization.saved import save_control
+from ..utils.run_lock import RunLock
 from .base import BaseTrainer
 from .seiko_config import SeikoConfig
-from .seiko_state import (FEEDBACK_DIR, PREVIOUS_ADAPTER, SEIKO_CONFIG_NAME, STATE_DIR, check_resume_config,
-                          load_round_state, round_generator, round_seed, save_round_state)
+from .seiko_state import (FEEDBACK_DIR, PREVIOUS_ADAPTER, SEIKO_CONFIG_NAME, check_resume_config, load_round_state,
+                          round_generator, round_seed, save_round_state, state_store)
 
 
 class SeikoTrainer(BaseTrainer):
@@ -109,12 +110,13 @@ class SeikoTrainer(BaseTrainer):
         self.sampler = process.make_sampler(reference_adapter=PREVIOUS_ADAPTER)
         self.previous_noise = copy.deepcopy(self.initial_noise).requires_grad_(False) if self.initial_noise else None
         self.oracle = oracle if isinstance(oracle, Oracle) else Oracle(
-            oracle, on_failure=config.oracle_on_failure, max_retries=config.oracle_max_retries)
+            oracle, on_failure=config.oracle_on_failure, max_retries=config.oracle_max_retries,
+            timeout=config.oracle_timeout)
         self.budget = RoundBudget(config.budgets(), config.num_rounds)
         self.feature_extractor, self.feature_dim = process.reward_features(feature_extractor, feature_dim,
                                                                            chunk_size=config.batch_size)
         self.output_dir = config.output_dir
-        os.makedirs(os.path.join(self.output_dir, STATE_DIR), exist_ok=True)
+        self._state_store = state_store(self.output_dir)
         self._check_resume_config()
         self.feedback = FeedbackDataset(os.path.join(self.output_dir, FEEDBACK_DIR), self.sample_shape)
         self.completed_rounds = 0
@@ -158,10 +160,10 @@ class SeikoTrainer(BaseTrainer):
         """Writes the resumable state after a completed round (safetensors + JSON) and switches to it atomically."""
         counters = {"completed_rounds": self.completed_rounds, "global_step": self.global_step,
                     "feedback_version": self.feedback.version, "oracle_calls": self.oracle.num_calls}
-        return save_round_state(self.output_dir, self.model, self.initial_noise, self.previous_noise, counters)
+        return save_round_state(self._state_store, self.model, self.initial_noise, self.previous_noise, counters)
 
     def _load_state(self) -> None:
-        state = load_round_state(self.output_dir, self.model, self.initial_noise, self.previous_noise)
+        state = load_round_state(self._state_store, self.model, self.initial_noise, self.previous_noise)
         if state is not None:
             self.completed_rounds = int(state["completed_rounds"])
             self.global_step = int(state["global_step"])
@@ -183,7 +185,10 @@ class SeikoTrainer(BaseTrainer):
         return self.process.oracle_inputs(samples, conditions, chunk_size=self.config.batch_size)
 
     def collect_feedback(self, round_index: int) -> dict:
-        """Samples the round's budget from the current model (write-ahead), then queries every pending sample."""
+        """Samples the round's budget from the current model (write-ahead), queries every pending sample, asks
+        failed queries of this and earlier rounds again (up to ``oracle_max_attempts`` sends each), and stops
+        with :class:`OracleUnavailableError` when fewer than ``min_answer_fraction`` of the round's queries are
+        answered (everything obtained is stored; a restart after the outage asks again)."""
         cfg = self.config
         budget = self.budget[round_index]
         submitted = self.feedback.num_submitted(round_index)
@@ -193,14 +198,23 @@ class SeikoTrainer(BaseTrainer):
             self.feedback.add_pending(x.cpu(), round_index, prompts)
         elif submitted != budget:
             raise RuntimeError(f"round {round_index} has {submitted} samples on disk but a budget of {budget}")
-        pending = self.feedback.pending(round_index)
-        batches = [pending[i:i + cfg.oracle_batch_size] for i in range(0, len(pending), cfg.oracle_batch_size)]
+        todo = self.feedback.pending(round_index) + self.feedback.retryable(cfg.oracle_max_attempts, round_index)
+        batches = [todo[i:i + cfg.oracle_batch_size] for i in range(0, len(todo), cfg.oracle_batch_size)]
         t0 = time.perf_counter()
         for batch in self._progress(batches, f"round {round_index}: oracle", leave=False):
             answers = self.oracle.query(*self._oracle_inputs(batch))
             self.feedback.record(batch, answers, self.feedback.next_batch_index(round_index))
         rows = self.feedback.rows(round_index)
         ok = [i for i in rows if self.feedback.columns["status"][i] == "ok"]
+        if len(ok) < cfg.min_answer_fraction * len(rows):
+            failed = [i for i in rows if self.feedback.columns["status"][i] != "ok"]
+            exhausted = sum(self.feedback.columns["attempts"][i] >= cfg.oracle_max_attempts for i in failed)
+            raise OracleUnavailableError(
+                f"round {round_index}: only {len(ok)} of {len(rows)} queries answered (min_answer_fraction="
+                f"{cfg.min_answer_fraction}); last oracle error: {self.feedback.columns['error'][failed[-1]]!r}. "
+                f"Every answer obtained is saved in {self.feedback.directory}; restart with the same output_dir "
+                f"when the oracle is back ({exhausted} queries used all oracle_max_attempts={cfg.oracle_max_attempts}"
+                " sends: raise it to ask them again)")
         values = [self.feedback.columns["value"][i] for i in ok]
         return {"round/queries": len(rows), "round/failed_queries": len(rows) - len(ok),
                 "round/oracle_mean": sum(values) / len(values) if values else math.nan,
@@ -326,6 +340,10 @@ class SeikoTrainer(BaseTrainer):
             callback: optional ``callback(trainer, round_index) -> dict`` called after each round's update
                 (e.g. evaluation against a true reward); its metrics are logged with the round's.
         """
+        with RunLock(self.output_dir):
+            return self._train(callback)
+
+    def _train(self, callback) -> dict:
         self._start_trackers()
         metrics = {}
         first = self.completed_rounds + 1

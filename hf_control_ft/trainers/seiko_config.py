@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ..feedback.oracle import FAILURE_POLICIES
 from ..models.reward_ensemble import OPTIMISM_KINDS
-from ..utils.validation import field_checker, is_int
+from ..utils.validation import field_checker, is_int, is_number
 from .elegant_config import ElegantConfig
 
 _check = field_checker("SeikoConfig")
@@ -44,7 +44,13 @@ class SeikoConfig(ElegantConfig):
         reward_hidden, reward_depth, reward_train_steps, reward_learning_rate, reward_weight_decay,
             reward_batch_size: the reward heads and their per-round fit.
         oracle_batch_size: samples per oracle call; the dataset is persisted after each.
-        oracle_on_failure: ``"skip"`` or ``"retry"``; oracle_max_retries: extra attempts under ``"retry"``.
+        oracle_on_failure: ``"skip"`` or ``"retry"``; oracle_max_retries: extra attempts under ``"retry"``
+            within one call.
+        oracle_max_attempts: total sends of one query over the whole run (restarts included): failed queries are
+            asked again in later collections and after a restart until they reach it.
+        oracle_timeout: seconds one oracle call may take; a slower call fails its items (``None``: no limit).
+        min_answer_fraction: a round stops with ``OracleUnavailableError`` when fewer of its queries have an
+            answer (the answers obtained are kept; a restart asks the rest again).
         output_dir: where the feedback dataset and the per-round trainer state live (resume from it).
     """
 
@@ -66,6 +72,9 @@ class SeikoConfig(ElegantConfig):
     oracle_batch_size: int = 64
     oracle_on_failure: str = "skip"
     oracle_max_retries: int = 2
+    oracle_max_attempts: int = 5
+    oracle_timeout: float | None = None
+    min_answer_fraction: float = 0.5
     output_dir: str = "seiko_output"
     tracker_project_name: str = field(default="hf_control_ft_seiko")
 
@@ -105,6 +114,12 @@ class SeikoConfig(ElegantConfig):
                "reward_weight_decay", f"must be >= 0, got {self.reward_weight_decay!r}")
         _check(self.oracle_on_failure in FAILURE_POLICIES, "oracle_on_failure",
                f"must be one of {FAILURE_POLICIES}, got {self.oracle_on_failure!r}")
+        _check(is_int(self.oracle_max_attempts, 1), "oracle_max_attempts",
+               f"must be an int >= 1, got {self.oracle_max_attempts!r}")
+        _check(self.oracle_timeout is None or (is_number(self.oracle_timeout) and 0 < self.oracle_timeout < math.inf),
+               "oracle_timeout", f"must be a number of seconds > 0 or None, got {self.oracle_timeout!r}")
+        _check(is_number(self.min_answer_fraction) and 0 <= self.min_answer_fraction <= 1, "min_answer_fraction",
+               f"must be in [0, 1], got {self.min_answer_fraction!r}")
         _check(is_int(self.oracle_max_retries, 0), "oracle_max_retries",
                f"must be an int >= 0, got {self.oracle_max_retries!r}")
         _check(isinstance(self.output_dir, str) and bool(self.output_dir), "output_dir", "must be a non-empty path")

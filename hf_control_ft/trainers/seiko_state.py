@@ -13,6 +13,7 @@ a resumed run draws exactly what the uninterrupted run would have.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 
@@ -21,6 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from ..core.control import CONTROL_ADAPTER, load_lora_state_dict, lora_state_dict
 from ..utils.versioned_dir import VersionedDirectory
+
+logger = logging.getLogger(__name__)
 
 PREVIOUS_ADAPTER = "previous"
 FEEDBACK_DIR = "feedback"
@@ -48,8 +51,12 @@ def check_resume_config(config, output_dir: str) -> None:
     if not os.path.exists(path):
         config.save(path)
         return
-    with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} (the settings of the run in {output_dir}) is damaged: {err}. Restore it, or delete "
+                         "it to continue the run with the current settings") from None
     current = config.to_dict()
     changed = [k for k in RESUME_KEYS if saved.get(k) != current.get(k)]
     if changed:
@@ -58,19 +65,24 @@ def check_resume_config(config, output_dir: str) -> None:
                          "use another output_dir to start a new run")
 
 
-def _store(output_dir: str) -> VersionedDirectory:
+def state_store(output_dir: str) -> VersionedDirectory:
+    """The versioned per-round state directory of a run (one object per trainer: it deletes only what it wrote)."""
     root = os.path.join(output_dir, STATE_DIR)
     return VersionedDirectory(root, os.path.join(root, "current"))
 
 
-def save_round_state(output_dir: str, model, initial_noise, previous_noise, counters: dict) -> str:
+def save_round_state(store: VersionedDirectory, model, initial_noise, previous_noise, counters: dict) -> str:
     """Writes the state after a completed round and switches to it atomically; returns its directory.
 
-    ``counters`` must hold ``completed_rounds``; everything in it is stored in ``state.json``.
+    ``counters`` must hold ``completed_rounds``; everything in it is stored in ``state.json``. A round redone
+    after a restart gets a new version name (``round_0002.1``): no version written earlier is replaced.
     """
-    store = _store(output_dir)
     completed = int(counters["completed_rounds"])
-    name = f"round_{completed:04d}"
+    name, k = f"round_{completed:04d}", 0
+    while os.path.exists(os.path.join(store.versions_dir, name)):
+        k += 1
+        name = f"round_{completed:04d}.{k}"
+    live = store.current()
     tmp = store.begin(name)
     for adapter in (CONTROL_ADAPTER, PREVIOUS_ADAPTER):
         weights = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(model, adapter).items()}
@@ -85,20 +97,59 @@ def save_round_state(output_dir: str, model, initial_noise, previous_noise, coun
         f.flush()
         os.fsync(f.fileno())
     # keep the live state and the one before it
-    return store.commit(name, keep={f"round_{completed - 1:04d}"})
+    return store.commit(name, keep={os.path.basename(live)} if live else set())
 
 
-def load_round_state(output_dir: str, model, initial_noise, previous_noise) -> dict | None:
-    """Loads the live state into the modules; returns its counters (``None`` before the first round ends)."""
-    directory = _store(output_dir).current()
-    if directory is None:
-        return None
-    with open(os.path.join(directory, STATE_NAME), encoding="utf-8") as f:
-        state = json.load(f)
-    for adapter in (CONTROL_ADAPTER, PREVIOUS_ADAPTER):
-        load_lora_state_dict(model, load_file(os.path.join(directory, f"adapter_{adapter}.safetensors")),
-                             adapter_name=adapter)
+class RunStateError(RuntimeError):
+    """No intact per-round state although versions exist; the message names the damaged files."""
+
+
+def _load_version(directory: str, model, initial_noise, previous_noise) -> dict:
+    path = os.path.join(directory, STATE_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+        int(state["completed_rounds"]), int(state["global_step"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise RunStateError(f"{path} is unreadable: {err}") from None
+    files = [(f"adapter_{a}.safetensors", a) for a in (CONTROL_ADAPTER, PREVIOUS_ADAPTER)]
+    loaded = {}
+    names = [name for name, _ in files] + (["initial_noise.safetensors", "previous_initial_noise.safetensors"]
+                                           if initial_noise is not None else [])
+    for name in names:
+        try:
+            loaded[name] = load_file(os.path.join(directory, name))
+        except Exception as err:  # noqa: BLE001 - missing or truncated safetensors
+            raise RunStateError(f"{os.path.join(directory, name)} is unreadable: {type(err).__name__}: {err}") from None
+    for name, adapter in files:
+        load_lora_state_dict(model, loaded[name], adapter_name=adapter)
     if initial_noise is not None:
-        initial_noise.load_state_dict(load_file(os.path.join(directory, "initial_noise.safetensors")))
-        previous_noise.load_state_dict(load_file(os.path.join(directory, "previous_initial_noise.safetensors")))
+        initial_noise.load_state_dict(loaded["initial_noise.safetensors"])
+        previous_noise.load_state_dict(loaded["previous_initial_noise.safetensors"])
     return state
+
+
+def load_round_state(store: VersionedDirectory, model, initial_noise, previous_noise) -> dict | None:
+    """Loads the live state into the modules; returns its counters (``None`` before the first round ends).
+
+    A damaged live version (unreadable JSON or safetensors) is reported by file name and the newest intact
+    earlier version is used instead: the rounds after it are redone from the feedback on disk (no answer is
+    asked again). :class:`RunStateError` when no version is intact.
+    """
+    live = store.current()
+    if live is None:
+        return None
+    candidates = [live] + [os.path.join(store.versions_dir, n) for n in reversed(store.versions())
+                           if os.path.join(store.versions_dir, n) != live]
+    errors = []
+    for directory in candidates:
+        try:
+            state = _load_version(directory, model, initial_noise, previous_noise)
+        except RunStateError as err:
+            errors.append(str(err))
+            logger.warning("SEIKO state: %s; trying an older round's state", err)
+            continue
+        if errors:
+            logger.warning("SEIKO state recovered from %s (the rounds after it are redone)", directory)
+        return state
+    raise RunStateError(f"no intact SEIKO round state in {store.versions_dir}: " + "; ".join(errors))

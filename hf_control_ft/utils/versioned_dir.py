@@ -9,8 +9,11 @@ oracle answer) and the SEIKO per-round trainer state.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
+
+logger = logging.getLogger(__name__)
 
 
 def fsync_dir(path: str) -> None:
@@ -35,29 +38,52 @@ class VersionedDirectory:
     def __init__(self, versions_dir: str, pointer_path: str):
         self.versions_dir = versions_dir
         self.pointer_path = pointer_path
+        self._written: set[str] = set()  # versions this object committed: the only ones it may delete
         os.makedirs(versions_dir, exist_ok=True)
 
+    def versions(self) -> list[str]:
+        """Names of the complete version directories on disk, oldest first (names sort by age)."""
+        return sorted(n for n in os.listdir(self.versions_dir)
+                      if not n.startswith(".") and os.path.isdir(os.path.join(self.versions_dir, n)))
+
     def current(self) -> str | None:
-        """Directory of the live version, or ``None`` before the first commit."""
-        if not os.path.exists(self.pointer_path):
+        """Directory of the live version, or ``None`` before the first commit.
+
+        A missing or unreadable pointer, or one that names a missing version, falls back to the newest version
+        on disk and logs it: versions exist only after they were complete, so the newest one is intact."""
+        name = None
+        if os.path.exists(self.pointer_path):
+            try:
+                with open(self.pointer_path, encoding="utf-8") as f:
+                    name = f.read().strip()
+            except (OSError, UnicodeDecodeError):
+                name = None
+            if name and os.path.isdir(os.path.join(self.versions_dir, name)):
+                return os.path.join(self.versions_dir, name)
+        versions = self.versions()
+        if not versions:
             return None
-        with open(self.pointer_path, encoding="utf-8") as f:
-            return os.path.join(self.versions_dir, f.read().strip())
+        logger.warning("%s is %s; using the newest version on disk, %s", self.pointer_path,
+                       "missing" if name is None and not os.path.exists(self.pointer_path) else
+                       f"damaged (it names {name!r})", versions[-1])
+        return os.path.join(self.versions_dir, versions[-1])
 
     def begin(self, name: str) -> str:
-        """A fresh temporary directory for version ``name`` (leftovers of a crash before a switch are removed:
-        they were never live)."""
+        """A fresh temporary directory for version ``name`` (a leftover temporary directory of this name and pid
+        is removed: it was never live). An existing version of that name is replaced at commit."""
         tmp = os.path.join(self.versions_dir, f".tmp-{name}-{os.getpid()}")
-        for stale in (tmp, os.path.join(self.versions_dir, name)):
-            if os.path.exists(stale):
-                shutil.rmtree(stale)
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
         os.makedirs(tmp)
         return tmp
 
     def commit(self, name: str, keep: set[str] = frozenset()) -> str:
-        """Renames the temporary directory to ``name``, makes it live, then deletes every other version directory
-        except those in ``keep``. Returns the version's directory."""
+        """Renames the temporary directory to ``name``, makes it live, then deletes the versions *this object*
+        wrote before, except those in ``keep`` (a version written by another process is never deleted). Returns
+        the version's directory."""
         final = os.path.join(self.versions_dir, name)
+        if os.path.isdir(final):  # the same round redone after a restart: the new state replaces it
+            shutil.rmtree(final)
         os.rename(os.path.join(self.versions_dir, f".tmp-{name}-{os.getpid()}"), final)
         fsync_dir(self.versions_dir)
         pointer_tmp = f"{self.pointer_path}.tmp-{os.getpid()}"
@@ -67,8 +93,7 @@ class VersionedDirectory:
             os.fsync(f.fileno())
         os.replace(pointer_tmp, self.pointer_path)
         fsync_dir(os.path.dirname(os.path.abspath(self.pointer_path)))
-        for entry in os.listdir(self.versions_dir):
-            path = os.path.join(self.versions_dir, entry)
-            if entry not in keep | {name} and os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
+        for entry in sorted(self._written - set(keep) - {name}):
+            shutil.rmtree(os.path.join(self.versions_dir, entry), ignore_errors=True)
+        self._written = (self._written & set(keep)) | {name}
         return final

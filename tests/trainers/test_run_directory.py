@@ -1,0 +1,210 @@
+"""Nothing lost: damaged run directories, a second run on the same directory, oracle faults, output-dir reuse,
+non-finite gradients and damaged checkpoints."""
+
+import math
+import os
+import shutil
+import threading
+import time
+
+import pytest
+import torch
+from seiko_child import LoggingOracle, build_trainer
+
+from hf_control_ft import ElegantConfig, ElegantTrainer
+from hf_control_ft.feedback.oracle import Oracle, OracleOutputError, OracleUnavailableError
+from hf_control_ft.feedback.store import load_feedback
+from hf_control_ft.serialization import checkpoints as checkpointing
+from hf_control_ft.testing import ddim, make_mlp_denoiser
+from hf_control_ft.utils.run_lock import RunLock, RunLockedError
+
+
+def _answers(output_dir) -> dict:
+    ds = load_feedback(str(output_dir))
+    return {q: v for q, v, s in zip(ds["query_index"], ds["value"], ds["status"]) if s == "ok"}
+
+
+@pytest.mark.slow
+def test_every_damaged_file_gives_a_named_error_or_keeps_every_answer(tmp_path):
+    first = tmp_path / "first"
+    build_trainer(first, LoggingOracle(str(tmp_path / "log"))).train()
+    answers = _answers(first)
+    assert len(answers) > 10
+    files = sorted(os.path.relpath(os.path.join(root, n), first) for root, _, names in os.walk(first) for n in names)
+    assert any("shards" in f for f in files) and any("trainer_state" in f for f in files)
+    outcomes = {}
+    for rel in files:
+        for damage in ("delete", "truncate"):
+            run = tmp_path / f"run-{damage}"
+            shutil.rmtree(run, ignore_errors=True)
+            shutil.copytree(first, run)
+            target = run / rel
+            if damage == "delete":
+                os.remove(target)
+            else:
+                data = target.read_bytes()
+                target.write_bytes(data[: len(data) // 2])
+            try:
+                build_trainer(run, LoggingOracle(str(tmp_path / "log2"))).train()
+            except Exception as err:  # noqa: BLE001 - the test checks the message names the damaged file
+                assert os.path.basename(rel) in str(err), (rel, damage, err)
+                outcomes[(rel, damage)] = "named error"
+                continue
+            after = _answers(run)
+            assert all(after.get(q) == v for q, v in answers.items()), (rel, damage)  # every answer, unchanged
+            outcomes[(rel, damage)] = "recovered"
+    assert "recovered" in outcomes.values() and "named error" in outcomes.values()
+
+
+def test_a_second_run_on_the_same_directory_fails_at_once_naming_the_holder(tmp_path):
+    with RunLock(str(tmp_path)):
+        with pytest.raises(RunLockedError, match=rf"{tmp_path}.*pid {os.getpid()}"):
+            RunLock(str(tmp_path)).acquire()
+        cfg = ElegantConfig(num_inference_steps=3, train_steps=1, batch_size=4, learn_initial_noise=False,
+                            report_to=None, output_dir=str(tmp_path))
+        trainer = ElegantTrainer(cfg, make_mlp_denoiser(lora=False), ddim(), lambda x: -x.pow(2).sum(1), (2,))
+        with pytest.raises(RunLockedError, match="in use by another run"):
+            trainer.train()
+    RunLock(str(tmp_path)).acquire().release()  # released: the next run may start
+
+
+def _elegant(tmp_path, **kw):
+    values = dict(num_inference_steps=3, train_steps=2, batch_size=4, learn_initial_noise=False, report_to=None,
+                  output_dir=str(tmp_path), checkpointing_steps=1, lora_rank=2)
+    values.update(kw)
+    return ElegantTrainer(ElegantConfig(**values), make_mlp_denoiser(lora=False), ddim(),
+                          lambda x: -x.pow(2).sum(1), (2,))
+
+
+def test_reusing_a_directory_and_resuming_with_other_settings_are_refused(tmp_path):
+    _elegant(tmp_path).train()
+    assert [s for s, _ in checkpointing.list_checkpoints(str(tmp_path))] == [1, 2]
+    with pytest.raises(FileExistsError, match="already holds a run.*checkpoint-"):
+        _elegant(tmp_path).train()
+    with pytest.raises(ValueError, match=r"changed \['alpha', 'learning_rate'\]"):
+        _elegant(tmp_path, alpha=0.5, learning_rate=1e-2, train_steps=3).train(resume_from_checkpoint="latest")
+    resumed = _elegant(tmp_path, train_steps=3)  # more steps: allowed
+    resumed.train(resume_from_checkpoint="checkpoint-2")
+    assert resumed.global_step == 3
+    fresh = _elegant(tmp_path, overwrite_output_dir=True)
+    fresh.train()
+    assert [s for s, _ in checkpointing.list_checkpoints(str(tmp_path))] == [1, 2] and fresh.global_step == 2
+
+
+class _NaNGradient(torch.autograd.Function):
+    """A reward with finite values and a NaN gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return -x.pow(2).sum(1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return torch.full_like(x, float("nan"))
+
+
+def nan_gradient(x):
+    return _NaNGradient.apply(x)
+
+
+def test_non_finite_gradients_are_skipped_counted_and_stop_naming_the_gradient(tmp_path):
+    trainer = _elegant(tmp_path, max_nonfinite_steps=3, train_steps=5)
+    trainer.set_reward(nan_gradient)
+    before = [p.detach().clone() for p in trainer.sampler.model.parameters() if p.requires_grad]
+    with pytest.raises(FloatingPointError, match="gradient of the LoRA parameters was non-finite.*values were finite"):
+        trainer.train()
+    assert trainer.skipped_steps == 3
+    after = [p.detach() for p in trainer.sampler.model.parameters() if p.requires_grad]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))  # nothing non-finite reached the weights
+    for _, path in checkpointing.list_checkpoints(str(tmp_path)):
+        checkpointing.validate_checkpoint(path)  # every checkpoint written is finite
+
+
+def test_damaged_checkpoints_are_named_and_latest_falls_back(tmp_path, caplog):
+    _elegant(tmp_path).train()
+    newest = tmp_path / "checkpoint-2" / "lora.safetensors"
+    newest.write_bytes(newest.read_bytes()[:40])
+    with pytest.raises(checkpointing.CheckpointError, match="checkpoint-2/lora.safetensors"):
+        checkpointing.resolve_checkpoint(str(tmp_path), "checkpoint-2")
+    assert checkpointing.resolve_checkpoint(str(tmp_path), "latest").endswith("checkpoint-1")
+    assert "checkpoint-2/lora.safetensors" in caplog.text
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        checkpointing.write_checkpoint(str(tmp_path), 9, {"w": torch.tensor([1.0, float("nan")])}, {})
+    assert not (tmp_path / "checkpoint-9").exists()
+
+
+# ---------------------------------------------------------------------------------------------- oracle faults
+@pytest.mark.parametrize("bad", [{0: 0.1, 1: 0.2}, "12", ["0.5", "0.5"], [True, False], torch.ones(2, 2),
+                                 torch.tensor([True, False])])
+def test_oracle_values_must_be_numbers(bad):
+    oracle = Oracle(lambda s, p: bad, name="assay")
+    with pytest.raises(OracleOutputError, match="'assay'"):
+        oracle.query(torch.zeros(2, 3))
+
+
+def test_oracle_timeout_fails_the_items_of_a_slow_call():
+    stop = threading.Event()
+
+    def slow(samples, prompts):
+        stop.wait(5)
+        return torch.zeros(samples.shape[0])
+
+    answers = Oracle(slow, timeout=0.2).query(torch.zeros(1, 2))
+    stop.set()
+    assert answers[0].status == "failed" and "oracle_timeout" in answers[0].error
+
+
+class Outage:
+    """Fails every call while ``down`` (a transient outage), answers otherwise; counts sends per sample."""
+
+    def __init__(self):
+        self.down, self.sent = False, 0
+        self.__name__ = "outage_oracle"
+
+    def __call__(self, samples, prompts):
+        self.sent += samples.shape[0]
+        if self.down:
+            raise ConnectionError("assay service unreachable")
+        return -samples.pow(2).sum(1)
+
+
+def test_failed_queries_are_asked_again_and_an_outage_stops_the_round_until_a_restart(tmp_path):
+    oracle = Outage()
+    oracle.down = True
+    trainer = build_trainer(tmp_path, oracle, oracle_max_attempts=5, min_answer_fraction=0.5)
+    with pytest.raises(OracleUnavailableError, match="round 1: only 0 of 12 queries answered.*restart"):
+        trainer.train()
+    ds = load_feedback(str(tmp_path))
+    assert set(ds["status"]) == {"failed"} and all(a == 2 for a in ds["attempts"])  # batch call + alone
+    oracle.down = False  # the outage is over: a restart asks the failed queries again
+    trainer = build_trainer(tmp_path, oracle, oracle_max_attempts=5, min_answer_fraction=0.5)
+    trainer.train()
+    ds = load_feedback(str(tmp_path))
+    assert ds["status"].count("ok") == len(ds) == 32 and ds["attempts"][:12] == [3] * 12
+    assert all(math.isfinite(v) for v in ds["value"])
+
+
+def test_run_lock_is_released_when_the_holder_dies(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys, time; sys.path.insert(0, %r); from hf_control_ft.utils.run_lock import RunLock; "
+            "RunLock(%r).acquire(); print('locked', flush=True); time.sleep(60)") % (os.getcwd(), str(tmp_path))
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline().strip() == b"locked"
+        with pytest.raises(RunLockedError, match=f"pid {child.pid}"):
+            RunLock(str(tmp_path)).acquire()
+    finally:
+        child.kill()
+        child.wait()
+    deadline = time.time() + 10
+    while True:
+        try:
+            RunLock(str(tmp_path)).acquire().release()
+            break
+        except RunLockedError:
+            assert time.time() < deadline
+            time.sleep(0.1)
