@@ -9,7 +9,7 @@ from .core.kl import gaussian_kl, gaussian_log_prob
 from .core.sampler import ControlledSampler, Trajectory
 from .core.scheduling import DiffusionSchedule
 from .feedback.oracle import Oracle, OracleAnswer
-from .feedback.store import FeedbackDataset
+from .feedback.store import FeedbackDataset, load_feedback
 from .models.initial_noise import InitialNoiseModel
 from .models.reward_ensemble import OptimisticReward, RewardEnsemble
 from .models.value_function import ValueFunction
@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 __all__ = ["ElegantConfig", "ElegantTrainer", "SeikoConfig", "SeikoTrainer", "ControlledProcess",
            "StableDiffusionProcess", "process_from_pipeline", "InitialNoiseModel", "ValueFunction",
            "ControlledSampler", "Trajectory", "DiffusionSchedule", "add_lora_control", "pretrained_mode",
-           "gaussian_kl", "gaussian_log_prob", "Oracle", "OracleAnswer", "FeedbackDataset", "RewardEnsemble",
+           "gaussian_kl", "gaussian_log_prob", "Oracle", "OracleAnswer", "FeedbackDataset", "load_feedback", "RewardEnsemble",
            "OptimisticReward", "ControlledDiffusionPipeline", "ControlledStableDiffusionPipeline"]
 
 _LAZY = {"ControlledDiffusionPipeline": "pipelines.controlled",

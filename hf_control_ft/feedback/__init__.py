@@ -1,6 +1,7 @@
 """SEIKO's oracle side: the oracle wrapper (failures, retries, budgets) and the crash-safe feedback dataset."""
 
-from .oracle import Oracle, OracleAnswer, OracleOutputError, RoundBudget
-from .store import FeedbackDataset
+from .oracle import Oracle, OracleAnswer, OracleOutputError, OracleUnavailableError, RoundBudget
+from .store import FeedbackDataset, FeedbackStoreError, load_feedback
 
-__all__ = ["Oracle", "OracleAnswer", "OracleOutputError", "RoundBudget", "FeedbackDataset"]
+__all__ = ["Oracle", "OracleAnswer", "OracleOutputError", "OracleUnavailableError", "RoundBudget", "FeedbackDataset",
+           "FeedbackStoreError", "load_feedback"]

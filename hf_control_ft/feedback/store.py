@@ -24,8 +24,7 @@ shard that is missing or unreadable stops the load with :class:`FeedbackStoreErr
 may be answers: nothing is dropped silently). A directory in the earlier versioned format
 (``current`` + ``versions/``) is converted to shards on first open.
 
-In memory, samples are one float32 tensor ``(N, *sample_shape)`` and the per-row fields plain lists with
-per-round indexes, so scans are proportional to a round, not to the dataset.
+In memory: samples in one float32 tensor ``(N, *sample_shape)``, per-row fields in lists, per-round indexes.
 
 :func:`load_feedback` reads a run's feedback as a ``datasets.Dataset`` with the columns ``query_index, round,
 batch, status, value, error, attempts, prompt, sample`` (plus ``timestamp``): the supported way to read it.
@@ -265,10 +264,6 @@ class FeedbackDataset:
     def __len__(self) -> int:
         return len(self.columns["query_index"])
 
-    def persist(self) -> None:
-        """Rewrites the manifest (every change is already persisted by its own shard)."""
-        self._write_manifest()
-
     def to_dataset(self):
         """The rows as a ``datasets.Dataset`` (in memory), with the columns of :data:`COLUMNS`."""
         from datasets import Dataset
@@ -388,20 +383,18 @@ def load_feedback(output_dir: str):
 
     ``output_dir`` is the run's ``config.output_dir`` (or its ``feedback/`` directory itself).
     """
-    directory = output_dir if os.path.exists(os.path.join(output_dir, MANIFEST)) or \
-        glob.glob(os.path.join(output_dir, SHARDS, "shard-*.parquet")) else os.path.join(output_dir, "feedback")
-    shape = _sample_shape(directory)
-    return FeedbackDataset(directory, shape).to_dataset()
+    inside = os.path.exists(os.path.join(output_dir, MANIFEST)) or os.path.isdir(os.path.join(output_dir, SHARDS))
+    directory = output_dir if inside else os.path.join(output_dir, "feedback")
+    return FeedbackDataset(directory, _sample_shape(directory)).to_dataset()
 
 
 def _sample_shape(directory: str) -> tuple:
+    """From the manifest, else (damaged manifest) the flat size stored in the first shard with samples."""
     try:
         with open(os.path.join(directory, MANIFEST), encoding="utf-8") as f:
             return tuple(json.load(f)["sample_shape"])
     except (OSError, ValueError, KeyError):
-        shards = sorted(glob.glob(os.path.join(directory, SHARDS, "shard-*.parquet")))
-        for path in shards:
-            schema = pq.read_schema(path)
-            if "sample" in schema.names:
+        for path in sorted(glob.glob(os.path.join(directory, SHARDS, "shard-*.parquet"))):
+            if "sample" in (schema := pq.read_schema(path)).names:
                 return (schema.field("sample").type.list_size,)
         raise FeedbackStoreError(f"no feedback dataset in {directory}") from None

@@ -24,8 +24,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .networks import FieldNetwork
-from .value_function import (WARM_START_FRACTION, check_value_range, exp_phase_lr_factor, reward_scale,
-                             soft_value_shift, value_regression_loss)
+from .value_function import (
+    WARM_START_FRACTION,
+    check_value_range,
+    exp_phase_lr_factor,
+    reward_scale,
+    soft_value_shift,
+    value_regression_loss,
+)
 
 
 class StepValueFunction(nn.Module):

@@ -23,9 +23,8 @@ from ..core.control import CONTROL_ADAPTER, tuner_layers
 from ..core.sampler import ControlledSampler
 from ..core.scheduling import DiffusionSchedule, as_stochastic_scheduler
 from ..models.initial_noise import InitialNoiseModel
-from ..processes.sd_components import (GuidedUNet, StableDiffusionOptions, decode_latents, encode_prompts,
-                                       latent_shape)
-from ..serialization.lora_io import attach_lora_file
+from ..processes.sd_components import GuidedUNet, StableDiffusionOptions, decode_latents, encode_prompts, latent_shape
+from ..serialization.lora_io import LORA_WEIGHTS_NAME, attach_lora_file
 from ..serialization.saved import INITIAL_NOISE_DIR, OPTIONS_NAME, read_saved, resolve_directory
 from ..trainers.elegant_config import ElegantConfig
 
@@ -175,7 +174,8 @@ class ControlledStableDiffusionPipeline(StableDiffusionPipeline, _ControlMixin):
         self._load_common(directory)
         self.control_options = StableDiffusionOptions.load(os.path.join(directory, OPTIONS_NAME))
         as_stochastic_scheduler(self.scheduler)  # refuses schedulers the stochastic sampler cannot run
-        self.load_lora_weights(directory, adapter_name=CONTROL_ADAPTER)
+        # the exact file: diffusers would otherwise pick any *.safetensors in the directory
+        self.load_lora_weights(directory, weight_name=LORA_WEIGHTS_NAME, adapter_name=CONTROL_ADAPTER)
         if self.initial_noise is not None:
             self.initial_noise.to(self.unet.device)
         return self

@@ -32,9 +32,17 @@ from ..core.scheduling import as_stochastic_scheduler
 from ..rewards.checks import reward_name
 from ..serialization.saved import OPTIONS_NAME
 from .base import ControlledProcess
-from .sd_components import (GuidedUNet, LatentReward, StableDiffusionOptions, check_supported_pipeline,
-                            decode_latents, enable_adapter_aware_checkpointing, encode_prompts, latent_shape,
-                            load_prompts)
+from .sd_components import (
+    GuidedUNet,
+    LatentReward,
+    StableDiffusionOptions,
+    check_supported_pipeline,
+    decode_latents,
+    enable_adapter_aware_checkpointing,
+    encode_prompts,
+    latent_shape,
+    load_prompts,
+)
 from .stable_diffusion_features import LatentFeatures, PooledPixelFeatures
 
 logger = logging.getLogger(__name__)

@@ -31,8 +31,8 @@ from ..processes.stable_diffusion import load_options
 from ..serialization import checkpoints as checkpointing
 from ..serialization.lora_io import load_lora_file
 from ..serialization.saved import INITIAL_NOISE_DIR, read_saved, resolve_directory, save_control
-from .base import BaseTrainer
 from ..utils.run_lock import RunLock
+from .base import BaseTrainer
 from .elegant_config import RESUME_KEYS, ElegantConfig
 
 
@@ -212,7 +212,7 @@ class ElegantTrainer(BaseTrainer):
             lr_schedule.step()
             self.global_step += 1
             if self.global_step % cfg.log_every == 0 or self.global_step == cfg.train_steps:
-                metrics = {k: float(self.accelerator.reduce(torch.tensor(v, device=self.device), "mean"))
+                metrics = {k: float(self.accelerator.reduce(torch.tensor(float(v), device=self.device), "mean"))
                            for k, v in metrics.items()}
                 self._log(metrics, step=self.global_step)
                 if self.is_main_process:

@@ -60,8 +60,17 @@ from ..serialization.saved import save_control
 from ..utils.run_lock import RunLock
 from .base import BaseTrainer
 from .seiko_config import SeikoConfig
-from .seiko_state import (FEEDBACK_DIR, PREVIOUS_ADAPTER, SEIKO_CONFIG_NAME, check_resume_config, load_round_state,
-                          round_generator, round_seed, save_round_state, state_store)
+from .seiko_state import (
+    FEEDBACK_DIR,
+    PREVIOUS_ADAPTER,
+    SEIKO_CONFIG_NAME,
+    check_resume_config,
+    load_round_state,
+    round_generator,
+    round_seed,
+    save_round_state,
+    state_store,
+)
 
 
 class SeikoTrainer(BaseTrainer):

@@ -6,8 +6,13 @@ import math
 
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler, PNDMScheduler,
-                       StableDiffusionXLPipeline)
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionXLPipeline,
+)
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from hf_control_ft import ElegantConfig, ElegantTrainer, SeikoConfig

@@ -5,8 +5,15 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, ViTConfig, ViTForImageClassification
 
-from hf_control_ft.rewards.image_rewards import (AestheticHead, AestheticReward, BrightnessReward, ClassifierReward,
-                                                 SaturationReward, WeightedSumReward, call_reward)
+from hf_control_ft.rewards.image_rewards import (
+    AestheticHead,
+    AestheticReward,
+    BrightnessReward,
+    ClassifierReward,
+    SaturationReward,
+    WeightedSumReward,
+    call_reward,
+)
 
 
 def images(seed=0, b=3, size=16):

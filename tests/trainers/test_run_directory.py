@@ -208,3 +208,75 @@ def test_run_lock_is_released_when_the_holder_dies(tmp_path):
         except RunLockedError:
             assert time.time() < deadline
             time.sleep(0.1)
+
+
+# ---------------------------------------------------------------------------------------------- Hub and config
+def test_network_errors_of_a_push_are_hub_push_errors_with_the_token_masked(tmp_path):
+    from hf_control_ft.feedback.store import FeedbackDataset
+    from hf_control_ft.serialization.saved import HubPushError
+
+    token = "hf_secret_token_123456"
+    unreachable = "http://127.0.0.1:9"  # nothing listens on the discard port: connection refused
+    trainer = _elegant(tmp_path / "run", checkpointing_steps=0)
+    with pytest.raises(HubPushError, match="failed") as err:
+        trainer.push_to_hub("me/model", token=token, endpoint=unreachable)
+    assert token not in str(err.value) and "nothing was kept locally" in str(err.value)
+    with pytest.raises(HubPushError, match=r"kept in .*saved") as err:
+        trainer.push_to_hub("me/model", token=token, endpoint=unreachable, save_directory=str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "pytorch_lora_weights.safetensors").is_file()
+    fb = FeedbackDataset(str(tmp_path / "fb"), (2,))
+    fb.add_pending(torch.zeros(2, 2), round_index=1)
+    with pytest.raises(HubPushError, match="feedback push") as err:
+        fb.push_to_hub("me/feedback", token=token, endpoint=unreachable)
+    assert token not in str(err.value)
+
+
+def test_token_echoed_by_the_server_is_masked_in_every_push(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub_constants
+    from hub_server import HubServer
+
+    from hf_control_ft.feedback.store import FeedbackDataset
+    from hf_control_ft.serialization.saved import HubPushError
+
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_DISABLE_XET", True)
+    token = "hf_echoed_token_987654"
+    fb = FeedbackDataset(str(tmp_path / "fb"), (2,))
+    fb.add_pending(torch.zeros(2, 2), round_index=1)
+    with HubServer() as hub:
+        hub.refuse_commits["me/feedback"] = f"token {token} has no write access"
+        hub.refuse_commits["me/model"] = f"token {token} has no write access"
+        with pytest.raises(HubPushError) as err:
+            fb.push_to_hub("me/feedback", token=token, endpoint=hub.url)
+        assert token not in str(err.value) and "***" in str(err.value)
+        with pytest.raises(HubPushError) as err:
+            _elegant(tmp_path / "run", checkpointing_steps=0).push_to_hub("me/model", token=token, endpoint=hub.url)
+        assert token not in str(err.value) and "***" in str(err.value)
+
+
+def test_load_control_reads_the_exact_weight_file(tmp_path):
+    from hf_control_ft.pipelines.controlled import ControlledStableDiffusionPipeline
+    from hf_control_ft.testing import tiny_components, tiny_sd_pipeline, tiny_unet_output
+
+    cfg = ElegantConfig(num_inference_steps=2, train_steps=1, batch_size=2, learn_initial_noise=False,
+                        report_to=None, lora_rank=2)
+    trainer = ElegantTrainer.from_pipeline(tiny_sd_pipeline(), lambda im, p: im.mean((1, 2, 3)), cfg,
+                                           prompts=["a cat"], guidance_scale=1.0)
+    trainer.train()
+    trainer.save_pretrained(str(tmp_path))
+    decoy = tmp_path / "old_pytorch_lora_weights.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    save_file({k: torch.zeros_like(v) + 5 for k, v in load_file(tmp_path / "pytorch_lora_weights.safetensors").items()},
+              str(decoy))
+    pipe = ControlledStableDiffusionPipeline(**tiny_components()).load_control(str(tmp_path))
+    assert torch.equal(tiny_unet_output(pipe.unet), tiny_unet_output(trainer.process.lora_model))
+
+
+@pytest.mark.parametrize("field,value", [("alpha", math.inf), ("learn_initial_noise", "false"),
+                                         ("gradient_checkpointing", "yes"), ("learning_rate", "fast"),
+                                         ("max_grad_norm", "big"), ("lora_target_modules", []),
+                                         ("batch_size", "64"), ("lora_alpha", math.nan)])
+def test_config_values_of_the_wrong_kind_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"ElegantConfig.{field}"):
+        ElegantConfig(**{field: value})
