@@ -9,7 +9,8 @@ from .core.kl import gaussian_kl, gaussian_log_prob
 from .core.sampler import ControlledSampler, Trajectory
 from .core.scheduling import DiffusionSchedule
 from .feedback.oracle import Oracle, OracleAnswer
-from .feedback.store import FeedbackDataset, load_feedback
+from .feedback.reader import load_feedback
+from .feedback.store import FeedbackDataset
 from .models.initial_noise import InitialNoiseModel
 from .models.reward_ensemble import OptimisticReward, RewardEnsemble
 from .models.value_function import ValueFunction

@@ -1,7 +1,8 @@
 """SEIKO's oracle side: the oracle wrapper (failures, retries, budgets) and the crash-safe feedback dataset."""
 
 from .oracle import Oracle, OracleAnswer, OracleOutputError, OracleUnavailableError, RoundBudget
-from .store import FeedbackDataset, FeedbackStoreError, load_feedback
+from .reader import load_feedback
+from .store import FeedbackDataset, FeedbackStoreError
 
 __all__ = ["Oracle", "OracleAnswer", "OracleOutputError", "OracleUnavailableError", "RoundBudget", "FeedbackDataset",
            "FeedbackStoreError", "load_feedback"]

@@ -26,13 +26,13 @@ may be answers: nothing is dropped silently). A directory in the earlier version
 
 In memory: samples in one float32 tensor ``(N, *sample_shape)``, per-row fields in lists, per-round indexes.
 
-:func:`load_feedback` reads a run's feedback as a ``datasets.Dataset`` with the columns ``query_index, round,
+:func:`hf_control_ft.feedback.reader.load_feedback` reads a run's feedback as a ``datasets.Dataset`` with the columns ``query_index, round,
 batch, status, value, error, attempts, prompt, sample`` (plus ``timestamp``): the supported way to read it.
 """
 
 from __future__ import annotations
 
-import glob
+import bisect
 import json
 import logging
 import math
@@ -76,7 +76,7 @@ class FeedbackDataset:
         self.version = 0  # number of shards written (the manifest's length)
         self._shards: list[str] = []
         self._chunks: list[torch.Tensor] = []  # float32 sample blocks, in query order
-        self._samples_cache: torch.Tensor | None = None
+        self._offsets: list[int] = []  # first position of each block
         self.columns: dict[str, list] = {name: [] for name in COLUMNS if name != "sample"}
         self._by_round: dict[int, list[int]] = {}
         os.makedirs(os.path.join(directory, SHARDS), exist_ok=True)
@@ -173,13 +173,17 @@ class FeedbackDataset:
                               cols["attempts"], cols["timestamp"])
 
     # ------------------------------------------------------------------ writing
-    def _table(self, positions, with_samples: bool) -> pa.Table:
+    def _table(self, positions, with_samples: bool, samples: torch.Tensor | None = None) -> pa.Table:
+        """Rows at ``positions`` as an Arrow table: pending rows (round, prompt, sample: ``samples`` if given,
+        else looked up) or answer rows (batch, value, status, error, attempts, timestamp)."""
         positions = list(positions)
         data = {"query_index": pa.array([self.columns["query_index"][p] for p in positions], pa.int64())}
         if with_samples:
             data["round"] = pa.array([self.columns["round"][p] for p in positions], pa.int32())
             data["prompt"] = pa.array([self.columns["prompt"][p] for p in positions], pa.string())
-            flat = self.all_samples()[positions].reshape(-1).numpy() if positions else []
+            if samples is None:
+                samples = self._gather(positions) if positions else torch.zeros((0, *self.sample_shape))
+            flat = samples.reshape(-1).numpy()
             data["sample"] = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), self._numel)
         else:
             for name, kind in (("batch", pa.int32()), ("value", pa.float64()), ("status", pa.string()),
@@ -232,8 +236,8 @@ class FeedbackDataset:
         self.columns["timestamp"].extend([math.nan] * n)
         for pos, r in zip(range(start, start + n), rounds):
             self._by_round.setdefault(int(r), []).append(pos)
+        self._offsets.append(start)
         self._chunks.append(samples.detach().to("cpu", torch.float32).reshape(n, *self.sample_shape).contiguous())
-        self._samples_cache = None
 
     def _update_rows(self, query_indices, batches, values, statuses, errors, attempts, timestamps) -> None:
         for q, b, v, s, e, a, t in zip(query_indices, batches, values, statuses, errors, attempts, timestamps):
@@ -246,12 +250,19 @@ class FeedbackDataset:
             self.columns["timestamp"][pos] = float(t) if t is not None else math.nan
 
     def all_samples(self) -> torch.Tensor:
-        """``(N, *sample_shape)`` float32: every stored sample."""
-        if self._samples_cache is None:
-            self._samples_cache = (torch.cat(self._chunks) if self._chunks
-                                   else torch.zeros((0, *self.sample_shape)))
-            self._chunks = [self._samples_cache]
-        return self._samples_cache
+        """``(N, *sample_shape)`` float32: every stored sample (the blocks are merged into one, in place)."""
+        if len(self._chunks) != 1:
+            merged = torch.cat(self._chunks) if self._chunks else torch.zeros((0, *self.sample_shape))
+            self._chunks, self._offsets = [merged], [0]
+        return self._chunks[0]
+
+    def _gather(self, positions: list[int]) -> torch.Tensor:
+        """Samples at ``positions`` without merging the blocks (cost proportional to ``len(positions)``)."""
+        out = []
+        for pos in positions:
+            c = bisect.bisect_right(self._offsets, pos) - 1
+            out.append(self._chunks[c][pos - self._offsets[c]])
+        return torch.stack(out) if out else torch.zeros((0, *self.sample_shape))
 
     def _position(self, query_index: int) -> int:
         # query indices are contiguous from 0 in submission order
@@ -269,7 +280,8 @@ class FeedbackDataset:
         from datasets import Dataset
 
         data = {name: self.columns[name] for name in COLUMNS if name != "sample"}
-        table = pa.table(data).append_column("sample", self._table(range(len(self)), True).column("sample"))
+        samples = self._table(range(len(self)), True, samples=self.all_samples()).column("sample")
+        table = pa.table(data).append_column("sample", samples)
         return Dataset(table.select(list(COLUMNS)))
 
     def rows(self, round_index: int | None = None, status: str | None = None) -> list[int]:
@@ -292,7 +304,7 @@ class FeedbackDataset:
         start = len(self)
         new = list(range(start, start + B))
         self._append_rows(new, [int(round_index)] * B, list(prompts) if prompts is not None else [""] * B, samples)
-        self._write_shard(self._table(range(start, start + B), with_samples=True))
+        self._write_shard(self._table(range(start, start + B), with_samples=True, samples=self._chunks[-1]))
         return new
 
     def record(self, query_indices: list[int], answers: list[OracleAnswer], batch_index: int) -> None:
@@ -332,7 +344,7 @@ class FeedbackDataset:
 
     def samples(self, query_indices: list[int]) -> torch.Tensor:
         """``(len(query_indices), *sample_shape)`` float32 samples."""
-        return self.all_samples()[[self._position(q) for q in query_indices]]
+        return self._gather([self._position(q) for q in query_indices])
 
     def prompts(self, query_indices: list[int]) -> list[str]:
         return [self.columns["prompt"][self._position(q)] for q in query_indices]
@@ -374,27 +386,3 @@ class FeedbackDataset:
                                f"kept): {mask_token(f'{type(err).__name__}: {err}', token)}") from None
         finally:
             datasets.config.HF_ENDPOINT = previous
-
-
-def load_feedback(output_dir: str):
-    """The feedback of a SEIKO run as a ``datasets.Dataset`` (columns ``query_index, round, batch, status, value,
-    error, attempts, prompt, sample, timestamp``; ``sample`` flattened float32, its shape in
-    ``<output_dir>/feedback/manifest.json``).
-
-    ``output_dir`` is the run's ``config.output_dir`` (or its ``feedback/`` directory itself).
-    """
-    inside = os.path.exists(os.path.join(output_dir, MANIFEST)) or os.path.isdir(os.path.join(output_dir, SHARDS))
-    directory = output_dir if inside else os.path.join(output_dir, "feedback")
-    return FeedbackDataset(directory, _sample_shape(directory)).to_dataset()
-
-
-def _sample_shape(directory: str) -> tuple:
-    """From the manifest, else (damaged manifest) the flat size stored in the first shard with samples."""
-    try:
-        with open(os.path.join(directory, MANIFEST), encoding="utf-8") as f:
-            return tuple(json.load(f)["sample_shape"])
-    except (OSError, ValueError, KeyError):
-        for path in sorted(glob.glob(os.path.join(directory, SHARDS, "shard-*.parquet"))):
-            if "sample" in (schema := pq.read_schema(path)).names:
-                return (schema.field("sample").type.list_size,)
-        raise FeedbackStoreError(f"no feedback dataset in {directory}") from None

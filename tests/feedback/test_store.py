@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from hf_control_ft.feedback.oracle import OracleAnswer
-from hf_control_ft.feedback.store import FeedbackDataset, FeedbackStoreError, load_feedback
+from hf_control_ft.feedback.reader import load_feedback
+from hf_control_ft.feedback.store import FeedbackDataset, FeedbackStoreError
 
 
 def _store(tmp_path):

@@ -13,7 +13,7 @@ from seiko_child import LoggingOracle, build_trainer
 
 from hf_control_ft import ElegantConfig, ElegantTrainer
 from hf_control_ft.feedback.oracle import Oracle, OracleOutputError, OracleUnavailableError
-from hf_control_ft.feedback.store import load_feedback
+from hf_control_ft.feedback.reader import load_feedback
 from hf_control_ft.serialization import checkpoints as checkpointing
 from hf_control_ft.testing import ddim, make_mlp_denoiser
 from hf_control_ft.utils.run_lock import RunLock, RunLockedError
