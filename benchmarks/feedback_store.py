@@ -44,7 +44,7 @@ def measure(shape: tuple, n: int, repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         fb = FeedbackDataset(tmp, shape)
         base = rss_bytes()  # interpreter, torch, pyarrow: what any process pays before storing anything
-        chunk = max(BATCH, min(4096, n // 8))
+        chunk = 1024  # the same fill pattern at every N: transient buffers do not depend on N
         while len(fb) < n:
             b = min(chunk, n - len(fb))
             q = fb.add_pending(torch.randn(b, *shape), round_index=1)

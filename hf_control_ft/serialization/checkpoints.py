@@ -8,7 +8,7 @@ Layout (diffusers' training-script convention)::
         initial_noise/              the learned initial-noise model (when there is one)
         trainer_state.json          global step, optimizer hyper-parameters, LR-schedule state, metric history
 
-A checkpoint is written to ``checkpoint-<step>.tmp``, its files fsynced, and renamed into place (an atomic
+A checkpoint is written to ``checkpoint-<step>.tmp-<pid>``, its files fsynced, and renamed into place (an atomic
 ``os.replace`` on one filesystem), so a process killed mid-write never leaves a half checkpoint under a valid
 name. Non-finite weights are never written (:func:`check_finite`), and resuming validates the checkpoint it
 picks (:func:`validate_checkpoint`): with ``"latest"`` a damaged one is reported by file name and the newest
@@ -138,7 +138,7 @@ def fsync_tree(path: str) -> None:
 
 def begin(output_dir: str, step: int) -> str:
     """Creates and returns the temporary directory a checkpoint is written into."""
-    tmp = checkpoint_path(output_dir, step) + ".tmp"
+    tmp = f"{checkpoint_path(output_dir, step)}.tmp-{os.getpid()}"  # unique per process
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     return tmp
@@ -147,10 +147,11 @@ def begin(output_dir: str, step: int) -> str:
 def commit(output_dir: str, step: int, total_limit: int | None = None) -> str:
     """Moves the finished temporary directory into place, then deletes the oldest beyond ``total_limit``."""
     final = checkpoint_path(output_dir, step)
-    fsync_tree(final + ".tmp")
+    tmp = f"{final}.tmp-{os.getpid()}"
+    fsync_tree(tmp)
     if os.path.exists(final):
         shutil.rmtree(final)
-    os.replace(final + ".tmp", final)
+    os.replace(tmp, final)
     fsync_dir(output_dir)
     if total_limit is not None:
         for _, path in list_checkpoints(output_dir)[:-total_limit]:

@@ -65,6 +65,10 @@ def test_a_second_run_on_the_same_directory_fails_at_once_naming_the_holder(tmp_
         trainer = ElegantTrainer(cfg, make_mlp_denoiser(lora=False), ddim(), lambda x: -x.pow(2).sum(1), (2,))
         with pytest.raises(RunLockedError, match="in use by another run"):
             trainer.train()
+        seiko = build_trainer(tmp_path / "seiko", LoggingOracle(str(tmp_path / "log")))
+        with RunLock(str(tmp_path / "seiko")), pytest.raises(RunLockedError, match="seiko.*in use"):
+            seiko.train()
+        assert len(seiko.feedback) == 0  # refused before asking anything
     RunLock(str(tmp_path)).acquire().release()  # released: the next run may start
 
 
