@@ -77,6 +77,7 @@ class FeedbackDataset:
         self._shards: list[str] = []
         self._chunks: list[torch.Tensor] = []  # float32 sample blocks, in query order
         self._offsets: list[int] = []  # first position of each block
+        self._next_seq: int | None = None
         self.columns: dict[str, list] = {name: [] for name in COLUMNS if name != "sample"}
         self._by_round: dict[int, list[int]] = {}
         os.makedirs(os.path.join(directory, SHARDS), exist_ok=True)
@@ -192,9 +193,11 @@ class FeedbackDataset:
         return pa.table(data)
 
     def _write_shard(self, table: pa.Table) -> None:
-        on_disk = self._shards_on_disk()
-        seq = max([int(_SHARD.match(n).group(1)) for n in on_disk + self._shards], default=0) + 1
-        name = f"shard-{seq:06d}.parquet"
+        if self._next_seq is None:  # once per process: never reuse a number a file on disk already has
+            names = self._shards_on_disk() + self._shards
+            self._next_seq = max([int(_SHARD.match(n).group(1)) for n in names], default=0) + 1
+        name = f"shard-{self._next_seq:06d}.parquet"
+        self._next_seq += 1
         shard_dir = os.path.join(self.directory, SHARDS)
         tmp = os.path.join(shard_dir, f".{name}.tmp-{os.getpid()}")
         pq.write_table(table, tmp)
