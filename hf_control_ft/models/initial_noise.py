@@ -11,6 +11,12 @@ data-processing inequality it upper-bounds ``KL(nu_phi || N(0, I))``, with equal
 samples exactly ``N(0, I)`` and reports KL 0.
 
 Memory is that of ``M`` small-network calls on a batch of samples, so it scales to Stable Diffusion latents.
+
+**Conditional start law** (``cond_dim > 0``): the drift also takes a per-sample condition ``c`` (the process's
+condition features: a pooled text embedding, a one-hot class), ``g_phi(s, y, c)``, so ``nu_phi(. | c)`` targets
+``N(0, I) exp(v_T(x, c) / alpha)`` for every condition at once. For a fixed ``c`` the path KL above is still
+exact. A condition never seen in training still gets a valid law (any drift defines one); how close it is to
+its optimum depends on how the condition network generalises.
 """
 
 from __future__ import annotations
@@ -33,26 +39,30 @@ class InitialNoiseModel(nn.Module, PyTorchModelHubMixin, library_name="hf_contro
         num_steps: Euler--Maruyama steps ``M`` of the auxiliary SDE.
         hidden: width of the drift network.
         depth: residual blocks of the drift network.
+        cond_dim: width of the per-sample condition (0: unconditional).
 
     Saved and loaded with ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` (safetensors + config).
     """
 
-    def __init__(self, sample_shape=(2,), num_steps: int = 20, hidden: int = 128, depth: int = 3):
+    def __init__(self, sample_shape=(2,), num_steps: int = 20, hidden: int = 128, depth: int = 3, cond_dim: int = 0):
         super().__init__()
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         self.sample_shape = tuple(int(d) for d in sample_shape)
         self.num_steps = int(num_steps)
-        self.drift = FieldNetwork(self.sample_shape, out="same", hidden=hidden, depth=depth)
+        self.cond_dim = int(cond_dim)
+        self.drift = FieldNetwork(self.sample_shape, out="same", hidden=hidden, depth=depth, cond_dim=cond_dim)
 
     def forward(self, num_samples: int, generator: torch.Generator | None = None, device=None,
-                reference: "InitialNoiseModel | None" = None):
+                reference: "InitialNoiseModel | None" = None, condition: torch.Tensor | None = None):
         """Draws ``num_samples`` initial noises (reparameterised: differentiable in ``phi``).
 
         Args:
             reference: a second initial-noise model with the same ``num_steps`` (e.g. SEIKO's previous round,
                 frozen). Along the same path it also measures ``sum_j ||g - g_ref||^2 ds / 2``, the exact KL of
                 the discretised path laws of this model and the reference.
+
+            condition: ``(B, cond_dim)`` per-sample conditions (required iff ``cond_dim > 0``).
 
         Returns:
             ``(x_T, kl)``: ``(B, *sample_shape)`` samples and ``(B,)`` path KL to ``N(0, I)`` in nats; with a
@@ -67,16 +77,17 @@ class InitialNoiseModel(nn.Module, PyTorchModelHubMixin, library_name="hf_contro
         kl_ref = torch.zeros(num_samples, device=device)
         gen_device = generator.device if generator is not None else device
         for j in range(self.num_steps):
-            g = self.drift(y, j * ds)
+            g = self.drift(y, j * ds, condition)
             kl = kl + 0.5 * ds * g.reshape(num_samples, -1).pow(2).sum(dim=1)
             if reference is not None:
-                g_ref = reference.drift(y, j * ds)
+                g_ref = reference.drift(y, j * ds, condition)
                 kl_ref = kl_ref + 0.5 * ds * (g - g_ref).reshape(num_samples, -1).pow(2).sum(dim=1)
             xi = torch.randn(y.shape, generator=generator, device=gen_device).to(device)
             y = y + g * ds + math.sqrt(ds) * xi
         return (y, kl) if reference is None else (y, kl, kl_ref)
 
-    def sample(self, num_samples: int, generator: torch.Generator | None = None, device=None):
+    def sample(self, num_samples: int, generator: torch.Generator | None = None, device=None,
+               condition: torch.Tensor | None = None):
         """``x_T`` only, without autograd."""
         with torch.no_grad():
-            return self(num_samples, generator=generator, device=device)[0]
+            return self(num_samples, generator=generator, device=device, condition=condition)[0]

@@ -39,10 +39,29 @@ def _time_batch(s, batch: int, device) -> torch.Tensor:
     return s.expand(batch) if s.dim() == 0 else s.reshape(batch)
 
 
+def _condition_embedding(cond_dim: int, hidden: int) -> nn.Module | None:
+    if not cond_dim:
+        return None
+    return nn.Sequential(nn.Linear(cond_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+
+def _add_condition(embedding: nn.Module | None, temb: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    if embedding is None:
+        if c is not None:
+            raise ValueError("this network was built without a condition (cond_dim=0) but got one")
+        return temb
+    if c is None:
+        raise ValueError("this network is conditional (cond_dim > 0): pass the per-sample condition")
+    if c.shape[0] != temb.shape[0]:
+        raise ValueError(f"{c.shape[0]} conditions for a batch of {temb.shape[0]}")
+    return temb + embedding(c.to(temb.dtype))
+
+
 class TimeConditionedMLP(nn.Module):
     """Residual MLP ``f(x, s)`` on flat inputs with a sinusoidal time embedding added in every block."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: int = 128, depth: int = 3, time_dim: int = 32):
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 128, depth: int = 3, time_dim: int = 32,
+                 cond_dim: int = 0):
         super().__init__()
         self.time_dim = time_dim
         self.inp = nn.Linear(in_dim, hidden)
@@ -52,10 +71,12 @@ class TimeConditionedMLP(nn.Module):
             for _ in range(depth)
         )
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, out_dim))
+        self.cond = _condition_embedding(cond_dim, hidden)
 
-    def forward(self, x: torch.Tensor, s) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, s, c: torch.Tensor | None = None) -> torch.Tensor:
         b = x.shape[0]
         temb = self.time(sinusoidal_embedding(_time_batch(s, b, x.device), self.time_dim).to(x.dtype))
+        temb = _add_condition(self.cond, temb, c)
         h = self.inp(x.reshape(b, -1)) + temb
         for block in self.blocks:
             h = h + block(h + temb)
@@ -65,7 +86,8 @@ class TimeConditionedMLP(nn.Module):
 class TimeConditionedConvNet(nn.Module):
     """Small conv net ``f(x, s)`` on ``(B, C, H, W)``; memory linear in ``H*W`` (fits SD latents)."""
 
-    def __init__(self, channels: int, out: str = "same", hidden: int = 64, depth: int = 3, time_dim: int = 32):
+    def __init__(self, channels: int, out: str = "same", hidden: int = 64, depth: int = 3, time_dim: int = 32,
+                 cond_dim: int = 0):
         super().__init__()
         self.time_dim, self.out_kind = time_dim, out
         self.inp = nn.Conv2d(channels, hidden, 3, padding=1)
@@ -77,10 +99,12 @@ class TimeConditionedConvNet(nn.Module):
             for _ in range(depth)
         )
         self.out = nn.Conv2d(hidden, channels, 3, padding=1) if out == "same" else nn.Linear(hidden, 1)
+        self.cond = _condition_embedding(cond_dim, hidden)
 
-    def forward(self, x: torch.Tensor, s) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, s, c: torch.Tensor | None = None) -> torch.Tensor:
         b = x.shape[0]
-        temb = self.time(sinusoidal_embedding(_time_batch(s, b, x.device), self.time_dim).to(x.dtype))[:, :, None, None]
+        temb = self.time(sinusoidal_embedding(_time_batch(s, b, x.device), self.time_dim).to(x.dtype))
+        temb = _add_condition(self.cond, temb, c)[:, :, None, None]
         h = self.inp(x) + temb
         for block in self.blocks:
             h = h + block(h + temb)
@@ -92,24 +116,27 @@ class TimeConditionedConvNet(nn.Module):
 class FieldNetwork(nn.Module):
     """Wraps the MLP or conv net so that both return ``(B, *sample_shape)`` or ``(B,)``."""
 
-    def __init__(self, sample_shape, out: str = "same", hidden: int = 128, depth: int = 3):
+    def __init__(self, sample_shape, out: str = "same", hidden: int = 128, depth: int = 3, cond_dim: int = 0):
         super().__init__()
         if out not in ("same", "scalar"):
             raise ValueError(f"out must be 'same' or 'scalar', got {out!r}")
         self.sample_shape, self.out_kind = tuple(sample_shape), out
+        self.cond_dim = int(cond_dim)
         numel = math.prod(self.sample_shape)
         self.convolutional = len(self.sample_shape) == 3 and numel > 256
         if self.convolutional:
-            self.net = TimeConditionedConvNet(self.sample_shape[0], out, hidden=min(hidden, 64), depth=depth)
+            self.net = TimeConditionedConvNet(self.sample_shape[0], out, hidden=min(hidden, 64), depth=depth,
+                                              cond_dim=cond_dim)
             last = self.net.out
         else:
-            self.net = TimeConditionedMLP(numel, numel if out == "same" else 1, hidden=hidden, depth=depth)
+            self.net = TimeConditionedMLP(numel, numel if out == "same" else 1, hidden=hidden, depth=depth,
+                                          cond_dim=cond_dim)
             last = self.net.out[-1]
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
 
-    def forward(self, x: torch.Tensor, s) -> torch.Tensor:
-        y = self.net(x, s)
+    def forward(self, x: torch.Tensor, s, c: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.net(x, s, c)
         if self.out_kind == "scalar":
             return y.reshape(x.shape[0])
         return y.reshape(x.shape)
@@ -119,17 +146,26 @@ class MLPDenoiser(ModelMixin, ConfigMixin):
     """A diffusers-style noise-prediction MLP for flat samples: ``model(sample, timestep).sample``.
 
     ``sample`` is ``(B, dim)``; ``timestep`` a diffusers integer timestep (scalar or ``(B,)``), scaled by
-    ``num_train_timesteps`` to ``[0, 1]``. Used by the exact-target benchmark and the tests.
+    ``num_train_timesteps`` to ``[0, 1]``. With ``num_classes > 0`` it is class-conditional, called as
+    ``model(sample, timestep, class_labels=labels)`` like diffusers' class-conditional ``UNet2DModel``. Used by
+    the exact-target benchmarks and the tests.
     """
 
     @register_to_config
-    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, num_train_timesteps: int = 1000):
+    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, num_train_timesteps: int = 1000,
+                 num_classes: int = 0):
         super().__init__()
-        self.net = TimeConditionedMLP(dim, dim, hidden=hidden, depth=depth)
+        self.net = TimeConditionedMLP(dim, dim, hidden=hidden, depth=depth, cond_dim=num_classes)
 
-    def forward(self, sample: torch.Tensor, timestep, return_dict: bool = True):
+    def forward(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None = None,
+                return_dict: bool = True):
         t = _time_batch(timestep, sample.shape[0], sample.device) / self.config.num_train_timesteps
-        eps = self.net(sample, t)
+        c = None
+        if self.config.num_classes:
+            if class_labels is None:
+                raise ValueError("this denoiser is class-conditional: pass class_labels")
+            c = torch.nn.functional.one_hot(class_labels.long().reshape(-1), self.config.num_classes).float()
+        eps = self.net(sample, t, c)
         if not return_dict:
             return (eps,)
         return DenoiserOutput(sample=eps)

@@ -44,10 +44,11 @@ class StepValueFunction(nn.Module):
         hidden, depth: network size.
     """
 
-    def __init__(self, sample_shape, alpha: float, times: torch.Tensor, hidden: int = 128, depth: int = 3):
+    def __init__(self, sample_shape, alpha: float, times: torch.Tensor, hidden: int = 128, depth: int = 3,
+                 cond_dim: int = 0):
         super().__init__()
         self.alpha = float(alpha)
-        self.net = FieldNetwork(sample_shape, out="scalar", hidden=hidden, depth=depth)
+        self.net = FieldNetwork(sample_shape, out="scalar", hidden=hidden, depth=depth, cond_dim=cond_dim)
         self.register_buffer("times", torch.as_tensor(times, dtype=torch.float32).clone())
         self.register_buffer("shift", torch.zeros(()))
         self.register_buffer("scale", torch.ones(()))  # s_r, reward units
@@ -55,28 +56,30 @@ class StepValueFunction(nn.Module):
     def _time(self, k):
         return self.times[k] if isinstance(k, int) else self.times[k.to(self.times.device)]
 
-    def normalized(self, x: torch.Tensor, k) -> torch.Tensor:
+    def normalized(self, x: torch.Tensor, k, condition: torch.Tensor | None = None) -> torch.Tensor:
         """``u(x, s_k) = (V_k(x) - c) / alpha``, ``(B,)``; ``k`` an int or a ``(B,)`` long tensor."""
-        return (self.scale / self.alpha) * self.net(x, self._time(k))
+        return (self.scale / self.alpha) * self.net(x, self._time(k), condition)
 
-    def forward(self, x: torch.Tensor, k) -> torch.Tensor:
-        """``V_k(x)`` in reward units, ``(B,)``."""
-        return self.shift + self.alpha * self.normalized(x, k)
+    def forward(self, x: torch.Tensor, k, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """``V_k(x)`` (or ``V_k(x, c)``) in reward units, ``(B,)``."""
+        return self.shift + self.alpha * self.normalized(x, k, condition)
 
-    def gradient(self, x: torch.Tensor, k: int) -> torch.Tensor:
+    def gradient(self, x: torch.Tensor, k: int, condition: torch.Tensor | None = None) -> torch.Tensor:
         """``grad_x V_k(x)``, detached, shape of ``x``."""
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
-            (g,) = torch.autograd.grad(self.normalized(x, k).sum(), x)
+            (g,) = torch.autograd.grad(self.normalized(x, k, condition).sum(), x)
         return self.alpha * g
 
     def fit(self, states: list, rewards: torch.Tensor, steps: int = 2000, lr: float = 1e-3, batch_size: int = 1024,
-            generator: torch.Generator | None = None, progress: bool = True) -> float:
+            generator: torch.Generator | None = None, progress: bool = True,
+            conditions: torch.Tensor | None = None) -> float:
         """Fits on pretrained rollouts; returns the final mean loss.
 
         Args:
             states: ``K`` tensors ``(N, *shape)``: ``states[k]`` holds ``x_k`` of every rollout.
             rewards: ``(N,)`` ``r(x_K)`` of every rollout.
+            conditions: ``(N, cond_dim)`` the rollouts' conditions, for a conditional value.
         """
         K, N = len(states), rewards.shape[0]
         if K != len(self.times):
@@ -100,7 +103,7 @@ class StepValueFunction(nn.Module):
             for _ in range(n_steps):
                 k = torch.randint(0, K, (batch_size,), generator=generator).to(x_all.device)
                 n = torch.randint(0, N, (batch_size,), generator=generator).to(x_all.device)
-                f = self.net(x_all[k, n], self._time(k))
+                f = self.net(x_all[k, n], self._time(k), None if conditions is None else conditions[n])
                 loss = value_regression_loss(f, rewards[n], self.shift, self.scale, self.alpha, warm_start=warm)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -111,5 +114,6 @@ class StepValueFunction(nn.Module):
         bar.close()
         self.requires_grad_(False)
         with torch.no_grad():
-            check_value_range(self(x_all[0, :4096], 0), rewards[:4096], self.alpha, "step values V_0")
+            c = None if conditions is None else conditions[:4096]
+            check_value_range(self(x_all[0, :4096], 0, c), rewards[:4096], self.alpha, "step values V_0")
         return last

@@ -113,24 +113,26 @@ class ValueFunction(nn.Module):
         hidden, depth: network size.
     """
 
-    def __init__(self, sample_shape, alpha: float, hidden: int = 128, depth: int = 3):
+    def __init__(self, sample_shape, alpha: float, hidden: int = 128, depth: int = 3, cond_dim: int = 0):
         super().__init__()
         self.alpha = float(alpha)
-        self.net = FieldNetwork(sample_shape, out="scalar", hidden=hidden, depth=depth)
+        self.net = FieldNetwork(sample_shape, out="scalar", hidden=hidden, depth=depth, cond_dim=cond_dim)
         self.register_buffer("shift", torch.zeros(()))
         self.register_buffer("scale", torch.ones(()))  # s_r, reward units
 
-    def normalized(self, x: torch.Tensor) -> torch.Tensor:
-        """``u(x) = (v(x) - c) / alpha``, ``(B,)``."""
-        return (self.scale / self.alpha) * self.net(x, 0.0)
+    def normalized(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """``u(x) = (v(x) - c) / alpha``, ``(B,)`` (``condition`` ``(B, cond_dim)`` for a conditional value)."""
+        return (self.scale / self.alpha) * self.net(x, 0.0, condition)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``v_T(x)`` in reward units, ``(B,)``."""
-        return self.shift + self.alpha * self.normalized(x)
+    def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """``v_T(x)`` (or ``v_T(x, c)``) in reward units, ``(B,)``."""
+        return self.shift + self.alpha * self.normalized(x, condition)
 
     def fit(self, x_T: torch.Tensor, rewards: torch.Tensor, steps: int = 500, lr: float = 1e-3,
-            batch_size: int = 1024, generator: torch.Generator | None = None, progress: bool = True) -> float:
-        """Fits on pairs ``x_T`` ``(N, *shape)``, ``rewards`` ``(N,)``; returns the final mean loss."""
+            batch_size: int = 1024, generator: torch.Generator | None = None, progress: bool = True,
+            conditions: torch.Tensor | None = None) -> float:
+        """Fits on pairs ``x_T`` ``(N, *shape)``, ``rewards`` ``(N,)`` (and ``conditions`` ``(N, cond_dim)`` for a
+        conditional value); returns the final mean loss."""
         rewards = rewards.detach().to(x_T.device).float()
         self.shift.fill_(soft_value_shift(rewards, self.alpha))
         self.scale.fill_(reward_scale(rewards))
@@ -143,7 +145,8 @@ class ValueFunction(nn.Module):
             if it == warm_steps:
                 for group in opt.param_groups:
                     group["lr"] = lr * exp_phase_lr_factor(float(self.scale), self.alpha)
-            loss = value_regression_loss(self.net(x_T[idx], 0.0), rewards[idx], self.shift, self.scale, self.alpha,
+            c = None if conditions is None else conditions[idx]
+            loss = value_regression_loss(self.net(x_T[idx], 0.0, c), rewards[idx], self.shift, self.scale, self.alpha,
                                          warm_start=it < warm_steps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -151,5 +154,6 @@ class ValueFunction(nn.Module):
             last = loss.item()
         with torch.no_grad():
             probe = x_T[:4096]
-            check_value_range(self(probe), rewards[:4096], self.alpha, "stage 1 value v_T")
+            c = None if conditions is None else conditions[:4096]
+            check_value_range(self(probe, c), rewards[:4096], self.alpha, "stage 1 value v_T")
         return last

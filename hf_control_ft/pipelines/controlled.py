@@ -48,9 +48,14 @@ def _check_output_type(output_type: str):
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
 
 
-def _draw(initial_noise, num: int, shape, generator, device, use_initial_noise: bool) -> torch.Tensor:
+def _draw(initial_noise, num: int, shape, generator, device, use_initial_noise: bool,
+          condition: torch.Tensor | None = None) -> torch.Tensor:
     if use_initial_noise and initial_noise is not None:
-        return initial_noise.sample(num, generator=generator, device=device)
+        if initial_noise.cond_dim and condition is None:
+            raise ValueError("this control learned a conditional start law; this pipeline cannot supply the "
+                             "condition (use the pipeline of the trained process)")
+        return initial_noise.sample(num, generator=generator, device=device,
+                                    condition=condition if initial_noise.cond_dim else None)
     return torch.randn((num, *shape), generator=generator).to(device)
 
 
@@ -199,14 +204,14 @@ class ControlledStableDiffusionPipeline(StableDiffusionPipeline, _ControlMixin):
         device = self.unet.device
         scale = opts.guidance_scale if guidance_scale is None else guidance_scale
         denoiser = GuidedUNet(self.unet, scale, opts.dtype)
-        embeds = encode_prompts(self.tokenizer, self.text_encoder, prompts, device)
+        embeds, pooled = encode_prompts(self.tokenizer, self.text_encoder, prompts, device, return_pooled=True)
         negative = None
         if denoiser.do_guidance:
             neg_prompt = opts.negative_prompt if negative_prompt is None else negative_prompt
             negative = encode_prompts(self.tokenizer, self.text_encoder, [neg_prompt], device)
         denoiser.set_condition(embeds, negative)
         shape = latent_shape(self, opts.height, opts.width)
-        x_T = _draw(self.initial_noise, len(prompts), shape, generator, device, use_initial_noise)
+        x_T = _draw(self.initial_noise, len(prompts), shape, generator, device, use_initial_noise, pooled)
         latents = self._sampler(denoiser, num_inference_steps, eta).sample(x_T, generator, controlled=controlled)
         if output_type == "latent":
             images = latents

@@ -1,6 +1,7 @@
 """Controlled processes: what is fine-tuned (network + adapters, schedule, conditioning, decoding, persistence).
 
 * :class:`ControlledProcess`: any unconditional ``model(sample, t)`` on a DDPM / DDIM scheduler.
+* :class:`ClassConditionalProcess`: ``model(sample, t, class_labels=...)`` (class-conditional ``UNet2DModel``).
 * :class:`StableDiffusionProcess`: a ``StableDiffusionPipeline`` (SD 1.x / 2.x).
 
 :func:`process_from_pipeline` picks the process of a diffusers pipeline. A new model family is one new module
@@ -8,6 +9,7 @@ here; the trainers take any process.
 """
 
 from .base import ControlledProcess
+from .class_conditional import ClassConditionalProcess
 from .sd_components import StableDiffusionOptions
 from .stable_diffusion import StableDiffusionProcess
 
@@ -28,4 +30,4 @@ def process_from_pipeline(pipeline, config, prompts, **options) -> ControlledPro
     return StableDiffusionProcess(pipeline, config, prompts, StableDiffusionOptions(**options))
 
 
-__all__ = ["ControlledProcess", "StableDiffusionProcess", "StableDiffusionOptions", "process_from_pipeline"]
+__all__ = ["ControlledProcess", "ClassConditionalProcess", "StableDiffusionProcess", "StableDiffusionOptions", "process_from_pipeline"]

@@ -44,8 +44,10 @@ class ControlledProcess:
 
     #: name of the model family (model cards, logs)
     family = "unconditional"
-    #: whether prompt-agnostic per-step values (``drift_objective="value_guided"``) are exact for this process
+    #: whether per-step values (``drift_objective="value_guided"``) can be fitted for this process
     supports_step_values = True
+    #: width of the per-sample condition features (0: unconditional)
+    condition_dim = 0
 
     def __init__(self, model: torch.nn.Module, scheduler, sample_shape, config, model_kwargs: dict | None = None):
         self.config = config
@@ -104,6 +106,11 @@ class ControlledProcess:
         conditions = self.draw_conditions(batch_size, generator)
         self.set_conditions(conditions)
         return conditions
+
+    def condition_features(self, conditions=None) -> torch.Tensor | None:
+        """``(B, condition_dim)`` float32 features of ``conditions`` (default: the current batch's) on which the
+        initial noise and the values are conditioned; ``None`` for unconditional processes."""
+        return None
 
     def check_conditions(self, conditions, num_samples: int | None):
         """Validates user-given conditions for :meth:`sample`-style calls; returns ``(conditions, num_samples)``."""

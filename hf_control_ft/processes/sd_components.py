@@ -73,15 +73,17 @@ def load_prompts(prompts, column: str = "prompt") -> list[str]:
 
 
 @torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], device, return_pooled: bool = False):
     """CLIP text embeddings ``(B, L, D)`` as ``StableDiffusionPipeline.encode_prompt`` computes them
-    (padding to ``model_max_length``, last hidden state)."""
+    (padding to ``model_max_length``, last hidden state); with ``return_pooled`` also the pooled embedding
+    ``(B, D)`` (fp32), the per-prompt condition of the initial noise and the values."""
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids.to(device)
     mask = None
     if getattr(text_encoder.config, "use_attention_mask", False):
         mask = (ids != tokenizer.pad_token_id).long()
-    return text_encoder(ids, attention_mask=mask)[0]
+    out = text_encoder(ids, attention_mask=mask)
+    return (out[0], out[1].float()) if return_pooled else out[0]
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):

@@ -14,9 +14,10 @@
 * persistence: the UNet adapter in diffusers' LoRA format (``pipe.load_lora_weights`` loads it) and
   ``stable_diffusion.json`` with guidance, negative prompt, size, precision and base model.
 
-Limitation: the learned initial noise and stage-1 value are prompt-agnostic; they target the tilt averaged
-over the prompt distribution (``docs/algorithms.md`` §3), and prompt-agnostic per-step values are refused
-(``supports_step_values = False``).
+Conditions: the pooled CLIP text embedding of each prompt (``condition_dim`` = the text encoder's width)
+conditions the stage-1 value and the learned initial noise, so each prompt gets its own start law
+(``docs/algorithms.md`` §3). Per-step values (``drift_objective="value_guided"``) are not offered: they store
+``value_num_rollouts x num_inference_steps`` latents (``supports_step_values = False``).
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ class StableDiffusionProcess(ControlledProcess):
         self.lora_config = lora_config
         self._precise_kl = precise_kl
         self._negative_embeds = None
+        self._pooled = None
+        self.condition_dim = int(text_encoder.config.hidden_size)
 
     # ------------------------------------------------------------------ network and sampler
     def to(self, device) -> "StableDiffusionProcess":
@@ -129,10 +132,22 @@ class StableDiffusionProcess(ControlledProcess):
         """Conditions the guided UNet and the reward on ``conditions`` (a list of prompts, one per sample)."""
         if conditions is None:
             raise ValueError("Stable Diffusion needs one prompt per sample")
-        embeds = encode_prompts(self.pipeline.tokenizer, self.pipeline.text_encoder, list(conditions), self.device)
+        embeds, pooled = encode_prompts(self.pipeline.tokenizer, self.pipeline.text_encoder, list(conditions),
+                                        self.device, return_pooled=True)
         negative = self.negative_embeds() if self.model.do_guidance else None
         self.model.set_condition(embeds, negative)
         self.current_conditions = list(conditions)
+        self._pooled = pooled.detach()
+
+    @torch.no_grad()
+    def condition_features(self, conditions=None) -> torch.Tensor:
+        """Pooled CLIP text embeddings ``(B, D)`` of ``conditions`` (prompts; default: the current batch's)."""
+        if conditions is None:
+            if self._pooled is None:
+                raise RuntimeError("no prompts set: call set_conditions or prepare_batch first")
+            return self._pooled
+        return encode_prompts(self.pipeline.tokenizer, self.pipeline.text_encoder, list(conditions), self.device,
+                              return_pooled=True)[1].detach()
 
     def check_conditions(self, conditions, num_samples: int | None):
         if conditions is None:

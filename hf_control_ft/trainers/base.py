@@ -17,6 +17,7 @@ Subclasses add their own loop (ELEGANT's three stages, SEIKO's rounds) and persi
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import tempfile
 
@@ -75,6 +76,15 @@ class BaseTrainer:
     @property
     def lora_config(self):
         return self.process.peft_config()
+
+    @property
+    def condition_dim(self) -> int:
+        """Width of the condition of the initial noise and the values (0: prompt-agnostic / unconditional)."""
+        return self.process.condition_dim if self.config.conditional_initial_noise else 0
+
+    def batch_condition(self, conditions=None) -> torch.Tensor | None:
+        """Features ``(B, condition_dim)`` of ``conditions`` (default: the current batch's), or ``None``."""
+        return self.process.condition_features(conditions) if self.condition_dim else None
 
     def set_reward(self, reward_fn) -> None:
         """Sets the reward the drift maximises (the user's function on what the process decodes to)."""
@@ -139,12 +149,14 @@ class BaseTrainer:
             (grad,) = torch.autograd.grad(r.sum(), x0)
         return r.detach(), grad
 
-    def draw_initial_noise(self, num_samples: int, generator: torch.Generator | None = None):
-        """``(x_T, kl_init)`` without autograd: from the learned model if any, else ``N(0, I)`` (KL 0)."""
+    def draw_initial_noise(self, num_samples: int, generator: torch.Generator | None = None,
+                           condition: torch.Tensor | None = None):
+        """``(x_T, kl_init)`` without autograd: from the learned model if any (given the batch's ``condition``
+        features for a conditional start law), else ``N(0, I)`` (KL 0)."""
         gen = generator if generator is not None else self.generator
         with torch.no_grad():
             if self.initial_noise is not None:
-                x_T, kl = self.initial_noise(num_samples, generator=gen, device=self.device)
+                x_T, kl = self.initial_noise(num_samples, generator=gen, device=self.device, condition=condition)
             else:
                 x_T = torch.randn((num_samples, *self.sample_shape), generator=gen).to(self.device)
                 kl = torch.zeros(num_samples, device=self.device)
@@ -167,14 +179,18 @@ class BaseTrainer:
         w = float(reference_weight)
         metrics = {}
         for it in self._progress(range(steps), desc, leave=log_prefix is not None):
+            # conditional start law: conditions drawn from the process's distribution (prompts, classes)
+            c = self.batch_condition(self.process.draw_conditions(cfg.noise_batch_size, generator)) \
+                if self.condition_dim else None
             if reference is None:
-                x_T, kl = self.initial_noise(cfg.noise_batch_size, generator=generator, device=self.device)
+                x_T, kl = self.initial_noise(cfg.noise_batch_size, generator=generator, device=self.device,
+                                             condition=c)
                 kl_ref, cost = None, kl
             else:
                 x_T, kl, kl_ref = self.initial_noise(cfg.noise_batch_size, generator=generator, device=self.device,
-                                                     reference=reference)
+                                                     reference=reference, condition=c)
                 cost = (1 - w) * kl + w * kl_ref
-            u = value.normalized(x_T)
+            u = value.normalized(x_T, c)
             loss = (cost - u).mean()  # = -(E[v_T] - alpha KL) / alpha, up to the constant shift of v_T
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -204,8 +220,11 @@ class BaseTrainer:
         B = cfg.batch_size
         gen = generator if generator is not None else self.generator
         self.process.prepare_batch(B, gen)
-        x_T, kl_init = self.draw_initial_noise(B, gen)
+        cond = self.batch_condition()
+        x_T, kl_init = self.draw_initial_noise(B, gen, cond)
         traj = self.sampler.rollout(x_T, gen)
+        if value_gradient is not None and cond is not None:
+            value_gradient = functools.partial(value_gradient, condition=cond)
         r, grad_x0 = self.reward_and_gradient(traj.samples)
         optimizer.zero_grad(set_to_none=True)
         regression_loss = None
@@ -265,7 +284,7 @@ class BaseTrainer:
             else:
                 self.process.prepare_batch(b, gen)
             if controlled:
-                x_T, _ = self.draw_initial_noise(b, gen)
+                x_T, _ = self.draw_initial_noise(b, gen, self.batch_condition())
             else:
                 x_T = torch.randn((b, *self.sample_shape), generator=gen).to(self.device)
             out.append(self.sampler.sample(x_T, gen, controlled=controlled))

@@ -72,7 +72,7 @@ class ElegantTrainer(BaseTrainer):
         self.set_reward(reward_fn)
         if config.learn_initial_noise:
             self.initial_noise = InitialNoiseModel(self.sample_shape, num_steps=config.noise_num_steps,
-                                                   hidden=config.aux_hidden).to(self.device)
+                                                   hidden=config.aux_hidden, cond_dim=self.condition_dim).to(self.device)
         self.value_function = None
         self.step_values = None  # drift_objective="value_guided": V_k at every step
         self.global_step = 0
@@ -81,8 +81,9 @@ class ElegantTrainer(BaseTrainer):
 
     # ------------------------------------------------------------------ stage 1
     def _pretrained_rollouts(self, desc: str):
-        """Yields ``(trajectory, reward)`` for batches of the pretrained chain from ``N(0, I)``: this process's
-        share of ``value_num_rollouts`` (the Feynman--Kac data of stages 1 and of the step values)."""
+        """Yields ``(trajectory, reward, condition features or None)`` for batches of the pretrained chain from
+        ``N(0, I)``: this process's share of ``value_num_rollouts`` (the Feynman--Kac data of stage 1 and of the
+        step values)."""
         cfg = self.config
         n_local = math.ceil(cfg.value_num_rollouts / self.accelerator.num_processes)
         for start in self._progress(range(0, n_local, cfg.batch_size), desc):
@@ -92,22 +93,27 @@ class ElegantTrainer(BaseTrainer):
             traj = self.sampler.rollout(x_T, self.generator, controlled=False)
             with torch.no_grad():
                 r = self._reward(traj.samples, require_grad=False).float()
-            yield traj, r
+            yield traj, r, self.batch_condition()
+
+    def _gather_conditions(self, conds: list):
+        return None if not self.condition_dim else self.accelerator.gather(torch.cat(conds))
 
     def fit_value_function(self) -> dict:
         """Stage 1: Feynman--Kac regression of ``v_T`` on pretrained rollouts (gathered over processes)."""
         cfg = self.config
-        xs, rs = [], []
-        for traj, r in self._pretrained_rollouts("stage 1: pretrained rollouts"):
+        xs, rs, cs = [], [], []
+        for traj, r, c in self._pretrained_rollouts("stage 1: pretrained rollouts"):
             xs.append(traj.states[0])
             rs.append(r)
+            cs.append(c)
         x_T, r = torch.cat(xs), torch.cat(rs)
-        x_T, r = self.accelerator.gather(x_T), self.accelerator.gather(r)
+        x_T, r, c = self.accelerator.gather(x_T), self.accelerator.gather(r), self._gather_conditions(cs)
         torch.manual_seed(cfg.seed + 1)  # same value network on every process
-        self.value_function = ValueFunction(self.sample_shape, cfg.alpha, hidden=cfg.aux_hidden).to(self.device)
+        self.value_function = ValueFunction(self.sample_shape, cfg.alpha, hidden=cfg.aux_hidden,
+                                            cond_dim=self.condition_dim).to(self.device)
         fit_gen = torch.Generator().manual_seed(cfg.seed + 2)
         loss = self.value_function.fit(x_T, r, steps=cfg.value_train_steps, lr=cfg.value_learning_rate,
-                                       generator=fit_gen, progress=self.is_main_process)
+                                       generator=fit_gen, progress=self.is_main_process, conditions=c)
         self.value_function.requires_grad_(False)
         metrics = {"value/loss": loss, "value/pretrained_reward_mean": float(r.mean()),
                    "value/shift": float(self.value_function.shift)}
@@ -133,19 +139,21 @@ class ElegantTrainer(BaseTrainer):
         ``N(0, I)`` (:mod:`hf_control_ft.models.step_values`); used by ``drift_objective="value_guided"``."""
         cfg = self.config
         K = len(self.schedule)
-        states, rs = [[] for _ in range(K)], []
-        for traj, r in self._pretrained_rollouts("step values: pretrained rollouts"):
+        states, rs, cs = [[] for _ in range(K)], [], []
+        for traj, r, c in self._pretrained_rollouts("step values: pretrained rollouts"):
             rs.append(r)
+            cs.append(c)
             for k in range(K):
                 states[k].append(traj.states[k])
         states = [self.accelerator.gather(torch.cat(s)) for s in states]
-        r = self.accelerator.gather(torch.cat(rs))
+        r, c = self.accelerator.gather(torch.cat(rs)), self._gather_conditions(cs)
         times = self.schedule.timesteps.float() / self.schedule.scheduler.config.num_train_timesteps
         torch.manual_seed(cfg.seed + 3)  # same network on every process
-        self.step_values = StepValueFunction(self.sample_shape, cfg.alpha, times, hidden=cfg.aux_hidden).to(self.device)
+        self.step_values = StepValueFunction(self.sample_shape, cfg.alpha, times, hidden=cfg.aux_hidden,
+                                             cond_dim=self.condition_dim).to(self.device)
         loss = self.step_values.fit(states, r, steps=cfg.step_value_train_steps, lr=cfg.value_learning_rate,
                                     generator=torch.Generator().manual_seed(cfg.seed + 4),
-                                    progress=self.is_main_process)
+                                    progress=self.is_main_process, conditions=c)
         metrics = {"step_values/loss": loss}
         self._log(metrics, step=self.global_step)
         return metrics

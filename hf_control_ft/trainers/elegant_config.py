@@ -14,7 +14,8 @@ from ..utils.validation import field_checker, is_int, is_number
 DRIFT_OBJECTIVES = ("pathwise", "adjoint_matching", "value_guided")
 # settings a resumed run may not change: they define the objective, the model or the optimiser (train_steps,
 # checkpointing, logging and output settings may change)
-RESUME_KEYS = ("alpha", "eta", "num_inference_steps", "learn_initial_noise", "drift_objective", "batch_size",
+RESUME_KEYS = ("alpha", "eta", "num_inference_steps", "learn_initial_noise", "conditional_initial_noise",
+               "drift_objective", "batch_size",
                "learning_rate", "max_grad_norm", "lr_scheduler", "lr_warmup_steps", "lora_rank", "lora_alpha",
                "lora_target_modules", "truncate_backprop_steps", "value_num_rollouts", "value_train_steps",
                "value_learning_rate", "step_value_train_steps", "noise_num_steps", "noise_train_steps",
@@ -49,6 +50,11 @@ class ElegantConfig:
       iterations (:mod:`hf_control_ft.models.step_values`) -- a low-variance target, biased by the value fit; it
       stores ``value_num_rollouts * num_inference_steps`` states, so suits small samples.
 
+    Conditioning: for a conditional process (text-to-image, class-conditional) the stage-1 value, the per-step
+    values and the learned initial noise take the process's per-sample condition features
+    (``conditional_initial_noise=True``, default), so each prompt / class gets its own start law;
+    ``conditional_initial_noise=False`` learns one prompt-agnostic start law (the prompt-averaged tilt).
+
     Robustness: a drift step whose LoRA gradient is not finite is skipped and counted (``train/skipped_steps``);
     ``max_nonfinite_steps`` such steps in a row stop training with an error. ``train`` refuses an ``output_dir``
     that already holds a run unless it resumes (``resume_from_checkpoint``) or ``overwrite_output_dir=True``
@@ -64,6 +70,7 @@ class ElegantConfig:
     eta: float = 1.0
     num_inference_steps: int = 50
     learn_initial_noise: bool = True
+    conditional_initial_noise: bool = True
     # drift (stage 3)
     drift_objective: str = "pathwise"
     train_steps: int = 500
@@ -103,7 +110,8 @@ class ElegantConfig:
     def __post_init__(self):
         _check(is_number(self.alpha) and 0 < self.alpha < math.inf, "alpha",
                f"must be a finite number > 0, got {self.alpha!r}")
-        for name in ("learn_initial_noise", "gradient_checkpointing", "overwrite_output_dir"):
+        for name in ("learn_initial_noise", "conditional_initial_noise", "gradient_checkpointing",
+                     "overwrite_output_dir"):
             v = getattr(self, name)
             _check(isinstance(v, bool), name, f"must be true or false, got {v!r} ({type(v).__name__}); a string "
                    "such as 'false' is not a boolean")

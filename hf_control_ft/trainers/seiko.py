@@ -30,12 +30,10 @@ Round ``i = 1..R`` (``p_0`` = pretrained):
    optimum is an endpoint reweighting of ``P_pre`` (induction over rounds), its ``x_0`` marginal is the SEIKO
    fixed point ``p_i ∝ exp((r_hat+g)/(a+b)) p_pre^(a/(a+b)) p_{i-1}^(b/(a+b))``.
 
-No feedback is lost: the dataset is versioned on disk (:mod:`hf_control_ft.feedback.store`), and after each round the
-adapters, initial-noise models and counters are written (safetensors + JSON, atomically switched) to
-``output_dir/trainer_state``. Restarting with the same ``output_dir`` resumes after the last completed round:
-pending samples of the interrupted round are queried (answered ones never again), then the round's fit and
-update are redone from the saved state. All randomness is drawn from generators seeded by
-``(seed, round, phase)``, so a resumed run draws exactly what the uninterrupted run would have.
+No feedback is lost: every answer is on disk before it is used (:mod:`hf_control_ft.feedback.store`), and the
+per-round state is saved after each round (:mod:`hf_control_ft.trainers.seiko_state`). Restarting with the same
+``output_dir`` resumes after the last completed round; all randomness comes from ``(seed, round, phase)``
+generators, so a resumed run draws exactly what the uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -114,7 +112,7 @@ class SeikoTrainer(BaseTrainer):
         self.process = process.to(self.device)
         if config.learn_initial_noise:
             self.initial_noise = InitialNoiseModel(self.sample_shape, num_steps=config.noise_num_steps,
-                                                   hidden=config.aux_hidden).to(self.device)
+                                                   hidden=config.aux_hidden, cond_dim=self.condition_dim).to(self.device)
         add_reference_adapter(process.lora_model, PREVIOUS_ADAPTER, source=CONTROL_ADAPTER)
         self.sampler = process.make_sampler(reference_adapter=PREVIOUS_ADAPTER)
         self.previous_noise = copy.deepcopy(self.initial_noise).requires_grad_(False) if self.initial_noise else None
@@ -283,25 +281,30 @@ class SeikoTrainer(BaseTrainer):
         cfg = self.config
         a, b = cfg.alpha, cfg.beta
         gen = round_generator(cfg.seed, round_index, "value")
-        xs, targets = [], []
+        xs, targets, cs = [], [], []
         n = cfg.value_num_rollouts
         for start in self._progress(range(0, n, cfg.batch_size), f"round {round_index}: value rollouts", leave=False):
             m = min(cfg.batch_size, n - start)
             half = m // 2  # cover both N(0, I) and the previous initial law, where nu_i will put its mass
             self.process.prepare_batch(m, gen)  # conditional models: this batch's prompts
+            c = self.batch_condition()
             x_T = torch.cat([torch.randn((m - half, *self.sample_shape), generator=gen).to(self.device),
-                             self.previous_noise.sample(half, generator=gen, device=self.device)])
+                             self.previous_noise.sample(half, generator=gen, device=self.device,
+                                                        condition=None if c is None else c[m - half:])])
             x0, cost = self.reference_rollout(x_T, gen)
             with torch.no_grad():
                 r = self.reward(x0)
             xs.append(x_T)
             targets.append((r - cost).float())
+            cs.append(c)
         x_T, target = torch.cat(xs), torch.cat(targets)
+        conditions = torch.cat(cs) if self.condition_dim else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(round_seed(cfg.seed, round_index, "value"))
-            value = ValueFunction(self.sample_shape, a + b, hidden=cfg.aux_hidden).to(self.device)
+            value = ValueFunction(self.sample_shape, a + b, hidden=cfg.aux_hidden,
+                                  cond_dim=self.condition_dim).to(self.device)
         value_loss = value.fit(x_T, target, steps=cfg.value_train_steps, lr=cfg.value_learning_rate,
-                               generator=gen, progress=False)
+                               generator=gen, progress=False, conditions=conditions)
         value.requires_grad_(False)
         metrics = self.fit_initial_noise(value, cfg.noise_train_steps, round_generator(cfg.seed, round_index, "noise"),
                                          reference=self.previous_noise, reference_weight=b / (a + b), log_prefix=None,
