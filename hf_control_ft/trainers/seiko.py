@@ -17,18 +17,10 @@ Round ``i = 1..R`` (``p_0`` = pretrained):
    ``sum_j ||g_phi||^2 ds / 2`` (to the driftless SDE, i.e. to ``N(0, I)``) and ``KL(P || P_{i-1})``
    contributes ``sum_j ||g_phi - g_{i-1}||^2 ds / 2`` (to the previous round's frozen initial-noise SDE).
 
-   The initial-noise stage needs the soft value of the combined problem. Completing the square, the geometric
-   mixture ``N(mu_pre, s^2)^(a/(a+b)) N(mu_prev, s^2)^(b/(a+b))`` of the two reference transitions is
-   ``N(mu_mix, s^2) exp(-c_k / (a+b))`` with ``mu_mix = (a mu_pre + b mu_prev) / (a+b)`` and running cost
-   ``c_k = a b / (a+b) ||mu_pre - mu_prev||^2 / (2 s^2)``, so
-
-       v_T(x) = (a+b) log E_mix[ exp((r_hat + g - sum_k c_k) / (a+b)) | x_T = x ]
-
-   is fitted by Feynman--Kac regression on rollouts of the ``mu_mix`` chain, and the initial-noise model
-   maximises ``E[v_T] - a KL_aux(nu || N(0, I)) - b KL_aux(nu || nu_{i-1})``. The optimum of the extended-path
-   problem is ``P_i ∝ exp((r_hat + g)(x_0) / (a+b)) P_pre^(a/(a+b)) P_{i-1}^(b/(a+b))``; since every exact
-   optimum is an endpoint reweighting of ``P_pre`` (induction over rounds), its ``x_0`` marginal is the SEIKO
-   fixed point ``p_i ∝ exp((r_hat+g)/(a+b)) p_pre^(a/(a+b)) p_{i-1}^(b/(a+b))``.
+   The initial-noise stage fits the soft value of the combined problem on rollouts of the geometric-mixture
+   reference chain ``mu_mix = (a mu_pre + b mu_prev) / (a+b)`` with running cost
+   ``c_k = a b / (a+b) ||mu_pre - mu_prev||^2 / (2 s^2)`` (derivation: ``docs/algorithms.md`` §6); the fixed
+   point is ``p_i ∝ exp((r_hat+g)/(a+b)) p_pre^(a/(a+b)) p_{i-1}^(b/(a+b))``.
 
 No feedback is lost: every answer is on disk before it is used (:mod:`hf_control_ft.feedback.store`), and the
 per-round state is saved after each round (:mod:`hf_control_ft.trainers.seiko_state`). Restarting with the same
