@@ -13,6 +13,15 @@ setting's block is also printed to stderr as soon as it is done.
     python benchmarks/tilted_target.py                 # full run (CPU, tens of minutes on 2 shared cores)
     python benchmarks/tilted_target.py --drift_objectives value_guided   # one objective (+ fixed noise)
     python benchmarks/tilted_target.py --quick         # smaller, for a smoke test
+    python benchmarks/tilted_target.py --conditional   # per-prompt targets (below)
+
+``--conditional``: three "prompts" (classes) over the same three modes, each with its own mode weights
+(``class_conditional_mixtures``), a class-conditional MLP denoiser distilled to the exact conditional noise
+prediction, the same linear reward. For every prompt the tilted target is known in closed form. At DDIM
+``--low_eta`` (default 0.2) it reports, per prompt, the mode-weight TV of ELEGANT with a conditional start law
+(``conditional_initial_noise=True``), with one prompt-agnostic learned start law, and with fixed N(0, I) noise,
+and the worst prompt of each; plus the time and peak memory of stages 1-2 with and without the condition on the
+tiny Stable Diffusion pipeline (``--skip_sd_cost`` to skip).
 """
 
 from __future__ import annotations
@@ -27,7 +36,9 @@ from diffusers import DDIMScheduler
 
 from hf_control_ft import ControlledSampler, DiffusionSchedule, ElegantConfig, ElegantTrainer
 from hf_control_ft.core.control import add_lora_control, lora_parameters
-from hf_control_ft.tasks.gaussian_mixture import distill_mixture_denoiser, exact_noise_prediction, three_mode_mixture
+from hf_control_ft.processes import ClassConditionalProcess
+from hf_control_ft.tasks.gaussian_mixture import (class_conditional_mixtures, distill_mixture_denoiser,
+                                                  exact_noise_prediction, three_mode_mixture)
 
 
 def evaluate(target, x):
@@ -98,6 +109,88 @@ def run_setting(denoiser_state, scheduler, target, reward, args, eta, learn_init
     return out
 
 
+def run_conditional(args) -> dict:
+    """The per-prompt exact-target comparison of ``--conditional`` (module docstring)."""
+    mixtures = class_conditional_mixtures()
+    c = torch.tensor([0.5, 0.3])
+    targets = [m.tilted_linear(c, args.alpha) for m in mixtures]
+
+    def linear_reward(x):
+        return x @ c.to(x)
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=True)
+    t0 = time.perf_counter()
+    den = distill_mixture_denoiser(mixtures, scheduler, steps=args.distill_steps, seed=args.seed)
+    state = {"config": {k: v for k, v in dict(den.config).items() if not k.startswith("_")},
+             "weights": den.state_dict()}
+    result = {"benchmark": "tilted_target --conditional", "alpha": args.alpha, "eta": args.low_eta,
+              "num_inference_steps": args.steps, "drift_objective": args.drift_objectives.split(",")[0],
+              "pretrained_weights": [m.weights.tolist() for m in mixtures],
+              "target_weights": [[round(float(w), 4) for w in t.weights] for t in targets],
+              "distill_seconds": round(time.perf_counter() - t0, 1), "variants": {}}
+    variants = {"conditional": dict(learn_initial_noise=True, conditional_initial_noise=True),
+                "prompt_agnostic": dict(learn_initial_noise=True, conditional_initial_noise=False),
+                "fixed_noise": dict(learn_initial_noise=False)}
+    for name, kw in variants.items():
+        model = load_denoiser(state)
+        cfg = ElegantConfig(alpha=args.alpha, eta=args.low_eta, num_inference_steps=args.steps,
+                            train_steps=args.train_steps, batch_size=args.batch_size, learning_rate=args.lr,
+                            lora_rank=8, seed=args.seed, value_num_rollouts=args.value_rollouts,
+                            value_train_steps=args.value_train_steps, noise_train_steps=args.noise_train_steps,
+                            report_to=None, drift_objective=result["drift_objective"], **kw)
+        process = ClassConditionalProcess(model, scheduler, (2,), cfg, num_classes=len(mixtures))
+        trainer = ElegantTrainer(cfg, reward_fn=linear_reward, process=process)
+        t1 = time.perf_counter()
+        trainer.train()
+        per_prompt = {}
+        for label, target in enumerate(targets):
+            x = trainer.sample(prompts=torch.full((args.eval_samples,), label), batch_size=2048,
+                               generator=torch.Generator().manual_seed(99 + label))
+            per_prompt[f"prompt_{label}"] = evaluate(target, x)
+            if name == "conditional":
+                x0 = trainer.sample(prompts=torch.full((args.eval_samples,), label), batch_size=2048,
+                                    generator=torch.Generator().manual_seed(99 + label), controlled=False)
+                per_prompt[f"prompt_{label}"]["pretrained_tv"] = round(target.mode_weight_tv(x0), 4)
+        result["variants"][name] = {"train_seconds": round(time.perf_counter() - t1, 1), "per_prompt": per_prompt,
+                                    "worst_tv": max(v["tv"] for v in per_prompt.values())}
+        print(json.dumps({name: result["variants"][name]}), file=sys.stderr, flush=True)
+    if not args.skip_sd_cost:
+        result["sd_stage_cost"] = {name: _sd_stage_cost(flag) for name, flag in
+                                   (("conditional", True), ("prompt_agnostic", False))}
+    return result
+
+
+def _sd_stage_cost(conditional: bool) -> dict:
+    """Seconds and peak RSS of stages 1-2 on the tiny SD pipeline, measured in a fresh process."""
+    code = f"""
+import json, resource, time, torch
+from diffusers import StableDiffusionPipeline
+from hf_control_ft import ElegantConfig, ElegantTrainer
+from hf_control_ft.testing import tiny_components
+torch.set_num_threads(1)
+cfg = ElegantConfig(num_inference_steps=10, batch_size=8, value_num_rollouts=64, value_train_steps=100,
+                    noise_train_steps=50, noise_batch_size=16, aux_hidden=32, report_to=None,
+                    conditional_initial_noise={conditional})
+prompts = ["a cat", "the dog", "a red car", "a bowl of fruit", "the sea", "a tree"]
+trainer = ElegantTrainer.from_pipeline(StableDiffusionPipeline(**tiny_components()),
+                                       lambda im, p: im.mean((1, 2, 3)), cfg, prompts=prompts)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+trainer.fit_value_function()
+t1 = time.perf_counter()
+trainer.train_initial_noise()
+t2 = time.perf_counter()
+print(json.dumps({{"stage1_seconds": t1 - t0, "stage2_seconds": t2 - t1,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "rss_before_stages_mb": before / 1024,
+                  "noise_model_parameters": sum(p.numel() for p in trainer.initial_noise.parameters())}}))
+"""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--alpha", type=float, default=2.0)
@@ -122,11 +215,16 @@ def main():
     p.add_argument("--skip_floor", action="store_true", help="skip the discretisation-floor fit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke test")
+    p.add_argument("--conditional", action="store_true", help="per-prompt targets of a class-conditional mixture")
+    p.add_argument("--skip_sd_cost", action="store_true", help="--conditional without the tiny-SD stage cost")
     args = p.parse_args()
     if args.quick:
         args.train_steps, args.distill_steps, args.value_rollouts = 30, 300, 1024
         args.value_train_steps, args.noise_train_steps, args.eval_samples, args.steps = 100, 50, 2048, 20
         args.floor_steps = 200
+    if args.conditional:
+        print(json.dumps(run_conditional(args)))
+        return
 
     mixture = three_mode_mixture()
     c = torch.tensor([0.5, 0.3])

@@ -119,7 +119,7 @@ class ControlledSampler:
         if truncate_backprop_steps is not None and truncate_backprop_steps < 1:
             raise ValueError(f"truncate_backprop_steps must be >= 1 or None, got {truncate_backprop_steps}")
         self.truncate_backprop_steps = truncate_backprop_steps
-        self.model_kwargs = model_kwargs or {}
+        self.model_kwargs = model_kwargs if model_kwargs is not None else {}  # shared: the process may update it
         self.reference_adapter = reference_adapter
         self.kl_context = kl_context or contextlib.nullcontext
 

@@ -59,7 +59,7 @@ class ControlledProcess:
             self.lora_config = add_lora_control(model, config.lora_rank, config.lora_target_modules,
                                                 config.lora_alpha)
         self.schedule = DiffusionSchedule(scheduler, config.num_inference_steps, config.eta)
-        self.model_kwargs = model_kwargs or {}
+        self.model_kwargs = {} if model_kwargs is None else model_kwargs
         self.current_conditions = None
 
     # ------------------------------------------------------------------ network and sampler

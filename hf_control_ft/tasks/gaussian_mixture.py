@@ -105,11 +105,19 @@ def three_mode_mixture() -> GaussianMixture:
                            (0.25 * torch.eye(2)).expand(3, 2, 2).clone())
 
 
-def distill_mixture_denoiser(mixture: GaussianMixture, scheduler, steps: int = 1500, batch_size: int = 1024,
-                             hidden: int = 128, depth: int = 3, lr: float = 2e-3, seed: int = 0,
-                             progress: bool = False):
+def class_conditional_mixtures() -> list[GaussianMixture]:
+    """Three "prompts" over the modes of :func:`three_mode_mixture`, each with its own mode weights."""
+    base = three_mode_mixture()
+    weights = [[0.6, 0.3, 0.1], [0.2, 0.2, 0.6], [0.1, 0.7, 0.2]]
+    return [GaussianMixture(w, base.means, base.covariances) for w in weights]
+
+
+def distill_mixture_denoiser(mixture, scheduler, steps: int = 1500, batch_size: int = 1024, hidden: int = 128,
+                             depth: int = 3, lr: float = 2e-3, seed: int = 0, progress: bool = False):
     """Trains an :class:`~hf_control_ft.models.networks.MLPDenoiser` to the exact noise prediction of ``mixture``.
 
+    ``mixture``: one :class:`GaussianMixture`, or a list of them for a class-conditional denoiser (class ``c``
+    is ``mixture[c]``; called as ``model(x, t, class_labels=c)``; classes drawn uniformly in training).
     Regression on ``x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps`` with the closed-form target (lower variance than
     the usual ``eps`` target, same minimiser). Returns the frozen denoiser in eval mode.
     """
@@ -117,19 +125,31 @@ def distill_mixture_denoiser(mixture: GaussianMixture, scheduler, steps: int = 1
 
     from ..models.networks import MLPDenoiser
 
+    mixtures = list(mixture) if isinstance(mixture, (list, tuple)) else [mixture]
+    conditional = isinstance(mixture, (list, tuple))
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = MLPDenoiser(dim=mixture.dim, hidden=hidden, depth=depth,
-                        num_train_timesteps=scheduler.config.num_train_timesteps)
+    model = MLPDenoiser(dim=mixtures[0].dim, hidden=hidden, depth=depth,
+                        num_train_timesteps=scheduler.config.num_train_timesteps,
+                        num_classes=len(mixtures) if conditional else 0)
     abar = scheduler.alphas_cumprod
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in tqdm(range(steps), desc="distil mixture denoiser", disable=not progress):
-        x0 = mixture.sample(batch_size, gen)
+        labels = torch.randint(0, len(mixtures), (batch_size,), generator=gen) if conditional else None
+        x0 = torch.zeros(batch_size, mixtures[0].dim)
+        for c, m in enumerate(mixtures):
+            idx = (labels == c).nonzero().flatten() if conditional else torch.arange(batch_size)
+            x0[idx] = m.sample(len(idx), gen)
         t = torch.randint(0, len(abar), (batch_size,), generator=gen)
         a = abar[t]
         xt = a.sqrt()[:, None] * x0 + (1 - a).sqrt()[:, None] * torch.randn(x0.shape, generator=gen)
-        loss = (model(xt, t).sample - exact_noise_prediction(mixture, xt, a)).pow(2).mean()
+        target = torch.zeros_like(xt)
+        for c, m in enumerate(mixtures):
+            idx = (labels == c).nonzero().flatten() if conditional else torch.arange(batch_size)
+            target[idx] = exact_noise_prediction(m, xt[idx], a[idx])
+        kwargs = {"class_labels": labels} if conditional else {}
+        loss = (model(xt, t, **kwargs).sample - target).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

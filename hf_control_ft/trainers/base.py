@@ -79,12 +79,18 @@ class BaseTrainer:
 
     @property
     def condition_dim(self) -> int:
-        """Width of the condition of the initial noise and the values (0: prompt-agnostic / unconditional)."""
+        """Width of the condition of the initial noise and the stage-1 value (0: prompt-agnostic start law)."""
         return self.process.condition_dim if self.config.conditional_initial_noise else 0
 
     def batch_condition(self, conditions=None) -> torch.Tensor | None:
-        """Features ``(B, condition_dim)`` of ``conditions`` (default: the current batch's), or ``None``."""
+        """Features ``(B, condition_dim)`` of ``conditions`` (default: the current batch's) for the initial noise
+        and the stage-1 value, or ``None`` (unconditional process, or ``conditional_initial_noise=False``)."""
         return self.process.condition_features(conditions) if self.condition_dim else None
+
+    def step_condition(self) -> torch.Tensor | None:
+        """Features of the current batch for the per-step values: always conditional on a conditional process
+        (a prompt-agnostic ``V_k`` would guide every prompt toward the prompt-averaged target)."""
+        return self.process.condition_features() if self.process.condition_dim else None
 
     def set_reward(self, reward_fn) -> None:
         """Sets the reward the drift maximises (the user's function on what the process decodes to)."""
@@ -223,8 +229,9 @@ class BaseTrainer:
         cond = self.batch_condition()
         x_T, kl_init = self.draw_initial_noise(B, gen, cond)
         traj = self.sampler.rollout(x_T, gen)
-        if value_gradient is not None and cond is not None:
-            value_gradient = functools.partial(value_gradient, condition=cond)
+        step_cond = self.step_condition() if value_gradient is not None else None
+        if step_cond is not None:
+            value_gradient = functools.partial(value_gradient, condition=step_cond)
         r, grad_x0 = self.reward_and_gradient(traj.samples)
         optimizer.zero_grad(set_to_none=True)
         regression_loss = None

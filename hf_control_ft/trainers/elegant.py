@@ -93,10 +93,11 @@ class ElegantTrainer(BaseTrainer):
             traj = self.sampler.rollout(x_T, self.generator, controlled=False)
             with torch.no_grad():
                 r = self._reward(traj.samples, require_grad=False).float()
-            yield traj, r, self.batch_condition()
+            yield traj, r, self.step_condition()
 
-    def _gather_conditions(self, conds: list):
-        return None if not self.condition_dim else self.accelerator.gather(torch.cat(conds))
+    def _gather_conditions(self, conds: list, width: int):
+        """The rollouts' condition features (gathered), cut to what a network of condition ``width`` takes."""
+        return None if not width else self.accelerator.gather(torch.cat(conds))
 
     def fit_value_function(self) -> dict:
         """Stage 1: Feynman--Kac regression of ``v_T`` on pretrained rollouts (gathered over processes)."""
@@ -107,7 +108,7 @@ class ElegantTrainer(BaseTrainer):
             rs.append(r)
             cs.append(c)
         x_T, r = torch.cat(xs), torch.cat(rs)
-        x_T, r, c = self.accelerator.gather(x_T), self.accelerator.gather(r), self._gather_conditions(cs)
+        x_T, r, c = self.accelerator.gather(x_T), self.accelerator.gather(r), self._gather_conditions(cs, self.condition_dim)
         torch.manual_seed(cfg.seed + 1)  # same value network on every process
         self.value_function = ValueFunction(self.sample_shape, cfg.alpha, hidden=cfg.aux_hidden,
                                             cond_dim=self.condition_dim).to(self.device)
@@ -146,11 +147,11 @@ class ElegantTrainer(BaseTrainer):
             for k in range(K):
                 states[k].append(traj.states[k])
         states = [self.accelerator.gather(torch.cat(s)) for s in states]
-        r, c = self.accelerator.gather(torch.cat(rs)), self._gather_conditions(cs)
+        r, c = self.accelerator.gather(torch.cat(rs)), self._gather_conditions(cs, self.process.condition_dim)
         times = self.schedule.timesteps.float() / self.schedule.scheduler.config.num_train_timesteps
         torch.manual_seed(cfg.seed + 3)  # same network on every process
         self.step_values = StepValueFunction(self.sample_shape, cfg.alpha, times, hidden=cfg.aux_hidden,
-                                             cond_dim=self.condition_dim).to(self.device)
+                                             cond_dim=self.process.condition_dim).to(self.device)
         loss = self.step_values.fit(states, r, steps=cfg.step_value_train_steps, lr=cfg.value_learning_rate,
                                     generator=torch.Generator().manual_seed(cfg.seed + 4),
                                     progress=self.is_main_process, conditions=c)
