@@ -24,7 +24,8 @@ __version__ = "0.1.0"
 __all__ = ["ElegantConfig", "ElegantTrainer", "SeikoConfig", "SeikoTrainer", "ControlledProcess",
            "StableDiffusionProcess", "process_from_pipeline", "InitialNoiseModel", "ValueFunction",
            "ControlledSampler", "Trajectory", "DiffusionSchedule", "add_lora_control", "pretrained_mode",
-           "gaussian_kl", "gaussian_log_prob", "Oracle", "OracleAnswer", "FeedbackDataset", "load_feedback", "RewardEnsemble",
+           "gaussian_kl", "gaussian_log_prob", "Oracle", "OracleAnswer", "FeedbackDataset", "load_feedback",
+           "RewardEnsemble",
            "OptimisticReward", "ControlledDiffusionPipeline", "ControlledStableDiffusionPipeline"]
 
 _LAZY = {"ControlledDiffusionPipeline": "pipelines.controlled",

@@ -156,7 +156,8 @@ class ControlledSampler:
             mu_pre = self.mean(x, k, controlled=False)
             mu_ref = self.reference_mean(x, k)
         std = self.schedule.std[k]
-        return self.schedule.step_from_mean(mu_ft, k, noise), gaussian_kl(mu_ft, mu_pre, std), gaussian_kl(mu_ft, mu_ref, std)
+        x_next = self.schedule.step_from_mean(mu_ft, k, noise)
+        return x_next, gaussian_kl(mu_ft, mu_pre, std), gaussian_kl(mu_ft, mu_ref, std)
 
     def step_with_kl(self, x: torch.Tensor, k: int, noise: torch.Tensor | None):
         """``(x_{k+1}, KL_k)`` for one step; ``KL_k`` is ``(B,)`` (zeros for deterministic steps)."""

@@ -26,8 +26,9 @@ may be answers: nothing is dropped silently). A directory in the earlier version
 
 In memory: samples in one float32 tensor ``(N, *sample_shape)``, per-row fields in lists, per-round indexes.
 
-:func:`hf_control_ft.feedback.reader.load_feedback` reads a run's feedback as a ``datasets.Dataset`` with the columns ``query_index, round,
-batch, status, value, error, attempts, prompt, sample`` (plus ``timestamp``): the supported way to read it.
+:func:`hf_control_ft.feedback.reader.load_feedback` reads a run's feedback as a ``datasets.Dataset`` with the
+columns ``query_index, round, batch, status, value, error, attempts, prompt, sample`` (plus ``timestamp``): the
+supported way to read it.
 """
 
 from __future__ import annotations

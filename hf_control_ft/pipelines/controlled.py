@@ -82,7 +82,8 @@ class _ControlMixin:
     def _sampler(self, denoiser, num_inference_steps, eta) -> ControlledSampler:
         cfg = self.control_config
         # a DDPM/DDIM copy of the pipeline's scheduler (same noise schedule); self.scheduler is left unchanged
-        schedule = DiffusionSchedule(as_stochastic_scheduler(self.scheduler), int(num_inference_steps or cfg.num_inference_steps),
+        steps = int(num_inference_steps or cfg.num_inference_steps)
+        schedule = DiffusionSchedule(as_stochastic_scheduler(self.scheduler), steps,
                                      float(eta if eta is not None else cfg.eta))
         return ControlledSampler(denoiser, schedule, gradient_checkpointing=False)
 

@@ -30,4 +30,5 @@ def process_from_pipeline(pipeline, config, prompts, **options) -> ControlledPro
     return StableDiffusionProcess(pipeline, config, prompts, StableDiffusionOptions(**options))
 
 
-__all__ = ["ControlledProcess", "ClassConditionalProcess", "StableDiffusionProcess", "StableDiffusionOptions", "process_from_pipeline"]
+__all__ = ["ControlledProcess", "ClassConditionalProcess", "StableDiffusionProcess", "StableDiffusionOptions",
+           "process_from_pipeline"]

@@ -72,7 +72,8 @@ class ElegantTrainer(BaseTrainer):
         self.set_reward(reward_fn)
         if config.learn_initial_noise:
             self.initial_noise = InitialNoiseModel(self.sample_shape, num_steps=config.noise_num_steps,
-                                                   hidden=config.aux_hidden, cond_dim=self.condition_dim).to(self.device)
+                                                   hidden=config.aux_hidden,
+                                                   cond_dim=self.condition_dim).to(self.device)
         self.value_function = None
         self.step_values = None  # drift_objective="value_guided": V_k at every step
         self.global_step = 0
@@ -108,7 +109,8 @@ class ElegantTrainer(BaseTrainer):
             rs.append(r)
             cs.append(c)
         x_T, r = torch.cat(xs), torch.cat(rs)
-        x_T, r, c = self.accelerator.gather(x_T), self.accelerator.gather(r), self._gather_conditions(cs, self.condition_dim)
+        x_T, r = self.accelerator.gather(x_T), self.accelerator.gather(r)
+        c = self._gather_conditions(cs, self.condition_dim)
         torch.manual_seed(cfg.seed + 1)  # same value network on every process
         self.value_function = ValueFunction(self.sample_shape, cfg.alpha, hidden=cfg.aux_hidden,
                                             cond_dim=self.condition_dim).to(self.device)
@@ -270,7 +272,8 @@ class ElegantTrainer(BaseTrainer):
         self.history = list(state.get("history", []))
         self.initial_noise_trained = bool(state.get("initial_noise_trained", False))
         if self.initial_noise is not None and self.initial_noise_trained:
-            self.initial_noise = InitialNoiseModel.from_pretrained(os.path.join(path, INITIAL_NOISE_DIR)).to(self.device)
+            noise_dir = os.path.join(path, INITIAL_NOISE_DIR)
+            self.initial_noise = InitialNoiseModel.from_pretrained(noise_dir).to(self.device)
             self.initial_noise.requires_grad_(False)
         if optim is not None:
             self._optimizer_state = (optim, state)
@@ -283,7 +286,8 @@ class ElegantTrainer(BaseTrainer):
         if not found or not self.is_main_process:
             return
         if not cfg.overwrite_output_dir:
-            raise FileExistsError(f"{cfg.output_dir} already holds a run ({', '.join(os.path.basename(p) for _, p in found)}); "
+            names = ", ".join(os.path.basename(p) for _, p in found)
+            raise FileExistsError(f"{cfg.output_dir} already holds a run ({names}); "
                                   "pass resume_from_checkpoint='latest' to continue it, overwrite_output_dir=True to "
                                   "delete its checkpoints and start over, or another output_dir")
         for _, path in found:

@@ -118,7 +118,8 @@ class ElegantConfig:
         _check(is_number(self.eta) and 0 < self.eta <= 1, "eta",
                f"must be in (0, 1], got {self.eta!r} (eta = 0 is deterministic: infinite KL for any control)")
         for name in ("num_inference_steps", "train_steps", "batch_size", "lora_rank", "value_num_rollouts",
-                     "value_train_steps", "step_value_train_steps", "noise_num_steps", "noise_train_steps", "noise_batch_size",
+                     "value_train_steps", "step_value_train_steps", "noise_num_steps", "noise_train_steps",
+                     "noise_batch_size",
                      "aux_hidden", "log_every"):
             v = getattr(self, name)
             _check(is_int(v, 1), name, f"must be an int >= 1, got {v!r}")
@@ -145,7 +146,8 @@ class ElegantConfig:
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [self.lora_target_modules]
         _check(self.lora_target_modules is None or (isinstance(self.lora_target_modules, list)
-               and len(self.lora_target_modules) > 0 and all(isinstance(t, str) and t for t in self.lora_target_modules)),
+               and len(self.lora_target_modules) > 0
+               and all(isinstance(t, str) and t for t in self.lora_target_modules)),
                "lora_target_modules", f"must be None (the default targets) or a non-empty list of module-name "
                f"suffixes, got {self.lora_target_modules!r}")
         _check(isinstance(self.checkpointing_steps, int) and self.checkpointing_steps >= 0, "checkpointing_steps",

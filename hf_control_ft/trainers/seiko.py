@@ -104,7 +104,8 @@ class SeikoTrainer(BaseTrainer):
         self.process = process.to(self.device)
         if config.learn_initial_noise:
             self.initial_noise = InitialNoiseModel(self.sample_shape, num_steps=config.noise_num_steps,
-                                                   hidden=config.aux_hidden, cond_dim=self.condition_dim).to(self.device)
+                                                   hidden=config.aux_hidden,
+                                                   cond_dim=self.condition_dim).to(self.device)
         add_reference_adapter(process.lora_model, PREVIOUS_ADAPTER, source=CONTROL_ADAPTER)
         self.sampler = process.make_sampler(reference_adapter=PREVIOUS_ADAPTER)
         self.previous_noise = copy.deepcopy(self.initial_noise).requires_grad_(False) if self.initial_noise else None
@@ -236,7 +237,8 @@ class SeikoTrainer(BaseTrainer):
         if cfg.optimism == "ucb":
             ensemble.fit_gram(x, cfg.ucb_ridge)
         elif cfg.optimism == "ts":
-            head = int(torch.randint(0, cfg.ensemble_size, (1,), generator=round_generator(cfg.seed, round_index, "ts")))
+            ts_gen = round_generator(cfg.seed, round_index, "ts")
+            head = int(torch.randint(0, cfg.ensemble_size, (1,), generator=ts_gen))
         self.reward = OptimisticReward(ensemble, cfg.optimism, cfg.bonus_scale, head, bonus_cap=cfg.bonus_cap)
         self.reward_fn = self.reward  # on samples directly: the heads' features decode latents themselves
         self.reward_name = self.reward.__name__

@@ -101,8 +101,8 @@ class SeikoConfig(ElegantConfig):
                f"must be >= 2 for optimism={self.optimism!r} (got {self.ensemble_size})")
         _check(isinstance(self.ucb_ridge, (int, float)) and self.ucb_ridge > 0, "ucb_ridge",
                f"must be > 0, got {self.ucb_ridge!r}")
-        _check(self.bonus_cap is None or (isinstance(self.bonus_cap, (int, float)) and not isinstance(self.bonus_cap, bool)
-               and 0 < self.bonus_cap < math.inf), "bonus_cap", f"must be a finite number > 0 or None, got {self.bonus_cap!r}")
+        _check(self.bonus_cap is None or (is_number(self.bonus_cap) and 0 < self.bonus_cap < math.inf), "bonus_cap",
+               f"must be a finite number > 0 or None, got {self.bonus_cap!r}")
         _check(isinstance(self.feature_std_floor, (int, float)) and not isinstance(self.feature_std_floor, bool)
                and 0 <= self.feature_std_floor < 1, "feature_std_floor",
                f"must be in [0, 1), got {self.feature_std_floor!r}")
