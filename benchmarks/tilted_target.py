@@ -132,6 +132,8 @@ def run_conditional(args) -> dict:
                 "prompt_agnostic": dict(learn_initial_noise=True, conditional_initial_noise=False),
                 "fixed_noise": dict(learn_initial_noise=False)}
     for name, kw in variants.items():
+        if name not in args.variants.split(","):
+            continue
         model = load_denoiser(state)
         cfg = ElegantConfig(alpha=args.alpha, eta=args.low_eta, num_inference_steps=args.steps,
                             train_steps=args.train_steps, batch_size=args.batch_size, learning_rate=args.lr,
@@ -217,6 +219,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke test")
     p.add_argument("--conditional", action="store_true", help="per-prompt targets of a class-conditional mixture")
     p.add_argument("--skip_sd_cost", action="store_true", help="--conditional without the tiny-SD stage cost")
+    p.add_argument("--variants", default="conditional,prompt_agnostic,fixed_noise",
+                   help="--conditional: comma-separated start laws to run")
     args = p.parse_args()
     if args.quick:
         args.train_steps, args.distill_steps, args.value_rollouts = 30, 300, 1024

@@ -64,9 +64,9 @@ class ElegantTrainer(BaseTrainer):
                 raise ValueError("pass model, scheduler and sample_shape, or a process")
             process = ControlledProcess(model.to(self.device), scheduler, sample_shape, config, model_kwargs)
         if config.drift_objective == "value_guided" and not process.supports_step_values:
-            raise ValueError(f"ElegantConfig.drift_objective: 'value_guided' fits prompt-agnostic step values over "
-                             f"stored states, which the {process.family} process does not support; use "
-                             "'pathwise' or 'adjoint_matching'")
+            raise ValueError(f"ElegantConfig.drift_objective: 'value_guided' fits step values on "
+                             f"value_num_rollouts x num_inference_steps stored states, which the {process.family} "
+                             "process does not offer (latents); use 'pathwise' or 'adjoint_matching'")
         self.process = process.to(self.device)
         self.sampler = process.make_sampler()
         self.set_reward(reward_fn)

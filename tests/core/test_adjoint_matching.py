@@ -230,7 +230,7 @@ def test_step_values_fit_the_exact_value_gradient_of_a_gaussian_random_walk():
         assert err < 0.15, (k, float(err), g.mean(0))
 
 
-def test_conditional_trainers_reject_prompt_agnostic_value_guided_drift():
+def test_seiko_and_latent_processes_reject_value_guided_drift():
     from hf_control_ft import SeikoConfig
     from hf_control_ft.testing import tiny_sd_pipeline
 
