@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from hf_control_ft import ElegantConfig, ElegantTrainer, digits
+from hf_control_ft import ElegantConfig, ElegantTrainer
+from hf_control_ft.tasks import digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ("proxy_reward", "genuine_reward", "genuine_target_rate", "diversity_pairwise_distance",
