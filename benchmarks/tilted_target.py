@@ -18,7 +18,8 @@ setting's block is also printed to stderr as soon as it is done.
 ``--conditional``: three "prompts" (classes) over the same three modes, each with its own mode weights
 (``class_conditional_mixtures``), a class-conditional MLP denoiser distilled to the exact conditional noise
 prediction, the same linear reward. For every prompt the tilted target is known in closed form. At DDIM
-``--low_eta`` (default 0.2) it reports, per prompt, the mode-weight TV of ELEGANT with a conditional start law
+``--low_eta`` (default 0.2; stages 1-2 with ``--value_rollouts`` and ``--noise_train_steps`` *per prompt*) it
+reports, per prompt, the mode-weight TV of ELEGANT with a conditional start law
 (``conditional_initial_noise=True``), with one prompt-agnostic learned start law, and with fixed N(0, I) noise,
 and the worst prompt of each; plus the time and peak memory of stages 1-2 with and without the condition on the
 tiny Stable Diffusion pipeline (``--skip_sd_cost`` to skip).
@@ -131,14 +132,18 @@ def run_conditional(args) -> dict:
     variants = {"conditional": dict(learn_initial_noise=True, conditional_initial_noise=True),
                 "prompt_agnostic": dict(learn_initial_noise=True, conditional_initial_noise=False),
                 "fixed_noise": dict(learn_initial_noise=False)}
+    # stages 1-2 get the unconditional benchmark's budget per prompt: value rollouts and initial-noise steps scale
+    # with the number of prompts (the start law of each prompt is learned from its share)
+    result["value_num_rollouts"] = args.value_rollouts * len(mixtures)
+    result["noise_train_steps"] = args.noise_train_steps * len(mixtures)
     for name, kw in variants.items():
         if name not in args.variants.split(","):
             continue
         model = load_denoiser(state)
         cfg = ElegantConfig(alpha=args.alpha, eta=args.low_eta, num_inference_steps=args.steps,
                             train_steps=args.train_steps, batch_size=args.batch_size, learning_rate=args.lr,
-                            lora_rank=8, seed=args.seed, value_num_rollouts=args.value_rollouts,
-                            value_train_steps=args.value_train_steps, noise_train_steps=args.noise_train_steps,
+                            lora_rank=8, seed=args.seed, value_num_rollouts=result["value_num_rollouts"],
+                            value_train_steps=args.value_train_steps, noise_train_steps=result["noise_train_steps"],
                             report_to=None, drift_objective=result["drift_objective"], **kw)
         process = ClassConditionalProcess(model, scheduler, (2,), cfg, num_classes=len(mixtures))
         trainer = ElegantTrainer(cfg, reward_fn=linear_reward, process=process)
