@@ -2,8 +2,9 @@
 
 The call convention of diffusers' class-conditional ``UNet2DModel`` (``num_class_embeds``) and of the
 class-conditional :class:`~hf_control_ft.models.networks.MLPDenoiser`. Conditions are integer labels, drawn per
-sample from ``class_probs`` (uniform by default); their features are one-hot vectors, on which the initial noise
-and the values are conditioned. The reward is called as ``reward_fn(samples, labels)`` when it takes two
+sample from ``class_probs`` (uniform by default); their features -- one-hot vectors, or rows of a given
+``class_embeddings`` table (a stand-in for semantic prompt embeddings: classes with close embeddings get close
+start laws, and a class never drawn in training still gets one) -- condition the initial noise and the values. The reward is called as ``reward_fn(samples, labels)`` when it takes two
 arguments, ``reward_fn(samples)`` otherwise.
 """
 
@@ -21,13 +22,15 @@ class ClassConditionalProcess(ControlledProcess):
     Args:
         model, scheduler, sample_shape, config, model_kwargs: as :class:`ControlledProcess`.
         num_classes: number of classes ``C``; labels are ``0 .. C-1``.
-        class_probs: ``(C,)`` probabilities with which training batches draw their labels (default uniform).
+        class_probs: ``(C,)`` probabilities with which training batches draw their labels (default uniform; a 0
+            keeps a class out of training).
+        class_embeddings: ``(C, d)`` condition features per class (default: one-hot, ``d = C``).
     """
 
     family = "class-conditional"
 
     def __init__(self, model, scheduler, sample_shape, config, num_classes: int, class_probs=None,
-                 model_kwargs: dict | None = None):
+                 model_kwargs: dict | None = None, class_embeddings=None):
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
         probs = torch.full((num_classes,), 1.0 / num_classes) if class_probs is None else \
@@ -37,7 +40,11 @@ class ClassConditionalProcess(ControlledProcess):
         super().__init__(model, scheduler, sample_shape, config, model_kwargs)
         self.num_classes = num_classes
         self.class_probs = (probs / probs.sum()).float()
-        self.condition_dim = num_classes
+        self.class_embeddings = torch.eye(num_classes) if class_embeddings is None else \
+            torch.as_tensor(class_embeddings, dtype=torch.float32)
+        if self.class_embeddings.dim() != 2 or self.class_embeddings.shape[0] != num_classes:
+            raise ValueError(f"class_embeddings must be ({num_classes}, d), got {tuple(self.class_embeddings.shape)}")
+        self.condition_dim = int(self.class_embeddings.shape[1])
 
     def draw_conditions(self, batch_size: int, generator: torch.Generator | None):
         """``batch_size`` labels drawn from ``class_probs`` (a ``(B,)`` long tensor)."""
@@ -58,7 +65,7 @@ class ClassConditionalProcess(ControlledProcess):
         if labels is None:
             raise RuntimeError("no class labels set: call set_conditions or prepare_batch first")
         device = next(self.model.parameters()).device
-        return torch.nn.functional.one_hot(labels.reshape(-1), self.num_classes).float().to(device)
+        return self.class_embeddings[labels.reshape(-1)].to(device)
 
     def check_conditions(self, conditions, num_samples: int | None):
         if conditions is None:
