@@ -126,7 +126,8 @@ def run(argv=None) -> ElegantTrainer:
 
 
 def main(argv=None) -> int:
-    run(argv)
+    trainer = run(argv)
+    trainer.accelerator.end_training()  # the end of the script: trackers closed, process group destroyed
     return 0
 
 

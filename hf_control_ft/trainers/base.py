@@ -112,8 +112,12 @@ class BaseTrainer:
         self._trackers_started = True
 
     def _end_trackers(self) -> None:
+        """Flushes and closes the trackers. Not ``accelerator.end_training()``: that also destroys the process
+        group, which belongs to the user's script (collectives after ``train()`` would race a torn-down group)."""
         if self.accelerator.log_with and self._trackers_started:
-            self.accelerator.end_training()  # flush and close the trackers
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+            self.accelerator.trackers.clear()
         self._trackers_started = False
 
     def _log(self, metrics: dict, step: int) -> None:

@@ -43,6 +43,7 @@ def main():
     # one file per rank, outside the output directory (lines printed by two processes can interleave)
     with open(os.path.join(os.environ["RESULT_DIR"], f"rank{result['rank']}.json"), "w") as f:
         json.dump(result, f)
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":
