@@ -30,9 +30,6 @@ def _as_float(text: str):
         return text
 
 
-_check = field_checker("ElegantConfig")
-
-
 @dataclass
 class ElegantConfig:
     """Hyper-parameters of ELEGANT (entropy-regularised control, ``docs/algorithms.md`` §2-4).
@@ -108,6 +105,7 @@ class ElegantConfig:
     tracker_project_name: str = "hf_control_ft"
 
     def __post_init__(self):
+        _check = field_checker(type(self).__name__)  # errors name the class the user built (SeikoConfig too)
         _check(is_number(self.alpha) and 0 < self.alpha < math.inf, "alpha",
                f"must be a finite number > 0, got {self.alpha!r}")
         for name in ("learn_initial_noise", "conditional_initial_noise", "gradient_checkpointing",
