@@ -183,15 +183,41 @@ class ElegantConfig:
 
     @classmethod
     def from_cli(cls, config_path: str | None, overrides: list[str]):
-        """YAML file (optional) plus ``--key value`` overrides; values are parsed as YAML scalars/lists."""
-        values = {}
-        i = 0
+        """YAML file (optional) plus command-line overrides, which win.
+
+        Accepted forms (values parsed as YAML scalars): ``--key value``, ``--key=value``, a bare ``--flag`` for a
+        boolean field (true), and several values for a list field (``--lora_target_modules to_q to_k``).
+        Dashes in keys may be underscores. Unknown keys are an error naming them.
+        """
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values, i = {}, 0
         while i < len(overrides):
-            key = overrides[i]
-            if not key.startswith("--") or i + 1 >= len(overrides):
-                raise ValueError(f"expected '--key value' pairs after the known arguments, got {overrides[i:]}")
-            values[key[2:].replace("-", "_")] = yaml.safe_load(overrides[i + 1])
-            i += 2
+            token = overrides[i]
+            if not token.startswith("--") or len(token) < 3:
+                raise ValueError(f"expected '--key value' or '--key=value' after the known arguments, got {token!r}")
+            key, eq, inline = token[2:].partition("=")
+            key = key.replace("-", "_")
+            if key not in fields:
+                raise ValueError(f"unknown {cls.__name__} keys {[key]}; valid keys: {sorted(fields)}")
+            following = []
+            if not eq:
+                rest = overrides[i + 1:]
+                while len(following) < len(rest) and not rest[len(following)].startswith("--"):
+                    following.append(rest[len(following)])
+            kind = str(fields[key].type)
+            if eq:
+                values[key] = yaml.safe_load(inline)
+            elif not following:
+                if "bool" not in kind:
+                    raise ValueError(f"{cls.__name__}.{key}: a value is required (--{key} VALUE or --{key}=VALUE)")
+                values[key] = True
+            elif len(following) > 1 or ("list" in kind and "int | list" not in kind):
+                if "list" not in kind:
+                    raise ValueError(f"{cls.__name__}.{key} takes one value, got {following}")
+                values[key] = [yaml.safe_load(v) for v in following]
+            else:
+                values[key] = yaml.safe_load(following[0])
+            i += 1 + len(following)
         return cls.from_yaml(config_path, **values) if config_path else cls.from_dict(values)
 
     def to_dict(self) -> dict:

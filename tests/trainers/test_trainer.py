@@ -131,6 +131,20 @@ def test_config_from_cli_overrides(tmp_path):
         ElegantConfig.from_cli(None, ["--eta", "0"])
 
 
+def test_config_from_cli_takes_the_forms_a_diffusers_user_types():
+    cfg = ElegantConfig.from_cli(None, ["--alpha=0.3", "--learn-initial-noise=false", "--gradient_checkpointing",
+                                        "--lora_target_modules", "to_q", "to_k", "--lora_alpha=6", "--eta", "0.5"])
+    assert (cfg.alpha, cfg.learn_initial_noise, cfg.gradient_checkpointing, cfg.lora_alpha, cfg.eta) == \
+        (0.3, False, True, 6.0, 0.5)
+    assert cfg.lora_target_modules == ["to_q", "to_k"]
+    with pytest.raises(ValueError, match="ElegantConfig.alpha: a value is required"):
+        ElegantConfig.from_cli(None, ["--alpha"])
+    with pytest.raises(ValueError, match="takes one value"):
+        ElegantConfig.from_cli(None, ["--alpha", "1", "2"])
+    with pytest.raises(ValueError, match="expected '--key value'"):
+        ElegantConfig.from_cli(None, ["alpha=1"])
+
+
 def test_config_reads_exponent_floats_that_yaml_leaves_as_strings(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("learning_rate: 1e-3\n")
