@@ -3,8 +3,9 @@
 The call convention of diffusers' class-conditional ``UNet2DModel`` (``num_class_embeds``) and of the
 class-conditional :class:`~hf_control_ft.models.networks.MLPDenoiser`. Conditions are integer labels, drawn per
 sample from ``class_probs`` (uniform by default); their features -- one-hot vectors, or rows of a given
-``class_embeddings`` table (a stand-in for semantic prompt embeddings: classes with close embeddings get close
-start laws, and a class never drawn in training still gets one) -- condition the initial noise and the values. The reward is called as ``reward_fn(samples, labels)`` when it takes two
+``class_embeddings`` table (a stand-in for semantic prompt embeddings: classes with close embeddings get
+close start laws, and a class never drawn in training still gets one) -- condition the initial noise and the
+values. The reward is called as ``reward_fn(samples, labels)`` when it takes two
 arguments, ``reward_fn(samples)`` otherwise.
 """
 
