@@ -8,6 +8,8 @@
 here; the trainers take any process.
 """
 
+import os
+
 from .base import ControlledProcess
 from .class_conditional import ClassConditionalProcess
 from .sd_components import StableDiffusionOptions
@@ -23,10 +25,13 @@ def process_from_pipeline(pipeline, config, prompts, **options) -> ControlledPro
         prompts: list of prompts, a text file (one per line) or a ``datasets.Dataset``.
         **options: fields of :class:`StableDiffusionOptions` (``guidance_scale``, ``negative_prompt``,
             ``height``, ``width``, ``mixed_precision``, ``kl_precision``, ``base_model``, ``prompt_column``).
-            ``base_model`` defaults to the pipeline's ``name_or_path``.
+            ``base_model`` defaults to the pipeline's ``name_or_path``; ``mixed_precision`` to the one
+            ``accelerate launch --mixed_precision`` set (``ACCELERATE_MIXED_PRECISION``), else ``"no"``.
     """
     if options.get("base_model") is None:
         options["base_model"] = getattr(pipeline, "name_or_path", None) or None
+    if options.get("mixed_precision") is None:  # accelerate launch --mixed_precision sets this variable
+        options["mixed_precision"] = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     return StableDiffusionProcess(pipeline, config, prompts, StableDiffusionOptions(**options))
 
 

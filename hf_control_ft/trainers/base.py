@@ -44,7 +44,7 @@ class BaseTrainer:
 
     def __init__(self, config, accelerator: Accelerator | None = None):
         self.config = config
-        log_with = None if config.report_to in (None, "none") else config.report_to
+        log_with = None if config.report_to in (None, "none") else [t.strip() for t in config.report_to.split(",")]
         self.accelerator = accelerator or Accelerator(log_with=log_with, project_dir=config.logging_dir or "runs")
         self.device = self.accelerator.device
         self.history: list[dict] = []

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 
 import yaml
+from accelerate.utils import LoggerType
 
 from ..utils.validation import field_checker, is_int, is_number
 
@@ -155,8 +156,11 @@ class ElegantConfig:
         _check(self.checkpoints_total_limit is None or (isinstance(self.checkpoints_total_limit, int)
                and self.checkpoints_total_limit >= 1), "checkpoints_total_limit", "must be an int >= 1 or None")
         _check(is_int(self.seed, 0), "seed", f"must be an int >= 0, got {self.seed!r}")
-        _check(self.report_to in (None, "none", "tensorboard", "wandb", "all"), "report_to",
-               f"must be None, 'tensorboard', 'wandb' or 'all', got {self.report_to!r}")
+        trackers = tuple(t.value for t in LoggerType)
+        _check(self.report_to in (None, "none") or (isinstance(self.report_to, str) and all(
+               t.strip() in trackers for t in self.report_to.split(","))), "report_to",
+               f"must be None, 'none' or trackers accelerate supports {trackers} (comma-separated), "
+               f"got {self.report_to!r}")
 
     # ------------------------------------------------------------------ (de)serialisation
     @classmethod

@@ -23,7 +23,7 @@ def quadratic_reward(x):
 @pytest.mark.parametrize("field,value", [("alpha", 0.0), ("alpha", -1.0), ("eta", 0.0), ("eta", 1.2),
                                          ("num_inference_steps", 0), ("batch_size", 0), ("train_steps", 1.5),
                                          ("learning_rate", 0.0), ("lora_rank", 0), ("truncate_backprop_steps", 0),
-                                         ("report_to", "mlflow"), ("max_grad_norm", -1.0),
+                                         ("report_to", "mlflo"), ("max_grad_norm", -1.0),
                                          ("lr_scheduler", "cyclic"), ("lr_warmup_steps", -1)])
 def test_bad_config_values_raise_naming_the_field(field, value):
     with pytest.raises(ValueError, match=rf"ElegantConfig\.{field}"):
@@ -152,3 +152,21 @@ def test_config_reads_exponent_floats_that_yaml_leaves_as_strings(tmp_path):
     assert ElegantConfig.from_cli(None, ["--alpha", "5e-1"]).alpha == 0.5
     with pytest.raises(ValueError, match="ElegantConfig.alpha"):
         ElegantConfig.from_cli(None, ["--alpha", "abc"])
+
+
+def test_report_to_accepts_every_accelerate_tracker_and_names_bad_ones():
+    for name in ("comet_ml", "mlflow", "tensorboard,wandb", "none", None):
+        assert ElegantConfig(report_to=name).report_to == name
+    with pytest.raises(ValueError, match="ElegantConfig.report_to"):
+        ElegantConfig(report_to="tensorbored")
+
+
+def test_pipeline_precision_follows_accelerate_launch(monkeypatch):
+    from hf_control_ft.processes import process_from_pipeline
+    from hf_control_ft.testing import tiny_sd_pipeline
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    cfg = ElegantConfig(num_inference_steps=2, report_to=None, learn_initial_noise=False)
+    assert process_from_pipeline(tiny_sd_pipeline(), cfg, ["a cat"]).options.mixed_precision == "bf16"
+    explicit = process_from_pipeline(tiny_sd_pipeline(), cfg, ["a cat"], mixed_precision="no")
+    assert explicit.options.mixed_precision == "no"
