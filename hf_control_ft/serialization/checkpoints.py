@@ -222,3 +222,18 @@ def read_checkpoint(path: str, device) -> tuple[dict[str, torch.Tensor], dict, d
     if "optimizer" in state:
         optim = load_file(os.path.join(path, "optimizer.safetensors"), device=str(device))
     return weights, state, optim
+
+
+def claim_output_dir(output_dir: str, overwrite: bool) -> None:
+    """A fresh run: refuses an ``output_dir`` that holds checkpoints (unless ``overwrite``, which deletes them), so
+    a new run never mixes with, or later resumes, an old one."""
+    found = list_checkpoints(output_dir)
+    if not found:
+        return
+    if not overwrite:
+        names = ", ".join(os.path.basename(p) for _, p in found)
+        raise FileExistsError(f"{output_dir} already holds a run ({names}); pass resume_from_checkpoint='latest' to "
+                              "continue it, overwrite_output_dir=True to delete its checkpoints and start over, or "
+                              "another output_dir")
+    for _, path in found:
+        shutil.rmtree(path)

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
 import os
-import shutil
 import time
 
 import torch
@@ -33,7 +33,10 @@ from ..serialization.lora_io import load_lora_file
 from ..serialization.saved import INITIAL_NOISE_DIR, read_saved, resolve_directory, save_control
 from ..utils.run_lock import RunLock
 from .base import BaseTrainer
+from .costs import describe, network_evaluations
 from .elegant_config import RESUME_KEYS, ElegantConfig
+
+logger = logging.getLogger(__name__)
 
 
 class ElegantTrainer(BaseTrainer):
@@ -278,21 +281,6 @@ class ElegantTrainer(BaseTrainer):
         if optim is not None:
             self._optimizer_state = (optim, state)
 
-    def _claim_output_dir(self) -> None:
-        """A fresh run: refuses an ``output_dir`` that holds checkpoints (unless ``overwrite_output_dir``, which
-        deletes them), so a new run never mixes with or resumes an old one."""
-        cfg = self.config
-        found = checkpointing.list_checkpoints(cfg.output_dir)
-        if not found or not self.is_main_process:
-            return
-        if not cfg.overwrite_output_dir:
-            names = ", ".join(os.path.basename(p) for _, p in found)
-            raise FileExistsError(f"{cfg.output_dir} already holds a run ({names}); "
-                                  "pass resume_from_checkpoint='latest' to continue it, overwrite_output_dir=True to "
-                                  "delete its checkpoints and start over, or another output_dir")
-        for _, path in found:
-            shutil.rmtree(path)
-
     def train(self, resume_from_checkpoint: str | None = None) -> dict:
         """Runs stages 1-3 (1-2 only with ``learn_initial_noise``); returns final metrics and timings.
 
@@ -308,10 +296,13 @@ class ElegantTrainer(BaseTrainer):
             checkpoint = checkpointing.resolve_checkpoint(cfg.output_dir, resume_from_checkpoint)
             if checkpoint is not None:
                 self.load_checkpoint(checkpoint)
-            elif cfg.output_dir:
-                self._claim_output_dir()
+            elif cfg.output_dir and self.is_main_process:
+                checkpointing.claim_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
             self._start_trackers()
-            summary, t0 = {"resumed_from": checkpoint}, time.perf_counter()
+            costs = self.network_evaluations()
+            if self.is_main_process:
+                logger.info(describe(costs))
+            summary, t0 = {"resumed_from": checkpoint, "network_evaluations": costs}, time.perf_counter()
             if self.initial_noise is not None and not self.initial_noise_trained:
                 summary.update(self.fit_value_function())
                 summary.update(self.train_initial_noise())
@@ -324,6 +315,11 @@ class ElegantTrainer(BaseTrainer):
             self.accelerator.wait_for_everyone()
             self._end_trackers()
         return summary
+
+    def network_evaluations(self) -> dict:
+        """Sample evaluations of the denoiser each stage of this run will cost (:mod:`.costs`)."""
+        guidance = 2 if getattr(self.model, "do_guidance", False) else 1
+        return network_evaluations(self.config, guidance, self.accelerator.num_processes)
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, save_directory: str, metrics: dict | None = None, sample_grid=None,

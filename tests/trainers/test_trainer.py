@@ -170,3 +170,18 @@ def test_pipeline_precision_follows_accelerate_launch(monkeypatch):
     assert process_from_pipeline(tiny_sd_pipeline(), cfg, ["a cat"]).options.mixed_precision == "bf16"
     explicit = process_from_pipeline(tiny_sd_pipeline(), cfg, ["a cat"], mixed_precision="no")
     assert explicit.options.mixed_precision == "no"
+
+
+def test_network_evaluations_are_counted_before_the_run():
+    from hf_control_ft.trainers.costs import network_evaluations
+
+    cfg = ElegantConfig(num_inference_steps=50, value_num_rollouts=4096, train_steps=500, batch_size=64, report_to=None)
+    costs = network_evaluations(cfg, guidance_factor=2)
+    assert costs["stage1_forward"] == 4096 * 50 * 2  # the issue's ~400k UNet evaluations on SD 1.5
+    assert costs["drift_forward"] == 500 * 64 * 2 * (50 + 100) and costs["drift_backward"] == 500 * 64 * 2 * 100
+    assert costs["stages_before_drift_fraction"] < 0.25  # the defaults keep stages 1-2 small
+    trainer = ElegantTrainer(ElegantConfig(num_inference_steps=3, train_steps=1, batch_size=4, value_num_rollouts=8,
+                                           value_train_steps=1, noise_train_steps=1, report_to=None),
+                             make_mlp_denoiser(lora=False), ddim(), lambda x: -x.pow(2).sum(1), (2,))
+    summary = trainer.train()
+    assert summary["network_evaluations"]["stage1_forward"] == 8 * 3
