@@ -40,8 +40,12 @@ from diffusers import DDIMScheduler
 from hf_control_ft import ControlledSampler, DiffusionSchedule, ElegantConfig, ElegantTrainer
 from hf_control_ft.core.control import add_lora_control, lora_parameters
 from hf_control_ft.processes import ClassConditionalProcess
-from hf_control_ft.tasks.gaussian_mixture import (class_conditional_mixtures, distill_mixture_denoiser,
-                                                  exact_noise_prediction, three_mode_mixture)
+from hf_control_ft.tasks.gaussian_mixture import (
+    class_conditional_mixtures,
+    distill_mixture_denoiser,
+    exact_noise_prediction,
+    three_mode_mixture,
+)
 
 
 def evaluate(target, x):
