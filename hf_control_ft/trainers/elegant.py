@@ -90,8 +90,9 @@ class ElegantTrainer(BaseTrainer):
         step values)."""
         cfg = self.config
         n_local = math.ceil(cfg.value_num_rollouts / self.accelerator.num_processes)
-        for start in self._progress(range(0, n_local, cfg.batch_size), desc):
-            b = min(cfg.batch_size, n_local - start)
+        batch = cfg.rollout_batch_size or cfg.batch_size
+        for start in self._progress(range(0, n_local, batch), desc):
+            b = min(batch, n_local - start)
             self.process.prepare_batch(b, self.generator)
             x_T = torch.randn((b, *self.sample_shape), generator=self.generator).to(self.device)
             traj = self.sampler.rollout(x_T, self.generator, controlled=False)

@@ -48,6 +48,9 @@ class ElegantConfig:
       iterations (:mod:`hf_control_ft.models.step_values`) -- a low-variance target, biased by the value fit; it
       stores ``value_num_rollouts * num_inference_steps`` states, so suits small samples.
 
+    ``rollout_batch_size``: batch of the no-grad pretrained rollouts of stage 1 and of the per-step values
+    (default: ``batch_size``); larger than the training batch on big GPUs, since nothing is backpropagated.
+
     Conditioning: for a conditional process (text-to-image, class-conditional) the stage-1 value, the per-step
     values and the learned initial noise take the process's per-sample condition features
     (``conditional_initial_noise=True``, default), so each prompt / class gets its own start law;
@@ -85,6 +88,7 @@ class ElegantConfig:
     truncate_backprop_steps: int | None = None
     # stage 1: value function at the start
     value_num_rollouts: int = 4096
+    rollout_batch_size: int | None = None
     value_train_steps: int = 500
     value_learning_rate: float = 1e-3
     step_value_train_steps: int = 2000
@@ -138,6 +142,8 @@ class ElegantConfig:
                "max_grad_norm", f"must be a finite number > 0 or None, got {self.max_grad_norm!r}")
         _check(self.lora_alpha is None or (is_number(self.lora_alpha) and 0 < self.lora_alpha < math.inf),
                "lora_alpha", f"must be a finite number > 0 or None, got {self.lora_alpha!r}")
+        _check(self.rollout_batch_size is None or is_int(self.rollout_batch_size, 1), "rollout_batch_size",
+               f"must be an int >= 1 or None (None: batch_size), got {self.rollout_batch_size!r}")
         _check(is_int(self.max_nonfinite_steps, 1), "max_nonfinite_steps",
                f"must be an int >= 1, got {self.max_nonfinite_steps!r}")
         _check(self.truncate_backprop_steps is None or (isinstance(self.truncate_backprop_steps, int)

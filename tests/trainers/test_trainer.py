@@ -185,3 +185,19 @@ def test_network_evaluations_are_counted_before_the_run():
                              make_mlp_denoiser(lora=False), ddim(), lambda x: -x.pow(2).sum(1), (2,))
     summary = trainer.train()
     assert summary["network_evaluations"]["stage1_forward"] == 8 * 3
+
+
+def test_stage1_rollouts_use_their_own_batch_size():
+    calls = []
+
+    def reward(x):
+        calls.append(x.shape[0])
+        return -x.pow(2).sum(1)
+
+    cfg = ElegantConfig(num_inference_steps=3, train_steps=1, batch_size=4, value_num_rollouts=24, rollout_batch_size=16,
+                        value_train_steps=1, noise_train_steps=1, report_to=None)
+    trainer = ElegantTrainer(cfg, make_mlp_denoiser(lora=False), ddim(), reward, (2,))
+    trainer.fit_value_function()
+    assert calls == [16, 8]
+    with pytest.raises(ValueError, match="ElegantConfig.rollout_batch_size"):
+        ElegantConfig(rollout_batch_size=0)
