@@ -91,47 +91,43 @@ class FeedbackDataset:
     def _shards_on_disk(self) -> list[str]:
         return sorted(n for n in os.listdir(os.path.join(self.directory, SHARDS)) if _SHARD.match(n))
 
-    def _read_manifest(self) -> list[str] | None:
-        self._rebuilt = False
+    def _read_manifest(self) -> tuple[list[str] | None, bool]:
+        """``(shard names, rebuilt)``: the manifest's list, or -- when it is missing or damaged -- the shards on
+        disk (``rebuilt=True``); ``(None, False)`` for a directory without either."""
         path = self._manifest_path()
         on_disk = self._shards_on_disk()
-        if os.path.exists(path):
-            try:
-                with open(path, encoding="utf-8") as f:
-                    meta = json.load(f)
-                shards = list(meta["shards"])
-                if tuple(meta["sample_shape"]) != self.sample_shape:
-                    raise ValueError(f"feedback dataset in {self.directory} has sample_shape "
-                                     f"{tuple(meta['sample_shape'])}, expected {self.sample_shape}")
-                return shards
-            except (OSError, ValueError, KeyError, TypeError) as err:
-                if isinstance(err, ValueError) and "sample_shape" in str(err):
-                    raise
-                if not on_disk:
-                    raise FeedbackStoreError(f"feedback manifest {path} is damaged ({err}) and no shard is on "
-                                             "disk to rebuild it from") from None
-                logger.warning("feedback manifest %s is damaged (%s); rebuilding it from the %d shards on disk",
-                               path, err, len(on_disk))
-                self._rebuilt = True
-                return on_disk
-        if on_disk:
-            logger.warning("feedback manifest %s is missing; rebuilding it from the %d shards on disk", path,
-                           len(on_disk))
-            self._rebuilt = True
-            return on_disk
-        return None
+        if not os.path.exists(path):
+            if on_disk:
+                logger.warning("feedback manifest %s is missing; rebuilding it from the %d shards on disk", path,
+                               len(on_disk))
+            return (on_disk, True) if on_disk else (None, False)
+        try:
+            with open(path, encoding="utf-8") as f:
+                meta = json.load(f)
+            shards, shape = list(meta["shards"]), tuple(meta["sample_shape"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            if not on_disk:
+                raise FeedbackStoreError(f"feedback manifest {path} is damaged ({err}) and no shard is on disk to "
+                                         "rebuild it from") from None
+            logger.warning("feedback manifest %s is damaged (%s); rebuilding it from the %d shards on disk", path,
+                           err, len(on_disk))
+            return on_disk, True
+        if shape != self.sample_shape:
+            raise ValueError(f"feedback dataset in {self.directory} has sample_shape {shape}, expected "
+                             f"{self.sample_shape}")
+        return shards, False
 
     def _load(self) -> None:
-        shards = self._read_manifest()
+        shards, rebuilt = self._read_manifest()
         if shards is None:
             self._migrate_versioned()
             return
-        for name in shards:
+        for position, name in enumerate(shards):
             path = os.path.join(self.directory, SHARDS, name)
             try:
                 table = pq.read_table(path)
             except Exception as err:  # noqa: BLE001 - missing or truncated: name it, never skip answers silently
-                intact = shards[: shards.index(name)]
+                intact = shards[:position]
                 raise FeedbackStoreError(
                     f"feedback shard {path} is missing or damaged ({type(err).__name__}: {err}); the intact shards "
                     f"before it are {intact[-3:]}{' ...' if len(intact) > 3 else ''}. Restore the file (its rows may "
@@ -139,7 +135,7 @@ class FeedbackDataset:
             self._apply(table)
         self._shards = list(shards)
         self.version = len(shards)
-        if self._rebuilt:
+        if rebuilt:
             self._write_manifest()
 
     def _migrate_versioned(self) -> None:

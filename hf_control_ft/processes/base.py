@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core.control import add_lora_control, call_denoiser, tuner_layers
+from ..core.control import add_lora_control, tuner_layers
 from ..core.sampler import ControlledSampler
 from ..core.scheduling import DiffusionSchedule
 from ..serialization.lora_io import save_lora_file
@@ -86,10 +86,6 @@ class ControlledProcess:
             return peft_cfg[adapter_name]
         raise RuntimeError(f"cannot find the LoraConfig of the {adapter_name!r} adapter on the model")
 
-    def predict(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Network prediction ``(B, *sample_shape)`` under the current adapter state."""
-        return call_denoiser(self.model, x, t, **self.model_kwargs)
-
     # ------------------------------------------------------------------ conditioning
     def draw_conditions(self, batch_size: int, generator: torch.Generator | None):
         """One condition per sample of the next batch (``None``: unconditional; draws nothing)."""
@@ -146,7 +142,3 @@ class ControlledProcess:
     def save_options(self, directory: str, base_model: str | None = None) -> dict:
         """Writes the family's options (none here); returns the model-card fields they give."""
         return {"base_model": base_model, "conditional": False, "guidance_scale": None}
-
-    def card_info(self) -> dict:
-        """Fields for the model card and the logs."""
-        return {"family": self.family}

@@ -97,8 +97,5 @@ class ClassConditionalProcess(ControlledProcess):
     def save_options(self, directory: str, base_model: str | None = None) -> dict:
         return {"base_model": base_model, "conditional": True, "guidance_scale": None}
 
-    def card_info(self) -> dict:
-        return {"family": self.family, "num_classes": self.num_classes}
-
 
 __all__ = ["ClassConditionalProcess"]

@@ -331,9 +331,10 @@ def latent_shape(pipeline, height: int | None, width: int | None) -> tuple[int, 
     return (pipeline.unet.config.in_channels, height // scale, width // scale)
 
 
-def check_supported_pipeline(pipeline) -> None:
+def check_supported_pipeline(pipeline):
     """Raises ``ValueError`` naming the pipeline when it is not a Stable Diffusion 1.x/2.x text-to-image pipeline
-    (one CLIP text encoder, a ``UNet2DConditionModel``, a variance-preserving scheduler)."""
+    (one CLIP text encoder, a ``UNet2DConditionModel``, a variance-preserving scheduler); returns the sampler's
+    DDPM / DDIM copy of its scheduler (:func:`~hf_control_ft.core.scheduling.as_stochastic_scheduler`)."""
     name = type(pipeline).__name__
     supported = "StableDiffusionPipeline (SD 1.x / 2.x)"
     if "XL" in name or getattr(pipeline, "text_encoder_2", None) is not None:
@@ -343,4 +344,4 @@ def check_supported_pipeline(pipeline) -> None:
         if getattr(pipeline, attr, None) is None:
             raise ValueError(f"{name} has no {attr!r} component; supported: {supported} (flow-matching "
                              "transformer pipelines such as SD3 / FLUX are not supported yet)")
-    as_stochastic_scheduler(pipeline.scheduler)  # raises for flow-matching / unknown schedulers
+    return as_stochastic_scheduler(pipeline.scheduler)  # raises for flow-matching / unknown schedulers

@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from ..core.control import add_lora_control
-from ..core.scheduling import as_stochastic_scheduler
 from ..rewards.checks import reward_name
 from ..serialization.saved import OPTIONS_NAME
 from .base import ControlledProcess
@@ -66,7 +65,8 @@ class StableDiffusionProcess(ControlledProcess):
     def __init__(self, pipeline, config, prompts, options: StableDiffusionOptions | None = None):
         from diffusers.training_utils import cast_training_params
 
-        check_supported_pipeline(pipeline)
+        # the sampler's own DDPM/DDIM copy; the pipeline's scheduler is left as the user set it
+        self.stochastic_scheduler = check_supported_pipeline(pipeline)
         options = options or StableDiffusionOptions()
         self.options = options
         self.pipeline = pipeline
@@ -91,8 +91,6 @@ class StableDiffusionProcess(ControlledProcess):
             enable_adapter_aware_checkpointing(unet)
             vae.enable_gradient_checkpointing()
         denoiser = GuidedUNet(unet, options.guidance_scale, options.dtype)
-        # the sampler's own DDPM/DDIM copy; the pipeline's scheduler is left as the user set it
-        self.stochastic_scheduler = as_stochastic_scheduler(pipeline.scheduler)
         super().__init__(denoiser, self.stochastic_scheduler, latent_shape(pipeline, options.height, options.width),
                          config)
         self.lora_model = unet
@@ -195,11 +193,6 @@ class StableDiffusionProcess(ControlledProcess):
         self.options.save(os.path.join(directory, OPTIONS_NAME))
         return {"base_model": self.options.base_model, "conditional": True,
                 "guidance_scale": self.options.guidance_scale}
-
-    def card_info(self) -> dict:
-        return {"family": self.family, "base_model": self.options.base_model,
-                "guidance_scale": self.options.guidance_scale, "conditional": True,
-                "prompts_count": len(self.prompts)}
 
 
 class _ConditionedReward:

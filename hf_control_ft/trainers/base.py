@@ -187,6 +187,7 @@ class BaseTrainer:
         params = list(self.initial_noise.parameters())
         opt = torch.optim.Adam(params, lr=cfg.noise_learning_rate)
         w = float(reference_weight)
+        prefix = log_prefix or "noise"
         metrics = {}
         for it in self._progress(range(steps), desc, leave=log_prefix is not None):
             # conditional start law: conditions drawn from the process's distribution (prompts, classes)
@@ -206,12 +207,14 @@ class BaseTrainer:
             loss.backward()
             self._sync_grads(params)
             opt.step()
-            metrics = {f"{log_prefix or 'noise'}/loss": loss.item(), f"{log_prefix or 'noise'}/kl": kl.mean().item()}
-            if kl_ref is not None:
-                metrics[f"{log_prefix or 'noise'}/kl_previous"] = kl_ref.mean().item()
-            if log_prefix is not None and (it % cfg.log_every == 0 or it == steps - 1):
-                metrics[f"{log_prefix}/value"] = float(value.shift + value.alpha * u.detach().mean())
-                self._log(metrics, step=it)
+            log = log_prefix is not None and it % cfg.log_every == 0
+            if log or it == steps - 1:  # metrics only when used: .item() synchronises with the device
+                metrics = {f"{prefix}/loss": loss.item(), f"{prefix}/kl": kl.mean().item()}
+                if kl_ref is not None:
+                    metrics[f"{prefix}/kl_previous"] = kl_ref.mean().item()
+                if log_prefix is not None:
+                    metrics[f"{prefix}/value"] = float(value.shift + value.alpha * u.detach().mean())
+                    self._log(metrics, step=it)
         self.initial_noise.requires_grad_(False)
         return metrics
 

@@ -101,7 +101,8 @@ class ElegantTrainer(BaseTrainer):
             yield traj, r, self.step_condition()
 
     def _gather_conditions(self, conds: list, width: int):
-        """The rollouts' condition features (gathered), cut to what a network of condition ``width`` takes."""
+        """The rollouts' condition features gathered over processes, or ``None`` for a network that takes no
+        condition (``width`` 0)."""
         return None if not width else self.accelerator.gather(torch.cat(conds))
 
     def fit_value_function(self) -> dict:
