@@ -5,6 +5,9 @@
 * :func:`sd15_components`: the SD 1.5 shapes (860M-parameter UNet, 84M VAE, 123M CLIP ViT-L/14 text encoder)
   with random weights, for compute / memory benchmarks.
 
+* :func:`tiny_clip_model`: a random-weight CLIP (the architecture of the aesthetic / PickScore / CLIPScore
+  rewards).
+
 The tokenizer is a CLIP BPE tokenizer over single letters, built in memory.
 """
 
@@ -14,7 +17,7 @@ import string
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .core.control import add_lora_control, lora_parameters
 from .models.networks import MLPDenoiser
@@ -29,6 +32,21 @@ def tiny_tokenizer(model_max_length: int = 16) -> CLIPTokenizer:
     vocab = {t: i for i, t in enumerate(tokens)}
     merges = [("t", "h"), ("th", "e</w>")]  # transformers 5: merges are tuples
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def tiny_clip_model(seed: int = 0, projection_dim: int = 16) -> tuple[CLIPModel, CLIPTokenizer]:
+    """A random-weight ``CLIPModel`` (ViT on 32x32 images, 2-layer text tower) and its in-memory tokenizer: the
+    architecture of the CLIP-based rewards (aesthetic, PickScore, CLIPScore) at test size."""
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1, projection_dim=projection_dim),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                           num_attention_heads=4, projection_dim=projection_dim),
+        projection_dim=projection_dim)
+    return CLIPModel(config).eval(), tokenizer
 
 
 def tiny_components(seed: int = 0) -> dict:

@@ -1,16 +1,21 @@
-"""Reward functions on images in ``[0, 1]`` (``reward(images, prompts) -> (B,)``) and the checks every reward
-output passes before the trainer uses it."""
+"""Reward functions on images in ``[0, 1]`` (``reward(images, prompts) -> (B,)``), the checks every reward
+output passes before the trainer uses it, and rewards by name / file reference (:mod:`.registry`)."""
 
 from .checks import check_reward, reward_name
+from .clip_rewards import CLIPScoreReward, PickScoreReward
 from .image_rewards import (
-                            AestheticReward,
-                            BrightnessReward,
-                            ClassifierReward,
-                            ImageReward,
-                            SaturationReward,
-                            WeightedSumReward,
-                            call_reward,
+    AestheticHead,
+    AestheticReward,
+    BrightnessReward,
+    ClassifierReward,
+    ImageReward,
+    SaturationReward,
+    WeightedSumReward,
+    call_reward,
 )
+from .registry import BUILTIN_REWARDS, RewardSpecError, check_spec, load_reward, load_user_function
 
 __all__ = ["check_reward", "reward_name", "call_reward", "ImageReward", "BrightnessReward", "SaturationReward",
-           "WeightedSumReward", "AestheticReward", "ClassifierReward"]
+           "WeightedSumReward", "AestheticHead", "AestheticReward", "ClassifierReward", "PickScoreReward",
+           "CLIPScoreReward", "BUILTIN_REWARDS", "RewardSpecError", "check_spec", "load_reward",
+           "load_user_function"]

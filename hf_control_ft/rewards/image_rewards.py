@@ -170,7 +170,7 @@ class AestheticHead(nn.Module, PyTorchModelHubMixin, library_name="hf_control_ft
     """MLP on the L2-normalised CLIP image embedding (the LAION improved aesthetic predictor layout).
 
     The parameter names (``layers.0``, ``layers.2``, ``layers.4``, ``layers.6``, ``layers.7``) match the
-    LAION checkpoint, so its weights, converted to safetensors, load with :meth:`from_safetensors_file`.
+    LAION checkpoint, so its ``.pth`` (or a safetensors conversion) loads with :meth:`from_file`.
     """
 
     def __init__(self, embed_dim: int = 768):
@@ -185,14 +185,24 @@ class AestheticHead(nn.Module, PyTorchModelHubMixin, library_name="hf_control_ft
         return self.layers(embeds).squeeze(-1)
 
     @classmethod
-    def from_safetensors_file(cls, path: str) -> "AestheticHead":
-        """Loads a head from a bare ``.safetensors`` state dict (e.g. the converted LAION weights)."""
-        from safetensors.torch import load_file
+    def from_file(cls, path: str) -> "AestheticHead":
+        """Loads a head from a bare state dict: ``.safetensors``, or the LAION ``.pth`` as it is distributed (a
+        plain state dict, read with ``torch.load(weights_only=True)``: tensors only, no code is unpickled)."""
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        state = load_file(path)
-        if "layers.0.weight" not in state:
-            raise ValueError(f"{path} is not an aesthetic head state dict: no 'layers.0.weight' among "
-                             f"{sorted(state)[:8]}")
+            state = load_file(path)
+        elif path.endswith((".pth", ".pt", ".bin")):
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as err:  # noqa: BLE001 - anything but a plain tensor dict is refused
+                raise ValueError(f"{path} is not a plain state dict loadable with weights_only=True "
+                                 f"({type(err).__name__}); convert it to .safetensors") from None
+        else:
+            raise ValueError(f"aesthetic head weights must be .safetensors or a plain .pth state dict, got {path}")
+        if not isinstance(state, dict) or "layers.0.weight" not in state:
+            keys = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"{path} is not an aesthetic head state dict: no 'layers.0.weight' among {keys}")
         head = cls(embed_dim=state["layers.0.weight"].shape[1])
         head.load_state_dict(state)
         return head
@@ -233,15 +243,13 @@ class AestheticReward(ImageReward):
     @classmethod
     def from_pretrained(cls, head_name_or_path: str, clip_model_name_or_path: str = DEFAULT_CLIP_MODEL,
                         torch_dtype: torch.dtype | None = None, **hub_kwargs) -> "AestheticReward":
-        """Loads the head (a directory / Hub repo saved with ``AestheticHead.save_pretrained``, or a bare
-        ``.safetensors`` file) and the CLIP vision tower (safetensors only). ``hub_kwargs`` (``token``,
+        """Loads the head (a directory / Hub repo saved with ``AestheticHead.save_pretrained``, a bare
+        ``.safetensors`` file or the LAION ``.pth`` state dict) and the CLIP vision tower (safetensors only). ``hub_kwargs`` (``token``,
         ``revision``, ``cache_dir``, ...) go to both loaders."""
         from transformers import CLIPVisionModelWithProjection
 
         if os.path.isfile(head_name_or_path):
-            if not head_name_or_path.endswith(".safetensors"):
-                raise ValueError(f"aesthetic head weights must be .safetensors (no pickle), got {head_name_or_path}")
-            head = AestheticHead.from_safetensors_file(head_name_or_path)
+            head = AestheticHead.from_file(head_name_or_path)
         else:
             head = AestheticHead.from_pretrained(head_name_or_path, **hub_kwargs)
         vision = CLIPVisionModelWithProjection.from_pretrained(clip_model_name_or_path, use_safetensors=True,

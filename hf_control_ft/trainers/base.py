@@ -173,14 +173,15 @@ class BaseTrainer:
         return x_T, kl
 
     def fit_initial_noise(self, value, steps: int, generator: torch.Generator, reference=None,
-                          reference_weight: float = 0.0, log_prefix: str | None = "noise", desc: str = "initial noise"):
+                          reference_weight: float = 0.0, log_prefix: str | None = "noise", desc: str = "initial noise",
+                          log_step_offset: int = 0):
         """Stage 2: maximise ``E[v_T(x_T)] - alpha * KL`` over :attr:`initial_noise` (``docs/algorithms.md`` §4).
 
         ``value`` is a fitted :class:`~hf_control_ft.models.value_function.ValueFunction` whose temperature is
         the total KL weight. With a frozen ``reference`` initial-noise model the KL term is
         ``(1 - w) KL(nu || N(0, I)) + w KL_path(nu || reference)`` with ``w = reference_weight`` (SEIKO:
-        ``beta / (alpha + beta)``). Logs every ``log_every`` iterations under ``log_prefix`` (``None``: no logs).
-        Returns the last iteration's metrics.
+        ``beta / (alpha + beta)``). Logs every ``log_every`` iterations under ``log_prefix`` (``None``: no logs), at tracker
+        step ``log_step_offset + iteration``. Returns the last iteration's metrics.
         """
         cfg = self.config
         self.initial_noise.requires_grad_(True)
@@ -214,7 +215,7 @@ class BaseTrainer:
                     metrics[f"{prefix}/kl_previous"] = kl_ref.mean().item()
                 if log_prefix is not None:
                     metrics[f"{prefix}/value"] = float(value.shift + value.alpha * u.detach().mean())
-                    self._log(metrics, step=it)
+                    self._log(metrics, step=log_step_offset + it)
         self.initial_noise.requires_grad_(False)
         return metrics
 

@@ -137,7 +137,7 @@ class ElegantTrainer(BaseTrainer):
         if self.value_function is None:
             self.fit_value_function()
         metrics = self.fit_initial_noise(self.value_function, cfg.noise_train_steps, self.generator,
-                                         desc="stage 2: initial noise")
+                                         desc="stage 2: initial noise", log_step_offset=1)
         self.initial_noise_trained = True
         return metrics
 
@@ -163,7 +163,7 @@ class ElegantTrainer(BaseTrainer):
                                     generator=torch.Generator().manual_seed(cfg.seed + 4),
                                     progress=self.is_main_process, conditions=c)
         metrics = {"step_values/loss": loss}
-        self._log(metrics, step=self.global_step)
+        self._log(metrics, step=self.drift_log_offset + self.global_step)
         return metrics
 
     def drift_step(self, optimizer, params) -> dict:
@@ -230,12 +230,19 @@ class ElegantTrainer(BaseTrainer):
             if self.global_step % cfg.log_every == 0 or self.global_step == cfg.train_steps:
                 metrics = {k: float(self.accelerator.reduce(torch.tensor(float(v), device=self.device), "mean"))
                            for k, v in metrics.items()}
-                self._log(metrics, step=self.global_step)
+                self._log(metrics, step=self.drift_log_offset + self.global_step)
                 if self.is_main_process:
                     bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", kl=f"{metrics['train/kl']:.3f}")
             if cfg.checkpointing_steps and self.global_step % cfg.checkpointing_steps == 0:
                 self.save_checkpoint(opt, lr_schedule)
         return metrics
+
+    @property
+    def drift_log_offset(self) -> int:
+        """Tracker steps strictly increase across the stages: stage 1 logs at 0, stage 2 at ``1..N``
+        (``N = noise_train_steps``), the per-step value fit at ``N + 1`` and drift step ``n`` at ``N + 1 + n``
+        (without learned initial noise: ``0`` and ``n``)."""
+        return self.config.noise_train_steps + 1 if self.initial_noise is not None else 0
 
     def _step_seed(self, step: int) -> int:
         """A 63-bit seed hashed from (seed, rank, step): independent of every other stream the trainer uses."""

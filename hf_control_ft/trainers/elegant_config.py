@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import yaml
 from accelerate.utils import LoggerType
 
+from ..utils.config_cli import ConfigCliError, parse_flags, read_yaml_mapping
 from ..utils.validation import field_checker, is_int, is_number
 
 DRIFT_OBJECTIVES = ("pathwise", "adjoint_matching", "value_guided")
@@ -21,6 +22,13 @@ RESUME_KEYS = ("alpha", "eta", "num_inference_steps", "learn_initial_noise", "co
                "lora_target_modules", "truncate_backprop_steps", "value_num_rollouts", "value_train_steps",
                "value_learning_rate", "step_value_train_steps", "noise_num_steps", "noise_train_steps",
                "noise_learning_rate", "noise_batch_size", "aux_hidden", "seed")
+
+
+def _field(default, help_text: str):
+    """A dataclass field with its ``--help`` text (list defaults are copied per instance)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help_text})
+    return field(default=default, metadata={"help": help_text})
 
 
 def _as_float(text: str):
@@ -67,47 +75,63 @@ class ElegantConfig:
     """
 
     # objective and sampler
-    alpha: float = 1.0
-    eta: float = 1.0
-    num_inference_steps: int = 50
-    learn_initial_noise: bool = True
-    conditional_initial_noise: bool = True
+    alpha: float = _field(1.0, "KL weight in reward units per nat (KL summed over every dimension of a sample); the "
+                               "optimum is p_pre(x) exp(r(x)/alpha) / Z")
+    eta: float = _field(1.0, "sampler stochasticity in (0, 1]: DDIM eta (1 = DDPM posterior variance); the KL is "
+                             "exact at every eta, and learned initial noise removes the start-noise bias below 1")
+    num_inference_steps: int = _field(50, "sampler steps (training and the saved sampler)")
+    learn_initial_noise: bool = _field(True, "learn the start law nu(x_T) (stages 1-2); without it the start noise is"
+                                             " N(0, I)")
+    conditional_initial_noise: bool = _field(True, "conditional processes: one start law per prompt / class "
+                                                   "(condition features) instead of one prompt-agnostic law")
     # drift (stage 3)
-    drift_objective: str = "pathwise"
-    train_steps: int = 500
-    batch_size: int = 64
-    learning_rate: float = 1e-3
-    max_grad_norm: float | None = None
-    max_nonfinite_steps: int = 5
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    lora_rank: int = 8
-    lora_alpha: float | None = None
-    lora_target_modules: list[str] | None = None
-    gradient_checkpointing: bool = True
-    truncate_backprop_steps: int | None = None
+    drift_objective: str = _field("pathwise", "stage-3 optimiser: 'pathwise' (exact gradient through the sampler), "
+                                              "'adjoint_matching' or 'value_guided' (regression on fitted per-step "
+                                              "value gradients)")
+    train_steps: int = _field(500, "drift (LoRA) iterations; for SEIKO per round")
+    batch_size: int = _field(64, "samples per drift iteration and per process")
+    learning_rate: float = _field(1e-3, "LoRA learning rate (Adam)")
+    max_grad_norm: float | None = _field(None, "clip the LoRA gradient norm (None: no clipping)")
+    max_nonfinite_steps: int = _field(5, "consecutive drift steps with a non-finite gradient (skipped) before "
+                                         "training stops with an error")
+    lr_scheduler: str = _field("constant", "'constant', 'constant_with_warmup', 'linear' or 'cosine'")
+    lr_warmup_steps: int = _field(0, "warm-up iterations of the learning-rate schedule")
+    lora_rank: int = _field(8, "LoRA rank of the control adapter")
+    lora_alpha: float | None = _field(None, "LoRA scaling numerator (None: equal to lora_rank)")
+    lora_target_modules: list[str] | None = _field(None, "module-name suffixes that get LoRA (None: the family's "
+                                                         "attention projections)")
+    gradient_checkpointing: bool = _field(True, "recompute network activations in the backward pass (memory ~ one "
+                                                "step instead of all steps)")
+    truncate_backprop_steps: int | None = _field(None, "pathwise only: backpropagate through the last K sampler steps"
+                                                       " (None: all)")
     # stage 1: value function at the start
-    value_num_rollouts: int = 4096
-    rollout_batch_size: int | None = None
-    value_train_steps: int = 500
-    value_learning_rate: float = 1e-3
-    step_value_train_steps: int = 2000
+    value_num_rollouts: int = _field(4096, "pretrained rollouts for the stage-1 value fit (and the per-step values of"
+                                           " 'value_guided')")
+    rollout_batch_size: int | None = _field(None, "batch of the no-grad rollouts of stage 1 and of the per-step "
+                                                  "values (None: batch_size)")
+    value_train_steps: int = _field(500, "optimiser steps of the stage-1 value regression")
+    value_learning_rate: float = _field(1e-3, "learning rate of the value regressions")
+    step_value_train_steps: int = _field(2000, "'value_guided' only: optimiser steps of the per-step value regression")
     # stage 2: initial noise
-    noise_num_steps: int = 20
-    noise_train_steps: int = 300
-    noise_learning_rate: float = 1e-3
-    noise_batch_size: int = 256
-    aux_hidden: int = 128
+    noise_num_steps: int = _field(20, "Euler steps of the initial-noise SDE (stage 2)")
+    noise_train_steps: int = _field(300, "optimiser steps of stage 2 (initial noise)")
+    noise_learning_rate: float = _field(1e-3, "learning rate of stage 2")
+    noise_batch_size: int = _field(256, "batch of stage 2 (cheap: no diffusion-network calls)")
+    aux_hidden: int = _field(128, "width of the value and initial-noise networks")
     # bookkeeping
-    output_dir: str | None = None
-    overwrite_output_dir: bool = False
-    checkpointing_steps: int = 0
-    checkpoints_total_limit: int | None = 2
-    seed: int = 0
-    log_every: int = 10
-    report_to: str | None = "tensorboard"
-    logging_dir: str | None = None
-    tracker_project_name: str = "hf_control_ft"
+    output_dir: str | None = _field(None, "run directory: checkpoints, logs, the final adapter; a run directory is "
+                                          "never overwritten silently")
+    overwrite_output_dir: bool = _field(False, "replace an existing run in output_dir (its checkpoints are deleted "
+                                               "first)")
+    checkpointing_steps: int = _field(0, "save a checkpoint every N drift steps (0: none); resume with "
+                                         "resume_from_checkpoint")
+    checkpoints_total_limit: int | None = _field(2, "keep the newest N checkpoints (None: all)")
+    seed: int = _field(0, "seed of every random stream (adapter init, rollouts, drift noise)")
+    log_every: int = _field(10, "log metrics every N iterations")
+    report_to: str | None = _field("tensorboard", "trackers accelerate supports, comma-separated (tensorboard, wandb,"
+                                                  " comet_ml, mlflow, ...), or 'none'")
+    logging_dir: str | None = _field(None, "tracker directory (default <output_dir>/logs in the scripts)")
+    tracker_project_name: str = _field("hf_control_ft", "project / run name given to the trackers")
 
     def __post_init__(self):
         _check = field_checker(type(self).__name__)  # errors name the class the user built (SeikoConfig too)
@@ -188,47 +212,23 @@ class ElegantConfig:
 
     @classmethod
     def from_yaml(cls, path: str, **overrides):
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(yaml.safe_load(f) or {}, **overrides)
+        return cls.from_dict(read_yaml_mapping(path), **overrides)
 
     @classmethod
     def from_cli(cls, config_path: str | None, overrides: list[str]):
-        """YAML file (optional) plus command-line overrides, which win.
+        """YAML file (optional) plus command-line flags, which win (:mod:`hf_control_ft.utils.config_cli`).
 
-        Accepted forms (values parsed as YAML scalars): ``--key value``, ``--key=value``, a bare ``--flag`` for a
-        boolean field (true), and several values for a list field (``--lora_target_modules to_q to_k``).
-        Dashes in keys may be underscores. Unknown keys are an error naming them.
+        Accepted forms (values parsed as YAML scalars): ``--key value``, ``--key=value``, a bare ``--flag`` /
+        ``--no_flag`` for a boolean field, and several values for a list field (``--lora_target_modules to_q
+        to_k``). Dashes in keys may be underscores. Unknown keys are an error naming them.
         """
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        values, i = {}, 0
-        while i < len(overrides):
-            token = overrides[i]
-            if not token.startswith("--") or len(token) < 3:
-                raise ValueError(f"expected '--key value' or '--key=value' after the known arguments, got {token!r}")
-            key, eq, inline = token[2:].partition("=")
-            key = key.replace("-", "_")
-            if key not in fields:
-                raise ValueError(f"unknown {cls.__name__} keys {[key]}; valid keys: {sorted(fields)}")
-            following = []
-            if not eq:
-                rest = overrides[i + 1:]
-                while len(following) < len(rest) and not rest[len(following)].startswith("--"):
-                    following.append(rest[len(following)])
-            kind = str(fields[key].type)
-            if eq:
-                values[key] = yaml.safe_load(inline)
-            elif not following:
-                if "bool" not in kind:
-                    raise ValueError(f"{cls.__name__}.{key}: a value is required (--{key} VALUE or --{key}=VALUE)")
-                values[key] = True
-            elif len(following) > 1 or ("list" in kind and "int | list" not in kind):
-                if "list" not in kind:
-                    raise ValueError(f"{cls.__name__}.{key} takes one value, got {following}")
-                values[key] = [yaml.safe_load(v) for v in following]
-            else:
-                values[key] = yaml.safe_load(following[0])
-            i += 1 + len(following)
-        return cls.from_yaml(config_path, **values) if config_path else cls.from_dict(values)
+        try:
+            values, extra_config = parse_flags(fields, list(overrides))
+        except ConfigCliError as err:
+            raise ConfigCliError(f"{cls.__name__}: {err}") from None
+        path = extra_config or config_path
+        return cls.from_yaml(path, **values) if path else cls.from_dict(values)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -366,7 +366,9 @@ class SeikoTrainer(BaseTrainer):
             metrics["time/round_s"] = time.perf_counter() - t0
             if callback is not None:
                 metrics.update(callback(self, i) or {})
-            self._log({f"round_metrics/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=i)
+            # at the round's last drift step: tracker steps never go back (the round index is a metric)
+            self._log({f"round_metrics/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
+                      step=self.global_step)
             rounds.set_postfix(queries=len(self.feedback), oracle_mean=f"{metrics['round/oracle_mean']:.3f}")
         self._end_trackers()
         return metrics

@@ -9,12 +9,12 @@ added. Both KL weights are in reward units per nat, the KL summed over every dim
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..feedback.oracle import FAILURE_POLICIES
 from ..models.reward_ensemble import OPTIMISM_KINDS
 from ..utils.validation import field_checker, is_int, is_number
-from .elegant_config import ElegantConfig
+from .elegant_config import ElegantConfig, _field
 
 _check = field_checker("SeikoConfig")
 
@@ -54,29 +54,31 @@ class SeikoConfig(ElegantConfig):
         output_dir: where the feedback dataset and the per-round trainer state live (resume from it).
     """
 
-    num_rounds: int = 4
-    queries_per_round: int | list[int] = 256
-    beta: float = 1.0
-    optimism: str = "ucb"
-    bonus_scale: float = 1.0
-    ensemble_size: int = 4
-    ucb_ridge: float = 1.0
-    bonus_cap: float | None = 1.0
-    feature_std_floor: float = 0.1
-    reward_hidden: int = 64
-    reward_depth: int = 2
-    reward_train_steps: int = 500
-    reward_learning_rate: float = 3e-3
-    reward_weight_decay: float = 1e-4
-    reward_batch_size: int = 256
-    oracle_batch_size: int = 64
-    oracle_on_failure: str = "skip"
-    oracle_max_retries: int = 2
-    oracle_max_attempts: int = 5
-    oracle_timeout: float | None = None
-    min_answer_fraction: float = 0.5
-    output_dir: str = "seiko_output"
-    tracker_project_name: str = field(default="hf_control_ft_seiko")
+    num_rounds: int = _field(4, "feedback rounds R (sample -> query -> fit reward -> update)")
+    queries_per_round: int | list[int] = _field(256, "oracle budget per round: one int, or a list of R ints")
+    beta: float = _field(1.0, "KL weight to the previous round's model (> 0), reward units per nat")
+    optimism: str = _field("ucb", "'ucb', 'bootstrap', 'ts' or 'greedy' (non-adaptive baseline: num_rounds=1)")
+    bonus_scale: float = _field(1.0, "C of the UCB / bootstrap bonus (>= 0)")
+    ensemble_size: int = _field(4, "reward heads ('bootstrap' and 'ts' need >= 2)")
+    ucb_ridge: float = _field(1.0, "lambda of the UCB Gram matrix lambda I + sum phi phi^T")
+    bonus_cap: float | None = _field(1.0, "the bonus saturates at this many standard deviations of the oracle values "
+                                          "(None: unbounded)")
+    feature_std_floor: float = _field(0.1, "reward-model feature std floor, as a fraction of the mean std")
+    reward_hidden: int = _field(64, "width of the reward heads")
+    reward_depth: int = _field(2, "hidden layers of the reward heads")
+    reward_train_steps: int = _field(500, "optimiser steps of the per-round reward fit")
+    reward_learning_rate: float = _field(3e-3, "learning rate of the reward fit")
+    reward_weight_decay: float = _field(1e-4, "weight decay of the reward fit")
+    reward_batch_size: int = _field(256, "batch of the reward fit")
+    oracle_batch_size: int = _field(64, "samples per oracle call; answers are persisted after each call")
+    oracle_on_failure: str = _field("skip", "'skip' or 'retry' a failed oracle call")
+    oracle_max_retries: int = _field(2, "extra attempts within one call under 'retry'")
+    oracle_max_attempts: int = _field(5, "total sends of one query over the whole run, restarts included")
+    oracle_timeout: float | None = _field(None, "seconds one oracle call may take (None: no limit)")
+    min_answer_fraction: float = _field(0.5, "a round stops with OracleUnavailableError when fewer of its queries "
+                                             "are answered (answers kept; a restart asks the rest)")
+    output_dir: str = _field("seiko_output", "run directory: feedback dataset, round state, checkpoints")
+    tracker_project_name: str = _field("hf_control_ft_seiko", "project / run name given to the trackers")
 
     def __post_init__(self):
         super().__post_init__()

@@ -12,7 +12,10 @@ from hf_control_ft.rewards.image_rewards import (
     ClassifierReward,
     SaturationReward,
     WeightedSumReward,
+    CLIP_MEAN,
+    CLIP_STD,
     call_reward,
+    preprocess_for_vision_model,
 )
 
 
@@ -126,3 +129,84 @@ def test_classifier_reward_is_the_log_probability_of_the_class(tmp_path):
     with torch.no_grad():
         expected = torch.log_softmax(gray_model(pixel_values=(luma - 0.5) / 0.5).logits, -1)[:, 7]
     torch.testing.assert_close(gray_reward(x.detach()), expected)
+
+
+# ----------------------------------------------------------------------------- CLIP rewards and the registry
+def _save_tiny_clip(path):
+    from hf_control_ft.testing import tiny_clip_model
+
+    model, tokenizer = tiny_clip_model()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model, tokenizer
+
+
+def test_pickscore_and_clipscore_are_prompt_conditional_cosines_with_gradients(tmp_path):
+    from hf_control_ft.rewards import CLIPScoreReward, PickScoreReward, load_reward
+
+    model, tokenizer = _save_tiny_clip(tmp_path / "clip")
+    images = torch.rand(3, 3, 24, 24, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    prompts = ["a cat", "the dog", "a cat"]
+    pick = load_reward("pickscore", model_name_or_path=str(tmp_path / "clip"))
+    clip = load_reward("clipscore", model_name_or_path=str(tmp_path / "clip"))
+    assert isinstance(pick, PickScoreReward) and isinstance(clip, CLIPScoreReward)
+    # the same numbers as CLIPModel's own logits on the processor-equivalent pixels
+    with torch.no_grad():
+        pixels = preprocess_for_vision_model(images, 32, CLIP_MEAN, CLIP_STD)
+        tok = tokenizer(prompts, padding=True, return_tensors="pt")
+        logits = model(input_ids=tok.input_ids, attention_mask=tok.attention_mask, pixel_values=pixels).logits_per_image
+    expected = torch.diagonal(logits)  # exp(logit_scale) * cos(image_i, prompt_i)
+    p = pick(images, prompts)
+    torch.testing.assert_close(p, expected, rtol=1e-4, atol=1e-4)
+    c = clip(images, prompts)
+    torch.testing.assert_close(c, 100 * expected / model.logit_scale.exp(), rtol=1e-4, atol=1e-4)
+    assert p.shape == (3,) and abs(p[0] - p[2]) > 0  # same prompt, different images
+    p.sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="prompt-conditional"):
+        clip(images, None)
+
+
+def test_aesthetic_head_loads_the_laion_pth_with_weights_only(tmp_path):
+    from hf_control_ft.rewards import AestheticHead, AestheticReward, load_reward
+
+    _save_tiny_clip(tmp_path / "clip")
+    torch.manual_seed(3)
+    head = AestheticHead(embed_dim=16)
+    torch.save(head.state_dict(), tmp_path / "sac+logos+ava1-l14-linearMSE.pth")  # the form LAION distributes
+    reward = load_reward("aesthetic", model_name_or_path=str(tmp_path / "clip"),
+                         aesthetic_head=str(tmp_path / "sac+logos+ava1-l14-linearMSE.pth"))
+    assert isinstance(reward, AestheticReward)
+    for a, b in zip(head.state_dict().values(), reward.head.state_dict().values()):
+        assert torch.equal(a, b)
+    images = torch.rand(2, 3, 32, 32, requires_grad=True)
+    out = reward(images)
+    out.sum().backward()
+    assert out.shape == (2,) and images.grad.abs().sum() > 0
+    # a pickle that is more than tensors is refused (weights_only), never executed
+    torch.save({"layers.0.weight": torch.zeros(1024, 16), "extra": object()}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="weights_only"):
+        AestheticHead.from_file(str(tmp_path / "bad.pth"))
+
+
+def test_reward_specs_name_builtins_files_and_modules_and_fail_clearly(tmp_path):
+    from hf_control_ft.rewards import BrightnessReward, RewardSpecError, check_spec, load_reward
+
+    assert isinstance(load_reward("brightness"), BrightnessReward)
+    f = tmp_path / "my_reward.py"
+    f.write_text("import torch\n\ndef redness(images, prompts=None):\n    return images[:, 0].mean(dim=(1, 2))\n")
+    fn = load_reward(f"{f}:redness")
+    x = torch.zeros(2, 3, 4, 4)
+    x[0, 0] = 1
+    assert fn(x).tolist() == [1.0, 0.0] and fn.__name__ == "redness"
+    assert load_reward("hf_control_ft.rewards.image_rewards:BrightnessReward") is BrightnessReward
+    cases = {"nonsense": "neither a built-in", f"{tmp_path}/missing.py:f": "does not exist",
+             f"{f}:bluenes": "has no 'bluenes'", "no_such_module_xyz:f": "cannot import module",
+             "aesthetic": "needs --aesthetic_head"}
+    for spec, message in cases.items():
+        with pytest.raises(RewardSpecError, match=message):
+            check_spec(spec)
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('boom')\n")
+    with pytest.raises(RewardSpecError, match="importing .* failed: RuntimeError: boom"):
+        check_spec(f"{broken}:f")

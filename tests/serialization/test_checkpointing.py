@@ -43,7 +43,11 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_run_exactly(tmp_pat
         assert torch.equal(a, b)
     g = torch.Generator().manual_seed(0)
     assert torch.equal(full.sample(16, generator=g), resumed.sample(16, generator=torch.Generator().manual_seed(0)))
-    assert [h["step"] for h in resumed.history if "train/reward" in h] == [2, 4, 6]
+    off = resumed.drift_log_offset  # tracker steps: stage 1 at 0, stage 2 at 1..N, drift step n at N + 1 + n
+    assert off == resumed.config.noise_train_steps + 1
+    assert [h["step"] - off for h in resumed.history if "train/reward" in h] == [2, 4, 6]
+    steps = [h["step"] for h in full.history]
+    assert steps == sorted(steps) and steps[0] == 0 and len(set(steps)) == len(steps)
 
 
 def test_latest_with_no_checkpoint_starts_fresh_and_bad_path_errors(tmp_path):

@@ -125,7 +125,7 @@ def test_config_from_cli_overrides(tmp_path):
     cfg = ElegantConfig.from_cli(str(p), ["--eta", "0.3", "--truncate_backprop_steps", "4", "--report_to", "null"])
     assert (cfg.alpha, cfg.eta, cfg.truncate_backprop_steps, cfg.report_to) == (0.5, 0.3, 4, None)
     assert cfg.lora_target_modules == ["a", "b"]
-    with pytest.raises(ValueError, match="unknown ElegantConfig keys"):
+    with pytest.raises(ValueError, match="unknown flag --alpah"):
         ElegantConfig.from_cli(None, ["--alpah", "1"])
     with pytest.raises(ValueError, match="ElegantConfig.eta"):
         ElegantConfig.from_cli(None, ["--eta", "0"])
@@ -137,11 +137,11 @@ def test_config_from_cli_takes_the_forms_a_diffusers_user_types():
     assert (cfg.alpha, cfg.learn_initial_noise, cfg.gradient_checkpointing, cfg.lora_alpha, cfg.eta) == \
         (0.3, False, True, 6.0, 0.5)
     assert cfg.lora_target_modules == ["to_q", "to_k"]
-    with pytest.raises(ValueError, match="ElegantConfig.alpha: a value is required"):
+    with pytest.raises(ValueError, match="--alpha needs a value"):
         ElegantConfig.from_cli(None, ["--alpha"])
     with pytest.raises(ValueError, match="takes one value"):
         ElegantConfig.from_cli(None, ["--alpha", "1", "2"])
-    with pytest.raises(ValueError, match="expected '--key value'"):
+    with pytest.raises(ValueError, match="expected .--name value."):
         ElegantConfig.from_cli(None, ["alpha=1"])
 
 

@@ -1,0 +1,94 @@
+"""Prompt-conditional rewards on a CLIP model: PickScore and CLIPScore, differentiable in the images.
+
+Both embed the images (``(B, 3, H, W)`` in ``[0, 1]``, resized bicubically to the CLIP resolution and normalised
+with the CLIP statistics -- the tensor version of ``CLIPProcessor`` for square images) and the prompts (the
+model's tokenizer, padded and truncated to its context length), L2-normalise both and score their cosine:
+
+* :class:`PickScoreReward`: ``exp(logit_scale) * cos`` (Kirstain et al., 2023; the model is a ``CLIPModel``
+  fine-tuned on human preferences, ``yuvalkirstain/PickScore_v1``, with the tokenizer of
+  ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``); about 20-23 for good images;
+* :class:`CLIPScoreReward`: ``scale * cos`` with ``scale = 100`` (torchmetrics' convention; Hessel et al. use
+  ``2.5 max(cos, 0)``). The clamp at 0 is left out on purpose: it has no gradient where it binds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .image_rewards import CLIP_MEAN, CLIP_STD, ImageReward, preprocess_for_vision_model
+
+PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
+PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+CLIPSCORE_MODEL = "openai/clip-vit-large-patch14"
+
+
+class _ClipSimilarity(ImageReward):
+    """``weight * cos(image, text)`` under a frozen ``transformers.CLIPModel``; subclasses choose the weight."""
+
+    name = "clip_similarity"
+
+    def __init__(self, model, tokenizer):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.image_size = int(model.config.vision_config.image_size)
+        self.max_length = int(model.config.text_config.max_position_embeddings)
+
+    def weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def similarity(self, images: torch.Tensor, prompts) -> torch.Tensor:
+        """Cosine ``(B,)`` between each image and its prompt (one prompt per image)."""
+        if prompts is None or isinstance(prompts, str) or len(prompts) != images.shape[0]:
+            got = "None" if prompts is None else (repr(prompts) if isinstance(prompts, str) else len(prompts))
+            raise ValueError(f"reward {self.__name__!r} is prompt-conditional: pass one prompt per image "
+                             f"({images.shape[0]}), got {got}")
+        param = next(self.model.parameters())
+        pixels = preprocess_for_vision_model(images, self.image_size, CLIP_MEAN, CLIP_STD).to(param.dtype)
+        tokens = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=self.max_length,
+                                return_tensors="pt").to(param.device)
+        out = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels)
+        img = out.image_embeds.float()
+        txt = out.text_embeds.float()
+        img = img / img.norm(dim=-1, keepdim=True)
+        txt = txt / txt.norm(dim=-1, keepdim=True)
+        return (img * txt).sum(dim=-1)
+
+    def forward(self, images, prompts=None):
+        return self.weight() * self.similarity(images, prompts)
+
+    @classmethod
+    def from_pretrained(cls, model_name_or_path: str, processor_name_or_path: str | None = None,
+                        torch_dtype: torch.dtype | None = None, **hub_kwargs):
+        """Loads the ``CLIPModel`` (safetensors only) and the tokenizer (from ``processor_name_or_path``,
+        default the model's own repo). ``hub_kwargs`` (``token``, ``revision``, ``cache_dir``) go to both."""
+        from transformers import AutoTokenizer, CLIPModel
+
+        model = CLIPModel.from_pretrained(model_name_or_path, use_safetensors=True, dtype=torch_dtype, **hub_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(processor_name_or_path or model_name_or_path, **hub_kwargs)
+        return cls(model, tokenizer)
+
+
+class PickScoreReward(_ClipSimilarity):
+    """PickScore: ``exp(logit_scale) * cos(image, prompt)`` (module docstring)."""
+
+    name = "pickscore"
+
+    def weight(self) -> torch.Tensor:
+        return self.model.logit_scale.detach().float().exp()
+
+
+class CLIPScoreReward(_ClipSimilarity):
+    """CLIPScore: ``scale * cos(image, prompt)``, ``scale = 100`` by default (module docstring)."""
+
+    name = "clipscore"
+
+    def __init__(self, model, tokenizer, scale: float = 100.0):
+        super().__init__(model, tokenizer)
+        self.scale = float(scale)
+
+    def weight(self) -> torch.Tensor:
+        return torch.tensor(self.scale)
+
+
+__all__ = ["PickScoreReward", "CLIPScoreReward", "PICKSCORE_MODEL", "PICKSCORE_PROCESSOR", "CLIPSCORE_MODEL"]

@@ -1,0 +1,126 @@
+"""Rewards (and oracles) by name or by reference to a user's function, as the training scripts take them.
+
+A *reward spec* is one of
+
+* a built-in name: ``aesthetic`` (LAION aesthetic predictor on CLIP ViT-L/14), ``pickscore``, ``clipscore``,
+  ``brightness``, ``saturation``;
+* ``path/to/file.py:function`` -- a function (or any callable attribute) defined in a Python file;
+* ``package.module:function`` -- an importable module's attribute.
+
+A user function is called as ``fn(images, prompts)`` (or ``fn(images)``) on images ``(B, 3, H, W)`` in
+``[0, 1]`` and returns ``(B,)`` numbers; an oracle (SEIKO) has the same signature and need not be
+differentiable. :func:`check_spec` validates a spec without loading any model (the scripts call it before they
+load the pipeline), :func:`load_reward` builds the callable.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+
+from .clip_rewards import CLIPSCORE_MODEL, PICKSCORE_MODEL, PICKSCORE_PROCESSOR, CLIPScoreReward, PickScoreReward
+from .image_rewards import DEFAULT_CLIP_MODEL, AestheticReward, BrightnessReward, SaturationReward
+
+BUILTIN_REWARDS = ("aesthetic", "pickscore", "clipscore", "brightness", "saturation")
+#: default model of each built-in reward that needs one (``--reward_model_name_or_path`` overrides it)
+DEFAULT_MODELS = {"aesthetic": DEFAULT_CLIP_MODEL, "pickscore": PICKSCORE_MODEL, "clipscore": CLIPSCORE_MODEL}
+
+
+class RewardSpecError(ValueError):
+    """A reward / oracle spec that names nothing loadable (one-line message)."""
+
+
+def _split(spec: str) -> tuple[str, str]:
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise RewardSpecError(f"{spec!r} is neither a built-in reward {BUILTIN_REWARDS} nor "
+                              "'path/to/file.py:function' nor 'package.module:function'")
+    return target, attr
+
+
+def _load_module(target: str, spec: str):
+    if target.endswith(".py") or os.sep in target or "/" in target:
+        if not os.path.isfile(target):
+            raise RewardSpecError(f"reward file {target!r} (from {spec!r}) does not exist")
+        name = "hf_control_ft_user_" + os.path.splitext(os.path.basename(target))[0]
+        module_spec = importlib.util.spec_from_file_location(name, os.path.abspath(target))
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as err:  # noqa: BLE001 - the user's file failed to import: say which and why
+            del sys.modules[name]
+            raise RewardSpecError(f"importing {target!r} failed: {type(err).__name__}: {err}") from None
+        return module
+    try:
+        return importlib.import_module(target)
+    except ImportError as err:
+        raise RewardSpecError(f"cannot import module {target!r} (from {spec!r}): {err}") from None
+
+
+def load_user_function(spec: str):
+    """The callable named by ``file.py:function`` or ``module:function``."""
+    target, attr = _split(spec)
+    module = _load_module(target, spec)
+    fn = getattr(module, attr, None)
+    if fn is None:
+        public = sorted(n for n in vars(module) if not n.startswith("_") and callable(getattr(module, n)))
+        raise RewardSpecError(f"{target!r} has no {attr!r} (callables there: {public})")
+    if not callable(fn):
+        raise RewardSpecError(f"{spec!r} is not callable ({type(fn).__name__})")
+    if getattr(fn, "__name__", None) is None:
+        try:
+            fn.__name__ = attr
+        except (AttributeError, TypeError):
+            pass
+    return fn
+
+
+def check_spec(spec: str, what: str = "reward", aesthetic_head: str | None = None) -> None:
+    """Raises :class:`RewardSpecError` unless ``spec`` names a built-in or an existing function; loads no model
+    (a user file is imported, which is how its function is found)."""
+    if not isinstance(spec, str) or not spec:
+        raise RewardSpecError(f"--{what} is required: a built-in name {BUILTIN_REWARDS} or 'file.py:function'")
+    if spec in BUILTIN_REWARDS:
+        if spec == "aesthetic" and aesthetic_head is None:
+            raise RewardSpecError("--reward aesthetic needs --aesthetic_head (the LAION predictor's .pth state dict, "
+                                  "a .safetensors conversion, or a directory / Hub repo saved with AestheticHead)")
+        if spec == "aesthetic" and not os.path.exists(aesthetic_head) and aesthetic_head.endswith(
+                (".pth", ".pt", ".bin", ".safetensors")):
+            raise RewardSpecError(f"--aesthetic_head {aesthetic_head!r} does not exist")
+        return
+    load_user_function(spec)
+
+
+def load_reward(spec: str, model_name_or_path: str | None = None, processor_name_or_path: str | None = None,
+                aesthetic_head: str | None = None, torch_dtype=None, **hub_kwargs):
+    """The reward (or oracle) callable named by ``spec`` (module docstring).
+
+    Args:
+        model_name_or_path: the CLIP model of ``aesthetic`` / ``pickscore`` / ``clipscore`` (default
+            :data:`DEFAULT_MODELS`); a local directory works offline.
+        processor_name_or_path: the tokenizer of ``pickscore`` / ``clipscore`` (PickScore's default is the
+            LAION ViT-H-14 repo, as its authors load it).
+        aesthetic_head: weights of the aesthetic head (``.pth`` / ``.safetensors`` / saved directory).
+        torch_dtype: dtype of the frozen CLIP model (e.g. ``torch.float16`` on a GPU).
+        hub_kwargs: ``token``, ``revision``, ``cache_dir`` for the model downloads.
+    """
+    check_spec(spec, aesthetic_head=aesthetic_head)
+    model = model_name_or_path or DEFAULT_MODELS.get(spec)
+    if spec == "aesthetic":
+        return AestheticReward.from_pretrained(aesthetic_head, model, torch_dtype=torch_dtype, **hub_kwargs)
+    if spec == "pickscore":
+        processor = processor_name_or_path or (PICKSCORE_PROCESSOR if model == PICKSCORE_MODEL else None)
+        return PickScoreReward.from_pretrained(model, processor, torch_dtype=torch_dtype, **hub_kwargs)
+    if spec == "clipscore":
+        return CLIPScoreReward.from_pretrained(model, processor_name_or_path, torch_dtype=torch_dtype, **hub_kwargs)
+    if spec == "brightness":
+        return BrightnessReward()
+    if spec == "saturation":
+        return SaturationReward()
+    return load_user_function(spec)
+
+
+__all__ = ["BUILTIN_REWARDS", "DEFAULT_MODELS", "RewardSpecError", "check_spec", "load_reward", "load_user_function"]
