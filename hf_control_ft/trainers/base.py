@@ -227,12 +227,37 @@ class BaseTrainer:
         The objective is ``config.drift_objective`` (``docs/algorithms.md`` §7): the exact pathwise gradient,
         or the adjoint-matching / value-guided regression (``value_gradient``: ``(x, k) -> grad V_k``). With
         ``reference_kl_weight`` (SEIKO's ``beta``) the KL to the sampler's reference adapter is added
-        (pathwise only). Returns ``{"reward", "kl", "kl_init", "ref_kl", "grad_norm", "regression_loss"}``
-        as ``(B,)`` tensors / floats.
+        (pathwise only). With ``gradient_accumulation_steps = G`` the step averages the gradients of ``G``
+        micro-batches of ``batch_size`` before the optimiser step. Returns ``{"reward", "kl", "kl_init",
+        "ref_kl", "grad_norm", "regression_loss"}`` as ``(B * G,)`` tensors / floats.
         """
         cfg = self.config
-        B = cfg.batch_size
+        B, G = cfg.batch_size, cfg.gradient_accumulation_steps
         gen = generator if generator is not None else self.generator
+        optimizer.zero_grad(set_to_none=True)
+        parts = []
+        for _ in range(G):  # G micro-batches of B: the gradient of the mean over B * G samples, memory of B
+            parts.append(self._accumulate_gradient(B * G, gen, reference_kl_weight, value_gradient))
+        out = {k: torch.cat([p[k] for p in parts]) for k in ("reward", "kl", "kl_init", "ref_kl")
+               if parts[0][k] is not None}
+        losses = [p["regression_loss"] for p in parts if p["regression_loss"] is not None]
+        regression_loss = sum(losses) / len(losses) if losses else None
+        r = out["reward"]
+        self._sync_grads(params)
+        skipped = not self._gradients_finite(params, r)
+        grad_norm = math.nan if skipped else self._clip(params)
+        if skipped:
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer.step()
+        return {"reward": r, "kl": out["kl"], "kl_init": out["kl_init"], "ref_kl": out.get("ref_kl"),
+                "grad_norm": grad_norm, "regression_loss": regression_loss, "skipped": skipped}
+
+    def _accumulate_gradient(self, total: int, gen, reference_kl_weight, value_gradient) -> dict:
+        """Rollout of one micro-batch of ``batch_size`` and its backward pass, each sample weighted ``1 / total``
+        (gradients add up in ``.grad``)."""
+        cfg = self.config
+        B = cfg.batch_size
         self.process.prepare_batch(B, gen)
         cond = self.batch_condition()
         x_T, kl_init = self.draw_initial_noise(B, gen, cond)
@@ -241,23 +266,15 @@ class BaseTrainer:
         if step_cond is not None:
             value_gradient = functools.partial(value_gradient, condition=step_cond)
         r, grad_x0 = self.reward_and_gradient(traj.samples)
-        optimizer.zero_grad(set_to_none=True)
         regression_loss = None
         if cfg.drift_objective in ("adjoint_matching", "value_guided"):
-            regression_loss = adjoint_matching_backward(self.sampler, traj, grad_x0, cfg.alpha, 1.0 / B,
+            regression_loss = adjoint_matching_backward(self.sampler, traj, grad_x0, cfg.alpha, 1.0 / total,
                                                         value_gradient).mean().item()
         else:
-            ref = None if reference_kl_weight is None else reference_kl_weight / B
-            self.sampler.backpropagate(traj, -grad_x0 / B, cfg.alpha / B, reference_kl_weight=ref)
-        self._sync_grads(params)
-        skipped = not self._gradients_finite(params, r)
-        grad_norm = math.nan if skipped else self._clip(params)
-        if skipped:
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            optimizer.step()
-        return {"reward": r, "kl": traj.kl, "kl_init": kl_init, "ref_kl": traj.ref_kl, "grad_norm": grad_norm,
-                "regression_loss": regression_loss, "skipped": skipped}
+            ref = None if reference_kl_weight is None else reference_kl_weight / total
+            self.sampler.backpropagate(traj, -grad_x0 / total, cfg.alpha / total, reference_kl_weight=ref)
+        return {"reward": r, "kl": traj.kl, "kl_init": kl_init, "ref_kl": traj.ref_kl,
+                "regression_loss": regression_loss}
 
     def _gradients_finite(self, params, reward: torch.Tensor) -> bool:
         """False (and counted) when a LoRA gradient is NaN / inf: the step is then skipped, so non-finite values

@@ -21,7 +21,7 @@ def network_evaluations(config, guidance_factor: int = 1, num_processes: int = 1
     g = int(guidance_factor)
     stage1 = config.value_num_rollouts * K * g if config.learn_initial_noise else 0
     step_values = config.value_num_rollouts * K * g if config.drift_objective == "value_guided" else 0
-    per_iteration = config.batch_size * num_processes * g
+    per_iteration = config.batch_size * getattr(config, "gradient_accumulation_steps", 1) * num_processes * g
     drift_forward = config.train_steps * per_iteration * (K + 2 * window)
     drift_backward = config.train_steps * per_iteration * 2 * window
     before = stage1 + step_values

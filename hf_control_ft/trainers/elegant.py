@@ -82,6 +82,7 @@ class ElegantTrainer(BaseTrainer):
         self.global_step = 0
         self.initial_noise_trained = False
         self._optimizer_state = None  # restored by load_checkpoint, applied when the drift optimiser exists
+        self._callback = None  # train(callback=...)
 
     # ------------------------------------------------------------------ stage 1
     def _pretrained_rollouts(self, desc: str):
@@ -235,7 +236,13 @@ class ElegantTrainer(BaseTrainer):
                     bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", kl=f"{metrics['train/kl']:.3f}")
             if cfg.checkpointing_steps and self.global_step % cfg.checkpointing_steps == 0:
                 self.save_checkpoint(opt, lr_schedule)
+            if self._callback is not None:
+                self._callback(self, self.global_step)
         return metrics
+
+    def log_step(self, drift_step: int) -> int:
+        """The tracker step of drift step ``drift_step`` (see :attr:`drift_log_offset`)."""
+        return self.drift_log_offset + int(drift_step)
 
     @property
     def drift_log_offset(self) -> int:
@@ -274,7 +281,8 @@ class ElegantTrainer(BaseTrainer):
         saved = state.get("config")
         if saved is not None:
             current = self.config.to_dict()
-            changed = {k: (saved.get(k), current.get(k)) for k in RESUME_KEYS if saved.get(k) != current.get(k)}
+            changed = {k: (saved.get(k), current.get(k)) for k in RESUME_KEYS
+                       if k in saved and saved[k] != current.get(k)}
             if changed:
                 raise ValueError(f"{path} was trained with other settings; resuming with changed {sorted(changed)} "
                                  f"(saved vs now: {changed}) would change the objective, the model or the optimiser. "
@@ -290,7 +298,7 @@ class ElegantTrainer(BaseTrainer):
         if optim is not None:
             self._optimizer_state = (optim, state)
 
-    def train(self, resume_from_checkpoint: str | None = None) -> dict:
+    def train(self, resume_from_checkpoint: str | None = None, callback=None) -> dict:
         """Runs stages 1-3 (1-2 only with ``learn_initial_noise``); returns final metrics and timings.
 
         ``resume_from_checkpoint``: ``"latest"`` (newest intact checkpoint in ``config.output_dir``, or a fresh
@@ -298,8 +306,13 @@ class ElegantTrainer(BaseTrainer):
         repeated, and the drift stage continues at the checkpoint's step with the same randomness an
         uninterrupted run would use. The run holds ``<output_dir>/.lock``: a second run on the same directory
         fails at once.
+
+        ``callback(trainer, step)``: called on every process after each drift step (and its checkpoint), with
+        the trackers still open (e.g. validation images every N steps: ``trainer.log_step(step)`` is the tracker
+        step of drift step ``step``).
         """
         cfg = self.config
+        self._callback = callback
         lock = RunLock(cfg.output_dir) if cfg.output_dir and self.is_main_process else contextlib.nullcontext()
         with lock:
             checkpoint = checkpointing.resolve_checkpoint(cfg.output_dir, resume_from_checkpoint)

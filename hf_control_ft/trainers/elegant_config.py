@@ -7,7 +7,6 @@ import json
 import math
 from dataclasses import dataclass, field
 
-import yaml
 from accelerate.utils import LoggerType
 
 from ..utils.config_cli import ConfigCliError, parse_flags, read_yaml_mapping
@@ -17,7 +16,7 @@ DRIFT_OBJECTIVES = ("pathwise", "adjoint_matching", "value_guided")
 # settings a resumed run may not change: they define the objective, the model or the optimiser (train_steps,
 # checkpointing, logging and output settings may change)
 RESUME_KEYS = ("alpha", "eta", "num_inference_steps", "learn_initial_noise", "conditional_initial_noise",
-               "drift_objective", "batch_size",
+               "drift_objective", "batch_size", "gradient_accumulation_steps",
                "learning_rate", "max_grad_norm", "lr_scheduler", "lr_warmup_steps", "lora_rank", "lora_alpha",
                "lora_target_modules", "truncate_backprop_steps", "value_num_rollouts", "value_train_steps",
                "value_learning_rate", "step_value_train_steps", "noise_num_steps", "noise_train_steps",
@@ -90,6 +89,9 @@ class ElegantConfig:
                                               "value gradients)")
     train_steps: int = _field(500, "drift (LoRA) iterations; for SEIKO per round")
     batch_size: int = _field(64, "samples per drift iteration and per process")
+    gradient_accumulation_steps: int = _field(1, "micro-batches of batch_size whose gradients are averaged before "
+                                                 "each optimiser step (effective batch = batch_size x this x "
+                                                 "processes, memory of one batch_size)")
     learning_rate: float = _field(1e-3, "LoRA learning rate (Adam)")
     max_grad_norm: float | None = _field(None, "clip the LoRA gradient norm (None: no clipping)")
     max_nonfinite_steps: int = _field(5, "consecutive drift steps with a non-finite gradient (skipped) before "
@@ -144,7 +146,8 @@ class ElegantConfig:
                    "such as 'false' is not a boolean")
         _check(is_number(self.eta) and 0 < self.eta <= 1, "eta",
                f"must be in (0, 1], got {self.eta!r} (eta = 0 is deterministic: infinite KL for any control)")
-        for name in ("num_inference_steps", "train_steps", "batch_size", "lora_rank", "value_num_rollouts",
+        for name in ("num_inference_steps", "train_steps", "batch_size", "gradient_accumulation_steps", "lora_rank",
+                     "value_num_rollouts",
                      "value_train_steps", "step_value_train_steps", "noise_num_steps", "noise_train_steps",
                      "noise_batch_size",
                      "aux_hidden", "log_every"):

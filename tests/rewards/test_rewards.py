@@ -6,14 +6,14 @@ from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, ViTConfig, ViTForImageClassification
 
 from hf_control_ft.rewards.image_rewards import (
+    CLIP_MEAN,
+    CLIP_STD,
     AestheticHead,
     AestheticReward,
     BrightnessReward,
     ClassifierReward,
     SaturationReward,
     WeightedSumReward,
-    CLIP_MEAN,
-    CLIP_STD,
     call_reward,
     preprocess_for_vision_model,
 )

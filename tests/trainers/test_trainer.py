@@ -201,3 +201,33 @@ def test_stage1_rollouts_use_their_own_batch_size():
     assert calls == [16, 8]
     with pytest.raises(ValueError, match="ElegantConfig.rollout_batch_size"):
         ElegantConfig(rollout_batch_size=0)
+
+
+def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch():
+    """G = 2 micro-batches of B give the average of the gradients of the two batches of B drawn in turn."""
+    from hf_control_ft.core.control import lora_parameters
+
+    def reward(x):
+        return -(x - 1).pow(2).sum(1)
+
+    def trainer_and_params(G):
+        cfg = ElegantConfig(num_inference_steps=4, train_steps=1, batch_size=6, gradient_accumulation_steps=G,
+                            learn_initial_noise=False, report_to=None, alpha=0.5)
+        trainer = ElegantTrainer(cfg, make_mlp_denoiser(perturb=0.1), ddim(), reward, (2,))
+        params = lora_parameters(trainer.model)
+        return trainer, params, torch.optim.SGD(params, lr=0.0)  # lr 0: the weights never move
+
+    trainer, params, opt = trainer_and_params(1)
+    gen = torch.Generator().manual_seed(0)
+    singles = []
+    for _ in range(2):
+        out1 = trainer.drift_iteration(opt, params, gen)
+        singles.append(torch.cat([p.grad.flatten() for p in params]))
+    trainer, params, opt = trainer_and_params(2)
+    out2 = trainer.drift_iteration(opt, params, torch.Generator().manual_seed(0))
+    accumulated = torch.cat([p.grad.flatten() for p in params])
+    assert out1["reward"].shape == (6,) and out2["reward"].shape == out2["kl"].shape == (12,)
+    assert accumulated.norm() > 0 and not torch.allclose(singles[0], singles[1])
+    torch.testing.assert_close(accumulated, (singles[0] + singles[1]) / 2, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        ElegantConfig(gradient_accumulation_steps=0)
