@@ -16,13 +16,12 @@ import contextlib
 import hashlib
 import logging
 import math
-import os
 import time
 
 import torch
 from accelerate import Accelerator
 
-from ..core.control import load_lora_state_dict, lora_parameters, lora_state_dict
+from ..core.control import load_lora_state_dict, lora_parameters
 from ..models.initial_noise import InitialNoiseModel
 from ..models.step_values import StepValueFunction
 from ..models.value_function import ValueFunction
@@ -30,16 +29,21 @@ from ..processes import ControlledProcess, process_from_pipeline
 from ..processes.stable_diffusion import load_options
 from ..serialization import checkpoints as checkpointing
 from ..serialization.lora_io import load_lora_file
-from ..serialization.saved import INITIAL_NOISE_DIR, read_saved, resolve_directory, save_control
+from ..serialization.saved import (
+    read_saved,
+    resolve_directory,
+    save_control,
+)
 from ..utils.run_lock import RunLock
 from .base import BaseTrainer
 from .costs import describe, network_evaluations
-from .elegant_config import RESUME_KEYS, ElegantConfig
+from .elegant_checkpoints import ElegantCheckpointing
+from .elegant_config import ElegantConfig
 
 logger = logging.getLogger(__name__)
 
 
-class ElegantTrainer(BaseTrainer):
+class ElegantTrainer(ElegantCheckpointing, BaseTrainer):
     """Fine-tunes a controlled process toward ``reward_fn`` with ELEGANT.
 
     Args:
@@ -255,48 +259,6 @@ class ElegantTrainer(BaseTrainer):
         """A 63-bit seed hashed from (seed, rank, step): independent of every other stream the trainer uses."""
         key = f"hf_control_ft/drift/{self.config.seed}/{self.accelerator.process_index}/{step}".encode()
         return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
-
-    # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, optimizer=None, lr_schedule=None) -> str | None:
-        """Writes ``<output_dir>/checkpoint-<global_step>`` (main process; fsynced, atomic rename; rotation to
-        ``checkpoints_total_limit``; never non-finite weights). Returns its path on the main process."""
-        cfg = self.config
-        self.accelerator.wait_for_everyone()
-        path = None
-        if self.is_main_process:
-            state = {"global_step": self.global_step, "initial_noise_trained": self.initial_noise_trained,
-                     "history": self.history, "config": cfg.to_dict()}
-            noise = self.initial_noise if self.initial_noise is not None and self.initial_noise_trained else None
-            path = checkpointing.write_checkpoint(cfg.output_dir, self.global_step, lora_state_dict(self.model), state,
-                                                  optimizer, lr_schedule, noise, cfg.checkpoints_total_limit)
-        self.accelerator.wait_for_everyone()
-        return path
-
-    def load_checkpoint(self, path: str) -> None:
-        """Restores what :meth:`save_checkpoint` wrote; training continues at its ``global_step``.
-
-        Raises ``ValueError`` listing the fields of :data:`RESUME_KEYS` whose values differ from the checkpoint's.
-        """
-        weights, state, optim = checkpointing.read_checkpoint(path, self.device)
-        saved = state.get("config")
-        if saved is not None:
-            current = self.config.to_dict()
-            changed = {k: (saved.get(k), current.get(k)) for k in RESUME_KEYS
-                       if k in saved and saved[k] != current.get(k)}
-            if changed:
-                raise ValueError(f"{path} was trained with other settings; resuming with changed {sorted(changed)} "
-                                 f"(saved vs now: {changed}) would change the objective, the model or the optimiser. "
-                                 "Resume with the saved values, or start a new run in another output_dir")
-        load_lora_state_dict(self.model, weights)
-        self.global_step = int(state["global_step"])
-        self.history = list(state.get("history", []))
-        self.initial_noise_trained = bool(state.get("initial_noise_trained", False))
-        if self.initial_noise is not None and self.initial_noise_trained:
-            noise_dir = os.path.join(path, INITIAL_NOISE_DIR)
-            self.initial_noise = InitialNoiseModel.from_pretrained(noise_dir).to(self.device)
-            self.initial_noise.requires_grad_(False)
-        if optim is not None:
-            self._optimizer_state = (optim, state)
 
     def train(self, resume_from_checkpoint: str | None = None, callback=None) -> dict:
         """Runs stages 1-3 (1-2 only with ``learn_initial_noise``); returns final metrics and timings.

@@ -38,7 +38,12 @@ import time
 import torch
 from accelerate import Accelerator
 
-from ..core.control import CONTROL_ADAPTER, add_reference_adapter, copy_adapter_weights, lora_parameters
+from ..core.control import (
+    CONTROL_ADAPTER,
+    add_reference_adapter,
+    copy_adapter_weights,
+    lora_parameters,
+)
 from ..core.kl import gaussian_kl
 from ..feedback.oracle import Oracle, OracleUnavailableError, RoundBudget
 from ..feedback.store import FeedbackDataset
@@ -340,11 +345,8 @@ class SeikoTrainer(BaseTrainer):
 
     # ------------------------------------------------------------------ loop
     def train(self, callback=None) -> dict:
-        """Runs (or resumes) the rounds; returns the last round's metrics.
-
-        Args:
-            callback: optional ``callback(trainer, round_index) -> dict`` called after each round's update
-                (e.g. evaluation against a true reward); its metrics are logged with the round's.
+        """Runs (or resumes) the rounds; returns the last round's metrics. ``callback(trainer, round_index) ->
+        dict`` (optional) runs after each round's update, e.g. an evaluation; its metrics are logged with the round's.
         """
         with RunLock(self.output_dir):
             return self._train(callback)
@@ -366,9 +368,8 @@ class SeikoTrainer(BaseTrainer):
             metrics["time/round_s"] = time.perf_counter() - t0
             if callback is not None:
                 metrics.update(callback(self, i) or {})
-            # at the round's last drift step: tracker steps never go back (the round index is a metric)
-            self._log({f"round_metrics/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
-                      step=self.global_step)
+            numbers = {f"round_metrics/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+            self._log(numbers, step=self.global_step)  # the round's last drift step: tracker steps never go back
             rounds.set_postfix(queries=len(self.feedback), oracle_mean=f"{metrics['round/oracle_mean']:.3f}")
         self._end_trackers()
         return metrics

@@ -1,0 +1,63 @@
+"""Checkpoints of an ELEGANT run: what :class:`~hf_control_ft.trainers.elegant.ElegantTrainer` writes every
+``checkpointing_steps`` drift steps and restores on ``train(resume_from_checkpoint=...)``.
+
+A checkpoint holds the LoRA weights, the initial-noise model once stage 2 is done, the optimiser and LR-schedule
+state, the step, the metric history and the config (:mod:`hf_control_ft.serialization.checkpoints` writes it
+atomically). A resumed run refuses settings that would change the objective, the model or the optimiser
+(:data:`~hf_control_ft.trainers.elegant_config.RESUME_KEYS`).
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..core.control import load_lora_state_dict, lora_state_dict
+from ..models.initial_noise import InitialNoiseModel
+from ..serialization import checkpoints as checkpointing
+from ..serialization.saved import INITIAL_NOISE_DIR
+from .elegant_config import RESUME_KEYS
+
+
+class ElegantCheckpointing:
+    """Mixin of :class:`~hf_control_ft.trainers.elegant.ElegantTrainer`: ``save_checkpoint`` / ``load_checkpoint``."""
+
+    def save_checkpoint(self, optimizer=None, lr_schedule=None) -> str | None:
+        """Writes ``<output_dir>/checkpoint-<global_step>`` (main process; fsynced, atomic rename; rotation to
+        ``checkpoints_total_limit``; never non-finite weights). Returns its path on the main process."""
+        cfg = self.config
+        self.accelerator.wait_for_everyone()
+        path = None
+        if self.is_main_process:
+            state = {"global_step": self.global_step, "initial_noise_trained": self.initial_noise_trained,
+                     "history": self.history, "config": cfg.to_dict()}
+            noise = self.initial_noise if self.initial_noise is not None and self.initial_noise_trained else None
+            path = checkpointing.write_checkpoint(cfg.output_dir, self.global_step, lora_state_dict(self.model), state,
+                                                  optimizer, lr_schedule, noise, cfg.checkpoints_total_limit)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restores what :meth:`save_checkpoint` wrote; training continues at its ``global_step``.
+
+        Raises ``ValueError`` listing the fields of :data:`RESUME_KEYS` whose values differ from the checkpoint's.
+        """
+        weights, state, optim = checkpointing.read_checkpoint(path, self.device)
+        saved = state.get("config")
+        if saved is not None:
+            current = self.config.to_dict()
+            changed = {k: (saved.get(k), current.get(k)) for k in RESUME_KEYS
+                       if k in saved and saved[k] != current.get(k)}
+            if changed:
+                raise ValueError(f"{path} was trained with other settings; resuming with changed {sorted(changed)} "
+                                 f"(saved vs now: {changed}) would change the objective, the model or the optimiser. "
+                                 "Resume with the saved values, or start a new run in another output_dir")
+        load_lora_state_dict(self.model, weights)
+        self.global_step = int(state["global_step"])
+        self.history = list(state.get("history", []))
+        self.initial_noise_trained = bool(state.get("initial_noise_trained", False))
+        if self.initial_noise is not None and self.initial_noise_trained:
+            noise_dir = os.path.join(path, INITIAL_NOISE_DIR)
+            self.initial_noise = InitialNoiseModel.from_pretrained(noise_dir).to(self.device)
+            self.initial_noise.requires_grad_(False)
+        if optim is not None:
+            self._optimizer_state = (optim, state)
