@@ -191,8 +191,11 @@ class StableDiffusionProcess(ControlledProcess):
         if base_model is not None:
             self.options.base_model = base_model
         self.options.save(os.path.join(directory, OPTIONS_NAME))
+        unique = list(dict.fromkeys(self.prompts))
         return {"base_model": self.options.base_model, "conditional": True,
-                "guidance_scale": self.options.guidance_scale}
+                "guidance_scale": self.options.guidance_scale, "family": self.family, "prompts": unique[:8],
+                "num_prompts": len(unique), "negative_prompt": self.options.negative_prompt,
+                "mixed_precision": self.options.mixed_precision}
 
 
 class _ConditionedReward:

@@ -28,7 +28,7 @@ def render_model_card(config, reward: str, base_model: str | None = None, metric
                       guidance_scale: float | None = None, lora_rank: int | None = None,
                       lora_alpha: float | None = None, target_modules=None, license: str = "apache-2.0",
                       tags: list[str] | None = None, model_name: str | None = None,
-                      template_path: str | None = None) -> str:
+                      template_path: str | None = None, card_info: dict | None = None) -> str:
     """Renders the model card of an ELEGANT run and returns it (YAML header + markdown).
 
     Args:
@@ -42,10 +42,18 @@ def render_model_card(config, reward: str, base_model: str | None = None, metric
         guidance_scale: classifier-free guidance scale used in training (conditional only).
         lora_rank / lora_alpha / target_modules: the adapter (default: from ``config``).
         license, tags, model_name, template_path: card metadata and an alternative template.
+        card_info: what the process and the run add: ``prompts`` (list), ``num_prompts``, ``dataset``,
+            ``negative_prompt``, ``family``, ``mixed_precision`` and, for SEIKO, ``seiko`` (``beta``,
+            ``num_rounds``, ``queries_per_round``, ``optimism``, ``oracle``, ``total_queries``, ``feedback``).
+
+    A local ``base_model`` path is shown by its directory name only: a card never carries an absolute local path.
     """
+    info = dict(card_info or {})
+    if base_model and os.path.isabs(base_model):
+        base_model = os.path.basename(os.path.normpath(base_model))
     tags = list(dict.fromkeys([*(DEFAULT_TAGS if tags is None else tags),
                                 *(["stable-diffusion", "text-to-image"] if conditional else [])]))
-    on_hub = bool(base_model) and not os.path.isdir(base_model) and not os.path.isabs(base_model)
+    on_hub = bool(base_model) and not os.path.isdir(base_model) and "/" in base_model
     data = ModelCardData(license=license, library_name="diffusers", tags=tags,
                          base_model=base_model if on_hub else None,
                          pipeline_tag="text-to-image" if conditional else "unconditional-image-generation")
@@ -64,5 +72,7 @@ def render_model_card(config, reward: str, base_model: str | None = None, metric
         train_steps=config.train_steps, batch_size=config.batch_size, learning_rate=config.learning_rate,
         truncate_backprop_steps=config.truncate_backprop_steps,
         metrics=[(k, _format_value(v)) for k, v in (metrics or {}).items()], sample_grid=sample_grid,
-        conditional=conditional, license=license)
+        conditional=conditional, license=license, prompts=info.get("prompts"),
+        num_prompts=info.get("num_prompts"), dataset=info.get("dataset"), negative_prompt=info.get("negative_prompt"),
+        family=info.get("family"), mixed_precision=info.get("mixed_precision"), seiko=info.get("seiko"))
     return str(card)

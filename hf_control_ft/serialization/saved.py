@@ -49,7 +49,7 @@ def save_sample_grid(sample_grid, save_directory: str) -> str:
 
 def save_control(save_directory: str, process, config, initial_noise=None, reward: str | None = None,
                  metrics: dict | None = None, sample_grid=None, base_model: str | None = None,
-                 repo_id: str | None = None) -> None:
+                 repo_id: str | None = None, card_info: dict | None = None) -> None:
     """Writes everything listed in the module docstring for a trained control.
 
     Args:
@@ -58,6 +58,8 @@ def save_control(save_directory: str, process, config, initial_noise=None, rewar
         config: the training config (saved as ``elegant_config.json``; shown on the card).
         initial_noise: the learned initial-noise model, or ``None``.
         reward: the reward's name for the card.
+        card_info: extra card fields (:func:`~hf_control_ft.serialization.model_card.render_model_card`), over
+            those the process gives (prompts, negative prompt, family).
     """
     os.makedirs(save_directory, exist_ok=True)
     process.save_adapter(save_directory)
@@ -73,7 +75,9 @@ def save_control(save_directory: str, process, config, initial_noise=None, rewar
         config, reward=reward or "(not recorded)", base_model=fields["base_model"], metrics=metrics,
         sample_grid=grid_name, repo_id=repo_id or save_directory, conditional=fields["conditional"],
         guidance_scale=fields["guidance_scale"], lora_rank=lora_config.r, lora_alpha=lora_config.lora_alpha,
-        target_modules=lora_config.target_modules)
+        target_modules=lora_config.target_modules,
+        card_info={**{k: v for k, v in fields.items() if k not in ("base_model", "conditional", "guidance_scale")},
+                   **(card_info or {})})
     with open(os.path.join(save_directory, MODEL_CARD_NAME), "w", encoding="utf-8") as f:
         f.write(card)
 

@@ -307,7 +307,8 @@ class ElegantTrainer(ElegantCheckpointing, BaseTrainer):
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, save_directory: str, metrics: dict | None = None, sample_grid=None,
-                        base_model: str | None = None, repo_id: str | None = None) -> None:
+                        base_model: str | None = None, repo_id: str | None = None,
+                        card_info: dict | None = None) -> None:
         """Writes the adapter (``pytorch_lora_weights.safetensors``, diffusers format with metadata), the
         initial-noise model, the config, the process's options and a model card ``README.md``
         (:mod:`hf_control_ft.serialization.saved`).
@@ -317,13 +318,15 @@ class ElegantTrainer(ElegantCheckpointing, BaseTrainer):
             sample_grid: PIL image or path of a PNG, copied to ``sample_grid.png`` and shown in the card.
             base_model: Hub id / path of the base model, for the card and the loading snippets.
             repo_id: Hub repo the card's loading snippets refer to.
+            card_info: extra card fields, e.g. ``{"dataset": "user/prompts"}``.
 
         Only the main process writes.
         """
         if not self.is_main_process:
             return
         save_control(save_directory, self.process, self.config, self.initial_noise, reward=self.reward_name,
-                     metrics=metrics, sample_grid=sample_grid, base_model=base_model, repo_id=repo_id)
+                     metrics=metrics, sample_grid=sample_grid, base_model=base_model, repo_id=repo_id,
+                     card_info=card_info)
 
     @classmethod
     def from_pretrained(cls, directory: str, model: torch.nn.Module | None = None, scheduler=None, reward_fn=None,

@@ -38,12 +38,7 @@ import time
 import torch
 from accelerate import Accelerator
 
-from ..core.control import (
-    CONTROL_ADAPTER,
-    add_reference_adapter,
-    copy_adapter_weights,
-    lora_parameters,
-)
+from ..core.control import CONTROL_ADAPTER, add_reference_adapter, copy_adapter_weights, lora_parameters
 from ..core.kl import gaussian_kl
 from ..feedback.oracle import Oracle, OracleUnavailableError, RoundBudget
 from ..feedback.store import FeedbackDataset
@@ -376,12 +371,14 @@ class SeikoTrainer(BaseTrainer):
 
     # ------------------------------------------------------------------ export
     def save_pretrained(self, save_directory: str, metrics: dict | None = None, sample_grid=None,
-                        base_model: str | None = None, repo_id: str | None = None) -> None:
+                        base_model: str | None = None, repo_id: str | None = None,
+                        card_info: dict | None = None) -> None:
         """The fine-tuned model in the ELEGANT format (adapter, initial-noise model, config, options, model card;
         loadable with ``ElegantTrainer.from_pretrained``) plus ``seiko_config.json``."""
+        seiko = {**self.config.card_fields(self.oracle.name, len(self.feedback)), **(card_info or {}).get("seiko", {})}
         save_control(save_directory, self.process, self.config.elegant_config(), self.initial_noise,
                      reward=self.reward_name, metrics=metrics, sample_grid=sample_grid, base_model=base_model,
-                     repo_id=repo_id)
+                     repo_id=repo_id, card_info={**(card_info or {}), "seiko": seiko})
         self.config.save(os.path.join(save_directory, SEIKO_CONFIG_NAME))
 
     def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None,

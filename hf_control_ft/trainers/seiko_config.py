@@ -131,6 +131,12 @@ class SeikoConfig(ElegantConfig):
         q = self.queries_per_round
         return list(q) if isinstance(q, list) else [q] * self.num_rounds
 
+    def card_fields(self, oracle: str, total_queries: int) -> dict:
+        """The SEIKO settings a model card names (rounds, budget, optimism, beta, oracle, feedback dataset)."""
+        return {"beta": self.beta, "num_rounds": self.num_rounds, "queries_per_round": self.queries_per_round,
+                "optimism": self.optimism, "oracle": oracle, "total_queries": total_queries,
+                "feedback": "`feedback/` in the run directory (parquet shards + manifest)"}
+
     def elegant_config(self) -> ElegantConfig:
         """The ELEGANT fields as an :class:`ElegantConfig` (what the shared machinery and saved adapters use)."""
         names = ElegantConfig.field_names()
