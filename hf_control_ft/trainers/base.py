@@ -48,6 +48,8 @@ class BaseTrainer:
         self.accelerator = accelerator or Accelerator(log_with=log_with, project_dir=config.logging_dir or "runs")
         self.device = self.accelerator.device
         self.history: list[dict] = []
+        #: per-tracker keyword arguments for ``accelerator.init_trackers`` (e.g. ``{"wandb": {"entity": ...}}``)
+        self.tracker_init_kwargs: dict = {}
         self._trackers_started = False
         self.process = None
         self.sampler = None
@@ -108,7 +110,8 @@ class BaseTrainer:
     def _start_trackers(self) -> None:
         if not self._trackers_started and self.accelerator.log_with:
             cfg = {k: (str(v) if isinstance(v, (list, type(None))) else v) for k, v in self.config.to_dict().items()}
-            self.accelerator.init_trackers(self.config.tracker_project_name, config=cfg)
+            self.accelerator.init_trackers(self.config.tracker_project_name, config=cfg,
+                                           init_kwargs=self.tracker_init_kwargs)
         self._trackers_started = True
 
     def _end_trackers(self) -> None:
@@ -331,7 +334,7 @@ class BaseTrainer:
     def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None,
                     commit_message: str | None = None, save_directory: str | None = None,
                     metrics: dict | None = None, sample_grid=None, base_model: str | None = None,
-                    endpoint: str | None = None):
+                    endpoint: str | None = None, card_info: dict | None = None):
         """Saves (:meth:`save_pretrained`, to ``save_directory`` or a temporary one) and uploads everything to
         ``repo_id`` in one commit, creating the repo if needed. Returns the ``CommitInfo`` (``None`` off the
         main process).
@@ -347,6 +350,6 @@ class BaseTrainer:
                   else tempfile.TemporaryDirectory())
         with target as directory:
             self.save_pretrained(directory, metrics=metrics, sample_grid=sample_grid, base_model=base_model,
-                                 repo_id=repo_id)
+                                 repo_id=repo_id, card_info=card_info)
             return push_directory(directory, repo_id, private, token, message, endpoint,
                                   keep_local=save_directory is not None)

@@ -286,6 +286,7 @@ class ElegantTrainer(ElegantCheckpointing, BaseTrainer):
             costs = self.network_evaluations()
             if self.is_main_process:
                 logger.info(describe(costs))
+            self._log({f"cost/{k}": v for k, v in costs.items()}, step=0)  # what each stage will cost
             summary, t0 = {"resumed_from": checkpoint, "network_evaluations": costs}, time.perf_counter()
             if self.initial_noise is not None and not self.initial_noise_trained:
                 summary.update(self.fit_value_function())

@@ -47,7 +47,7 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_run_exactly(tmp_pat
     assert off == resumed.config.noise_train_steps + 1
     assert [h["step"] - off for h in resumed.history if "train/reward" in h] == [2, 4, 6]
     steps = [h["step"] for h in full.history]
-    assert steps == sorted(steps) and steps[0] == 0 and len(set(steps)) == len(steps)
+    assert steps == sorted(steps) and steps[0] == 0  # never back, across the stages
 
 
 def test_latest_with_no_checkpoint_starts_fresh_and_bad_path_errors(tmp_path):

@@ -1,0 +1,196 @@
+"""Command-line arguments of the text-to-image training scripts, in diffusers' names.
+
+``examples/text_to_image/train_elegant.py`` takes :class:`ElegantScriptArguments` + every
+:class:`~hf_control_ft.ElegantConfig` field; ``train_seiko.py`` takes :class:`SeikoScriptArguments` + every
+:class:`~hf_control_ft.SeikoConfig` field. :func:`parse_script_args` parses both from flags and ``--config``
+YAML and turns every problem into one line on stderr and exit status 2, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+from ..rewards.registry import RewardSpecError, check_spec
+from ..serialization.checkpoints import PREFIX as CHECKPOINT_PREFIX
+from ..serialization.checkpoints import list_checkpoints
+from ..serialization.lora_io import LORA_WEIGHTS_NAME
+from ..utils.config_cli import ConfigCliError, parse_dataclasses
+from ..utils.validation import field_checker, is_int
+
+
+def _f(default=None, help_text: str = "", **kw):
+    return field(default=default, metadata={"help": help_text}, **kw)
+
+
+@dataclass
+class TextToImageArguments:
+    """The base model, the prompts, validation, the Hub and precision: what is not an algorithm setting."""
+
+    pretrained_model_name_or_path: str | None = _f(None, "Hub id or local directory of the base diffusers "
+                                                         "pipeline (the pipeline class is read from it)")
+    revision: str | None = _f(None, "revision (branch, tag or commit) of the base model on the Hub")
+    variant: str | None = _f(None, "weights variant of the base model, e.g. 'fp16'")
+    prompts: list[str] | None = _f(None, "training prompts given on the command line")
+    prompts_file: str | None = _f(None, "text file with one training prompt per line")
+    dataset_name: str | None = _f(None, "datasets name (Hub id, local dataset directory or data files) of the "
+                                        "training prompts")
+    dataset_config_name: str | None = _f(None, "configuration of dataset_name")
+    dataset_split: str = _f("train", "split of dataset_name")
+    prompt_column: str = _f("prompt", "column of dataset_name that holds the prompts")
+    resolution: int | None = _f(None, "image height and width in pixels (default: the model's)")
+    guidance_scale: float = _f(7.5, "classifier-free guidance scale of training and validation (<= 1: none)")
+    negative_prompt: str = _f("", "negative prompt of classifier-free guidance")
+    validation_prompt: list[str] | None = _f(None, "prompts of the validation images (default: the first training "
+                                                   "prompt)")
+    num_validation_images: int = _f(4, "validation images per validation prompt")
+    validation_steps: int = _f(100, "validation images every N drift steps (SEIKO: every round) and at the end; "
+                                    "0: at the end only")
+    resume_from_checkpoint: str | None = _f(None, "'latest', 'checkpoint-N' or a checkpoint path")
+    push_to_hub: bool = _f(False, "push the adapter, initial noise, card and validation grid to the Hub")
+    hub_model_id: str | None = _f(None, "Hub repo to push to (default: the output directory's name)")
+    hub_token: str | None = _f(None, "Hub token (never logged or written; default: the cached login)",
+                               repr=False)
+    hub_private_repo: bool = _f(False, "create the Hub repo private")
+    base_model_id: str | None = _f(None, "Hub id of the base model for the model card when "
+                                         "pretrained_model_name_or_path is a local copy")
+    mixed_precision: str | None = _f(None, "'no', 'fp16' or 'bf16' (default: what accelerate launch sets)")
+    kl_precision: str = _f("fp32", "'fp32': network calls that feed the KL run in fp32 (exact KL); 'autocast': "
+                                   "half precision, faster, with a KL rounding floor")
+    tracker_init_kwargs: str | None = _f(None, "JSON object passed to the trackers, e.g. "
+                                               "'{\"wandb\": {\"entity\": \"me\"}}'")
+    reward_model_name_or_path: str | None = _f(None, "CLIP model of a built-in reward / oracle (default: the "
+                                                     "reward's published model)")
+    reward_processor_name_or_path: str | None = _f(None, "tokenizer of pickscore / clipscore (default: the "
+                                                         "reward's published one)")
+    aesthetic_head: str | None = _f(None, "aesthetic predictor weights: the LAION .pth, a .safetensors or a "
+                                          "saved AestheticHead directory")
+
+    def __post_init__(self):
+        check = field_checker(type(self).__name__)
+        sources = [n for n in ("prompts", "prompts_file", "dataset_name") if getattr(self, n)]
+        check(len(sources) == 1, "prompts", f"give exactly one prompt source (--prompts, --prompts_file or "
+              f"--dataset_name), got {sources or 'none'}")
+        if isinstance(self.prompts, str):
+            self.prompts = [self.prompts]
+        if isinstance(self.validation_prompt, str):
+            self.validation_prompt = [self.validation_prompt]
+        check(self.resolution is None or (is_int(self.resolution, 8) and self.resolution % 8 == 0), "resolution",
+              f"must be a positive multiple of 8, got {self.resolution!r}")
+        check(is_int(self.num_validation_images, 1), "num_validation_images",
+              f"must be an int >= 1, got {self.num_validation_images!r}")
+        check(is_int(self.validation_steps, 0), "validation_steps",
+              f"must be an int >= 0, got {self.validation_steps!r}")
+        check(self.mixed_precision in (None, "no", "fp16", "bf16"), "mixed_precision",
+              f"must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        check(self.kl_precision in ("fp32", "autocast"), "kl_precision",
+              f"must be 'fp32' or 'autocast', got {self.kl_precision!r}")
+        check(isinstance(self.guidance_scale, (int, float)) and self.guidance_scale >= 0, "guidance_scale",
+              f"must be a number >= 0, got {self.guidance_scale!r}")
+        if self.tracker_init_kwargs is not None:
+            try:
+                kwargs = json.loads(self.tracker_init_kwargs)
+            except (TypeError, json.JSONDecodeError):
+                kwargs = None
+            check(isinstance(kwargs, dict), "tracker_init_kwargs",
+                  f"must be a JSON object, got {self.tracker_init_kwargs!r}")
+        r = self.resume_from_checkpoint
+        check(r is None or (isinstance(r, str) and (r == "latest" or r.startswith(CHECKPOINT_PREFIX)
+                                                    or os.path.isdir(r))),
+              "resume_from_checkpoint", f"must be 'latest', 'checkpoint-N' or an existing directory, got {r!r}")
+
+    def init_kwargs(self) -> dict:
+        return json.loads(self.tracker_init_kwargs) if self.tracker_init_kwargs else {}
+
+    def check_before_loading(self, output_dir: str | None) -> None:
+        """Checks what can be checked without loading a model (raises ``ValueError`` naming the flag)."""
+        check = field_checker(type(self).__name__)
+        check(bool(self.pretrained_model_name_or_path), "pretrained_model_name_or_path",
+              "is required (a Hub id or a local diffusers pipeline directory)")
+        if self.prompts_file:
+            try:
+                with open(self.prompts_file, encoding="utf-8") as fh:
+                    lines = [line.strip() for line in fh if line.strip()]
+            except (OSError, UnicodeDecodeError) as err:
+                raise ValueError(f"--prompts_file {self.prompts_file!r} cannot be read: "
+                                 f"{getattr(err, 'strerror', None) or err}") from None
+            check(bool(lines), "prompts_file", f"{self.prompts_file!r} holds no prompt")
+        self.check_output_dir(output_dir)
+        if self.push_to_hub and not self.hub_model_id:
+            self.hub_model_id = os.path.basename(os.path.normpath(output_dir or "model"))
+
+    #: whether a second run on a finished ``output_dir`` is refused (ELEGANT) or resumes it (SEIKO)
+    refuses_existing_run = True
+
+    def check_output_dir(self, output_dir: str | None) -> None:
+        """A new run never overwrites an old one silently: ``output_dir`` holding checkpoints or a saved adapter
+        needs ``--resume_from_checkpoint`` or ``--overwrite_output_dir``."""
+        if not self.refuses_existing_run or not output_dir or self.resume_from_checkpoint or self.overwrite:
+            return
+        found = [os.path.basename(p) for _, p in list_checkpoints(output_dir)]
+        if os.path.isfile(os.path.join(output_dir, LORA_WEIGHTS_NAME)):
+            found.append(LORA_WEIGHTS_NAME)
+        if found:
+            raise ValueError(f"--output_dir {output_dir!r} already holds a run ({', '.join(found)}): pass "
+                             "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to start over, "
+                             "or another --output_dir")
+
+    def card_base_model(self) -> str | None:
+        """What the card names as base model: ``base_model_id``, else a Hub id, else the local directory's name."""
+        if self.base_model_id:
+            return self.base_model_id
+        path = self.pretrained_model_name_or_path
+        return os.path.basename(os.path.normpath(path)) if path and os.path.isdir(path) else path
+
+    def card_dataset(self) -> str | None:
+        return self.dataset_name
+
+
+@dataclass
+class ElegantScriptArguments(TextToImageArguments):
+    reward: str | None = _f(None, "the reward: a built-in name (aesthetic, pickscore, clipscore, brightness, "
+                                  "saturation), 'path/to/file.py:function' or 'package.module:function'")
+
+    def check_before_loading(self, output_dir: str | None) -> None:
+        super().check_before_loading(output_dir)
+        check_spec(self.reward, "reward", aesthetic_head=self.aesthetic_head)
+
+
+@dataclass
+class SeikoScriptArguments(TextToImageArguments):
+    oracle: str | None = _f(None, "the oracle (the expensive true reward): a built-in name, 'path/to/file.py:"
+                                  "function' or 'package.module:function'; called as fn(images, prompts)")
+    feedback_dataset_id: str | None = _f(None, "with --push_to_hub: also push the feedback dataset to this "
+                                               "dataset repo")
+
+    refuses_existing_run = False  # the run state in output_dir is resumed: no oracle answer is ever asked twice
+
+    def check_before_loading(self, output_dir: str | None) -> None:
+        super().check_before_loading(output_dir)
+        field_checker(type(self).__name__)(self.resume_from_checkpoint in (None, "latest"), "resume_from_checkpoint",
+                                           "SEIKO always resumes from the state in output_dir (every oracle answer "
+                                           f"and finished round is kept there); got {self.resume_from_checkpoint!r}")
+        check_spec(self.oracle, "oracle", aesthetic_head=self.aesthetic_head)
+
+
+def parse_script_args(args_cls, config_cls, argv=None, prog: str | None = None, description: str | None = None):
+    """``(args, config)`` from flags and ``--config``; any problem exits with status 2 and one line
+    (``error: ...``) before a model is loaded. Defaults: ``output_dir`` = ``<family>-model`` style name,
+    ``logging_dir`` = ``<output_dir>/logs``."""
+    try:
+        args, config = parse_dataclasses((args_cls, config_cls), argv, prog=prog, description=description)
+        args.overwrite = bool(getattr(config, "overwrite_output_dir", False))
+        if config.output_dir is None:
+            config.output_dir = "elegant-model"
+        if config.logging_dir is None:
+            config.logging_dir = os.path.join(config.output_dir, "logs")
+        args.check_before_loading(config.output_dir)
+    except (ConfigCliError, RewardSpecError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return args, config
+
+
+__all__ = ["TextToImageArguments", "ElegantScriptArguments", "SeikoScriptArguments", "parse_script_args"]

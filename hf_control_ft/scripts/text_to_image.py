@@ -1,0 +1,194 @@
+"""The text-to-image training scripts: ELEGANT (:func:`run_elegant`) and SEIKO (:func:`run_seiko`).
+
+Both follow one path: parse and check every flag (one-line error, exit status 2, before a model is loaded) ->
+``Accelerator`` (trackers, ``--mixed_precision`` or accelerate's own setting) -> the base pipeline
+(``DiffusionPipeline.from_pretrained``: the class comes from the checkpoint; unsupported classes are refused by
+:func:`hf_control_ft.processes.process_from_pipeline`) -> prompts -> reward / oracle -> trainer -> the network
+evaluations each stage will cost (printed and logged) -> training with validation images -> the saved adapter,
+initial noise, model card and validation grid in ``output_dir`` -> optionally the Hub.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import torch
+from accelerate import Accelerator
+
+from ..feedback.oracle import OracleOutputError, OracleUnavailableError
+from ..rewards.registry import load_reward
+from ..serialization.checkpoints import CheckpointError
+from ..serialization.saved import HubPushError
+from ..trainers.elegant import ElegantTrainer
+from ..trainers.elegant_config import ElegantConfig
+from ..trainers.seiko import SeikoTrainer
+from ..trainers.seiko_config import SeikoConfig
+from ..utils.run_lock import RunLockedError
+from .arguments import ElegantScriptArguments, SeikoScriptArguments, parse_script_args
+from .validation import Validation
+
+logger = logging.getLogger("hf_control_ft")
+# what a run can stop with that the user can act on: one line, everything obtained so far kept on disk
+RUN_ERRORS = (FileExistsError, RunLockedError, CheckpointError, FloatingPointError, OracleUnavailableError,
+              OracleOutputError, ValueError)
+
+
+def _fail(message: str, status: int = 1):
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(status)
+
+
+def make_accelerator(args, config) -> Accelerator:
+    """The run's ``Accelerator``: trackers from ``report_to``, precision from ``--mixed_precision`` or the
+    ``accelerate launch`` setting."""
+    log_with = None if config.report_to in (None, "none") else [t.strip() for t in config.report_to.split(",")]
+    accelerator = Accelerator(log_with=log_with, project_dir=config.logging_dir,
+                              mixed_precision=args.mixed_precision)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    return accelerator
+
+
+def load_pipeline(args):
+    """The base pipeline (class detected from the checkpoint); a clear error when it cannot be loaded."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
+                                                 variant=args.variant)
+    except Exception as err:  # noqa: BLE001 - unreachable Hub, missing files, bad variant: one line each
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        _fail(f"cannot load the base model {args.pretrained_model_name_or_path!r}: {type(err).__name__}: {first}")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_prompt_source(args):
+    """A list of prompts (``--prompts`` / ``--prompts_file``) or a ``datasets.Dataset`` (``--dataset_name``)."""
+    if args.prompts:
+        return list(args.prompts)
+    if args.prompts_file:
+        return args.prompts_file
+    import datasets
+
+    try:
+        if os.path.isdir(args.dataset_name) and os.path.isfile(os.path.join(args.dataset_name, "dataset_info.json")):
+            data = datasets.load_from_disk(args.dataset_name)
+            return data[args.dataset_split] if isinstance(data, datasets.DatasetDict) else data
+        return datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.dataset_split)
+    except Exception as err:  # noqa: BLE001
+        _fail(f"cannot load --dataset_name {args.dataset_name!r}: {type(err).__name__}: {str(err).splitlines()[0]}")
+
+
+def _reward(spec: str, args, accelerator):
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
+    try:
+        fn = load_reward(spec, args.reward_model_name_or_path, args.reward_processor_name_or_path,
+                         args.aesthetic_head, torch_dtype=dtype if accelerator.device.type == "cuda" else None,
+                         token=args.hub_token) if spec in ("aesthetic", "pickscore", "clipscore") else load_reward(spec)
+    except Exception as err:  # noqa: BLE001 - missing weights, unreachable Hub
+        _fail(f"cannot load {spec!r}: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}")
+    return fn.to(accelerator.device) if isinstance(fn, torch.nn.Module) else fn
+
+
+def _options(args, accelerator) -> dict:
+    return dict(guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt, height=args.resolution,
+                width=args.resolution, mixed_precision=accelerator.mixed_precision, kl_precision=args.kl_precision,
+                base_model=args.pretrained_model_name_or_path)
+
+
+def _finish(trainer, args, config, accelerator, validation, summary: dict, metrics: dict, card_info: dict) -> int:
+    """Saves the result into ``output_dir``, writes ``metrics.json`` and pushes when asked; returns the exit code."""
+    out = config.output_dir
+    base = args.card_base_model()
+    repo_id = args.hub_model_id if args.push_to_hub else None
+    trainer.save_pretrained(out, metrics=metrics, sample_grid=validation.last_grid, base_model=base,
+                            repo_id=repo_id, card_info=card_info)
+    status = 0
+    if accelerator.is_main_process:
+        with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as fh:
+            json.dump({"metrics": metrics, "train": {k: v for k, v in summary.items() if not isinstance(v, dict)},
+                       "network_evaluations": summary.get("network_evaluations")}, fh, indent=2, default=str)
+        if args.push_to_hub:
+            try:
+                info = trainer.push_to_hub(repo_id, private=args.hub_private_repo, token=args.hub_token,
+                                           metrics=metrics, sample_grid=validation.last_grid, base_model=base,
+                                           card_info=card_info)
+                print(f"pushed to {getattr(info, 'commit_url', repo_id)}")
+            except HubPushError as err:
+                print(f"error: {err} (the trained model is saved in {os.path.abspath(out)})", file=sys.stderr)
+                status = 1
+        print(f"saved to {os.path.abspath(out)}: pytorch_lora_weights.safetensors, initial_noise/, README.md, "
+              f"sample_grid.png, validation/, metrics.json, logs/")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return status
+
+
+def run_elegant(argv=None, prog: str = "train_elegant.py") -> int:
+    """``accelerate launch examples/text_to_image/train_elegant.py --pretrained_model_name_or_path ... --reward
+    ... --prompts_file ...``: every :class:`ElegantConfig` field is a flag (``--help``)."""
+    args, config = parse_script_args(ElegantScriptArguments, ElegantConfig, argv, prog=prog,
+                                     description="ELEGANT on a text-to-image diffusers pipeline.")
+    accelerator = make_accelerator(args, config)
+    with accelerator.main_process_first():
+        pipe = load_pipeline(args)
+        prompts = load_prompt_source(args)
+    reward = _reward(args.reward, args, accelerator)
+    try:
+        trainer = ElegantTrainer.from_pipeline(pipe, reward, config, prompts, accelerator=accelerator,
+                                               **_options(args, accelerator))
+    except (TypeError, ValueError) as err:
+        _fail(str(err))
+    trainer.tracker_init_kwargs = args.init_kwargs()
+    validation = Validation(args.validation_prompt or [trainer.process.prompts[0]], args.num_validation_images,
+                            args.validation_steps, config.output_dir, reward_fn=reward, seed=config.seed)
+    try:
+        summary = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint, callback=validation)
+    except RUN_ERRORS as err:
+        _fail(f"{type(err).__name__}: {err}")
+    if validation.last_grid is None and accelerator.is_main_process:  # a run resumed after its last step
+        validation.run(trainer, trainer.global_step, trainer.log_step(trainer.global_step))
+    metrics = {"reward (training batch)": summary.get("train/reward"),
+               "path KL per sample (nats)": summary.get("train/kl"), **validation.last_metrics}
+    metrics = {k: v for k, v in metrics.items() if v is not None}
+    return _finish(trainer, args, config, accelerator, validation, summary, metrics,
+                   {"dataset": args.card_dataset()})
+
+
+def run_seiko(argv=None, prog: str = "train_seiko.py") -> int:
+    """``accelerate launch examples/text_to_image/train_seiko.py --pretrained_model_name_or_path ... --oracle
+    file.py:fn --prompts_file ...``: every :class:`SeikoConfig` field is a flag (``--help``)."""
+    args, config = parse_script_args(SeikoScriptArguments, SeikoConfig, argv, prog=prog,
+                                     description="SEIKO (online feedback) on a text-to-image diffusers pipeline.")
+    accelerator = make_accelerator(args, config)
+    pipe = load_pipeline(args)
+    prompts = load_prompt_source(args)
+    oracle = _reward(args.oracle, args, accelerator)
+    try:
+        trainer = SeikoTrainer.from_pipeline(pipe, oracle, config, prompts, accelerator=accelerator,
+                                             **_options(args, accelerator))
+    except (TypeError, ValueError) as err:
+        _fail(str(err))
+    trainer.tracker_init_kwargs = args.init_kwargs()
+    validation = Validation(args.validation_prompt or [trainer.process.prompts[0]], args.num_validation_images,
+                            args.validation_steps, config.output_dir, seed=config.seed)
+    try:
+        summary = trainer.train(callback=validation.round_callback)
+    except RUN_ERRORS as err:
+        _fail(f"{type(err).__name__}: {err}")
+    if validation.last_grid is None:  # every round was already done (a finished run, restarted)
+        validation.run(trainer, trainer.completed_rounds, trainer.global_step, name="final")
+    metrics = {k: summary[k] for k in ("round/oracle_mean", "round/total_queries", "train/kl_pretrained")
+               if isinstance(summary.get(k), (int, float))}
+    status = _finish(trainer, args, config, accelerator, validation, summary, metrics,
+                     {"dataset": args.card_dataset()})
+    if args.push_to_hub and args.feedback_dataset_id and status == 0:
+        trainer.feedback.push_to_hub(args.feedback_dataset_id, private=args.hub_private_repo, token=args.hub_token)
+    return status
+
+
+__all__ = ["run_elegant", "run_seiko", "load_pipeline", "load_prompt_source", "make_accelerator"]

@@ -1,0 +1,112 @@
+"""Validation images during training: sampled with the trained sampler, saved as a grid, logged to the trackers.
+
+:class:`Validation` is the ``callback`` of :meth:`~hf_control_ft.ElegantTrainer.train` (called after every drift
+step; it acts every ``validation_steps`` steps and at the last one) and of
+:meth:`~hf_control_ft.SeikoTrainer.train` (called after every round). On the main process it samples
+``num_validation_images`` images per validation prompt with a fixed seed (learned initial noise + LoRA control:
+the distribution being trained), writes ``<output_dir>/validation/step-<N>.png`` and logs the images to every
+tracker that takes images (TensorBoard ``add_images``; others through their ``log_images``), at the tracker step
+of the drift step. Sampling uses its own generator, so validation never changes the training randomness.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+
+from ..rewards.image_rewards import call_reward
+from ..utils.images import image_grid
+
+logger = logging.getLogger(__name__)
+
+VALIDATION_DIR = "validation"
+
+
+class Validation:
+    """Validation images of a text-to-image run (module docstring).
+
+    Args:
+        prompts: validation prompts; ``num_images`` images each.
+        every: act every ``every`` drift steps (0: only at the last step); SEIKO: every round.
+        output_dir: where ``validation/step-<N>.png`` grids go.
+        reward_fn: optional ``fn(images, prompts)``; its mean on the validation images is logged
+            (tracker key ``validation/reward``). ``None`` for SEIKO, whose true reward is the expensive oracle.
+        seed: the validation generator's seed (the same images at every validation, up to the training).
+    """
+
+    def __init__(self, prompts: list[str], num_images: int, every: int, output_dir: str, reward_fn=None,
+                 seed: int = 0, batch_size: int | None = None):
+        self.prompts = [p for p in prompts for _ in range(num_images)]
+        self.num_images = int(num_images)
+        self.every = int(every)
+        self.output_dir = output_dir
+        self.reward_fn = reward_fn
+        self.seed = int(seed)
+        self.batch_size = batch_size
+        self.last_grid = None
+        self.last_metrics: dict = {}
+
+    # ------------------------------------------------------------------ callbacks
+    def __call__(self, trainer, step: int) -> dict:
+        """ELEGANT callback: validation every ``every`` drift steps and at the last one."""
+        last = step == trainer.config.train_steps
+        if last or (self.every and step % self.every == 0):
+            return self.run(trainer, step, trainer.log_step(step))
+        return {}
+
+    def round_callback(self, trainer, round_index: int) -> dict:
+        """SEIKO callback: validation after every ``every``-th round (``every`` 0: the last round only)."""
+        last = round_index == trainer.config.num_rounds
+        if last or (self.every and round_index % max(1, self.every) == 0):
+            return self.run(trainer, round_index, trainer.global_step, name=f"round-{round_index:03d}")
+        return {}
+
+    # ------------------------------------------------------------------ work
+    @torch.no_grad()
+    def images(self, trainer, controlled: bool = True) -> torch.Tensor:
+        """Decoded validation images ``(N, 3, H, W)`` in ``[0, 1]`` (CPU, fp32)."""
+        gen = torch.Generator().manual_seed(self.seed)
+        latents = trainer.sample(prompts=self.prompts, generator=gen, controlled=controlled,
+                                 batch_size=self.batch_size)
+        return trainer.decode(latents).float().clamp(0, 1).cpu()
+
+    def run(self, trainer, step: int, tracker_step: int, name: str | None = None) -> dict:
+        """Samples, saves and logs one validation (main process only); returns its metrics."""
+        if not trainer.is_main_process:
+            return {}
+        images = self.images(trainer)
+        grid = image_grid(images, nrow=self.num_images, value_range=(0.0, 1.0))
+        directory = os.path.join(self.output_dir, VALIDATION_DIR)
+        os.makedirs(directory, exist_ok=True)
+        grid.save(os.path.join(directory, f"{name or f'step-{step:06d}'}.png"))
+        self.last_grid = grid
+        metrics = {}
+        if self.reward_fn is not None:
+            device = trainer.device
+            values = call_reward(self.reward_fn, images.to(device), self.prompts)
+            metrics[f"validation reward (mean of {len(self.prompts)} images)"] = \
+                float(torch.as_tensor(values).float().mean())
+        self.log_images(trainer.accelerator, images, tracker_step)
+        if metrics:
+            trainer.accelerator.log({"validation/reward": next(iter(metrics.values()))}, step=tracker_step)
+        self.last_metrics = metrics
+        return metrics
+
+    def log_images(self, accelerator, images: torch.Tensor, step: int) -> None:
+        """Logs to every open tracker that takes images."""
+        for tracker in accelerator.trackers:
+            try:
+                if tracker.name == "tensorboard":
+                    tracker.writer.add_images("validation", images.numpy(), global_step=step, dataformats="NCHW")
+                    tracker.writer.flush()
+                elif hasattr(type(tracker), "log_images"):
+                    pil = [image_grid(img[None], value_range=(0.0, 1.0), pad=0) for img in images]
+                    tracker.log_images({"validation": [np.asarray(p) for p in pil]}, step=step)
+            except Exception as err:  # noqa: BLE001 - a tracker's failure must not stop training
+                logger.warning("could not log validation images to %s: %s", tracker.name, err)
+
+
+__all__ = ["Validation", "VALIDATION_DIR"]
