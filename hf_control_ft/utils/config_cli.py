@@ -1,7 +1,7 @@
 """Dataclasses from a YAML file and command-line flags, in the conventions of ``transformers.HfArgumentParser``.
 
-Every field of every dataclass is a flag of the same name. Accepted forms (values are read as YAML scalars, so
-``1e-3``, ``true``, ``null`` and ``[a, b]`` mean what they say):
+Every field of every dataclass is a flag of the same name. Accepted forms (values of non-string fields are read as YAML
+scalars, so ``1e-3``, ``true``, ``null`` and ``[a, b]`` mean what they say; string fields keep the text as typed):
 
 * ``--name value`` and ``--name=value``; dashes in names may be underscores (``--learn-initial-noise``);
 * a bare ``--flag`` for a boolean field (true) and ``--no_flag`` (false);
@@ -89,6 +89,19 @@ def read_yaml_mapping(path: str) -> dict:
     return values
 
 
+def _value(f: dataclasses.Field, text: str):
+    """Command-line text -> value: kept as text for string fields (``--negative_prompt no`` is the word "no"; only
+    ``null`` / ``None`` clear an optional one), a YAML scalar otherwise (unparsable text stays text, and the
+    dataclass names the field)."""
+    kind = _type_text(f).replace(" ", "")
+    if kind in ("str", "str|None", "list[str]", "list[str]|None"):
+        return None if "None" in kind and text in ("null", "None", "~") else text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
 def _unknown(name: str, fields: dict) -> ConfigCliError:
     close = difflib.get_close_matches(name, list(fields), n=1)
     hint = f" (did you mean --{close[0]}?)" if close else ""
@@ -125,7 +138,7 @@ def parse_flags(fields: dict, argv: list[str]) -> tuple[dict, str | None]:
             continue
         f = fields[name]
         if eq:
-            values[name] = yaml.safe_load(inline)
+            values[name] = _value(f, inline)
         elif not following:
             if not _is_bool(f):
                 raise ConfigCliError(f"--{name} needs a value (--{name} VALUE or --{name}=VALUE)")
@@ -133,9 +146,9 @@ def parse_flags(fields: dict, argv: list[str]) -> tuple[dict, str | None]:
         elif len(following) > 1 or _is_list(f):
             if "list" not in _type_text(f):
                 raise ConfigCliError(f"--{name} takes one value, got {following}")
-            values[name] = [yaml.safe_load(v) for v in following]
+            values[name] = [_value(f, v) for v in following]
         else:
-            values[name] = yaml.safe_load(following[0])
+            values[name] = _value(f, following[0])
     return values, config_path
 
 

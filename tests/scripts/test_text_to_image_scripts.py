@@ -1,0 +1,220 @@
+"""The text-to-image scripts as a user runs them: ``accelerate launch examples/text_to_image/train_*.py`` on a tiny
+pipeline saved to disk, a reward / oracle from a user's file, every flag form, one-line errors before any model
+loads, resume, cards, TensorBoard validation images and a stock ``load_lora_weights`` on the result."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hf_control_ft import ElegantConfig, ElegantTrainer, SeikoConfig
+from hf_control_ft.scripts import run_elegant
+from hf_control_ft.scripts import text_to_image as t2i
+from hf_control_ft.testing import tiny_sd_pipeline, tiny_unet_output
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ELEGANT = os.path.join(ROOT, "examples", "text_to_image", "train_elegant.py")
+SEIKO = os.path.join(ROOT, "examples", "text_to_image", "train_seiko.py")
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no"]
+TINY = ["--num_inference_steps=3", "--batch_size", "2", "--value_num_rollouts", "4", "--value_train_steps", "2",
+        "--noise_train_steps", "2", "--noise_batch_size", "8", "--num_validation_images", "2"]
+
+
+def env(**extra):
+    e = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+             **extra)
+    e.pop("RANK", None)
+    return e
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("t2i")
+    tiny_sd_pipeline().save_pretrained(d / "tiny-sd")
+    (d / "prompts.txt").write_text("a red cat\nthe blue sea\n")
+    (d / "my_reward.py").write_text(
+        "def redness(images, prompts):\n"
+        "    assert len(prompts) == images.shape[0]\n"
+        "    return images[:, 0].mean(dim=(1, 2)) - images[:, 1:].mean(dim=(1, 2, 3))\n")
+    (d / "my_oracle.py").write_text("def score(images, prompts):\n    return (10 * images[:, 0].mean(dim=(1, 2))).tolist()\n")
+    return d
+
+
+def launch(script, workdir, *flags, processes=1, extra_env=None):
+    cmd = [*ACCELERATE, "--num_processes", str(processes)]
+    if processes > 1:
+        cmd += ["--multi_gpu"]
+    cmd += [script, "--pretrained_model_name_or_path", "tiny-sd", *flags]
+    return subprocess.run(cmd, cwd=workdir, env=env(**(extra_env or {})), capture_output=True, text=True,
+                          timeout=400)
+
+
+def tensorboard_image_steps(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = []
+    for root, _, files in os.walk(logdir):
+        for name in files:
+            if name.startswith("events.out.tfevents"):
+                acc = EventAccumulator(os.path.join(root, name), size_guidance={"images": 0})
+                acc.Reload()
+                for tag in acc.Tags()["images"]:
+                    steps += [(tag, e.step) for e in acc.Images(tag)]
+    return steps
+
+
+@pytest.mark.slow
+def test_elegant_script_trains_validates_resumes_and_saves_for_stock_diffusers(workdir):
+    out = workdir / "elegant"
+    flags = ["--prompts_file", "prompts.txt", "--reward", "my_reward.py:redness", *TINY, "--validation_steps", "2",
+             "--checkpointing_steps", "2", "--output_dir", "elegant", "--guidance_scale=3.0",
+             "--negative_prompt", "blurry", "--alpha", "0.5", "--eta=0.8", "--base_model_id", "someone/tiny-sd"]
+    done = launch(ELEGANT, workdir, *flags, "--train_steps", "4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "network sample evaluations: stage 1 24" in done.stderr  # announced before training
+    names = set(os.listdir(out))
+    assert {"pytorch_lora_weights.safetensors", "initial_noise", "README.md", "sample_grid.png", "metrics.json",
+            "validation", "logs", "checkpoint-2", "checkpoint-4", "stable_diffusion.json"} <= names
+    assert sorted(os.listdir(out / "validation")) == ["step-000002.png", "step-000004.png"]
+    card = (out / "README.md").read_text()
+    for text in ("base_model: someone/tiny-sd", "| reward | redness |", '"a red cat", "the blue sea"',
+                 '| negative prompt | "blurry" |', "| alpha (reward units per nat) | 0.5 |",
+                 "| eta (DDIM stochasticity) | 0.8 |", "| sampling steps | 3 |", "| classifier-free guidance scale | 3.0 |",
+                 "![samples](sample_grid.png)", "validation reward (mean of 2 images)",
+                 "DDIMScheduler.from_config", "eta=0.8, num_inference_steps=3", "guidance_scale=3.0"):
+        assert text in card, text
+    assert str(workdir) not in card  # no absolute local path in a card
+    # validation images in TensorBoard, at strictly increasing tracker steps after stages 1-2 (offset N + 1 = 3)
+    steps = tensorboard_image_steps(out / "logs")
+    assert [s for tag, s in steps if tag.startswith("validation")] == [3 + 2, 3 + 4]
+
+    # resume from checkpoint-4 with more steps: stages 1-2 not repeated, the drift continues
+    done = launch(ELEGANT, workdir, *flags, "--train_steps", "6", "--resume_from_checkpoint", "checkpoint-4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train"]["resumed_from"].endswith("checkpoint-4") and "value/loss" not in metrics["train"]
+    assert "step-000006.png" in os.listdir(out / "validation")
+
+    # a second fresh run on the same directory is refused in one line, before any model is loaded
+    done = launch(ELEGANT, workdir, *flags, "--train_steps", "6")
+    assert done.returncode != 0 and "error: --output_dir 'elegant' already holds a run" in done.stderr
+    assert "Loading pipeline components" not in done.stderr
+
+    # stock diffusers loads the adapter and reproduces the trained UNet exactly
+    from diffusers import DiffusionPipeline
+
+    stock = DiffusionPipeline.from_pretrained(workdir / "tiny-sd")
+    base = tiny_unet_output(stock.unet)
+    stock.load_lora_weights(str(out))
+    trained = ElegantTrainer.from_pretrained(str(out), pipeline=DiffusionPipeline.from_pretrained(workdir / "tiny-sd"),
+                                             report_to=None)
+    assert torch.equal(tiny_unet_output(stock.unet), tiny_unet_output(trained.process.lora_model))
+    assert not torch.allclose(base, tiny_unet_output(stock.unet), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_seiko_script_runs_rounds_with_an_oracle_file_and_names_them_on_the_card(workdir):
+    flags = ["--prompts", "a red cat", "the sea", "--oracle", "my_oracle.py:score", *TINY, "--num_rounds", "2",
+             "--queries_per_round", "4", "--reward_train_steps", "5", "--train_steps", "2", "--validation_steps", "1",
+             "--output_dir", "seiko", "--beta=0.5", "--optimism", "ucb"]
+    done = launch(SEIKO, workdir, *flags)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = workdir / "seiko"
+    assert {"pytorch_lora_weights.safetensors", "README.md", "feedback", "seiko_config.json"} <= set(os.listdir(out))
+    assert sorted(os.listdir(out / "validation")) == ["round-001.png", "round-002.png"]
+    card = (out / "README.md").read_text()
+    for text in ("## SEIKO", "| oracle | score |", "| rounds | 2 |", "| queries per round | 4 |",
+                 "| total oracle queries | 8 |", "| optimism | ucb |", "| beta (KL to the previous round) | 0.5 |"):
+        assert text in card, text
+    from hf_control_ft import load_feedback
+
+    data = load_feedback(str(out / "feedback"))
+    assert len(data) == 8 and set(data["prompt"]) <= {"a red cat", "the sea"}
+    # a restart on the finished directory asks the oracle nothing again
+    done = launch(SEIKO, workdir, *flags)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(load_feedback(str(out / "feedback"))) == 8
+
+
+@pytest.mark.slow
+def test_elegant_script_on_two_cpu_processes(workdir):
+    done = launch(ELEGANT, workdir, "--prompts_file", "prompts.txt", "--reward", "my_reward.py:redness", *TINY,
+                  "--train_steps", "2", "--output_dir", "two", "--validation_steps", "0", processes=2,
+                  extra_env={"ACCELERATE_USE_CPU": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "drift 144 forward" in done.stderr  # 2 processes x batch 2 counted in the announced cost
+    assert {"pytorch_lora_weights.safetensors", "README.md"} <= set(os.listdir(workdir / "two"))
+    assert os.listdir(workdir / "two" / "validation") == ["step-000002.png"]
+
+
+# ----------------------------------------------------------------------------- in-process: fast checks
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the flags were checked")
+
+    monkeypatch.setattr(t2i, "load_pipeline", refuse)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--reward", "nonsense"], "neither a built-in reward"),
+    (["--reward", "my_reward.py:bluenes"], "has no 'bluenes' (callables there: ['redness'])"),
+    (["--reward", "missing.py:f"], "reward file 'missing.py' (from 'missing.py:f') does not exist"),
+    (["--reward", "my_reward.py:redness", "--prompts_file", "nope.txt"], "--prompts_file 'nope.txt' cannot be read"),
+    (["--reward", "my_reward.py:redness", "--alpah", "1"], "unknown flag --alpah (did you mean --alpha?)"),
+    (["--reward", "my_reward.py:redness", "--eta", "0"], "ElegantConfig.eta: must be in (0, 1]"),
+    (["--reward", "my_reward.py:redness", "--resolution", "20"], "resolution: must be a positive multiple of 8"),
+    (["--reward", "aesthetic"], "needs --aesthetic_head"),
+    (["--reward", "my_reward.py:redness", "--tracker_init_kwargs", "{bad"], "tracker_init_kwargs: must be a JSON"),
+])
+def test_bad_flags_exit_with_one_line_before_loading_a_model(workdir, monkeypatch, capsys, no_model_loading,
+                                                             flags, message):
+    monkeypatch.chdir(workdir)
+    argv = ["--pretrained_model_name_or_path", "tiny-sd", "--output_dir", "never", *flags]
+    if "--prompts_file" not in flags:
+        argv += ["--prompts_file", "prompts.txt"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_elegant(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+    assert not os.path.exists(workdir / "never")
+
+
+def test_help_lists_every_field_with_its_help_text(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_elegant(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    import dataclasses
+
+    from hf_control_ft.scripts import ElegantScriptArguments
+
+    for cls in (ElegantConfig, ElegantScriptArguments):
+        for f in dataclasses.fields(cls):
+            assert f"--{f.name}  (" in text, f.name
+            assert f.metadata["help"].split()[0] in text, f.name
+    assert "--pretrained_model_name_or_path" in text and "--hub_token" in text
+
+
+def test_config_file_with_flag_overrides_and_switches(workdir, tmp_path):
+    from hf_control_ft.scripts import ElegantScriptArguments, SeikoScriptArguments, parse_script_args
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"pretrained_model_name_or_path: {workdir / 'tiny-sd'}\nprompts_file: {workdir / 'prompts.txt'}\n"
+                   "reward: brightness\nalpha: 0.3\ntrain_steps: 7\nlearning_rate: 1e-4\nguidance_scale: 5\n")
+    args, config = parse_script_args(ElegantScriptArguments, ElegantConfig,
+                                     ["--config", str(cfg), "--alpha=0.2", "--no_learn_initial_noise",
+                                      "--push_to_hub", "--output_dir", str(tmp_path / "o"), "--hub_token", "hf_SECRET"])
+    assert (config.alpha, config.train_steps, config.learning_rate, config.learn_initial_noise) == (0.2, 7, 1e-4, False)
+    assert (args.reward, args.guidance_scale, args.push_to_hub, args.hub_model_id) == ("brightness", 5, True, "o")
+    assert config.logging_dir == os.path.join(str(tmp_path / "o"), "logs")
+    assert "hf_SECRET" not in repr(args)  # the token never shows in a repr (logs, errors)
+    args, config = parse_script_args(SeikoScriptArguments, SeikoConfig,
+                                     [f"--pretrained_model_name_or_path={workdir / 'tiny-sd'}", "--prompts", "a cat",
+                                      "--oracle", "brightness", "--queries_per_round", "3", "5", "--num_rounds=2"])
+    assert config.queries_per_round == [3, 5] and args.prompts == ["a cat"]
