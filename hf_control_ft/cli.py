@@ -1,10 +1,15 @@
-"""The ``hf-control-ft`` command line: look at and measure a saved ELEGANT adapter directory.
+"""The ``hf-control-ft`` command line: look at and measure a saved control (a directory or a Hub repo id).
 
     hf-control-ft sample   outputs/digits-elegant --num_samples 64 --output grid.png
-    hf-control-ft evaluate outputs/digits-elegant --num_samples 512
+    hf-control-ft sample   me/elegant-sd15 --prompt "a photo of a cat" --num_samples 4 --output cats.png
+    hf-control-ft evaluate me/elegant-sd15 --reward pickscore --prompt "a photo of a cat" --num_samples 16
+    hf-control-ft evaluate outputs/digits-elegant --num_samples 512          # digits metrics (task.json)
 
-The base model is a local diffusers pipeline directory (``--base_model``), by default the one recorded in the
-adapter directory's ``task.json`` (written by ``examples/train_elegant.py``).
+The base model is ``--base_model``, else the one the save records (``stable_diffusion.json`` of a pipeline
+run, ``task.json`` of the digits job): a Hub id or a local diffusers pipeline directory. ``evaluate`` samples the
+base model (from ``N(0, I)``, no adapter) and the fine-tuned one (learned initial noise + control) with the same
+seed and reports the reward's mean and standard deviation and the mean pairwise distance of the samples
+(diversity), or, for the digits job, its proxy / genuine classifier metrics.
 """
 
 from __future__ import annotations
@@ -19,87 +24,173 @@ import torch
 TASK_FILE = "task.json"
 
 
-def read_task(adapter_dir: str) -> dict:
-    path = os.path.join(adapter_dir, TASK_FILE)
+def _fail(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def read_task(directory: str) -> dict:
+    path = os.path.join(directory, TASK_FILE)
     if not os.path.isfile(path):
         return {}
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
-def load_trainer(adapter_dir: str, base_model: str | None):
-    """An ``ElegantTrainer`` (inference use) on the base pipeline's UNet with the saved adapter."""
+def resolve(adapter: str, token: str | None = None, revision: str | None = None, endpoint: str | None = None) -> str:
+    """A local save directory as is, else the snapshot of the Hub repo ``adapter``."""
+    from .serialization.saved import resolve_directory
+
+    if os.path.isdir(adapter):
+        return adapter
+    if os.path.exists(adapter) or adapter.count("/") != 1:
+        _fail(f"{adapter!r} is neither a saved directory nor a Hub repo id (owner/name)")
+    try:
+        return resolve_directory(adapter, token=token, revision=revision, endpoint=endpoint)
+    except Exception as err:  # noqa: BLE001 - unreachable Hub, missing repo: one line
+        _fail(f"cannot download {adapter!r} from the Hub: {type(err).__name__}: {str(err).splitlines()[0]}")
+
+
+def load_trainer(directory: str, base_model: str | None, token: str | None = None):
+    """An ``ElegantTrainer`` (inference use) on a fresh base pipeline with the saved control."""
     from diffusers import DiffusionPipeline
 
+    from .processes.stable_diffusion import load_options
+    from .serialization.saved import read_saved
     from .trainers.elegant import ElegantTrainer
 
-    if not os.path.isdir(adapter_dir):
-        raise SystemExit(f"adapter directory {adapter_dir!r} does not exist")
-    base = base_model or read_task(adapter_dir).get("base_model")
+    try:
+        saved = read_saved(directory)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    pipeline_run = saved["options_path"] is not None
+    recorded = load_options(directory).base_model if pipeline_run else read_task(directory).get("base_model")
+    base = base_model or recorded
     if not base:
-        raise SystemExit(f"no base model: pass --base_model (a local diffusers pipeline directory); "
-                         f"{adapter_dir}/{TASK_FILE} does not name one")
-    if not os.path.isfile(os.path.join(base, "model_index.json")):
-        raise SystemExit(f"base model {base!r} is not a local diffusers pipeline directory (no model_index.json)")
-    pipe = DiffusionPipeline.from_pretrained(base)
-    return ElegantTrainer.from_pretrained(adapter_dir, pipe.unet, pipe.scheduler, report_to=None)
+        _fail(f"no base model: pass --base_model (a Hub id or a local diffusers pipeline directory); {directory} "
+              "does not record one")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(base, token=token)
+    except Exception as err:  # noqa: BLE001
+        _fail(f"cannot load the base model {base!r}: {type(err).__name__}: {str(err).splitlines()[0]} "
+              "(pass --base_model)")
+    pipe.set_progress_bar_config(disable=True)
+    if pipeline_run:
+        return ElegantTrainer.from_pretrained(directory, pipeline=pipe, report_to=None), True
+    return ElegantTrainer.from_pretrained(directory, pipe.unet, pipe.scheduler, report_to=None), False
+
+
+def draw(trainer, conditional: bool, args, controlled: bool) -> tuple[torch.Tensor, list | None]:
+    """``num_samples`` samples (images in ``[0, 1]`` for a pipeline run) and their prompts."""
+    gen = torch.Generator().manual_seed(args.seed)
+    if conditional:
+        if not args.prompt:
+            _fail("this is a text-to-image control: pass --prompt (one or more)")
+        prompts = [args.prompt[i % len(args.prompt)] for i in range(args.num_samples)]
+        latents = trainer.sample(prompts=prompts, generator=gen, controlled=controlled, batch_size=args.batch_size)
+        return trainer.decode(latents).float().clamp(0, 1).cpu(), prompts
+    return trainer.sample(args.num_samples, generator=gen, controlled=controlled, batch_size=args.batch_size), None
 
 
 def cmd_sample(args) -> int:
     from .utils.images import image_grid
 
-    trainer = load_trainer(args.adapter_dir, args.base_model)
-    samples = trainer.sample(args.num_samples, generator=torch.Generator().manual_seed(args.seed),
-                             controlled=not args.pretrained)
-    scale = max(1, 64 // samples.shape[-1])
-    image_grid(samples, scale=scale).save(args.output)
+    directory = resolve(args.adapter_dir, args.token, args.revision, args.endpoint)
+    trainer, conditional = load_trainer(directory, args.base_model, args.token)
+    samples, _ = draw(trainer, conditional, args, controlled=not args.pretrained)
+    if conditional:
+        grid = image_grid(samples, value_range=(0.0, 1.0))
+    else:
+        grid = image_grid(samples, scale=max(1, 64 // samples.shape[-1]))
+    grid.save(args.output)
     print(f"wrote {args.num_samples} {'pretrained' if args.pretrained else 'fine-tuned'} samples to {args.output}")
     return 0
 
 
+def _diversity(x: torch.Tensor) -> float:
+    flat = x.flatten(1).float()
+    d = torch.cdist(flat, flat)
+    n = flat.shape[0]
+    return float(d.sum() / (n * (n - 1))) if n > 1 else 0.0
+
+
 def cmd_evaluate(args) -> int:
+    directory = resolve(args.adapter_dir, args.token, args.revision, args.endpoint)
+    task = read_task(directory)
+    if args.reward is None and task.get("task") == "digits":
+        return _evaluate_digits(args, directory, task)
+    if args.reward is None:
+        _fail("evaluate needs --reward (a built-in name or 'file.py:function')")
+    from .rewards.image_rewards import call_reward
+    from .rewards.registry import RewardSpecError, load_reward
+
+    try:
+        reward = load_reward(args.reward, args.reward_model_name_or_path)
+    except RewardSpecError as err:
+        _fail(str(err))
+    trainer, conditional = load_trainer(directory, args.base_model, args.token)
+    if isinstance(reward, torch.nn.Module):
+        reward = reward.to(trainer.device)
+    result = {"reward": args.reward, "num_samples": args.num_samples, "seed": args.seed}
+    for name, controlled in (("pretrained", False), ("fine_tuned", True)):
+        x, prompts = draw(trainer, conditional, args, controlled)
+        with torch.no_grad():
+            values = torch.as_tensor(call_reward(reward, x.to(trainer.device), prompts)).float().cpu()
+        result[name] = {"reward_mean": float(values.mean()), "reward_std": float(values.std()),
+                        "diversity_pairwise_distance": _diversity(x)}
+    return _print(result, args.output)
+
+
+def _evaluate_digits(args, directory: str, task: dict) -> int:
     from .tasks import digits
 
-    task = read_task(args.adapter_dir)
     target = args.target_digit if args.target_digit is not None else task.get("target_digit")
-    if target is None:
-        raise SystemExit("evaluate needs --target_digit (not recorded in task.json)")
-    trainer = load_trainer(args.adapter_dir, args.base_model)
+    trainer, _ = load_trainer(directory, args.base_model, args.token)
     proxy, genuine = digits.load_or_train_classifiers(args.cache_dir or task.get("cache_dir"))
     result = {"target_digit": int(target)}
     for name, controlled in (("pretrained", False), ("fine_tuned", True)):
         x = trainer.sample(args.num_samples, generator=torch.Generator().manual_seed(args.seed),
                            controlled=controlled)
         result[name] = digits.digits_metrics(x.cpu(), proxy, genuine, int(target))
+    return _print(result, args.output)
+
+
+def _print(result: dict, output: str | None) -> int:
     text = json.dumps(result, indent=2)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
+    if output:
+        with open(output, "w", encoding="utf-8") as f:
             f.write(text)
     print(text)
     return 0
 
 
+def _common(p: argparse.ArgumentParser, num_samples: int, seed: int) -> None:
+    p.add_argument("adapter_dir", help="a saved control directory or a Hub repo id")
+    p.add_argument("--base_model", default=None, help="Hub id or local pipeline directory (default: the recorded one)")
+    p.add_argument("--prompt", nargs="+", default=None, help="prompts (text-to-image controls), cycled over samples")
+    p.add_argument("--num_samples", type=int, default=num_samples)
+    p.add_argument("--batch_size", type=int, default=None, help="sampling batch (default: the training batch)")
+    p.add_argument("--seed", type=int, default=seed)
+    p.add_argument("--revision", default=None, help="Hub revision of adapter_dir")
+    p.add_argument("--token", default=None, help="Hub token (default: the cached login; never printed)")
+    p.add_argument("--endpoint", default=None, help="Hub endpoint (default: huggingface.co or HF_ENDPOINT)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-control-ft",
-                                     description="Look at and measure a saved ELEGANT adapter directory.")
+                                     description="Look at and measure a saved control (directory or Hub repo).")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    s = sub.add_parser("sample", help="write an image grid of samples from a saved adapter directory")
-    s.add_argument("adapter_dir")
-    s.add_argument("--base_model", default=None, help="local diffusers pipeline directory of the base model")
-    s.add_argument("--num_samples", type=int, default=64)
-    s.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("sample", help="write an image grid of samples from a saved control")
+    _common(s, 64, 0)
     s.add_argument("--output", default="samples.png")
-    s.add_argument("--pretrained", action="store_true", help="sample the base model instead (adapter disabled)")
+    s.add_argument("--pretrained", action="store_true", help="sample the base model instead (no adapter, N(0, I))")
     s.set_defaults(func=cmd_sample)
-
-    e = sub.add_parser("evaluate", help="digits metrics (proxy/genuine reward, diversity) of a saved adapter")
-    e.add_argument("adapter_dir")
-    e.add_argument("--base_model", default=None)
+    e = sub.add_parser("evaluate", help="reward and diversity of the base vs the fine-tuned model")
+    _common(e, 512, 1234)
+    e.add_argument("--reward", default=None, help="built-in name or 'file.py:function' (digits job: optional)")
+    e.add_argument("--reward_model_name_or_path", default=None, help="CLIP model of a built-in reward")
     e.add_argument("--cache_dir", default=None, help="digits cache with the classifiers (default: from task.json)")
     e.add_argument("--target_digit", type=int, default=None)
-    e.add_argument("--num_samples", type=int, default=512)
-    e.add_argument("--seed", type=int, default=1234)
     e.add_argument("--output", default=None, help="also write the JSON here")
     e.set_defaults(func=cmd_evaluate)
     return parser

@@ -137,12 +137,10 @@ class TextToImageArguments:
                              "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to start over, "
                              "or another --output_dir")
 
-    def card_base_model(self) -> str | None:
-        """What the card names as base model: ``base_model_id``, else a Hub id, else the local directory's name."""
-        if self.base_model_id:
-            return self.base_model_id
-        path = self.pretrained_model_name_or_path
-        return os.path.basename(os.path.normpath(path)) if path and os.path.isdir(path) else path
+    def base_model(self) -> str | None:
+        """The base model a save records: ``base_model_id`` (a Hub id) or the path as given (a card shows a local
+        path by its directory name only)."""
+        return self.base_model_id or self.pretrained_model_name_or_path
 
     def card_dataset(self) -> str | None:
         return self.dataset_name

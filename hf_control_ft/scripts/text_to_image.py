@@ -103,7 +103,7 @@ def _options(args, accelerator) -> dict:
 def _finish(trainer, args, config, accelerator, validation, summary: dict, metrics: dict, card_info: dict) -> int:
     """Saves the result into ``output_dir``, writes ``metrics.json`` and pushes when asked; returns the exit code."""
     out = config.output_dir
-    base = args.card_base_model()
+    base = args.base_model()
     repo_id = args.hub_model_id if args.push_to_hub else None
     trainer.save_pretrained(out, metrics=metrics, sample_grid=validation.last_grid, base_model=base,
                             repo_id=repo_id, card_info=card_info)

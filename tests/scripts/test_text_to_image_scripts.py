@@ -218,3 +218,41 @@ def test_config_file_with_flag_overrides_and_switches(workdir, tmp_path):
                                      [f"--pretrained_model_name_or_path={workdir / 'tiny-sd'}", "--prompts", "a cat",
                                       "--oracle", "brightness", "--queries_per_round", "3", "5", "--num_rounds=2"])
     assert config.queries_per_round == [3, 5] and args.prompts == ["a cat"]
+
+
+# ----------------------------------------------------------------------------- the CLI on a script's save and the Hub
+def test_cli_samples_and_evaluates_a_text_to_image_save_locally_and_from_the_hub(workdir, tmp_path, monkeypatch,
+                                                                                 capsys):
+    import huggingface_hub.constants as hub_constants
+    from hub_server import HubServer
+    from PIL import Image
+
+    from hf_control_ft.cli import main as cli_main
+    from hf_control_ft.serialization.saved import push_directory
+
+    monkeypatch.chdir(workdir)
+    out = str(tmp_path / "run")
+    assert run_elegant(["--pretrained_model_name_or_path", "tiny-sd", "--prompts_file", "prompts.txt", "--reward",
+                        "my_reward.py:redness", *TINY, "--train_steps", "2", "--output_dir", out, "--report_to",
+                        "none", "--validation_steps", "0", "--base_model_id", "tiny-sd"]) == 0
+    grid = str(tmp_path / "grid.png")
+    assert cli_main(["sample", out, "--prompt", "a red cat", "--num_samples", "4", "--output", grid]) == 0
+    assert Image.open(grid).size == (2 * 17 + 1, 2 * 17 + 1)  # 2x2 grid of 16x16 images
+    report = str(tmp_path / "eval.json")
+    assert cli_main(["evaluate", out, "--reward", "my_reward.py:redness", "--prompt", "a red cat", "the blue sea",
+                     "--num_samples", "4", "--output", report]) == 0
+    local = json.load(open(report))
+    assert local["num_samples"] == 4 and local["pretrained"]["reward_mean"] != local["fine_tuned"]["reward_mean"]
+    with pytest.raises(SystemExit):
+        cli_main(["sample", out, "--num_samples", "2"])  # a text-to-image control needs --prompt
+    assert "pass --prompt" in capsys.readouterr().err
+
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    with HubServer() as hub:
+        push_directory(out, "me/tiny-t2i", token="hf_x", endpoint=hub.url)
+        report2 = str(tmp_path / "eval-hub.json")
+        assert cli_main(["evaluate", "me/tiny-t2i", "--reward", "my_reward.py:redness", "--prompt", "a red cat",
+                         "the blue sea", "--num_samples", "4", "--output", report2, "--endpoint", hub.url]) == 0
+    assert json.load(open(report2)) == local  # the same control, the same seed: the same numbers
