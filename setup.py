@@ -33,6 +33,6 @@ setup(
         "pillow",
         "jinja2>=3.0",
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout"]},
+    extras_require={"dev": ["pytest>=8", "pytest-timeout"], "wandb": ["wandb"], "mlflow": ["mlflow"]},
     entry_points={"console_scripts": ["hf-control-ft=hf_control_ft.cli:main"]},
 )
