@@ -18,8 +18,7 @@ from hf_control_ft.testing import tiny_sd_pipeline, tiny_unet_output
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ELEGANT = os.path.join(ROOT, "examples", "text_to_image", "train_elegant.py")
 SEIKO = os.path.join(ROOT, "examples", "text_to_image", "train_seiko.py")
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no"]
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--dynamo_backend", "no"]
 TINY = ["--num_inference_steps=3", "--batch_size", "2", "--value_num_rollouts", "4", "--value_train_steps", "2",
         "--noise_train_steps", "2", "--noise_batch_size", "8", "--num_validation_images", "2"]
 
@@ -44,8 +43,8 @@ def workdir(tmp_path_factory):
     return d
 
 
-def launch(script, workdir, *flags, processes=1, extra_env=None):
-    cmd = [*ACCELERATE, "--num_processes", str(processes)]
+def launch(script, workdir, *flags, processes=1, extra_env=None, precision="no"):
+    cmd = [*ACCELERATE, "--num_processes", str(processes), "--mixed_precision", precision]
     if processes > 1:
         cmd += ["--multi_gpu"]
     cmd += [script, "--pretrained_model_name_or_path", "tiny-sd", *flags]
@@ -141,11 +140,14 @@ def test_seiko_script_runs_rounds_with_an_oracle_file_and_names_them_on_the_card
 
 
 @pytest.mark.slow
-def test_elegant_script_on_two_cpu_processes(workdir):
+def test_elegant_script_on_two_cpu_processes_with_accelerates_mixed_precision(workdir):
     done = launch(ELEGANT, workdir, "--prompts_file", "prompts.txt", "--reward", "my_reward.py:redness", *TINY,
                   "--train_steps", "2", "--output_dir", "two", "--validation_steps", "0", processes=2,
-                  extra_env={"ACCELERATE_USE_CPU": "1"})
+                  extra_env={"ACCELERATE_USE_CPU": "1"}, precision="bf16")
     assert done.returncode == 0, done.stderr[-3000:]
+    # accelerate's own --mixed_precision is honoured (frozen VAE / text encoder in bf16, KL passes in fp32)
+    options = json.loads((workdir / "two" / "stable_diffusion.json").read_text())
+    assert (options["mixed_precision"], options["kl_precision"]) == ("bf16", "fp32")
     assert "drift 144 forward" in done.stderr  # 2 processes x batch 2 counted in the announced cost
     assert {"pytorch_lora_weights.safetensors", "README.md"} <= set(os.listdir(workdir / "two"))
     assert os.listdir(workdir / "two" / "validation") == ["step-000002.png"]
