@@ -45,7 +45,13 @@ def parse_args(argv=None):
     parser.add_argument("--num_eval_samples", type=int, default=512)
     parser.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint directory")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"),
+                        help="only 'no': the 0.18M-parameter digits model trains in fp32 (mixed precision is for "
+                             "the text-to-image scripts in examples/text_to_image/)")
     args, rest = parser.parse_known_args(argv)
+    if args.mixed_precision != "no":
+        parser.error("--mixed_precision: the digits model trains in fp32; mixed precision applies to the "
+                     "text-to-image scripts (examples/text_to_image/train_elegant.py)")
     config = ElegantConfig.from_cli(args.config, rest)
     if config.output_dir is None:
         config.output_dir = DEFAULT_OUTPUT_DIR

@@ -128,28 +128,39 @@ def _finish(trainer, args, config, accelerator, validation, summary: dict, metri
     return status
 
 
+def _setup(trainer_cls, args, config, spec: str, validation_reward: bool):
+    """Accelerator, pipeline, prompts, reward / oracle, trainer and validation: what both scripts build."""
+    accelerator = make_accelerator(args, config)
+    with accelerator.main_process_first():
+        pipe = load_pipeline(args)
+        prompts = load_prompt_source(args)
+    fn = _reward(spec, args, accelerator)
+    try:
+        trainer = trainer_cls.from_pipeline(pipe, fn, config, prompts, accelerator=accelerator,
+                                            **_options(args, accelerator))
+    except (TypeError, ValueError) as err:
+        _fail(str(err))
+    trainer.tracker_init_kwargs = args.init_kwargs()
+    validation = Validation(args.validation_prompt or [trainer.process.prompts[0]], args.num_validation_images,
+                            args.validation_steps, config.output_dir, reward_fn=fn if validation_reward else None,
+                            seed=config.seed)
+    return accelerator, trainer, validation
+
+
+def _train(trainer, **kwargs) -> dict:
+    try:
+        return trainer.train(**kwargs)
+    except RUN_ERRORS as err:
+        _fail(f"{type(err).__name__}: {err}")
+
+
 def run_elegant(argv=None, prog: str = "train_elegant.py") -> int:
     """``accelerate launch examples/text_to_image/train_elegant.py --pretrained_model_name_or_path ... --reward
     ... --prompts_file ...``: every :class:`ElegantConfig` field is a flag (``--help``)."""
     args, config = parse_script_args(ElegantScriptArguments, ElegantConfig, argv, prog=prog,
                                      description="ELEGANT on a text-to-image diffusers pipeline.")
-    accelerator = make_accelerator(args, config)
-    with accelerator.main_process_first():
-        pipe = load_pipeline(args)
-        prompts = load_prompt_source(args)
-    reward = _reward(args.reward, args, accelerator)
-    try:
-        trainer = ElegantTrainer.from_pipeline(pipe, reward, config, prompts, accelerator=accelerator,
-                                               **_options(args, accelerator))
-    except (TypeError, ValueError) as err:
-        _fail(str(err))
-    trainer.tracker_init_kwargs = args.init_kwargs()
-    validation = Validation(args.validation_prompt or [trainer.process.prompts[0]], args.num_validation_images,
-                            args.validation_steps, config.output_dir, reward_fn=reward, seed=config.seed)
-    try:
-        summary = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint, callback=validation)
-    except RUN_ERRORS as err:
-        _fail(f"{type(err).__name__}: {err}")
+    accelerator, trainer, validation = _setup(ElegantTrainer, args, config, args.reward, validation_reward=True)
+    summary = _train(trainer, resume_from_checkpoint=args.resume_from_checkpoint, callback=validation)
     if validation.last_grid is None and accelerator.is_main_process:  # a run resumed after its last step
         validation.run(trainer, trainer.global_step, trainer.log_step(trainer.global_step))
     metrics = {"reward (training batch)": summary.get("train/reward"),
@@ -161,25 +172,12 @@ def run_elegant(argv=None, prog: str = "train_elegant.py") -> int:
 
 def run_seiko(argv=None, prog: str = "train_seiko.py") -> int:
     """``accelerate launch examples/text_to_image/train_seiko.py --pretrained_model_name_or_path ... --oracle
-    file.py:fn --prompts_file ...``: every :class:`SeikoConfig` field is a flag (``--help``)."""
+    file.py:fn --prompts_file ...``: every :class:`SeikoConfig` field is a flag (``--help``). The oracle is
+    not called for validation (it is the expensive part)."""
     args, config = parse_script_args(SeikoScriptArguments, SeikoConfig, argv, prog=prog,
                                      description="SEIKO (online feedback) on a text-to-image diffusers pipeline.")
-    accelerator = make_accelerator(args, config)
-    pipe = load_pipeline(args)
-    prompts = load_prompt_source(args)
-    oracle = _reward(args.oracle, args, accelerator)
-    try:
-        trainer = SeikoTrainer.from_pipeline(pipe, oracle, config, prompts, accelerator=accelerator,
-                                             **_options(args, accelerator))
-    except (TypeError, ValueError) as err:
-        _fail(str(err))
-    trainer.tracker_init_kwargs = args.init_kwargs()
-    validation = Validation(args.validation_prompt or [trainer.process.prompts[0]], args.num_validation_images,
-                            args.validation_steps, config.output_dir, seed=config.seed)
-    try:
-        summary = trainer.train(callback=validation.round_callback)
-    except RUN_ERRORS as err:
-        _fail(f"{type(err).__name__}: {err}")
+    accelerator, trainer, validation = _setup(SeikoTrainer, args, config, args.oracle, validation_reward=False)
+    summary = _train(trainer, callback=validation.round_callback)
     if validation.last_grid is None:  # every round was already done (a finished run, restarted)
         validation.run(trainer, trainer.completed_rounds, trainer.global_step, name="final")
     metrics = {k: summary[k] for k in ("round/oracle_mean", "round/total_queries", "train/kl_pretrained")
