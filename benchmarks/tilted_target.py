@@ -14,6 +14,13 @@ setting's block is also printed to stderr as soon as it is done.
     python benchmarks/tilted_target.py --drift_objectives value_guided   # one objective (+ fixed noise)
     python benchmarks/tilted_target.py --quick         # smaller, for a smoke test
     python benchmarks/tilted_target.py --conditional   # per-prompt targets (below)
+    python benchmarks/tilted_target.py --flow          # rectified flow (below)
+
+``--flow``: the same mixture as a rectified flow ``x_s = (1 - s) x_0 + s eps``; the pretrained model is the MLP
+distilled to the exact velocity (``exact_velocity``, docs/algorithms.md §9), sampled by the flow SDE of a
+``FlowMatchEulerDiscreteScheduler`` (``--shift``, default 1) at ``eta = 1`` (memoryless) and ``--low_eta``
+(default 0.5 with ``--flow``: the GRPO-style level ``a = eta sqrt(2) ≈ 0.7``). The floor regresses the LoRA onto
+the tilted target's exact velocity.
 
 ``--conditional``: three "prompts" (classes) over the same three modes, each with its own mode weights
 (``class_conditional_mixtures``), a class-conditional MLP denoiser distilled to the exact conditional noise
@@ -35,15 +42,18 @@ import sys
 import time
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
 from hf_control_ft import ControlledSampler, DiffusionSchedule, ElegantConfig, ElegantTrainer
 from hf_control_ft.core.control import add_lora_control, lora_parameters
+from hf_control_ft.core.flow_matching import build_schedule, is_flow_scheduler
 from hf_control_ft.processes import ClassConditionalProcess
 from hf_control_ft.tasks.gaussian_mixture import (
     class_conditional_mixtures,
+    distill_flow_velocity,
     distill_mixture_denoiser,
     exact_noise_prediction,
+    exact_velocity,
     three_mode_mixture,
 )
 
@@ -70,8 +80,9 @@ def discretisation_floor(denoiser_state, scheduler, target, args, eta):
     model = load_denoiser(denoiser_state)
     torch.manual_seed(args.seed)
     add_lora_control(model, rank=8)
-    schedule = DiffusionSchedule(scheduler, args.steps, eta)
-    abar = schedule.alpha_bar.float()
+    schedule = build_schedule(scheduler, args.steps, eta)
+    flow = is_flow_scheduler(scheduler)
+    abar = None if flow else schedule.alpha_bar.float()
     params = lora_parameters(model)
     opt = torch.optim.Adam(params, lr=args.floor_lr)
     lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.floor_steps)
@@ -79,10 +90,17 @@ def discretisation_floor(denoiser_state, scheduler, target, args, eta):
     t0 = time.perf_counter()
     for _ in range(args.floor_steps):
         k = torch.randint(0, len(schedule), (1024,), generator=gen)
-        a = abar[k]
         x0 = target.sample(1024, gen)
-        xt = a.sqrt()[:, None] * x0 + (1 - a).sqrt()[:, None] * torch.randn(x0.shape, generator=gen)
-        loss = (model(xt, schedule.timesteps[k]).sample - exact_noise_prediction(target, xt, a)).pow(2).sum(1).mean()
+        noise = torch.randn(x0.shape, generator=gen)
+        if flow:  # regress onto the tilted target's exact velocity at the sampler's levels
+            s_k = schedule.levels[k].float()
+            xt = (1 - s_k)[:, None] * x0 + s_k[:, None] * noise
+            exact = exact_velocity(target, xt, s_k)
+        else:
+            a = abar[k]
+            xt = a.sqrt()[:, None] * x0 + (1 - a).sqrt()[:, None] * noise
+            exact = exact_noise_prediction(target, xt, a)
+        loss = (model(xt, schedule.timesteps[k]).sample - exact).pow(2).sum(1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -218,7 +236,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--alpha", type=float, default=2.0)
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
-    p.add_argument("--low_eta", type=float, default=0.2)
+    p.add_argument("--low_eta", type=float, default=None, help="default 0.2 (DDIM), 0.5 (--flow)")
+    p.add_argument("--flow", action="store_true", help="rectified flow + FlowMatchEulerDiscreteScheduler")
+    p.add_argument("--shift", type=float, default=1.0, help="--flow: the scheduler's shift")
     p.add_argument("--train_steps", type=int, default=400)
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -245,6 +265,8 @@ def main():
     p.add_argument("--held_out_prompt", action="store_true",
                    help="--conditional: add a prompt never drawn in fine-tuning (generalisation of the start law)")
     args = p.parse_args()
+    if args.low_eta is None:
+        args.low_eta = 0.5 if args.flow else 0.2
     if args.quick:
         args.train_steps, args.distill_steps, args.value_rollouts = 30, 300, 1024
         args.value_train_steps, args.noise_train_steps, args.eval_samples, args.steps = 100, 50, 2048, 20
@@ -260,12 +282,17 @@ def main():
     def linear_reward(x):
         return x @ c.to(x)
 
-    scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=True)
     t0 = time.perf_counter()
-    den = distill_mixture_denoiser(mixture, scheduler, steps=args.distill_steps, seed=args.seed)
+    if args.flow:
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=args.shift)
+        den = distill_flow_velocity(mixture, steps=args.distill_steps, seed=args.seed)
+    else:
+        scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=True)
+        den = distill_mixture_denoiser(mixture, scheduler, steps=args.distill_steps, seed=args.seed)
     state = {"config": dict(den.config), "weights": den.state_dict()}
     state["config"] = {k: v for k, v in state["config"].items() if not k.startswith("_")}
-    result = {"benchmark": "tilted_target", "alpha": args.alpha, "num_inference_steps": args.steps,
+    result = {"benchmark": "tilted_target" + (" --flow" if args.flow else ""), "alpha": args.alpha,
+              "num_inference_steps": args.steps, "scheduler": type(scheduler).__name__,
               "reward": "linear c=(0.5, 0.3)", "pretrained_weights": mixture.weights.tolist(),
               "target_weights": [round(float(w), 4) for w in target.weights],
               "target_means": [[round(float(v), 4) for v in m] for m in target.means],

@@ -5,7 +5,8 @@ A :class:`ControlledProcess` holds
 * the **network and its adapters**: ``model`` is what the sampler calls as ``model(sample, t, **model_kwargs)``
   (for Stable Diffusion a classifier-free-guidance wrapper around the UNet); ``lora_model`` is the module that
   carries the LoRA layers (the ``"control"`` adapter and, for SEIKO, a frozen ``"previous"`` copy);
-* the **schedule as Gaussian transitions** (:class:`~hf_control_ft.core.scheduling.DiffusionSchedule`: means,
+* the **schedule as Gaussian transitions** (:class:`~hf_control_ft.core.scheduling.DiffusionSchedule` or, for
+  flow matching, :class:`~hf_control_ft.core.flow_matching.FlowMatchSchedule`: means,
   standard deviations, deterministic steps) and the sampler built on it;
 * the **per-batch conditioning**: :meth:`draw_conditions` draws one condition per sample (a prompt, or nothing
   for unconditional models), :meth:`set_conditions` conditions the network and the reward on them;
@@ -25,7 +26,7 @@ import torch
 
 from ..core.control import add_lora_control, tuner_layers
 from ..core.sampler import ControlledSampler
-from ..core.scheduling import DiffusionSchedule
+from ..core.flow_matching import build_schedule
 from ..serialization.lora_io import save_lora_file
 
 
@@ -40,6 +41,10 @@ class ControlledProcess:
         config: the training config (fields ``num_inference_steps``, ``eta``, ``lora_rank``, ``lora_alpha``,
             ``lora_target_modules``, ``gradient_checkpointing``, ``truncate_backprop_steps``).
         model_kwargs: extra keyword arguments for every denoiser call.
+        schedule_mu: the shift of a dynamically shifting flow-matching scheduler (FLUX's ``mu``).
+
+    The scheduler may be a ``DDPMScheduler`` / ``DDIMScheduler`` (noise prediction) or a
+    ``FlowMatchEulerDiscreteScheduler`` (velocity prediction, :mod:`hf_control_ft.core.flow_matching`).
     """
 
     #: name of the model family (model cards, logs)
@@ -49,7 +54,8 @@ class ControlledProcess:
     #: width of the per-sample condition features (0: unconditional)
     condition_dim = 0
 
-    def __init__(self, model: torch.nn.Module, scheduler, sample_shape, config, model_kwargs: dict | None = None):
+    def __init__(self, model: torch.nn.Module, scheduler, sample_shape, config, model_kwargs: dict | None = None,
+                 schedule_mu: float | None = None):
         self.config = config
         self.sample_shape = tuple(int(d) for d in sample_shape)
         self.model = model
@@ -58,7 +64,7 @@ class ControlledProcess:
         if not tuner_layers(model):
             self.lora_config = add_lora_control(model, config.lora_rank, config.lora_target_modules,
                                                 config.lora_alpha)
-        self.schedule = DiffusionSchedule(scheduler, config.num_inference_steps, config.eta)
+        self.schedule = build_schedule(scheduler, config.num_inference_steps, config.eta, mu=schedule_mu)
         self.model_kwargs = {} if model_kwargs is None else model_kwargs
         self.current_conditions = None
 

@@ -2,7 +2,9 @@
 
 Under the VP forward process ``x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps`` a mixture stays a mixture, so the
 exact noise prediction ``eps_hat(x, t) = -sqrt(1 - abar_t) grad log p_t(x)`` is available in closed form, and
-for a linear reward ``r(x) = c . x`` the tilted target ``p(x) exp(r(x) / alpha) / Z`` is again a mixture.
+for a linear reward ``r(x) = c . x`` the tilted target ``p(x) exp(r(x) / alpha) / Z`` is again a mixture. The
+rectified flow ``x_s = (1 - s) x_0 + s eps`` of a mixture is one too, so its velocity is closed form as well
+(:func:`exact_velocity`, ``docs/algorithms.md`` §9).
 """
 
 from __future__ import annotations
@@ -97,6 +99,55 @@ def exact_noise_prediction(mixture: GaussianMixture, x: torch.Tensor, alpha_bar:
     gamma = torch.softmax(logp, dim=1)
     score = (gamma[..., None] * sol).sum(1)
     return (-(1 - alpha_bar.double()).sqrt()[:, None] * score).float()
+
+
+def exact_velocity(mixture: GaussianMixture, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Rectified-flow velocity ``v(x, s) = (x - E[x_0 | x_s = x]) / s`` for per-sample levels ``s`` ``(B,)``
+    in ``(0, 1]`` (``docs/algorithms.md`` §9); float32.
+
+    Component ``j`` of ``x_s = (1 - s) x_0 + s eps`` is ``N((1 - s) m_j, C_j)`` with ``C_j = (1 - s)^2 S_j +
+    s^2 I``; ``E[x_0 | x_s, j] = m_j + (1 - s) S_j C_j^{-1} (x_s - (1 - s) m_j)``, weighted by the posterior
+    responsibilities of the components.
+    """
+    a = (1 - s.double()).reshape(-1, 1, 1, 1)
+    b = s.double().reshape(-1, 1, 1, 1)
+    eye = torch.eye(mixture.dim, dtype=torch.float64)
+    cov = a**2 * mixture.covariances[None] + b**2 * eye  # (B, J, D, D)
+    diff = x.double()[:, None, :] - a[..., 0] * mixture.means[None]  # x - (1 - s) m_j, (B, J, D)
+    sol = torch.linalg.solve(cov, diff.unsqueeze(-1)).squeeze(-1)  # C^{-1} (x - (1 - s) m_j)
+    logdet = torch.linalg.slogdet(cov).logabsdet
+    gamma = torch.softmax(mixture.weights.log()[None] - 0.5 * (diff * sol).sum(-1) - 0.5 * logdet, dim=1)
+    x0_j = mixture.means[None] + a[..., 0] * torch.einsum("jde,bje->bjd", mixture.covariances, sol)
+    x0 = (gamma[..., None] * x0_j).sum(1)
+    return ((x.double() - x0) / s.double()[:, None]).float()
+
+
+def distill_flow_velocity(mixture: GaussianMixture, steps: int = 1500, batch_size: int = 1024, hidden: int = 128,
+                          depth: int = 3, lr: float = 2e-3, seed: int = 0, num_train_timesteps: int = 1000,
+                          progress: bool = False):
+    """Trains an :class:`~hf_control_ft.models.networks.MLPDenoiser` to the exact rectified-flow velocity of
+    ``mixture`` (:func:`exact_velocity`), called as diffusers' flow pipelines call a transformer:
+    ``model(x, timestep=s * num_train_timesteps)``. Levels ``s ~ U(0.001, 1)``. Returns it frozen, in eval mode."""
+    from tqdm.auto import tqdm
+
+    from ..models.networks import MLPDenoiser
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = MLPDenoiser(dim=mixture.dim, hidden=hidden, depth=depth, num_train_timesteps=num_train_timesteps)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in tqdm(range(steps), desc="distil flow velocity", disable=not progress):
+        x0 = mixture.sample(batch_size, gen)
+        s = 0.001 + 0.999 * torch.rand(batch_size, generator=gen)
+        xs = (1 - s)[:, None] * x0 + s[:, None] * torch.randn(x0.shape, generator=gen)
+        loss = (model(xs, s * num_train_timesteps).sample - exact_velocity(mixture, xs, s)).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.requires_grad_(False)
+    return model.eval()
 
 
 def three_mode_mixture() -> GaussianMixture:
