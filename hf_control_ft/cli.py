@@ -53,8 +53,7 @@ def resolve(adapter: str, token: str | None = None, revision: str | None = None,
 
 def load_trainer(directory: str, base_model: str | None, token: str | None = None):
     """An ``ElegantTrainer`` (inference use) on a fresh base pipeline with the saved control."""
-    from diffusers import DiffusionPipeline
-
+    from .processes.loading import load_base_pipeline
     from .processes.stable_diffusion import load_options
     from .serialization.saved import read_saved
     from .trainers.elegant import ElegantTrainer
@@ -70,11 +69,10 @@ def load_trainer(directory: str, base_model: str | None, token: str | None = Non
         _fail(f"no base model: pass --base_model (a Hub id or a local diffusers pipeline directory); {directory} "
               "does not record one")
     try:
-        pipe = DiffusionPipeline.from_pretrained(base, token=token)
+        pipe = load_base_pipeline(base, token=token)
     except Exception as err:  # noqa: BLE001
         _fail(f"cannot load the base model {base!r}: {type(err).__name__}: {str(err).splitlines()[0]} "
               "(pass --base_model)")
-    pipe.set_progress_bar_config(disable=True)
     if pipeline_run:
         return ElegantTrainer.from_pretrained(directory, pipeline=pipe, report_to=None), True
     return ElegantTrainer.from_pretrained(directory, pipe.unet, pipe.scheduler, report_to=None), False

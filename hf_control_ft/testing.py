@@ -5,6 +5,7 @@
 * :func:`sd15_components`: the SD 1.5 shapes (860M-parameter UNet, 84M VAE, 123M CLIP ViT-L/14 text encoder)
   with random weights, for compute / memory benchmarks.
 
+* :func:`tiny_sd3_pipeline`: SD3 layout (flow-matching transformer, two CLIP encoders, no T5) at test size.
 * :func:`tiny_clip_model`: a random-weight CLIP (the architecture of the aesthetic / PickScore / CLIPScore
   rewards).
 
@@ -93,6 +94,47 @@ def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     pipe = StableDiffusionPipeline(**tiny_components(seed))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_sd3_pipeline(seed: int = 0):
+    """A ``StableDiffusion3Pipeline`` with random weights: 1-block SD3 transformer (joint attention, patch 1) on
+    8x8x4 latents (16x16 images), two tiny CLIP encoders with projections (pooled 2 x 32), no T5
+    (``text_encoder_3=None``), a VAE with ``shift_factor``, ``FlowMatchEulerDiscreteScheduler(shift=3)``."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                        joint_attention_dim=32, pooled_projection_dim=64, out_channels=4)
+    text = dict(vocab_size=len(tiny_tokenizer()), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                projection_dim=32)
+    encoders = [CLIPTextModelWithProjection(CLIPTextConfig(**text)) for _ in range(2)]
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        layers_per_block=1, norm_num_groups=8, sample_size=16, use_quant_conv=False,
+                        use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=encoders[0], tokenizer=tiny_tokenizer(),
+                                    text_encoder_2=encoders[1], tokenizer_2=tiny_tokenizer(), text_encoder_3=None,
+                                    tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sd3_transformer_output(transformer, seed: int = 1) -> torch.Tensor:
+    """The tiny SD3 transformer's velocity on fixed random inputs: a fingerprint for comparing adapters."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    emb, pooled = torch.randn(2, 32, 32, generator=g), torch.randn(2, 64, generator=g)
+    with torch.no_grad():
+        return transformer(hidden_states=x, timestep=torch.tensor([700.0, 300.0]), encoder_hidden_states=emb,
+                           pooled_projections=pooled, return_dict=False)[0]
 
 
 def tiny_unet_output(unet, seed: int = 1) -> torch.Tensor:

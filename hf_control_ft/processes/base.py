@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 
 from ..core.control import add_lora_control, tuner_layers
-from ..core.sampler import ControlledSampler
 from ..core.flow_matching import build_schedule
+from ..core.sampler import ControlledSampler
 from ..serialization.lora_io import save_lora_file
 
 

@@ -222,10 +222,12 @@ class GuidedUNet(nn.Module):
 
 
 def decode_latents(vae, latents: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``(B, 4, h, w)`` latents -> ``(B, 3, 8h, 8w)`` fp32 images in ``[0, 1]`` (differentiable)."""
+    """``(B, C, h, w)`` latents -> ``(B, 3, 8h, 8w)`` fp32 images in ``[0, 1]`` (differentiable): ``latents /
+    scaling_factor + shift_factor`` (SD3 / FLUX VAEs have a shift; SD 1.x / 2.x / XL have none) through the VAE."""
     dtype = vae.dtype if autocast_dtype is None else autocast_dtype
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
     with _autocast(latents.device, autocast_dtype):
-        images = vae.decode((latents / vae.config.scaling_factor).to(dtype)).sample
+        images = vae.decode((latents / vae.config.scaling_factor + shift).to(dtype)).sample
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
@@ -272,6 +274,7 @@ class StableDiffusionOptions:
         base_model: Hub id or path of the base pipeline (for the model card and for loading).
         prompt_column: column of a ``datasets`` prompt source.
         guidance_rescale: must be 0 (accepted so that diffusers' argument gets a clear error, not a TypeError).
+        max_sequence_length: T5 context length of SD3 (ignored by SD 1.x / 2.x).
     """
 
     guidance_scale: float = 7.5
@@ -283,6 +286,7 @@ class StableDiffusionOptions:
     base_model: str | None = None
     prompt_column: str = "prompt"
     guidance_rescale: float = 0.0
+    max_sequence_length: int = 256
 
     def __post_init__(self):
         check = field_checker("StableDiffusionOptions")
@@ -342,6 +346,6 @@ def check_supported_pipeline(pipeline):
                          f"supported yet; supported: {supported}")
     for attr in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if getattr(pipeline, attr, None) is None:
-            raise ValueError(f"{name} has no {attr!r} component; supported: {supported} (flow-matching "
-                             "transformer pipelines such as SD3 / FLUX are not supported yet)")
+            raise ValueError(f"{name} has no {attr!r} component; supported: {supported}, "
+                             "StableDiffusion3Pipeline (FLUX is not supported yet)")
     return as_stochastic_scheduler(pipeline.scheduler)  # raises for flow-matching / unknown schedulers

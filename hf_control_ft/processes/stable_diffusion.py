@@ -65,15 +65,15 @@ class StableDiffusionProcess(ControlledProcess):
     def __init__(self, pipeline, config, prompts, options: StableDiffusionOptions | None = None):
         from diffusers.training_utils import cast_training_params
 
-        # the sampler's own DDPM/DDIM copy; the pipeline's scheduler is left as the user set it
-        self.stochastic_scheduler = check_supported_pipeline(pipeline)
+        # the sampler's own copy of the scheduler; the pipeline's scheduler is left as the user set it
+        self.pipeline = pipeline
+        self.stochastic_scheduler = self.check_pipeline(pipeline)
         options = options or StableDiffusionOptions()
         self.options = options
-        self.pipeline = pipeline
         self.prompts = load_prompts(prompts, options.prompt_column)
-        unet, vae, text_encoder = pipeline.unet, pipeline.vae, pipeline.text_encoder
+        unet, vae = self.denoiser_module(), pipeline.vae
         precise_kl = options.kl_precision == "fp32"
-        for module in (unet, vae, text_encoder):
+        for module in self.frozen_modules():
             module.requires_grad_(False)
             if module is unet and precise_kl:
                 module.to(torch.float32)  # the KL passes run in the weights' precision
@@ -85,31 +85,64 @@ class StableDiffusionProcess(ControlledProcess):
                 "half-precision UNet outputs and has a rounding floor (benchmarks/kl_precision.py measures it); "
                 "use kl_precision='fp32' when the KL must be exact", options.mixed_precision)
         torch.manual_seed(config.seed)  # identical adapter initialisation on every process
-        lora_config = add_lora_control(unet, config.lora_rank, config.lora_target_modules, config.lora_alpha)
+        lora_config = add_lora_control(unet, config.lora_rank, config.lora_target_modules or self.default_targets,
+                                       config.lora_alpha)
         cast_training_params(unet, torch.float32)  # LoRA parameters in fp32 under mixed precision
         if config.gradient_checkpointing:
             enable_adapter_aware_checkpointing(unet)
             vae.enable_gradient_checkpointing()
-        denoiser = GuidedUNet(unet, options.guidance_scale, options.dtype)
-        super().__init__(denoiser, self.stochastic_scheduler, latent_shape(pipeline, options.height, options.width),
-                         config)
+        shape = self.latent_shape(options.height, options.width)
+        super().__init__(self.guided_network(unet, options), self.stochastic_scheduler, shape, config,
+                         schedule_mu=self.schedule_mu(shape))
         self.lora_model = unet
         self.lora_config = lora_config
         self._precise_kl = precise_kl
         self._negative_embeds = None
         self._pooled = None
-        self.condition_dim = int(text_encoder.config.hidden_size)
+        self.condition_dim = self.pooled_dim()
+
+    # ------------------------------------------------------------------ what a family changes
+    #: LoRA targets when ``lora_target_modules`` is None (None: the attention projections found in the network)
+    default_targets = None
+
+    def check_pipeline(self, pipeline):
+        """Refuses a pipeline of another family; returns the sampler's copy of its scheduler."""
+        return check_supported_pipeline(pipeline)
+
+    def denoiser_module(self) -> nn.Module:
+        return self.pipeline.unet
+
+    def frozen_modules(self) -> list:
+        return [self.pipeline.unet, self.pipeline.vae, self.pipeline.text_encoder]
+
+    def guided_network(self, denoiser: nn.Module, options) -> nn.Module:
+        return GuidedUNet(denoiser, options.guidance_scale, options.dtype)
+
+    def latent_shape(self, height, width) -> tuple:
+        return latent_shape(self.pipeline, height, width)
+
+    def schedule_mu(self, shape) -> float | None:
+        return None
+
+    def pooled_dim(self) -> int:
+        return int(self.pipeline.text_encoder.config.hidden_size)
+
+    def encode(self, prompts: list[str], pooled: bool = False):
+        """What the guided network is conditioned on (here the prompt embeddings ``(B, L, D)``) and, with
+        ``pooled``, also the per-prompt condition features ``(B, condition_dim)`` fp32."""
+        return encode_prompts(self.pipeline.tokenizer, self.pipeline.text_encoder, list(prompts), self.device,
+                              return_pooled=pooled)
 
     # ------------------------------------------------------------------ network and sampler
     def to(self, device) -> "StableDiffusionProcess":
-        for module in (self.pipeline.unet, self.pipeline.vae, self.pipeline.text_encoder):
+        for module in self.frozen_modules():
             module.to(device)
         self._negative_embeds = None
         return self
 
     @property
     def device(self) -> torch.device:
-        return self.pipeline.unet.device
+        return self.denoiser_module().device
 
     def kl_context(self):
         return self.model.full_precision if self._precise_kl else None
@@ -122,16 +155,14 @@ class StableDiffusionProcess(ControlledProcess):
 
     def negative_embeds(self) -> torch.Tensor:
         if self._negative_embeds is None:
-            self._negative_embeds = encode_prompts(self.pipeline.tokenizer, self.pipeline.text_encoder,
-                                                   [self.options.negative_prompt], self.device)
+            self._negative_embeds = self.encode([self.options.negative_prompt])
         return self._negative_embeds
 
     def set_conditions(self, conditions) -> None:
         """Conditions the guided UNet and the reward on ``conditions`` (a list of prompts, one per sample)."""
         if conditions is None:
             raise ValueError("Stable Diffusion needs one prompt per sample")
-        embeds, pooled = encode_prompts(self.pipeline.tokenizer, self.pipeline.text_encoder, list(conditions),
-                                        self.device, return_pooled=True)
+        embeds, pooled = self.encode(list(conditions), pooled=True)
         negative = self.negative_embeds() if self.model.do_guidance else None
         self.model.set_condition(embeds, negative)
         self.current_conditions = list(conditions)
@@ -144,8 +175,7 @@ class StableDiffusionProcess(ControlledProcess):
             if self._pooled is None:
                 raise RuntimeError("no prompts set: call set_conditions or prepare_batch first")
             return self._pooled
-        return encode_prompts(self.pipeline.tokenizer, self.pipeline.text_encoder, list(conditions), self.device,
-                              return_pooled=True)[1].detach()
+        return self.encode(list(conditions), pooled=True)[1].detach()
 
     def check_conditions(self, conditions, num_samples: int | None):
         if conditions is None:

@@ -43,6 +43,9 @@ class TextToImageArguments:
     resolution: int | None = _f(None, "image height and width in pixels (default: the model's)")
     guidance_scale: float = _f(7.5, "classifier-free guidance scale of training and validation (<= 1: none)")
     negative_prompt: str = _f("", "negative prompt of classifier-free guidance")
+    max_sequence_length: int = _f(256, "SD3: T5 context length of the prompt embeddings")
+    without_text_encoder_3: bool = _f(False, "SD3: load the pipeline without its T5 encoder (text_encoder_3=None; "
+                                             "zero T5 embeddings, as diffusers does)")
     validation_prompt: list[str] | None = _f(None, "prompts of the validation images (default: the first training "
                                                    "prompt)")
     num_validation_images: int = _f(4, "validation images per validation prompt")
@@ -79,6 +82,8 @@ class TextToImageArguments:
             self.validation_prompt = [self.validation_prompt]
         check(self.resolution is None or (is_int(self.resolution, 8) and self.resolution % 8 == 0), "resolution",
               f"must be a positive multiple of 8, got {self.resolution!r}")
+        check(is_int(self.max_sequence_length, 1), "max_sequence_length",
+              f"must be an int >= 1, got {self.max_sequence_length!r}")
         check(is_int(self.num_validation_images, 1), "num_validation_images",
               f"must be an int >= 1, got {self.num_validation_images!r}")
         check(is_int(self.validation_steps, 0), "validation_steps",

@@ -19,6 +19,7 @@ import torch
 from accelerate import Accelerator
 
 from ..feedback.oracle import OracleOutputError, OracleUnavailableError
+from ..processes.loading import load_base_pipeline
 from ..rewards.registry import load_reward
 from ..serialization.checkpoints import CheckpointError
 from ..serialization.saved import HubPushError
@@ -54,15 +55,13 @@ def make_accelerator(args, config) -> Accelerator:
 
 def load_pipeline(args):
     """The base pipeline (class detected from the checkpoint); a clear error when it cannot be loaded."""
-    from diffusers import DiffusionPipeline
-
+    absent = ("text_encoder_3", "tokenizer_3") if args.without_text_encoder_3 else ()
     try:
-        pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
-                                                 variant=args.variant)
+        pipe = load_base_pipeline(args.pretrained_model_name_or_path, absent=absent, revision=args.revision,
+                                  variant=args.variant)
     except Exception as err:  # noqa: BLE001 - unreachable Hub, missing files, bad variant: one line each
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         _fail(f"cannot load the base model {args.pretrained_model_name_or_path!r}: {type(err).__name__}: {first}")
-    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
@@ -97,7 +96,7 @@ def _reward(spec: str, args, accelerator):
 def _options(args, accelerator) -> dict:
     return dict(guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt, height=args.resolution,
                 width=args.resolution, mixed_precision=accelerator.mixed_precision, kl_precision=args.kl_precision,
-                base_model=args.pretrained_model_name_or_path)
+                base_model=args.pretrained_model_name_or_path, max_sequence_length=args.max_sequence_length)
 
 
 def _finish(trainer, args, config, accelerator, validation, summary: dict, metrics: dict, card_info: dict) -> int:

@@ -7,8 +7,9 @@ Layout (what ``StableDiffusionLoraLoaderMixin.save_lora_weights`` writes, and ``
   ``unet.``. Without it diffusers infers the rank from the weights and sets ``lora_alpha = r``, silently
   changing the LoRA scale whenever ``lora_alpha != r``.
 
-Any denoiser (``UNet2DConditionModel``, ``UNet2DModel``, the toy MLP) is stored under the ``unet`` prefix.
-:func:`load_lora_file` reads the file back for models without diffusers' loaders.
+Any denoiser (``UNet2DConditionModel``, ``UNet2DModel``, the toy MLP) is stored under the ``unet`` prefix; the
+transformers of flow-matching pipelines (SD3, FLUX) under ``transformer``, written by the pipeline class's own
+``save_lora_weights``. :func:`load_lora_file` reads either back for models without diffusers' loaders.
 """
 
 from __future__ import annotations
@@ -26,20 +27,37 @@ from ..core.control import CONTROL_ADAPTER, load_lora_state_dict, lora_state_dic
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 LORA_METADATA_KEY = "lora_adapter_metadata"
 PREFIX = "unet"
+#: pipeline components an adapter file may hold, as diffusers names them in the weight keys
+COMPONENTS = ("unet", "transformer")
+
+
+def lora_component(state: dict) -> str:
+    """``"unet"`` or ``"transformer"``: the component the weights of a LoRA file belong to."""
+    for component in COMPONENTS:
+        if any(k.startswith(component + ".") for k in state):
+            return component
+    raise ValueError(f"not a diffusers LoRA file of a {' / '.join(COMPONENTS)}: keys {sorted(state)[:5]}")
 
 
 def save_lora_file(model: torch.nn.Module, lora_config: LoraConfig, save_directory: str,
-                   adapter_name: str = CONTROL_ADAPTER) -> str:
-    """Writes the adapter of ``model`` with its metadata via diffusers' own writer; returns the file path."""
+                   adapter_name: str = CONTROL_ADAPTER, component: str = PREFIX, writer=None) -> str:
+    """Writes the adapter of ``model`` with its metadata via diffusers' own writer; returns the file path.
+
+    ``component``: the pipeline component the adapter belongs to, ``"unet"`` (SD 1.x / 2.x / XL, and any
+    denoiser) or ``"transformer"`` (SD3, FLUX); ``writer``: the class whose ``save_lora_weights`` writes it
+    (the pipeline class, e.g. ``StableDiffusion3Pipeline``; default ``StableDiffusionLoraLoaderMixin``), so
+    that the family's stock ``pipe.load_lora_weights`` reads it.
+    """
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
+    writer = writer or StableDiffusionLoraLoaderMixin
     weights = {k: v.detach().to("cpu", torch.float32).contiguous()
                for k, v in lora_state_dict(model, adapter_name).items()}
     if not weights:
         raise RuntimeError(f"the model has no weights for adapter {adapter_name!r}")
     metadata = json.loads(json.dumps(lora_config.to_dict(), default=_jsonable))
-    StableDiffusionLoraLoaderMixin.save_lora_weights(save_directory, unet_lora_layers=weights,
-                                                     unet_lora_adapter_metadata=metadata)
+    writer.save_lora_weights(save_directory, **{f"{component}_lora_layers": weights,
+                                                f"{component}_lora_adapter_metadata": metadata})
     return os.path.join(save_directory, LORA_WEIGHTS_NAME)
 
 
@@ -58,7 +76,8 @@ def read_lora_config(path: str) -> LoraConfig:
                          "target modules (save it with hf_control_ft or diffusers' save_lora_weights with "
                          "unet_lora_adapter_metadata)")
     packed = json.loads(meta[LORA_METADATA_KEY])
-    values = {k[len(PREFIX) + 1:]: v for k, v in packed.items() if k.startswith(PREFIX + ".")}
+    prefix = next((p for p in COMPONENTS if any(k.startswith(p + ".") for k in packed)), PREFIX)
+    values = {k[len(prefix) + 1:]: v for k, v in packed.items() if k.startswith(prefix + ".")}
     known = set(LoraConfig.__dataclass_fields__)
     return LoraConfig(**{k: v for k, v in values.items() if k in known})
 
@@ -66,7 +85,7 @@ def read_lora_config(path: str) -> LoraConfig:
 def load_lora_file(path: str) -> tuple[dict[str, torch.Tensor], LoraConfig]:
     """``(state_dict, lora_config)``: weights in peft naming (prefix removed) and the adapter config."""
     state = load_file(path)
-    prefix = PREFIX + "."
+    prefix = lora_component(state) + "."
     others = [k for k in state if not k.startswith(prefix)]
     if others:
         raise ValueError(f"{path}: only '{prefix}*' LoRA weights are supported, found {others[:5]}")

@@ -43,7 +43,7 @@ def render_model_card(config, reward: str, base_model: str | None = None, metric
         lora_rank / lora_alpha / target_modules: the adapter (default: from ``config``).
         license, tags, model_name, template_path: card metadata and an alternative template.
         card_info: what the process and the run add: ``prompts`` (list), ``num_prompts``, ``dataset``,
-            ``negative_prompt``, ``family``, ``mixed_precision`` and, for SEIKO, ``seiko`` (``beta``,
+            ``negative_prompt``, ``family``, ``mixed_precision``, ``flow`` (a flow-matching family) and, for SEIKO, ``seiko`` (``beta``,
             ``num_rounds``, ``queries_per_round``, ``optimism``, ``oracle``, ``total_queries``, ``feedback``).
 
     A local ``base_model`` path is shown by its directory name only: a card never carries an absolute local path.
@@ -51,8 +51,9 @@ def render_model_card(config, reward: str, base_model: str | None = None, metric
     info = dict(card_info or {})
     if base_model and os.path.isabs(base_model):
         base_model = os.path.basename(os.path.normpath(base_model))
-    tags = list(dict.fromkeys([*(DEFAULT_TAGS if tags is None else tags),
-                                *(["stable-diffusion", "text-to-image"] if conditional else [])]))
+    family_tags = [] if not conditional else [info.get("family") or "stable-diffusion",
+                                              *(["flow-matching"] if info.get("flow") else []), "text-to-image"]
+    tags = list(dict.fromkeys([*(DEFAULT_TAGS if tags is None else tags), *family_tags]))
     on_hub = bool(base_model) and not os.path.isdir(base_model) and "/" in base_model
     data = ModelCardData(license=license, library_name="diffusers", tags=tags,
                          base_model=base_model if on_hub else None,
@@ -74,5 +75,6 @@ def render_model_card(config, reward: str, base_model: str | None = None, metric
         metrics=[(k, _format_value(v)) for k, v in (metrics or {}).items()], sample_grid=sample_grid,
         conditional=conditional, license=license, prompts=info.get("prompts"),
         num_prompts=info.get("num_prompts"), dataset=info.get("dataset"), negative_prompt=info.get("negative_prompt"),
-        family=info.get("family"), mixed_precision=info.get("mixed_precision"), seiko=info.get("seiko"))
+        family=info.get("family"), mixed_precision=info.get("mixed_precision"), seiko=info.get("seiko"),
+        flow=bool(info.get("flow")))
     return str(card)

@@ -47,6 +47,11 @@ def save_sample_grid(sample_grid, save_directory: str) -> str:
     return SAMPLE_GRID_NAME
 
 
+def _card_path(directory: str) -> str:
+    """How a card refers to a local save: as given when relative, by its name when absolute (no local paths)."""
+    return os.path.basename(os.path.normpath(directory)) if os.path.isabs(directory) else directory
+
+
 def save_control(save_directory: str, process, config, initial_noise=None, reward: str | None = None,
                  metrics: dict | None = None, sample_grid=None, base_model: str | None = None,
                  repo_id: str | None = None, card_info: dict | None = None) -> None:
@@ -73,7 +78,7 @@ def save_control(save_directory: str, process, config, initial_noise=None, rewar
     grid_name = save_sample_grid(sample_grid, save_directory) if sample_grid is not None else None
     card = render_model_card(
         config, reward=reward or "(not recorded)", base_model=fields["base_model"], metrics=metrics,
-        sample_grid=grid_name, repo_id=repo_id or save_directory, conditional=fields["conditional"],
+        sample_grid=grid_name, repo_id=repo_id or _card_path(save_directory), conditional=fields["conditional"],
         guidance_scale=fields["guidance_scale"], lora_rank=lora_config.r, lora_alpha=lora_config.lora_alpha,
         target_modules=lora_config.target_modules,
         card_info={**{k: v for k, v in fields.items() if k not in ("base_model", "conditional", "guidance_scale")},
