@@ -108,6 +108,8 @@ def test_elegant_moves_mode_weights_toward_the_exact_tilted_target(objective, ex
     assert tv < 0.5 * tv_pre, (tv_pre, tv)  # more than halves the distance to the exact target
     if objective == "value_guided":
         assert tv < 0.12, tv  # measured 0.101
+
+
 def test_train_logs_reward_kl_and_loss_to_tensorboard(tmp_path):
     cfg = small_config(report_to="tensorboard", logging_dir=str(tmp_path / "logs"), log_every=1,
                        learn_initial_noise=False)
