@@ -6,6 +6,7 @@
   with random weights, for compute / memory benchmarks.
 
 * :func:`tiny_sd3_pipeline`: SD3 layout (flow-matching transformer, two CLIP encoders, no T5) at test size.
+* :func:`tiny_flux_pipeline`: FLUX layout (packed latents, guidance embedding, CLIP + T5, dynamic shifting).
 * :func:`tiny_clip_model`: a random-weight CLIP (the architecture of the aesthetic / PickScore / CLIPScore
   rewards).
 
@@ -125,6 +126,59 @@ def tiny_sd3_pipeline(seed: int = 0):
                                     tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_t5_tokenizer(model_max_length: int = 16):
+    """A T5 (Unigram) tokenizer over a few words and single letters, built in memory."""
+    from transformers import T5Tokenizer
+
+    words = ["a", "the", "cat", "dog", "red", "car", "sea", "blue"]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + w, -1.0) for w in words] + [(c, -3.0) for c in string.ascii_lowercase]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def tiny_flux_pipeline(seed: int = 0):
+    """A ``FluxPipeline`` with random weights: 1 double- + 1 single-stream block with a guidance embedding on
+    8x8x4 latents packed to 16 tokens of 16 channels (16x16 images), a tiny CLIP and a tiny T5 encoder with an
+    in-memory tokenizer, a dynamically shifting ``FlowMatchEulerDiscreteScheduler``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tiny_tokenizer()), hidden_size=32, intermediate_size=37,
+                                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=32))
+    t5_tokenizer = tiny_t5_tokenizer()
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        layers_per_block=1, norm_num_groups=8, sample_size=16, use_quant_conv=False,
+                        use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16,
+                                                max_image_seq_len=256, base_shift=0.5, max_shift=1.15)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tiny_tokenizer(),
+                        text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_transformer_output(transformer, seed: int = 1) -> torch.Tensor:
+    """The tiny FLUX transformer's velocity on fixed random packed inputs: a fingerprint for comparing adapters."""
+    g = torch.Generator().manual_seed(seed)
+    x, emb = torch.randn(2, 16, 16, generator=g), torch.randn(2, 8, 32, generator=g)
+    pooled = torch.randn(2, 32, generator=g)
+    img_ids = torch.zeros(4, 4, 3)
+    img_ids[..., 1] += torch.arange(4)[:, None]
+    img_ids[..., 2] += torch.arange(4)[None, :]
+    with torch.no_grad():
+        return transformer(hidden_states=x, timestep=torch.tensor([0.7, 0.3]), guidance=torch.full((2,), 3.5),
+                           pooled_projections=pooled, encoder_hidden_states=emb, txt_ids=torch.zeros(8, 3),
+                           img_ids=img_ids.reshape(-1, 3), return_dict=False)[0]
 
 
 def tiny_sd3_transformer_output(transformer, seed: int = 1) -> torch.Tensor:

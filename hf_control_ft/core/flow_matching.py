@@ -51,6 +51,8 @@ class FlowMatchSchedule:
         eta: fraction of the memoryless noise level, in ``(0, 1]``.
         mu: the resolution-dependent shift of ``use_dynamic_shifting=True`` schedulers (FLUX computes it from the
             image sequence length); required exactly when the scheduler shifts dynamically.
+        sigmas: the unshifted noise levels the pipeline passes to ``set_timesteps`` (FLUX:
+            ``linspace(1, 1/K, K)``); ``None``: the scheduler's own grid (SD3).
 
     Attributes:
         levels: ``(K,)`` float64 noise levels ``s_k`` (from 1 down), ``next_levels`` ``(K,)`` (down to 0).
@@ -61,9 +63,11 @@ class FlowMatchSchedule:
 
     is_ddpm = False
 
-    def __init__(self, scheduler, num_inference_steps: int, eta: float = 1.0, mu: float | None = None):
+    def __init__(self, scheduler, num_inference_steps: int, eta: float = 1.0, mu: float | None = None,
+                 sigmas: list[float] | None = None):
         if not is_flow_scheduler(scheduler):
-            raise TypeError(f"FlowMatchSchedule needs a FlowMatchEulerDiscreteScheduler, got {type(scheduler).__name__}")
+            raise TypeError(f"FlowMatchSchedule needs a FlowMatchEulerDiscreteScheduler, got "
+                            f"{type(scheduler).__name__}")
         if not (isinstance(num_inference_steps, int) and num_inference_steps >= 1):
             raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
         if not (isinstance(eta, (int, float)) and 0.0 < float(eta) <= 1.0):
@@ -82,7 +86,13 @@ class FlowMatchSchedule:
         self.num_inference_steps = num_inference_steps
         self.eta = float(eta)
         self.mu = mu
-        self.scheduler.set_timesteps(num_inference_steps, mu=mu if cfg.get("use_dynamic_shifting") else None)
+        mu = mu if cfg.get("use_dynamic_shifting") else None
+        if sigmas is None:
+            self.scheduler.set_timesteps(num_inference_steps, mu=mu)
+        else:
+            if len(sigmas) != num_inference_steps:
+                raise ValueError(f"{len(sigmas)} sigmas for num_inference_steps={num_inference_steps}")
+            self.scheduler.set_timesteps(sigmas=list(sigmas), mu=mu)
         sigmas = self.scheduler.sigmas.double()
         if not (bool((sigmas[1:] < sigmas[:-1]).all()) and float(sigmas[0]) <= 1.0 + 1e-6 and float(sigmas[-1]) >= 0):
             raise ValueError(f"the scheduler's noise levels must decrease from <= 1 to >= 0, got {sigmas.tolist()}")
@@ -130,13 +140,14 @@ class FlowMatchSchedule:
         return float(self._c_v[k] ** 2 / (2 * self.std[k] ** 2))
 
 
-def build_schedule(scheduler, num_inference_steps: int, eta: float, mu: float | None = None):
+def build_schedule(scheduler, num_inference_steps: int, eta: float, mu: float | None = None,
+                   sigmas: list[float] | None = None):
     """The closed-form schedule of ``scheduler``: :class:`FlowMatchSchedule` for flow matching,
     :class:`~hf_control_ft.core.scheduling.DiffusionSchedule` for DDPM / DDIM (others are refused there)."""
     if is_flow_scheduler(scheduler):
-        return FlowMatchSchedule(scheduler, num_inference_steps, eta, mu=mu)
-    if mu is not None:
-        raise ValueError("mu (dynamic shifting) applies to flow-matching schedulers only")
+        return FlowMatchSchedule(scheduler, num_inference_steps, eta, mu=mu, sigmas=sigmas)
+    if mu is not None or sigmas is not None:
+        raise ValueError("mu and sigmas (flow-matching noise levels) apply to flow-matching schedulers only")
     return DiffusionSchedule(scheduler, num_inference_steps, eta)
 
 

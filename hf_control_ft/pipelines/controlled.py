@@ -182,6 +182,8 @@ class ControlledStableDiffusionPipeline(StableDiffusionPipeline, _ControlMixin):
         as_stochastic_scheduler(self.scheduler)  # refuses schedulers the stochastic sampler cannot run
         # the exact file: diffusers would otherwise pick any *.safetensors in the directory
         self.load_lora_weights(directory, weight_name=LORA_WEIGHTS_NAME, adapter_name=CONTROL_ADAPTER)
+        for module in (self.unet, self.vae, self.text_encoder):  # inference: no dropout / train-mode paths
+            module.eval()
         if self.initial_noise is not None:
             self.initial_noise.to(self.unet.device)
         return self

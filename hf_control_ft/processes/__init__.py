@@ -4,6 +4,7 @@
 * :class:`ClassConditionalProcess`: ``model(sample, t, class_labels=...)`` (class-conditional ``UNet2DModel``).
 * :class:`StableDiffusionProcess`: a ``StableDiffusionPipeline`` (SD 1.x / 2.x).
 * :class:`StableDiffusion3Process`: a ``StableDiffusion3Pipeline`` (SD3 / SD3.5, flow matching).
+* :class:`FluxProcess`: a ``FluxPipeline`` (FLUX.1, flow matching, packed latents, guidance embedding).
 
 :func:`process_from_pipeline` picks the process of a diffusers pipeline. A new model family is one new module
 here; the trainers take any process.
@@ -13,20 +14,22 @@ import os
 
 from .base import ControlledProcess
 from .class_conditional import ClassConditionalProcess
+from .flux import FluxProcess
 from .sd_components import StableDiffusionOptions
 from .stable_diffusion import StableDiffusionProcess
 from .stable_diffusion_3 import StableDiffusion3Process
 
 #: pipeline class name -> process; anything else is refused with this list
-PROCESSES = {"StableDiffusionPipeline": StableDiffusionProcess, "StableDiffusion3Pipeline": StableDiffusion3Process}
+PROCESSES = {"StableDiffusionPipeline": StableDiffusionProcess, "StableDiffusion3Pipeline": StableDiffusion3Process,
+             "FluxPipeline": FluxProcess}
 
 
 def process_from_pipeline(pipeline, config, prompts, **options) -> ControlledProcess:
     """The controlled process of a diffusers pipeline.
 
     Args:
-        pipeline: a ``StableDiffusionPipeline`` or ``StableDiffusion3Pipeline`` (others are refused with the list
-            of supported classes; subclasses are matched through their base class).
+        pipeline: a ``StableDiffusionPipeline``, ``StableDiffusion3Pipeline`` or ``FluxPipeline`` (others are
+            refused with the list of supported classes; subclasses are matched through their base class).
         config: the training config (LoRA, sampler and seed fields).
         prompts: list of prompts, a text file (one per line) or a ``datasets.Dataset``.
         **options: fields of :class:`StableDiffusionOptions` (``guidance_scale``, ``negative_prompt``,
@@ -41,9 +44,10 @@ def process_from_pipeline(pipeline, config, prompts, **options) -> ControlledPro
     process_class = next((PROCESSES[c.__name__] for c in type(pipeline).__mro__ if c.__name__ in PROCESSES), None)
     if process_class is None:
         raise ValueError(f"{type(pipeline).__name__} is not supported; supported pipelines: {sorted(PROCESSES)} "
-                         "(SDXL and FLUX are not supported yet)")
+                         "(SDXL is not supported yet)")
     return process_class(pipeline, config, prompts, StableDiffusionOptions(**options))
 
 
 __all__ = ["ControlledProcess", "ClassConditionalProcess", "StableDiffusionProcess", "StableDiffusion3Process",
+           "FluxProcess",
            "StableDiffusionOptions", "process_from_pipeline", "PROCESSES"]

@@ -41,7 +41,7 @@ class ControlledProcess:
         config: the training config (fields ``num_inference_steps``, ``eta``, ``lora_rank``, ``lora_alpha``,
             ``lora_target_modules``, ``gradient_checkpointing``, ``truncate_backprop_steps``).
         model_kwargs: extra keyword arguments for every denoiser call.
-        schedule_mu: the shift of a dynamically shifting flow-matching scheduler (FLUX's ``mu``).
+        schedule_options: ``mu`` / ``sigmas`` of a flow-matching scheduler, as its pipeline sets them (FLUX).
 
     The scheduler may be a ``DDPMScheduler`` / ``DDIMScheduler`` (noise prediction) or a
     ``FlowMatchEulerDiscreteScheduler`` (velocity prediction, :mod:`hf_control_ft.core.flow_matching`).
@@ -55,7 +55,7 @@ class ControlledProcess:
     condition_dim = 0
 
     def __init__(self, model: torch.nn.Module, scheduler, sample_shape, config, model_kwargs: dict | None = None,
-                 schedule_mu: float | None = None):
+                 schedule_options: dict | None = None):
         self.config = config
         self.sample_shape = tuple(int(d) for d in sample_shape)
         self.model = model
@@ -64,7 +64,7 @@ class ControlledProcess:
         if not tuner_layers(model):
             self.lora_config = add_lora_control(model, config.lora_rank, config.lora_target_modules,
                                                 config.lora_alpha)
-        self.schedule = build_schedule(scheduler, config.num_inference_steps, config.eta, mu=schedule_mu)
+        self.schedule = build_schedule(scheduler, config.num_inference_steps, config.eta, **(schedule_options or {}))
         self.model_kwargs = {} if model_kwargs is None else model_kwargs
         self.current_conditions = None
 

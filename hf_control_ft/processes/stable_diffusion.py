@@ -74,7 +74,7 @@ class StableDiffusionProcess(ControlledProcess):
         unet, vae = self.denoiser_module(), pipeline.vae
         precise_kl = options.kl_precision == "fp32"
         for module in self.frozen_modules():
-            module.requires_grad_(False)
+            module.requires_grad_(False).eval()  # frozen: no dropout (a pipeline built from configs is in train mode)
             if module is unet and precise_kl:
                 module.to(torch.float32)  # the KL passes run in the weights' precision
             elif options.dtype is not None:
@@ -93,7 +93,7 @@ class StableDiffusionProcess(ControlledProcess):
             vae.enable_gradient_checkpointing()
         shape = self.latent_shape(options.height, options.width)
         super().__init__(self.guided_network(unet, options), self.stochastic_scheduler, shape, config,
-                         schedule_mu=self.schedule_mu(shape))
+                         schedule_options=self.schedule_options(shape, config.num_inference_steps))
         self.lora_model = unet
         self.lora_config = lora_config
         self._precise_kl = precise_kl
@@ -121,8 +121,9 @@ class StableDiffusionProcess(ControlledProcess):
     def latent_shape(self, height, width) -> tuple:
         return latent_shape(self.pipeline, height, width)
 
-    def schedule_mu(self, shape) -> float | None:
-        return None
+    def schedule_options(self, shape, num_inference_steps: int) -> dict:
+        """``mu`` / ``sigmas`` the family's pipeline gives its flow-matching scheduler (none here)."""
+        return {}
 
     def pooled_dim(self) -> int:
         return int(self.pipeline.text_encoder.config.hidden_size)

@@ -42,7 +42,8 @@ def trained(tmp_path_factory):
 
 def test_sd3_process_trains_the_transformer_lora_on_the_flow_sde(trained):
     trainer, summary = trained["trainer"], trained["summary"]
-    assert isinstance(trainer.process, StableDiffusion3Process) and type(trainer.schedule).__name__ == "FlowMatchSchedule"
+    assert isinstance(trainer.process, StableDiffusion3Process)
+    assert type(trainer.schedule).__name__ == "FlowMatchSchedule"
     assert trainer.sample_shape == (4, 8, 8) and trainer.process.condition_dim == 64  # pooled projections
     targets = set(trainer.process.lora_config.target_modules)
     assert {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj"} <= targets  # joint attention
@@ -78,7 +79,8 @@ def test_stock_load_lora_weights_reproduces_the_trained_transformer(trained):
     assert torch.equal(tiny_sd3_transformer_output(pipe.transformer), ours)
     assert not torch.allclose(base, ours, atol=1e-6)
     card = open(os.path.join(trained["dir"], "README.md")).read()
-    for text in ("base_model: tiny/sd3-random", "stable-diffusion-3", "flow-matching", "| model family | stable-diffusion-3 |",
+    for text in ("base_model: tiny/sd3-random", "stable-diffusion-3", "flow-matching",
+                 "| model family | stable-diffusion-3 |",
                  "fraction of the memoryless flow-SDE noise level) | 0.5 |", "| classifier-free guidance scale | 3.0 |",
                  "pipe.load_lora_weights", "ElegantTrainer.from_pretrained"):
         assert text in card, text
@@ -126,8 +128,8 @@ def test_sd3_refusals_name_the_problem():
     pipe.scheduler = DDIMScheduler()
     with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler"):
         process_from_pipeline(pipe, sd3_config(), PROMPTS, **OPTIONS)
-    with pytest.raises(ValueError, match=r"not supported; supported pipelines: \['StableDiffusion3Pipeline', "
-                                         r"'StableDiffusionPipeline'\]"):
+    with pytest.raises(ValueError, match=r"not supported; supported pipelines: \['FluxPipeline', "
+                                         r"'StableDiffusion3Pipeline', 'StableDiffusionPipeline'\]"):
         process_from_pipeline(DiffusionPipeline(), sd3_config(), PROMPTS)
     # an SD 1.x pipeline still gets its own process
     assert type(process_from_pipeline(tiny_sd_pipeline(), sd3_config(), PROMPTS)).__name__ == "StableDiffusionProcess"

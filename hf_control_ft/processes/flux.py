@@ -1,0 +1,161 @@
+"""FLUX.1 as a controlled process: a flow-matching transformer on packed latents with a guidance embedding
+(``docs/algorithms.md`` §9).
+
+:class:`FluxProcess` is the process of a diffusers ``FluxPipeline``. What differs from SD3
+(:mod:`hf_control_ft.processes.stable_diffusion_3`, whose prompt handling, precision, decoding, LoRA format and
+cards it keeps):
+
+* **latents**: the sampler's state is the unpacked latent ``(C, h, w)`` (so the initial noise, the values and
+  the per-step KL see one tensor per sample); :class:`GuidedFluxTransformer` packs it into ``2x2`` patches
+  ``(h/2 * w/2, 4C)`` for the transformer and unpacks the velocity, with the image position ids of the
+  pipeline (``_prepare_latent_image_ids``) and the text ids of ``encode_prompt``. Packing is a permutation, so
+  the KL summed over dimensions is the same on either side;
+* **guidance**: FLUX.1-dev is guidance-distilled: ``guidance_scale`` goes to the transformer's guidance
+  embedding, and there is no classifier-free guidance (one network call per step; the negative prompt is not
+  used);
+* **schedule**: the pipeline's noise levels ``linspace(1, 1/K, K)``, shifted with the image sequence length
+  (``mu = calculate_shift(h/2 * w/2, ...)`` when the scheduler uses dynamic shifting), as the exact flow SDE;
+* **conditioning**: ``encode_prompt`` (CLIP pooled projection + T5 sequence of ``max_sequence_length``
+  tokens); condition features = the pooled CLIP projection;
+* **LoRA**: attention projections of the double-stream blocks (``to_q``, ``to_k``, ``to_v``, ``to_out.0``,
+  ``add_q_proj``, ``add_k_proj``, ``add_v_proj``, ``to_add_out``) and of the single-stream blocks, saved with
+  ``FluxPipeline.save_lora_weights``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core.flow_matching import is_flow_scheduler
+from .sd_components import GuidedUNet, _autocast
+from .stable_diffusion_3 import SD3_TARGETS, StableDiffusion3Process
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """``(B, C, h, w)`` -> ``(B, h/2 * w/2, 4C)``: FLUX's ``2x2`` patches (``FluxPipeline._pack_latents``)."""
+    B, C, h, w = latents.shape
+    x = latents.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(B, (h // 2) * (w // 2), C * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`pack_latents`: ``(B, h/2 * w/2, 4C)`` -> ``(B, C, h, w)``."""
+    B, _, D = tokens.shape
+    x = tokens.view(B, h // 2, w // 2, D // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(B, D // 4, h, w)
+
+
+def latent_image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
+    """``(h/2 * w/2, 3)`` position ids of the packed patches (row, column), as the pipeline builds them."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] += torch.arange(h // 2)[:, None]
+    ids[..., 2] += torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+class GuidedFluxTransformer(GuidedUNet):
+    """A FLUX transformer as ``model(sample (B, C, h, w), t) -> v (B, C, h, w)`` (module docstring).
+
+    ``guidance_scale`` is the guidance-embedding value (ignored by transformers without ``guidance_embeds``);
+    there is no classifier-free guidance, so :attr:`do_guidance` is False.
+    """
+
+    @property
+    def do_guidance(self) -> bool:
+        return False
+
+    def set_condition(self, conditioning, negative=None) -> None:
+        """``conditioning`` = ``(prompt_embeds (B, L, D), pooled (B, P), text_ids (L, 3))``."""
+        embeds, pooled, text_ids = conditioning
+        self.prompt_embeds, self.pooled, self.text_ids = embeds.detach(), pooled.detach(), text_ids.detach()
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        if self.prompt_embeds is None:
+            raise RuntimeError("GuidedFluxTransformer: no prompt embeddings set; call set_condition first")
+        B, _, h, w = sample.shape
+        if self.prompt_embeds.shape[0] != B:
+            raise ValueError(f"GuidedFluxTransformer: {self.prompt_embeds.shape[0]} prompt embeddings for {B} samples")
+        autocast_dtype = None if self._full_precision else self.autocast_dtype
+        dtype = self.unet.dtype if autocast_dtype is None else autocast_dtype
+        guidance = None
+        if self.unet.config.guidance_embeds:
+            guidance = torch.full((B,), self.guidance_scale, device=sample.device, dtype=torch.float32)
+        with _autocast(sample.device, autocast_dtype):
+            v = self.unet(hidden_states=pack_latents(sample).to(dtype), timestep=timestep / 1000, guidance=guidance,
+                          pooled_projections=self.pooled.to(dtype), encoder_hidden_states=self.prompt_embeds.to(dtype),
+                          txt_ids=self.text_ids, img_ids=latent_image_ids(h, w, sample.device, dtype),
+                          return_dict=False)[0]
+        return unpack_latents(v.float(), h, w)
+
+
+class FluxProcess(StableDiffusion3Process):
+    """A ``FluxPipeline`` as the controlled process (module docstring); ``options.max_sequence_length`` is the T5
+    context length (512 in the pipeline; the options' default 256 is FLUX.1-schnell's)."""
+
+    family = "flux"
+
+    @property
+    def default_targets(self) -> list[str]:
+        names = [n for n, _ in self.pipeline.transformer.named_modules()]
+        return [t for t in SD3_TARGETS if any(n == t or n.endswith("." + t) for n in names)]
+
+    def check_pipeline(self, pipeline):
+        name = type(pipeline).__name__
+        for attr in ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"):
+            if getattr(pipeline, attr, None) is None:
+                raise ValueError(f"{name} has no {attr!r} component; supported here: FluxPipeline")
+        if not is_flow_scheduler(pipeline.scheduler):
+            raise ValueError(f"{name} with {type(pipeline.scheduler).__name__}: FLUX samples with a "
+                             "FlowMatchEulerDiscreteScheduler; other solvers are not converted")
+        return pipeline.scheduler
+
+    def frozen_modules(self) -> list:
+        p = self.pipeline
+        return [p.transformer, p.vae, p.text_encoder, p.text_encoder_2]
+
+    def guided_network(self, denoiser: nn.Module, options) -> nn.Module:
+        return GuidedFluxTransformer(denoiser, options.guidance_scale, options.dtype)
+
+    def latent_shape(self, height, width) -> tuple:
+        scale = self.pipeline.vae_scale_factor
+        default = self.pipeline.default_sample_size * scale
+        height, width = height or default, width or default
+        if height % (2 * scale) or width % (2 * scale):
+            raise ValueError(f"height and width must be multiples of {2 * scale} (VAE scale x 2x2 packing), got "
+                             f"{height}x{width}")
+        return (self.pipeline.transformer.config.in_channels // 4, height // scale, width // scale)
+
+    def schedule_options(self, shape, num_inference_steps: int) -> dict:
+        """The pipeline's ``sigmas = linspace(1, 1/K, K)`` and, with dynamic shifting, ``mu`` of its sequence
+        length ``h/2 * w/2``."""
+        cfg = self.pipeline.scheduler.config
+        options = {"sigmas": np.linspace(1.0, 1 / num_inference_steps, num_inference_steps).tolist()}
+        if cfg.get("use_dynamic_shifting"):
+            seq_len = (shape[1] // 2) * (shape[2] // 2)
+            base, top = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
+            lo, hi = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
+            slope = (hi - lo) / (top - base)  # calculate_shift of the pipeline
+            options["mu"] = seq_len * slope + lo - slope * base
+        return options
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], pooled: bool = False):
+        """``(prompt_embeds, pooled_projections, text_ids)`` from ``encode_prompt`` (and the pooled projections as
+        fp32 condition features)."""
+        embeds, pooled_proj, text_ids = self.pipeline.encode_prompt(
+            list(prompts), None, device=self.device, max_sequence_length=self.options.max_sequence_length)
+        conditioning = (embeds, pooled_proj, text_ids)
+        return (conditioning, pooled_proj.float()) if pooled else conditioning
+
+    def negative_embeds(self):
+        return None  # no classifier-free guidance
+
+    def save_options(self, directory: str, base_model: str | None = None) -> dict:
+        fields = super().save_options(directory, base_model)
+        fields["negative_prompt"] = None  # not used by FLUX
+        return fields
+
+
+__all__ = ["FluxProcess", "GuidedFluxTransformer", "pack_latents", "unpack_latents", "latent_image_ids"]
