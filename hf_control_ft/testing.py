@@ -5,6 +5,7 @@
 * :func:`sd15_components`: the SD 1.5 shapes (860M-parameter UNet, 84M VAE, 123M CLIP ViT-L/14 text encoder)
   with random weights, for compute / memory benchmarks.
 
+* :func:`tiny_sdxl_pipeline`: SDXL layout (two CLIP encoders, added time ids, Euler scheduler) at test size.
 * :func:`tiny_sd3_pipeline`: SD3 layout (flow-matching transformer, two CLIP encoders, no T5) at test size.
 * :func:`tiny_flux_pipeline`: FLUX layout (packed latents, guidance embedding, CLIP + T5, dynamic shifting).
 * :func:`tiny_clip_model`: a random-weight CLIP (the architecture of the aesthetic / PickScore / CLIPScore
@@ -126,6 +127,44 @@ def tiny_sd3_pipeline(seed: int = 0):
                                     tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    """A ``StableDiffusionXLPipeline`` with random weights: a UNet with ``text_time`` added conditioning on
+    8x8x4 latents (16x16 images), two tiny CLIP encoders (the second with a 32-dim projection), SD's noise schedule
+    on an ``EulerDiscreteScheduler`` as SDXL ships it."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=4, norm_num_groups=8, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32, use_linear_projection=True)
+    text = dict(vocab_size=len(tiny_tokenizer()), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                projection_dim=32)
+    components = tiny_components(seed)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=components["vae"], text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
+                                     text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)),
+                                     tokenizer=tiny_tokenizer(), tokenizer_2=tiny_tokenizer(), unet=unet,
+                                     scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sdxl_unet_output(unet, seed: int = 1) -> torch.Tensor:
+    """The tiny SDXL UNet's prediction on fixed random inputs (a fingerprint for comparing adapters)."""
+    g = torch.Generator().manual_seed(seed)
+    x, emb = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 16, 64, generator=g)
+    pooled = torch.randn(2, 32, generator=g)
+    time_ids = torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]]).expand(2, -1)
+    with torch.no_grad():
+        return unet(x, torch.tensor([700, 300]), encoder_hidden_states=emb,
+                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
 
 
 def tiny_t5_tokenizer(model_max_length: int = 16):

@@ -3,6 +3,7 @@
 * :class:`ControlledProcess`: any unconditional ``model(sample, t)`` on a DDPM / DDIM scheduler.
 * :class:`ClassConditionalProcess`: ``model(sample, t, class_labels=...)`` (class-conditional ``UNet2DModel``).
 * :class:`StableDiffusionProcess`: a ``StableDiffusionPipeline`` (SD 1.x / 2.x).
+* :class:`StableDiffusionXLProcess`: a ``StableDiffusionXLPipeline`` (two text encoders, added time ids).
 * :class:`StableDiffusion3Process`: a ``StableDiffusion3Pipeline`` (SD3 / SD3.5, flow matching).
 * :class:`FluxProcess`: a ``FluxPipeline`` (FLUX.1, flow matching, packed latents, guidance embedding).
 
@@ -18,17 +19,19 @@ from .flux import FluxProcess
 from .sd_components import StableDiffusionOptions
 from .stable_diffusion import StableDiffusionProcess
 from .stable_diffusion_3 import StableDiffusion3Process
+from .stable_diffusion_xl import StableDiffusionXLProcess
 
 #: pipeline class name -> process; anything else is refused with this list
 PROCESSES = {"StableDiffusionPipeline": StableDiffusionProcess, "StableDiffusion3Pipeline": StableDiffusion3Process,
-             "FluxPipeline": FluxProcess}
+             "FluxPipeline": FluxProcess, "StableDiffusionXLPipeline": StableDiffusionXLProcess}
 
 
 def process_from_pipeline(pipeline, config, prompts, **options) -> ControlledProcess:
     """The controlled process of a diffusers pipeline.
 
     Args:
-        pipeline: a ``StableDiffusionPipeline``, ``StableDiffusion3Pipeline`` or ``FluxPipeline`` (others are
+        pipeline: a ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline`` or
+            ``FluxPipeline`` (others are
             refused with the list of supported classes; subclasses are matched through their base class).
         config: the training config (LoRA, sampler and seed fields).
         prompts: list of prompts, a text file (one per line) or a ``datasets.Dataset``.
@@ -43,11 +46,10 @@ def process_from_pipeline(pipeline, config, prompts, **options) -> ControlledPro
         options["mixed_precision"] = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     process_class = next((PROCESSES[c.__name__] for c in type(pipeline).__mro__ if c.__name__ in PROCESSES), None)
     if process_class is None:
-        raise ValueError(f"{type(pipeline).__name__} is not supported; supported pipelines: {sorted(PROCESSES)} "
-                         "(SDXL is not supported yet)")
+        raise ValueError(f"{type(pipeline).__name__} is not supported; supported pipelines: {sorted(PROCESSES)}")
     return process_class(pipeline, config, prompts, StableDiffusionOptions(**options))
 
 
 __all__ = ["ControlledProcess", "ClassConditionalProcess", "StableDiffusionProcess", "StableDiffusion3Process",
-           "FluxProcess",
+           "StableDiffusionXLProcess", "FluxProcess",
            "StableDiffusionOptions", "process_from_pipeline", "PROCESSES"]

@@ -1,0 +1,84 @@
+"""ELEGANT and SEIKO on a tiny random SDXL pipeline (two text encoders, pooled embeddings, added time ids, Euler
+scheduler converted for the sampler): the guided per-step KL, stock reload, the library's reload, a SEIKO round."""
+
+import os
+
+import torch
+
+from hf_control_ft import ElegantConfig, ElegantTrainer, SeikoConfig, SeikoTrainer
+from hf_control_ft.core.control import lora_parameters, pretrained_mode
+from hf_control_ft.core.kl import gaussian_kl
+from hf_control_ft.processes import StableDiffusionXLProcess
+from hf_control_ft.testing import scale_lora, tiny_sdxl_pipeline, tiny_sdxl_unet_output
+
+PROMPTS = ["a red cat", "the blue sea", "a dog"]
+OPTIONS = dict(guidance_scale=3.0, negative_prompt="blurry", base_model="tiny/sdxl-random")
+
+
+def xl_config(**kw):
+    base = dict(alpha=0.05, eta=0.5, num_inference_steps=4, train_steps=2, batch_size=2, value_num_rollouts=4,
+                value_train_steps=2, noise_train_steps=2, noise_batch_size=4, aux_hidden=8, learning_rate=5e-2,
+                lora_rank=2, report_to=None)
+    base.update(kw)
+    return ElegantConfig(**base)
+
+
+def redness(images, prompts):
+    return images[:, 0].mean(dim=(1, 2)) - images[:, 1:].mean(dim=(1, 2, 3))
+
+
+def test_sdxl_trains_and_reloads_in_stock_diffusers(tmp_path):
+    trainer = ElegantTrainer.from_pipeline(tiny_sdxl_pipeline(), redness, xl_config(), PROMPTS, **OPTIONS)
+    process = trainer.process
+    assert isinstance(process, StableDiffusionXLProcess) and trainer.sample_shape == (4, 8, 8)
+    assert process.condition_dim == 32  # pooled projection of the second text encoder
+    assert process.model.time_ids.tolist() == [[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]]  # (H, W, crop, H, W)
+    assert type(trainer.schedule).__name__ == "DiffusionSchedule"  # Euler -> DDIM with the same noise schedule
+    before = [p.detach().clone() for p in lora_parameters(trainer.model)]
+    summary = trainer.train()
+    assert summary["train/kl"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, lora_parameters(trainer.model)))
+    trainer.save_pretrained(str(tmp_path / "xl"))
+    stock = tiny_sdxl_pipeline()
+    base = tiny_sdxl_unet_output(stock.unet)
+    stock.load_lora_weights(str(tmp_path / "xl"))  # StableDiffusionXLPipeline's own loader
+    ours = tiny_sdxl_unet_output(process.lora_model)
+    assert torch.equal(tiny_sdxl_unet_output(stock.unet), ours) and not torch.allclose(base, ours, atol=1e-6)
+    card = open(os.path.join(tmp_path / "xl", "README.md")).read()
+    assert "| model family | stable-diffusion-xl |" in card and '| negative prompt | "blurry" |' in card
+    again = ElegantTrainer.from_pretrained(str(tmp_path / "xl"), pipeline=tiny_sdxl_pipeline())
+    torch.testing.assert_close(again.sample(prompts=PROMPTS[:2], generator=torch.Generator().manual_seed(0)),
+                               trainer.sample(prompts=PROMPTS[:2], generator=torch.Generator().manual_seed(0)))
+
+
+def test_sdxl_per_step_kl_compares_the_guided_means():
+    trainer = ElegantTrainer.from_pipeline(tiny_sdxl_pipeline(), redness, xl_config(), PROMPTS, **OPTIONS)
+    scale_lora(trainer.process.lora_model, 0.2, seed=3)
+    trainer.process.set_conditions(PROMPTS[:2])
+    g = torch.Generator().manual_seed(0)
+    traj = trainer.sampler.rollout(torch.randn((2, *trainer.sample_shape), generator=g), g, measure_kl=True)
+    schedule, net = trainer.schedule, trainer.process.model
+    for k in range(len(schedule)):
+        if not schedule.is_stochastic(k):
+            continue
+        t = schedule.timestep(k).expand(2)
+        with torch.no_grad():
+            mu_ft = schedule.mean(net(traj.states[k], t), traj.states[k], k)
+            with pretrained_mode(trainer.process.lora_model):
+                mu_pre = schedule.mean(net(traj.states[k], t), traj.states[k], k)
+        torch.testing.assert_close(traj.kl_steps[k], gaussian_kl(mu_ft, mu_pre, schedule.std[k]), rtol=1e-4,
+                                   atol=1e-7)
+    assert float(traj.kl.min()) > 0
+
+
+def test_seiko_round_on_sdxl(tmp_path):
+    def oracle(images, prompts):
+        return images.mean(dim=(1, 2, 3)).tolist()
+
+    cfg = SeikoConfig(num_rounds=1, queries_per_round=4, num_inference_steps=3, train_steps=1, batch_size=2,
+                      value_num_rollouts=4, value_train_steps=2, noise_train_steps=2, noise_batch_size=4,
+                      reward_train_steps=3, aux_hidden=8, lora_rank=2, eta=0.5, report_to=None,
+                      output_dir=str(tmp_path / "seiko"))
+    trainer = SeikoTrainer.from_pipeline(tiny_sdxl_pipeline(), oracle, cfg, PROMPTS, **OPTIONS)
+    metrics = trainer.train()
+    assert metrics["round/queries"] == 4 and len(trainer.feedback) == 4 and metrics["train/kl_pretrained"] >= 0
