@@ -1,4 +1,5 @@
-"""Cost of one ELEGANT training iteration on Stable Diffusion 1.5 shapes (random weights), as JSON.
+"""Cost of one ELEGANT training iteration at the shapes of SD 1.5, SDXL, SD3.5 medium or FLUX.1-dev (random
+weights, ``benchmarks/model_shapes.py``), as JSON.
 
 One iteration = draw prompts and encode them, sample ``x_T`` from the initial-noise model, roll out the
 fine-tuned chain (classifier-free guidance: the UNet runs on 2B samples), decode with the VAE and take the
@@ -13,7 +14,12 @@ Reported per batch size: seconds per iteration (best of ``--repeats`` after a wa
 backward) during one separate, untimed iteration, divided by the timed seconds.
 
     python benchmarks/sd_step.py --dtype bf16 --batch_sizes 1 2 4        # GPU: SD 1.5 shapes, 512x512, 50 steps
-    python benchmarks/sd_step.py --tiny                                  # CPU smoke test (tiny pipeline)
+    python benchmarks/sd_step.py --model flux --batch_sizes 1 --steps 28 # GPU: FLUX.1-dev shapes, 1024x1024
+    python benchmarks/sd_step.py --tiny --model sd3                      # CPU smoke test (tiny pipeline)
+
+For the flow models (``sd3``, ``flux``) the sampler is the flow SDE at ``--eta`` (default 1.0); FLUX has no
+classifier-free guidance (one transformer call per sample and step; ``--guidance_scale`` is its guidance
+embedding).
 """
 
 from __future__ import annotations
@@ -23,29 +29,28 @@ import json
 import time
 
 import torch
+from model_shapes import RESOLUTION, build_pipeline
 from step_cost import one_iteration  # same iteration as the step-cost benchmark (benchmarks/ is on sys.path)
 from torch.utils.flop_counter import FlopCounterMode
 
 from hf_control_ft import ElegantConfig, ElegantTrainer
 from hf_control_ft.core.control import lora_parameters
 from hf_control_ft.rewards.image_rewards import BrightnessReward
-from hf_control_ft.testing import sd15_components, tiny_components
 
 PROMPTS = ["a photo of a cat", "a red car in the rain", "the mountains at dawn", "a bowl of fruit"]
 
 
 def build(args, batch_size: int, plain: bool):
-    from diffusers import StableDiffusionPipeline
-
-    components = tiny_components() if args.tiny else sd15_components()
-    pipe = StableDiffusionPipeline(**components).to(args.device)
-    cfg = ElegantConfig(alpha=1.0, eta=1.0, num_inference_steps=args.steps, learn_initial_noise=not plain,
+    pipe = build_pipeline(args.model, args.tiny).to(args.device)
+    cfg = ElegantConfig(alpha=1.0, eta=args.eta, num_inference_steps=args.steps, learn_initial_noise=not plain,
                         batch_size=batch_size, report_to=None, lora_rank=4, gradient_checkpointing=True,
                         truncate_backprop_steps=args.truncate, noise_num_steps=args.noise_steps, aux_hidden=32)
     trainer = ElegantTrainer.from_pipeline(pipe, BrightnessReward(), cfg, prompts=PROMPTS,
                                            guidance_scale=args.guidance_scale,
                                            mixed_precision="no" if args.dtype == "fp32" else args.dtype,
-                                           height=args.resolution, width=args.resolution)
+                                           height=args.resolution, width=args.resolution,
+                                           **({"max_sequence_length": 16} if args.tiny and args.model != "sd15"
+                                              else {}))
     params = lora_parameters(trainer.model)
     return trainer, params, torch.optim.AdamW(params, lr=1e-4)
 
@@ -61,7 +66,7 @@ def count_flops(trainer, params, opt, plain) -> tuple[int, int]:
     with counter:
         one_iteration(trainer, params, opt, plain)
     counts = counter.get_flop_counts()
-    key = "GuidedUNet.unet"  # the UNet inside the classifier-free-guidance wrapper
+    key = f"{type(trainer.process.model).__name__}.unet"  # the UNet / transformer inside the guidance wrapper
     if key not in counts:
         raise RuntimeError(f"FlopCounterMode saw no {key} module; keys: {sorted(counts)[:10]}")
     return int(sum(counts[key].values())), int(counter.get_total_flops())
@@ -98,18 +103,24 @@ def measure(args, batch_size: int, plain: bool) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(RESOLUTION), default="sd15")
     p.add_argument("--tiny", action="store_true", help="tiny random pipeline on CPU (smoke test)")
+    p.add_argument("--eta", type=float, default=1.0)
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--resolution", type=int, default=None, help="default: the model's (512 / 1024)")
+    p.add_argument("--guidance_scale", type=float, default=None, help="default 7.5 (sd15), 5 (sdxl), 4.5 (sd3), "
+                   "3.5 (flux)")
     p.add_argument("--truncate", type=int, default=None, help="truncate backprop to the last N steps")
     p.add_argument("--noise_steps", type=int, default=20, help="Euler steps of the initial-noise model")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--no_flops", dest="count_flops", action="store_false")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
+    args.resolution = args.resolution or RESOLUTION[args.model]
+    if args.guidance_scale is None:
+        args.guidance_scale = {"sd15": 7.5, "sdxl": 5.0, "sd3": 4.5, "flux": 3.5}[args.model]
     if args.tiny:
         args.device, args.resolution = "cpu", 16
         args.steps = min(args.steps, 4)
@@ -122,10 +133,11 @@ def main():
         plain = measure(args, b, plain=True)
         results.append({"batch_size": b, "elegant": elegant, "plain_reward_backprop": plain,
                         "time_ratio": round(elegant["seconds_per_iteration"] / plain["seconds_per_iteration"], 3)})
-    print(json.dumps({"benchmark": "sd_step", "model": "tiny-random-sd" if args.tiny else "sd15-shaped-random",
+    print(json.dumps({"benchmark": "sd_step", "model": f"tiny-random-{args.model}" if args.tiny
+                      else f"{args.model}-shaped-random",
                       "device": args.device,
                       "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-                      "dtype": args.dtype, "resolution": args.resolution, "steps": args.steps, "eta": 1.0,
+                      "dtype": args.dtype, "resolution": args.resolution, "steps": args.steps, "eta": args.eta,
                       "guidance_scale": args.guidance_scale, "gradient_checkpointing": True,
                       "truncate_backprop_steps": args.truncate, "results": results}, indent=1))
 

@@ -43,8 +43,9 @@ def render_model_card(config, reward: str, base_model: str | None = None, metric
         lora_rank / lora_alpha / target_modules: the adapter (default: from ``config``).
         license, tags, model_name, template_path: card metadata and an alternative template.
         card_info: what the process and the run add: ``prompts`` (list), ``num_prompts``, ``dataset``,
-            ``negative_prompt``, ``family``, ``mixed_precision``, ``flow`` (a flow-matching family) and, for SEIKO, ``seiko`` (``beta``,
-            ``num_rounds``, ``queries_per_round``, ``optimism``, ``oracle``, ``total_queries``, ``feedback``).
+            ``negative_prompt``, ``family``, ``mixed_precision``, ``flow`` (a flow-matching family) and, for
+            SEIKO, ``seiko`` (``beta``, ``num_rounds``, ``queries_per_round``, ``optimism``, ``oracle``,
+            ``total_queries``, ``feedback``).
 
     A local ``base_model`` path is shown by its directory name only: a card never carries an absolute local path.
     """
