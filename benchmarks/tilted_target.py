@@ -17,7 +17,7 @@ setting's block is also printed to stderr as soon as it is done.
     python benchmarks/tilted_target.py --flow          # rectified flow (below)
 
 ``--flow``: the same mixture as a rectified flow ``x_s = (1 - s) x_0 + s eps``; the pretrained model is the MLP
-distilled to the exact velocity (``exact_velocity``, docs/algorithms.md §9), sampled by the flow SDE of a
+distilled to the exact velocity (``exact_velocity``, docs/algorithms.md §11), sampled by the flow SDE of a
 ``FlowMatchEulerDiscreteScheduler`` (``--shift``, default 1) at ``eta = 1`` (memoryless) and ``--low_eta``
 (default 0.5 with ``--flow``: the GRPO-style level ``a = eta sqrt(2) ≈ 0.7``). The floor regresses the LoRA onto
 the tilted target's exact velocity.

@@ -5,6 +5,7 @@ Layers, lowest first (docs/architecture.md): ``utils`` < ``core`` < ``models`` <
 """
 
 from .core.control import add_lora_control, pretrained_mode
+from .core.flow_matching import FlowMatchSchedule
 from .core.kl import gaussian_kl, gaussian_log_prob
 from .core.sampler import ControlledSampler, Trajectory
 from .core.scheduling import DiffusionSchedule
@@ -14,7 +15,14 @@ from .feedback.store import FeedbackDataset
 from .models.initial_noise import InitialNoiseModel
 from .models.reward_ensemble import OptimisticReward, RewardEnsemble
 from .models.value_function import ValueFunction
-from .processes import ControlledProcess, StableDiffusionProcess, process_from_pipeline
+from .processes import (
+    ControlledProcess,
+    FluxProcess,
+    StableDiffusion3Process,
+    StableDiffusionProcess,
+    StableDiffusionXLProcess,
+    process_from_pipeline,
+)
 from .trainers.elegant import ElegantTrainer
 from .trainers.elegant_config import ElegantConfig
 from .trainers.seiko import SeikoTrainer
@@ -22,10 +30,10 @@ from .trainers.seiko_config import SeikoConfig
 
 __version__ = "0.1.0"
 __all__ = ["ElegantConfig", "ElegantTrainer", "SeikoConfig", "SeikoTrainer", "ControlledProcess",
-           "StableDiffusionProcess", "process_from_pipeline", "InitialNoiseModel", "ValueFunction",
-           "ControlledSampler", "Trajectory", "DiffusionSchedule", "add_lora_control", "pretrained_mode",
-           "gaussian_kl", "gaussian_log_prob", "Oracle", "OracleAnswer", "FeedbackDataset", "load_feedback",
-           "RewardEnsemble",
+           "StableDiffusionProcess", "StableDiffusionXLProcess", "StableDiffusion3Process", "FluxProcess",
+           "process_from_pipeline", "InitialNoiseModel", "ValueFunction", "ControlledSampler", "Trajectory",
+           "DiffusionSchedule", "FlowMatchSchedule", "add_lora_control", "pretrained_mode", "gaussian_kl",
+           "gaussian_log_prob", "Oracle", "OracleAnswer", "FeedbackDataset", "load_feedback", "RewardEnsemble",
            "OptimisticReward", "ControlledDiffusionPipeline", "ControlledStableDiffusionPipeline"]
 
 _LAZY = {"ControlledDiffusionPipeline": "pipelines.controlled",

@@ -1,4 +1,4 @@
-"""Flow-matching samplers as controlled SDEs: exact per-step Gaussian transitions (``docs/algorithms.md`` §9).
+"""Flow-matching samplers as controlled SDEs: exact per-step Gaussian transitions (``docs/algorithms.md`` §11).
 
 diffusers' ``FlowMatchEulerDiscreteScheduler`` (SD3 / SD3.5, FLUX) uses noise levels ``s`` from 1 (noise) to 0
 (data), ``x_s = (1 - s) x_0 + s eps``, and a network that predicts the velocity ``v ≈ eps - x_0``, called with

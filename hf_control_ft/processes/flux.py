@@ -1,5 +1,5 @@
 """FLUX.1 as a controlled process: a flow-matching transformer on packed latents with a guidance embedding
-(``docs/algorithms.md`` §9).
+(``docs/algorithms.md`` §11).
 
 :class:`FluxProcess` is the process of a diffusers ``FluxPipeline``. What differs from SD3
 (:mod:`hf_control_ft.processes.stable_diffusion_3`, whose prompt handling, precision, decoding, LoRA format and

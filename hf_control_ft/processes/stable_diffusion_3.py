@@ -1,5 +1,5 @@
 """Stable Diffusion 3 / 3.5 as a controlled process: a flow-matching transformer, classifier-free guidance,
-pooled text projections (``docs/algorithms.md`` §9).
+pooled text projections (``docs/algorithms.md`` §11).
 
 :class:`StableDiffusion3Process` is the :class:`~hf_control_ft.processes.stable_diffusion.StableDiffusionProcess`
 of a diffusers ``StableDiffusion3Pipeline``; it changes what differs in the family and keeps the rest (prompt

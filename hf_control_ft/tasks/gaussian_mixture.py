@@ -4,7 +4,7 @@ Under the VP forward process ``x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps`` a mix
 exact noise prediction ``eps_hat(x, t) = -sqrt(1 - abar_t) grad log p_t(x)`` is available in closed form, and
 for a linear reward ``r(x) = c . x`` the tilted target ``p(x) exp(r(x) / alpha) / Z`` is again a mixture. The
 rectified flow ``x_s = (1 - s) x_0 + s eps`` of a mixture is one too, so its velocity is closed form as well
-(:func:`exact_velocity`, ``docs/algorithms.md`` §9).
+(:func:`exact_velocity`, ``docs/algorithms.md`` §11).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def exact_noise_prediction(mixture: GaussianMixture, x: torch.Tensor, alpha_bar:
 
 def exact_velocity(mixture: GaussianMixture, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """Rectified-flow velocity ``v(x, s) = (x - E[x_0 | x_s = x]) / s`` for per-sample levels ``s`` ``(B,)``
-    in ``(0, 1]`` (``docs/algorithms.md`` §9); float32.
+    in ``(0, 1]`` (``docs/algorithms.md`` §11); float32.
 
     Component ``j`` of ``x_s = (1 - s) x_0 + s eps`` is ``N((1 - s) m_j, C_j)`` with ``C_j = (1 - s)^2 S_j +
     s^2 I``; ``E[x_0 | x_s, j] = m_j + (1 - s) S_j C_j^{-1} (x_s - (1 - s) m_j)``, weighted by the posterior

@@ -1,4 +1,4 @@
-"""Flow-matching transitions (docs/algorithms.md §9): closed-form mean, std and KL; the pretrained chain keeps
+"""Flow-matching transitions (docs/algorithms.md §11): closed-form mean, std and KL; the pretrained chain keeps
 the data law; ELEGANT's generic constructor on a FlowMatchEulerDiscreteScheduler."""
 
 import math
