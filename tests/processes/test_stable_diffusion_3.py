@@ -82,7 +82,7 @@ def test_stock_load_lora_weights_reproduces_the_trained_transformer(trained):
     for text in ("base_model: tiny/sd3-random", "stable-diffusion-3", "flow-matching",
                  "| model family | stable-diffusion-3 |",
                  "fraction of the memoryless flow-SDE noise level) | 0.5 |", "| classifier-free guidance scale | 3.0 |",
-                 "pipe.load_lora_weights", "ElegantTrainer.from_pretrained"):
+                 "pipe.load_lora_weights", "ControlledTextToImage.from_control"):
         assert text in card, text
     # the library's reload: same adapter, same initial noise, same samples
     again = ElegantTrainer.from_pretrained(trained["dir"], pipeline=tiny_sd3_pipeline())

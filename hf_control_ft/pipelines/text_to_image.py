@@ -1,0 +1,113 @@
+"""Inference with a trained control on any supported text-to-image family (SD 1.x / 2.x, SDXL, SD3, FLUX).
+
+:class:`ControlledTextToImage` wraps a base diffusers pipeline and a saved control (a directory or a Hub repo):
+
+* ``sampler="sde"`` (default): the distribution the control was trained for -- the learned initial noise (per
+  prompt when conditional) and the trained stochastic sampler (DDPM / DDIM at ``eta`` or the flow SDE,
+  ``num_inference_steps`` of training), through the family's process;
+* ``sampler="ode"``: the family's own pipeline call with the LoRA active (its scheduler, deterministic for
+  DDIM at ``eta = 0`` or flow matching, ``N(0, I)`` start noise) -- what stock diffusers does after
+  ``pipe.load_lora_weights``.
+
+    pipe = ControlledTextToImage.from_control("me/elegant-sd3", base_model="stabilityai/stable-diffusion-3.5-medium")
+    images = pipe(["a photo of a cat"], generator=torch.Generator().manual_seed(0)).images
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from ..core.control import pretrained_mode
+from ..processes.loading import load_base_pipeline
+from ..processes.stable_diffusion import load_options
+from ..serialization.saved import resolve_directory
+from ..trainers.elegant import ElegantTrainer
+from .controlled import OUTPUT_TYPES, _format_images
+
+SAMPLERS = ("sde", "ode")
+
+
+@dataclass
+class ControlledOutput:
+    """``images``: PIL list, ``np`` array, ``(B, 3, H, W)`` tensor in ``[0, 1]``, or latents."""
+
+    images: object
+
+
+class ControlledTextToImage:
+    """A base text-to-image pipeline with a trained control (module docstring).
+
+    Args:
+        pipeline: the base diffusers pipeline (any family of :func:`hf_control_ft.processes.process_from_pipeline`).
+        trainer: an :class:`~hf_control_ft.ElegantTrainer` built on ``pipeline`` with the control loaded
+            (:meth:`from_control` makes both).
+    """
+
+    def __init__(self, pipeline, trainer: ElegantTrainer):
+        self.pipeline = pipeline
+        self.trainer = trainer
+
+    @classmethod
+    def from_control(cls, control: str, base_model: str | None = None, pipeline=None, token: str | None = None,
+                     revision: str | None = None, endpoint: str | None = None, **pipeline_kwargs):
+        """Loads the control (directory or Hub repo) and its base pipeline: ``pipeline`` if given, else
+        ``base_model``, else the base model the save records."""
+        directory = resolve_directory(control, token=token, revision=revision, endpoint=endpoint)
+        if pipeline is None:
+            base = base_model or load_options(directory).base_model
+            if not base:
+                raise ValueError(f"{control} records no base model; pass base_model= or pipeline=")
+            pipeline = load_base_pipeline(base, token=token, **pipeline_kwargs)
+        trainer = ElegantTrainer.from_pretrained(directory, pipeline=pipeline, report_to=None)
+        return cls(pipeline, trainer)
+
+    @property
+    def options(self):
+        return self.trainer.process.options
+
+    @torch.no_grad()
+    def __call__(self, prompt, num_images_per_prompt: int = 1, generator: torch.Generator | None = None,
+                 sampler: str = "sde", output_type: str = "pil", controlled: bool = True,
+                 batch_size: int | None = None) -> ControlledOutput:
+        """Images for ``prompt`` (a string or a list), ``num_images_per_prompt`` each.
+
+        ``controlled=False`` samples the base model (``sampler="sde"``: the same stochastic sampler from
+        ``N(0, I)`` with the adapter off; ``"ode"``: the stock pipeline with the adapter off).
+        """
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        if sampler == "sde":
+            latents = self.trainer.sample(prompts=prompts, generator=generator, controlled=controlled,
+                                          batch_size=batch_size)
+            if output_type == "latent":
+                return ControlledOutput(latents)
+            return ControlledOutput(_format_images(self.trainer.decode(latents).float().cpu(), output_type))
+        return ControlledOutput(self._ode(prompts, generator, output_type, controlled))
+
+    def _ode(self, prompts, generator, output_type: str, controlled: bool):
+        """The family's own pipeline call (its scheduler and start noise) with the LoRA on or off."""
+        opts, cfg = self.options, self.trainer.config
+        kwargs = dict(num_inference_steps=cfg.num_inference_steps, guidance_scale=opts.guidance_scale,
+                      generator=generator, output_type="pt" if output_type != "latent" else "latent")
+        if opts.height:
+            kwargs.update(height=opts.height, width=opts.width)
+        if self.trainer.process.family != "flux":
+            kwargs["negative_prompt"] = [opts.negative_prompt] * len(prompts)
+        if self.trainer.process.family in ("stable-diffusion-3", "flux"):
+            kwargs["max_sequence_length"] = opts.max_sequence_length
+        context = pretrained_mode(self.trainer.process.lora_model) if not controlled else contextlib.nullcontext()
+        with context:
+            images = self.pipeline(prompts, **kwargs).images
+        if output_type == "latent":
+            return images
+        return _format_images(images.float().cpu(), output_type)
+
+
+__all__ = ["ControlledTextToImage", "ControlledOutput", "SAMPLERS"]
