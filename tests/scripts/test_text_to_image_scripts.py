@@ -258,3 +258,30 @@ def test_cli_samples_and_evaluates_a_text_to_image_save_locally_and_from_the_hub
         assert cli_main(["evaluate", "me/tiny-t2i", "--reward", "my_reward.py:redness", "--prompt", "a red cat",
                          "the blue sea", "--num_samples", "4", "--output", report2, "--endpoint", hub.url]) == 0
     assert json.load(open(report2)) == local  # the same control, the same seed: the same numbers
+
+
+def test_elegant_script_trains_every_family_saved_to_disk(workdir, tmp_path, monkeypatch):
+    """SDXL, SD3 (saved without T5) and FLUX through the same script: the class comes from the checkpoint."""
+    from diffusers import DiffusionPipeline
+
+    from hf_control_ft.testing import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sdxl_pipeline
+
+    monkeypatch.chdir(workdir)
+    for name, make, extra in (("sdxl", tiny_sdxl_pipeline, []),
+                              ("sd3", tiny_sd3_pipeline, ["--max_sequence_length", "16"]),
+                              ("flux", tiny_flux_pipeline, ["--max_sequence_length", "8", "--resolution", "16"])):
+        make().save_pretrained(tmp_path / f"tiny-{name}")
+        out = str(tmp_path / f"out-{name}")
+        assert run_elegant(["--pretrained_model_name_or_path", str(tmp_path / f"tiny-{name}"), "--prompts_file",
+                            "prompts.txt", "--reward", "my_reward.py:redness", *TINY, "--train_steps", "1",
+                            "--output_dir", out, "--report_to", "none", "--validation_steps", "0", "--eta", "0.5",
+                            *extra]) == 0
+        card = open(os.path.join(out, "README.md")).read()
+        family = {"sdxl": "stable-diffusion-xl", "sd3": "stable-diffusion-3", "flux": "flux"}[name]
+        assert f"| model family | {family} |" in card
+        assert str(tmp_path) not in card
+        stock = DiffusionPipeline.from_pretrained(tmp_path / f"tiny-{name}",
+                                                  **({"text_encoder_3": None, "tokenizer_3": None}
+                                                     if name == "sd3" else {}))
+        stock.load_lora_weights(out)  # the family's stock loader
+        assert os.path.isfile(os.path.join(out, "validation", "step-000001.png"))
