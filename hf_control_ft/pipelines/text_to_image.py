@@ -52,10 +52,11 @@ class ControlledTextToImage:
 
     @classmethod
     def from_control(cls, control: str, base_model: str | None = None, pipeline=None, token: str | None = None,
-                     revision: str | None = None, endpoint: str | None = None, **pipeline_kwargs):
+                     revision: str | None = None, endpoint: str | None = None, cache_dir: str | None = None,
+                     **pipeline_kwargs):
         """Loads the control (directory or Hub repo) and its base pipeline: ``pipeline`` if given, else
         ``base_model``, else the base model the save records."""
-        directory = resolve_directory(control, token=token, revision=revision, endpoint=endpoint)
+        directory = resolve_directory(control, token=token, revision=revision, endpoint=endpoint, cache_dir=cache_dir)
         if pipeline is None:
             base = base_model or load_options(directory).base_model
             if not base:

@@ -28,9 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.flow_matching import is_flow_scheduler
 from .sd_components import GuidedUNet, _autocast
-from .stable_diffusion_3 import SD3_TARGETS, StableDiffusion3Process
+from .stable_diffusion_3 import StableDiffusion3Process
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -95,21 +94,6 @@ class FluxProcess(StableDiffusion3Process):
     context length (512 in the pipeline; the options' default 256 is FLUX.1-schnell's)."""
 
     family = "flux"
-
-    @property
-    def default_targets(self) -> list[str]:
-        names = [n for n, _ in self.pipeline.transformer.named_modules()]
-        return [t for t in SD3_TARGETS if any(n == t or n.endswith("." + t) for n in names)]
-
-    def check_pipeline(self, pipeline):
-        name = type(pipeline).__name__
-        for attr in ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"):
-            if getattr(pipeline, attr, None) is None:
-                raise ValueError(f"{name} has no {attr!r} component; supported here: FluxPipeline")
-        if not is_flow_scheduler(pipeline.scheduler):
-            raise ValueError(f"{name} with {type(pipeline.scheduler).__name__}: FLUX samples with a "
-                             "FlowMatchEulerDiscreteScheduler; other solvers are not converted")
-        return pipeline.scheduler
 
     def frozen_modules(self) -> list:
         p = self.pipeline

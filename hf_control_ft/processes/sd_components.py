@@ -221,6 +221,47 @@ class GuidedUNet(nn.Module):
             return self.unet(sample.to(dtype), timestep, encoder_hidden_states=cond.to(dtype)).sample.float()
 
 
+class PooledGuidedNetwork(GuidedUNet):
+    """:class:`GuidedUNet` for networks conditioned on ``(prompt_embeds (B, L, D), pooled (B, P))`` (SDXL's UNet,
+    SD3's transformer). Subclasses implement :meth:`call_network` for one (possibly doubled) batch; this class
+    checks the condition, builds the ``[negative, conditional]`` batch of classifier-free guidance, runs it under
+    the precision rules and combines ``u + w (c - u)``. Output: fp32, the shape of ``sample``."""
+
+    def set_condition(self, conditioning, negative=None) -> None:
+        """``conditioning`` = ``(prompt_embeds, pooled)``; ``negative`` the same for the negative prompt
+        (batch 1 or B), required when guiding."""
+        if self.do_guidance and negative is None:
+            raise ValueError("guidance_scale > 1 needs negative (unconditional) prompt embeddings")
+        embeds, pooled = conditioning
+        self.prompt_embeds, self.pooled = embeds.detach(), pooled.detach()
+        self.negative_embeds = None if negative is None else tuple(t.detach() for t in negative)
+
+    def call_network(self, x, t, embeds, pooled, dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        name = type(self).__name__
+        if self.prompt_embeds is None:
+            raise RuntimeError(f"{name}: no prompt embeddings set; call set_condition first")
+        B = sample.shape[0]
+        if self.prompt_embeds.shape[0] != B:
+            raise ValueError(f"{name}: {self.prompt_embeds.shape[0]} prompt embeddings for a batch of {B} samples")
+        autocast_dtype = None if self._full_precision else self.autocast_dtype
+        dtype = self.unet.dtype if autocast_dtype is None else autocast_dtype
+        embeds, pooled, x, t = self.prompt_embeds, self.pooled, sample, timestep
+        if self.do_guidance:
+            neg, neg_pooled = self.negative_embeds
+            embeds = torch.cat([neg.expand(B, *neg.shape[1:]), embeds])
+            pooled = torch.cat([neg_pooled.expand(B, *neg_pooled.shape[1:]), pooled])
+            x, t = torch.cat([sample, sample]), torch.cat([timestep, timestep])
+        with _autocast(sample.device, autocast_dtype):
+            out = self.call_network(x.to(dtype), t, embeds.to(dtype), pooled.to(dtype), dtype).float()
+        if self.do_guidance:
+            out_u, out_c = out.chunk(2)
+            return out_u + self.guidance_scale * (out_c - out_u)
+        return out
+
+
 def decode_latents(vae, latents: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``(B, C, h, w)`` latents -> ``(B, 3, 8h, 8w)`` fp32 images in ``[0, 1]`` (differentiable): ``latents /
     scaling_factor + shift_factor`` (SD3 / FLUX VAEs have a shift; SD 1.x / 2.x / XL have none) through the VAE."""

@@ -27,50 +27,20 @@ from torch import nn
 
 from ..core.flow_matching import is_flow_scheduler
 from ..serialization.lora_io import save_lora_file
-from .sd_components import GuidedUNet, _autocast
+from .sd_components import PooledGuidedNetwork
 from .stable_diffusion import StableDiffusionProcess
 
 SD3_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 
-class GuidedTransformer(GuidedUNet):
-    """An SD3 transformer as ``model(sample, t) -> v``, conditioned on ``(prompt_embeds, pooled_projections)``.
+class GuidedTransformer(PooledGuidedNetwork):
+    """An SD3 transformer as ``model(sample, t) -> v``, conditioned on ``(prompt_embeds, pooled_projections)``,
+    called as ``StableDiffusion3Pipeline`` calls it (same guidance and precision rules as :class:`GuidedUNet`,
+    whose ``unet`` attribute holds the transformer here)."""
 
-    Same guidance, precision and ``full_precision`` rules as :class:`GuidedUNet` (whose ``unet`` attribute holds
-    the transformer here). Output: fp32 ``(B, C, h, w)`` velocity.
-    """
-
-    def set_condition(self, conditioning, negative=None) -> None:
-        """``conditioning`` = ``(prompt_embeds (B, L, D), pooled (B, P))``; ``negative`` the same for the
-        negative prompt (batch 1 or B), required when guiding."""
-        if self.do_guidance and negative is None:
-            raise ValueError("guidance_scale > 1 needs negative (unconditional) prompt embeddings")
-        embeds, pooled = conditioning
-        self.prompt_embeds, self.pooled = embeds.detach(), pooled.detach()
-        self.negative_embeds = None if negative is None else tuple(t.detach() for t in negative)
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        if self.prompt_embeds is None:
-            raise RuntimeError("GuidedTransformer: no prompt embeddings set; call set_condition first")
-        B = sample.shape[0]
-        if self.prompt_embeds.shape[0] != B:
-            raise ValueError(f"GuidedTransformer: {self.prompt_embeds.shape[0]} prompt embeddings for {B} samples")
-        autocast_dtype = None if self._full_precision else self.autocast_dtype
-        dtype = self.unet.dtype if autocast_dtype is None else autocast_dtype
-        embeds, pooled = self.prompt_embeds, self.pooled
-        x, t = sample, timestep
-        if self.do_guidance:
-            neg, neg_pooled = self.negative_embeds
-            embeds = torch.cat([neg.expand(B, *neg.shape[1:]), embeds])
-            pooled = torch.cat([neg_pooled.expand(B, *neg_pooled.shape[1:]), pooled])
-            x, t = torch.cat([sample, sample]), torch.cat([timestep, timestep])
-        with _autocast(sample.device, autocast_dtype):
-            v = self.unet(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=embeds.to(dtype),
-                          pooled_projections=pooled.to(dtype), return_dict=False)[0].float()
-        if self.do_guidance:
-            v_u, v_c = v.chunk(2)
-            return v_u + self.guidance_scale * (v_c - v_u)
-        return v
+    def call_network(self, x, t, embeds, pooled, dtype) -> torch.Tensor:
+        return self.unet(hidden_states=x, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled,
+                         return_dict=False)[0]
 
 
 class StableDiffusion3Process(StableDiffusionProcess):
@@ -86,16 +56,22 @@ class StableDiffusion3Process(StableDiffusionProcess):
         names = [n for n, _ in self.pipeline.transformer.named_modules()]
         return [t for t in SD3_TARGETS if any(n == t or n.endswith("." + t) for n in names)]
 
+    #: components the pipeline must have (SD3 and FLUX alike; SD3's ``text_encoder_3`` may be None)
+    required_components = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                           "scheduler")
+
     def check_pipeline(self, pipeline):
+        """Refuses a pipeline without the family's components or with a scheduler other than flow matching;
+        returns the scheduler (:class:`~hf_control_ft.core.flow_matching.FlowMatchSchedule` copies it)."""
         name = type(pipeline).__name__
-        supported = "StableDiffusion3Pipeline (SD3 / SD3.5)"
-        for attr in ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"):
+        for attr in self.required_components:
             if getattr(pipeline, attr, None) is None:
-                raise ValueError(f"{name} has no {attr!r} component; supported here: {supported}")
+                raise ValueError(f"{name} has no {attr!r} component; the {self.family} process needs "
+                                 f"{list(self.required_components)}")
         if not is_flow_scheduler(pipeline.scheduler):
-            raise ValueError(f"{name} with {type(pipeline.scheduler).__name__}: SD3 is trained with the flow SDE of a "
-                             "FlowMatchEulerDiscreteScheduler; multistep or other solvers are not converted")
-        return pipeline.scheduler  # FlowMatchSchedule works on its own copy
+            raise ValueError(f"{name} with {type(pipeline.scheduler).__name__}: {self.family} samples with the flow "
+                             "SDE of a FlowMatchEulerDiscreteScheduler; multistep or other solvers are not converted")
+        return pipeline.scheduler
 
     def denoiser_module(self) -> nn.Module:
         return self.pipeline.transformer

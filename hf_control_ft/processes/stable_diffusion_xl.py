@@ -22,11 +22,11 @@ from torch import nn
 
 from ..core.scheduling import as_stochastic_scheduler
 from ..serialization.lora_io import save_lora_file
-from .sd_components import GuidedUNet, _autocast
+from .sd_components import PooledGuidedNetwork
 from .stable_diffusion import StableDiffusionProcess
 
 
-class GuidedXLUNet(GuidedUNet):
+class GuidedXLUNet(PooledGuidedNetwork):
     """An SDXL UNet as ``model(sample, t) -> eps``, conditioned on ``(prompt_embeds, pooled)`` with fixed
     ``time_ids`` ``(1, 6)``; same guidance and precision rules as :class:`GuidedUNet`."""
 
@@ -34,35 +34,10 @@ class GuidedXLUNet(GuidedUNet):
         super().__init__(unet, guidance_scale, autocast_dtype)
         self.time_ids = time_ids
 
-    def set_condition(self, conditioning, negative=None) -> None:
-        if self.do_guidance and negative is None:
-            raise ValueError("guidance_scale > 1 needs negative (unconditional) prompt embeddings")
-        embeds, pooled = conditioning
-        self.prompt_embeds, self.pooled = embeds.detach(), pooled.detach()
-        self.negative_embeds = None if negative is None else tuple(t.detach() for t in negative)
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        if self.prompt_embeds is None:
-            raise RuntimeError("GuidedXLUNet: no prompt embeddings set; call set_condition first")
-        B = sample.shape[0]
-        if self.prompt_embeds.shape[0] != B:
-            raise ValueError(f"GuidedXLUNet: {self.prompt_embeds.shape[0]} prompt embeddings for {B} samples")
-        autocast_dtype = None if self._full_precision else self.autocast_dtype
-        dtype = self.unet.dtype if autocast_dtype is None else autocast_dtype
-        embeds, pooled, x, t = self.prompt_embeds, self.pooled, sample, timestep
-        if self.do_guidance:
-            neg, neg_pooled = self.negative_embeds
-            embeds = torch.cat([neg.expand(B, *neg.shape[1:]), embeds])
-            pooled = torch.cat([neg_pooled.expand(B, *neg_pooled.shape[1:]), pooled])
-            x, t = torch.cat([sample, sample]), torch.cat([timestep, timestep])
-        time_ids = self.time_ids.to(sample.device, dtype).expand(x.shape[0], -1)
-        with _autocast(sample.device, autocast_dtype):
-            eps = self.unet(x.to(dtype), t, encoder_hidden_states=embeds.to(dtype),
-                            added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids}).sample.float()
-        if self.do_guidance:
-            eps_u, eps_c = eps.chunk(2)
-            return eps_u + self.guidance_scale * (eps_c - eps_u)
-        return eps
+    def call_network(self, x, t, embeds, pooled, dtype) -> torch.Tensor:
+        time_ids = self.time_ids.to(x.device, dtype).expand(x.shape[0], -1)
+        return self.unet(x, t, encoder_hidden_states=embeds,
+                         added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
 
 
 class StableDiffusionXLProcess(StableDiffusionProcess):

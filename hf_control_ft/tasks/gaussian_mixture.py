@@ -122,32 +122,41 @@ def exact_velocity(mixture: GaussianMixture, x: torch.Tensor, s: torch.Tensor) -
     return ((x.double() - x0) / s.double()[:, None]).float()
 
 
-def distill_flow_velocity(mixture: GaussianMixture, steps: int = 1500, batch_size: int = 1024, hidden: int = 128,
-                          depth: int = 3, lr: float = 2e-3, seed: int = 0, num_train_timesteps: int = 1000,
-                          progress: bool = False):
-    """Trains an :class:`~hf_control_ft.models.networks.MLPDenoiser` to the exact rectified-flow velocity of
-    ``mixture`` (:func:`exact_velocity`), called as diffusers' flow pipelines call a transformer:
-    ``model(x, timestep=s * num_train_timesteps)``. Levels ``s ~ U(0.001, 1)``. Returns it frozen, in eval mode."""
+def _regress(model, loss_fn, steps: int, lr: float, desc: str, progress: bool):
+    """Adam + cosine schedule on ``loss_fn()`` for ``steps``; returns ``model`` frozen, in eval mode."""
     from tqdm.auto import tqdm
 
-    from ..models.networks import MLPDenoiser
-
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    model = MLPDenoiser(dim=mixture.dim, hidden=hidden, depth=depth, num_train_timesteps=num_train_timesteps)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for _ in tqdm(range(steps), desc="distil flow velocity", disable=not progress):
-        x0 = mixture.sample(batch_size, gen)
-        s = 0.001 + 0.999 * torch.rand(batch_size, generator=gen)
-        xs = (1 - s)[:, None] * x0 + s[:, None] * torch.randn(x0.shape, generator=gen)
-        loss = (model(xs, s * num_train_timesteps).sample - exact_velocity(mixture, xs, s)).pow(2).mean()
+    for _ in tqdm(range(steps), desc=desc, disable=not progress):
+        loss = loss_fn()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
     model.requires_grad_(False)
     return model.eval()
+
+
+def distill_flow_velocity(mixture: GaussianMixture, steps: int = 1500, batch_size: int = 1024, hidden: int = 128,
+                          depth: int = 3, lr: float = 2e-3, seed: int = 0, num_train_timesteps: int = 1000,
+                          progress: bool = False):
+    """Trains an :class:`~hf_control_ft.models.networks.MLPDenoiser` to the exact rectified-flow velocity of
+    ``mixture`` (:func:`exact_velocity`), called as diffusers' flow pipelines call a transformer:
+    ``model(x, timestep=s * num_train_timesteps)``. Levels ``s ~ U(0.001, 1)``. Returns it frozen, in eval mode."""
+    from ..models.networks import MLPDenoiser
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = MLPDenoiser(dim=mixture.dim, hidden=hidden, depth=depth, num_train_timesteps=num_train_timesteps)
+
+    def loss():
+        x0 = mixture.sample(batch_size, gen)
+        s = 0.001 + 0.999 * torch.rand(batch_size, generator=gen)
+        xs = (1 - s)[:, None] * x0 + s[:, None] * torch.randn(x0.shape, generator=gen)
+        return (model(xs, s * num_train_timesteps).sample - exact_velocity(mixture, xs, s)).pow(2).mean()
+
+    return _regress(model, loss, steps, lr, "distil flow velocity", progress)
 
 
 def three_mode_mixture() -> GaussianMixture:
@@ -172,8 +181,6 @@ def distill_mixture_denoiser(mixture, scheduler, steps: int = 1500, batch_size: 
     Regression on ``x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps`` with the closed-form target (lower variance than
     the usual ``eps`` target, same minimiser). Returns the frozen denoiser in eval mode.
     """
-    from tqdm.auto import tqdm
-
     from ..models.networks import MLPDenoiser
 
     mixtures = list(mixture) if isinstance(mixture, (list, tuple)) else [mixture]
@@ -184,9 +191,8 @@ def distill_mixture_denoiser(mixture, scheduler, steps: int = 1500, batch_size: 
                         num_train_timesteps=scheduler.config.num_train_timesteps,
                         num_classes=len(mixtures) if conditional else 0)
     abar = scheduler.alphas_cumprod
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for _ in tqdm(range(steps), desc="distil mixture denoiser", disable=not progress):
+
+    def loss():
         labels = torch.randint(0, len(mixtures), (batch_size,), generator=gen) if conditional else None
         x0 = torch.zeros(batch_size, mixtures[0].dim)
         for c, m in enumerate(mixtures):
@@ -200,10 +206,7 @@ def distill_mixture_denoiser(mixture, scheduler, steps: int = 1500, batch_size: 
             idx = (labels == c).nonzero().flatten() if conditional else torch.arange(batch_size)
             target[idx] = exact_noise_prediction(m, xt[idx], a[idx])
         kwargs = {"class_labels": labels} if conditional else {}
-        loss = (model(xt, t, **kwargs).sample - target).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    model.requires_grad_(False)
-    return model.eval()
+        return (model(xt, t, **kwargs).sample - target).pow(2).mean()
+
+    return _regress(model, loss, steps, lr, "distil mixture denoiser", progress)
+

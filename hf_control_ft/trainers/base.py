@@ -183,8 +183,8 @@ class BaseTrainer:
         ``value`` is a fitted :class:`~hf_control_ft.models.value_function.ValueFunction` whose temperature is
         the total KL weight. With a frozen ``reference`` initial-noise model the KL term is
         ``(1 - w) KL(nu || N(0, I)) + w KL_path(nu || reference)`` with ``w = reference_weight`` (SEIKO:
-        ``beta / (alpha + beta)``). Logs every ``log_every`` iterations under ``log_prefix`` (``None``: no logs), at tracker
-        step ``log_step_offset + iteration``. Returns the last iteration's metrics.
+        ``beta / (alpha + beta)``). Logs every ``log_every`` iterations under ``log_prefix`` (``None``: no logs),
+        at tracker step ``log_step_offset + iteration``. Returns the last iteration's metrics.
         """
         cfg = self.config
         self.initial_noise.requires_grad_(True)

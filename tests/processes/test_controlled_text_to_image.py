@@ -3,8 +3,9 @@ reproduces the trainer's samples; the family's own sampler runs with the LoRA on
 
 import pytest
 import torch
+from family_checks import redness, tiny_config
 
-from hf_control_ft import ElegantConfig, ElegantTrainer
+from hf_control_ft import ElegantTrainer
 from hf_control_ft.pipelines import ControlledTextToImage
 from hf_control_ft.testing import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 
@@ -16,15 +17,17 @@ FAMILIES = {
 }
 
 
+def trained(make, options) -> ElegantTrainer:
+    trainer = ElegantTrainer.from_pipeline(make(), redness, tiny_config(num_inference_steps=3), ["a cat", "the dog"],
+                                           guidance_scale=3.0, **options)
+    trainer.train()
+    return trainer
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_controlled_text_to_image_samples_the_trained_distribution(family, tmp_path):
     make, options = FAMILIES[family]
-    cfg = ElegantConfig(alpha=0.05, eta=0.5, num_inference_steps=3, train_steps=2, batch_size=2,
-                        value_num_rollouts=4, value_train_steps=2, noise_train_steps=2, noise_batch_size=4,
-                        aux_hidden=8, learning_rate=5e-2, lora_rank=2, report_to=None)
-    trainer = ElegantTrainer.from_pipeline(make(), lambda im, p: im.mean(dim=(1, 2, 3)), cfg, ["a cat", "the dog"],
-                                           guidance_scale=3.0, **options)
-    trainer.train()
+    trainer = trained(make, options)
     trainer.save_pretrained(str(tmp_path / family))
     pipe = ControlledTextToImage.from_control(str(tmp_path / family), pipeline=make())
     out = pipe(["a cat", "the dog"], generator=torch.Generator().manual_seed(0), output_type="latent").images
@@ -51,18 +54,14 @@ def test_push_pull_and_stock_reload_through_a_local_hub(family, tmp_path, monkey
 
     fingerprint = tiny_sdxl_unet_output if family == "sdxl" else tiny_flux_transformer_output
     make, options = FAMILIES[family]
-    cfg = ElegantConfig(alpha=0.05, eta=0.5, num_inference_steps=3, train_steps=2, batch_size=2,
-                        value_num_rollouts=4, value_train_steps=2, noise_train_steps=2, noise_batch_size=4,
-                        aux_hidden=8, learning_rate=5e-2, lora_rank=2, report_to=None)
-    trainer = ElegantTrainer.from_pipeline(make(), lambda im, p: im.mean(dim=(1, 2, 3)), cfg, ["a cat", "the dog"],
-                                           guidance_scale=3.0, **options)
-    trainer.train()
+    trainer = trained(make, options)
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
     monkeypatch.setattr(hub_constants, "HF_HUB_DISABLE_XET", True)
     with HubServer() as hub:
         trainer.push_to_hub(f"me/tiny-{family}", token="hf_x", endpoint=hub.url)
         snapshot = snapshot_download(f"me/tiny-{family}", endpoint=hub.url, cache_dir=str(tmp_path / "cache"))
-        pulled = ControlledTextToImage.from_control(f"me/tiny-{family}", pipeline=make(), endpoint=hub.url)
+        pulled = ControlledTextToImage.from_control(f"me/tiny-{family}", pipeline=make(), endpoint=hub.url,
+                                                    cache_dir=str(tmp_path / "cache2"))
     stock = make()
     stock.load_lora_weights(snapshot)
     network = stock.unet if family == "sdxl" else stock.transformer

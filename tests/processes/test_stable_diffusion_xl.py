@@ -4,31 +4,19 @@ scheduler converted for the sampler): the guided per-step KL, stock reload, the 
 import os
 
 import torch
+from family_checks import assert_step_kls_are_closed_form, mean_image_oracle, redness, tiny_config
 
-from hf_control_ft import ElegantConfig, ElegantTrainer, SeikoConfig, SeikoTrainer
-from hf_control_ft.core.control import lora_parameters, pretrained_mode
-from hf_control_ft.core.kl import gaussian_kl
+from hf_control_ft import ElegantTrainer, SeikoConfig, SeikoTrainer
+from hf_control_ft.core.control import lora_parameters
 from hf_control_ft.processes import StableDiffusionXLProcess
-from hf_control_ft.testing import scale_lora, tiny_sdxl_pipeline, tiny_sdxl_unet_output
+from hf_control_ft.testing import tiny_sdxl_pipeline, tiny_sdxl_unet_output
 
 PROMPTS = ["a red cat", "the blue sea", "a dog"]
 OPTIONS = dict(guidance_scale=3.0, negative_prompt="blurry", base_model="tiny/sdxl-random")
 
 
-def xl_config(**kw):
-    base = dict(alpha=0.05, eta=0.5, num_inference_steps=4, train_steps=2, batch_size=2, value_num_rollouts=4,
-                value_train_steps=2, noise_train_steps=2, noise_batch_size=4, aux_hidden=8, learning_rate=5e-2,
-                lora_rank=2, report_to=None)
-    base.update(kw)
-    return ElegantConfig(**base)
-
-
-def redness(images, prompts):
-    return images[:, 0].mean(dim=(1, 2)) - images[:, 1:].mean(dim=(1, 2, 3))
-
-
 def test_sdxl_trains_and_reloads_in_stock_diffusers(tmp_path):
-    trainer = ElegantTrainer.from_pipeline(tiny_sdxl_pipeline(), redness, xl_config(), PROMPTS, **OPTIONS)
+    trainer = ElegantTrainer.from_pipeline(tiny_sdxl_pipeline(), redness, tiny_config(), PROMPTS, **OPTIONS)
     process = trainer.process
     assert isinstance(process, StableDiffusionXLProcess) and trainer.sample_shape == (4, 8, 8)
     assert process.condition_dim == 32  # pooled projection of the second text encoder
@@ -52,33 +40,13 @@ def test_sdxl_trains_and_reloads_in_stock_diffusers(tmp_path):
 
 
 def test_sdxl_per_step_kl_compares_the_guided_means():
-    trainer = ElegantTrainer.from_pipeline(tiny_sdxl_pipeline(), redness, xl_config(), PROMPTS, **OPTIONS)
-    scale_lora(trainer.process.lora_model, 0.2, seed=3)
-    trainer.process.set_conditions(PROMPTS[:2])
-    g = torch.Generator().manual_seed(0)
-    traj = trainer.sampler.rollout(torch.randn((2, *trainer.sample_shape), generator=g), g, measure_kl=True)
-    schedule, net = trainer.schedule, trainer.process.model
-    for k in range(len(schedule)):
-        if not schedule.is_stochastic(k):
-            continue
-        t = schedule.timestep(k).expand(2)
-        with torch.no_grad():
-            mu_ft = schedule.mean(net(traj.states[k], t), traj.states[k], k)
-            with pretrained_mode(trainer.process.lora_model):
-                mu_pre = schedule.mean(net(traj.states[k], t), traj.states[k], k)
-        torch.testing.assert_close(traj.kl_steps[k], gaussian_kl(mu_ft, mu_pre, schedule.std[k]), rtol=1e-4,
-                                   atol=1e-7)
-    assert float(traj.kl.min()) > 0
+    trainer = ElegantTrainer.from_pipeline(tiny_sdxl_pipeline(), redness, tiny_config(), PROMPTS, **OPTIONS)
+    assert_step_kls_are_closed_form(trainer, PROMPTS[:2], rtol=1e-4, atol=1e-7)
 
 
 def test_seiko_round_on_sdxl(tmp_path):
-    def oracle(images, prompts):
-        return images.mean(dim=(1, 2, 3)).tolist()
-
-    cfg = SeikoConfig(num_rounds=1, queries_per_round=4, num_inference_steps=3, train_steps=1, batch_size=2,
-                      value_num_rollouts=4, value_train_steps=2, noise_train_steps=2, noise_batch_size=4,
-                      reward_train_steps=3, aux_hidden=8, lora_rank=2, eta=0.5, report_to=None,
-                      output_dir=str(tmp_path / "seiko"))
-    trainer = SeikoTrainer.from_pipeline(tiny_sdxl_pipeline(), oracle, cfg, PROMPTS, **OPTIONS)
+    cfg = tiny_config(SeikoConfig, num_rounds=1, queries_per_round=4, num_inference_steps=3, train_steps=1,
+                      reward_train_steps=3, output_dir=str(tmp_path / "seiko"))
+    trainer = SeikoTrainer.from_pipeline(tiny_sdxl_pipeline(), mean_image_oracle, cfg, PROMPTS, **OPTIONS)
     metrics = trainer.train()
     assert metrics["round/queries"] == 4 and len(trainer.feedback) == 4 and metrics["train/kl_pretrained"] >= 0

@@ -1,0 +1,46 @@
+"""Shared pieces of the per-family process tests (tests/processes/): a tiny config, a reward, and the check that
+the sampler's per-step KL is the closed form on the family's guided network."""
+
+import torch
+
+from hf_control_ft import ElegantConfig
+from hf_control_ft.core.control import pretrained_mode
+from hf_control_ft.core.kl import gaussian_kl
+from hf_control_ft.testing import scale_lora
+
+
+def tiny_config(cls=ElegantConfig, **kw):
+    base = dict(alpha=0.05, eta=0.5, num_inference_steps=4, train_steps=2, batch_size=2, value_num_rollouts=4,
+                value_train_steps=2, noise_train_steps=2, noise_batch_size=4, aux_hidden=8, learning_rate=5e-2,
+                lora_rank=2, report_to=None)
+    base.update(kw)
+    return cls(**base)
+
+
+def redness(images, prompts):
+    return images[:, 0].mean(dim=(1, 2)) - images[:, 1:].mean(dim=(1, 2, 3))
+
+
+def mean_image_oracle(images, prompts):
+    return images.mean(dim=(1, 2, 3)).tolist()
+
+
+def assert_step_kls_are_closed_form(trainer, prompts, rtol=2e-3, atol=1e-6):
+    """After scaling the LoRA up, every step's KL of a measured rollout equals ``gaussian_kl`` of the fine-tuned
+    and pretrained means of the guided network (summed over every latent dimension)."""
+    scale_lora(trainer.process.lora_model, 0.2, seed=3)
+    trainer.process.set_conditions(prompts)
+    g = torch.Generator().manual_seed(0)
+    traj = trainer.sampler.rollout(torch.randn((len(prompts), *trainer.sample_shape), generator=g), g, measure_kl=True)
+    schedule, net = trainer.schedule, trainer.process.model
+    for k in range(len(schedule)):
+        if not schedule.is_stochastic(k):
+            continue
+        x, t = traj.states[k], schedule.timestep(k).expand(len(prompts))
+        with torch.no_grad():
+            mu_ft = schedule.mean(net(x, t), x, k)
+            with pretrained_mode(trainer.process.lora_model):
+                mu_pre = schedule.mean(net(x, t), x, k)
+        torch.testing.assert_close(traj.kl_steps[k], gaussian_kl(mu_ft, mu_pre, schedule.std[k]), rtol=rtol, atol=atol)
+    assert float(traj.kl.min()) > 0
+    return traj
