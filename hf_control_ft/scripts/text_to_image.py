@@ -22,7 +22,7 @@ from ..feedback.oracle import OracleOutputError, OracleUnavailableError
 from ..processes.loading import load_base_pipeline
 from ..rewards.registry import load_reward
 from ..serialization.checkpoints import CheckpointError
-from ..serialization.saved import HubPushError
+from ..serialization.saved import HubPushError, mask_token
 from ..trainers.elegant import ElegantTrainer
 from ..trainers.elegant_config import ElegantConfig
 from ..trainers.seiko import SeikoTrainer
@@ -181,10 +181,20 @@ def run_seiko(argv=None, prog: str = "train_seiko.py") -> int:
         validation.run(trainer, trainer.completed_rounds, trainer.global_step, name="final")
     metrics = {k: summary[k] for k in ("round/oracle_mean", "round/total_queries", "train/kl_pretrained")
                if isinstance(summary.get(k), (int, float))}
-    status = _finish(trainer, args, config, accelerator, validation, summary, metrics,
-                     {"dataset": args.card_dataset()})
+    card_info = {"dataset": args.card_dataset()}
+    if args.push_to_hub and args.feedback_dataset_id:
+        card_info["seiko"] = {"feedback": f"[`{args.feedback_dataset_id}`](https://huggingface.co/datasets/"
+                                          f"{args.feedback_dataset_id})"}
+    status = _finish(trainer, args, config, accelerator, validation, summary, metrics, card_info)
     if args.push_to_hub and args.feedback_dataset_id and status == 0:
-        trainer.feedback.push_to_hub(args.feedback_dataset_id, private=args.hub_private_repo, token=args.hub_token)
+        try:
+            trainer.feedback.push_to_hub(args.feedback_dataset_id, private=args.hub_private_repo,
+                                         token=args.hub_token)
+        except Exception as err:  # noqa: BLE001 - the answers stay on disk in output_dir/feedback
+            message = mask_token(f"{type(err).__name__}: {err}", args.hub_token)
+            print(f"error: pushing the feedback dataset failed ({message}); every answer is kept in "
+                  f"{os.path.join(config.output_dir, 'feedback')}", file=sys.stderr)
+            status = 1
     return status
 
 
