@@ -81,7 +81,9 @@ class FlowMatchSchedule:
                                  "transitions would not be those of the flow SDE")
         if cfg.get("use_dynamic_shifting") and mu is None:
             raise ValueError("this FlowMatchEulerDiscreteScheduler shifts its noise levels with the image size "
-                             "(use_dynamic_shifting=True): pass mu (the pipeline's shift for its sequence length)")
+                             "(use_dynamic_shifting=True): pass mu (the pipeline's shift for its sequence length), "
+                             "e.g. ElegantTrainer(config, reward_fn=..., process=ControlledProcess(model, scheduler, "
+                             "sample_shape, config, schedule_options={'mu': mu}))")
         self.scheduler = type(scheduler).from_config(cfg)
         self.num_inference_steps = num_inference_steps
         self.eta = float(eta)
