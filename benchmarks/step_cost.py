@@ -37,7 +37,7 @@ def build(args, steps, plain=False):
     unet.requires_grad_(False)
     cfg = ElegantConfig(alpha=1.0, eta=1.0, num_inference_steps=steps, learn_initial_noise=not plain,
                         batch_size=args.batch_size, report_to=None, lora_rank=4, noise_num_steps=10,
-                        aux_hidden=32)
+                        aux_hidden=32, drift_objective="pathwise")  # the cost of the exact sweep
 
     def brightness(x):
         return x.mean(dim=(1, 2, 3))

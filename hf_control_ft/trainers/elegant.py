@@ -39,6 +39,7 @@ from .base import BaseTrainer
 from .costs import describe, network_evaluations
 from .elegant_checkpoints import ElegantCheckpointing
 from .elegant_config import ElegantConfig
+from .objectives import choose_drift_objective
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,11 @@ class ElegantTrainer(ElegantCheckpointing, BaseTrainer):
             if model is None or scheduler is None or sample_shape is None:
                 raise ValueError("pass model, scheduler and sample_shape, or a process")
             process = ControlledProcess(model.to(self.device), scheduler, sample_shape, config, model_kwargs)
+        objective, reason = choose_drift_objective(config, process)
+        if objective != config.drift_objective:
+            logger.info("drift_objective='auto' -> %r: %s", objective, reason)
+            config.drift_objective = objective  # the resolved choice is what checkpoints and saves record
+        self.drift_objective_reason = reason  # also in train()'s summary
         if config.drift_objective == "value_guided" and not process.supports_step_values:
             raise ValueError(f"ElegantConfig.drift_objective: 'value_guided' fits step values on "
                              f"value_num_rollouts x num_inference_steps stored states, which the {process.family} "
@@ -87,20 +93,22 @@ class ElegantTrainer(ElegantCheckpointing, BaseTrainer):
         self.initial_noise_trained = False
         self._optimizer_state = None  # restored by load_checkpoint, applied when the drift optimiser exists
         self._callback = None  # train(callback=...)
+        self._step_value_rng = None  # generator state the per-step values are drawn with (checkpointed)
 
     # ------------------------------------------------------------------ stage 1
-    def _pretrained_rollouts(self, desc: str):
+    def _pretrained_rollouts(self, desc: str, generator: torch.Generator | None = None):
         """Yields ``(trajectory, reward, condition features or None)`` for batches of the pretrained chain from
         ``N(0, I)``: this process's share of ``value_num_rollouts`` (the Feynman--Kac data of stage 1 and of the
-        step values)."""
+        step values), drawn with ``generator`` (default: the trainer's)."""
         cfg = self.config
+        gen = generator if generator is not None else self.generator
         n_local = math.ceil(cfg.value_num_rollouts / self.accelerator.num_processes)
         batch = cfg.rollout_batch_size or cfg.batch_size
         for start in self._progress(range(0, n_local, batch), desc):
             b = min(batch, n_local - start)
-            self.process.prepare_batch(b, self.generator)
-            x_T = torch.randn((b, *self.sample_shape), generator=self.generator).to(self.device)
-            traj = self.sampler.rollout(x_T, self.generator, controlled=False)
+            self.process.prepare_batch(b, gen)
+            x_T = torch.randn((b, *self.sample_shape), generator=gen).to(self.device)
+            traj = self.sampler.rollout(x_T, gen, controlled=False)
             with torch.no_grad():
                 r = self._reward(traj.samples, require_grad=False).float()
             yield traj, r, self.step_condition()
@@ -147,13 +155,15 @@ class ElegantTrainer(ElegantCheckpointing, BaseTrainer):
         return metrics
 
     # ------------------------------------------------------------------ stage 3
-    def fit_step_values(self) -> dict:
+    def fit_step_values(self, generator: torch.Generator | None = None) -> dict:
         """Feynman--Kac regression of ``V_k`` at every step on ``value_num_rollouts`` pretrained rollouts from
-        ``N(0, I)`` (:mod:`hf_control_ft.models.step_values`); used by ``drift_objective="value_guided"``."""
+        ``N(0, I)`` (:mod:`hf_control_ft.models.step_values`); used by ``drift_objective="value_guided"``.
+        ``generator``: the rollouts' stream (default: the trainer's; :meth:`train` passes the state it had after
+        stages 1-2, which checkpoints keep, so a resumed run refits exactly the values of the uninterrupted one)."""
         cfg = self.config
         K = len(self.schedule)
         states, rs, cs = [[] for _ in range(K)], [], []
-        for traj, r, c in self._pretrained_rollouts("step values: pretrained rollouts"):
+        for traj, r, c in self._pretrained_rollouts("step values: pretrained rollouts", generator):
             rs.append(r)
             cs.append(c)
             for k in range(K):
@@ -216,7 +226,11 @@ class ElegantTrainer(ElegantCheckpointing, BaseTrainer):
         if not params:
             raise RuntimeError("no trainable LoRA parameters found on the model")
         if cfg.drift_objective == "value_guided" and self.step_values is None:
-            self.fit_step_values()
+            gen = None
+            if self._step_value_rng is not None:
+                gen = torch.Generator()
+                gen.set_state(self._step_value_rng)
+            self.fit_step_values(gen)
         opt, lr_schedule = self.make_optimizer(params)
         if self._optimizer_state is not None:  # resuming: restore moments and the schedule position
             tensors, meta = self._optimizer_state
@@ -287,12 +301,17 @@ class ElegantTrainer(ElegantCheckpointing, BaseTrainer):
             if self.is_main_process:
                 logger.info(describe(costs))
             self._log({f"cost/{k}": v for k, v in costs.items()}, step=0)  # what each stage will cost
-            summary, t0 = {"resumed_from": checkpoint, "network_evaluations": costs}, time.perf_counter()
-            if self.initial_noise is not None and not self.initial_noise_trained:
+            summary = {"resumed_from": checkpoint, "network_evaluations": costs,
+                       "drift_objective": cfg.drift_objective, "drift_objective_reason": self.drift_objective_reason}
+            t0 = time.perf_counter()
+            ran_stages = self.initial_noise is not None and not self.initial_noise_trained
+            if ran_stages:
                 summary.update(self.fit_value_function())
                 summary.update(self.train_initial_noise())
-                if cfg.checkpointing_steps:
-                    self.save_checkpoint()  # checkpoint-0: stages 1-2 are never repeated after a crash
+            if self._step_value_rng is None:  # the per-step values' stream, kept in every checkpoint
+                self._step_value_rng = self.generator.get_state()
+            if ran_stages and cfg.checkpointing_steps:
+                self.save_checkpoint()  # checkpoint-0: stages 1-2 are never repeated after a crash
             t1 = time.perf_counter()
             summary.update(self.train_drift())
             t2 = time.perf_counter()

@@ -9,7 +9,11 @@ atomically). A resumed run refuses settings that would change the objective, the
 
 from __future__ import annotations
 
+import base64
 import os
+
+import torch
+from accelerate.utils import gather_object
 
 from ..core.control import load_lora_state_dict, lora_state_dict
 from ..models.initial_noise import InitialNoiseModel
@@ -26,10 +30,14 @@ class ElegantCheckpointing:
         ``checkpoints_total_limit``; never non-finite weights). Returns its path on the main process."""
         cfg = self.config
         self.accelerator.wait_for_everyone()
+        rng = None
+        if self._step_value_rng is not None:  # every rank's stream of the per-step values
+            rng = [base64.b64encode(self._step_value_rng.numpy().tobytes()).decode()]
+            rng = gather_object(rng) if self.accelerator.num_processes > 1 else rng
         path = None
         if self.is_main_process:
             state = {"global_step": self.global_step, "initial_noise_trained": self.initial_noise_trained,
-                     "history": self.history, "config": cfg.to_dict()}
+                     "history": self.history, "config": cfg.to_dict(), "step_value_rng": rng}
             noise = self.initial_noise if self.initial_noise is not None and self.initial_noise_trained else None
             path = checkpointing.write_checkpoint(cfg.output_dir, self.global_step, lora_state_dict(self.model), state,
                                                   optimizer, lr_schedule, noise, cfg.checkpoints_total_limit)
@@ -55,6 +63,10 @@ class ElegantCheckpointing:
         self.global_step = int(state["global_step"])
         self.history = list(state.get("history", []))
         self.initial_noise_trained = bool(state.get("initial_noise_trained", False))
+        rng = state.get("step_value_rng")
+        if rng and len(rng) > self.accelerator.process_index:
+            raw = base64.b64decode(rng[self.accelerator.process_index])
+            self._step_value_rng = torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
         if self.initial_noise is not None and self.initial_noise_trained:
             noise_dir = os.path.join(path, INITIAL_NOISE_DIR)
             self.initial_noise = InitialNoiseModel.from_pretrained(noise_dir).to(self.device)

@@ -12,7 +12,7 @@ from accelerate.utils import LoggerType
 from ..utils.config_cli import ConfigCliError, parse_flags, read_yaml_mapping
 from ..utils.validation import field_checker, is_int, is_number
 
-DRIFT_OBJECTIVES = ("pathwise", "adjoint_matching", "value_guided")
+DRIFT_OBJECTIVES = ("auto", "pathwise", "adjoint_matching", "value_guided")
 # settings a resumed run may not change: they define the objective, the model or the optimiser (train_steps,
 # checkpointing, logging and output settings may change)
 RESUME_KEYS = ("alpha", "eta", "num_inference_steps", "learn_initial_noise", "conditional_initial_noise",
@@ -47,7 +47,11 @@ class ElegantConfig:
 
     ``drift_objective`` picks the stage-3 optimiser (all three have the same optimum, ``docs/algorithms.md`` §2):
 
-    * ``"pathwise"`` (default): the exact gradient of ``r - alpha * KL`` backpropagated through the sampler;
+    * ``"auto"`` (default): the trainer picks the best one the process supports and logs why
+      (:func:`hf_control_ft.trainers.elegant.choose_drift_objective`): ``"value_guided"`` where per-step values
+      can be fitted within memory, ``"pathwise"`` otherwise (latent pipelines, large samples,
+      ``truncate_backprop_steps``);
+    * ``"pathwise"``: the exact gradient of ``r - alpha * KL`` backpropagated through the sampler;
     * ``"adjoint_matching"``: regresses the control ``u_k`` onto ``sigma_k^2 a_{k+1} / alpha`` with the lean
       adjoint ``a`` (:mod:`hf_control_ft.core.adjoint_matching`); same cost per iteration as ``"pathwise"``;
     * ``"value_guided"``: the same regression with ``grad V_{k+1}`` as target, ``V_k`` fitted at every step
@@ -84,9 +88,10 @@ class ElegantConfig:
     conditional_initial_noise: bool = _field(True, "conditional processes: one start law per prompt / class "
                                                    "(condition features) instead of one prompt-agnostic law")
     # drift (stage 3)
-    drift_objective: str = _field("pathwise", "stage-3 optimiser: 'pathwise' (exact gradient through the sampler), "
-                                              "'adjoint_matching' or 'value_guided' (regression on fitted per-step "
-                                              "value gradients)")
+    drift_objective: str = _field("auto", "stage-3 optimiser: 'auto' (the trainer picks the best the process "
+                                          "supports and logs why), 'pathwise' (exact gradient through the sampler), "
+                                          "'adjoint_matching' or 'value_guided' (regression on fitted per-step value "
+                                          "gradients)")
     train_steps: int = _field(500, "drift (LoRA) iterations; for SEIKO per round")
     batch_size: int = _field(64, "samples per drift iteration and per process")
     gradient_accumulation_steps: int = _field(1, "micro-batches of batch_size whose gradients are averaged before "
@@ -158,7 +163,8 @@ class ElegantConfig:
             _check(is_number(v) and 0 < v < math.inf, name, f"must be a finite number > 0, got {v!r}")
         _check(self.drift_objective in DRIFT_OBJECTIVES, "drift_objective",
                f"must be one of {DRIFT_OBJECTIVES}, got {self.drift_objective!r}")
-        _check(self.drift_objective == "pathwise" or self.truncate_backprop_steps is None, "truncate_backprop_steps",
+        _check(self.drift_objective in ("auto", "pathwise") or self.truncate_backprop_steps is None,
+               "truncate_backprop_steps",
                "applies to drift_objective='pathwise' only (adjoint matching regresses every step and keeps no "
                "graph over the chain); set it to None")
         _check(self.lr_scheduler in ("constant", "constant_with_warmup", "linear", "cosine"), "lr_scheduler",

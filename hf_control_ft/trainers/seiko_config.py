@@ -82,8 +82,9 @@ class SeikoConfig(ElegantConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _check(self.drift_objective == "pathwise", "drift_objective",
+        _check(self.drift_objective in ("auto", "pathwise"), "drift_objective",
                f"SEIKO rounds use the pathwise two-KL gradient; got {self.drift_objective!r}")
+        self.drift_objective = "pathwise"  # what "auto" means for SEIKO
         _check(is_int(self.num_rounds, 1), "num_rounds", f"must be an int >= 1, got {self.num_rounds!r}")
         q = self.queries_per_round
         if isinstance(q, (list, tuple)):

@@ -173,7 +173,7 @@ def test_config_validates_drift_objective():
         ElegantConfig(drift_objective="reinforce")
     with pytest.raises(ValueError, match=r"ElegantConfig\.truncate_backprop_steps"):
         ElegantConfig(drift_objective="adjoint_matching", truncate_backprop_steps=3)
-    assert ElegantConfig().drift_objective == "pathwise"
+    assert ElegantConfig().drift_objective == "auto"
 
 
 def _affine_chain(alpha_bar_one=False, steps=4, eta=0.8, weight_scale=0.5):

@@ -124,7 +124,8 @@ def test_elegant_generic_constructor_trains_a_velocity_model_on_a_flow_scheduler
 
     model.forward = recording
     cfg = ElegantConfig(eta=0.5, num_inference_steps=8, train_steps=25, batch_size=32, learning_rate=1e-2,
-                        value_num_rollouts=64, value_train_steps=20, noise_train_steps=10, report_to=None, alpha=0.3)
+                        value_num_rollouts=64, value_train_steps=20, noise_train_steps=10, report_to=None, alpha=0.3,
+                        drift_objective="pathwise")
 
     def reward(x):
         return x[:, 0]

@@ -17,7 +17,8 @@ def quadratic_reward(x):
 def config(out, **kw):
     base = dict(alpha=1.0, num_inference_steps=4, train_steps=6, batch_size=8, value_num_rollouts=16,
                 value_train_steps=2, noise_train_steps=2, noise_num_steps=3, aux_hidden=16, report_to=None,
-                learning_rate=1e-2, log_every=2, output_dir=str(out), checkpointing_steps=2, checkpoints_total_limit=2)
+                learning_rate=1e-2, log_every=2, output_dir=str(out), checkpointing_steps=2, checkpoints_total_limit=2,
+                        step_value_train_steps=50)  # drift_objective "auto" -> "value_guided" on this process
     base.update(kw)
     return ElegantConfig(**base)
 
@@ -37,6 +38,7 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_run_exactly(tmp_pat
     resumed = make_trainer(tmp_path / "full")
     summary = resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-4"))
     assert summary["resumed_from"].endswith("checkpoint-4")
+    assert resumed.config.drift_objective == "value_guided"  # its step values are refitted identically on resume
     assert resumed.global_step == 6
     assert "value/loss" not in summary  # stages 1-2 were not repeated
     for a, b in zip(lora_parameters(full.model), lora_parameters(resumed.model)):

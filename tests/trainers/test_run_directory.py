@@ -74,7 +74,7 @@ def test_a_second_run_on_the_same_directory_fails_at_once_naming_the_holder(tmp_
 
 def _elegant(tmp_path, **kw):
     values = dict(num_inference_steps=3, train_steps=2, batch_size=4, learn_initial_noise=False, report_to=None,
-                  output_dir=str(tmp_path), checkpointing_steps=1, lora_rank=2)
+                  output_dir=str(tmp_path), checkpointing_steps=1, lora_rank=2, drift_objective="pathwise")
     values.update(kw)
     return ElegantTrainer(ElegantConfig(**values), make_mlp_denoiser(lora=False), ddim(),
                           lambda x: -x.pow(2).sum(1), (2,))

@@ -11,7 +11,8 @@ from hf_control_ft.testing import ddim, make_mlp_denoiser
 
 def small_config(**kw):
     base = dict(alpha=1.0, eta=1.0, num_inference_steps=5, train_steps=2, batch_size=8, value_num_rollouts=16,
-                value_train_steps=2, noise_train_steps=2, noise_num_steps=3, aux_hidden=16, report_to=None)
+                value_train_steps=2, noise_train_steps=2, noise_num_steps=3, aux_hidden=16, report_to=None,
+                drift_objective="pathwise")
     base.update(kw)
     return ElegantConfig(**base)
 
@@ -183,7 +184,8 @@ def test_network_evaluations_are_counted_before_the_run():
     assert costs["drift_forward"] == 500 * 64 * 2 * (50 + 100) and costs["drift_backward"] == 500 * 64 * 2 * 100
     assert costs["stages_before_drift_fraction"] < 0.25  # the defaults keep stages 1-2 small
     trainer = ElegantTrainer(ElegantConfig(num_inference_steps=3, train_steps=1, batch_size=4, value_num_rollouts=8,
-                                           value_train_steps=1, noise_train_steps=1, report_to=None),
+                                           value_train_steps=1, noise_train_steps=1, report_to=None,
+                                           drift_objective="pathwise"),
                              make_mlp_denoiser(lora=False), ddim(), lambda x: -x.pow(2).sum(1), (2,))
     summary = trainer.train()
     assert summary["network_evaluations"]["stage1_forward"] == 8 * 3
@@ -233,3 +235,41 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch():
     torch.testing.assert_close(accumulated, (singles[0] + singles[1]) / 2, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
         ElegantConfig(gradient_accumulation_steps=0)
+
+
+def test_auto_drift_objective_picks_the_best_the_process_supports_and_says_why(caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from hf_control_ft import SeikoConfig
+    from hf_control_ft.testing import tiny_sd_pipeline
+    from hf_control_ft.trainers.objectives import choose_drift_objective
+
+    tiny = dict(num_inference_steps=3, train_steps=1, batch_size=4, value_num_rollouts=8, value_train_steps=1,
+                noise_train_steps=1, step_value_train_steps=5, report_to=None)
+    assert ElegantConfig().drift_objective == "auto"
+    with caplog.at_level(logging.INFO, logger="hf_control_ft.trainers.elegant"):
+        trainer = ElegantTrainer(ElegantConfig(**tiny), make_mlp_denoiser(lora=False), ddim(), quadratic_reward, (2,))
+    assert trainer.config.drift_objective == "value_guided"
+    assert "drift_objective='auto' -> 'value_guided': per-step values fit in memory" in caplog.text
+    assert trainer.network_evaluations()["step_values_forward"] == 8 * 3  # counted with the resolved objective
+    summary = trainer.train()
+    assert summary["drift_objective"] == "value_guided" and "fit in memory" in summary["drift_objective_reason"]
+    assert any("step_values/loss" in h for h in trainer.history)
+    # an explicit choice wins; truncated backprop, latent pipelines and large samples fall back to pathwise
+    explicit = ElegantTrainer(ElegantConfig(**tiny, drift_objective="adjoint_matching"), make_mlp_denoiser(lora=False),
+                              ddim(), quadratic_reward, (2,))
+    assert explicit.config.drift_objective == "adjoint_matching"
+    truncated = ElegantTrainer(ElegantConfig(**tiny, truncate_backprop_steps=2), make_mlp_denoiser(lora=False),
+                               ddim(), quadratic_reward, (2,))
+    assert truncated.config.drift_objective == "pathwise"
+    sd = ElegantTrainer.from_pipeline(tiny_sd_pipeline(), lambda im, p: im.mean(dim=(1, 2, 3)),
+                                      ElegantConfig(**tiny), ["a cat"])
+    assert sd.config.drift_objective == "pathwise"
+    digits = SimpleNamespace(supports_step_values=True, sample_shape=(1, 8, 8), family="unconditional")
+    objective, reason = choose_drift_objective(ElegantConfig(), digits)
+    assert objective == "pathwise" and "64 dimensions" in reason
+    many = SimpleNamespace(supports_step_values=True, sample_shape=(16,), family="unconditional")
+    objective, reason = choose_drift_objective(ElegantConfig(value_num_rollouts=10**6), many)  # 3.0 GiB of states
+    assert objective == "pathwise" and "3.0 GiB" in reason
+    assert SeikoConfig().drift_objective == "pathwise"  # SEIKO's rounds use the two-KL pathwise gradient
