@@ -17,6 +17,7 @@ from ..rewards.registry import RewardSpecError, check_spec
 from ..serialization.checkpoints import PREFIX as CHECKPOINT_PREFIX
 from ..serialization.checkpoints import list_checkpoints
 from ..serialization.lora_io import LORA_WEIGHTS_NAME
+from ..trainers.base import check_trackers
 from ..utils.config_cli import ConfigCliError, parse_dataclasses
 from ..utils.validation import field_checker, is_int
 
@@ -185,6 +186,7 @@ def parse_script_args(args_cls, config_cls, argv=None, prog: str | None = None, 
     try:
         args, config = parse_dataclasses((args_cls, config_cls), argv, prog=prog, description=description)
         args.overwrite = bool(getattr(config, "overwrite_output_dir", False))
+        check_trackers(config.report_to)
         if config.output_dir is None:
             config.output_dir = "elegant-model"
         if config.logging_dir is None:

@@ -120,8 +120,9 @@ def _finish(trainer, args, config, accelerator, validation, summary: dict, metri
             except HubPushError as err:
                 print(f"error: {err} (the trained model is saved in {os.path.abspath(out)})", file=sys.stderr)
                 status = 1
-        print(f"saved to {os.path.abspath(out)}: pytorch_lora_weights.safetensors, initial_noise/, README.md, "
-              f"sample_grid.png, validation/, metrics.json, logs/")
+        names = ("pytorch_lora_weights.safetensors", "initial_noise", "README.md", "sample_grid.png", "validation",
+                 "metrics.json", "logs")
+        print(f"saved to {os.path.abspath(out)}: {', '.join(n for n in names if os.path.exists(os.path.join(out, n)))}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return status

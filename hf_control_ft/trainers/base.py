@@ -31,6 +31,20 @@ from ..rewards.checks import check_reward, reward_name
 from ..serialization.saved import push_directory
 
 
+def check_trackers(report_to: str | None) -> None:
+    """Raises ``ValueError`` when a tracker named in ``report_to`` is not installed (``accelerate`` would drop it
+    with a warning and the run would log nowhere)."""
+    if report_to in (None, "none"):
+        return
+    from accelerate.tracking import _available_trackers
+
+    available = {str(getattr(t, "value", t)) for t in _available_trackers}
+    missing = [t.strip() for t in report_to.split(",") if t.strip() not in available]
+    if missing:
+        raise ValueError(f"--report_to {','.join(missing)}: not installed here (pip install {' '.join(missing)}); "
+                         f"available trackers: {sorted(available)}, or 'none'")
+
+
 class BaseTrainer:
     """Shared machinery of the trainers (not used directly).
 
@@ -45,6 +59,8 @@ class BaseTrainer:
     def __init__(self, config, accelerator: Accelerator | None = None):
         self.config = config
         log_with = None if config.report_to in (None, "none") else [t.strip() for t in config.report_to.split(",")]
+        if accelerator is None:
+            check_trackers(config.report_to)
         self.accelerator = accelerator or Accelerator(log_with=log_with, project_dir=config.logging_dir or "runs")
         self.device = self.accelerator.device
         self.history: list[dict] = []

@@ -172,6 +172,7 @@ def no_model_loading(monkeypatch):
     (["--reward", "my_reward.py:redness", "--resolution", "20"], "resolution: must be a positive multiple of 8"),
     (["--reward", "aesthetic"], "needs --aesthetic_head"),
     (["--reward", "my_reward.py:redness", "--tracker_init_kwargs", "{bad"], "tracker_init_kwargs: must be a JSON"),
+    (["--reward", "my_reward.py:redness", "--report_to", "tensorboard,clearml"], "--report_to clearml: not installed"),
 ])
 def test_bad_flags_exit_with_one_line_before_loading_a_model(workdir, monkeypatch, capsys, no_model_loading,
                                                              flags, message):

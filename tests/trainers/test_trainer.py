@@ -273,3 +273,13 @@ def test_auto_drift_objective_picks_the_best_the_process_supports_and_says_why(c
     objective, reason = choose_drift_objective(ElegantConfig(value_num_rollouts=10**6), many)  # 3.0 GiB of states
     assert objective == "pathwise" and "3.0 GiB" in reason
     assert SeikoConfig().drift_objective == "pathwise"  # SEIKO's rounds use the two-KL pathwise gradient
+
+
+def test_a_tracker_that_is_not_installed_is_an_error_not_a_silent_drop():
+    from accelerate.tracking import _available_trackers
+
+    missing = next(t for t in ("clearml", "aim", "dvclive", "swanlab", "trackio")
+                   if t not in {str(getattr(x, "value", x)) for x in _available_trackers})
+    with pytest.raises(ValueError, match=f"--report_to {missing}: not installed"):
+        ElegantTrainer(small_config(report_to=f"tensorboard,{missing}"), make_mlp_denoiser(lora=False), ddim(),
+                       quadratic_reward, (2,))
