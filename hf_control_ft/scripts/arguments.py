@@ -149,7 +149,9 @@ class TextToImageArguments:
         return self.base_model_id or self.pretrained_model_name_or_path
 
     def card_dataset(self) -> str | None:
-        return self.dataset_name
+        """The prompt dataset as a card names it: a Hub id as given, a local directory by its name only."""
+        name = self.dataset_name
+        return os.path.basename(os.path.normpath(name)) if name and os.path.isdir(name) else name
 
 
 @dataclass

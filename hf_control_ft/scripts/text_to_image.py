@@ -96,7 +96,8 @@ def _reward(spec: str, args, accelerator):
 def _options(args, accelerator) -> dict:
     return dict(guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt, height=args.resolution,
                 width=args.resolution, mixed_precision=accelerator.mixed_precision, kl_precision=args.kl_precision,
-                base_model=args.pretrained_model_name_or_path, max_sequence_length=args.max_sequence_length)
+                base_model=args.pretrained_model_name_or_path, max_sequence_length=args.max_sequence_length,
+                prompt_column=args.prompt_column)
 
 
 def _finish(trainer, args, config, accelerator, validation, summary: dict, metrics: dict, card_info: dict) -> int:

@@ -286,3 +286,20 @@ def test_elegant_script_trains_every_family_saved_to_disk(workdir, tmp_path, mon
                                                      if name == "sd3" else {}))
         stock.load_lora_weights(out)  # the family's stock loader
         assert os.path.isfile(os.path.join(out, "validation", "step-000001.png"))
+
+
+def test_prompts_from_a_local_dataset_with_its_own_column(workdir, tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.chdir(workdir)
+    datasets.Dataset.from_dict({"caption": ["a red cat", "the sea", "a dog"]}).save_to_disk(str(tmp_path / "ds"))
+    out = str(tmp_path / "out")
+    flags = ["--pretrained_model_name_or_path", "tiny-sd", "--dataset_name", str(tmp_path / "ds"), "--reward",
+             "my_reward.py:redness", *TINY, "--train_steps", "1", "--output_dir", out, "--report_to", "none",
+             "--validation_steps", "0"]
+    with pytest.raises(SystemExit):  # the default column 'prompt' is not there: one line naming the columns
+        run_elegant(flags + ["--output_dir", str(tmp_path / "never")])
+    assert run_elegant(flags + ["--prompt_column", "caption"]) == 0
+    card = open(os.path.join(out, "README.md")).read()
+    assert "| prompts | dataset `ds` (3 prompts) |" in card and str(tmp_path) not in card
+    assert "validation reward" in card
