@@ -119,7 +119,8 @@ def _finish(trainer, args, config, accelerator, validation, summary: dict, metri
                                            card_info=card_info)
                 print(f"pushed to {getattr(info, 'commit_url', repo_id)}")
             except HubPushError as err:
-                print(f"error: {err} (the trained model is saved in {os.path.abspath(out)})", file=sys.stderr)
+                print(f"error: push to {repo_id!r} failed: {err.cause or err}; the trained model is saved in "
+                      f"{os.path.abspath(out)}", file=sys.stderr)
                 status = 1
         names = ("pytorch_lora_weights.safetensors", "initial_noise", "README.md", "sample_grid.png", "validation",
                  "metrics.json", "logs")

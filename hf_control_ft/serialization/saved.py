@@ -118,7 +118,10 @@ def resolve_directory(name_or_path: str, token: str | None = None, revision: str
 
 
 class HubPushError(RuntimeError):
-    """A push to the Hub failed; the message is the Hub's, and the local directory is left intact."""
+    """A push to the Hub failed; the message is the Hub's, and the local directory is left intact. ``cause``: the
+    Hub's or the network's message alone (token masked)."""
+
+    cause: str = ""
 
 
 def mask_token(message: str, token: str | None) -> str:
@@ -149,4 +152,6 @@ def push_directory(folder: str, repo_id: str, private: bool = False, token: str 
         message = mask_token(f"{type(err).__name__}: {err}", token)
         where = (f"the local files are kept in {folder!r}" if keep_local else
                  "nothing was kept locally: pass save_directory= to keep a copy")
-        raise HubPushError(f"push to {repo_id!r} failed ({where}): {message}") from None
+        error = HubPushError(f"push to {repo_id!r} failed ({where}): {message}")
+        error.cause = message  # the Hub's / the network's message alone (token masked)
+        raise error from None
