@@ -29,6 +29,7 @@ from accelerate import Accelerator
 
 from hf_control_ft import ElegantConfig, ElegantTrainer
 from hf_control_ft.tasks import digits
+from hf_control_ft.utils.config_cli import format_help
 
 DEFAULT_OUTPUT_DIR = os.path.join("outputs", "digits-elegant")
 CARD_METRICS = ("proxy_reward", "genuine_reward", "genuine_target_rate", "diversity_pairwise_distance",
@@ -36,7 +37,9 @@ CARD_METRICS = ("proxy_reward", "genuine_reward", "genuine_target_rate", "divers
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    config_fields = format_help([ElegantConfig]).split("\n", 2)[2]  # every config field, with its help
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=config_fields,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML file whose keys are ElegantConfig fields")
     parser.add_argument("--target_digit", type=int, default=3)
     parser.add_argument("--cache_dir", default=None, help="pretrained model + classifiers (default ./cache/digits)")
@@ -52,7 +55,10 @@ def parse_args(argv=None):
     if args.mixed_precision != "no":
         parser.error("--mixed_precision: the digits model trains in fp32; mixed precision applies to the "
                      "text-to-image scripts (examples/text_to_image/train_elegant.py)")
-    config = ElegantConfig.from_cli(args.config, rest)
+    try:
+        config = ElegantConfig.from_cli(args.config, rest)
+    except ValueError as err:  # unknown key, bad value, unreadable config: one line, exit status 2
+        parser.error(str(err))
     if config.output_dir is None:
         config.output_dir = DEFAULT_OUTPUT_DIR
     if config.logging_dir is None:

@@ -17,15 +17,21 @@ from diffusers import DDIMScheduler
 
 from hf_control_ft import ElegantConfig, ElegantTrainer
 from hf_control_ft.tasks.gaussian_mixture import distill_mixture_denoiser, three_mode_mixture
+from hf_control_ft.utils.config_cli import format_help
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    config_fields = format_help([ElegantConfig]).split("\n", 2)[2]  # every config field, with its help
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=config_fields,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML file with ElegantConfig fields")
     parser.add_argument("--output_dir", default="outputs/mixture-elegant")
     parser.add_argument("--overwrite", action="store_true")
     args, rest = parser.parse_known_args()
-    config = ElegantConfig.from_cli(args.config, rest)
+    try:
+        config = ElegantConfig.from_cli(args.config, rest)
+    except ValueError as err:  # unknown key, bad value, unreadable config: one line, exit status 2
+        parser.error(str(err))
     if config.logging_dir is None:
         config.logging_dir = os.path.join(args.output_dir, "logs")
     if os.path.exists(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:

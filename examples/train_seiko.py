@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from hf_control_ft.trainers.seiko import SeikoTrainer
 from hf_control_ft.trainers.seiko_config import SeikoConfig
+from hf_control_ft.utils.config_cli import format_help
 
 MIXTURE_PEAK = torch.tensor([0.0, 7.5])
 MIXTURE_MODE_STD = 0.5
@@ -134,7 +135,9 @@ def setup_mixture(args, config):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    config_fields = format_help([SeikoConfig]).split("\n", 2)[2]  # every config field, with its help
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=config_fields,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=("digits", "mixture"), default="digits")
     parser.add_argument("--config", default=None, help="YAML file with SeikoConfig fields")
     parser.add_argument("--target_digit", type=int, default=3)
@@ -146,7 +149,10 @@ def main(argv=None):
     parser.add_argument("--push_to_hub", default=None, help="model repo id for the final adapter")
     parser.add_argument("--feedback_repo", default=None, help="dataset repo id for the feedback dataset")
     args, rest = parser.parse_known_args(argv)
-    config = SeikoConfig.from_cli(args.config, rest)
+    try:
+        config = SeikoConfig.from_cli(args.config, rest)
+    except ValueError as err:  # unknown key, bad value, unreadable config: one line, exit status 2
+        parser.error(str(err))
     if args.oracle_noise is None:
         args.oracle_noise = 0.3 if args.task == "digits" else 0.5
     task = (setup_digits if args.task == "digits" else setup_mixture)(args, config)
