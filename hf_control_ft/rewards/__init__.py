@@ -2,7 +2,7 @@
 output passes before the trainer uses it, and rewards by name / file reference (:mod:`.registry`)."""
 
 from .checks import check_reward, reward_name
-from .clip_rewards import CLIPScoreReward, PickScoreReward
+from .clip_rewards import CLIPImageFeatures, CLIPScoreReward, PickScoreReward
 from .image_rewards import (
     AestheticHead,
     AestheticReward,
@@ -17,5 +17,5 @@ from .registry import BUILTIN_REWARDS, RewardSpecError, check_spec, load_reward,
 
 __all__ = ["check_reward", "reward_name", "call_reward", "ImageReward", "BrightnessReward", "SaturationReward",
            "WeightedSumReward", "AestheticHead", "AestheticReward", "ClassifierReward", "PickScoreReward",
-           "CLIPScoreReward", "BUILTIN_REWARDS", "RewardSpecError", "check_spec", "load_reward",
+           "CLIPScoreReward", "CLIPImageFeatures", "BUILTIN_REWARDS", "RewardSpecError", "check_spec", "load_reward",
            "load_user_function"]

@@ -69,6 +69,47 @@ class _ClipSimilarity(ImageReward):
         return cls(model, tokenizer)
 
 
+class CLIPImageFeatures(ImageReward):
+    """A frozen CLIP image tower as a differentiable embedding ``images (B, 3, H, W) in [0, 1] -> (B, D)``
+    (L2-normalised ``image_embeds``, ``D`` = the projection width): the recommended features of SEIKO's reward
+    heads on text-to-image models (the optimism bonus is then computed in CLIP space, where a ridge regression on
+    a few hundred answers generalises, instead of on pixels).
+
+    Args:
+        vision_model: a ``transformers.CLIPVisionModelWithProjection`` (or a ``CLIPModel``, whose vision tower
+            and projection are used).
+    """
+
+    name = "clip_image_features"
+
+    def __init__(self, vision_model):
+        super().__init__()
+        self.model = vision_model.eval().requires_grad_(False)
+        cfg = vision_model.config
+        vision_cfg = getattr(cfg, "vision_config", cfg)
+        self.image_size = int(vision_cfg.image_size)
+        self.dim = int(getattr(cfg, "projection_dim", None) or vision_cfg.projection_dim)
+
+    def forward(self, images, prompts=None):
+        param = next(self.model.parameters())
+        pixels = preprocess_for_vision_model(images, self.image_size, CLIP_MEAN, CLIP_STD).to(param.dtype)
+        if hasattr(self.model, "get_image_features"):  # a full CLIPModel
+            out = self.model.vision_model(pixel_values=pixels)
+            emb = self.model.visual_projection(out.pooler_output)
+        else:
+            emb = self.model(pixel_values=pixels).image_embeds
+        emb = emb.float()
+        return emb / emb.norm(dim=-1, keepdim=True)
+
+    @classmethod
+    def from_pretrained(cls, model_name_or_path: str = CLIPSCORE_MODEL, torch_dtype=None, **hub_kwargs):
+        """Loads the image tower (safetensors only) of a CLIP checkpoint."""
+        from transformers import CLIPVisionModelWithProjection
+
+        return cls(CLIPVisionModelWithProjection.from_pretrained(model_name_or_path, use_safetensors=True,
+                                                                 dtype=torch_dtype, **hub_kwargs))
+
+
 class PickScoreReward(_ClipSimilarity):
     """PickScore: ``exp(logit_scale) * cos(image, prompt)`` (module docstring)."""
 
@@ -91,4 +132,5 @@ class CLIPScoreReward(_ClipSimilarity):
         return torch.tensor(self.scale)
 
 
-__all__ = ["PickScoreReward", "CLIPScoreReward", "PICKSCORE_MODEL", "PICKSCORE_PROCESSOR", "CLIPSCORE_MODEL"]
+__all__ = ["PickScoreReward", "CLIPScoreReward", "CLIPImageFeatures", "PICKSCORE_MODEL", "PICKSCORE_PROCESSOR",
+           "CLIPSCORE_MODEL"]

@@ -244,8 +244,8 @@ class AestheticReward(ImageReward):
     def from_pretrained(cls, head_name_or_path: str, clip_model_name_or_path: str = DEFAULT_CLIP_MODEL,
                         torch_dtype: torch.dtype | None = None, **hub_kwargs) -> "AestheticReward":
         """Loads the head (a directory / Hub repo saved with ``AestheticHead.save_pretrained``, a bare
-        ``.safetensors`` file or the LAION ``.pth`` state dict) and the CLIP vision tower (safetensors only). ``hub_kwargs`` (``token``,
-        ``revision``, ``cache_dir``, ...) go to both loaders."""
+        ``.safetensors`` file or the LAION ``.pth`` state dict) and the CLIP vision tower (safetensors only).
+        ``hub_kwargs`` (``token``, ``revision``, ``cache_dir``, ...) go to both loaders."""
         from transformers import CLIPVisionModelWithProjection
 
         if os.path.isfile(head_name_or_path):

@@ -170,6 +170,9 @@ class SeikoScriptArguments(TextToImageArguments):
                                   "function' or 'package.module:function'; called as fn(images, prompts)")
     feedback_dataset_id: str | None = _f(None, "with --push_to_hub: also push the feedback dataset to this "
                                                "dataset repo")
+    feature_model_name_or_path: str | None = _f(None, "CLIP model whose image embeddings the reward heads and the "
+                                                      "optimism bonus use (recommended: openai/clip-vit-large-patch14);"
+                                                      " default: 4x4 pooled pixels")
 
     refuses_existing_run = False  # the run state in output_dir is resumed: no oracle answer is ever asked twice
 

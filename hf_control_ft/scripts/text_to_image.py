@@ -20,6 +20,7 @@ from accelerate import Accelerator
 
 from ..feedback.oracle import OracleOutputError, OracleUnavailableError
 from ..processes.loading import load_base_pipeline
+from ..rewards.clip_rewards import CLIPImageFeatures
 from ..rewards.registry import load_reward
 from ..serialization.checkpoints import CheckpointError
 from ..serialization.saved import HubPushError, mask_token
@@ -137,9 +138,17 @@ def _setup(trainer_cls, args, config, spec: str, validation_reward: bool):
         pipe = load_pipeline(args)
         prompts = load_prompt_source(args)
     fn = _reward(spec, args, accelerator)
+    extra = {}
+    if getattr(args, "feature_model_name_or_path", None):  # SEIKO: reward heads on CLIP image embeddings
+        try:
+            extra["feature_extractor"] = CLIPImageFeatures.from_pretrained(args.feature_model_name_or_path,
+                                                                           token=args.hub_token)
+        except Exception as err:  # noqa: BLE001 - unreachable Hub, not a CLIP checkpoint
+            _fail(f"cannot load --feature_model_name_or_path {args.feature_model_name_or_path!r}: "
+                  f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}")
     try:
         trainer = trainer_cls.from_pipeline(pipe, fn, config, prompts, accelerator=accelerator,
-                                            **_options(args, accelerator))
+                                            **_options(args, accelerator), **extra)
     except (TypeError, ValueError) as err:
         _fail(str(err))
     trainer.tracker_init_kwargs = args.init_kwargs()

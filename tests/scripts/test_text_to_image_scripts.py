@@ -303,3 +303,27 @@ def test_prompts_from_a_local_dataset_with_its_own_column(workdir, tmp_path, mon
     card = open(os.path.join(out, "README.md")).read()
     assert "| prompts | dataset `ds` (3 prompts) |" in card and str(tmp_path) not in card
     assert "validation reward" in card
+
+
+def test_seiko_reward_heads_on_clip_image_embeddings(workdir, tmp_path, monkeypatch):
+    """--feature_model_name_or_path: the reward ensemble and the UCB bonus work on a (tiny, random) CLIP's
+    normalised image embeddings instead of pooled pixels."""
+    from hf_control_ft.rewards import CLIPImageFeatures
+    from hf_control_ft.scripts import run_seiko
+    from hf_control_ft.testing import tiny_clip_model
+
+    model, tokenizer = tiny_clip_model()
+    model.save_pretrained(tmp_path / "clip")
+    tokenizer.save_pretrained(tmp_path / "clip")
+    features = CLIPImageFeatures.from_pretrained(str(tmp_path / "clip"))
+    x = torch.rand(3, 3, 16, 16, requires_grad=True)
+    f = features(x)
+    f.sum().backward()
+    assert f.shape == (3, 16) and torch.allclose(f.norm(dim=1), torch.ones(3)) and x.grad.abs().sum() > 0
+    monkeypatch.chdir(workdir)
+    out = str(tmp_path / "seiko")
+    assert run_seiko(["--pretrained_model_name_or_path", "tiny-sd", "--prompts", "a red cat", "the sea",
+                      "--oracle", "my_oracle.py:score", *TINY, "--num_rounds", "1", "--queries_per_round", "4",
+                      "--reward_train_steps", "3", "--train_steps", "1", "--output_dir", out, "--report_to", "none",
+                      "--feature_model_name_or_path", str(tmp_path / "clip")]) == 0
+    assert os.path.isfile(os.path.join(out, "pytorch_lora_weights.safetensors"))
