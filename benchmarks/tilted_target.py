@@ -3,7 +3,7 @@
 Pretrained law: a 2-D three-mode Gaussian mixture with unequal weights; the pretrained model is a small MLP
 denoiser distilled to its exact noise prediction. Reward r(x) = c . x, whose tilted target is a mixture in
 closed form. For the pretrained model, ELEGANT with each drift objective of ``--drift_objectives``
-(``ElegantConfig.drift_objective``: "value_guided", "adjoint_matching", "pathwise"), and ELEGANT with
+(``ElegantConfig.drift_objective``: "auto", "value_guided", "adjoint_matching", "pathwise"), and ELEGANT with
 learn_initial_noise=False (first objective) it reports the total-variation distance between the samples' mode
 weights and the target weights, and each mode's mean error, at eta = 1 and at a low-noise setting. It also
 reports a discretisation floor: the same LoRA fitted by regression to the exact noise prediction of the
@@ -15,6 +15,7 @@ setting's block is also printed to stderr as soon as it is done.
     python benchmarks/tilted_target.py --quick         # smaller, for a smoke test
     python benchmarks/tilted_target.py --conditional   # per-prompt targets (below)
     python benchmarks/tilted_target.py --flow          # rectified flow (below)
+    python benchmarks/tilted_target.py --drift_objectives auto --seeds 0 1 2   # the default objective, 3 seeds
 
 ``--flow``: the same mixture as a rectified flow ``x_s = (1 - s) x_0 + s eps``; the pretrained model is the MLP
 distilled to the exact velocity (``exact_velocity``, docs/algorithms.md §11), sampled by the flow SDE of a
@@ -44,7 +45,7 @@ import time
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-from hf_control_ft import ControlledSampler, DiffusionSchedule, ElegantConfig, ElegantTrainer
+from hf_control_ft import ControlledSampler, ElegantConfig, ElegantTrainer
 from hf_control_ft.core.control import add_lora_control, lora_parameters
 from hf_control_ft.core.flow_matching import build_schedule, is_flow_scheduler
 from hf_control_ft.processes import ClassConditionalProcess
@@ -112,11 +113,31 @@ def discretisation_floor(denoiser_state, scheduler, target, args, eta):
             "fit_seconds": round(time.perf_counter() - t0, 1)}
 
 
+def run_seeds(denoiser_state, scheduler, target, reward, args, eta, learn_initial_noise, drift_objective):
+    """:func:`run_setting` for every training seed of ``--seeds`` (one run when not given); with several seeds
+    the block holds each seed's run and the mean and standard deviation of the mode-weight TV."""
+    seeds = args.seeds or [args.seed]
+    runs = []
+    for seed in seeds:
+        args.train_seed = seed
+        runs.append(run_setting(denoiser_state, scheduler, target, reward, args, eta, learn_initial_noise,
+                                drift_objective))
+    if len(runs) == 1:
+        return runs[0]
+    tvs = torch.tensor([r["samples"]["tv"] for r in runs], dtype=torch.float64)
+    out = {"seeds": seeds, "tv_mean": round(float(tvs.mean()), 4), "tv_std": round(float(tvs.std()), 4),
+           "runs": runs}
+    if "pretrained" in runs[0]:
+        out["pretrained"] = runs[0]["pretrained"]
+    return out
+
+
 def run_setting(denoiser_state, scheduler, target, reward, args, eta, learn_initial_noise, drift_objective):
     model = load_denoiser(denoiser_state)
     cfg = ElegantConfig(alpha=args.alpha, eta=eta, num_inference_steps=args.steps,
                         learn_initial_noise=learn_initial_noise, train_steps=args.train_steps,
-                        batch_size=args.batch_size, learning_rate=args.lr, lora_rank=8, seed=args.seed,
+                        batch_size=args.batch_size, learning_rate=args.lr, lora_rank=8,
+                        seed=getattr(args, "train_seed", args.seed),
                         value_num_rollouts=args.value_rollouts, value_train_steps=args.value_train_steps,
                         noise_train_steps=args.noise_train_steps, report_to=None, max_grad_norm=args.max_grad_norm,
                         lr_scheduler=args.lr_scheduler, drift_objective=drift_objective)
@@ -257,6 +278,8 @@ def main():
     p.add_argument("--floor_lr", type=float, default=3e-3)
     p.add_argument("--skip_floor", action="store_true", help="skip the discretisation-floor fit")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="training seeds (the pretrained model stays that of --seed); reports the TV's mean and std")
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke test")
     p.add_argument("--conditional", action="store_true", help="per-prompt targets of a class-conditional mixture")
     p.add_argument("--skip_sd_cost", action="store_true", help="--conditional without the tiny-SD stage cost")
@@ -303,13 +326,13 @@ def main():
     for eta in etas:
         out = result["settings"][f"eta={eta}"] = {}
         for i, obj in enumerate(objectives):
-            res = run_setting(state, scheduler, target, linear_reward, args, eta, True, obj)
+            res = run_seeds(state, scheduler, target, linear_reward, args, eta, True, obj)
             if i == 0:
                 out["pretrained"] = res["pretrained"]
             res.pop("pretrained")
             out[f"elegant_{obj}"] = res
         if not args.skip_fixed_noise:
-            fixed = run_setting(state, scheduler, target, linear_reward, args, eta, False, objectives[0])
+            fixed = run_seeds(state, scheduler, target, linear_reward, args, eta, False, objectives[0])
             out[f"elegant_fixed_noise_{objectives[0]}"] = fixed
         if not args.skip_floor:
             out["discretisation_floor"] = discretisation_floor(state, scheduler, target, args, eta)
