@@ -108,7 +108,8 @@ def discretisation_floor(denoiser_state, scheduler, target, args, eta):
         lr_sched.step()
     sampler = ControlledSampler(model, schedule)
     gen = torch.Generator().manual_seed(99)
-    x = torch.cat([sampler.sample(torch.randn(2048, 2, generator=gen), gen) for _ in range(max(1, args.eval_samples // 2048))])
+    batches = max(1, args.eval_samples // 2048)
+    x = torch.cat([sampler.sample(torch.randn(2048, 2, generator=gen), gen) for _ in range(batches)])
     return {**evaluate(target, x), "fit_loss": round(loss.item(), 5),
             "fit_seconds": round(time.perf_counter() - t0, 1)}
 
