@@ -223,9 +223,14 @@ class GuidedUNet(nn.Module):
 
 class PooledGuidedNetwork(GuidedUNet):
     """:class:`GuidedUNet` for networks conditioned on ``(prompt_embeds (B, L, D), pooled (B, P))`` (SDXL's UNet,
-    SD3's transformer). Subclasses implement :meth:`call_network` for one (possibly doubled) batch; this class
-    checks the condition, builds the ``[negative, conditional]`` batch of classifier-free guidance, runs it under
-    the precision rules and combines ``u + w (c - u)``. Output: fp32, the shape of ``sample``."""
+    SD3's transformer). ``call(network, x, t, embeds, pooled)`` runs the network on one (possibly doubled) batch
+    the way its pipeline does; this class checks the condition, builds the ``[negative, conditional]`` batch of
+    classifier-free guidance, runs it under the precision rules and combines ``u + w (c - u)``. Output: fp32, the
+    shape of ``sample``."""
+
+    def __init__(self, network: nn.Module, guidance_scale: float, autocast_dtype: torch.dtype | None, call):
+        super().__init__(network, guidance_scale, autocast_dtype)
+        self.call = call
 
     def set_condition(self, conditioning, negative=None) -> None:
         """``conditioning`` = ``(prompt_embeds, pooled)``; ``negative`` the same for the negative prompt
@@ -235,9 +240,6 @@ class PooledGuidedNetwork(GuidedUNet):
         embeds, pooled = conditioning
         self.prompt_embeds, self.pooled = embeds.detach(), pooled.detach()
         self.negative_embeds = None if negative is None else tuple(t.detach() for t in negative)
-
-    def call_network(self, x, t, embeds, pooled, dtype) -> torch.Tensor:
-        raise NotImplementedError
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__
@@ -255,7 +257,7 @@ class PooledGuidedNetwork(GuidedUNet):
             pooled = torch.cat([neg_pooled.expand(B, *neg_pooled.shape[1:]), pooled])
             x, t = torch.cat([sample, sample]), torch.cat([timestep, timestep])
         with _autocast(sample.device, autocast_dtype):
-            out = self.call_network(x.to(dtype), t, embeds.to(dtype), pooled.to(dtype), dtype).float()
+            out = self.call(self.unet, x.to(dtype), t, embeds.to(dtype), pooled.to(dtype)).float()
         if self.do_guidance:
             out_u, out_c = out.chunk(2)
             return out_u + self.guidance_scale * (out_c - out_u)

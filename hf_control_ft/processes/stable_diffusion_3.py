@@ -38,9 +38,13 @@ class GuidedTransformer(PooledGuidedNetwork):
     called as ``StableDiffusion3Pipeline`` calls it (same guidance and precision rules as :class:`GuidedUNet`,
     whose ``unet`` attribute holds the transformer here)."""
 
-    def call_network(self, x, t, embeds, pooled, dtype) -> torch.Tensor:
-        return self.unet(hidden_states=x, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled,
-                         return_dict=False)[0]
+    def __init__(self, transformer: nn.Module, guidance_scale: float, autocast_dtype):
+        super().__init__(transformer, guidance_scale, autocast_dtype, _call_sd3_transformer)
+
+
+def _call_sd3_transformer(transformer, x, t, embeds, pooled) -> torch.Tensor:
+    return transformer(hidden_states=x, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled,
+                       return_dict=False)[0]
 
 
 class StableDiffusion3Process(StableDiffusionProcess):

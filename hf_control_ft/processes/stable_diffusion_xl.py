@@ -31,13 +31,13 @@ class GuidedXLUNet(PooledGuidedNetwork):
     ``time_ids`` ``(1, 6)``; same guidance and precision rules as :class:`GuidedUNet`."""
 
     def __init__(self, unet: nn.Module, guidance_scale: float, autocast_dtype, time_ids: torch.Tensor):
-        super().__init__(unet, guidance_scale, autocast_dtype)
+        super().__init__(unet, guidance_scale, autocast_dtype, self._call_unet)
         self.time_ids = time_ids
 
-    def call_network(self, x, t, embeds, pooled, dtype) -> torch.Tensor:
-        time_ids = self.time_ids.to(x.device, dtype).expand(x.shape[0], -1)
-        return self.unet(x, t, encoder_hidden_states=embeds,
-                         added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    def _call_unet(self, unet, x, t, embeds, pooled) -> torch.Tensor:
+        time_ids = self.time_ids.to(x.device, x.dtype).expand(x.shape[0], -1)
+        return unet(x, t, encoder_hidden_states=embeds,
+                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
 
 
 class StableDiffusionXLProcess(StableDiffusionProcess):

@@ -22,20 +22,37 @@ PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 CLIPSCORE_MODEL = "openai/clip-vit-large-patch14"
 
 
+def clip_image_embeddings(model, images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """L2-normalised CLIP image embeddings ``(B, D)`` fp32 of ``images`` ``(B, 3, H, W)`` in ``[0, 1]``
+    (differentiable); ``model`` is a ``CLIPModel`` or a ``CLIPVisionModelWithProjection``."""
+    param = next(model.parameters())
+    pixels = preprocess_for_vision_model(images, image_size, CLIP_MEAN, CLIP_STD).to(param.dtype)
+    if hasattr(model, "visual_projection"):  # a full CLIPModel: its vision tower and projection
+        emb = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+    else:
+        emb = model(pixel_values=pixels).image_embeds
+    emb = emb.float()
+    return emb / emb.norm(dim=-1, keepdim=True)
+
+
 class _ClipSimilarity(ImageReward):
-    """``weight * cos(image, text)`` under a frozen ``transformers.CLIPModel``; subclasses choose the weight."""
+    """``weight * cos(image, text)`` under a frozen ``transformers.CLIPModel``: ``weight = scale``, or
+    ``exp(logit_scale)`` of the model when ``scale`` is None."""
 
     name = "clip_similarity"
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, scale: float | None = None):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
+        self.scale = None if scale is None else float(scale)
         self.image_size = int(model.config.vision_config.image_size)
         self.max_length = int(model.config.text_config.max_position_embeddings)
 
     def weight(self) -> torch.Tensor:
-        raise NotImplementedError
+        if self.scale is None:
+            return self.model.logit_scale.detach().float().exp()
+        return torch.tensor(self.scale)
 
     def similarity(self, images: torch.Tensor, prompts) -> torch.Tensor:
         """Cosine ``(B,)`` between each image and its prompt (one prompt per image)."""
@@ -43,14 +60,11 @@ class _ClipSimilarity(ImageReward):
             got = "None" if prompts is None else (repr(prompts) if isinstance(prompts, str) else len(prompts))
             raise ValueError(f"reward {self.__name__!r} is prompt-conditional: pass one prompt per image "
                              f"({images.shape[0]}), got {got}")
-        param = next(self.model.parameters())
-        pixels = preprocess_for_vision_model(images, self.image_size, CLIP_MEAN, CLIP_STD).to(param.dtype)
+        img = clip_image_embeddings(self.model, images, self.image_size)
         tokens = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=self.max_length,
-                                return_tensors="pt").to(param.device)
-        out = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels)
-        img = out.image_embeds.float()
-        txt = out.text_embeds.float()
-        img = img / img.norm(dim=-1, keepdim=True)
+                                return_tensors="pt").to(img.device)
+        text = self.model.text_model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+        txt = self.model.text_projection(text.pooler_output).float()
         txt = txt / txt.norm(dim=-1, keepdim=True)
         return (img * txt).sum(dim=-1)
 
@@ -91,15 +105,7 @@ class CLIPImageFeatures(ImageReward):
         self.dim = int(getattr(cfg, "projection_dim", None) or vision_cfg.projection_dim)
 
     def forward(self, images, prompts=None):
-        param = next(self.model.parameters())
-        pixels = preprocess_for_vision_model(images, self.image_size, CLIP_MEAN, CLIP_STD).to(param.dtype)
-        if hasattr(self.model, "get_image_features"):  # a full CLIPModel
-            out = self.model.vision_model(pixel_values=pixels)
-            emb = self.model.visual_projection(out.pooler_output)
-        else:
-            emb = self.model(pixel_values=pixels).image_embeds
-        emb = emb.float()
-        return emb / emb.norm(dim=-1, keepdim=True)
+        return clip_image_embeddings(self.model, images, self.image_size)
 
     @classmethod
     def from_pretrained(cls, model_name_or_path: str = CLIPSCORE_MODEL, torch_dtype=None, **hub_kwargs):
@@ -115,8 +121,8 @@ class PickScoreReward(_ClipSimilarity):
 
     name = "pickscore"
 
-    def weight(self) -> torch.Tensor:
-        return self.model.logit_scale.detach().float().exp()
+    def __init__(self, model, tokenizer):
+        super().__init__(model, tokenizer, scale=None)
 
 
 class CLIPScoreReward(_ClipSimilarity):
@@ -125,11 +131,7 @@ class CLIPScoreReward(_ClipSimilarity):
     name = "clipscore"
 
     def __init__(self, model, tokenizer, scale: float = 100.0):
-        super().__init__(model, tokenizer)
-        self.scale = float(scale)
-
-    def weight(self) -> torch.Tensor:
-        return torch.tensor(self.scale)
+        super().__init__(model, tokenizer, scale=scale)
 
 
 __all__ = ["PickScoreReward", "CLIPScoreReward", "CLIPImageFeatures", "PICKSCORE_MODEL", "PICKSCORE_PROCESSOR",
