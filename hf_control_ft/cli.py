@@ -21,12 +21,9 @@ import sys
 
 import torch
 
+from .utils.errors import error_line, exit_with_error
+
 TASK_FILE = "task.json"
-
-
-def _fail(message: str):
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def read_task(directory: str) -> dict:
@@ -44,11 +41,11 @@ def resolve(adapter: str, token: str | None = None, revision: str | None = None,
     if os.path.isdir(adapter):
         return adapter
     if os.path.exists(adapter) or adapter.count("/") != 1:
-        _fail(f"{adapter!r} is neither a saved directory nor a Hub repo id (owner/name)")
+        exit_with_error(f"{adapter!r} is neither a saved directory nor a Hub repo id (owner/name)")
     try:
         return resolve_directory(adapter, token=token, revision=revision, endpoint=endpoint)
     except Exception as err:  # noqa: BLE001 - unreachable Hub, missing repo: one line
-        _fail(f"cannot download {adapter!r} from the Hub: {type(err).__name__}: {str(err).splitlines()[0]}")
+        exit_with_error(f"cannot download {adapter!r} from the Hub: {error_line(err)}")
 
 
 def load_trainer(directory: str, base_model: str | None, token: str | None = None):
@@ -61,18 +58,17 @@ def load_trainer(directory: str, base_model: str | None, token: str | None = Non
     try:
         saved = read_saved(directory)
     except (FileNotFoundError, ValueError) as err:
-        _fail(str(err))
+        exit_with_error(str(err))
     pipeline_run = saved["options_path"] is not None
     recorded = load_options(directory).base_model if pipeline_run else read_task(directory).get("base_model")
     base = base_model or recorded
     if not base:
-        _fail(f"no base model: pass --base_model (a Hub id or a local diffusers pipeline directory); {directory} "
-              "does not record one")
+        exit_with_error(f"no base model: pass --base_model (a Hub id or a local diffusers pipeline directory); "
+                        f"{directory} does not record one")
     try:
         pipe = load_base_pipeline(base, token=token)
     except Exception as err:  # noqa: BLE001
-        _fail(f"cannot load the base model {base!r}: {type(err).__name__}: {str(err).splitlines()[0]} "
-              "(pass --base_model)")
+        exit_with_error(f"cannot load the base model {base!r}: {error_line(err)} (pass --base_model)")
     if pipeline_run:
         return ElegantTrainer.from_pretrained(directory, pipeline=pipe, report_to=None), True
     return ElegantTrainer.from_pretrained(directory, pipe.unet, pipe.scheduler, report_to=None), False
@@ -83,7 +79,7 @@ def draw(trainer, conditional: bool, args, controlled: bool) -> tuple[torch.Tens
     gen = torch.Generator().manual_seed(args.seed)
     if conditional:
         if not args.prompt:
-            _fail("this is a text-to-image control: pass --prompt (one or more)")
+            exit_with_error("this is a text-to-image control: pass --prompt (one or more)")
         prompts = [args.prompt[i % len(args.prompt)] for i in range(args.num_samples)]
         latents = trainer.sample(prompts=prompts, generator=gen, controlled=controlled, batch_size=args.batch_size)
         return trainer.decode(latents).float().clamp(0, 1).cpu(), prompts
@@ -118,14 +114,14 @@ def cmd_evaluate(args) -> int:
     if args.reward is None and task.get("task") == "digits":
         return _evaluate_digits(args, directory, task)
     if args.reward is None:
-        _fail("evaluate needs --reward (a built-in name or 'file.py:function')")
+        exit_with_error("evaluate needs --reward (a built-in name or 'file.py:function')")
     from .rewards.image_rewards import call_reward
     from .rewards.registry import RewardSpecError, load_reward
 
     try:
         reward = load_reward(args.reward, args.reward_model_name_or_path)
     except RewardSpecError as err:
-        _fail(str(err))
+        exit_with_error(str(err))
     trainer, conditional = load_trainer(directory, args.base_model, args.token)
     if isinstance(reward, torch.nn.Module):
         reward = reward.to(trainer.device)

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -99,9 +100,9 @@ class ControlledTextToImage:
                       generator=generator, output_type="pt" if output_type != "latent" else "latent")
         if opts.height:
             kwargs.update(height=opts.height, width=opts.width)
-        if self.trainer.process.family != "flux":
+        if self.trainer.process.model.do_guidance:  # classifier-free guidance: the negative prompt it trained with
             kwargs["negative_prompt"] = [opts.negative_prompt] * len(prompts)
-        if self.trainer.process.family in ("stable-diffusion-3", "flux"):
+        if "max_sequence_length" in inspect.signature(self.pipeline.__call__).parameters:  # T5 context (SD3, FLUX)
             kwargs["max_sequence_length"] = opts.max_sequence_length
         context = pretrained_mode(self.trainer.process.lora_model) if not controlled else contextlib.nullcontext()
         with context:

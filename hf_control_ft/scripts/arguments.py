@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 
 from ..rewards.registry import RewardSpecError, check_spec
@@ -19,6 +18,7 @@ from ..serialization.checkpoints import list_checkpoints
 from ..serialization.lora_io import LORA_WEIGHTS_NAME
 from ..trainers.base import check_trackers
 from ..utils.config_cli import ConfigCliError, parse_dataclasses
+from ..utils.errors import exit_with_error
 from ..utils.validation import field_checker, is_int
 
 
@@ -198,8 +198,7 @@ def parse_script_args(args_cls, config_cls, argv=None, prog: str | None = None, 
             config.logging_dir = os.path.join(config.output_dir, "logs")
         args.check_before_loading(config.output_dir)
     except (ConfigCliError, RewardSpecError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_with_error(str(err), status=2)
     return args, config
 
 

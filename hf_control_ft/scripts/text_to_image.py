@@ -24,10 +24,12 @@ from ..rewards.clip_rewards import CLIPImageFeatures
 from ..rewards.registry import load_reward
 from ..serialization.checkpoints import CheckpointError
 from ..serialization.saved import HubPushError, mask_token
+from ..trainers.base import tracker_names
 from ..trainers.elegant import ElegantTrainer
 from ..trainers.elegant_config import ElegantConfig
 from ..trainers.seiko import SeikoTrainer
 from ..trainers.seiko_config import SeikoConfig
+from ..utils.errors import error_line, exit_with_error
 from ..utils.run_lock import RunLockedError
 from .arguments import ElegantScriptArguments, SeikoScriptArguments, parse_script_args
 from .validation import Validation
@@ -38,16 +40,14 @@ RUN_ERRORS = (FileExistsError, RunLockedError, CheckpointError, FloatingPointErr
               OracleOutputError, ValueError)
 
 
-def _fail(message: str, status: int = 1):
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(status)
+def _fail(message: str):
+    exit_with_error(message, status=1)  # flags were checked before: a failure now is the run's, status 1
 
 
 def make_accelerator(args, config) -> Accelerator:
     """The run's ``Accelerator``: trackers from ``report_to``, precision from ``--mixed_precision`` or the
     ``accelerate launch`` setting."""
-    log_with = None if config.report_to in (None, "none") else [t.strip() for t in config.report_to.split(",")]
-    accelerator = Accelerator(log_with=log_with, project_dir=config.logging_dir,
+    accelerator = Accelerator(log_with=tracker_names(config.report_to), project_dir=config.logging_dir,
                               mixed_precision=args.mixed_precision)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if accelerator.is_main_process else logging.WARNING)
@@ -61,8 +61,7 @@ def load_pipeline(args):
         pipe = load_base_pipeline(args.pretrained_model_name_or_path, absent=absent, revision=args.revision,
                                   variant=args.variant)
     except Exception as err:  # noqa: BLE001 - unreachable Hub, missing files, bad variant: one line each
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        _fail(f"cannot load the base model {args.pretrained_model_name_or_path!r}: {type(err).__name__}: {first}")
+        _fail(f"cannot load the base model {args.pretrained_model_name_or_path!r}: {error_line(err)}")
     return pipe
 
 
@@ -80,7 +79,7 @@ def load_prompt_source(args):
             return data[args.dataset_split] if isinstance(data, datasets.DatasetDict) else data
         return datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.dataset_split)
     except Exception as err:  # noqa: BLE001
-        _fail(f"cannot load --dataset_name {args.dataset_name!r}: {type(err).__name__}: {str(err).splitlines()[0]}")
+        _fail(f"cannot load --dataset_name {args.dataset_name!r}: {error_line(err)}")
 
 
 def _reward(spec: str, args, accelerator):
@@ -90,7 +89,7 @@ def _reward(spec: str, args, accelerator):
                          args.aesthetic_head, torch_dtype=dtype if accelerator.device.type == "cuda" else None,
                          token=args.hub_token) if spec in ("aesthetic", "pickscore", "clipscore") else load_reward(spec)
     except Exception as err:  # noqa: BLE001 - missing weights, unreachable Hub
-        _fail(f"cannot load {spec!r}: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}")
+        _fail(f"cannot load {spec!r}: {error_line(err)}")
     return fn.to(accelerator.device) if isinstance(fn, torch.nn.Module) else fn
 
 
@@ -144,8 +143,7 @@ def _setup(trainer_cls, args, config, spec: str, validation_reward: bool):
             extra["feature_extractor"] = CLIPImageFeatures.from_pretrained(args.feature_model_name_or_path,
                                                                            token=args.hub_token)
         except Exception as err:  # noqa: BLE001 - unreachable Hub, not a CLIP checkpoint
-            _fail(f"cannot load --feature_model_name_or_path {args.feature_model_name_or_path!r}: "
-                  f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}")
+            _fail(f"cannot load --feature_model_name_or_path {args.feature_model_name_or_path!r}: {error_line(err)}")
     try:
         trainer = trainer_cls.from_pipeline(pipe, fn, config, prompts, accelerator=accelerator,
                                             **_options(args, accelerator), **extra)
@@ -162,7 +160,7 @@ def _train(trainer, **kwargs) -> dict:
     try:
         return trainer.train(**kwargs)
     except RUN_ERRORS as err:
-        _fail(f"{type(err).__name__}: {err}")
+        _fail(f"{type(err).__name__}: {err}")  # the whole message: these say what to do
 
 
 def run_elegant(argv=None, prog: str = "train_elegant.py") -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 
-import numpy as np
 import torch
 
 from ..rewards.image_rewards import call_reward
@@ -60,7 +59,7 @@ class Validation:
     def round_callback(self, trainer, round_index: int) -> dict:
         """SEIKO callback: validation after every ``every``-th round (``every`` 0: the last round only)."""
         last = round_index == trainer.config.num_rounds
-        if last or (self.every and round_index % max(1, self.every) == 0):
+        if last or (self.every and round_index % self.every == 0):
             return self.run(trainer, round_index, trainer.global_step, name=f"round-{round_index:03d}")
         return {}
 
@@ -103,8 +102,8 @@ class Validation:
                     tracker.writer.add_images("validation", images.numpy(), global_step=step, dataformats="NCHW")
                     tracker.writer.flush()
                 elif hasattr(type(tracker), "log_images"):
-                    pil = [image_grid(img[None], value_range=(0.0, 1.0), pad=0) for img in images]
-                    tracker.log_images({"validation": [np.asarray(p) for p in pil]}, step=step)
+                    hwc = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+                    tracker.log_images({"validation": list(hwc)}, step=step)
             except Exception as err:  # noqa: BLE001 - a tracker's failure must not stop training
                 logger.warning("could not log validation images to %s: %s", tracker.name, err)
 

@@ -31,15 +31,18 @@ from ..rewards.checks import check_reward, reward_name
 from ..serialization.saved import push_directory
 
 
+def tracker_names(report_to: str | None) -> list[str] | None:
+    """The trackers of ``report_to`` (comma-separated) as ``Accelerator(log_with=...)`` takes them (None: none)."""
+    return None if report_to in (None, "none") else [t.strip() for t in report_to.split(",")]
+
+
 def check_trackers(report_to: str | None) -> None:
     """Raises ``ValueError`` when a tracker named in ``report_to`` is not installed (``accelerate`` would drop it
     with a warning and the run would log nowhere)."""
-    if report_to in (None, "none"):
-        return
     from accelerate.tracking import _available_trackers
 
     available = {str(getattr(t, "value", t)) for t in _available_trackers}
-    missing = [t.strip() for t in report_to.split(",") if t.strip() not in available]
+    missing = [t for t in tracker_names(report_to) or [] if t not in available]
     if missing:
         raise ValueError(f"--report_to {','.join(missing)}: not installed here (pip install {' '.join(missing)}); "
                          f"available trackers: {sorted(available)}, or 'none'")
@@ -58,7 +61,7 @@ class BaseTrainer:
 
     def __init__(self, config, accelerator: Accelerator | None = None):
         self.config = config
-        log_with = None if config.report_to in (None, "none") else [t.strip() for t in config.report_to.split(",")]
+        log_with = tracker_names(config.report_to)
         if accelerator is None:
             check_trackers(config.report_to)
         self.accelerator = accelerator or Accelerator(log_with=log_with, project_dir=config.logging_dir or "runs")
