@@ -110,8 +110,9 @@ class TextToImageArguments:
     def init_kwargs(self) -> dict:
         return json.loads(self.tracker_init_kwargs) if self.tracker_init_kwargs else {}
 
-    def check_before_loading(self, output_dir: str | None) -> None:
-        """Checks what can be checked without loading a model (raises ``ValueError`` naming the flag)."""
+    def check_before_loading(self, config) -> None:
+        """Checks what can be checked without loading a model (raises ``ValueError`` naming the flag); ``config``
+        is the run's ``ElegantConfig`` / ``SeikoConfig``."""
         check = field_checker(type(self).__name__)
         check(bool(self.pretrained_model_name_or_path), "pretrained_model_name_or_path",
               "is required (a Hub id or a local diffusers pipeline directory)")
@@ -123,17 +124,17 @@ class TextToImageArguments:
                 raise ValueError(f"--prompts_file {self.prompts_file!r} cannot be read: "
                                  f"{getattr(err, 'strerror', None) or err}") from None
             check(bool(lines), "prompts_file", f"{self.prompts_file!r} holds no prompt")
-        self.check_output_dir(output_dir)
+        self.check_output_dir(config.output_dir, config.overwrite_output_dir)
         if self.push_to_hub and not self.hub_model_id:
-            self.hub_model_id = os.path.basename(os.path.normpath(output_dir or "model"))
+            self.hub_model_id = os.path.basename(os.path.normpath(config.output_dir or "model"))
 
     #: whether a second run on a finished ``output_dir`` is refused (ELEGANT) or resumes it (SEIKO)
     refuses_existing_run = True
 
-    def check_output_dir(self, output_dir: str | None) -> None:
+    def check_output_dir(self, output_dir: str | None, overwrite: bool) -> None:
         """A new run never overwrites an old one silently: ``output_dir`` holding checkpoints or a saved adapter
         needs ``--resume_from_checkpoint`` or ``--overwrite_output_dir``."""
-        if not self.refuses_existing_run or not output_dir or self.resume_from_checkpoint or self.overwrite:
+        if not self.refuses_existing_run or not output_dir or self.resume_from_checkpoint or overwrite:
             return
         found = [os.path.basename(p) for _, p in list_checkpoints(output_dir)]
         if os.path.isfile(os.path.join(output_dir, LORA_WEIGHTS_NAME)):
@@ -159,8 +160,8 @@ class ElegantScriptArguments(TextToImageArguments):
     reward: str | None = _f(None, "the reward: a built-in name (aesthetic, pickscore, clipscore, brightness, "
                                   "saturation), 'path/to/file.py:function' or 'package.module:function'")
 
-    def check_before_loading(self, output_dir: str | None) -> None:
-        super().check_before_loading(output_dir)
+    def check_before_loading(self, config) -> None:
+        super().check_before_loading(config)
         check_spec(self.reward, "reward", aesthetic_head=self.aesthetic_head)
 
 
@@ -176,8 +177,8 @@ class SeikoScriptArguments(TextToImageArguments):
 
     refuses_existing_run = False  # the run state in output_dir is resumed: no oracle answer is ever asked twice
 
-    def check_before_loading(self, output_dir: str | None) -> None:
-        super().check_before_loading(output_dir)
+    def check_before_loading(self, config) -> None:
+        super().check_before_loading(config)
         field_checker(type(self).__name__)(self.resume_from_checkpoint in (None, "latest"), "resume_from_checkpoint",
                                            "SEIKO always resumes from the state in output_dir (every oracle answer "
                                            f"and finished round is kept there); got {self.resume_from_checkpoint!r}")
@@ -190,13 +191,12 @@ def parse_script_args(args_cls, config_cls, argv=None, prog: str | None = None, 
     ``logging_dir`` = ``<output_dir>/logs``."""
     try:
         args, config = parse_dataclasses((args_cls, config_cls), argv, prog=prog, description=description)
-        args.overwrite = bool(getattr(config, "overwrite_output_dir", False))
         check_trackers(config.report_to)
         if config.output_dir is None:
             config.output_dir = "elegant-model"
         if config.logging_dir is None:
             config.logging_dir = os.path.join(config.output_dir, "logs")
-        args.check_before_loading(config.output_dir)
+        args.check_before_loading(config)
     except (ConfigCliError, RewardSpecError, ValueError) as err:
         exit_with_error(str(err), status=2)
     return args, config
