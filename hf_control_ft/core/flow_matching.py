@@ -22,7 +22,7 @@ be controlled at a finite, exact KL. ``tests/core/test_flow_matching.py`` checks
 and the chain against the exact mixture marginals.
 
 :class:`FlowMatchSchedule` has the interface of :class:`~hf_control_ft.core.scheduling.DiffusionSchedule`
-(``timesteps``, ``std``, ``mean``, ``step_from_mean``, ``is_stochastic``), so the sampler, the KL, adjoint
+(both are :class:`~hf_control_ft.core.scheduling.GaussianTransitions`), so the sampler, the KL, adjoint
 matching and the per-step values work unchanged; :func:`build_schedule` picks the schedule of a scheduler.
 """
 
@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from .scheduling import DiffusionSchedule
+from .scheduling import DiffusionSchedule, GaussianTransitions
 
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 
@@ -41,7 +41,7 @@ def is_flow_scheduler(scheduler) -> bool:
     return type(scheduler).__name__ in FLOW_SCHEDULERS
 
 
-class FlowMatchSchedule:
+class FlowMatchSchedule(GaussianTransitions):
     """Closed-form stochastic transitions (1)-(3) of a ``FlowMatchEulerDiscreteScheduler`` for one sampling run.
 
     Args:
@@ -108,16 +108,6 @@ class FlowMatchSchedule:
         self._c_x = 1 + ds * c  # (1) mu = c_x x + c_v v
         self._c_v = ds * (1 + c * (1 - self.levels))
 
-    def __len__(self) -> int:
-        return len(self.levels)
-
-    def timestep(self, k: int) -> torch.Tensor:
-        """The network's timestep at step ``k``: ``s_k * num_train_timesteps`` (a 0-dim float tensor)."""
-        return self.timesteps[k]
-
-    def is_stochastic(self, k: int) -> bool:
-        return bool(self.std[k] > 0)
-
     def predict_x0_eps(self, model_output: torch.Tensor, sample: torch.Tensor, k: int):
         """``(x0_hat, eps_hat) = (x - s v, x + (1 - s) v)`` at step ``k``."""
         s = float(self.levels[k])
@@ -126,16 +116,6 @@ class FlowMatchSchedule:
     def mean(self, model_output: torch.Tensor, sample: torch.Tensor, k: int) -> torch.Tensor:
         """Transition mean (1); differentiable in both arguments. ``model_output`` is the velocity."""
         return float(self._c_x[k]) * sample + float(self._c_v[k]) * model_output
-
-    def step(self, model_output, sample, k: int, noise: torch.Tensor | None) -> torch.Tensor:
-        return self.step_from_mean(self.mean(model_output, sample, k), k, noise)
-
-    def step_from_mean(self, mu: torch.Tensor, k: int, noise: torch.Tensor | None) -> torch.Tensor:
-        """(2): ``mu + sigma sqrt(|ds|) noise``."""
-        s = float(self.std[k])
-        if s == 0 or noise is None:
-            return mu
-        return mu + s * noise
 
     def kl_factor(self, k: int) -> float:
         """``KL_k / ||v_ft - v_pre||^2`` (3): ``|ds| (1 + sigma^2 (1 - s) / (2 s))^2 / (2 sigma^2)``."""

@@ -33,8 +33,34 @@ SUPPORTED_SCHEDULERS = (DDPMScheduler, DDIMScheduler)
 VARIANCE_FLOOR = 1e-20
 
 
+class GaussianTransitions:
+    """What every closed-form schedule shares: ``timesteps`` ``(K,)`` fed to the network and ``std`` ``(K,)``
+    of the transitions ``x_{k+1} ~ N(mean(model_output, x_k, k), std_k^2 I)``; a subclass defines ``mean``."""
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    def timestep(self, k: int) -> torch.Tensor:
+        """The network's timestep at step ``k`` (a 0-dim tensor)."""
+        return self.timesteps[k]
+
+    def is_stochastic(self, k: int) -> bool:
+        return bool(self.std[k] > 0)
+
+    def step(self, model_output, sample, k: int, noise: torch.Tensor | None) -> torch.Tensor:
+        """One transition: ``mean + std_k * noise`` (``noise`` ~ N(0, I), ignored where ``std_k = 0``)."""
+        return self.step_from_mean(self.mean(model_output, sample, k), k, noise)
+
+    def step_from_mean(self, mu: torch.Tensor, k: int, noise: torch.Tensor | None) -> torch.Tensor:
+        """``mu + std_k * noise``; ``noise`` may be ``None`` on deterministic steps."""
+        s = self.std[k].item()
+        if s == 0 or noise is None:
+            return mu
+        return mu + s * noise
+
+
 @dataclass
-class DiffusionSchedule:
+class DiffusionSchedule(GaussianTransitions):
     """Closed-form transition coefficients of a diffusers scheduler for one sampling run.
 
     Args:
@@ -139,16 +165,6 @@ class DiffusionSchedule:
         self._c_eps = torch.stack(c_eps)
         self._c_x = torch.stack(c_x)
 
-    def __len__(self) -> int:
-        return len(self.timesteps)
-
-    def timestep(self, k: int) -> torch.Tensor:
-        """The network's timestep at step ``k`` (a 0-dim long tensor)."""
-        return self.timesteps[k]
-
-    def is_stochastic(self, k: int) -> bool:
-        return bool(self.std[k] > 0)
-
     def predict_x0_eps(self, model_output: torch.Tensor, sample: torch.Tensor, k: int):
         """Predicted clean sample and noise at step ``k``, with the scheduler's clipping rule.
 
@@ -178,16 +194,6 @@ class DiffusionSchedule:
             return self._c_x0[k].item() * x0 + self._c_x[k].item() * sample
         return self._c_x0[k].item() * x0 + self._c_eps[k].item() * eps
 
-    def step(self, model_output, sample, k: int, noise: torch.Tensor | None) -> torch.Tensor:
-        """One transition: ``mean + sigma_k * noise`` (``noise`` ~ N(0, I), ignored where ``sigma_k = 0``)."""
-        return self.step_from_mean(self.mean(model_output, sample, k), k, noise)
-
-    def step_from_mean(self, mu: torch.Tensor, k: int, noise: torch.Tensor | None) -> torch.Tensor:
-        """``mu + sigma_k * noise``; ``noise`` may be ``None`` on deterministic steps."""
-        s = self.std[k].item()
-        if s == 0 or noise is None:
-            return mu
-        return mu + s * noise
 
 
 # keys of a variance-preserving scheduler config that define the noise schedule and the timestep grid
