@@ -44,3 +44,32 @@ def assert_step_kls_are_closed_form(trainer, prompts, rtol=2e-3, atol=1e-6):
         torch.testing.assert_close(traj.kl_steps[k], gaussian_kl(mu_ft, mu_pre, schedule.std[k]), rtol=rtol, atol=atol)
     assert float(traj.kl.min()) > 0
     return traj
+
+
+def train_save_and_reload(trainer, make_pipeline, fingerprint, network_of, directory, prompts) -> str:
+    """Trains (the LoRA moves, the KL is positive), saves to ``directory``, checks that the family's stock
+    ``load_lora_weights`` on a fresh pipeline reproduces the trained network exactly (and differs from the base)
+    and that ``ElegantTrainer.from_pretrained`` reproduces the samples; returns the model card's text.
+
+    ``fingerprint(network)``: the network's output on fixed inputs; ``network_of(pipeline)``: its UNet or
+    transformer."""
+    import os
+
+    from hf_control_ft import ElegantTrainer
+    from hf_control_ft.core.control import lora_parameters
+
+    before = [p.detach().clone() for p in lora_parameters(trainer.model)]
+    summary = trainer.train()
+    assert summary["train/kl"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, lora_parameters(trainer.model)))
+    trainer.save_pretrained(str(directory))
+    stock = make_pipeline()
+    base = fingerprint(network_of(stock))
+    stock.load_lora_weights(str(directory))  # the family pipeline's own loader
+    ours = fingerprint(trainer.process.lora_model)
+    assert torch.equal(fingerprint(network_of(stock)), ours)
+    assert not torch.allclose(base, ours, atol=1e-6)
+    again = ElegantTrainer.from_pretrained(str(directory), pipeline=make_pipeline())
+    torch.testing.assert_close(again.sample(prompts=prompts, generator=torch.Generator().manual_seed(0)),
+                               trainer.sample(prompts=prompts, generator=torch.Generator().manual_seed(0)))
+    return open(os.path.join(directory, "README.md")).read()

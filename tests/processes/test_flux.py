@@ -1,14 +1,12 @@
 """ELEGANT and SEIKO on a tiny random FLUX pipeline (packed latents, guidance embedding, CLIP + T5 built in memory,
 dynamic shifting): the pipeline's own noise levels, the per-step KL, stock reload, a SEIKO round."""
 
-import os
-
 import numpy as np
 import torch
-from family_checks import assert_step_kls_are_closed_form, mean_image_oracle, redness, tiny_config
+from family_checks import (assert_step_kls_are_closed_form, mean_image_oracle, redness, tiny_config,
+                           train_save_and_reload)
 
 from hf_control_ft import ElegantTrainer, SeikoConfig, SeikoTrainer
-from hf_control_ft.core.control import lora_parameters
 from hf_control_ft.processes import FluxProcess
 from hf_control_ft.processes.flux import pack_latents, unpack_latents
 from hf_control_ft.testing import tiny_flux_pipeline, tiny_flux_transformer_output
@@ -34,23 +32,9 @@ def test_flux_trains_on_the_pipelines_noise_levels_and_reloads_in_stock_diffuser
     pipe(PROMPTS[0], height=16, width=16, num_inference_steps=4, max_sequence_length=8, output_type="latent")
     torch.testing.assert_close(trainer.schedule.timesteps, pipe.scheduler.timesteps.float())
     assert trainer.schedule.mu is not None
-    before = [p.detach().clone() for p in lora_parameters(trainer.model)]
-    summary = trainer.train()
-    assert summary["train/kl"] > 0
-    assert any(not torch.equal(a, b) for a, b in zip(before, lora_parameters(trainer.model)))
-    trainer.save_pretrained(str(tmp_path / "flux"))
-    stock = tiny_flux_pipeline()
-    base = tiny_flux_transformer_output(stock.transformer)
-    stock.load_lora_weights(str(tmp_path / "flux"))  # FluxPipeline's own loader, transformer.* keys
-    ours = tiny_flux_transformer_output(trainer.process.lora_model)
-    assert torch.equal(tiny_flux_transformer_output(stock.transformer), ours)
-    assert not torch.allclose(base, ours, atol=1e-6)
-    card = open(os.path.join(tmp_path / "flux", "README.md")).read()
+    card = train_save_and_reload(trainer, tiny_flux_pipeline, tiny_flux_transformer_output, lambda p: p.transformer,
+                                 tmp_path / "flux", PROMPTS[:2])
     assert "| model family | flux |" in card and "guidance embedding" in card and "flow-matching" in card
-    again = ElegantTrainer.from_pretrained(str(tmp_path / "flux"), pipeline=tiny_flux_pipeline())
-    g = torch.Generator().manual_seed(0)
-    torch.testing.assert_close(again.sample(prompts=PROMPTS[:2], generator=g),
-                               trainer.sample(prompts=PROMPTS[:2], generator=torch.Generator().manual_seed(0)))
 
 
 def test_flux_per_step_kl_is_the_closed_form_summed_over_unpacked_dimensions():

@@ -1,13 +1,10 @@
 """ELEGANT and SEIKO on a tiny random SDXL pipeline (two text encoders, pooled embeddings, added time ids, Euler
 scheduler converted for the sampler): the guided per-step KL, stock reload, the library's reload, a SEIKO round."""
 
-import os
-
-import torch
-from family_checks import assert_step_kls_are_closed_form, mean_image_oracle, redness, tiny_config
+from family_checks import (assert_step_kls_are_closed_form, mean_image_oracle, redness, tiny_config,
+                           train_save_and_reload)
 
 from hf_control_ft import ElegantTrainer, SeikoConfig, SeikoTrainer
-from hf_control_ft.core.control import lora_parameters
 from hf_control_ft.processes import StableDiffusionXLProcess
 from hf_control_ft.testing import tiny_sdxl_pipeline, tiny_sdxl_unet_output
 
@@ -22,21 +19,9 @@ def test_sdxl_trains_and_reloads_in_stock_diffusers(tmp_path):
     assert process.condition_dim == 32  # pooled projection of the second text encoder
     assert process.model.time_ids.tolist() == [[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]]  # (H, W, crop, H, W)
     assert type(trainer.schedule).__name__ == "DiffusionSchedule"  # Euler -> DDIM with the same noise schedule
-    before = [p.detach().clone() for p in lora_parameters(trainer.model)]
-    summary = trainer.train()
-    assert summary["train/kl"] > 0
-    assert any(not torch.equal(a, b) for a, b in zip(before, lora_parameters(trainer.model)))
-    trainer.save_pretrained(str(tmp_path / "xl"))
-    stock = tiny_sdxl_pipeline()
-    base = tiny_sdxl_unet_output(stock.unet)
-    stock.load_lora_weights(str(tmp_path / "xl"))  # StableDiffusionXLPipeline's own loader
-    ours = tiny_sdxl_unet_output(process.lora_model)
-    assert torch.equal(tiny_sdxl_unet_output(stock.unet), ours) and not torch.allclose(base, ours, atol=1e-6)
-    card = open(os.path.join(tmp_path / "xl", "README.md")).read()
+    card = train_save_and_reload(trainer, tiny_sdxl_pipeline, tiny_sdxl_unet_output, lambda p: p.unet,
+                                 tmp_path / "xl", PROMPTS[:2])
     assert "| model family | stable-diffusion-xl |" in card and '| negative prompt | "blurry" |' in card
-    again = ElegantTrainer.from_pretrained(str(tmp_path / "xl"), pipeline=tiny_sdxl_pipeline())
-    torch.testing.assert_close(again.sample(prompts=PROMPTS[:2], generator=torch.Generator().manual_seed(0)),
-                               trainer.sample(prompts=PROMPTS[:2], generator=torch.Generator().manual_seed(0)))
 
 
 def test_sdxl_per_step_kl_compares_the_guided_means():
