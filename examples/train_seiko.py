@@ -1,8 +1,8 @@
 """SEIKO: online fine-tuning from a noisy, expensive oracle, with a persistent feedback dataset.
 
-    accelerate launch --num_processes 1 examples/train_seiko.py --config examples/configs/seiko_digits.yaml \\
+    accelerate launch examples/train_seiko.py --config examples/configs/seiko_digits.yaml \\
         [--target_digit 3] [--optimism bootstrap --num_rounds 3 ...]
-    accelerate launch --num_processes 1 examples/train_seiko.py --task mixture \\
+    accelerate launch examples/train_seiko.py --task mixture \\
         --config examples/configs/seiko_mixture.yaml
 
 ``--task digits`` (default): the embedded 8x8 digits model (``hf_control_ft.tasks.digits``). The oracle is the
@@ -161,10 +161,11 @@ def main(argv=None):
                            sample_shape=task["sample_shape"], feature_extractor=task["feature_extractor"],
                            feature_dim=task["feature_dim"])
     out = config.output_dir
-    if trainer.completed_rounds:
-        print(f"resuming {out} after round {trainer.completed_rounds} ({len(trainer.feedback)} queries on disk)")
+    if trainer.completed_rounds and trainer.is_main_process:
+        print(f"resuming {out} after round {trainer.completed_rounds} ({trainer.num_queries} queries on disk)")
     x, before = task["evaluate"](trainer, controlled=False)
-    task["save_grid"](x, os.path.join(out, "samples_before.png"))
+    if trainer.is_main_process:
+        task["save_grid"](x, os.path.join(out, "samples_before.png"))
 
     def on_round(tr, round_index):
         _, m = task["evaluate"](tr, controlled=True, n=min(256, args.num_eval_samples))
@@ -172,8 +173,12 @@ def main(argv=None):
 
     last = trainer.train(callback=on_round)
     x, after = task["evaluate"](trainer, controlled=True)
-    task["save_grid"](x, os.path.join(out, "samples_after.png"))
     trainer.save_pretrained(os.path.join(out, "final"))
+    if args.push_to_hub:
+        trainer.push_to_hub(args.push_to_hub, feedback_repo_id=args.feedback_repo)
+    if not trainer.is_main_process:  # the feedback dataset and the outputs belong to the main process
+        return trainer
+    task["save_grid"](x, os.path.join(out, "samples_after.png"))
     metrics = {"task": args.task, "pretrained": before, "seiko": after, "optimism": config.optimism,
                "last_round": {k: v for k, v in last.items() if isinstance(v, (int, float))},
                **trainer.feedback.summary()}
@@ -183,8 +188,6 @@ def main(argv=None):
     for k in task["headline"]:
         print(f"{k:<30}{before[k]:>12.3f}{after[k]:>12.3f}")
     print(json.dumps(trainer.feedback.summary()))
-    if args.push_to_hub:
-        trainer.push_to_hub(args.push_to_hub, feedback_repo_id=args.feedback_repo)
     print(f"outputs in {os.path.abspath(out)}: feedback/, trainer_state/, final/, metrics.json, samples_*.png, logs/")
     return trainer
 

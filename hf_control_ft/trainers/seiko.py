@@ -1,4 +1,5 @@
-"""SEIKO: online, feedback-efficient fine-tuning of a diffusion model from an expensive oracle (``docs/algorithms.md`` §6).
+"""SEIKO: online, feedback-efficient fine-tuning of a diffusion model from an expensive oracle
+(``docs/algorithms.md`` §6).
 
 Round ``i = 1..R`` (``p_0`` = pretrained):
 
@@ -40,7 +41,7 @@ from accelerate import Accelerator
 
 from ..core.control import CONTROL_ADAPTER, add_reference_adapter, copy_adapter_weights, lora_parameters
 from ..core.kl import gaussian_kl
-from ..feedback.oracle import Oracle, OracleUnavailableError, RoundBudget
+from ..feedback.oracle import Oracle, RoundBudget
 from ..feedback.store import FeedbackDataset
 from ..models.initial_noise import InitialNoiseModel
 from ..models.reward_ensemble import OptimisticReward, RewardEnsemble
@@ -49,6 +50,8 @@ from ..processes import ControlledProcess, process_from_pipeline
 from ..serialization.saved import save_control
 from ..utils.run_lock import RunLock
 from .base import BaseTrainer
+from .distributed import broadcast_tensors, run_on_main, tensors_from_main
+from .seiko_collect import FeedbackCollection
 from .seiko_config import SeikoConfig
 from .seiko_state import (
     FEEDBACK_DIR,
@@ -63,7 +66,7 @@ from .seiko_state import (
 )
 
 
-class SeikoTrainer(BaseTrainer):
+class SeikoTrainer(FeedbackCollection, BaseTrainer):
     """Online fine-tuning of a controlled process from ``oracle`` feedback with SEIKO.
 
     Args:
@@ -74,8 +77,9 @@ class SeikoTrainer(BaseTrainer):
         oracle: an :class:`~hf_control_ft.feedback.oracle.Oracle` or a plain callable ``fn(samples, prompts) ->
             values`` (wrapped with the config's failure policy). Need not be differentiable.
         sample_shape: shape of one sample.
-        accelerator: optional ``accelerate.Accelerator`` (single process: the oracle and the dataset are not
-            sharded).
+        accelerator: optional ``accelerate.Accelerator``. Under ``accelerate launch`` with several processes each
+            process samples its share of every round's queries and of every training batch (gradients averaged);
+            the main process alone writes the feedback dataset and asks the oracle, so every sample is sent once.
         model_kwargs: extra keyword arguments for every denoiser call.
         feature_extractor, feature_dim: embedding of samples for the reward heads (default: raw flattened
             samples; for a pipeline, image features of the decoded latents).
@@ -93,9 +97,6 @@ class SeikoTrainer(BaseTrainer):
         if config.logging_dir is None:
             config.logging_dir = os.path.join(config.output_dir, "logs")
         super().__init__(config, accelerator)
-        if self.accelerator.num_processes > 1:
-            raise ValueError("SeikoTrainer runs the oracle and the feedback dataset in one process; launch it with "
-                             f"num_processes=1 (got {self.accelerator.num_processes})")
         torch.manual_seed(config.seed)  # identical adapter / network init on every process
         if process is None:
             if model is None or scheduler is None or sample_shape is None:
@@ -116,9 +117,10 @@ class SeikoTrainer(BaseTrainer):
         self.feature_extractor, self.feature_dim = process.reward_features(feature_extractor, feature_dim,
                                                                            chunk_size=config.batch_size)
         self.output_dir = config.output_dir
-        self._state_store = state_store(self.output_dir)
-        self._check_resume_config()
-        self.feedback = FeedbackDataset(os.path.join(self.output_dir, FEEDBACK_DIR), self.sample_shape)
+        #: the feedback dataset (:class:`FeedbackDataset`); on the main process only (``None`` on the others)
+        self.feedback: FeedbackDataset | None = None
+        self._state_store = None
+        self._num_queries = run_on_main(self.accelerator, self._open_run_directory)
         self.completed_rounds = 0
         self.global_step = 0
         self.reward: OptimisticReward | None = None
@@ -148,84 +150,62 @@ class SeikoTrainer(BaseTrainer):
                    feature_dim=feature_dim, process=process)
 
     @property
+    def num_queries(self) -> int:
+        """Queries in the feedback dataset (on every process; the dataset itself lives on the main process)."""
+        return len(self.feedback) if self.feedback is not None else self._num_queries
+
+    @property
     def prompts(self):
         """The prompt source of a text-conditioned process (``None`` for unconditional ones)."""
         return getattr(self.process, "prompts", None)
 
     # ------------------------------------------------------------------ state (per round)
-    def _check_resume_config(self) -> None:
+    def _open_run_directory(self) -> int:
+        """Main process: checks a resumed run's settings, opens the feedback dataset and the state versions;
+        returns the number of stored queries."""
+        self._state_store = state_store(self.output_dir)  # creates output_dir
         check_resume_config(self.config, self.output_dir)
+        self.feedback = FeedbackDataset(os.path.join(self.output_dir, FEEDBACK_DIR), self.sample_shape)
+        return len(self.feedback)
+
+    def _rank_generator(self, round_index: int, phase: str) -> torch.Generator:
+        """This process's generator of one phase of one round (process 0: the single-process stream)."""
+        return round_generator(self.config.seed, round_index, phase, self.accelerator.process_index)
+
+    def _synced_tensors(self) -> list[torch.Tensor]:
+        """Everything that must be identical on every process: both adapters and both initial-noise models."""
+        tensors = lora_parameters(self.model, CONTROL_ADAPTER) + lora_parameters(self.model, PREVIOUS_ADAPTER)
+        for module in (self.initial_noise, self.previous_noise):
+            if module is not None:
+                tensors += list(module.state_dict(keep_vars=True).values())
+        return tensors
 
     def save_state(self) -> str:
-        """Writes the resumable state after a completed round (safetensors + JSON) and switches to it atomically."""
-        counters = {"completed_rounds": self.completed_rounds, "global_step": self.global_step,
-                    "feedback_version": self.feedback.version, "oracle_calls": self.oracle.num_calls}
-        return save_round_state(self._state_store, self.model, self.initial_noise, self.previous_noise, counters)
+        """Writes the resumable state after a completed round (safetensors + JSON) and switches to it atomically
+        (main process; the path is returned on every process)."""
+
+        def write():
+            counters = {"completed_rounds": self.completed_rounds, "global_step": self.global_step,
+                        "feedback_version": self.feedback.version, "oracle_calls": self.oracle.num_calls}
+            return save_round_state(self._state_store, self.model, self.initial_noise, self.previous_noise, counters)
+
+        return run_on_main(self.accelerator, write)
 
     def _load_state(self) -> None:
-        state = load_round_state(self._state_store, self.model, self.initial_noise, self.previous_noise)
+        """Loads the last completed round's state on the main process and sends it to the others (which also
+        makes freshly initialised adapters identical everywhere)."""
+        state = run_on_main(self.accelerator, load_round_state, self._state_store, self.model, self.initial_noise,
+                            self.previous_noise)
+        broadcast_tensors(self.accelerator, self._synced_tensors())
         if state is not None:
             self.completed_rounds = int(state["completed_rounds"])
             self.global_step = int(state["global_step"])
-
-    # ------------------------------------------------------------------ 1. collect
-    def _draw_queries(self, round_index: int, num_samples: int, generator: torch.Generator):
-        """``(samples, conditions)`` of a round's queries: one condition per query (a prompt drawn uniformly from
-        the source; ``None`` for unconditional processes), then its sample under that condition. Round 1
-        samples the pretrained model ``p_0``, later rounds the current fine-tuned model ``p_{i-1}``."""
-        conditions = self.process.draw_conditions(num_samples, generator)
-        x = self.sample(num_samples, generator, batch_size=self.config.batch_size, controlled=round_index > 1,
-                        prompts=conditions)
-        return x, conditions
-
-    def _oracle_inputs(self, query_indices: list[int]):
-        """What the oracle is asked for these stored queries: ``(inputs, prompts)`` (decoded for latents)."""
-        samples = self.feedback.samples(query_indices)
-        conditions = self.feedback.prompts(query_indices) if self.prompts is not None else None
-        return self.process.oracle_inputs(samples, conditions, chunk_size=self.config.batch_size)
-
-    def collect_feedback(self, round_index: int) -> dict:
-        """Samples the round's budget from the current model (write-ahead), queries every pending sample, asks
-        failed queries of this and earlier rounds again (up to ``oracle_max_attempts`` sends each), and stops
-        with :class:`OracleUnavailableError` when fewer than ``min_answer_fraction`` of the round's queries are
-        answered (everything obtained is stored; a restart after the outage asks again)."""
-        cfg = self.config
-        budget = self.budget[round_index]
-        submitted = self.feedback.num_submitted(round_index)
-        if submitted == 0:
-            self.budget.check(round_index, 0, budget)
-            x, prompts = self._draw_queries(round_index, budget, round_generator(cfg.seed, round_index, "sample"))
-            self.feedback.add_pending(x.cpu(), round_index, prompts)
-        elif submitted != budget:
-            raise RuntimeError(f"round {round_index} has {submitted} samples on disk but a budget of {budget}")
-        todo = self.feedback.pending(round_index) + self.feedback.retryable(cfg.oracle_max_attempts, round_index)
-        batches = [todo[i:i + cfg.oracle_batch_size] for i in range(0, len(todo), cfg.oracle_batch_size)]
-        t0 = time.perf_counter()
-        for batch in self._progress(batches, f"round {round_index}: oracle", leave=False):
-            answers = self.oracle.query(*self._oracle_inputs(batch))
-            self.feedback.record(batch, answers, self.feedback.next_batch_index(round_index))
-        rows = self.feedback.rows(round_index)
-        ok = [i for i in rows if self.feedback.columns["status"][i] == "ok"]
-        if len(ok) < cfg.min_answer_fraction * len(rows):
-            failed = [i for i in rows if self.feedback.columns["status"][i] != "ok"]
-            exhausted = sum(self.feedback.columns["attempts"][i] >= cfg.oracle_max_attempts for i in failed)
-            raise OracleUnavailableError(
-                f"round {round_index}: only {len(ok)} of {len(rows)} queries answered (min_answer_fraction="
-                f"{cfg.min_answer_fraction}); last oracle error: {self.feedback.columns['error'][failed[-1]]!r}. "
-                f"Every answer obtained is saved in {self.feedback.directory}; restart with the same output_dir "
-                f"when the oracle is back ({exhausted} queries used all oracle_max_attempts={cfg.oracle_max_attempts}"
-                " sends: raise it to ask them again)")
-        values = [self.feedback.columns["value"][i] for i in ok]
-        return {"round/queries": len(rows), "round/failed_queries": len(rows) - len(ok),
-                "round/oracle_mean": sum(values) / len(values) if values else math.nan,
-                "round/oracle_max": max(values) if values else math.nan,
-                "round/total_queries": len(self.feedback), "time/oracle_s": time.perf_counter() - t0}
 
     # ------------------------------------------------------------------ 2. fit
     def fit_reward(self, round_index: int) -> dict:
         """Fits the reward ensemble on every answered query and sets :attr:`reward` (the optimistic reward)."""
         cfg = self.config
-        x, y = self.feedback.training_data()
+        x, y = tensors_from_main(self.accelerator, lambda: self.feedback.training_data())
         gen = round_generator(cfg.seed, round_index, "reward")
         ensemble = RewardEnsemble(self.sample_shape, cfg.ensemble_size, cfg.reward_hidden, cfg.reward_depth,
                                   self.feature_extractor, self.feature_dim,
@@ -239,6 +219,8 @@ class SeikoTrainer(BaseTrainer):
         elif cfg.optimism == "ts":
             ts_gen = round_generator(cfg.seed, round_index, "ts")
             head = int(torch.randint(0, cfg.ensemble_size, (1,), generator=ts_gen))
+        # every process fitted the same data with the same generator; the main process's heads are authoritative
+        broadcast_tensors(self.accelerator, ensemble.state_dict(keep_vars=True).values())
         self.reward = OptimisticReward(ensemble, cfg.optimism, cfg.bonus_scale, head, bonus_cap=cfg.bonus_cap)
         self.reward_fn = self.reward  # on samples directly: the heads' features decode latents themselves
         self.reward_name = self.reward.__name__
@@ -274,9 +256,9 @@ class SeikoTrainer(BaseTrainer):
         """Value of the combined problem by Feynman--Kac on the mixture chain, then the initial-noise model."""
         cfg = self.config
         a, b = cfg.alpha, cfg.beta
-        gen = round_generator(cfg.seed, round_index, "value")
+        gen = self._rank_generator(round_index, "value")
         xs, targets, cs = [], [], []
-        n = cfg.value_num_rollouts
+        n = math.ceil(cfg.value_num_rollouts / self.accelerator.num_processes)  # this process's rollouts
         for start in self._progress(range(0, n, cfg.batch_size), f"round {round_index}: value rollouts", leave=False):
             m = min(cfg.batch_size, n - start)
             half = m // 2  # cover both N(0, I) and the previous initial law, where nu_i will put its mass
@@ -291,16 +273,20 @@ class SeikoTrainer(BaseTrainer):
             xs.append(x_T)
             targets.append((r - cost).float())
             cs.append(c)
-        x_T, target = torch.cat(xs), torch.cat(targets)
-        conditions = torch.cat(cs) if self.condition_dim else None
+        gather = self.accelerator.gather  # every process fits the value on all processes' rollouts
+        x_T, target = gather(torch.cat(xs)), gather(torch.cat(targets))
+        conditions = gather(torch.cat(cs)) if self.condition_dim else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(round_seed(cfg.seed, round_index, "value"))
             value = ValueFunction(self.sample_shape, a + b, hidden=cfg.aux_hidden,
                                   cond_dim=self.condition_dim).to(self.device)
+        # one process: the rollouts' generator continues (the original stream); several: a shared one
+        fit_gen = gen if self.accelerator.num_processes == 1 else round_generator(cfg.seed, round_index, "value_fit")
         value_loss = value.fit(x_T, target, steps=cfg.value_train_steps, lr=cfg.value_learning_rate,
-                               generator=gen, progress=False, conditions=conditions)
+                               generator=fit_gen, progress=False, conditions=conditions)
         value.requires_grad_(False)
-        metrics = self.fit_initial_noise(value, cfg.noise_train_steps, round_generator(cfg.seed, round_index, "noise"),
+        broadcast_tensors(self.accelerator, value.state_dict(keep_vars=True).values())
+        metrics = self.fit_initial_noise(value, cfg.noise_train_steps, self._rank_generator(round_index, "noise"),
                                          reference=self.previous_noise, reference_weight=b / (a + b), log_prefix=None,
                                          desc=f"round {round_index}: initial noise")
         return {"noise/value_loss": value_loss, "noise/loss": metrics["noise/loss"],
@@ -311,7 +297,7 @@ class SeikoTrainer(BaseTrainer):
         cfg = self.config
         params = lora_parameters(self.model, CONTROL_ADAPTER)
         opt, lr_schedule = self.make_optimizer(params)
-        gen = round_generator(cfg.seed, round_index, "drift")
+        gen = self._rank_generator(round_index, "drift")
         metrics = {}
         bar = self._progress(range(cfg.train_steps), f"round {round_index}: drift", leave=False)
         for it in bar:
@@ -343,8 +329,13 @@ class SeikoTrainer(BaseTrainer):
         """Runs (or resumes) the rounds; returns the last round's metrics. ``callback(trainer, round_index) ->
         dict`` (optional) runs after each round's update, e.g. an evaluation; its metrics are logged with the round's.
         """
-        with RunLock(self.output_dir):
+        lock = RunLock(self.output_dir) if self.is_main_process else None
+        run_on_main(self.accelerator, lambda: lock.acquire() and None)  # a second run: an error on every process
+        try:
             return self._train(callback)
+        finally:
+            if lock is not None:
+                lock.release()
 
     def _train(self, callback) -> dict:
         self._start_trackers()
@@ -365,7 +356,7 @@ class SeikoTrainer(BaseTrainer):
                 metrics.update(callback(self, i) or {})
             numbers = {f"round_metrics/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
             self._log(numbers, step=self.global_step)  # the round's last drift step: tracker steps never go back
-            rounds.set_postfix(queries=len(self.feedback), oracle_mean=f"{metrics['round/oracle_mean']:.3f}")
+            rounds.set_postfix(queries=self.num_queries, oracle_mean=f"{metrics['round/oracle_mean']:.3f}")
         self._end_trackers()
         return metrics
 
@@ -374,8 +365,10 @@ class SeikoTrainer(BaseTrainer):
                         base_model: str | None = None, repo_id: str | None = None,
                         card_info: dict | None = None) -> None:
         """The fine-tuned model in the ELEGANT format (adapter, initial-noise model, config, options, model card;
-        loadable with ``ElegantTrainer.from_pretrained``) plus ``seiko_config.json``."""
-        seiko = {**self.config.card_fields(self.oracle.name, len(self.feedback)), **(card_info or {}).get("seiko", {})}
+        loadable with ``ElegantTrainer.from_pretrained``) plus ``seiko_config.json``. Main process only."""
+        if not self.is_main_process:
+            return
+        seiko = {**self.config.card_fields(self.oracle.name, self.num_queries), **(card_info or {}).get("seiko", {})}
         save_control(save_directory, self.process, self.config.elegant_config(), self.initial_noise,
                      reward=self.reward_name, metrics=metrics, sample_grid=sample_grid, base_model=base_model,
                      repo_id=repo_id, card_info={**(card_info or {}), "seiko": seiko})
@@ -388,9 +381,9 @@ class SeikoTrainer(BaseTrainer):
         """Uploads :meth:`save_pretrained` output to the model repo ``repo_id`` in one commit (creating it if
         needed); with ``feedback_repo_id`` also the feedback dataset as a dataset repo
         (:meth:`FeedbackDataset.push_to_hub`). Returns the model repo's ``CommitInfo``."""
-        message = commit_message or f"SEIKO model after {self.completed_rounds} rounds, {len(self.feedback)} queries"
+        message = commit_message or f"SEIKO model after {self.completed_rounds} rounds, {self.num_queries} queries"
         info = super().push_to_hub(repo_id, private, token, message, save_directory, metrics, base_model=base_model,
                                    endpoint=endpoint)
-        if feedback_repo_id is not None:
+        if feedback_repo_id is not None and self.is_main_process:
             self.feedback.push_to_hub(feedback_repo_id, private=private, token=token, endpoint=endpoint)
         return info

@@ -1,7 +1,7 @@
 """Configuration of SEIKO (online feedback-efficient fine-tuning, ``docs/algorithms.md`` §6).
 
-:class:`SeikoConfig` extends :class:`~hf_control_ft.trainers.elegant_config.ElegantConfig`: every ELEGANT field keeps its meaning
-for the per-round update (``train_steps`` = drift iterations *per round*, ``value_*`` / ``noise_*`` = the
+:class:`SeikoConfig` extends :class:`~hf_control_ft.trainers.elegant_config.ElegantConfig`: every ELEGANT field
+keeps its meaning for the per-round update (``train_steps`` = drift iterations *per round*, ``value_*`` / ``noise_*`` = the
 per-round initial-noise stages, ``alpha`` = KL weight to the pretrained model), and the SEIKO fields below are
 added. Both KL weights are in reward units per nat, the KL summed over every dimension of a sample.
 """
@@ -30,7 +30,8 @@ class SeikoConfig(ElegantConfig):
         num_rounds: rounds ``R``.
         queries_per_round: oracle budget per round: one int for every round, or a list of ``R`` ints.
         beta: KL weight to the previous round's model (> 0).
-        optimism: ``"ucb"``, ``"bootstrap"``, ``"ts"`` or ``"greedy"`` (see :mod:`hf_control_ft.models.reward_ensemble`).
+        optimism: ``"ucb"``, ``"bootstrap"``, ``"ts"`` or ``"greedy"``
+            (see :mod:`hf_control_ft.models.reward_ensemble`).
             The non-adaptive baseline is ``num_rounds=1`` (whole budget from the pretrained model).
         bonus_scale: ``C`` of the UCB / bootstrap bonus (>= 0).
         ensemble_size: reward heads (``"bootstrap"`` needs >= 2).

@@ -6,8 +6,8 @@ that define what was already collected is refused), ``feedback/`` (:mod:`hf_cont
 two initial-noise models and the counters, written as safetensors + JSON into a new version directory that is
 switched in atomically (:class:`~hf_control_ft.utils.versioned_dir.VersionedDirectory`).
 
-All randomness of a round is drawn from generators seeded by ``(seed, round, phase)`` (:func:`round_seed`), so
-a resumed run draws exactly what the uninterrupted run would have.
+All randomness of a round is drawn from generators seeded by ``(seed, round, phase, rank)`` (:func:`round_seed`),
+so a resumed run draws exactly what the uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -33,16 +33,17 @@ SEIKO_CONFIG_NAME = "seiko_config.json"
 # fields that must not change between a run and its resumption (they define what was already collected)
 RESUME_KEYS = ("num_rounds", "queries_per_round", "seed", "optimism", "alpha", "beta", "num_inference_steps", "eta",
                "learn_initial_noise", "lora_rank", "lora_alpha", "lora_target_modules", "noise_num_steps")
-_PHASES = {"sample": 1, "reward": 2, "ts": 3, "value": 4, "noise": 5, "drift": 6}
+_PHASES = {"sample": 1, "reward": 2, "ts": 3, "value": 4, "noise": 5, "drift": 6, "value_fit": 7}
 
 
-def round_seed(seed: int, round_index: int, phase: str) -> int:
-    """Seed of the generator of one phase of one round: resumption redraws exactly the same numbers."""
-    return (seed * 1_000_003 + round_index * 101 + _PHASES[phase]) % (2**63 - 1)
+def round_seed(seed: int, round_index: int, phase: str, rank: int = 0) -> int:
+    """Seed of the generator of one phase of one round on process ``rank``: resumption redraws exactly the same
+    numbers (process 0 of a multi-process run draws what a single-process run draws)."""
+    return (seed * 1_000_003 + round_index * 101 + _PHASES[phase] + rank * 1_000_000_007) % (2**63 - 1)
 
 
-def round_generator(seed: int, round_index: int, phase: str) -> torch.Generator:
-    return torch.Generator().manual_seed(round_seed(seed, round_index, phase))
+def round_generator(seed: int, round_index: int, phase: str, rank: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(round_seed(seed, round_index, phase, rank))
 
 
 def check_resume_config(config, output_dir: str) -> None:

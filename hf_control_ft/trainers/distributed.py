@@ -1,0 +1,83 @@
+"""Collectives the trainers need besides gradient averaging: work done once on the main process and shared.
+
+SEIKO keeps its oracle and its feedback dataset on the main process (one writer, every answer on disk before it
+is used) while every process samples and trains its share. These helpers carry results, errors and tensors from
+the main process to the others. With one process each is a plain call, so single-process runs are unchanged.
+
+A failure on the main process (the oracle is down, the run directory is damaged) is raised on *every*
+process: the others never wait in a collective for a main process that has stopped.
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast, broadcast_object_list
+
+
+def shares(total: int, num_processes: int) -> list[int]:
+    """``total`` split into ``num_processes`` shares differing by at most one, the larger ones first."""
+    base, extra = divmod(int(total), int(num_processes))
+    return [base + (rank < extra) for rank in range(num_processes)]
+
+
+class MainProcessError(RuntimeError):
+    """Raised on the other processes when the main process failed with an exception that could not be sent."""
+
+
+def run_on_main(accelerator: Accelerator, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on the main process only; its result (picklable) is returned on every process,
+    and an exception it raises is raised on every process (the same exception object where it pickles)."""
+    if accelerator.num_processes == 1:
+        return fn(*args, **kwargs)
+    payload = [None]
+    if accelerator.is_main_process:
+        try:
+            payload = [("ok", fn(*args, **kwargs))]
+        except Exception as err:  # noqa: BLE001 - re-raised below, on this process and all others
+            payload = [("error", err)]
+    try:
+        broadcast_object_list(payload, from_process=0)
+    except Exception:  # noqa: BLE001 - e.g. an exception object that does not pickle: send its text instead
+        if accelerator.is_main_process and payload[0][0] == "error":
+            raise payload[0][1]
+        raise
+    status, value = payload[0]
+    if status == "error":
+        raise value
+    return value
+
+
+def tensors_from_main(accelerator: Accelerator, fn) -> tuple[torch.Tensor, ...]:
+    """``fn() -> tuple of tensors`` run on the main process; every process gets CPU copies (sent as tensors,
+    not pickled, so large feedback datasets cost one broadcast each)."""
+    if accelerator.num_processes == 1:
+        return tuple(t.cpu() for t in fn())
+    held = {}
+
+    def describe():
+        held["tensors"] = tuple(t.contiguous() for t in fn())
+        return [(tuple(t.shape), t.dtype) for t in held["tensors"]]
+
+    out = []
+    for i, (shape, dtype) in enumerate(run_on_main(accelerator, describe)):
+        if accelerator.is_main_process:
+            t = held["tensors"][i].to(accelerator.device)
+        else:
+            t = torch.empty(shape, dtype=dtype, device=accelerator.device)
+        out.append(broadcast(t, from_process=0).cpu())
+    return tuple(out)
+
+
+@torch.no_grad()
+def broadcast_tensors(accelerator: Accelerator, tensors) -> None:
+    """Overwrites each tensor (parameters, buffers) with the main process's value, in place: identical LoRA
+    adapters and initial-noise models on every process whatever their seeds or the files each could read."""
+    if accelerator.num_processes == 1:
+        return
+    for tensor in tensors:
+        data = tensor.detach()
+        if data.device != accelerator.device:  # e.g. a CPU buffer under NCCL: send a device copy
+            data.copy_(broadcast(data.to(accelerator.device), from_process=0).to(data.device))
+        else:
+            broadcast(data, from_process=0)

@@ -1,0 +1,102 @@
+"""SEIKO under ``accelerate launch`` with 2 CPU processes (gloo): shares, one oracle writer, kills of either process."""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from hf_control_ft.feedback.store import FeedbackDataset
+from hf_control_ft.trainers.distributed import run_on_main, shares, tensors_from_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+WORKER = os.path.join(ROOT, "tests", "helpers", "seiko_distributed_worker.py")
+
+
+def test_shares_split_a_budget_evenly():
+    assert shares(12, 2) == [6, 6] and shares(7, 3) == [3, 2, 2] and shares(1, 2) == [1, 0]
+    assert all(sum(shares(n, p)) == n for n in range(20) for p in (1, 2, 3, 8))
+
+
+def test_single_process_helpers_are_plain_calls():
+    acc = Accelerator(cpu=True)
+    assert run_on_main(acc, lambda a, b: a + b, 2, b=3) == 5
+    x, y = tensors_from_main(acc, lambda: (torch.ones(2, 3), torch.arange(4)))
+    assert torch.equal(x, torch.ones(2, 3)) and torch.equal(y, torch.arange(4))
+    with pytest.raises(KeyError, match="boom"):
+        run_on_main(acc, lambda: {}["boom"])
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(out, log, results, kill=""):
+    results.mkdir(exist_ok=True)
+    for f in results.iterdir():
+        f.unlink()
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), WORKER, str(out), str(log), str(results), kill]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    ranks = {json.load(open(p))["rank"]: json.load(open(p)) for p in results.iterdir()}
+    return done, ranks
+
+
+def _logged(log):
+    with open(log) as f:
+        return [tuple(json.loads(line)) for line in f]
+
+
+@pytest.mark.slow
+def test_two_processes_send_every_sample_once_and_survive_a_kill_of_either(tmp_path):
+    # the uninterrupted 2-process run: 3 rounds of 12 / 12 / 8 queries, each process draws half of every round
+    ref_out, ref_log = tmp_path / "ref", tmp_path / "ref.jsonl"
+    done, ref = _launch(ref_out, ref_log, tmp_path / "res")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(ref) == [0, 1] and all(r["num_processes"] == 2 and r["identical"] for r in ref.values())
+    assert ref[0]["hash"] == ref[1]["hash"]
+    assert all(r["completed_rounds"] == 3 and r["global_step"] == 3 * 2 and r["num_queries"] == 32
+               for r in ref.values())
+    assert ref[0]["has_feedback"] and not ref[1]["has_feedback"]  # one writer: the main process
+    assert ref[1]["oracle_calls"] == 0 and ref[0]["oracle_calls"] == 3 + 3 + 2  # batches of 5
+    assert ref[1]["writes"] == []  # process 1 wrote nothing in the run directory
+    logged = _logged(ref_log)
+    assert len(logged) == 32 and len(set(logged)) == 32
+    fb = FeedbackDataset(str(ref_out / "feedback"), (2,))
+    assert {tuple(v) for v in fb.samples(list(range(32))).tolist()} == set(logged)
+
+    # 1) process 1 dies as round 2's drift starts: round 2's answers are all on disk already
+    out, log = tmp_path / "run", tmp_path / "run.jsonl"
+    done, _ = _launch(out, log, tmp_path / "res", kill="rank1-drift-2")
+    assert done.returncode != 0
+    fb = FeedbackDataset(str(out / "feedback"), (2,))
+    assert len(fb) == 24 and fb.pending() == [] and len(_logged(log)) == 24
+    answered = {q: (fb.columns["value"][q], fb.columns["status"][q]) for q in range(24)}
+
+    # 2) the restart redoes round 2's update from disk, then the oracle's process dies on round 3's 2nd batch
+    done, _ = _launch(out, log, tmp_path / "res", kill="oracle-call-2")
+    assert done.returncode != 0
+    fb = FeedbackDataset(str(out / "feedback"), (2,))
+    assert len(fb) == 32 and len(fb.pending(3)) == 3 and len(_logged(log)) == 24 + 5
+
+    # 3) the last restart asks only the 3 pending samples and ends where the uninterrupted run ended
+    done, res = _launch(out, log, tmp_path / "res")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert res[0]["oracle_calls"] == 1 and res[1]["oracle_calls"] == 0
+    logged = _logged(log)
+    assert len(logged) == 32 and len(set(logged)) == 32  # every sample sent exactly once over the three launches
+    fb = FeedbackDataset(str(out / "feedback"), (2,))
+    for q, kept in answered.items():  # nothing answered before the kills was lost or overwritten
+        now = (fb.columns["value"][q], fb.columns["status"][q])
+        assert now == kept or (math.isnan(now[0]) and math.isnan(kept[0]) and now[1] == kept[1])
+    assert res[0]["hash"] == res[1]["hash"] == ref[0]["hash"]  # identical to the uninterrupted run, bit for bit
+    assert res[1]["writes"] == []
