@@ -21,6 +21,10 @@ from ..utils.config_cli import ConfigCliError, parse_dataclasses
 from ..utils.errors import exit_with_error
 from ..utils.validation import field_checker, is_int
 
+#: image encoder of the SEIKO reward heads by default (``--feature_model_name_or_path``); ``"pixels"`` opts out
+DEFAULT_FEATURE_MODEL = "openai/clip-vit-large-patch14"
+PIXEL_FEATURES = "pixels"
+
 
 def _f(default=None, help_text: str = "", **kw):
     return field(default=default, metadata={"help": help_text}, **kw)
@@ -171,9 +175,9 @@ class SeikoScriptArguments(TextToImageArguments):
                                   "function' or 'package.module:function'; called as fn(images, prompts)")
     feedback_dataset_id: str | None = _f(None, "with --push_to_hub: also push the feedback dataset to this "
                                                "dataset repo")
-    feature_model_name_or_path: str | None = _f(None, "CLIP model whose image embeddings the reward heads and the "
-                                                      "optimism bonus use (recommended: openai/clip-vit-large-patch14);"
-                                                      " default: 4x4 pooled pixels")
+    feature_model_name_or_path: str = _f(DEFAULT_FEATURE_MODEL, "CLIP model (Hub id or local path) whose "
+                                         "normalised image embeddings the reward heads and the optimism bonus use; "
+                                         "'pixels': 4x4 pooled pixels instead (no download, weaker)")
 
     refuses_existing_run = False  # the run state in output_dir is resumed: no oracle answer is ever asked twice
 

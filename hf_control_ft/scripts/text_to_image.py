@@ -31,7 +31,7 @@ from ..trainers.seiko import SeikoTrainer
 from ..trainers.seiko_config import SeikoConfig
 from ..utils.errors import error_line, exit_with_error
 from ..utils.run_lock import RunLockedError
-from .arguments import ElegantScriptArguments, SeikoScriptArguments, parse_script_args
+from .arguments import PIXEL_FEATURES, ElegantScriptArguments, SeikoScriptArguments, parse_script_args
 from .validation import Validation
 
 logger = logging.getLogger("hf_control_ft")
@@ -138,12 +138,14 @@ def _setup(trainer_cls, args, config, spec: str, validation_reward: bool):
         prompts = load_prompt_source(args)
     fn = _reward(spec, args, accelerator)
     extra = {}
-    if getattr(args, "feature_model_name_or_path", None):  # SEIKO: reward heads on CLIP image embeddings
+    features = getattr(args, "feature_model_name_or_path", PIXEL_FEATURES)
+    if features != PIXEL_FEATURES:  # SEIKO: reward heads and bonus on CLIP image embeddings (the default)
         try:
-            extra["feature_extractor"] = CLIPImageFeatures.from_pretrained(args.feature_model_name_or_path,
-                                                                           token=args.hub_token)
+            with accelerator.main_process_first():
+                extra["feature_extractor"] = CLIPImageFeatures.from_pretrained(features, token=args.hub_token)
         except Exception as err:  # noqa: BLE001 - unreachable Hub, not a CLIP checkpoint
-            _fail(f"cannot load --feature_model_name_or_path {args.feature_model_name_or_path!r}: {error_line(err)}")
+            _fail(f"cannot load --feature_model_name_or_path {features!r}: {error_line(err)} (give a local copy, "
+                  f"or --feature_model_name_or_path {PIXEL_FEATURES} for pooled-pixel features)")
     try:
         trainer = trainer_cls.from_pipeline(pipe, fn, config, prompts, accelerator=accelerator,
                                             **_options(args, accelerator), **extra)
@@ -196,7 +198,7 @@ def run_seiko(argv=None, prog: str = "train_seiko.py") -> int:
         card_info["seiko"] = {"feedback": f"[`{args.feedback_dataset_id}`](https://huggingface.co/datasets/"
                                           f"{args.feedback_dataset_id})"}
     status = _finish(trainer, args, config, accelerator, validation, summary, metrics, card_info)
-    if args.push_to_hub and args.feedback_dataset_id and status == 0:
+    if args.push_to_hub and args.feedback_dataset_id and status == 0 and trainer.is_main_process:
         try:
             trainer.feedback.push_to_hub(args.feedback_dataset_id, private=args.hub_private_repo,
                                          token=args.hub_token)

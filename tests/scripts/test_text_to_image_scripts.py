@@ -119,7 +119,7 @@ def test_elegant_script_trains_validates_resumes_and_saves_for_stock_diffusers(w
 def test_seiko_script_runs_rounds_with_an_oracle_file_and_names_them_on_the_card(workdir):
     flags = ["--prompts", "a red cat", "the sea", "--oracle", "my_oracle.py:score", *TINY, "--num_rounds", "2",
              "--queries_per_round", "4", "--reward_train_steps", "5", "--train_steps", "2", "--validation_steps", "1",
-             "--output_dir", "seiko", "--beta=0.5", "--optimism", "ucb"]
+             "--output_dir", "seiko", "--beta=0.5", "--optimism", "ucb", "--feature_model_name_or_path", "pixels"]
     done = launch(SEIKO, workdir, *flags)
     assert done.returncode == 0, done.stderr[-3000:]
     out = workdir / "seiko"

@@ -202,3 +202,31 @@ def test_bf16_mixed_precision_keeps_both_adapters_in_fp32(tmp_path):
     assert metrics["train/kl_pretrained"] > 0 and metrics["train/kl_previous"] > 0
     assert math.isfinite(metrics["train/objective"]) and len(trainer.feedback) == 3
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora_parameters(trainer.model))
+
+
+def test_ucb_bonus_is_computed_on_clip_image_embeddings(tmp_path):
+    """The documented text-to-image default: reward heads and the UCB bonus on a frozen CLIP image tower's
+    normalised embeddings (a tiny random CLIP here), not on latents or pixels."""
+    from hf_control_ft.rewards import CLIPImageFeatures
+    from hf_control_ft.testing import tiny_clip_model
+
+    model, _ = tiny_clip_model()
+    clip = CLIPImageFeatures(model)
+    torch.manual_seed(0)
+    trainer = SeikoTrainer.from_pipeline(tiny_sd_pipeline(), PromptOracle(), seiko_sd_config(tmp_path / "clip",
+                                         num_rounds=1, queries_per_round=[6]), prompts=PROMPTS,
+                                         guidance_scale=2.0, feature_extractor=clip)
+    trainer.collect_feedback(1)
+    trainer.fit_reward(1)
+    ensemble = trainer.reward.ensemble
+    latents = trainer.feedback.samples(list(range(6)))
+    embeddings = clip(trainer.process.decode(latents))
+    assert ensemble.f_mean.shape == (embeddings.shape[1],) and embeddings.shape[1] == clip.dim
+    assert torch.allclose(embeddings.norm(dim=1), torch.ones(6), atol=1e-5)
+    # the ensemble's standardised features are exactly the CLIP embeddings of the decoded queries
+    torch.testing.assert_close(ensemble.features(latents), (embeddings - ensemble.f_mean) / ensemble.f_std)
+    r_hat, bonus = trainer.reward.parts(latents)
+    phis = ensemble.head_outputs(latents)[1]
+    width = torch.einsum("hbi,hij,hbj->hb", phis, ensemble.gram_inv, phis).sqrt().mean(0)
+    assert (bonus > 0).all()
+    torch.testing.assert_close(bonus, trainer.reward.saturate(trainer.config.bonus_scale * ensemble.y_std * width))
