@@ -23,7 +23,7 @@ object: ``ucb_query_ratio_vs_greedy`` (cumulative queries at which UCB's mean tr
 greedy's final mean, divided by greedy's total; ``null`` if never), ``ucb_minus_greedy_final_mean`` and
 ``..._ci95_low/high`` (paired over seeds), ``min_feasible_fraction`` (worst seed and round of UCB) and every
 method's final mean and interval. With ``--workers 2`` on 2 CPU cores the mixture default takes about 4 minutes,
-``--task digits`` about 18.
+``--task digits`` about 30.
 """
 
 from __future__ import annotations
