@@ -73,3 +73,13 @@ def train_save_and_reload(trainer, make_pipeline, fingerprint, network_of, direc
     torch.testing.assert_close(again.sample(prompts=prompts, generator=torch.Generator().manual_seed(0)),
                                trainer.sample(prompts=prompts, generator=torch.Generator().manual_seed(0)))
     return open(os.path.join(directory, "README.md")).read()
+
+
+def run_one_seiko_round(pipeline, prompts, options: dict, directory, oracle=mean_image_oracle):
+    """One SEIKO round of 4 queries (3 steps, 1 drift iteration) on a tiny family pipeline: ``(trainer, metrics)``."""
+    from hf_control_ft import SeikoConfig, SeikoTrainer
+
+    cfg = tiny_config(SeikoConfig, num_rounds=1, queries_per_round=4, num_inference_steps=3, train_steps=1,
+                      reward_train_steps=3, output_dir=str(directory))
+    trainer = SeikoTrainer.from_pipeline(pipeline, oracle, cfg, prompts, **options)
+    return trainer, trainer.train()

@@ -3,10 +3,15 @@ dynamic shifting): the pipeline's own noise levels, the per-step KL, stock reloa
 
 import numpy as np
 import torch
-from family_checks import (assert_step_kls_are_closed_form, mean_image_oracle, redness, tiny_config,
-                           train_save_and_reload)
+from family_checks import (
+    assert_step_kls_are_closed_form,
+    redness,
+    run_one_seiko_round,
+    tiny_config,
+    train_save_and_reload,
+)
 
-from hf_control_ft import ElegantTrainer, SeikoConfig, SeikoTrainer
+from hf_control_ft import ElegantTrainer
 from hf_control_ft.processes import FluxProcess
 from hf_control_ft.processes.flux import pack_latents, unpack_latents
 from hf_control_ft.testing import tiny_flux_pipeline, tiny_flux_transformer_output
@@ -44,8 +49,5 @@ def test_flux_per_step_kl_is_the_closed_form_summed_over_unpacked_dimensions():
 
 
 def test_seiko_round_on_flux(tmp_path):
-    cfg = tiny_config(SeikoConfig, num_rounds=1, queries_per_round=4, num_inference_steps=3, train_steps=1,
-                      reward_train_steps=3, output_dir=str(tmp_path / "seiko"))
-    trainer = SeikoTrainer.from_pipeline(tiny_flux_pipeline(), mean_image_oracle, cfg, PROMPTS, **OPTIONS)
-    metrics = trainer.train()
+    trainer, metrics = run_one_seiko_round(tiny_flux_pipeline(), PROMPTS, OPTIONS, tmp_path / "seiko")
     assert metrics["round/queries"] == 4 and len(trainer.feedback) == 4 and metrics["train/kl_pretrained"] >= 0

@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
-from family_checks import assert_step_kls_are_closed_form, mean_image_oracle, redness, tiny_config
+from family_checks import assert_step_kls_are_closed_form, mean_image_oracle, redness, run_one_seiko_round, tiny_config
 from hub_server import HubServer
 
-from hf_control_ft import ElegantTrainer, SeikoConfig, SeikoTrainer
+from hf_control_ft import ElegantTrainer
 from hf_control_ft.core.control import lora_parameters, pretrained_mode
 from hf_control_ft.processes import StableDiffusion3Process, process_from_pipeline
 from hf_control_ft.testing import tiny_sd3_pipeline, tiny_sd3_transformer_output, tiny_sd_pipeline
@@ -101,10 +101,7 @@ def test_seiko_round_on_sd3(tmp_path):
         calls.append(len(prompts))
         return mean_image_oracle(images, prompts)
 
-    cfg = tiny_config(SeikoConfig, num_rounds=1, queries_per_round=4, num_inference_steps=3, train_steps=1,
-                      reward_train_steps=3, output_dir=str(tmp_path / "seiko"))
-    trainer = SeikoTrainer.from_pipeline(tiny_sd3_pipeline(), oracle, cfg, PROMPTS, **OPTIONS)
-    metrics = trainer.train()
+    trainer, metrics = run_one_seiko_round(tiny_sd3_pipeline(), PROMPTS, OPTIONS, tmp_path / "seiko", oracle)
     assert sum(calls) == 4 and metrics["round/queries"] == 4 and len(trainer.feedback) == 4
     assert metrics["train/kl_previous"] >= 0 and metrics["train/kl_pretrained"] >= 0
 

@@ -1,10 +1,15 @@
 """ELEGANT and SEIKO on a tiny random SDXL pipeline (two text encoders, pooled embeddings, added time ids, Euler
 scheduler converted for the sampler): the guided per-step KL, stock reload, the library's reload, a SEIKO round."""
 
-from family_checks import (assert_step_kls_are_closed_form, mean_image_oracle, redness, tiny_config,
-                           train_save_and_reload)
+from family_checks import (
+    assert_step_kls_are_closed_form,
+    redness,
+    run_one_seiko_round,
+    tiny_config,
+    train_save_and_reload,
+)
 
-from hf_control_ft import ElegantTrainer, SeikoConfig, SeikoTrainer
+from hf_control_ft import ElegantTrainer
 from hf_control_ft.processes import StableDiffusionXLProcess
 from hf_control_ft.testing import tiny_sdxl_pipeline, tiny_sdxl_unet_output
 
@@ -30,8 +35,5 @@ def test_sdxl_per_step_kl_compares_the_guided_means():
 
 
 def test_seiko_round_on_sdxl(tmp_path):
-    cfg = tiny_config(SeikoConfig, num_rounds=1, queries_per_round=4, num_inference_steps=3, train_steps=1,
-                      reward_train_steps=3, output_dir=str(tmp_path / "seiko"))
-    trainer = SeikoTrainer.from_pipeline(tiny_sdxl_pipeline(), mean_image_oracle, cfg, PROMPTS, **OPTIONS)
-    metrics = trainer.train()
+    trainer, metrics = run_one_seiko_round(tiny_sdxl_pipeline(), PROMPTS, OPTIONS, tmp_path / "seiko")
     assert metrics["round/queries"] == 4 and len(trainer.feedback) == 4 and metrics["train/kl_pretrained"] >= 0
