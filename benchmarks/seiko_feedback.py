@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import multiprocessing
 import os
 import shutil
@@ -46,6 +45,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench_stats import interval  # noqa: E402,F401 (re-exported for the statistics test)
 from seiko_tasks import TASKS  # noqa: E402
 
 from hf_control_ft.trainers.seiko import SeikoTrainer  # noqa: E402
@@ -91,19 +91,6 @@ def _job(args):
     curve = run(method, seed, bonus_scale, workdir)
     print(f"{method} seed {seed}: {curve[-1]} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
     return method, seed, curve
-
-
-def interval(values: list[float]) -> dict:
-    """Mean and two-sided 95% Student-t interval of the mean over seeds."""
-    from scipy.stats import t
-
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return {"mean": mean, "ci95_low": None, "ci95_high": None, "n": n}
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-    return {"mean": mean, "ci95_low": mean - half, "ci95_high": mean + half, "n": n}
 
 
 def summarise(curves: dict[str, dict[int, list[dict]]], seeds: list[int]) -> dict:

@@ -1,26 +1,38 @@
 """Exact-target benchmark (docs/algorithms.md §5): does ELEGANT sample p_pre(x) exp(r(x)/alpha) / Z?
 
-Pretrained law: a 2-D three-mode Gaussian mixture with unequal weights; the pretrained model is a small MLP
-denoiser distilled to its exact noise prediction. Reward r(x) = c . x, whose tilted target is a mixture in
-closed form. For the pretrained model, ELEGANT with each drift objective of ``--drift_objectives``
-(``ElegantConfig.drift_objective``: "auto", "value_guided", "adjoint_matching", "pathwise"), and ELEGANT with
-learn_initial_noise=False (first objective) it reports the total-variation distance between the samples' mode
-weights and the target weights, and each mode's mean error, at eta = 1 and at a low-noise setting. It also
-reports a discretisation floor: the same LoRA fitted by regression to the exact noise prediction of the
-tilted target and sampled with the same sampler from N(0, I). Prints one JSON object (stdout); each
-setting's block is also printed to stderr as soon as it is done.
+Cases (``benchmarks/tilted_cases.py``): ``linear_2d`` (a 2-D three-mode Gaussian mixture, linear reward, alpha 2,
+DDIM at eta 1.0 / 0.2), ``bounded_3d`` (a 3-D four-mode anisotropic mixture, a bounded nonlinear bump reward,
+alpha 1, DDIM at eta 1.0 / 0.3) and ``flow_linear_2d`` (``linear_2d`` as a rectified flow, flow SDE at eta
+1.0 / 0.5). The pretrained model is a small MLP distilled to the exact noise prediction (velocity); every tilted
+target is known exactly (closed form, or exact rejection sampling for the bounded reward). For each eta it
+reports the total-variation distance between the samples' mode weights and the target's, and each mode's mean
+error, for the pretrained model, ELEGANT with each drift objective of ``--drift_objectives``
+(``ElegantConfig.drift_objective``), ELEGANT with learn_initial_noise=False (first objective), and a
+discretisation floor: the same LoRA fitted by regression to the tilted target's noise prediction and sampled
+with the same sampler from N(0, I). With several ``--seeds`` each block holds every seed's run and the mean,
+standard deviation and 95% t-interval of the TV. Prints one JSON object (stdout); each block is also printed to
+stderr as soon as it is done.
 
-    python benchmarks/tilted_target.py                 # full run (CPU, tens of minutes on 2 shared cores)
-    python benchmarks/tilted_target.py --drift_objectives value_guided   # one objective (+ fixed noise)
+    python benchmarks/tilted_target.py --suite --workers 2   # every case, the default objective, 3 seeds
+    python benchmarks/tilted_target.py                 # linear_2d: value_guided, pathwise, fixed noise, floor
+    python benchmarks/tilted_target.py --case bounded_3d --drift_objectives auto --seeds 0 1 2
+    python benchmarks/tilted_target.py --exact_values --etas 1.0 --seeds 0 1 2   # + ELEGANT on exact values
     python benchmarks/tilted_target.py --quick         # smaller, for a smoke test
     python benchmarks/tilted_target.py --conditional   # per-prompt targets (below)
-    python benchmarks/tilted_target.py --flow          # rectified flow (below)
-    python benchmarks/tilted_target.py --drift_objectives auto --seeds 0 1 2   # the default objective, 3 seeds
+    python benchmarks/tilted_target.py --flow          # = --case flow_linear_2d
 
-``--flow``: the same mixture as a rectified flow ``x_s = (1 - s) x_0 + s eps``; the pretrained model is the MLP
-distilled to the exact velocity (``exact_velocity``, docs/algorithms.md §11), sampled by the flow SDE of a
-``FlowMatchEulerDiscreteScheduler`` (``--shift``, default 1) at ``eta = 1`` (memoryless) and ``--low_eta``
-(default 0.5 with ``--flow``: the GRPO-style level ``a = eta sqrt(2) ≈ 0.7``). The floor regresses the LoRA onto
+``--suite``: the three cases at their two etas with the default objective (``auto``), seeds 0 1 2 (or
+``--seeds``), the floor, no fixed-noise runs (``--with_fixed_noise`` adds them) and a summary table (the last
+stdout line is the JSON). About 2.5 CPU-minutes a run; ``--workers 2`` runs two at a time.
+
+``--exact_values`` (linear DDIM case, eta = 1): adds ELEGANT (``value_guided``) whose stage-2 value and per-step values
+are the exact soft values of the continuous-time pretrained process (``ExactLinearValues``) instead of fitted
+ones: the difference to the default run is the error of the value fits.
+
+``flow_linear_2d`` (``--flow``): the same mixture as a rectified flow ``x_s = (1 - s) x_0 + s eps``; the
+pretrained model is the MLP distilled to the exact velocity (``exact_velocity``, docs/algorithms.md §11), sampled
+by the flow SDE of a ``FlowMatchEulerDiscreteScheduler`` (``--shift``, default 1) at ``eta = 1`` (memoryless)
+and 0.5 (the GRPO-style level ``a = eta sqrt(2) ≈ 0.7``). The floor regresses the LoRA onto
 the tilted target's exact velocity.
 
 ``--conditional``: three "prompts" (classes) over the same three modes, each with its own mode weights
@@ -39,228 +51,170 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import sys
 import time
 
 import torch
-from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-from hf_control_ft import ControlledSampler, ElegantConfig, ElegantTrainer
-from hf_control_ft.core.control import add_lora_control, lora_parameters
-from hf_control_ft.core.flow_matching import build_schedule, is_flow_scheduler
-from hf_control_ft.processes import ClassConditionalProcess
-from hf_control_ft.tasks.gaussian_mixture import (
-    class_conditional_mixtures,
-    distill_flow_velocity,
-    distill_mixture_denoiser,
-    exact_noise_prediction,
-    exact_velocity,
-    three_mode_mixture,
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_stats import interval  # noqa: E402
+from tilted_cases import (  # noqa: E402
+    CASES,
+    ExactLinearValues,
+    build_case,
+    describe_case,
+    discretisation_floor,
+    evaluate,
+    load_denoiser,
 )
 
+from hf_control_ft import ElegantConfig, ElegantTrainer  # noqa: E402
 
-def evaluate(target, x):
-    return {"tv": round(target.mode_weight_tv(x), 4),
-            "mode_mean_errors": [round(e, 4) for e in target.mode_mean_errors(x)],
-            "mode_weights": [round(float(w), 4) for w in
-                             torch.bincount(target.assign(x), minlength=len(target.weights)).double() / len(x)]}
+_CASES: dict = {}  # name -> built case, shared with forked workers
+_ARGS = None
 
 
-def load_denoiser(denoiser_state):
-    from hf_control_ft.models.networks import MLPDenoiser
-
-    model = MLPDenoiser(**denoiser_state["config"])
-    model.load_state_dict(denoiser_state["weights"])
-    return model.requires_grad_(False)
-
-
-def discretisation_floor(denoiser_state, scheduler, target, args, eta):
-    """TV reached by the same LoRA (rank 8) fitted by regression to the exact noise prediction of the tilted
-    target, sampled from N(0, I) with the same sampler: what the sampler's discretisation and the adapter's
-    capacity allow, independent of the drift optimiser (docs/algorithms.md §8)."""
-    model = load_denoiser(denoiser_state)
-    torch.manual_seed(args.seed)
-    add_lora_control(model, rank=8)
-    schedule = build_schedule(scheduler, args.steps, eta)
-    flow = is_flow_scheduler(scheduler)
-    abar = None if flow else schedule.alpha_bar.float()
-    params = lora_parameters(model)
-    opt = torch.optim.Adam(params, lr=args.floor_lr)
-    lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.floor_steps)
-    gen = torch.Generator().manual_seed(args.seed + 7)
-    t0 = time.perf_counter()
-    for _ in range(args.floor_steps):
-        k = torch.randint(0, len(schedule), (1024,), generator=gen)
-        x0 = target.sample(1024, gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        if flow:  # regress onto the tilted target's exact velocity at the sampler's levels
-            s_k = schedule.levels[k].float()
-            xt = (1 - s_k)[:, None] * x0 + s_k[:, None] * noise
-            exact = exact_velocity(target, xt, s_k)
-        else:
-            a = abar[k]
-            xt = a.sqrt()[:, None] * x0 + (1 - a).sqrt()[:, None] * noise
-            exact = exact_noise_prediction(target, xt, a)
-        loss = (model(xt, schedule.timesteps[k]).sample - exact).pow(2).sum(1).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        lr_sched.step()
-    sampler = ControlledSampler(model, schedule)
-    gen = torch.Generator().manual_seed(99)
-    batches = max(1, args.eval_samples // 2048)
-    x = torch.cat([sampler.sample(torch.randn(2048, 2, generator=gen), gen) for _ in range(batches)])
-    return {**evaluate(target, x), "fit_loss": round(loss.item(), 5),
-            "fit_seconds": round(time.perf_counter() - t0, 1)}
-
-
-def run_seeds(denoiser_state, scheduler, target, reward, args, eta, learn_initial_noise, drift_objective):
-    """:func:`run_setting` for every training seed of ``--seeds`` (one run when not given); with several seeds
-    the block holds each seed's run and the mean and standard deviation of the mode-weight TV."""
-    seeds = args.seeds or [args.seed]
-    runs = []
-    for seed in seeds:
-        args.train_seed = seed
-        runs.append(run_setting(denoiser_state, scheduler, target, reward, args, eta, learn_initial_noise,
-                                drift_objective))
-    if len(runs) == 1:
-        return runs[0]
-    tvs = torch.tensor([r["samples"]["tv"] for r in runs], dtype=torch.float64)
-    out = {"seeds": seeds, "tv_mean": round(float(tvs.mean()), 4), "tv_std": round(float(tvs.std()), 4),
-           "runs": runs}
-    if "pretrained" in runs[0]:
-        out["pretrained"] = runs[0]["pretrained"]
-    return out
-
-
-def run_setting(denoiser_state, scheduler, target, reward, args, eta, learn_initial_noise, drift_objective):
-    model = load_denoiser(denoiser_state)
-    cfg = ElegantConfig(alpha=args.alpha, eta=eta, num_inference_steps=args.steps,
-                        learn_initial_noise=learn_initial_noise, train_steps=args.train_steps,
-                        batch_size=args.batch_size, learning_rate=args.lr, lora_rank=8,
-                        seed=getattr(args, "train_seed", args.seed),
+def run_setting(case: dict, args, eta: float, kind: str, objective: str, seed: int) -> dict:
+    """One ELEGANT run. ``kind``: ``"learned"`` (learned initial noise), ``"fixed"`` (``N(0, I)`` start) or
+    ``"exact"`` (learned initial noise and value-guided drift on the exact soft values, ``ExactLinearValues``)."""
+    model = load_denoiser(case["denoiser_state"])
+    cfg = ElegantConfig(alpha=case["alpha"], eta=eta, num_inference_steps=args.steps,
+                        learn_initial_noise=kind != "fixed", train_steps=args.train_steps,
+                        batch_size=args.batch_size, learning_rate=args.lr, lora_rank=8, seed=seed,
                         value_num_rollouts=args.value_rollouts, value_train_steps=args.value_train_steps,
+                        step_value_train_steps=args.step_value_train_steps,
                         noise_train_steps=args.noise_train_steps, report_to=None, max_grad_norm=args.max_grad_norm,
-                        lr_scheduler=args.lr_scheduler, drift_objective=drift_objective)
-    trainer = ElegantTrainer(cfg, model, scheduler, reward, (2,))
-    gen = torch.Generator().manual_seed(1234)
-    out = {}
-    if learn_initial_noise:  # the pretrained model, same sampler
-        out["pretrained"] = evaluate(target, trainer.sample(args.eval_samples, gen, 2048, controlled=False))
+                        lr_scheduler=args.lr_scheduler,
+                        drift_objective="value_guided" if kind == "exact" else objective)
+    dim = case["mixture"].dim
+    trainer = ElegantTrainer(cfg, model, case["scheduler"], case["reward"], (dim,))
+    out = {"seed": seed, "drift_objective": trainer.config.drift_objective}
+    if kind != "fixed":  # the pretrained model, same sampler
+        x = trainer.sample(args.eval_samples, torch.Generator().manual_seed(1234), 2048, controlled=False)
+        out["pretrained"] = evaluate(case["target"], x)
     t0 = time.perf_counter()
+    if kind == "exact":
+        exact = ExactLinearValues(case["mixture"], case["linear_c"], case["alpha"], trainer.schedule)
+        trainer.value_function = exact
+        trainer.train_initial_noise()
+        trainer.initial_noise_trained = True
+        trainer.step_values = exact
     summary = trainer.train()
     out["train_seconds"] = round(time.perf_counter() - t0, 1)
     out["final_reward"] = round(summary["train/reward"], 4)
     out["final_kl"] = round(summary["train/kl"] + summary["train/kl_init"], 4)
-    out["samples"] = evaluate(target, trainer.sample(args.eval_samples, torch.Generator().manual_seed(99), 2048))
+    out["samples"] = evaluate(case["target"], trainer.sample(args.eval_samples, torch.Generator().manual_seed(99),
+                                                             2048))
     return out
 
 
-def run_conditional(args) -> dict:
-    """The per-prompt exact-target comparison of ``--conditional`` (module docstring)."""
-    mixtures = class_conditional_mixtures()
-    train_probs, embeddings = None, None
-    if args.held_out_prompt:
-        # a fourth prompt the pretrained model knows but fine-tuning never draws; conditions are the prompts'
-        # mode-weight vectors (a stand-in for semantic embeddings: close prompts, close vectors)
-        mixtures.append(type(mixtures[0])([0.35, 0.45, 0.20], mixtures[0].means, mixtures[0].covariances))
-        train_probs = [1.0, 1.0, 1.0, 0.0]
-        embeddings = torch.stack([m.weights.float() for m in mixtures])
-    n_train = 3
-    c = torch.tensor([0.5, 0.3])
-    targets = [m.tilted_linear(c, args.alpha) for m in mixtures]
-
-    def linear_reward(x):
-        return x @ c.to(x)
-
-    scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=True)
+def _job(job: tuple):
+    """Runs one job of :func:`jobs` in this process (a forked worker or the parent)."""
+    torch.set_num_threads(1)
+    case_name, eta, kind, objective, seed = job
+    case = _CASES[case_name]
     t0 = time.perf_counter()
-    den = distill_mixture_denoiser(mixtures, scheduler, steps=args.distill_steps, seed=args.seed)
-    state = {"config": {k: v for k, v in dict(den.config).items() if not k.startswith("_")},
-             "weights": den.state_dict()}
-    result = {"benchmark": "tilted_target --conditional", "alpha": args.alpha, "eta": args.low_eta,
-              "num_inference_steps": args.steps, "drift_objective": args.drift_objectives.split(",")[0],
-              "pretrained_weights": [m.weights.tolist() for m in mixtures],
-              "target_weights": [[round(float(w), 4) for w in t.weights] for t in targets],
-              "distill_seconds": round(time.perf_counter() - t0, 1), "variants": {}}
-    variants = {"conditional": dict(learn_initial_noise=True, conditional_initial_noise=True),
-                "prompt_agnostic": dict(learn_initial_noise=True, conditional_initial_noise=False),
-                "fixed_noise": dict(learn_initial_noise=False)}
-    # stages 1-2 get the unconditional benchmark's budget per prompt: value rollouts and initial-noise steps scale
-    # with the number of prompts (the start law of each prompt is learned from its share)
-    result["value_num_rollouts"] = args.value_rollouts * n_train
-    result["noise_train_steps"] = args.noise_train_steps * n_train
-    result["held_out_prompts"] = [3] if args.held_out_prompt else []
-    for name, kw in variants.items():
-        if name not in args.variants.split(","):
+    if kind == "floor":
+        res = discretisation_floor(case, eta, _ARGS.steps, _ARGS.floor_steps, _ARGS.floor_lr, _ARGS.eval_samples,
+                                   _ARGS.seed)
+    else:
+        res = run_setting(case, _ARGS, eta, kind, objective, seed)
+    tv = res["samples"]["tv"] if "samples" in res else res["tv"]
+    print(f"done {case_name} eta={eta} {kind} {objective} seed {seed}: tv {tv} ({time.perf_counter() - t0:.0f} s)",
+          file=sys.stderr, flush=True)
+    return job, res
+
+
+def jobs(args, case_name: str) -> list[tuple]:
+    """``(case, eta, kind, objective, seed)`` of every run the arguments ask for in one case."""
+    out = []
+    etas = [float(e) for e in args.etas.split(",")] if args.etas else list(CASES[case_name]["etas"])
+    if args.low_eta is not None and not args.etas:
+        etas = [etas[0], args.low_eta]
+    seeds = args.seeds or [args.seed]
+    objectives = args.drift_objectives.split(",")
+    for eta in etas:
+        for obj in objectives:
+            out += [(case_name, eta, "learned", obj, s) for s in seeds]
+        if not args.skip_fixed_noise:
+            out += [(case_name, eta, "fixed", objectives[0], s) for s in seeds]
+        # exact only at eta = 1: there the chain's law of x_0 given x_k is the forward posterior; below it the
+        # sampler's conditional law (and so its value) differs (docs/algorithms.md §3)
+        if args.exact_values and eta == 1.0 and _CASES[case_name]["linear_c"] is not None \
+                and not _CASES[case_name]["flow"]:
+            out += [(case_name, eta, "exact", "value_guided", s) for s in seeds]
+        if not args.skip_floor:
+            out.append((case_name, eta, "floor", "", args.seed))
+    return out
+
+
+def _block(runs: list[dict]) -> dict:
+    """One seed's run as it is, several seeds with the TV's mean, std and 95% t-interval."""
+    if len(runs) == 1:
+        return runs[0]
+    tvs = [r["samples"]["tv"] for r in runs]
+    ci = interval(tvs)
+    std = (sum((t - ci["mean"]) ** 2 for t in tvs) / (len(tvs) - 1)) ** 0.5
+    return {"seeds": [r["seed"] for r in runs], "tv_mean": round(ci["mean"], 4), "tv_std": round(std, 4),
+            "tv_ci95": [round(ci["ci95_low"], 4), round(ci["ci95_high"], 4)], "runs": runs}
+
+
+def assemble(case_name: str, results: dict) -> dict:
+    """The JSON block of a case from the results of its jobs (``{job: result}``)."""
+    out = {**describe_case(_CASES[case_name]), "settings": {}}
+    for (name, eta, kind, obj, _), res in results.items():
+        if name != case_name:
             continue
-        model = load_denoiser(state)
-        cfg = ElegantConfig(alpha=args.alpha, eta=args.low_eta, num_inference_steps=args.steps,
-                            train_steps=args.train_steps, batch_size=args.batch_size, learning_rate=args.lr,
-                            lora_rank=8, seed=args.seed, value_num_rollouts=result["value_num_rollouts"],
-                            value_train_steps=args.value_train_steps, noise_train_steps=result["noise_train_steps"],
-                            report_to=None, drift_objective=result["drift_objective"], **kw)
-        process = ClassConditionalProcess(model, scheduler, (2,), cfg, num_classes=len(mixtures),
-                                          class_probs=train_probs, class_embeddings=embeddings)
-        trainer = ElegantTrainer(cfg, reward_fn=linear_reward, process=process)
-        t1 = time.perf_counter()
-        trainer.train()
-        per_prompt = {}
-        for label, target in enumerate(targets):
-            x = trainer.sample(prompts=torch.full((args.eval_samples,), label), batch_size=2048,
-                               generator=torch.Generator().manual_seed(99 + label))
-            per_prompt[f"prompt_{label}"] = evaluate(target, x)
-            if name == "conditional":
-                x0 = trainer.sample(prompts=torch.full((args.eval_samples,), label), batch_size=2048,
-                                    generator=torch.Generator().manual_seed(99 + label), controlled=False)
-                per_prompt[f"prompt_{label}"]["pretrained_tv"] = round(target.mode_weight_tv(x0), 4)
-        result["variants"][name] = {"train_seconds": round(time.perf_counter() - t1, 1), "per_prompt": per_prompt,
-                                    "worst_tv": max(per_prompt[f"prompt_{i}"]["tv"] for i in range(n_train))}
-        print(json.dumps({name: result["variants"][name]}), file=sys.stderr, flush=True)
-    if not args.skip_sd_cost:
-        result["sd_stage_cost"] = {name: _sd_stage_cost(flag) for name, flag in
-                                   (("conditional", True), ("prompt_agnostic", False))}
-    return result
+        setting = out["settings"].setdefault(f"eta={eta}", {})
+        if kind == "floor":
+            setting["discretisation_floor"] = res
+            continue
+        key = {"learned": f"elegant_{obj}", "fixed": f"elegant_fixed_noise_{obj}", "exact": "elegant_exact_values"}
+        setting.setdefault(key[kind], []).append(res)
+        if "pretrained" in res and "pretrained" not in setting:
+            setting["pretrained"] = res["pretrained"]
+    for setting in out["settings"].values():
+        for key, runs in list(setting.items()):
+            if isinstance(runs, list):
+                for r in runs:
+                    r.pop("pretrained", None)
+                setting[key] = _block(sorted(runs, key=lambda r: r["seed"]))
+    return out
 
 
-def _sd_stage_cost(conditional: bool) -> dict:
-    """Seconds and peak RSS of stages 1-2 on the tiny SD pipeline, measured in a fresh process."""
-    code = f"""
-import json, resource, time, torch
-from diffusers import StableDiffusionPipeline
-from hf_control_ft import ElegantConfig, ElegantTrainer
-from hf_control_ft.testing import tiny_components
-torch.set_num_threads(1)
-cfg = ElegantConfig(num_inference_steps=10, batch_size=8, value_num_rollouts=64, value_train_steps=100,
-                    noise_train_steps=50, noise_batch_size=16, aux_hidden=32, report_to=None,
-                    conditional_initial_noise={conditional})
-prompts = ["a cat", "the dog", "a red car", "a bowl of fruit", "the sea", "a tree"]
-trainer = ElegantTrainer.from_pipeline(StableDiffusionPipeline(**tiny_components()),
-                                       lambda im, p: im.mean((1, 2, 3)), cfg, prompts=prompts)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-t0 = time.perf_counter()
-trainer.fit_value_function()
-t1 = time.perf_counter()
-trainer.train_initial_noise()
-t2 = time.perf_counter()
-print(json.dumps({{"stage1_seconds": t1 - t0, "stage2_seconds": t2 - t1,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "rss_before_stages_mb": before / 1024,
-                  "noise_model_parameters": sum(p.numel() for p in trainer.initial_noise.parameters())}}))
-"""
-    import subprocess
-
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
-    return {k: round(v, 2) if isinstance(v, float) else v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
+def summary_rows(cases: dict) -> list[dict]:
+    """One row per (case, eta, method): TV mean and interval (or the single value)."""
+    rows = []
+    for name, block in cases.items():
+        for eta, setting in block["settings"].items():
+            for method, res in setting.items():
+                tv = res.get("tv_mean", res.get("samples", res).get("tv"))
+                rows.append({"case": name, "setting": eta, "method": method, "tv": tv,
+                             "tv_ci95": res.get("tv_ci95"), "seeds": len(res.get("seeds", [0]))})
+    return rows
 
 
-def main():
+def markdown(rows: list[dict]) -> str:
+    lines = ["| case | setting | method | TV (mean) | 95% interval | seeds |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        ci = "" if not r["tv_ci95"] else f"[{r['tv_ci95'][0]:.3f}, {r['tv_ci95'][1]:.3f}]"
+        lines.append(f"| {r['case']} | {r['setting']} | {r['method']} | {r['tv']:.3f} | {ci} | {r['seeds']} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--alpha", type=float, default=2.0)
+    p.add_argument("--case", choices=sorted(CASES), default="linear_2d")
+    p.add_argument("--suite", action="store_true", help="every case with the default objective, 3 seeds, floors")
+    p.add_argument("--alpha", type=float, default=None, help="default: the case's (2 linear, 1 bounded)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
-    p.add_argument("--low_eta", type=float, default=None, help="default 0.2 (DDIM), 0.5 (--flow)")
-    p.add_argument("--flow", action="store_true", help="rectified flow + FlowMatchEulerDiscreteScheduler")
-    p.add_argument("--shift", type=float, default=1.0, help="--flow: the scheduler's shift")
+    p.add_argument("--low_eta", type=float, default=None, help="replaces the case's low eta")
+    p.add_argument("--flow", action="store_true", help="= --case flow_linear_2d")
+    p.add_argument("--shift", type=float, default=1.0, help="flow case: the scheduler's shift")
     p.add_argument("--train_steps", type=int, default=400)
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -268,19 +222,24 @@ def main():
     p.add_argument("--lr_scheduler", default="constant")
     p.add_argument("--value_rollouts", type=int, default=4096)
     p.add_argument("--value_train_steps", type=int, default=500)
+    p.add_argument("--step_value_train_steps", type=int, default=2000)
     p.add_argument("--noise_train_steps", type=int, default=200)
     p.add_argument("--distill_steps", type=int, default=1500)
     p.add_argument("--eval_samples", type=int, default=8192)
-    p.add_argument("--etas", type=str, default=None, help="comma-separated etas (default: 1.0,low_eta)")
-    p.add_argument("--drift_objectives", type=str, default="value_guided,pathwise",
-                   help="comma-separated ElegantConfig.drift_objective values; the first also runs with fixed noise")
+    p.add_argument("--etas", type=str, default=None, help="comma-separated etas (default: the case's two)")
+    p.add_argument("--drift_objectives", type=str, default=None,
+                   help="comma-separated ElegantConfig.drift_objective values; the first also runs with fixed noise "
+                        "(default: value_guided,pathwise; auto with --suite)")
     p.add_argument("--skip_fixed_noise", action="store_true", help="run only ELEGANT with learned noise")
+    p.add_argument("--with_fixed_noise", action="store_true", help="--suite: add the fixed-noise runs")
+    p.add_argument("--exact_values", action="store_true", help="linear DDIM case: add ELEGANT on exact values")
     p.add_argument("--floor_steps", type=int, default=1500, help="regression steps of the discretisation floor")
     p.add_argument("--floor_lr", type=float, default=3e-3)
     p.add_argument("--skip_floor", action="store_true", help="skip the discretisation-floor fit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="training seeds (the pretrained model stays that of --seed); reports the TV's mean and std")
+    p.add_argument("--workers", type=int, default=1, help="runs in parallel (forked, one CPU thread each)")
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke test")
     p.add_argument("--conditional", action="store_true", help="per-prompt targets of a class-conditional mixture")
     p.add_argument("--skip_sd_cost", action="store_true", help="--conditional without the tiny-SD stage cost")
@@ -288,57 +247,51 @@ def main():
                    help="--conditional: comma-separated start laws to run")
     p.add_argument("--held_out_prompt", action="store_true",
                    help="--conditional: add a prompt never drawn in fine-tuning (generalisation of the start law)")
-    args = p.parse_args()
-    if args.low_eta is None:
-        args.low_eta = 0.5 if args.flow else 0.2
+    args = p.parse_args(argv)
+    if args.flow:
+        args.case = "flow_linear_2d"
+    if args.drift_objectives is None:
+        args.drift_objectives = "auto" if args.suite else "value_guided,pathwise"
+    if args.suite:
+        args.seeds = args.seeds or [0, 1, 2]
+        args.skip_fixed_noise = not args.with_fixed_noise
     if args.quick:
         args.train_steps, args.distill_steps, args.value_rollouts = 30, 300, 1024
         args.value_train_steps, args.noise_train_steps, args.eval_samples, args.steps = 100, 50, 2048, 20
-        args.floor_steps = 200
+        args.floor_steps, args.step_value_train_steps = 200, 300
+    return args
+
+
+def main(argv=None):
+    global _ARGS
+    args = _ARGS = parse_args(argv)
     if args.conditional:
+        from tilted_conditional import run_conditional
+
+        args.low_eta = 0.2 if args.low_eta is None else args.low_eta
         print(json.dumps(run_conditional(args)))
         return
-
-    mixture = three_mode_mixture()
-    c = torch.tensor([0.5, 0.3])
-    target = mixture.tilted_linear(c, args.alpha)
-
-    def linear_reward(x):
-        return x @ c.to(x)
-
+    names = sorted(CASES) if args.suite else [args.case]
+    for name in names:
+        _CASES[name] = build_case(name, args.alpha, args.distill_steps, args.seed, args.shift,
+                                  num_reference=200_000 if args.quick else 1_000_000)
+    todo = [j for name in names for j in jobs(args, name)]
     t0 = time.perf_counter()
-    if args.flow:
-        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=args.shift)
-        den = distill_flow_velocity(mixture, steps=args.distill_steps, seed=args.seed)
+    if args.workers > 1:
+        with multiprocessing.get_context("fork").Pool(args.workers) as pool:
+            results = dict(pool.imap_unordered(_job, todo))
     else:
-        scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=True)
-        den = distill_mixture_denoiser(mixture, scheduler, steps=args.distill_steps, seed=args.seed)
-    state = {"config": dict(den.config), "weights": den.state_dict()}
-    state["config"] = {k: v for k, v in state["config"].items() if not k.startswith("_")}
-    result = {"benchmark": "tilted_target" + (" --flow" if args.flow else ""), "alpha": args.alpha,
-              "num_inference_steps": args.steps, "scheduler": type(scheduler).__name__,
-              "reward": "linear c=(0.5, 0.3)", "pretrained_weights": mixture.weights.tolist(),
-              "target_weights": [round(float(w), 4) for w in target.weights],
-              "target_means": [[round(float(v), 4) for v in m] for m in target.means],
-              "distill_seconds": round(time.perf_counter() - t0, 1), "settings": {}}
-    etas = [float(e) for e in args.etas.split(",")] if args.etas else [1.0, args.low_eta]
-    objectives = args.drift_objectives.split(",")
-    result["drift_objectives"] = objectives
-    for eta in etas:
-        out = result["settings"][f"eta={eta}"] = {}
-        for i, obj in enumerate(objectives):
-            res = run_seeds(state, scheduler, target, linear_reward, args, eta, True, obj)
-            if i == 0:
-                out["pretrained"] = res["pretrained"]
-            res.pop("pretrained")
-            out[f"elegant_{obj}"] = res
-        if not args.skip_fixed_noise:
-            fixed = run_seeds(state, scheduler, target, linear_reward, args, eta, False, objectives[0])
-            out[f"elegant_fixed_noise_{objectives[0]}"] = fixed
-        if not args.skip_floor:
-            out["discretisation_floor"] = discretisation_floor(state, scheduler, target, args, eta)
-        print(json.dumps({f"eta={eta}": out}), file=sys.stderr, flush=True)  # progress; final JSON on stdout
-    print(json.dumps(result))
+        results = dict(_job(j) for j in todo)
+    cases = {name: assemble(name, results) for name in names}
+    meta = {"num_inference_steps": args.steps, "train_steps": args.train_steps, "batch_size": args.batch_size,
+            "learning_rate": args.lr, "drift_objectives": args.drift_objectives.split(","),
+            "wall_seconds": round(time.perf_counter() - t0, 1)}
+    if not args.suite:
+        print(json.dumps({"benchmark": f"tilted_target --case {args.case}", **meta, **cases[args.case]}))
+        return
+    rows = summary_rows(cases)
+    print(markdown(rows), file=sys.stderr)
+    print(json.dumps({"benchmark": "tilted_target --suite", **meta, "cases": cases, "summary": rows}))
 
 
 if __name__ == "__main__":

@@ -13,8 +13,10 @@ The network predicts in units of the reward's spread with a least-squares warm s
 rate in the exponential phase, exactly as stage 1 (:mod:`hf_control_ft.models.value_function`, "Output scale" and
 "Warm start"), so the fit holds at small alpha.
 
-Memory: the fit keeps the rollouts' states (``N * K`` samples); for large samples keep ``N`` small or
-subsample steps (``steps_per_rollout``).
+Memory: the fit keeps ``m`` states of each of the ``N`` rollouts (``N * m`` samples; ``m = K`` keeps them all).
+The states of one rollout are strongly correlated, so a few random steps per rollout carry most of what all ``K``
+carry: the regression pairs ``(x_k, r(x_K))`` stay unbiased for any choice of steps that does not look at the
+rollout (``ElegantConfig.step_value_states_per_rollout``).
 """
 
 from __future__ import annotations
@@ -71,20 +73,32 @@ class StepValueFunction(nn.Module):
             (g,) = torch.autograd.grad(self.normalized(x, k, condition).sum(), x)
         return self.alpha * g
 
-    def fit(self, states: list, rewards: torch.Tensor, steps: int = 2000, lr: float = 1e-3, batch_size: int = 1024,
+    def fit(self, states, rewards: torch.Tensor, steps: int = 2000, lr: float = 1e-3, batch_size: int = 1024,
             generator: torch.Generator | None = None, progress: bool = True,
-            conditions: torch.Tensor | None = None) -> float:
+            conditions: torch.Tensor | None = None, step_index: torch.Tensor | None = None) -> float:
         """Fits on pretrained rollouts; returns the final mean loss.
 
         Args:
-            states: ``K`` tensors ``(N, *shape)``: ``states[k]`` holds ``x_k`` of every rollout.
+            states: every step of every rollout, ``K`` tensors ``(N, *shape)`` (``states[k]`` holds ``x_k``);
+                or, with ``step_index``, a subset: ``(N, m, *shape)``, ``states[n, j]`` being rollout ``n``'s state
+                at step ``step_index[n, j]``.
             rewards: ``(N,)`` ``r(x_K)`` of every rollout.
             conditions: ``(N, cond_dim)`` the rollouts' conditions, for a conditional value.
+            step_index: ``(N, m)`` long, the steps of a stored subset (``None``: ``states`` holds all ``K``).
         """
-        K, N = len(states), rewards.shape[0]
-        if K != len(self.times):
-            raise ValueError(f"got states for {K} steps, the value function has {len(self.times)} step times")
-        x_all = torch.stack([s.detach() for s in states])  # (K, N, *shape)
+        K = len(self.times)
+        if step_index is None:
+            if len(states) != K:
+                raise ValueError(f"got states for {len(states)} steps, the value function has {K} step times")
+            x_all = torch.stack([s.detach() for s in states], dim=1)  # (N, K, *shape)
+            step_index = torch.arange(K).expand(x_all.shape[0], K)
+        else:
+            x_all = states.detach()
+            if tuple(step_index.shape) != tuple(x_all.shape[:2]) or int(step_index.max()) >= K:
+                raise ValueError(f"step_index {tuple(step_index.shape)} must be (N, m) with steps < {K} for states "
+                                 f"{tuple(x_all.shape)}")
+        N, m = x_all.shape[:2]
+        step_index = step_index.to(x_all.device)
         rewards = rewards.detach().to(x_all.device).float()
         self.shift.fill_(soft_value_shift(rewards, self.alpha))
         self.scale.fill_(reward_scale(rewards))
@@ -101,9 +115,10 @@ class StepValueFunction(nn.Module):
             opt = torch.optim.Adam(self.net.parameters(), lr=phase_lr)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, n_steps)
             for _ in range(n_steps):
-                k = torch.randint(0, K, (batch_size,), generator=generator).to(x_all.device)
+                j = torch.randint(0, m, (batch_size,), generator=generator).to(x_all.device)
                 n = torch.randint(0, N, (batch_size,), generator=generator).to(x_all.device)
-                f = self.net(x_all[k, n], self._time(k), None if conditions is None else conditions[n])
+                k = step_index[n, j]
+                f = self.net(x_all[n, j], self._time(k), None if conditions is None else conditions[n])
                 loss = value_regression_loss(f, rewards[n], self.shift, self.scale, self.alpha, warm_start=warm)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -115,5 +130,21 @@ class StepValueFunction(nn.Module):
         self.requires_grad_(False)
         with torch.no_grad():
             c = None if conditions is None else conditions[:4096]
-            check_value_range(self(x_all[0, :4096], 0, c), rewards[:4096], self.alpha, "step values V_0")
+            first = step_index[:4096, 0]  # each rollout's first stored step
+            check_value_range(self(x_all[:4096, 0], first, c), rewards[:4096], self.alpha, "step values")
         return last
+
+
+def select_states(states: list, m: int, generator: torch.Generator | None = None):
+    """The states a per-step value fit keeps of a batch of rollouts: ``(x, steps)`` with ``x`` ``(B, m, *shape)``
+    and ``steps`` ``(B, m)`` long (CPU). ``states``: ``K`` tensors ``(B, *shape)``, one per step. With
+    ``generator`` each rollout keeps ``m`` distinct random steps; without, all ``K`` in order (``m`` must be
+    ``K``)."""
+    K, B = len(states), states[0].shape[0]
+    stacked = torch.stack([s.detach() for s in states], dim=1)  # (B, K, *shape): one batch's trajectory
+    if generator is None:
+        if m != K:
+            raise ValueError(f"keeping {m} of {K} steps needs a generator to pick them")
+        return stacked, torch.arange(K).expand(B, K)
+    steps = torch.rand(B, K, generator=generator).argsort(dim=1)[:, :m]
+    return stacked[torch.arange(B)[:, None], steps.to(stacked.device)], steps

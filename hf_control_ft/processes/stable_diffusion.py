@@ -16,8 +16,8 @@
 
 Conditions: the pooled CLIP text embedding of each prompt (``condition_dim`` = the text encoder's width)
 conditions the stage-1 value and the learned initial noise, so each prompt gets its own start law
-(``docs/algorithms.md`` §3). Per-step values (``drift_objective="value_guided"``) are not offered: they store
-``value_num_rollouts x num_inference_steps`` latents (``supports_step_values = False``).
+(``docs/algorithms.md`` §3), and the per-step values of ``drift_objective="value_guided"`` (prompt-conditional
+``V_k(x, c)``, fitted on a subset of each rollout's latents: ``ElegantConfig.step_value_states_per_rollout``).
 """
 
 from __future__ import annotations
@@ -60,7 +60,6 @@ class StableDiffusionProcess(ControlledProcess):
     """
 
     family = "stable-diffusion"
-    supports_step_values = False
 
     def __init__(self, pipeline, config, prompts, options: StableDiffusionOptions | None = None):
         from diffusers.training_utils import cast_training_params

@@ -83,6 +83,107 @@ class GaussianMixture:
         return out
 
 
+class RejectionTilt:
+    """The tilted law ``p(x) exp(r(x) / alpha) / Z`` of a mixture under a *bounded* reward ``r <= r_max``,
+    sampled exactly by rejection (propose from ``p``, accept with probability ``exp((r(x) - r_max) / alpha)``).
+
+    Mode statistics use the cells of the mixture's own means (``assign``: nearest pretrained mode mean), so they
+    are defined for any reward; ``weights`` (``(J,)``, the target's mass in each cell) and ``means`` (``(J, D)``,
+    its mean in each cell) are measured on ``num_reference`` exact target samples (Monte Carlo error about
+    ``sqrt(w (1 - w) / num_reference)``, 4e-4 at a million samples).
+    """
+
+    def __init__(self, mixture: GaussianMixture, reward, alpha: float, r_max: float,
+                 num_reference: int = 1_000_000, seed: int = 0):
+        self.mixture, self.reward, self.alpha, self.r_max = mixture, reward, float(alpha), float(r_max)
+        x = self.sample(num_reference, torch.Generator().manual_seed(seed))
+        cells = self.assign(x)
+        self.weights = torch.bincount(cells, minlength=len(mixture.weights)).double() / len(x)
+        self.means = torch.stack([x[cells == j].double().mean(0) for j in range(len(mixture.weights))])
+
+    @property
+    def dim(self) -> int:
+        return self.mixture.dim
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``(n, D)`` float32 exact samples of the tilted law."""
+        out, have = [], 0
+        while have < n:
+            x = self.mixture.sample(max(4 * (n - have), 1024), generator)
+            r = self.reward(x).double()
+            if bool((r > self.r_max + 1e-9).any()):
+                raise ValueError(f"the reward reached {float(r.max()):.4g} > r_max = {self.r_max}")
+            keep = torch.rand(len(x), generator=generator, dtype=torch.float64) < torch.exp((r - self.r_max)
+                                                                                             / self.alpha)
+            out.append(x[keep])
+            have += int(keep.sum())
+        return torch.cat(out)[:n]
+
+    def assign(self, x: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest *pretrained* mode mean for each sample, ``(B,)``."""
+        return self.mixture.assign(x)
+
+    def mode_weight_tv(self, x: torch.Tensor) -> float:
+        """Total-variation distance between the samples' cell frequencies and the target's ``weights``."""
+        counts = torch.bincount(self.assign(x), minlength=len(self.weights)).double()
+        return float(0.5 * (counts / counts.sum() - self.weights).abs().sum())
+
+    def mode_mean_errors(self, x: torch.Tensor) -> list[float]:
+        """Euclidean error of each cell's sample mean against the target's mean in that cell."""
+        a = self.assign(x)
+        return [float((x[a == j].double().mean(0) - self.means[j]).norm()) if bool((a == j).any()) else float("nan")
+                for j in range(len(self.weights))]
+
+
+class BumpReward:
+    """A bounded nonlinear reward ``r(x) = height * exp(-||x - center||^2 / (2 width^2))`` in ``[0, height]``;
+    differentiable, picklable."""
+
+    def __init__(self, center, height: float = 2.0, width: float = 1.5):
+        self.center = torch.as_tensor(center, dtype=torch.float32)
+        self.height, self.width = float(height), float(width)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        d2 = (x - self.center.to(x)).pow(2).sum(-1)
+        return self.height * torch.exp(-d2 / (2 * self.width**2))
+
+
+class LinearReward:
+    """``r(x) = c . x`` (picklable); its tilted law is :meth:`GaussianMixture.tilted_linear`."""
+
+    def __init__(self, c):
+        self.c = torch.as_tensor(c, dtype=torch.float32)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.c.to(x)
+
+
+def linear_soft_value(mixture: GaussianMixture, c, alpha: float, x: torch.Tensor, alpha_bar: float) -> torch.Tensor:
+    """``V(x) = alpha log E[exp(c . x_0 / alpha) | x_t = x]`` under the exact VP noising of ``mixture`` at
+    ``abar = alpha_bar``: the soft value of the continuous-time pretrained process (``docs/algorithms.md`` §5),
+    ``(B,)`` float64, differentiable in ``x``.
+
+    Given ``x_t`` and component ``j``, ``x_0`` is Gaussian with precision ``P_j = S_j^{-1} + abar / (1 - abar) I``
+    and mean ``P_j^{-1} (S_j^{-1} m_j + sqrt(abar) / (1 - abar) x_t)``; its exponential moment is closed form, and
+    the components are weighted by their posterior responsibilities.
+    """
+    c = torch.as_tensor(c, dtype=torch.float64)
+    a = float(alpha_bar)
+    x = x.double()
+    eye = torch.eye(mixture.dim, dtype=torch.float64)
+    s_inv = torch.linalg.inv(mixture.covariances)  # (J, D, D)
+    post_cov = torch.linalg.inv(s_inv + a / (1 - a) * eye)
+    lin = torch.einsum("jde,je->jd", s_inv, mixture.means)[None] + (a**0.5 / (1 - a)) * x[:, None, :]
+    post_mean = torch.einsum("jde,bje->bjd", post_cov, lin)  # (B, J, D)
+    noised = mixture.noised(a)
+    diff = x[:, None, :] - noised.means[None]
+    sol = torch.linalg.solve(noised.covariances[None], diff.unsqueeze(-1)).squeeze(-1)
+    log_resp = mixture.weights.log()[None] - 0.5 * (diff * sol).sum(-1) - 0.5 * torch.linalg.slogdet(
+        noised.covariances).logabsdet[None]
+    log_moment = post_mean @ c / alpha + (c @ post_cov @ c)[None] / (2 * alpha**2)
+    return alpha * (torch.logsumexp(log_resp + log_moment, 1) - torch.logsumexp(log_resp, 1))
+
+
 def exact_noise_prediction(mixture: GaussianMixture, x: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
     """``eps_hat(x, t) = -sqrt(1 - abar_t) grad log p_t(x)`` for per-sample ``alpha_bar`` ``(B,)``; float32.
 
@@ -163,6 +264,13 @@ def three_mode_mixture() -> GaussianMixture:
     """The benchmark mixture: 2-D, weights (0.5, 0.3, 0.2), modes about 6 apart, covariance 0.25 I."""
     return GaussianMixture([0.5, 0.3, 0.2], [[-3.0, 0.0], [3.0, 0.0], [0.0, 5.2]],
                            (0.25 * torch.eye(2)).expand(3, 2, 2).clone())
+
+
+def four_mode_mixture_3d() -> GaussianMixture:
+    """A 3-D mixture: weights (0.4, 0.3, 0.2, 0.1), modes 5-7 apart, anisotropic diagonal covariances."""
+    means = [[-3.0, 0.0, 0.0], [3.0, 0.0, 0.0], [0.0, 4.0, 1.0], [0.0, -1.0, 4.5]]
+    variances = [[0.3, 0.2, 0.25], [0.2, 0.35, 0.2], [0.25, 0.25, 0.4], [0.3, 0.2, 0.2]]
+    return GaussianMixture([0.4, 0.3, 0.2, 0.1], means, torch.diag_embed(torch.tensor(variances)))
 
 
 def class_conditional_mixtures() -> list[GaussianMixture]:

@@ -242,6 +242,19 @@ class BaseTrainer:
         return metrics
 
     # ------------------------------------------------------------------ stage 3
+    def reward_backprop_step(self, optimizer) -> None:
+        """The no-KL baseline iteration (AlignProp / DRaFT): ``x_T ~ N(0, I)``, reward backpropagation through
+        the same sampler and backward sweep, no KL terms, no initial-noise model. The step-cost benchmarks
+        time it as the reference cost of an ELEGANT iteration."""
+        B = self.config.batch_size
+        self.process.prepare_batch(B, self.generator)
+        x_T = torch.randn((B, *self.sample_shape), generator=self.generator).to(self.device)
+        traj = self.sampler.rollout(x_T, self.generator)
+        _, grad_x0 = self.reward_and_gradient(traj.samples)
+        optimizer.zero_grad(set_to_none=True)
+        self.sampler.backpropagate(traj, -grad_x0 / B, None)
+        optimizer.step()
+
     def drift_iteration(self, optimizer, params, generator: torch.Generator | None = None,
                         reference_kl_weight: float | None = None, value_gradient=None) -> dict:
         """One drift step on ``mean(-r + alpha (KL + KL_init) [+ beta KLref])``; returns raw quantities.

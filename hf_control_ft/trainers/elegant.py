@@ -23,7 +23,7 @@ from accelerate import Accelerator
 
 from ..core.control import load_lora_state_dict, lora_parameters
 from ..models.initial_noise import InitialNoiseModel
-from ..models.step_values import StepValueFunction
+from ..models.step_values import StepValueFunction, select_states
 from ..models.value_function import ValueFunction
 from ..processes import ControlledProcess, process_from_pipeline
 from ..processes.stable_diffusion import load_options
@@ -39,7 +39,7 @@ from .base import BaseTrainer
 from .costs import describe, network_evaluations
 from .elegant_checkpoints import ElegantCheckpointing
 from .elegant_config import ElegantConfig
-from .objectives import choose_drift_objective
+from .objectives import choose_drift_objective, step_value_states_per_rollout
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +77,8 @@ class ElegantTrainer(ElegantCheckpointing, BaseTrainer):
             config.drift_objective = objective  # the resolved choice is what checkpoints and saves record
         self.drift_objective_reason = reason  # also in train()'s summary
         if config.drift_objective == "value_guided" and not process.supports_step_values:
-            raise ValueError(f"ElegantConfig.drift_objective: 'value_guided' fits step values on "
-                             f"value_num_rollouts x num_inference_steps stored states, which the {process.family} "
-                             "process does not offer (latents); use 'pathwise' or 'adjoint_matching'")
+            raise ValueError(f"ElegantConfig.drift_objective: the {process.family} process does not offer per-step "
+                             "values ('value_guided'); use 'pathwise' or 'adjoint_matching'")
         self.process = process.to(self.device)
         self.sampler = process.make_sampler()
         self.set_reward(reward_fn)
@@ -156,19 +155,23 @@ class ElegantTrainer(ElegantCheckpointing, BaseTrainer):
 
     # ------------------------------------------------------------------ stage 3
     def fit_step_values(self, generator: torch.Generator | None = None) -> dict:
-        """Feynman--Kac regression of ``V_k`` at every step on ``value_num_rollouts`` pretrained rollouts from
-        ``N(0, I)`` (:mod:`hf_control_ft.models.step_values`); used by ``drift_objective="value_guided"``.
-        ``generator``: the rollouts' stream (default: the trainer's; :meth:`train` passes the state it had after
-        stages 1-2, which checkpoints keep, so a resumed run refits exactly the values of the uninterrupted one)."""
+        """Feynman--Kac regression of ``V_k`` at every step (:mod:`hf_control_ft.models.step_values`) on
+        ``value_num_rollouts`` pretrained rollouts from ``N(0, I)``, keeping ``m`` states of each
+        (:func:`~hf_control_ft.trainers.objectives.step_value_states_per_rollout`; the steps are drawn from a stream
+        of their own). ``generator``: the rollouts' stream (default: the trainer's; :meth:`train` passes the state
+        it had after stages 1-2, kept by checkpoints, so a resumed run refits the uninterrupted run's values)."""
         cfg = self.config
         K = len(self.schedule)
-        states, rs, cs = [[] for _ in range(K)], [], []
+        m = step_value_states_per_rollout(cfg, math.prod(self.sample_shape)) or 1
+        pick = torch.Generator().manual_seed(cfg.seed + 5) if m < K else None
+        states, steps, rs, cs = [], [], [], []
         for traj, r, c in self._pretrained_rollouts("step values: pretrained rollouts", generator):
+            x, idx = select_states(traj.states[:K], m, pick)
+            states.append(x)
+            steps.append(idx.to(self.device))
             rs.append(r)
             cs.append(c)
-            for k in range(K):
-                states[k].append(traj.states[k])
-        states = [self.accelerator.gather(torch.cat(s)) for s in states]
+        states, steps = self.accelerator.gather(torch.cat(states)), self.accelerator.gather(torch.cat(steps))
         r, c = self.accelerator.gather(torch.cat(rs)), self._gather_conditions(cs, self.process.condition_dim)
         times = self.schedule.timesteps.float() / self.schedule.scheduler.config.num_train_timesteps
         torch.manual_seed(cfg.seed + 3)  # same network on every process
@@ -176,8 +179,9 @@ class ElegantTrainer(ElegantCheckpointing, BaseTrainer):
                                              cond_dim=self.process.condition_dim).to(self.device)
         loss = self.step_values.fit(states, r, steps=cfg.step_value_train_steps, lr=cfg.value_learning_rate,
                                     generator=torch.Generator().manual_seed(cfg.seed + 4),
-                                    progress=self.is_main_process, conditions=c)
-        metrics = {"step_values/loss": loss}
+                                    progress=self.is_main_process, conditions=c, step_index=steps)
+        metrics = {"step_values/loss": loss, "step_values/states_per_rollout": m,
+                   "step_values/stored_mib": states.numel() * states.element_size() / 2**20}
         self._log(metrics, step=self.drift_log_offset + self.global_step)
         return metrics
 
@@ -205,19 +209,6 @@ class ElegantTrainer(ElegantCheckpointing, BaseTrainer):
         if out["regression_loss"] is not None:
             metrics["train/loss"] = metrics["train/adjoint_matching_loss"] = out["regression_loss"]
         return metrics
-
-    def reward_backprop_step(self, optimizer) -> None:
-        """The no-KL baseline iteration (AlignProp / DRaFT): ``x_T ~ N(0, I)``, reward backpropagation through
-        the same sampler and backward sweep, no KL terms, no initial-noise model. The step-cost benchmarks
-        time it as the reference cost of an ELEGANT iteration."""
-        B = self.config.batch_size
-        self.process.prepare_batch(B, self.generator)
-        x_T = torch.randn((B, *self.sample_shape), generator=self.generator).to(self.device)
-        traj = self.sampler.rollout(x_T, self.generator)
-        _, grad_x0 = self.reward_and_gradient(traj.samples)
-        optimizer.zero_grad(set_to_none=True)
-        self.sampler.backpropagate(traj, -grad_x0 / B, None)
-        optimizer.step()
 
     def train_drift(self) -> dict:
         """Stage 3: LoRA drift training for ``config.train_steps`` iterations."""

@@ -57,7 +57,8 @@ class ElegantConfig:
     * ``"value_guided"``: the same regression with ``grad V_{k+1}`` as target, ``V_k`` fitted at every step
       by Feynman--Kac regression on ``value_num_rollouts`` pretrained rollouts for ``step_value_train_steps``
       iterations (:mod:`hf_control_ft.models.step_values`) -- a low-variance target, biased by the value fit; it
-      stores ``value_num_rollouts * num_inference_steps`` states, so suits small samples.
+      stores ``value_num_rollouts * step_value_states_per_rollout`` states (all steps of every rollout when they
+      fit in 2 GiB, else a random subset of steps), so latent pipelines can use it too.
 
     ``rollout_batch_size``: batch of the no-grad pretrained rollouts of stage 1 and of the per-step values
     (default: ``batch_size``); larger than the training batch on big GPUs, since nothing is backpropagated.
@@ -119,6 +120,9 @@ class ElegantConfig:
     value_train_steps: int = _field(500, "optimiser steps of the stage-1 value regression")
     value_learning_rate: float = _field(1e-3, "learning rate of the value regressions")
     step_value_train_steps: int = _field(2000, "'value_guided' only: optimiser steps of the per-step value regression")
+    step_value_states_per_rollout: int | None = _field(
+        None, "'value_guided' only: states of each pretrained rollout kept for the per-step value fit (random steps); "
+              "None: all num_inference_steps if value_num_rollouts x steps states fit in 2 GiB, else as many as fit")
     # stage 2: initial noise
     noise_num_steps: int = _field(20, "Euler steps of the initial-noise SDE (stage 2)")
     noise_train_steps: int = _field(300, "optimiser steps of stage 2 (initial noise)")
@@ -175,6 +179,9 @@ class ElegantConfig:
                "max_grad_norm", f"must be a finite number > 0 or None, got {self.max_grad_norm!r}")
         _check(self.lora_alpha is None or (is_number(self.lora_alpha) and 0 < self.lora_alpha < math.inf),
                "lora_alpha", f"must be a finite number > 0 or None, got {self.lora_alpha!r}")
+        _check(self.step_value_states_per_rollout is None or is_int(self.step_value_states_per_rollout, 1),
+               "step_value_states_per_rollout",
+               f"must be an int >= 1 or None (None: as many as fit), got {self.step_value_states_per_rollout!r}")
         _check(self.rollout_batch_size is None or is_int(self.rollout_batch_size, 1), "rollout_batch_size",
                f"must be an int >= 1 or None (None: batch_size), got {self.rollout_batch_size!r}")
         _check(is_int(self.max_nonfinite_steps, 1), "max_nonfinite_steps",

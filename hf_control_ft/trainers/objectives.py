@@ -22,15 +22,14 @@ def choose_drift_objective(config, process) -> tuple[str, str]:
     """``(objective, reason)``: ``config.drift_objective`` unless it is ``"auto"``; then ``"value_guided"``
     (per-step values: the low-variance target that reaches the tilted law on the exact benchmarks) where the
     process offers per-step values, a sample has at most :data:`STEP_VALUE_MAX_DIM` dimensions and the
-    ``value_num_rollouts x num_inference_steps`` stored states fit in :data:`STEP_VALUE_MEMORY_BUDGET`, and
-    ``"pathwise"`` (the exact gradient) otherwise (module docstring)."""
+    states it stores (:func:`step_value_states_per_rollout`, at least one per rollout) fit in
+    :data:`STEP_VALUE_MEMORY_BUDGET`, and ``"pathwise"`` (the exact gradient) otherwise (module docstring)."""
     if config.drift_objective != "auto":
         return config.drift_objective, "set in the config"
     if config.truncate_backprop_steps is not None:
         return "pathwise", "truncate_backprop_steps applies to the pathwise gradient"
     if not process.supports_step_values:
-        return "pathwise", (f"the {process.family} process does not offer per-step values (they would store "
-                            "value_num_rollouts x num_inference_steps latents)")
+        return "pathwise", f"the {process.family} process does not offer per-step values"
     numel = 1
     for d in process.sample_shape:
         numel *= int(d)
@@ -38,12 +37,26 @@ def choose_drift_objective(config, process) -> tuple[str, str]:
         return "pathwise", (f"samples have {numel} dimensions: per-step values fitted on value_num_rollouts rollouts "
                             f"bias the drift above {STEP_VALUE_MAX_DIM} (measured on the digits task), the exact "
                             "pathwise gradient does not")
-    stored = config.value_num_rollouts * config.num_inference_steps * numel * 4
-    if stored > STEP_VALUE_MEMORY_BUDGET:
-        return "pathwise", (f"per-step values would store {stored / 2**30:.1f} GiB of states (value_num_rollouts x "
-                            f"num_inference_steps x sample size), above {STEP_VALUE_MEMORY_BUDGET / 2**30:.0f} GiB")
+    m = step_value_states_per_rollout(config, numel)
+    if m == 0:
+        return "pathwise", (f"per-step values would store {config.value_num_rollouts * numel * 4 / 2**30:.1f} GiB of "
+                            f"states even at one state per rollout (value_num_rollouts x sample size), above "
+                            f"{STEP_VALUE_MEMORY_BUDGET / 2**30:.0f} GiB")
     return "value_guided", ("per-step values fit in memory; their regression target has the lowest variance and "
                             "reaches the tilted target on the exact benchmarks (README)")
 
 
-__all__ = ["choose_drift_objective", "STEP_VALUE_MEMORY_BUDGET", "STEP_VALUE_MAX_DIM"]
+def step_value_states_per_rollout(config, numel: int) -> int:
+    """States of each pretrained rollout the per-step value fit keeps: ``config.step_value_states_per_rollout``
+    (at most ``num_inference_steps``) if set; else all steps when ``value_num_rollouts x num_inference_steps``
+    fp32 states of ``numel`` values fit in :data:`STEP_VALUE_MEMORY_BUDGET`, else as many as fit (0 when not
+    even one per rollout does)."""
+    K = config.num_inference_steps
+    if config.step_value_states_per_rollout is not None:
+        return min(int(config.step_value_states_per_rollout), K)
+    per_state = config.value_num_rollouts * numel * 4
+    return min(K, STEP_VALUE_MEMORY_BUDGET // per_state)
+
+
+__all__ = ["choose_drift_objective", "step_value_states_per_rollout", "STEP_VALUE_MEMORY_BUDGET",
+           "STEP_VALUE_MAX_DIM"]

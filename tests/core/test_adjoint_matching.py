@@ -7,7 +7,7 @@ from hf_control_ft.core.adjoint_matching import adjoint_matching_backward, lean_
 from hf_control_ft.core.control import add_lora_control, lora_parameters
 from hf_control_ft.core.sampler import ControlledSampler
 from hf_control_ft.core.scheduling import DiffusionSchedule
-from hf_control_ft.models.step_values import StepValueFunction
+from hf_control_ft.models.step_values import StepValueFunction, select_states
 from hf_control_ft.testing import ddim, make_mlp_denoiser
 
 
@@ -214,8 +214,26 @@ def test_value_guided_target_with_exact_values_equals_lean_adjoint_target():
     assert float(results[0][0].min()) > 0
 
 
-def test_step_values_fit_the_exact_value_gradient_of_a_gaussian_random_walk():
-    """Rollouts x_{k+1} = x_k + 0.5 xi_k, r = c . x_K: V_k(x) = c . x + const_k, so grad V_k = c at every step."""
+def test_seiko_and_processes_without_step_values_reject_value_guided_drift():
+    from hf_control_ft import ControlledProcess, SeikoConfig
+
+    with pytest.raises(ValueError, match="SeikoConfig.drift_objective"):
+        SeikoConfig(drift_objective="value_guided")
+
+    class NoStepValues(ControlledProcess):
+        family = "custom"
+        supports_step_values = False
+
+    config = ElegantConfig(drift_objective="value_guided", report_to=None)
+    process = NoStepValues(make_mlp_denoiser(lora=False), ddim(), (2,), config)
+    with pytest.raises(ValueError, match="the custom process does not offer per-step values"):
+        ElegantTrainer(config, reward_fn=_reward, process=process)
+
+
+@pytest.mark.parametrize("kept", [None, 2])
+def test_step_values_fit_the_exact_value_gradient_of_a_gaussian_random_walk_from_all_or_some_steps(kept):
+    """Rollouts x_{k+1} = x_k + 0.5 xi_k, r = c . x_K: V_k(x) = c . x + const_k, so grad V_k = c at every step;
+    keeping 2 random steps of each rollout (``select_states``) instead of all 5 gives the same values."""
     K, N, alpha, c = 5, 4096, 1.0, torch.tensor([0.5, -0.3])
     gen = torch.Generator().manual_seed(0)
     states = [torch.randn(N, 2, generator=gen)]
@@ -223,20 +241,18 @@ def test_step_values_fit_the_exact_value_gradient_of_a_gaussian_random_walk():
         states.append(states[-1] + 0.5 * torch.randn(N, 2, generator=gen))
     torch.manual_seed(0)
     values = StepValueFunction((2,), alpha, torch.linspace(0.9, 0.1, K), hidden=32, depth=2)
-    values.fit(states[:K], states[K] @ c, steps=400, lr=3e-3, batch_size=512, generator=gen, progress=False)
+    if kept is None:
+        values.fit(states[:K], states[K] @ c, steps=400, lr=3e-3, batch_size=512, generator=gen, progress=False)
+    else:
+        x, steps = select_states(states[:K], kept, torch.Generator().manual_seed(1))
+        assert x.shape == (N, kept, 2) and steps.shape == (N, kept)
+        assert all(len(set(row.tolist())) == kept for row in steps[:100])  # distinct steps per rollout
+        assert torch.equal(x[7, 1], states[int(steps[7, 1])][7])
+        assert torch.bincount(steps.flatten(), minlength=K).min() > 0.18 * N * kept  # every step represented
+        values.fit(x, states[K] @ c, steps=400, lr=3e-3, batch_size=512, generator=gen, progress=False,
+                   step_index=steps)
     for k in range(K):
         g = values.gradient(states[k][:512], k)
         err = (g - c).norm(dim=1).mean() / c.norm()
         assert err < 0.15, (k, float(err), g.mean(0))
 
-
-def test_seiko_and_latent_processes_reject_value_guided_drift():
-    from hf_control_ft import SeikoConfig
-    from hf_control_ft.testing import tiny_sd_pipeline
-
-    with pytest.raises(ValueError, match="SeikoConfig.drift_objective"):
-        SeikoConfig(drift_objective="value_guided")
-    config = ElegantConfig(drift_objective="value_guided", report_to=None)
-    with pytest.raises(ValueError, match="drift_objective"):
-        ElegantTrainer.from_pipeline(tiny_sd_pipeline(), lambda images, prompts: images.mean((1, 2, 3)), config,
-                                     prompts=["a cat"])

@@ -270,8 +270,10 @@ def test_auto_drift_objective_picks_the_best_the_process_supports_and_says_why(c
     objective, reason = choose_drift_objective(ElegantConfig(), digits)
     assert objective == "pathwise" and "64 dimensions" in reason
     many = SimpleNamespace(supports_step_values=True, sample_shape=(16,), family="unconditional")
-    objective, reason = choose_drift_objective(ElegantConfig(value_num_rollouts=10**6), many)  # 3.0 GiB of states
-    assert objective == "pathwise" and "3.0 GiB" in reason
+    # 3.0 GiB for all 50 steps of 10^6 rollouts: value_guided on a subset (33 steps a rollout fit in 2 GiB)
+    assert choose_drift_objective(ElegantConfig(value_num_rollouts=10**6), many)[0] == "value_guided"
+    objective, reason = choose_drift_objective(ElegantConfig(value_num_rollouts=4 * 10**7), many)
+    assert objective == "pathwise" and "2.4 GiB" in reason and "even at one state per rollout" in reason
     assert SeikoConfig().drift_objective == "pathwise"  # SEIKO's rounds use the two-KL pathwise gradient
 
 
