@@ -10,7 +10,8 @@ sampler and reward for every method (baselines: ``benchmarks/finetuner_baselines
 
 ELEGANT runs with the library's defaults (``drift_objective="auto"``: value-guided here, learned initial noise) for
 ``--train_steps`` iterations; its total NFE (stages 1-2 included) is the budget every other method gets. Every
-``--eval_points``-th of the budget each run is evaluated on ``--eval_samples`` fresh samples (not counted as NFE):
+``--eval_points``-th of the budget ELEGANT is evaluated (the baselines at log-spaced points from 1/300 of the budget
+to all of it) on ``--eval_samples`` fresh samples (not counted as NFE):
 mean reward, the exact path KL to the pretrained model (per-step Gaussian KLs + the start law's KL) and the
 mode-weight TV to the tilted target. NFE counts forward and backward sample-evaluations of the denoiser (a
 backward counted as one evaluation; ``NFECounter``).
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -60,9 +62,10 @@ def evaluate(draw, sampler, n: int, seed: int) -> dict:
     x_T, kl_init = draw(n, gen)
     traj = sampler.rollout(x_T, gen, measure_kl=True)
     target = _CASE["target"]
-    return {"reward": round(float(_CASE["reward"](traj.samples).mean()), 4),
-            "kl": round(float(traj.kl.mean() + kl_init.mean()), 4),
-            "tv": round(target.mode_weight_tv(traj.samples), 4)}
+    reward, kl = float(_CASE["reward"](traj.samples).mean()), float(traj.kl.mean() + kl_init.mean())
+    finite = math.isfinite(reward) and math.isfinite(kl)  # a diverged run (NaN / inf samples) is recorded as such
+    return {"reward": round(reward, 4) if finite else None, "kl": round(kl, 4) if finite else None,
+            "tv": round(target.mode_weight_tv(traj.samples), 4), "diverged": not finite}
 
 
 def _standard_start(dim):
@@ -102,15 +105,18 @@ def run_baseline(args, method: str, seed: int, budget: int) -> dict:
     opt = torch.optim.Adam(lora_parameters(model), lr=args.baseline_lr or args.lr)
     gen = torch.Generator().manual_seed(seed)
     dim = case["mixture"].dim
-    marks = [budget * (i + 1) // args.eval_points for i in range(args.eval_points)]
+    # evaluations log-spaced over the budget (1/300 of it to all of it): the early, low-KL part of a curve is
+    # where it can be compared with ELEGANT at matched KL
+    marks = [int(budget * 300 ** (i / (args.eval_points - 1) - 1)) for i in range(args.eval_points)]
     curve, t0 = [], time.perf_counter()
     while counter.total < budget:
         if method == "reward_backprop":
             reward_backprop_iteration(sampler, opt, case["reward"], dim, args.batch_size, gen, args.truncate)
         else:
             policy_gradient_epoch(sampler, opt, case["reward"], dim, args.batch_size, gen, method)
-        while marks and counter.total >= marks[0]:
-            marks.pop(0)
+        if marks and counter.total >= marks[0]:
+            while marks and counter.total >= marks[0]:
+                marks.pop(0)
             with torch.no_grad(), counter.pause():
                 point = evaluate(_standard_start(dim), sampler, args.eval_samples, seed)
             curve.append({"nfe": counter.total, "wall_s": round(time.perf_counter() - t0, 1), **point})
@@ -130,7 +136,7 @@ def _job(job):
 def first_reaching(curve: list, reward: float):
     """``(nfe, wall_s, kl)`` of the first evaluation with mean reward >= ``reward`` (``None`` if never)."""
     for p in curve:
-        if p["reward"] >= reward:
+        if p["reward"] is not None and p["reward"] >= reward:
             return p
     return None
 
@@ -141,9 +147,25 @@ def summarise(records: list, seeds: list) -> dict:
         recs = [r for r in records if r["method"] == m]
         if not recs:
             continue
-        out[m] = {key: interval([r["final"][key] for r in recs]) for key in ("reward", "kl", "tv", "nfe")}
-        out[m]["wall_s"] = interval([r["final"]["wall_s"] for r in recs])
-    if "grpo" in out and "elegant" in out:
+        ok = [r for r in recs if not r["final"]["diverged"]]
+        out[m] = {key: interval([r["final"][key] for r in ok]) if ok else None for key in ("reward", "kl")}
+        out[m].update({key: interval([r["final"][key] for r in recs]) for key in ("tv", "nfe", "wall_s")})
+        out[m]["diverged_runs"] = len(recs) - len(ok)
+        out[m]["best_reward_before_divergence"] = interval(
+            [max(p["reward"] for p in r["curve"] if p["reward"] is not None) for r in recs
+             if any(p["reward"] is not None for p in r["curve"])])
+    if out.get("elegant", {}).get("kl"):
+        kl_e = out["elegant"]["kl"]["mean"]
+        for m in METHODS[1:]:
+            at = [max((p for p in r["curve"] if p["kl"] is not None and p["kl"] <= kl_e), key=lambda p: p["kl"],
+                      default=None) for r in records if r["method"] == m]
+            if m in out:
+                out[m]["at_elegant_kl"] = {
+                    "kl_limit": kl_e, "runs_with_a_point": sum(a is not None for a in at),
+                    "reward": interval([a["reward"] for a in at if a]) if any(at) else None,
+                    "tv": interval([a["tv"] for a in at if a]) if any(at) else None,
+                    "nfe": interval([a["nfe"] for a in at if a]) if any(at) else None}
+    if out.get("grpo", {}).get("reward") and "elegant" in out:
         goal = out["grpo"]["reward"]["mean"]
         hits = [first_reaching(r["curve"], goal) for r in records if r["method"] == "elegant"]
         grpo_nfe, grpo_kl = out["grpo"]["nfe"]["mean"], out["grpo"]["kl"]["mean"]
@@ -166,15 +188,17 @@ def plot(records: list, path: str, title: str) -> None:
     for r in records:
         c, label = colours[r["method"]], r["method"] if r["seed"] == min(x["seed"] for x in records) else None
         nfe = [p["nfe"] / 1e6 for p in r["curve"]]
-        axes[0].plot(nfe, [p["reward"] for p in r["curve"]], color=c, label=label, alpha=0.8)
-        axes[1].plot([p["kl"] for p in r["curve"]], [p["reward"] for p in r["curve"]], "o-", ms=3, color=c,
-                     alpha=0.8)
+        ok = [(n, p) for n, p in zip(nfe, r["curve"]) if p["reward"] is not None]
+        axes[0].plot([n for n, _ in ok], [p["reward"] for _, p in ok], color=c, label=label, alpha=0.8)
+        axes[1].plot([p["kl"] for _, p in ok], [p["reward"] for _, p in ok], "o-", ms=3, color=c, alpha=0.8)
         axes[2].plot(nfe, [p["tv"] for p in r["curve"]], color=c, alpha=0.8)
-    axes[0].set(xlabel="network evaluations (millions)", ylabel="mean reward", title="reward vs NFE")
-    axes[1].set(xlabel="path KL to the pretrained model (nats)", ylabel="mean reward", xscale="symlog",
-                title="reward vs KL")
+    # diverging runs reach rewards and KLs of 1e10 and more: log / symlog axes keep the rest readable
+    axes[0].set(xlabel="network evaluations (millions)", ylabel="mean reward", xscale="log", yscale="symlog",
+                title="reward vs NFE (diverged runs end their line)")
+    axes[1].set(xlabel="path KL to the pretrained model (nats)", ylabel="mean reward", xscale="log",
+                yscale="symlog", title="reward vs KL")
     axes[2].set(xlabel="network evaluations (millions)", ylabel="mode-weight TV to the tilted target",
-                yscale="log", title="distance to p_pre exp(r/alpha)/Z")
+                xscale="log", yscale="log", title="distance to p_pre exp(r/alpha)/Z")
     axes[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
@@ -193,12 +217,19 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--baseline_lr", type=float, default=None, help="learning rate of the baselines (default --lr)")
     p.add_argument("--truncate", type=int, default=10, help="reward backprop: steps with gradients (last K)")
-    p.add_argument("--eval_points", type=int, default=10)
+    p.add_argument("--eval_points", type=int, default=12)
     p.add_argument("--eval_samples", type=int, default=4096)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--png", default=None, help="write the curves here")
     p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test")
+    p.add_argument("--replot", default=None, help="redraw --png from this JSON output instead of running")
     args = _ARGS = p.parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            done = json.load(f)
+        plot(done["records"], args.png, f"mixture, {done['sampler']} eta={done['eta']:.3f}, "
+             f"{len({r['seed'] for r in done['records']})} seeds")
+        return
     if args.quick:
         args.steps, args.train_steps, args.eval_points, args.eval_samples = 10, 6, 3, 512
     args.eta = 1.0 if args.sampler == "ddim" else memoryless_eta(0.7)
@@ -216,8 +247,10 @@ def main(argv=None):
     summary = summarise(records, args.seeds)
     for m, s in summary.items():
         if m in METHODS:
-            print(f"{m:16s} reward {s['reward']['mean']:.3f}  KL {s['kl']['mean']:.3f}  TV {s['tv']['mean']:.3f}  "
-                  f"NFE {s['nfe']['mean'] / 1e6:.2f}M  wall {s['wall_s']['mean']:.0f} s", file=sys.stderr)
+            reward = "diverged" if s["reward"] is None else f"{s['reward']['mean']:.3f}"
+            kl = "diverged" if s["kl"] is None else f"{s['kl']['mean']:.3f}"
+            print(f"{m:16s} reward {reward}  KL {kl}  TV {s['tv']['mean']:.3f}  NFE {s['nfe']['mean'] / 1e6:.2f}M  "
+                  f"wall {s['wall_s']['mean']:.0f} s  diverged runs {s['diverged_runs']}", file=sys.stderr)
     if args.png:
         plot(records, args.png, f"mixture, {args.sampler} eta={args.eta:.3f}, {len(args.seeds)} seeds")
     print(json.dumps({"benchmark": "compare_finetuners", "sampler": args.sampler, "eta": args.eta,
