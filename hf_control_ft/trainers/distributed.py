@@ -10,9 +10,13 @@ process: the others never wait in a collective for a main process that has stopp
 
 from __future__ import annotations
 
+import pickle
+
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast, broadcast_object_list
+
+from ..utils.errors import error_line
 
 
 def shares(total: int, num_processes: int) -> list[int]:
@@ -27,24 +31,25 @@ class MainProcessError(RuntimeError):
 
 def run_on_main(accelerator: Accelerator, fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` on the main process only; its result (picklable) is returned on every process,
-    and an exception it raises is raised on every process (the same exception object where it pickles)."""
+    and an exception it raises is raised on every process: the same exception object where it pickles, else a
+    :class:`MainProcessError` with its type and first line (the main process raises the original)."""
     if accelerator.num_processes == 1:
         return fn(*args, **kwargs)
-    payload = [None]
+    payload, original = [None], None
     if accelerator.is_main_process:
         try:
             payload = [("ok", fn(*args, **kwargs))]
         except Exception as err:  # noqa: BLE001 - re-raised below, on this process and all others
-            payload = [("error", err)]
-    try:
-        broadcast_object_list(payload, from_process=0)
-    except Exception:  # noqa: BLE001 - e.g. an exception object that does not pickle: send its text instead
-        if accelerator.is_main_process and payload[0][0] == "error":
-            raise payload[0][1]
-        raise
+            original = err
+            try:
+                pickle.dumps(err)
+                payload = [("error", err)]
+            except Exception:  # noqa: BLE001 - an exception that does not pickle: send its text instead
+                payload = [("error", MainProcessError(error_line(err)))]
+    broadcast_object_list(payload, from_process=0)
     status, value = payload[0]
     if status == "error":
-        raise value
+        raise original if original is not None else value
     return value
 
 

@@ -100,3 +100,33 @@ def test_two_processes_send_every_sample_once_and_survive_a_kill_of_either(tmp_p
         assert now == kept or (math.isnan(now[0]) and math.isnan(kept[0]) and now[1] == kept[1])
     assert res[0]["hash"] == res[1]["hash"] == ref[0]["hash"]  # identical to the uninterrupted run, bit for bit
     assert res[1]["writes"] == []
+
+
+def test_an_exception_that_does_not_pickle_reaches_the_other_processes_as_its_text(monkeypatch):
+    """The main process raises its own exception; the others get a MainProcessError naming it, instead of
+    waiting forever in a broadcast that failed to pickle it."""
+    import pickle
+    from types import SimpleNamespace
+
+    from hf_control_ft.trainers import distributed
+
+    class Unpicklable(RuntimeError):
+        def __reduce__(self):
+            raise TypeError("cannot pickle")
+
+    sent = []
+
+    def broadcast(payload, from_process=0):  # what the other processes would receive
+        sent.append(pickle.loads(pickle.dumps(payload)))
+
+    monkeypatch.setattr(distributed, "broadcast_object_list", broadcast)
+
+    def fail():
+        raise Unpicklable("oracle down\nsecond line")
+
+    main = SimpleNamespace(num_processes=2, is_main_process=True)
+    with pytest.raises(Unpicklable, match="oracle down"):
+        distributed.run_on_main(main, fail)
+    status, value = sent[0][0]
+    assert status == "error" and isinstance(value, distributed.MainProcessError)
+    assert str(value) == "Unpicklable: oracle down"
