@@ -134,14 +134,15 @@ def _job(job):
 
 
 def first_reaching(curve: list, reward: float):
-    """``(nfe, wall_s, kl)`` of the first evaluation with mean reward >= ``reward`` (``None`` if never)."""
+    """The first evaluation point (``nfe``, ``wall_s``, ``reward``, ``kl``, ``tv``) with mean reward >= ``reward``
+    (``None`` if never)."""
     for p in curve:
         if p["reward"] is not None and p["reward"] >= reward:
             return p
     return None
 
 
-def summarise(records: list, seeds: list) -> dict:
+def summarise(records: list) -> dict:
     out = {}
     for m in METHODS:
         recs = [r for r in records if r["method"] == m]
@@ -244,7 +245,7 @@ def main(argv=None):
     records += run(_job, [(m, s, budget) for m in args.methods if m != "elegant" for s in args.seeds])
     if pool:
         pool.close()
-    summary = summarise(records, args.seeds)
+    summary = summarise(records)
     for m, s in summary.items():
         if m in METHODS:
             reward = "diverged" if s["reward"] is None else f"{s['reward']['mean']:.3f}"

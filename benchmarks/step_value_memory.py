@@ -108,7 +108,7 @@ def main():
         return
     results = []
     for kept in args.kept:  # a fresh process each, so peak memory is that setting's
-        cmd = [sys.executable, os.path.abspath(__file__), "--one", kept] + [a for a in sys.argv[1:]]
+        cmd = [sys.executable, os.path.abspath(__file__), "--one", kept] + sys.argv[1:]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
             raise SystemExit(f"setting kept={kept} failed:\n{res.stderr[-3000:]}")

@@ -195,7 +195,6 @@ class DiffusionSchedule(GaussianTransitions):
         return self._c_x0[k].item() * x0 + self._c_eps[k].item() * eps
 
 
-
 # keys of a variance-preserving scheduler config that define the noise schedule and the timestep grid
 _SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                   "prediction_type", "timestep_spacing", "steps_offset", "set_alpha_to_one",

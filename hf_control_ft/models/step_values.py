@@ -90,8 +90,7 @@ class StepValueFunction(nn.Module):
         if step_index is None:
             if len(states) != K:
                 raise ValueError(f"got states for {len(states)} steps, the value function has {K} step times")
-            x_all = torch.stack([s.detach() for s in states], dim=1)  # (N, K, *shape)
-            step_index = torch.arange(K).expand(x_all.shape[0], K)
+            x_all, step_index = select_states(states, K)  # (N, K, *shape), every step in order
         else:
             x_all = states.detach()
             if tuple(step_index.shape) != tuple(x_all.shape[:2]) or int(step_index.max()) >= K:
