@@ -29,7 +29,9 @@ from accelerate import Accelerator
 
 from hf_control_ft import ElegantConfig, ElegantTrainer
 from hf_control_ft.tasks import digits
+from hf_control_ft.trainers.distributed import run_on_main
 from hf_control_ft.utils.config_cli import format_help
+from hf_control_ft.utils.run_lock import RunLock
 
 DEFAULT_OUTPUT_DIR = os.path.join("outputs", "digits-elegant")
 CARD_METRICS = ("proxy_reward", "genuine_reward", "genuine_target_rate", "diversity_pairwise_distance",
@@ -73,8 +75,12 @@ def check_output_dir(args, config, accelerator):
         if not args.overwrite:
             raise SystemExit(f"output directory {out!r} exists and is not empty: pass --resume_from_checkpoint "
                              f"latest to continue that run, --overwrite to replace it, or --output_dir elsewhere")
-        if accelerator.is_main_process:
-            shutil.rmtree(out)
+
+        def replace():
+            with RunLock(out):  # never delete a directory another run is using: its error stops every process
+                shutil.rmtree(out)
+
+        run_on_main(accelerator, replace)
     accelerator.wait_for_everyone()
 
 
@@ -100,15 +106,14 @@ def run(argv=None) -> ElegantTrainer:
                              accelerator=accelerator)
     out = config.output_dir
     before = None
-    if accelerator.is_main_process:
-        samples, before = evaluate(trainer, proxy, genuine, args.target_digit, args.num_eval_samples, False)
-        os.makedirs(out, exist_ok=True)
-        digits.digits_grid(samples[:64]).save(os.path.join(out, "samples_before.png"))
+    if accelerator.is_main_process:  # written once training holds the directory (a second run writes nothing)
+        samples_before, before = evaluate(trainer, proxy, genuine, args.target_digit, args.num_eval_samples, False)
 
     summary = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
 
     grid, card_metrics, after = None, None, None
     if accelerator.is_main_process:
+        digits.digits_grid(samples_before[:64]).save(os.path.join(out, "samples_before.png"))
         samples, after = evaluate(trainer, proxy, genuine, args.target_digit, args.num_eval_samples, True)
         grid = digits.digits_grid(samples[:64])
         grid.save(os.path.join(out, "samples_after.png"))

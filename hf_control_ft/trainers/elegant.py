@@ -37,6 +37,7 @@ from ..serialization.saved import (
 from ..utils.run_lock import RunLock
 from .base import BaseTrainer
 from .costs import describe, network_evaluations
+from .distributed import run_on_main
 from .elegant_checkpoints import ElegantCheckpointing
 from .elegant_config import ElegantConfig
 from .objectives import choose_drift_objective, step_value_states_per_rollout
@@ -280,13 +281,17 @@ class ElegantTrainer(ElegantCheckpointing, BaseTrainer):
         """
         cfg = self.config
         self._callback = callback
-        lock = RunLock(cfg.output_dir) if cfg.output_dir and self.is_main_process else contextlib.nullcontext()
-        with lock:
+        # the lock and the claim on the output directory are the main process's; their errors (a second run, an
+        # old run's checkpoints) are raised on every process, so none waits in a collective for a stopped one
+        lock = RunLock(cfg.output_dir) if cfg.output_dir and self.is_main_process else None
+        run_on_main(self.accelerator, lambda: lock.acquire() and None if lock is not None else None)
+        with lock if lock is not None else contextlib.nullcontext():
             checkpoint = checkpointing.resolve_checkpoint(cfg.output_dir, resume_from_checkpoint)
             if checkpoint is not None:
                 self.load_checkpoint(checkpoint)
-            elif cfg.output_dir and self.is_main_process:
-                checkpointing.claim_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
+            elif cfg.output_dir:
+                run_on_main(self.accelerator, checkpointing.claim_output_dir, cfg.output_dir,
+                            cfg.overwrite_output_dir)
             self._start_trackers()
             costs = self.network_evaluations()
             if self.is_main_process:

@@ -162,3 +162,27 @@ def test_two_cpu_processes_keep_identical_lora_and_only_main_writes(cache, tmp_p
     assert results[0]["lora_norm"] == results[1]["lora_norm"] > 0
     assert [r["writes"] for r in results if r["rank"] == 1] == [[]]
     assert {"metrics.json", "samples_after.png", "checkpoint-2"} <= set(os.listdir(out))
+
+
+@pytest.mark.slow
+def test_a_second_run_under_two_processes_fails_on_every_process(cache, tmp_path):
+    """The run lock is the main process's, but its error must stop every process (none left in a collective)."""
+    from hf_control_ft.utils.run_lock import RunLock
+
+    out = str(tmp_path / "held")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), os.path.join(ROOT, "examples", "train_elegant.py"),
+           "--cache_dir", cache, "--output_dir", out, "--train_steps", "2", "--report_to", "none", *TINY]
+    os.makedirs(out)
+    with open(os.path.join(out, "kept.txt"), "w") as f:
+        f.write("the other run's file")
+    with RunLock(out):  # another run holds the directory
+        for extra in (["--resume_from_checkpoint", "latest"], ["--overwrite"]):
+            done = subprocess.run([*cmd, *extra], env={**env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True,
+                                  text=True, timeout=300)
+            assert done.returncode != 0
+            # both ranks raise the lock's error themselves (rank 1 is not merely killed by the launcher)
+            assert done.stderr.count("is in use by another run") >= 2, (extra, done.stderr[-3000:])
+    # --overwrite did not delete the directory of the run holding it, and nothing was written into it
+    assert sorted(os.listdir(out)) == [".lock", "kept.txt"]
