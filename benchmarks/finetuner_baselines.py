@@ -78,17 +78,18 @@ def _gaussian_logp(x_next, mu, std):
     return -((x_next - mu) ** 2).reshape(x_next.shape[0], -1).mean(1) / (2 * std**2)
 
 
-def policy_gradient_epoch(sampler: ControlledSampler, optimizer, reward_fn, dim: int, batch_size: int,
+def policy_gradient_epoch(sampler: ControlledSampler, optimizer, reward_fn, shape: tuple, batch_size: int,
                           generator: torch.Generator, method: str, group_size: int = 8,
                           updates_per_epoch: int = 2) -> dict:
     """One epoch of GRPO-style (``method="grpo"``) or DDPO (``"ddpo"``) training (module docstring)."""
     schedule = sampler.schedule
     if method == "grpo":  # groups share their start
-        x_T = torch.randn(batch_size // group_size, dim, generator=generator).repeat_interleave(group_size, 0)
+        x_T = torch.randn(batch_size // group_size, *shape, generator=generator).repeat_interleave(group_size, 0)
     else:
-        x_T = torch.randn(batch_size, dim, generator=generator)
+        x_T = torch.randn(batch_size, *shape, generator=generator)
     traj = sampler.rollout(x_T, generator)
-    r = reward_fn(traj.samples).float()
+    with torch.no_grad():
+        r = reward_fn(traj.samples).float()
     if method == "grpo":
         centred = r - r.reshape(-1, group_size).mean(1).repeat_interleave(group_size)
     else:
@@ -122,12 +123,12 @@ def policy_gradient_epoch(sampler: ControlledSampler, optimizer, reward_fn, dim:
     return {"reward": float(r.mean()), "kl_penalty_per_step": kl_total / max(1, len(steps) * updates_per_epoch)}
 
 
-def reward_backprop_iteration(sampler: ControlledSampler, optimizer, reward_fn, dim: int, batch_size: int,
+def reward_backprop_iteration(sampler: ControlledSampler, optimizer, reward_fn, shape: tuple, batch_size: int,
                               generator: torch.Generator, truncate: int) -> dict:
     """One AlignProp / DRaFT-K iteration: gradients through the last ``truncate`` steps only, no KL."""
     schedule = sampler.schedule
     K = len(schedule)
-    x = torch.randn(batch_size, dim, generator=generator)
+    x = torch.randn(batch_size, *shape, generator=generator)
     for k in range(K):
         noise = sampler._noise(x, k, generator)
         if k < K - truncate:

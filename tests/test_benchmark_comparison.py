@@ -47,7 +47,7 @@ def test_policy_gradient_epoch_costs_what_the_published_form_costs_and_moves_the
     model, counter, sampler, opt = _setup()
     S = sum(sampler.schedule.is_stochastic(k) for k in range(5))
     before = [p.detach().clone() for p in lora_parameters(model)]
-    policy_gradient_epoch(sampler, opt, _reward, 2, 16, torch.Generator().manual_seed(0), method, group_size=4)
+    policy_gradient_epoch(sampler, opt, _reward, (2,), 16, torch.Generator().manual_seed(0), method, group_size=4)
     # sampling: 16 x 5 (its log-likelihoods come from the noises); training: 16 x S policy forwards + backwards,
     # plus the pretrained forward of the KL penalty for GRPO only
     forward = 16 * 5 + 16 * S + (16 * S if method == "grpo" else 0)
@@ -70,7 +70,7 @@ def test_old_log_likelihood_from_the_noise_equals_the_transition_density():
 
 def test_reward_backprop_iteration_backpropagates_the_last_steps_only():
     model, counter, sampler, opt = _setup()
-    reward_backprop_iteration(sampler, opt, _reward, 2, 8, torch.Generator().manual_seed(0), truncate=2)
+    reward_backprop_iteration(sampler, opt, _reward, (2,), 8, torch.Generator().manual_seed(0), truncate=2)
     assert (counter.forward, counter.backward) == (8 * 5, 8 * 2)
 
 
@@ -98,3 +98,38 @@ def test_nfe_counter_does_not_count_evaluations_inside_pause():
     with counter.pause(), torch.no_grad():
         sampler.mean(torch.randn(5, 2), 0)
     assert counter.total == 0 and not counter.paused
+
+
+def test_digits_comparison_scores_every_method_at_the_same_budget(tmp_path, capsys):
+    """The digits task end to end (tiny cache, 3 steps): every method trains on the proxy, is scored by the
+    genuine classifier with diversity and within-class diversity, and the baselines spend ELEGANT's NFE."""
+    import compare_finetuners
+
+    from hf_control_ft.tasks import digits
+
+    cache = str(tmp_path / "cache")
+    digits.load_or_pretrain_digits_model(cache, steps=30, progress=False)
+    digits.load_or_train_classifiers(cache, epochs=3)
+    compare_finetuners.main(["--task", "digits", "--quick", "--seeds", "0", "--steps", "3", "--cache_dir", cache,
+                             "--eval_samples", "64", "--baseline_batch_size", "8", "--baseline_lr", "grpo=1e-2",
+                             "--reach", "-100", "0", "--png", str(tmp_path / "curves.png")])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the JSON is the last line (and alone)
+    assert out["task"] == "digits" and out["primary"] == "genuine_reward" and out["steps"] == 3
+    records = {r["method"]: r for r in out["records"]}
+    assert set(records) == {"elegant", "grpo", "ddpo", "reward_backprop"}
+    budget = out["nfe_budget"]
+    assert budget == records["elegant"]["final"]["nfe"] > 0
+    for name, rec in records.items():
+        final = rec["final"]
+        for key in ("reward", "genuine_reward", "diversity", "within_class_diversity", "kl"):
+            assert key in final
+        assert final["genuine_reward"] <= 0 and final["diversity"] > 0 and final["kl"] >= 0
+        if name != "elegant":  # spent the budget, and at most one more epoch of 8 samples x 3 steps x 4
+            assert budget <= final["nfe"] <= budget + 8 * 3 * 4
+    assert records["grpo"]["lr"] == 1e-2 and records["ddpo"]["lr"] == records["elegant"]["lr"]
+    summary = out["summary"]
+    for name in records:
+        assert summary[name]["reach_genuine_reward_-100"]["runs_reaching"] == 1  # every log-probability is > -100
+        assert summary[name]["reach_genuine_reward_0"]["runs_reaching"] == 0  # and none is 0
+    assert "at_elegant_kl" in summary["grpo"] and summary["elegant_vs_grpo"]["score"] == "genuine_reward"
+    assert os.path.getsize(tmp_path / "curves.png") > 0
