@@ -138,6 +138,7 @@ class ElegantTrainer(ElegantCheckpointing, BaseTrainer):
         self.value_function.requires_grad_(False)
         metrics = {"value/loss": loss, "value/pretrained_reward_mean": float(r.mean()),
                    "value/shift": float(self.value_function.shift)}
+        metrics.update({f"value/{k}": float(v) for k, v in self.value_function.validation.items()})
         self._log(metrics, step=self.global_step)
         return metrics
 

@@ -77,3 +77,44 @@ def test_value_function_recovers_soft_value_and_survives_huge_reward_over_alpha(
         v = vf2(grid)
     assert torch.isfinite(v).all() and float(v.max()) <= float((10 * r).max()) + 1e-3
     assert torch.isfinite(safe_exp(torch.tensor([1e6]))).all()
+
+
+def test_value_fit_that_memorises_noise_is_replaced_by_the_constant(caplog):
+    """A reward independent of x_T with a wide spread (s_r / alpha = 10) on 64-dim starts: the network memorises
+    the pairs (held-out loss far above the constant's), so the fit keeps the constant value and says so."""
+    import logging
+
+    g = torch.Generator().manual_seed(0)
+    x, r = torch.randn(256, 1, 8, 8, generator=g), 10 * torch.randn(256, generator=g)
+    vf = ValueFunction((1, 8, 8), 1.0, hidden=64)
+    with caplog.at_level(logging.WARNING, logger="hf_control_ft.models.value_function"):
+        loss = vf.fit(x, r, steps=300, lr=1e-3, generator=g, progress=False)
+    v = vf.validation
+    assert v["held_out"] == 51 and not v["kept_fit"]
+    assert v["held_out_loss"] > 10 * (v["constant_held_out_loss"] + 1)  # what the plain fit would have kept
+    assert loss == pytest.approx(1.0, abs=1e-5)  # the constant's training loss, mean exp((r - c) / alpha)
+    with torch.no_grad():
+        assert torch.equal(vf.normalized(torch.randn(5, 1, 8, 8)), torch.zeros(5))
+    assert "does worse than a constant on 51 held-out rollouts" in caplog.text
+
+
+def test_value_fit_that_generalises_is_the_plain_fit():
+    """A learnable value (linear reward plus noise): the held-out check keeps the fit, and the fit on all pairs
+    is bit-identical to one without the check (same initialisation and batch stream)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 1, generator=g)
+    r = 1.5 * x[:, 0] + 0.5 * torch.randn(1024, generator=g)
+    fits = []
+    for fraction in (0.2, 0.0):
+        torch.manual_seed(3)
+        vf = ValueFunction((1,), 1.0, hidden=32, depth=2)
+        gen = torch.Generator().manual_seed(4)
+        vf.fit(x, r, steps=200, lr=3e-3, generator=gen, progress=False, validation_fraction=fraction)
+        fits.append((vf, torch.randint(0, 10**6, (3,), generator=gen)))  # the stream after the fit
+    (checked, after_checked), (plain, after_plain) = fits
+    assert checked.validation["kept_fit"] and checked.validation["held_out"] == 204
+    assert checked.validation["held_out_loss"] < checked.validation["constant_held_out_loss"] - 0.5
+    assert plain.validation == {"held_out": 0, "kept_fit": True}
+    for a, b in zip(checked.state_dict().values(), plain.state_dict().values()):
+        assert torch.equal(a, b)
+    assert torch.equal(after_checked, after_plain)
