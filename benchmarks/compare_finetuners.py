@@ -210,6 +210,7 @@ def plot(records: list, path: str, title: str, primary: str, extra: tuple) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    labels = dict(PANEL_LABELS, reward="proxy reward (trained on, nats)" if primary != "reward" else "mean reward")
     fig, axes = plt.subplots(1, 2 + len(extra), figsize=(5 * (2 + len(extra)), 4.2))
     colours = dict(zip(METHODS, ("C0", "C1", "C2", "C3")))
     for r in records:
@@ -221,12 +222,12 @@ def plot(records: list, path: str, title: str, primary: str, extra: tuple) -> No
             pts = [p for p in r["curve"] if p.get(key) is not None]
             ax.plot([p["nfe"] / 1e6 for p in pts], [p[key] for p in pts], color=c, alpha=0.8)
     # diverging runs reach rewards and KLs of 1e10 and more: log / symlog axes keep the rest readable
-    axes[0].set(xlabel="network evaluations (millions)", ylabel=PANEL_LABELS[primary], xscale="log",
+    axes[0].set(xlabel="network evaluations (millions)", ylabel=labels[primary], xscale="log",
                 yscale="symlog", title=f"{primary} vs NFE (diverged runs end their line)")
-    axes[1].set(xlabel="path KL to the pretrained model (nats)", ylabel=PANEL_LABELS[primary], xscale="log",
+    axes[1].set(xlabel="path KL to the pretrained model (nats)", ylabel=labels[primary], xscale="log",
                 yscale="symlog", title=f"{primary} vs KL")
     for ax, key in zip(axes[2:], extra):
-        ax.set(xlabel="network evaluations (millions)", ylabel=PANEL_LABELS[key], xscale="log",
+        ax.set(xlabel="network evaluations (millions)", ylabel=labels[key], xscale="log",
                yscale="log" if key == "tv" else "linear", title=f"{key} vs NFE")
     axes[0].legend()
     fig.suptitle(title)
