@@ -118,3 +118,16 @@ def test_value_fit_that_generalises_is_the_plain_fit():
     for a, b in zip(checked.state_dict().values(), plain.state_dict().values()):
         assert torch.equal(a, b)
     assert torch.equal(after_checked, after_plain)
+
+
+def test_value_fit_with_a_non_finite_held_out_score_is_replaced_by_the_constant(monkeypatch):
+    """A fit whose held-out score is NaN (e.g. it diverged) is not kept."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 1, generator=g)
+    vf = ValueFunction((1,), 1.0, hidden=8, depth=1)
+    scores = iter([float("nan"), 1.0])  # the fit's, then the constant's
+    monkeypatch.setattr(vf, "_held_out_loss", lambda *a, **k: next(scores))
+    vf.fit(x, x[:, 0], steps=5, generator=g, progress=False)
+    assert vf.validation["held_out"] == 51 and not vf.validation["kept_fit"]
+    with torch.no_grad():
+        assert torch.equal(vf.normalized(x[:4]), torch.zeros(4))
