@@ -36,8 +36,7 @@ def run_method(name, config, unet, scheduler, reward, proxy, genuine, target, n_
     digits.digits_grid(samples[:64]).save(os.path.join(out, f"samples_{name}.png"))
     metrics = digits.digits_metrics(samples, proxy, genuine, target)
     metrics.update({"alpha": config.alpha if name != "pretrained" else None,
-                    # path KL = the chain's steps + the start law's (last training batch)
-                    "path_kl": summary.get("train/kl", 0.0) + summary.get("train/kl_init", 0.0) if summary else None,
+                    "path_kl": summary.get("train/kl_total"),  # the chain's steps + the start law's (last batch)
                     "initial_noise_kl": summary.get("train/kl_init"),
                     "seconds": round(time.perf_counter() - t0, 1)})
     return metrics

@@ -123,9 +123,7 @@ def run(argv=None) -> ElegantTrainer:
             json.dump(metrics, f, indent=2)
         card_metrics = {f"{k} ({name})": m[k] for k in CARD_METRICS
                         for name, m in (("pretrained", before), ("ELEGANT", after))}
-        # the KL of the whole path: the chain's steps and the learned start law's (last training batch)
-        total_kl = summary.get("train/kl", float("nan")) + summary.get("train/kl_init", 0.0)
-        card_metrics["KL per sample, chain + start law (nats)"] = total_kl
+        card_metrics["KL per sample, chain + start law (nats)"] = summary.get("train/kl_total")
     cache_dir = os.path.abspath(args.cache_dir or digits.default_cache_dir())
     trainer.save_pretrained(out, metrics=card_metrics, sample_grid=grid,  # main process only
                             base_model=digits.digits_pipeline_path(cache_dir))
@@ -138,7 +136,7 @@ def run(argv=None) -> ElegantTrainer:
         for k in CARD_METRICS:
             print(f"{k:<30}{before[k]:>12.3f}{after[k]:>12.3f}")
         print(f"train KL (nats/sample, last batch): chain {summary.get('train/kl', float('nan')):.3f} + start law "
-              f"{summary.get('train/kl_init', 0.0):.3f} = {total_kl:.3f}")
+              f"{summary.get('train/kl_init', 0.0):.3f} = {summary.get('train/kl_total', float('nan')):.3f}")
         print(f"\noutputs in {os.path.abspath(out)}: samples_before.png, samples_after.png, metrics.json, "
               f"README.md, logs/ (tensorboard --logdir {config.logging_dir})")
     accelerator.wait_for_everyone()

@@ -165,8 +165,8 @@ class ValueFunction(nn.Module):
             val, train = order[:n_val], order[n_val:]
             cond = (lambda idx: None) if conditions is None else (lambda idx: conditions[idx])
             self._run(x_T[train], rewards[train], cond(train), steps, lr, batch_size, generator, False)
-            fitted = self._held_out_loss(x_T[val], rewards[val], cond(val), batch_size, constant=False)
-            constant = self._held_out_loss(x_T[val], rewards[val], cond(val), batch_size, constant=True)
+            fitted = self._held_out_loss(x_T[val], rewards[val], cond(val), batch_size)
+            constant = self._constant_loss(rewards[val])
             kept = fitted <= constant + HELD_OUT_TOLERANCE  # False for a NaN score too
             self.validation = {"held_out": n_val, "kept_fit": kept, "held_out_loss": fitted,
                                "constant_held_out_loss": constant}
@@ -197,8 +197,7 @@ class ValueFunction(nn.Module):
         opt = torch.optim.Adam(self.net.parameters(), lr=lr)
         n = x_T.shape[0]
         warm_steps = int(WARM_START_FRACTION * steps)
-        last = float(value_regression_loss(torch.zeros_like(rewards), rewards, self.shift, self.scale, self.alpha,
-                                           warm_start=False))
+        last = self._constant_loss(rewards)
         for it in tqdm(range(steps), desc="value function", disable=not progress):
             idx = torch.randint(0, n, (min(batch_size, n),), generator=generator).to(x_T.device)
             if it == warm_steps:
@@ -213,14 +212,18 @@ class ValueFunction(nn.Module):
             last = loss.item()
         return last
 
+    def _constant_loss(self, rewards: torch.Tensor) -> float:
+        """Exponential loss of the constant value ``f = 0`` at the current level ``c``: ``mean exp((r - c) /
+        alpha)`` (1 on the pairs ``c`` was fitted on)."""
+        return float(value_regression_loss(torch.zeros_like(rewards), rewards, self.shift, self.scale, self.alpha,
+                                           warm_start=False))
+
     @torch.no_grad()
-    def _held_out_loss(self, x, rewards, conditions, batch_size: int, constant: bool) -> float:
-        """Mean exponential loss on held-out pairs of the current fit, or of the constant ``f = 0``
-        (``mean exp((r - c) / alpha)``, about 1), both at the level ``c`` fitted on the training pairs."""
+    def _held_out_loss(self, x, rewards, conditions, batch_size: int) -> float:
+        """Mean exponential loss of the current fit on held-out pairs, at the level ``c`` of the training pairs."""
         total = 0.0
         for idx in torch.arange(x.shape[0], device=x.device).split(batch_size):
             f = self.net(x[idx], 0.0, None if conditions is None else conditions[idx])
-            f = torch.zeros_like(f) if constant else f
             total += float(value_regression_loss(f, rewards[idx], self.shift, self.scale, self.alpha,
                                                  warm_start=False)) * len(idx)
         return total / x.shape[0]

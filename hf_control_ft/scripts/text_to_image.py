@@ -175,10 +175,7 @@ def run_elegant(argv=None, prog: str = "train_elegant.py") -> int:
     if validation.last_grid is None and accelerator.is_main_process:  # a run resumed after its last step
         validation.run(trainer, trainer.global_step, trainer.log_step(trainer.global_step))
     metrics = {"reward (training batch)": summary.get("train/reward"),
-               # the whole path's KL: the chain's steps and the learned start law's
-               "KL per sample, chain + start law (nats)": (None if summary.get("train/kl") is None else
-                                                           summary["train/kl"] + summary.get("train/kl_init", 0.0)),
-               **validation.last_metrics}
+               "KL per sample, chain + start law (nats)": summary.get("train/kl_total"), **validation.last_metrics}
     metrics = {k: v for k, v in metrics.items() if v is not None}
     return _finish(trainer, args, config, accelerator, validation, summary, metrics,
                    {"dataset": args.card_dataset()})

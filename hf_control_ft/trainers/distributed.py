@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast, broadcast_object_list
 
 from ..utils.errors import error_line
+from ..utils.run_lock import RunLock
 
 
 def shares(total: int, num_processes: int) -> list[int]:
@@ -51,6 +52,21 @@ def run_on_main(accelerator: Accelerator, fn, *args, **kwargs):
     if status == "error":
         raise original if original is not None else value
     return value
+
+
+def lock_on_main(accelerator: Accelerator, directory: str | None) -> RunLock | None:
+    """The run lock of ``directory`` (:class:`~hf_control_ft.utils.run_lock.RunLock`), taken by the main process:
+    returned there (release it when the run ends), ``None`` on the others or without a directory. When another run
+    holds it, :class:`~hf_control_ft.utils.run_lock.RunLockedError` is raised on every process, so none goes on
+    into a collective the main process never joins."""
+    lock = RunLock(directory) if directory and accelerator.is_main_process else None
+
+    def acquire():
+        if lock is not None:
+            lock.acquire()
+
+    run_on_main(accelerator, acquire)
+    return lock
 
 
 def tensors_from_main(accelerator: Accelerator, fn) -> tuple[torch.Tensor, ...]:

@@ -34,10 +34,9 @@ from ..serialization.saved import (
     resolve_directory,
     save_control,
 )
-from ..utils.run_lock import RunLock
 from .base import BaseTrainer
 from .costs import describe, network_evaluations
-from .distributed import run_on_main
+from .distributed import lock_on_main, run_on_main
 from .elegant_checkpoints import ElegantCheckpointing
 from .elegant_config import ElegantConfig
 from .objectives import choose_drift_objective, step_value_states_per_rollout
@@ -205,8 +204,10 @@ class ElegantTrainer(ElegantCheckpointing, BaseTrainer):
         out = self.drift_iteration(optimizer, params, value_gradient=value_gradient)
         r, kl, kl_init = out["reward"], out["kl"], out["kl_init"]  # exact path KL of the rollout's chain
         objective = (r - cfg.alpha * (kl + kl_init)).mean().item()
+        kl_total = (kl + kl_init).mean().item()  # the whole path's: the chain's steps and the start law's
         metrics = {"train/reward": r.mean().item(), "train/kl": kl.mean().item(),
-                   "train/kl_init": kl_init.mean().item(), "train/objective": objective, "train/loss": -objective,
+                   "train/kl_init": kl_init.mean().item(), "train/kl_total": kl_total,
+                   "train/objective": objective, "train/loss": -objective,
                    "train/grad_norm": out["grad_norm"], "train/skipped_steps": self.skipped_steps}
         if out["regression_loss"] is not None:
             metrics["train/loss"] = metrics["train/adjoint_matching_loss"] = out["regression_loss"]
@@ -284,8 +285,7 @@ class ElegantTrainer(ElegantCheckpointing, BaseTrainer):
         self._callback = callback
         # the lock and the claim on the output directory are the main process's; their errors (a second run, an
         # old run's checkpoints) are raised on every process, so none waits in a collective for a stopped one
-        lock = RunLock(cfg.output_dir) if cfg.output_dir and self.is_main_process else None
-        run_on_main(self.accelerator, lambda: lock.acquire() and None if lock is not None else None)
+        lock = lock_on_main(self.accelerator, cfg.output_dir)
         with lock if lock is not None else contextlib.nullcontext():
             checkpoint = checkpointing.resolve_checkpoint(cfg.output_dir, resume_from_checkpoint)
             if checkpoint is not None:

@@ -48,9 +48,8 @@ from ..models.reward_ensemble import OptimisticReward, RewardEnsemble
 from ..models.value_function import ValueFunction
 from ..processes import ControlledProcess, process_from_pipeline
 from ..serialization.saved import save_control
-from ..utils.run_lock import RunLock
 from .base import BaseTrainer
-from .distributed import broadcast_tensors, run_on_main, tensors_from_main
+from .distributed import broadcast_tensors, lock_on_main, run_on_main, tensors_from_main
 from .seiko_collect import FeedbackCollection
 from .seiko_config import SeikoConfig
 from .seiko_state import (
@@ -329,8 +328,7 @@ class SeikoTrainer(FeedbackCollection, BaseTrainer):
         """Runs (or resumes) the rounds; returns the last round's metrics. ``callback(trainer, round_index) ->
         dict`` (optional) runs after each round's update, e.g. an evaluation; its metrics are logged with the round's.
         """
-        lock = RunLock(self.output_dir) if self.is_main_process else None
-        run_on_main(self.accelerator, lambda: lock.acquire() and None)  # a second run: an error on every process
+        lock = lock_on_main(self.accelerator, self.output_dir)  # a second run: an error on every process
         try:
             return self._train(callback)
         finally:
