@@ -6,7 +6,7 @@ Every method gets the same pretrained model, LoRA targets and rank, sampler and 
 * ``--task mixture`` (default): the exact mixture of ``benchmarks/tilted_cases.py`` (2-D, three modes, linear
   reward, alpha 2; its tilted law ``p_pre exp(r / alpha) / Z`` is known), LoRA rank 8, 50 steps, batch 128, lr 1e-3;
   ``--sampler ddim``: DDIM at eta = 1 (DDPO's and GRPO's DDPM-style noise); ``--sampler flow``: the mixture as a
-  rectified flow, flow SDE at Flow-GRPO's noise level ``a = 0.7`` (``eta = a / sqrt(2)``). Scores: reward, path
+  rectified flow, exact flow transitions at the eta of Flow-GRPO's noise level ``a = 0.7`` (``eta = a / sqrt(2)``). Scores: reward, path
   KL, mode-weight TV to the tilted target.
 * ``--task digits``: the pretrained digits UNet, 15 DDPM steps at eta 1; every method trains on the *proxy*
   classifier's ``log p(3 | x)``, the *genuine* classifier (other half of the data) judges; ELEGANT with the shipped

@@ -1,5 +1,5 @@
 """The reward fine-tuners users pick instead of ELEGANT, as benchmark code (not library features), on the same
-LoRA-controlled denoiser and the same stochastic sampler (``ControlledSampler`` on a DDIM or flow-SDE schedule):
+LoRA-controlled denoiser and the same stochastic sampler (``ControlledSampler`` on a DDIM or flow-matching schedule):
 
 * **GRPO-style** (Flow-GRPO, Liu et al. 2025, arXiv 2505.05470; DanceGRPO, Xue et al. 2025, arXiv 2505.07818):
   groups of ``group_size`` samples from one shared start ``x_T ~ N(0, I)`` (DanceGRPO's shared initial noise; the

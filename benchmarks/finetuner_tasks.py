@@ -33,7 +33,7 @@ def _finite_or_none(value):
 
 
 class MixtureComparison:
-    """The exact mixture (``sampler="ddim"``: DDIM at eta 1; ``"flow"``: flow SDE at Flow-GRPO's ``a = 0.7``)."""
+    """The exact mixture (``sampler="ddim"``: DDIM at eta 1; ``"flow"``: exact flow transitions at the eta of Flow-GRPO's ``a = 0.7``)."""
 
     primary = "reward"  # the reward the comparison's goal is stated in
     metrics = ("reward", "kl", "tv")

@@ -17,7 +17,7 @@ backward) during one separate, untimed iteration, divided by the timed seconds.
     python benchmarks/sd_step.py --model flux --batch_sizes 1 --steps 28 # GPU: FLUX.1-dev shapes, 1024x1024
     python benchmarks/sd_step.py --tiny --model sd3                      # CPU smoke test (tiny pipeline)
 
-For the flow models (``sd3``, ``flux``) the sampler is the flow SDE at ``--eta`` (default 1.0); FLUX has no
+For the flow models (``sd3``, ``flux``) the sampler is the exact flow transitions at ``--eta`` (default 1.0); FLUX has no
 classifier-free guidance (one transformer call per sample and step; ``--guidance_scale`` is its guidance
 embedding).
 """

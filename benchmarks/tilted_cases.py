@@ -5,7 +5,7 @@ pretrained models distilled to them, the discretisation floor and the exact soft
   DDIM, 50 steps, eta 1.0 and 0.2.
 - ``bounded_3d``: 4 modes in 3-D, weights (0.4, 0.3, 0.2, 0.1), anisotropic covariances; a bounded nonlinear
   reward (a bump of height 2 and width 1.5 next to the rarest mode); alpha 1; DDIM, 50 steps, eta 1.0 and 0.3.
-- ``flow_linear_2d``: ``linear_2d`` as a rectified flow, the flow SDE, 50 steps, eta 1.0 and 0.5.
+- ``flow_linear_2d``: ``linear_2d`` as a rectified flow, exact flow transitions, 50 steps, eta 1.0 and 0.5.
 
 The tilted target is a mixture in closed form for the linear reward (``GaussianMixture.tilted_linear``) and is
 sampled exactly by rejection for the bounded one (``RejectionTilt``: its cell weights are measured on a million

@@ -2,8 +2,8 @@
 
 Cases (``benchmarks/tilted_cases.py``): ``linear_2d`` (a 2-D three-mode Gaussian mixture, linear reward, alpha 2,
 DDIM at eta 1.0 / 0.2), ``bounded_3d`` (a 3-D four-mode anisotropic mixture, a bounded nonlinear bump reward,
-alpha 1, DDIM at eta 1.0 / 0.3) and ``flow_linear_2d`` (``linear_2d`` as a rectified flow, flow SDE at eta
-1.0 / 0.5). The pretrained model is a small MLP distilled to the exact noise prediction (velocity); every tilted
+alpha 1, DDIM at eta 1.0 / 0.3) and ``flow_linear_2d`` (``linear_2d`` as a rectified flow, exact flow
+transitions at eta 1.0 / 0.5). The pretrained model is a small MLP distilled to the exact noise prediction (velocity); every tilted
 target is known exactly (closed form, or exact rejection sampling for the bounded reward). For each eta it
 reports the total-variation distance between the samples' mode weights and the target's, and each mode's mean
 error, for the pretrained model, ELEGANT with each drift objective of ``--drift_objectives``
@@ -31,8 +31,8 @@ ones: the difference to the default run is the error of the value fits.
 
 ``flow_linear_2d`` (``--flow``): the same mixture as a rectified flow ``x_s = (1 - s) x_0 + s eps``; the
 pretrained model is the MLP distilled to the exact velocity (``exact_velocity``, docs/algorithms.md §11), sampled
-by the flow SDE of a ``FlowMatchEulerDiscreteScheduler`` (``--shift``, default 1) at ``eta = 1`` (memoryless)
-and 0.5 (the GRPO-style level ``a = eta sqrt(2) ≈ 0.7``). The floor regresses the LoRA onto
+by the exact flow transitions of a ``FlowMatchEulerDiscreteScheduler`` (``--shift``, default 1) at ``eta = 1`` (memoryless)
+and 0.5 (near the GRPO-style level ``a = eta sqrt(2) ≈ 0.7``). The floor regresses the LoRA onto
 the tilted target's exact velocity.
 
 ``--conditional``: three "prompts" (classes) over the same three modes, each with its own mode weights

@@ -1,25 +1,50 @@
-"""Flow-matching samplers as controlled SDEs: exact per-step Gaussian transitions (``docs/algorithms.md`` §11).
+"""Flow-matching samplers as controlled chains: exact Gaussian transitions (``docs/algorithms.md`` §11).
 
 diffusers' ``FlowMatchEulerDiscreteScheduler`` (SD3 / SD3.5, FLUX) uses noise levels ``s`` from 1 (noise) to 0
 (data), ``x_s = (1 - s) x_0 + s eps``, and a network that predicts the velocity ``v ≈ eps - x_0``, called with
 ``timestep = s * num_train_timesteps``. Its deterministic Euler step ``x' = x + (s' - s) v`` has no KL. The
-stochastic sampler with the same marginals (step ``ds = s' - s < 0``, noise level ``sigma_s``) is
+stochastic step used here is the flow twin of DDIM's ``eta``: from the network's clean-sample and noise
+estimates
 
-    (1)  mu(x) = x + ds * [ v + sigma_s^2 / (2 s) * (x + (1 - s) v) ]      (score: -(x + (1 - s) v) / s)
-    (2)  x'    = mu(x) + sigma_s * sqrt(|ds|) * xi,   xi ~ N(0, I)
-    (3)  KL_k  = ||mu_ft - mu_pre||^2 / (2 sigma_s^2 |ds|)                  (summed over every dimension)
+    (1)  x0_hat = x - s v,      eps_hat = x + (1 - s) v
 
-with ``sigma_s = eta * sqrt(2 s / (1 - s))``: ``eta = 1`` is the memoryless schedule (the start ``x_1`` and
-the sample are independent under the pretrained SDE), ``eta ≈ 0.5`` the level of GRPO-style trainers
-(``a = eta sqrt(2) ≈ 0.7``). Below ``eta = 1`` fixed ``N(0, I)`` start noise biases the KL-regularised optimum;
-the learned initial noise removes that bias.
+a step from level ``s`` to ``s' < s`` draws (``r = (1 - s) / (1 - s')``, so ``r = 0`` at ``s = 1``)
 
-**The first step, at s = 1.** ``sigma_s`` is infinite there. The step from ``s_0 = 1`` evaluates the noise
-level at its *end*, ``sigma_{s_1}``: (1) stays finite (at ``s = 1`` the score is ``-x``, exactly that of
-``N(0, I)``), and the step injects the noise the SDE would have at ``s_1``. Every other step uses the level at
-its start. All steps are stochastic (``sigma > 0`` for ``eta > 0``), the last one included, so every step can
-be controlled at a finite, exact KL. ``tests/core/test_flow_matching.py`` checks (1)-(3) against closed forms
-and the chain against the exact mixture marginals.
+    (2)  sigma_k^2 = eta^2 s'^2 (1 - (r s' / s)^2),          c_k = sqrt(s'^2 - sigma_k^2)
+    (3)  mu(x)     = (1 - s') x0_hat + c_k eps_hat = [(1 - s') + c_k] x + [c_k (1 - s) - s (1 - s')] v
+    (4)  x'        = mu(x) + sigma_k xi,   xi ~ N(0, I)
+    (5)  KL_k      = ||mu_ft - mu_pre||^2 / (2 sigma_k^2)
+                   = (c_k (1 - s) - s (1 - s'))^2 ||v_ft - v_pre||^2 / (2 sigma_k^2)     (summed over dimensions)
+
+At ``eta = 1`` (2) is the variance of the exact posterior ``q(x_s' | x_s, x_0)`` of the linear path and (3) its
+mean at ``x_0 = x0_hat``: with the true ``x_0`` every marginal ``x_s`` is exact at *any* step count (DDIM's
+argument), and with the model's posterior mean the chain loses a little variance at coarse steps, never adds
+it (``tests/core/test_flow_matching.py`` checks Gaussian data of std 0.1 and 0.5 at 10-1000 steps against
+diffusers' Euler ODE). Every step is finite -- no special first step: at ``s = 1``, ``r = 0``,
+``sigma^2 = eta^2 s_1^2`` and ``c = sqrt(1 - eta^2) s_1``.
+
+**Deterministic steps.** The last step (``s' = 0``) has ``sigma = 0``: it returns ``x0_hat``. diffusers' own grids
+also end with a *jump* to a tiny level: ``FlowMatchEulerDiscreteScheduler(shift=1)`` goes 0.054 -> 0.001 -> 0 at 20
+steps, SD3's ``shift=3`` 0.111 -> 0.0089 -> 0 at 28 steps. The jump's noise is ``sigma <= eta s'``, so its KL
+factor (5) is huge (5558 per unit velocity at eta 0.5 on the first grid, against 3 for the step before): any
+control that leaks into it from the neighbouring steps through the shared LoRA weights costs more than
+everything else, and the trainer learns next to nothing (measured: tilted-target TV 0.22 instead of 0.07 on
+the flow mixture). The KL-optimal control there is ``sigma^2 grad V / alpha``, negligible. So a step to a level
+below ``JUMP_RATIO = 1/10`` of its start (``s' < s / 10``; the regular steps of any grid have ``s' >= s / 2``) is
+run like DDIM's last step: deterministic, ``mu`` of (3) at ``sigma = 0`` with the pretrained network, no control
+and no KL. On FLUX's grid (``linspace(1, 1/K, K)``, shifted) only the step to 0 is deterministic.
+
+**Memory of the start.** ``eta = 1``: ``c = 0`` at ``s = 1``, so the first transition's mean is
+``(1 - s_1) x0_hat(x_1)``, which with the exact velocity is ``(1 - s_1) E[x_0]`` whatever ``x_1``: the chain is
+exactly memoryless, and fixed ``N(0, I)`` start noise is the optimal start law. ``eta < 1`` keeps
+``sqrt(1 - eta^2) s_1`` of ``x_1`` in the first step (and more through later steps), exactly as DDIM does: the
+fixed-start optimum is then biased (``docs/algorithms.md`` §3) and the learned initial noise removes the bias.
+(In continuous time the flow SDE forgets ``x_1`` for every noise level ``> 0``; the memory is a property of the
+discrete chain that people run, 10-50 steps.)
+
+The Euler-Maruyama discretisation of the flow SDE that this module used before is not kept: at SD3 / FLUX
+step counts it does not preserve the marginals (Gaussian data of std 0.1, shift 3: 63x the data variance at
+10 steps, 2.6x at 28) and its first step needs an ad-hoc noise level.
 
 :class:`FlowMatchSchedule` has the interface of :class:`~hf_control_ft.core.scheduling.DiffusionSchedule`
 (both are :class:`~hf_control_ft.core.scheduling.GaussianTransitions`), so the sampler, the KL, adjoint
@@ -32,9 +57,12 @@ import math
 
 import torch
 
-from .scheduling import DiffusionSchedule, GaussianTransitions
+from .scheduling import VARIANCE_FLOOR, DiffusionSchedule, GaussianTransitions
 
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+
+#: a step to a level below this fraction of its start level (``s' < s / 10``) is deterministic (module docstring)
+JUMP_RATIO = 0.1
 
 
 def is_flow_scheduler(scheduler) -> bool:
@@ -42,13 +70,14 @@ def is_flow_scheduler(scheduler) -> bool:
 
 
 class FlowMatchSchedule(GaussianTransitions):
-    """Closed-form stochastic transitions (1)-(3) of a ``FlowMatchEulerDiscreteScheduler`` for one sampling run.
+    """Closed-form Gaussian transitions (1)-(5) of a ``FlowMatchEulerDiscreteScheduler`` for one sampling run.
 
     Args:
         scheduler: a ``FlowMatchEulerDiscreteScheduler`` (``shift`` and dynamic shifting supported; a private copy
             is used, the caller's scheduler is not changed).
         num_inference_steps: ``K``.
-        eta: fraction of the memoryless noise level, in ``(0, 1]``.
+        eta: in ``(0, 1]``; ``1`` is the exact posterior of the linear path (memoryless), smaller values keep
+            ``sqrt(1 - eta^2)`` of the noise estimate in each step, as DDIM's ``eta`` does.
         mu: the resolution-dependent shift of ``use_dynamic_shifting=True`` schedulers (FLUX computes it from the
             image sequence length); required exactly when the scheduler shifts dynamically.
         sigmas: the unshifted noise levels the pipeline passes to ``set_timesteps`` (FLUX:
@@ -57,8 +86,8 @@ class FlowMatchSchedule(GaussianTransitions):
     Attributes:
         levels: ``(K,)`` float64 noise levels ``s_k`` (from 1 down), ``next_levels`` ``(K,)`` (down to 0).
         timesteps: ``(K,)`` float32 network timesteps ``s_k * num_train_timesteps``.
-        noise_level: ``(K,)`` float64 ``sigma`` of each step (the first evaluated at ``s_1``, module docstring).
-        std: ``(K,)`` float64 transition standard deviations ``sigma sqrt(|ds|)``.
+        std: ``(K,)`` float64 transition standard deviations ``sigma_k`` (2); ``0`` marks a deterministic step:
+            the last one (``s' = 0``) and a jump to a level below ``JUMP_RATIO`` of the start (module docstring).
     """
 
     is_ddpm = False
@@ -71,14 +100,13 @@ class FlowMatchSchedule(GaussianTransitions):
         if not (isinstance(num_inference_steps, int) and num_inference_steps >= 1):
             raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
         if not (isinstance(eta, (int, float)) and 0.0 < float(eta) <= 1.0):
-            raise ValueError(f"eta must be in (0, 1] (a fraction of the memoryless noise level "
-                             f"sigma_s = sqrt(2 s / (1 - s))), got {eta!r}; eta = 0 is the deterministic Euler "
-                             "sampler, whose KL is infinite for any control")
+            raise ValueError(f"eta must be in (0, 1] (1: the exact posterior of the flow path, as DDIM's eta), got "
+                             f"{eta!r}; eta = 0 is a deterministic sampler, whose KL is infinite for any control")
         cfg = scheduler.config
         for key in ("invert_sigmas", "stochastic_sampling"):
             if cfg.get(key):
                 raise ValueError(f"FlowMatchEulerDiscreteScheduler with {key}=True is not supported: the "
-                                 "transitions would not be those of the flow SDE")
+                                 "transitions would not be those of the flow path")
         if cfg.get("use_dynamic_shifting") and mu is None:
             raise ValueError("this FlowMatchEulerDiscreteScheduler shifts its noise levels with the image size "
                              "(use_dynamic_shifting=True): pass mu (the pipeline's shift for its sequence length), "
@@ -100,13 +128,15 @@ class FlowMatchSchedule(GaussianTransitions):
             raise ValueError(f"the scheduler's noise levels must decrease from <= 1 to >= 0, got {sigmas.tolist()}")
         self.levels, self.next_levels = sigmas[:-1].clamp(max=1.0), sigmas[1:]
         self.timesteps = (self.levels * cfg.num_train_timesteps).float()
-        ds = self.next_levels - self.levels  # < 0
-        at = torch.where(self.levels >= 1.0, self.next_levels, self.levels)  # (first step) level of sigma
-        self.noise_level = self.eta * torch.sqrt(2 * at / (1 - at))
-        self.std = self.noise_level * ds.abs().sqrt()
-        c = self.noise_level**2 / (2 * self.levels)  # sigma^2 / (2 s)
-        self._c_x = 1 + ds * c  # (1) mu = c_x x + c_v v
-        self._c_v = ds * (1 + c * (1 - self.levels))
+        s, s_next = self.levels, self.next_levels
+        r = (1 - s) / (1 - s_next)  # 0 at s = 1: no special first step
+        var = (self.eta * s_next) ** 2 * (1 - (r * s_next / s) ** 2)  # (2)
+        jump = (s_next < JUMP_RATIO * s) | (var <= VARIANCE_FLOOR)  # s' = 0 and jumps to a tiny level
+        var = torch.where(jump, torch.zeros_like(var), var)  # deterministic (module docstring)
+        self.std = var.sqrt()
+        c = (s_next**2 - var).clamp(min=0).sqrt()
+        self._c_x = (1 - s_next) + c  # (3) mu = c_x x + c_v v
+        self._c_v = c * (1 - s) - s * (1 - s_next)
 
     def predict_x0_eps(self, model_output: torch.Tensor, sample: torch.Tensor, k: int):
         """``(x0_hat, eps_hat) = (x - s v, x + (1 - s) v)`` at step ``k``."""
@@ -114,11 +144,14 @@ class FlowMatchSchedule(GaussianTransitions):
         return sample - s * model_output, sample + (1 - s) * model_output
 
     def mean(self, model_output: torch.Tensor, sample: torch.Tensor, k: int) -> torch.Tensor:
-        """Transition mean (1); differentiable in both arguments. ``model_output`` is the velocity."""
+        """Transition mean (3); differentiable in both arguments. ``model_output`` is the velocity."""
         return float(self._c_x[k]) * sample + float(self._c_v[k]) * model_output
 
     def kl_factor(self, k: int) -> float:
-        """``KL_k / ||v_ft - v_pre||^2`` (3): ``|ds| (1 + sigma^2 (1 - s) / (2 s))^2 / (2 sigma^2)``."""
+        """``KL_k / ||v_ft - v_pre||^2`` (5): ``(c_k (1 - s) - s (1 - s'))^2 / (2 sigma_k^2)``; stochastic steps
+        only (the deterministic last step has no KL)."""
+        if not self.is_stochastic(k):
+            raise ValueError(f"step {k} is deterministic (s' = 0, or s' < s / 10): it carries no control and no KL")
         return float(self._c_v[k] ** 2 / (2 * self.std[k] ** 2))
 
 
@@ -134,8 +167,11 @@ def build_schedule(scheduler, num_inference_steps: int, eta: float, mu: float | 
 
 
 def memoryless_eta(a: float) -> float:
-    """``eta`` of the family ``sigma_s = a sqrt(s / (1 - s))`` (GRPO-style trainers use ``a ≈ 0.7``)."""
+    """``eta`` whose transitions match, as steps shrink, the flow SDE of noise level ``sigma_s = a sqrt(s / (1 - s))``
+    that GRPO-style trainers sample with (``a ≈ 0.7``): for small ``|ds|`` the variance (2) is
+    ``eta^2 * 2 s / (1 - s) * |ds|``, that SDE's ``sigma_s^2 |ds|`` at ``eta = a / sqrt(2)``."""
     return float(a) / math.sqrt(2.0)
 
 
-__all__ = ["FlowMatchSchedule", "build_schedule", "is_flow_scheduler", "memoryless_eta", "FLOW_SCHEDULERS"]
+__all__ = ["FlowMatchSchedule", "build_schedule", "is_flow_scheduler", "memoryless_eta", "FLOW_SCHEDULERS",
+           "JUMP_RATIO"]

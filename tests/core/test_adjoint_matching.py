@@ -1,24 +1,34 @@
+import functools
+
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import nn
 
 from hf_control_ft import ElegantConfig, ElegantTrainer
 from hf_control_ft.core.adjoint_matching import adjoint_matching_backward, lean_adjoints
 from hf_control_ft.core.control import add_lora_control, lora_parameters
 from hf_control_ft.core.sampler import ControlledSampler
+from hf_control_ft.core.flow_matching import FlowMatchSchedule
 from hf_control_ft.core.scheduling import DiffusionSchedule
 from hf_control_ft.models.step_values import StepValueFunction, select_states
 from hf_control_ft.testing import ddim, make_mlp_denoiser
 
+# a DDIM chain and a flow-matching chain (SD3's shift 3: its grid ends with a deterministic jump, then the step to 0)
+SCHEDULES = {
+    "ddim": lambda steps, eta: DiffusionSchedule(ddim(set_alpha_to_one=True), steps, eta),
+    "flow": lambda steps, eta: FlowMatchSchedule(FlowMatchEulerDiscreteScheduler(shift=3.0), steps, eta),
+}
+
 
 def _float64(fn):
+    @functools.wraps(fn)  # keeps the signature, so pytest sees parametrized arguments
     def wrapped(*args, **kwargs):
         torch.set_default_dtype(torch.float64)
         try:
             return fn(*args, **kwargs)
         finally:
             torch.set_default_dtype(torch.float32)
-    wrapped.__name__ = fn.__name__
     return wrapped
 
 
@@ -42,11 +52,12 @@ def _autograd_adjoints(sampler, x_T, gen_seed):
     return [s.grad for s in states]
 
 
+@pytest.mark.parametrize("kind", sorted(SCHEDULES))
 @_float64
-def test_lean_adjoint_equals_autograd_through_the_pretrained_chain():
+def test_lean_adjoint_equals_autograd_through_the_pretrained_chain(kind):
     for perturb in (0.0, 0.3):  # zero control: the plain chain; non-zero: pretrained Jacobians only
         model = make_mlp_denoiser(perturb=perturb).double()
-        s = ControlledSampler(model, DiffusionSchedule(ddim(set_alpha_to_one=True), 6, 0.5))
+        s = ControlledSampler(model, SCHEDULES[kind](6, 0.5))
         assert not s.schedule.is_stochastic(5)  # the deterministic last step is covered too
         x_T = torch.randn(5, 2)
         ref = _autograd_adjoints(s, x_T, 7)
@@ -98,10 +109,12 @@ def _set_control(model, sampler, targets):
         lora_a[0].weight.copy_(vh)
 
 
+@pytest.mark.parametrize("kind", ["ddim", "flow"])
 @_float64
-def test_regression_gradient_vanishes_at_the_exact_optimum_of_a_gaussian_chain():
+def test_regression_gradient_vanishes_at_the_exact_optimum_of_a_gaussian_chain(kind):
     alpha, c = 0.7, torch.tensor([1.0, -0.5])
-    sched = DiffusionSchedule(ddim(set_alpha_to_one=False), 4, 0.8)
+    sched = (DiffusionSchedule(ddim(set_alpha_to_one=False), 4, 0.8) if kind == "ddim"
+             else FlowMatchSchedule(FlowMatchEulerDiscreteScheduler(shift=3.0), 6, 0.8))
     torch.manual_seed(0)
     model = _AffineDenoiser(sched.timesteps)
     with torch.no_grad():
@@ -117,8 +130,9 @@ def test_regression_gradient_vanishes_at_the_exact_optimum_of_a_gaussian_chain()
     a[K] = c
     for k in reversed(range(K)):
         a[k] = J[k].T @ a[k + 1]
-    optimum = [float(sched.std[k]) ** 2 * a[k + 1] / alpha for k in range(K)]  # 0 on the deterministic last step
-    assert not sched.is_stochastic(K - 1) and all(sched.is_stochastic(k) for k in range(K - 1))
+    optimum = [float(sched.std[k]) ** 2 * a[k + 1] / alpha for k in range(K)]  # 0 on deterministic steps
+    stochastic = [k for k in range(K) if sched.is_stochastic(k)]
+    assert stochastic == list(range(K - 1 if kind == "ddim" else K - 2))  # flow: the jump and the step to 0
     _set_control(model, s, optimum)
 
     x_T = torch.randn(16, 2)
@@ -131,7 +145,7 @@ def test_regression_gradient_vanishes_at_the_exact_optimum_of_a_gaussian_chain()
     assert float(loss.abs().max()) < 1e-20
     assert max(float(p.grad.abs().max()) for p in params) < 1e-12
     # the exact per-step KL is that of the optimal control
-    kl_ref = sum(float((optimum[k] ** 2).sum()) / (2 * float(sched.std[k]) ** 2) for k in range(K - 1))
+    kl_ref = sum(float((optimum[k] ** 2).sum()) / (2 * float(sched.std[k]) ** 2) for k in stochastic)
     torch.testing.assert_close(traj.kl, torch.full((16,), kl_ref))
     # and the fine-tuned chain samples the tilted law: its mean shifts by Cov(x_K | x_T) c / alpha
     cov = torch.zeros(2, 2)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from hf_control_ft.core.control import lora_parameters, pretrained_mode, set_control_enabled
@@ -49,12 +50,21 @@ def _loss_grads(sampler, x_T, gen_seed, reward_weight):
     return x0.detach(), kl.detach(), grads
 
 
-def test_backward_sweep_equals_autograd_through_the_sampler():
+@pytest.mark.parametrize("flow", [False, True])
+def test_backward_sweep_equals_autograd_through_the_sampler(flow):
+    """DDPM, and the flow-matching chain of SD3's grid (shift 3, eta 0.5: a jump and the step to 0 are
+    deterministic)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from hf_control_ft.core.flow_matching import FlowMatchSchedule
+
     torch.set_default_dtype(torch.float64)
     try:
         model = make_mlp_denoiser(perturb=0.2).double()
         for checkpointing in (True, False):
-            s = _sampler(model, steps=5, scheduler=ddpm(), eta=1.0, gradient_checkpointing=checkpointing)
+            s = (ControlledSampler(model, FlowMatchSchedule(FlowMatchEulerDiscreteScheduler(shift=3.0), 5, 0.5),
+                                   gradient_checkpointing=checkpointing) if flow else
+                 _sampler(model, steps=5, scheduler=ddpm(), eta=1.0, gradient_checkpointing=checkpointing))
             w = torch.tensor([1.0, -2.0])
             x_T = torch.randn(4, 2)
             x0, kl, ref = _loss_grads(s, x_T, 3, w)

@@ -69,7 +69,7 @@ def test_stock_load_lora_weights_reproduces_the_trained_transformer(trained):
     card = open(os.path.join(trained["dir"], "README.md")).read()
     for text in ("base_model: tiny/sd3-random", "stable-diffusion-3", "flow-matching",
                  "| model family | stable-diffusion-3 |",
-                 "fraction of the memoryless flow-SDE noise level) | 0.5 |", "| classifier-free guidance scale | 3.0 |",
+                 "stochasticity of the exact flow transitions, as DDIM's eta (1: memoryless)) | 0.5 |", "| classifier-free guidance scale | 3.0 |",
                  "pipe.load_lora_weights", "ControlledTextToImage.from_control"):
         assert text in card, text
     # the library's reload: same adapter, same initial noise, same samples
