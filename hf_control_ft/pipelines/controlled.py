@@ -178,7 +178,8 @@ class ControlledStableDiffusionPipeline(StableDiffusionPipeline, _ControlMixin):
         the training's guidance scale / negative prompt / size / eta / steps."""
         directory = resolve_directory(control, **hub_kwargs)
         self._load_common(directory)
-        self.control_options = StableDiffusionOptions.load(os.path.join(directory, OPTIONS_NAME))
+        self.control_options = StableDiffusionOptions.load(os.path.join(directory, OPTIONS_NAME)).for_family(
+            "stable-diffusion", {"guidance_scale": 7.5})  # unset fields: StableDiffusionPipeline's defaults
         as_stochastic_scheduler(self.scheduler)  # refuses schedulers the stochastic sampler cannot run
         # the exact file: diffusers would otherwise pick any *.safetensors in the directory
         self.load_lora_weights(directory, weight_name=LORA_WEIGHTS_NAME, adapter_name=CONTROL_ADAPTER)

@@ -14,7 +14,7 @@ cards it keeps):
   embedding, and there is no classifier-free guidance (one network call per step; the negative prompt is not
   used);
 * **schedule**: the pipeline's noise levels ``linspace(1, 1/K, K)``, shifted with the image sequence length
-  (``mu = calculate_shift(h/2 * w/2, ...)`` when the scheduler uses dynamic shifting), as the exact flow SDE;
+  (``mu = calculate_shift(h/2 * w/2, ...)`` when the scheduler uses dynamic shifting), as the exact flow transitions;
 * **conditioning**: ``encode_prompt`` (CLIP pooled projection + T5 sequence of ``max_sequence_length``
   tokens); condition features = the pooled CLIP projection;
 * **LoRA**: attention projections of the double-stream blocks (``to_q``, ``to_k``, ``to_v``, ``to_out.0``,
@@ -91,9 +91,12 @@ class GuidedFluxTransformer(GuidedUNet):
 
 class FluxProcess(StableDiffusion3Process):
     """A ``FluxPipeline`` as the controlled process (module docstring); ``options.max_sequence_length`` is the T5
-    context length (512 in the pipeline; the options' default 256 is FLUX.1-schnell's)."""
+    context length (default 512, the pipeline's and FLUX.1-dev's; FLUX.1-schnell takes 256), ``guidance_scale`` the
+    guidance embedding (default 3.5, the pipeline's). A negative prompt is refused: FLUX.1 ignores it."""
 
     family = "flux"
+    option_defaults = {"guidance_scale": 3.5, "max_sequence_length": 512}  # FluxPipeline's (FLUX.1-dev)
+    uses_negative_prompt = False  # guidance-distilled: no classifier-free guidance
 
     def frozen_modules(self) -> list:
         p = self.pipeline

@@ -25,11 +25,7 @@ dtype too (faster, UNet weights cast to the half dtype) and logs a warning: its 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
-import logging
 import os
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -39,12 +35,8 @@ from ..core.control import tuner_layers
 from ..core.scheduling import as_stochastic_scheduler
 from ..rewards.checks import reward_name
 from ..rewards.image_rewards import call_reward
-from ..utils.validation import field_checker
+from .options import DTYPES, KL_PRECISIONS, StableDiffusionOptions  # noqa: F401 (re-exported)
 
-logger = logging.getLogger(__name__)
-
-DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-KL_PRECISIONS = ("fp32", "autocast")
 
 
 # ------------------------------------------------------------------------------------------------ prompts
@@ -301,70 +293,6 @@ class LatentReward:
 
 
 # ------------------------------------------------------------------------------------------------ options
-@dataclass
-class StableDiffusionOptions:
-    """Settings of text-conditioned training and inference (saved as ``stable_diffusion.json``).
-
-    Attributes:
-        guidance_scale: classifier-free guidance weight (``<= 1``: no guidance).
-        negative_prompt: the unconditional prompt of classifier-free guidance.
-        height / width: image size in pixels (multiples of the VAE scale factor, usually 8).
-        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"``: dtype of the frozen VAE / text encoder and of
-            autocast. LoRA parameters stay fp32.
-        kl_precision: ``"fp32"`` (default): UNet weights stay fp32 and every UNet call feeding a KL runs
-            without autocast, so the KL matches fp32 training; ``"autocast"``: those calls run in the half dtype
-            too (UNet weights cast to it), faster but with a KL rounding floor (module docstring).
-        base_model: Hub id or path of the base pipeline (for the model card and for loading).
-        prompt_column: column of a ``datasets`` prompt source.
-        guidance_rescale: must be 0 (accepted so that diffusers' argument gets a clear error, not a TypeError).
-        max_sequence_length: T5 context length of SD3 (ignored by SD 1.x / 2.x).
-    """
-
-    guidance_scale: float = 7.5
-    negative_prompt: str = ""
-    height: int | None = None
-    width: int | None = None
-    mixed_precision: str = "no"
-    kl_precision: str = "fp32"
-    base_model: str | None = None
-    prompt_column: str = "prompt"
-    guidance_rescale: float = 0.0
-    max_sequence_length: int = 256
-
-    def __post_init__(self):
-        check = field_checker("StableDiffusionOptions")
-        check(isinstance(self.guidance_scale, (int, float)) and self.guidance_scale >= 0, "guidance_scale",
-              f"must be a number >= 0, got {self.guidance_scale!r}")
-        check(isinstance(self.negative_prompt, str), "negative_prompt", "must be a string")
-        check(self.guidance_rescale == 0, "guidance_rescale",
-              f"is not supported (got {self.guidance_rescale!r}): rescaling the guided prediction by its standard "
-              "deviation makes the transition mean a non-linear function of both branches, which the exact KL "
-              "accounting does not cover; use 0")
-        check(self.mixed_precision in DTYPES, "mixed_precision",
-              f"must be one of {sorted(DTYPES)}, got {self.mixed_precision!r}")
-        check(self.kl_precision in KL_PRECISIONS, "kl_precision",
-              f"must be one of {KL_PRECISIONS}, got {self.kl_precision!r}")
-        for name in ("height", "width"):
-            v = getattr(self, name)
-            check(v is None or (isinstance(v, int) and v >= 8 and v % 8 == 0), name,
-                  f"must be None or a positive multiple of 8, got {v!r}")
-
-    @property
-    def dtype(self) -> torch.dtype | None:
-        return DTYPES[self.mixed_precision]
-
-    def save(self, path: str) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(dataclasses.asdict(self), f, indent=2, sort_keys=True)
-
-    @classmethod
-    def load(cls, path: str) -> "StableDiffusionOptions":
-        with open(path, encoding="utf-8") as f:
-            values = json.load(f)
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
-
-
 def latent_shape(pipeline, height: int | None, width: int | None) -> tuple[int, int, int]:
     """``(C, h, w)`` of the latents for ``height x width`` images (defaults: the UNet's sample size)."""
     scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)

@@ -67,7 +67,8 @@ class StableDiffusionProcess(ControlledProcess):
         # the sampler's own copy of the scheduler; the pipeline's scheduler is left as the user set it
         self.pipeline = pipeline
         self.stochastic_scheduler = self.check_pipeline(pipeline)
-        options = options or StableDiffusionOptions()
+        options = (options or StableDiffusionOptions()).for_family(self.family, self.option_defaults,
+                                                                     self.uses_negative_prompt)
         self.options = options
         self.prompts = load_prompts(prompts, options.prompt_column)
         unet, vae = self.denoiser_module(), pipeline.vae
@@ -103,6 +104,10 @@ class StableDiffusionProcess(ControlledProcess):
     # ------------------------------------------------------------------ what a family changes
     #: LoRA targets when ``lora_target_modules`` is None (None: the attention projections found in the network)
     default_targets = None
+    #: the family pipeline's own defaults for options left ``None`` (``StableDiffusionOptions.for_family``)
+    option_defaults = {"guidance_scale": 7.5}
+    #: whether the family uses a negative prompt (classifier-free guidance); False: one is refused
+    uses_negative_prompt = True
 
     def check_pipeline(self, pipeline):
         """Refuses a pipeline of another family; returns the sampler's copy of its scheduler."""

@@ -8,8 +8,8 @@ sources, mixed precision and the fp32 KL passes, decoding for the reward and the
 * network: :class:`GuidedTransformer`, the ``SD3Transformer2DModel`` called as the pipeline calls it
   (``hidden_states``, ``timestep = s * 1000``, ``encoder_hidden_states``, ``pooled_projections``) and guided
   ``v_u + w (v_c - v_u)``; the per-step KL compares the *guided* fine-tuned and pretrained velocities;
-* schedule: the pipeline's ``FlowMatchEulerDiscreteScheduler`` as the exact flow SDE
-  (:class:`~hf_control_ft.core.flow_matching.FlowMatchSchedule`, ``eta`` a fraction of the memoryless level);
+* schedule: the pipeline's ``FlowMatchEulerDiscreteScheduler`` as exact Gaussian
+  transitions (:class:`~hf_control_ft.core.flow_matching.FlowMatchSchedule`, ``eta`` as DDIM's; 1: memoryless);
 * conditioning: the pipeline's own ``encode_prompt`` (two CLIP encoders, and T5 when ``text_encoder_3`` is
   loaded; ``text_encoder_3=None`` is supported, as in diffusers, with zero T5 embeddings of
   ``max_sequence_length`` tokens); condition features = the pooled projections;
@@ -53,6 +53,7 @@ class StableDiffusion3Process(StableDiffusionProcess):
     is the T5 context length (256, as the pipeline's default)."""
 
     family = "stable-diffusion-3"
+    option_defaults = {"guidance_scale": 7.0, "max_sequence_length": 256}  # StableDiffusion3Pipeline's
 
     @property
     def default_targets(self) -> list[str]:
@@ -73,8 +74,9 @@ class StableDiffusion3Process(StableDiffusionProcess):
                 raise ValueError(f"{name} has no {attr!r} component; the {self.family} process needs "
                                  f"{list(self.required_components)}")
         if not is_flow_scheduler(pipeline.scheduler):
-            raise ValueError(f"{name} with {type(pipeline.scheduler).__name__}: {self.family} samples with the flow "
-                             "SDE of a FlowMatchEulerDiscreteScheduler; multistep or other solvers are not converted")
+            raise ValueError(f"{name} with {type(pipeline.scheduler).__name__}: {self.family} samples with the exact "
+                             "flow transitions of a FlowMatchEulerDiscreteScheduler; multistep or other solvers are not "
+                             "converted")
         return pipeline.scheduler
 
     def denoiser_module(self) -> nn.Module:

@@ -44,6 +44,7 @@ class StableDiffusionXLProcess(StableDiffusionProcess):
     """A ``StableDiffusionXLPipeline`` as the controlled process (module docstring)."""
 
     family = "stable-diffusion-xl"
+    option_defaults = {"guidance_scale": 5.0}  # StableDiffusionXLPipeline's
 
     def check_pipeline(self, pipeline):
         name = type(pipeline).__name__

@@ -46,9 +46,13 @@ class TextToImageArguments:
     dataset_split: str = _f("train", "split of dataset_name")
     prompt_column: str = _f("prompt", "column of dataset_name that holds the prompts")
     resolution: int | None = _f(None, "image height and width in pixels (default: the model's)")
-    guidance_scale: float = _f(7.5, "classifier-free guidance scale of training and validation (<= 1: none)")
-    negative_prompt: str = _f("", "negative prompt of classifier-free guidance")
-    max_sequence_length: int = _f(256, "SD3: T5 context length of the prompt embeddings")
+    guidance_scale: float | None = _f(None, "guidance scale of training and validation: classifier-free (<= 1: "
+                                            "none), FLUX's guidance embedding (default: the family pipeline's: "
+                                            "SD 7.5, SDXL 5.0, SD3 7.0, FLUX 3.5)")
+    negative_prompt: str | None = _f(None, "negative prompt of classifier-free guidance (refused for FLUX, which "
+                                           "has none)")
+    max_sequence_length: int | None = _f(None, "SD3 / FLUX: T5 context length of the prompt embeddings (default: "
+                                               "the pipeline's: SD3 256, FLUX 512)")
     without_text_encoder_3: bool = _f(False, "SD3: load the pipeline without its T5 encoder (text_encoder_3=None; "
                                              "zero T5 embeddings, as diffusers does)")
     validation_prompt: list[str] | None = _f(None, "prompts of the validation images (default: the first training "
@@ -87,7 +91,7 @@ class TextToImageArguments:
             self.validation_prompt = [self.validation_prompt]
         check(self.resolution is None or (is_int(self.resolution, 8) and self.resolution % 8 == 0), "resolution",
               f"must be a positive multiple of 8, got {self.resolution!r}")
-        check(is_int(self.max_sequence_length, 1), "max_sequence_length",
+        check(self.max_sequence_length is None or is_int(self.max_sequence_length, 1), "max_sequence_length",
               f"must be an int >= 1, got {self.max_sequence_length!r}")
         check(is_int(self.num_validation_images, 1), "num_validation_images",
               f"must be an int >= 1, got {self.num_validation_images!r}")
@@ -97,7 +101,8 @@ class TextToImageArguments:
               f"must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
         check(self.kl_precision in ("fp32", "autocast"), "kl_precision",
               f"must be 'fp32' or 'autocast', got {self.kl_precision!r}")
-        check(isinstance(self.guidance_scale, (int, float)) and self.guidance_scale >= 0, "guidance_scale",
+        check(self.guidance_scale is None or (isinstance(self.guidance_scale, (int, float))
+                                              and self.guidance_scale >= 0), "guidance_scale",
               f"must be a number >= 0, got {self.guidance_scale!r}")
         if self.tracker_init_kwargs is not None:
             try:

@@ -51,3 +51,17 @@ def test_flux_per_step_kl_is_the_closed_form_summed_over_unpacked_dimensions():
 def test_seiko_round_on_flux(tmp_path):
     trainer, metrics = run_one_seiko_round(tiny_flux_pipeline(), PROMPTS, OPTIONS, tmp_path / "seiko")
     assert metrics["round/queries"] == 4 and len(trainer.feedback) == 4 and metrics["train/kl_pretrained"] >= 0
+
+
+def test_flux_takes_its_own_pipeline_defaults_and_refuses_a_negative_prompt():
+    """Options left unset take FluxPipeline's defaults (guidance embedding 3.5, T5 length 512), not SD's 7.5; a
+    negative prompt, which FLUX.1 would silently ignore, is an error that names the flag."""
+    import pytest
+
+    options = dict(height=16, width=16, base_model="tiny/flux-random")
+    trainer = ElegantTrainer.from_pipeline(tiny_flux_pipeline(), redness, tiny_config(), PROMPTS, **options)
+    assert trainer.process.options.guidance_scale == 3.5 and trainer.process.model.guidance_scale == 3.5
+    assert trainer.process.options.max_sequence_length == 512
+    with pytest.raises(ValueError, match="--negative_prompt"):
+        ElegantTrainer.from_pipeline(tiny_flux_pipeline(), redness, tiny_config(), PROMPTS,
+                                     negative_prompt="blurry", **options)

@@ -326,3 +326,34 @@ def test_controlled_pipeline_on_the_digits_unet_with_ddpm(tmp_path):
     torch.testing.assert_close(out, (x / 2 + 0.5).clamp(0, 1), rtol=0, atol=0)
     pil = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), output_type="pil").images
     assert len(pil) == 2 and pil[0].size == (8, 8) and pil[0].mode == "L"
+
+
+def test_unset_options_take_each_familys_pipeline_defaults(caplog):
+    """guidance / T5 length left None are the family pipeline's own defaults; a negative prompt without
+    classifier-free guidance is refused (FLUX) or warned about (guidance_scale <= 1)."""
+    import logging
+
+    from hf_control_ft.processes import (
+        FluxProcess,
+        StableDiffusion3Process,
+        StableDiffusionOptions,
+        StableDiffusionProcess,
+        StableDiffusionXLProcess,
+    )
+
+    def resolved(cls, **kw):
+        return StableDiffusionOptions(**kw).for_family(cls.family, cls.option_defaults, cls.uses_negative_prompt)
+
+    assert resolved(StableDiffusionProcess).guidance_scale == 7.5
+    assert resolved(StableDiffusionProcess).negative_prompt == ""
+    assert resolved(StableDiffusionXLProcess).guidance_scale == 5.0
+    sd3 = resolved(StableDiffusion3Process)
+    assert (sd3.guidance_scale, sd3.max_sequence_length) == (7.0, 256)
+    flux = resolved(FluxProcess)
+    assert (flux.guidance_scale, flux.max_sequence_length, flux.negative_prompt) == (3.5, 512, None)
+    assert resolved(FluxProcess, guidance_scale=2.0, max_sequence_length=256).max_sequence_length == 256
+    with pytest.raises(ValueError, match="flux has no classifier-free guidance.*--negative_prompt"):
+        resolved(FluxProcess, negative_prompt="blurry")
+    with caplog.at_level(logging.WARNING):
+        resolved(StableDiffusionProcess, guidance_scale=1.0, negative_prompt="blurry")
+    assert "is ignored" in caplog.text

@@ -1,0 +1,109 @@
+"""Settings of a text-to-image process (``stable_diffusion.json`` of a saved control): guidance, negative prompt,
+size, precision, base model, T5 length; ``None`` fields take the family's own defaults (:meth:`for_family`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..utils.validation import check_field, field_checker, is_int
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+KL_PRECISIONS = ("fp32", "autocast")
+
+
+@dataclass
+class StableDiffusionOptions:
+    """Settings of text-conditioned training and inference (saved as ``stable_diffusion.json``).
+
+    ``None`` in ``guidance_scale``, ``negative_prompt`` and ``max_sequence_length`` means the family's own default
+    (its diffusers pipeline's: guidance 7.5 for SD 1.x / 2.x, 5.0 SDXL, 7.0 SD3, 3.5 FLUX; T5 length 256 SD3, 512
+    FLUX), filled in by :meth:`for_family` when the process is built.
+
+    Attributes:
+        guidance_scale: classifier-free guidance weight (``<= 1``: no guidance); FLUX: the guidance embedding.
+        negative_prompt: the unconditional prompt of classifier-free guidance (refused by families without it).
+        height / width: image size in pixels (multiples of the VAE scale factor, usually 8).
+        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"``: dtype of the frozen VAE / text encoder and of
+            autocast. LoRA parameters stay fp32.
+        kl_precision: ``"fp32"`` (default): UNet weights stay fp32 and every UNet call feeding a KL runs
+            without autocast, so the KL matches fp32 training; ``"autocast"``: those calls run in the half dtype
+            too (UNet weights cast to it), faster but with a KL rounding floor (module docstring).
+        base_model: Hub id or path of the base pipeline (for the model card and for loading).
+        prompt_column: column of a ``datasets`` prompt source.
+        guidance_rescale: must be 0 (accepted so that diffusers' argument gets a clear error, not a TypeError).
+        max_sequence_length: T5 context length of SD3 / FLUX (ignored by SD 1.x / 2.x and SDXL).
+    """
+
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    height: int | None = None
+    width: int | None = None
+    mixed_precision: str = "no"
+    kl_precision: str = "fp32"
+    base_model: str | None = None
+    prompt_column: str = "prompt"
+    guidance_rescale: float = 0.0
+    max_sequence_length: int | None = None
+
+    def __post_init__(self):
+        check = field_checker("StableDiffusionOptions")
+        check(self.guidance_scale is None or (isinstance(self.guidance_scale, (int, float))
+                                              and self.guidance_scale >= 0), "guidance_scale",
+              f"must be a number >= 0, got {self.guidance_scale!r}")
+        check(self.negative_prompt is None or isinstance(self.negative_prompt, str), "negative_prompt",
+              "must be a string")
+        check(self.max_sequence_length is None or is_int(self.max_sequence_length, 1), "max_sequence_length",
+              f"must be an int >= 1, got {self.max_sequence_length!r}")
+        check(self.guidance_rescale == 0, "guidance_rescale",
+              f"is not supported (got {self.guidance_rescale!r}): rescaling the guided prediction by its standard "
+              "deviation makes the transition mean a non-linear function of both branches, which the exact KL "
+              "accounting does not cover; use 0")
+        check(self.mixed_precision in DTYPES, "mixed_precision",
+              f"must be one of {sorted(DTYPES)}, got {self.mixed_precision!r}")
+        check(self.kl_precision in KL_PRECISIONS, "kl_precision",
+              f"must be one of {KL_PRECISIONS}, got {self.kl_precision!r}")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            check(v is None or (isinstance(v, int) and v >= 8 and v % 8 == 0), name,
+                  f"must be None or a positive multiple of 8, got {v!r}")
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return DTYPES[self.mixed_precision]
+
+    def for_family(self, family: str, defaults: dict, negative_prompt: bool = True) -> "StableDiffusionOptions":
+        """A copy with every ``None`` of ``defaults``' keys replaced by the family's value. ``negative_prompt=False``
+        (a family without classifier-free guidance, e.g. FLUX.1): a non-empty negative prompt is refused, since the
+        family would silently ignore it. With classifier-free guidance off (``guidance_scale <= 1``) a negative
+        prompt is ignored too: one warning says so."""
+        values = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        out = dataclasses.replace(self, **values)
+        if not negative_prompt:
+            check_field("StableDiffusionOptions", not out.negative_prompt, "negative_prompt",
+                        f"{family} has no classifier-free guidance and would ignore the negative prompt "
+                        f"{out.negative_prompt!r}; leave --negative_prompt unset")
+        elif out.negative_prompt and out.guidance_scale <= 1:
+            logger.warning("negative_prompt %r is ignored: guidance_scale %s <= 1 turns classifier-free guidance off",
+                           out.negative_prompt, out.guidance_scale)
+        return dataclasses.replace(out, negative_prompt=out.negative_prompt or "") if negative_prompt else out
+
+    def save(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(dataclasses.asdict(self), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def load(cls, path: str) -> "StableDiffusionOptions":
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+__all__ = ["StableDiffusionOptions", "DTYPES", "KL_PRECISIONS"]
