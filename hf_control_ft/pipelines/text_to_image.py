@@ -3,7 +3,7 @@
 :class:`ControlledTextToImage` wraps a base diffusers pipeline and a saved control (a directory or a Hub repo):
 
 * ``sampler="sde"`` (default): the distribution the control was trained for -- the learned initial noise (per
-  prompt when conditional) and the trained stochastic sampler (DDPM / DDIM at ``eta`` or the flow SDE,
+  prompt when conditional) and the trained stochastic sampler (DDPM / DDIM at ``eta`` or the exact flow transitions,
   ``num_inference_steps`` of training), through the family's process;
 * ``sampler="ode"``: the family's own pipeline call with the LoRA active (its scheduler, deterministic for
   DDIM at ``eta = 0`` or flow matching, ``N(0, I)`` start noise) -- what stock diffusers does after
