@@ -16,11 +16,12 @@ def load_feedback(output_dir: str):
     error, attempts, prompt, sample, timestamp``; ``sample`` flattened float32, its shape in
     ``<output_dir>/feedback/manifest.json``).
 
-    ``output_dir`` is the run's ``config.output_dir`` (or its ``feedback/`` directory itself).
+    ``output_dir`` is the run's ``config.output_dir`` (or its ``feedback/`` directory itself). Read-only: it never
+    writes into the directory (a damaged manifest is rebuilt in memory; a live run may be writing).
     """
     inside = os.path.exists(os.path.join(output_dir, MANIFEST)) or os.path.isdir(os.path.join(output_dir, SHARDS))
     directory = output_dir if inside else os.path.join(output_dir, "feedback")
-    return FeedbackDataset(directory, _sample_shape(directory)).to_dataset()
+    return FeedbackDataset(directory, _sample_shape(directory), read_only=True).to_dataset()
 
 
 def _sample_shape(directory: str) -> tuple:

@@ -19,7 +19,8 @@ A shard is written under a temporary name, fsynced and renamed before the manife
 never rewritten or deleted. A process killed at any point restarts with every answer whose shard the manifest
 listed; the samples still ``pending`` (or ``failed`` with attempts left) are exactly the ones to ask.
 
-**Damage.** A missing or unreadable manifest is rebuilt from the shards on disk (a warning says so); a listed
+**Damage.** A missing or unreadable manifest is rebuilt from the shards on disk (a warning says so); shards
+renamed into place after the manifest's last one (a writer killed between the two writes) are adopted; a listed
 shard that is missing or unreadable stops the load with :class:`FeedbackStoreError` naming the file (its rows
 may be answers: nothing is dropped silently). A directory in the earlier versioned format
 (``current`` + ``versions/``) is converted to shards on first open.
@@ -70,8 +71,9 @@ class FeedbackDataset:
         sample_shape: shape of one sample; must match a loaded dataset's.
     """
 
-    def __init__(self, directory: str, sample_shape):
+    def __init__(self, directory: str, sample_shape, read_only: bool = False):
         self.directory = directory
+        self.read_only = read_only
         self.sample_shape = tuple(int(d) for d in sample_shape)
         self._numel = math.prod(self.sample_shape)
         self.version = 0  # number of shards written (the manifest's length)
@@ -81,7 +83,11 @@ class FeedbackDataset:
         self._next_seq: int | None = None
         self.columns: dict[str, list] = {name: [] for name in COLUMNS if name != "sample"}
         self._by_round: dict[int, list[int]] = {}
-        os.makedirs(os.path.join(directory, SHARDS), exist_ok=True)
+        if not read_only:
+            os.makedirs(os.path.join(directory, SHARDS), exist_ok=True)
+            self._remove_temporaries()
+        elif not os.path.isdir(directory):
+            raise FeedbackStoreError(f"no feedback dataset in {directory}")
         self._load()
 
     # ------------------------------------------------------------------ loading
@@ -89,7 +95,33 @@ class FeedbackDataset:
         return os.path.join(self.directory, MANIFEST)
 
     def _shards_on_disk(self) -> list[str]:
-        return sorted(n for n in os.listdir(os.path.join(self.directory, SHARDS)) if _SHARD.match(n))
+        shard_dir = os.path.join(self.directory, SHARDS)
+        return sorted(n for n in os.listdir(shard_dir) if _SHARD.match(n)) if os.path.isdir(shard_dir) else []
+
+    def _remove_temporaries(self) -> None:
+        """Deletes ``*.tmp-PID`` files of killed writers (the caller holds the run lock: no live writer owns
+        them). A temporary is never an answer the manifest could list: shards are renamed before they count."""
+        for folder in (self.directory, os.path.join(self.directory, SHARDS)):
+            for name in os.listdir(folder):
+                if ".tmp-" in name and os.path.isfile(os.path.join(folder, name)):
+                    os.remove(os.path.join(folder, name))
+
+    def _orphans(self, listed: list[str]) -> list[str]:
+        """Complete shards on disk that the manifest does not list. Those numbered after the last listed one were
+        renamed into place by a writer killed before it rewrote the manifest: their rows are adopted (a warning
+        names them). Unlisted shards numbered *before* it cannot come from that crash (a second writer on the
+        directory, before run locks existed); they are named in a warning and left unread."""
+        last = max((int(_SHARD.match(n).group(1)) for n in listed), default=0)
+        unlisted = [n for n in self._shards_on_disk() if n not in set(listed)]
+        early = [n for n in unlisted if int(_SHARD.match(n).group(1)) < last]
+        if early:
+            logger.warning("feedback shards %s in %s are not in the manifest and older than its last shard; they "
+                           "are left unread (inspect them with pyarrow.parquet.read_table)", early, self.directory)
+        late = [n for n in unlisted if int(_SHARD.match(n).group(1)) > last]
+        if late:
+            logger.warning("feedback shards %s in %s were written but not yet listed (the writer stopped before "
+                           "its manifest update); their rows are adopted", late, self.directory)
+        return late
 
     def _read_manifest(self) -> tuple[list[str] | None, bool]:
         """``(shard names, rebuilt)``: the manifest's list, or -- when it is missing or damaged -- the shards on
@@ -122,6 +154,9 @@ class FeedbackDataset:
         if shards is None:
             self._migrate_versioned()
             return
+        if not rebuilt:
+            orphans = self._orphans(shards)
+            shards, rebuilt = shards + orphans, bool(orphans)
         for position, name in enumerate(shards):
             path = os.path.join(self.directory, SHARDS, name)
             try:
@@ -135,7 +170,7 @@ class FeedbackDataset:
             self._apply(table)
         self._shards = list(shards)
         self.version = len(shards)
-        if rebuilt:
+        if rebuilt and not self.read_only:  # a reader never writes; the writer holds the run lock
             self._write_manifest()
 
     def _migrate_versioned(self) -> None:
@@ -154,6 +189,8 @@ class FeedbackDataset:
         self._append_rows(cols["query_index"], cols["round"], cols["prompt"], samples)
         self._update_rows(cols["query_index"], cols["batch"], cols["value"], cols["status"], cols["error"],
                           cols["attempts"], cols["timestamp"])
+        if self.read_only:
+            return
         self._write_shard(self._table(range(n), with_samples=True))
         logger.warning("converted the feedback dataset in %s to the shard format (%d rows)", self.directory, n)
 
@@ -190,6 +227,8 @@ class FeedbackDataset:
         return pa.table(data)
 
     def _write_shard(self, table: pa.Table) -> None:
+        if self.read_only:
+            raise FeedbackStoreError(f"the feedback dataset in {self.directory} was opened read-only")
         if self._next_seq is None:  # once per process: never reuse a number a file on disk already has
             names = self._shards_on_disk() + self._shards
             self._next_seq = max([int(_SHARD.match(n).group(1)) for n in names], default=0) + 1

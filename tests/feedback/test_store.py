@@ -88,3 +88,49 @@ def test_new_shards_never_overwrite_files_on_disk(tmp_path):
     re = FeedbackDataset(str(tmp_path / "fb"), (1, 2))
     re.record([2], [OracleAnswer(2.0, "ok", "", 1)], batch_index=1)
     assert sorted(os.listdir(tmp_path / "fb" / "shards")) == [f"shard-00000{i}.parquet" for i in (1, 2, 3)]
+
+
+_KILLED_WRITER = """
+import math, os, sys, torch
+from hf_control_ft.feedback import store
+from hf_control_ft.feedback.oracle import OracleAnswer
+fb = store.FeedbackDataset(sys.argv[1], (1, 2))
+q = fb.add_pending(torch.arange(8.0).reshape(4, 1, 2), round_index=1, prompts=["a", "b", "c", "d"])
+store.FeedbackDataset._write_manifest = lambda self: os._exit(9)  # killed after the shard's rename, before this
+fb.record(q[:3], [OracleAnswer(float(i), "ok", "", 1) for i in range(3)], batch_index=0)
+"""
+
+
+def test_a_writer_killed_between_the_shard_and_the_manifest_loses_no_answer(tmp_path, caplog):
+    """Fault injection in a child process: the answer shard is renamed into place, then the process dies before
+    the manifest lists it. The restart adopts the shard (no answer asked again), the reader does not write."""
+    import subprocess
+    import sys
+
+    directory = str(tmp_path / "fb")
+    done = subprocess.run([sys.executable, "-c", _KILLED_WRITER, directory], capture_output=True, text=True)
+    assert done.returncode == 9, done.stderr
+    assert json.loads((tmp_path / "fb" / "manifest.json").read_text())["shards"] == ["shard-000001.parquet"]
+    before = os.path.getmtime(os.path.join(directory, "manifest.json"))
+    ds = load_feedback(directory)  # read-only: the manifest is not touched
+    assert ds["status"] == ["ok", "ok", "ok", "pending"] and ds["value"][:3] == [0.0, 1.0, 2.0]
+    assert os.path.getmtime(os.path.join(directory, "manifest.json")) == before
+    with caplog.at_level(logging.WARNING, logger="hf_control_ft.feedback.store"):
+        re = FeedbackDataset(directory, (1, 2))
+    assert "are adopted" in caplog.text and re.pending() == [3]
+    assert json.loads((tmp_path / "fb" / "manifest.json").read_text())["shards"] == [
+        "shard-000001.parquet", "shard-000002.parquet"]
+
+
+def test_the_reader_never_writes_even_when_the_manifest_is_gone(tmp_path):
+    fb, _ = _store(tmp_path)
+    os.remove(tmp_path / "fb" / "manifest.json")
+    open(tmp_path / "fb" / "shards" / ".shard-000009.parquet.tmp-1", "wb").write(b"partial")
+    listing = sorted(os.listdir(tmp_path / "fb")), sorted(os.listdir(tmp_path / "fb" / "shards"))
+    ds = load_feedback(str(tmp_path / "fb"))
+    assert ds["status"] == fb.columns["status"] and ds["sample"][3] == [6.0, 7.0]
+    assert (sorted(os.listdir(tmp_path / "fb")), sorted(os.listdir(tmp_path / "fb" / "shards"))) == listing
+    # the writer (holding the run lock) rebuilds the manifest with the real shape and removes the temporary
+    FeedbackDataset(str(tmp_path / "fb"), (1, 2))
+    assert json.loads((tmp_path / "fb" / "manifest.json").read_text())["sample_shape"] == [1, 2]
+    assert not any(".tmp-" in n for n in os.listdir(tmp_path / "fb" / "shards"))
