@@ -70,9 +70,15 @@ def validate_checkpoint(path: str) -> None:
     state_path = os.path.join(path, "trainer_state.json")
     try:
         with open(state_path, encoding="utf-8") as f:
-            json.load(f)
+            state = json.load(f)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint file {state_path} is unreadable: {err}") from None
+    required = ["lora.safetensors"] + (["optimizer.safetensors"] if isinstance(state, dict) and "optimizer" in state
+                                       else [])
+    for name in required:  # a checkpoint missing a file it needs is incomplete, whatever else it holds
+        if not os.path.isfile(os.path.join(path, name)):
+            raise CheckpointError(f"checkpoint file {os.path.join(path, name)} is missing: the checkpoint is "
+                                  "incomplete")
     for root, _, names in os.walk(path):
         for name in sorted(names):
             file = os.path.join(root, name)

@@ -152,8 +152,44 @@ def parse_flags(fields: dict, argv: list[str]) -> tuple[dict, str | None]:
     return values, config_path
 
 
+def secret_values(argv: list[str]) -> list[str]:
+    """The values given to secret flags (any flag whose name holds ``token``, e.g. ``--hub_token``), inline or
+    following, so that no error message echoes them (:func:`parse_dataclasses` masks them)."""
+    secrets = []
+    for i, arg in enumerate(argv):
+        name, eq, inline = arg.partition("=")
+        if arg.startswith("--") and "token" in name.lower():
+            if eq:
+                secrets.append(inline)
+            else:
+                for value in argv[i + 1:]:
+                    if value.startswith("--"):
+                        break
+                    secrets.append(value)
+    return [v for v in secrets if v]
+
+
 def parse_dataclasses(classes, argv: list[str] | None = None, prog: str | None = None,
                       description: str | None = None, config_path: str | None = None, exit_on_help: bool = True):
+    """:func:`_parse_dataclasses` with every value of a secret flag replaced by ``***`` in the error it raises."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _parse_dataclasses(classes, argv, prog, description, config_path, exit_on_help)
+    except (ConfigCliError, ValueError) as err:
+        message, secrets = str(err), secret_values(argv)
+        if not any(v in message for v in secrets):
+            raise
+        for value in sorted(secrets, key=len, reverse=True):
+            message = message.replace(value, "***")
+        try:
+            masked = type(err)(message)
+        except Exception:  # noqa: BLE001 - an exception type with another signature
+            masked = ConfigCliError(message)
+        raise masked from None
+
+
+def _parse_dataclasses(classes, argv: list[str] | None = None, prog: str | None = None,
+                       description: str | None = None, config_path: str | None = None, exit_on_help: bool = True):
     """Builds one instance of each dataclass in ``classes`` from ``--config`` YAML and flags (module docstring).
 
     A field name shared by several classes (e.g. ``output_dir``) sets it in each. ``config_path`` is a YAML file

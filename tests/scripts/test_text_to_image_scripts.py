@@ -173,6 +173,9 @@ def no_model_loading(monkeypatch):
     (["--reward", "aesthetic"], "needs --aesthetic_head"),
     (["--reward", "my_reward.py:redness", "--tracker_init_kwargs", "{bad"], "tracker_init_kwargs: must be a JSON"),
     (["--reward", "my_reward.py:redness", "--report_to", "tensorboard,clearml"], "--report_to clearml: not installed"),
+    # a token is never echoed, whatever went wrong around it
+    (["--reward", "my_reward.py:redness", "--hub_token", "hf_SeCrEt42", "push"], "--hub_token takes one value, got"),
+    (["--reward", "my_reward.py:redness", "--hub_token=hf_SeCrEt42", "--eta", "0"], "ElegantConfig.eta"),
 ])
 def test_bad_flags_exit_with_one_line_before_loading_a_model(workdir, monkeypatch, capsys, no_model_loading,
                                                              flags, message):
@@ -185,6 +188,7 @@ def test_bad_flags_exit_with_one_line_before_loading_a_model(workdir, monkeypatc
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+    assert "SeCrEt42" not in err
     assert not os.path.exists(workdir / "never")
 
 

@@ -139,6 +139,16 @@ def test_damaged_checkpoints_are_named_and_latest_falls_back(tmp_path, caplog):
     assert not (tmp_path / "checkpoint-9").exists()
 
 
+def test_latest_skips_a_checkpoint_missing_its_lora_file_and_the_resume_completes(tmp_path, caplog):
+    _elegant(tmp_path).train()
+    os.remove(tmp_path / "checkpoint-2" / "lora.safetensors")  # incomplete: its state file alone remains
+    with pytest.raises(checkpointing.CheckpointError, match="checkpoint-2/lora.safetensors is missing"):
+        checkpointing.resolve_checkpoint(str(tmp_path), "checkpoint-2")
+    assert checkpointing.resolve_checkpoint(str(tmp_path), "latest").endswith("checkpoint-1")
+    summary = _elegant(tmp_path).train(resume_from_checkpoint="latest")
+    assert summary["resumed_from"].endswith("checkpoint-1")
+
+
 # ---------------------------------------------------------------------------------------------- oracle faults
 @pytest.mark.parametrize("bad", [{0: 0.1, 1: 0.2}, "12", ["0.5", "0.5"], [True, False], torch.ones(2, 2),
                                  torch.tensor([True, False])])
