@@ -17,9 +17,9 @@ budget counts *distinct samples submitted* (retries are counted in ``attempts``,
 
 from __future__ import annotations
 
-import concurrent.futures
 import math
 import numbers
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +32,14 @@ FAILURE_POLICIES = ("skip", "retry")
 
 class OracleOutputError(ValueError):
     """The oracle broke its contract (not one value per sample): a bug to fix, never a failed query."""
+
+
+class OracleTimeoutError(TimeoutError):
+    """A call exceeded ``oracle_timeout`` (``sent=True``), or was not made because an earlier one still runs."""
+
+    def __init__(self, message: str, sent: bool = True):
+        super().__init__(message)
+        self.sent = sent
 
 
 class OracleUnavailableError(RuntimeError):
@@ -115,23 +123,49 @@ class Oracle:
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
         self.num_calls = 0
         self.num_item_attempts = 0
+        self._stray: threading.Thread | None = None  # a timed-out call still running
 
     def _invoke(self, samples: torch.Tensor, prompts):
-        """``fn(samples, prompts)``, in a worker thread when ``timeout`` is set (a call past it raises
-        ``TimeoutError``; the thread cannot be killed and finishes in the background, its result unused)."""
+        """``fn(samples, prompts)``, in a *daemon* worker thread when ``timeout`` is set: a call past the timeout
+        raises :class:`OracleTimeoutError` and its thread, which Python cannot kill, finishes in the background
+        without keeping the process alive at exit. While it runs, ``fn`` is not called again (each later call first
+        waits up to ``timeout`` for it, then fails at once): a hung oracle never piles up threads that keep calling
+        the user's function."""
         if self.timeout is None:
             return self.fn(samples, prompts)
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="oracle")
-        try:
-            return pool.submit(self.fn, samples, prompts).result(timeout=self.timeout)
-        except concurrent.futures.TimeoutError:
-            raise TimeoutError(f"oracle call exceeded oracle_timeout={self.timeout} s") from None
-        finally:
-            pool.shutdown(wait=False)
+        box = {}
+
+        def run():
+            try:
+                box["value"] = self.fn(samples, prompts)
+            except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+                box["error"] = err
+
+        worker = threading.Thread(target=run, name="oracle", daemon=True)
+        worker.start()
+        worker.join(self.timeout)
+        if worker.is_alive():
+            self._stray = worker
+            raise OracleTimeoutError(f"oracle call exceeded oracle_timeout={self.timeout} s")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def _busy(self) -> bool:
+        """Whether a timed-out call is still running after waiting up to ``timeout`` for it."""
+        if self._stray is not None:
+            self._stray.join(self.timeout)
+            if self._stray.is_alive():
+                return True
+            self._stray = None
+        return False
 
     def _call(self, samples: torch.Tensor, prompts) -> list[tuple[float, str]]:
         """One call of ``fn`` on a batch; returns ``(value, error)`` per item (error "" when ok)."""
         B = samples.shape[0]
+        if self._busy():
+            raise OracleTimeoutError(f"oracle still running an earlier call that exceeded oracle_timeout="
+                                     f"{self.timeout} s; not called again until it returns", sent=False)
         self.num_calls += 1
         self.num_item_attempts += B
         values = _values_list(self._invoke(samples, prompts), B, self.name)
@@ -151,6 +185,8 @@ class Oracle:
             return self._call(samples, prompts), [1] * B
         except OracleOutputError:
             raise
+        except OracleTimeoutError as err:  # the oracle is hung, not one item: asking items alone would hang too
+            return [(math.nan, f"TimeoutError: {err}")] * B, [int(err.sent)] * B
         except Exception as err:  # noqa: BLE001 - any user failure becomes a recorded failed query
             if B == 1:
                 return [(math.nan, f"{type(err).__name__}: {err}")], [1]

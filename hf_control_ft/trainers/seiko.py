@@ -119,11 +119,35 @@ class SeikoTrainer(FeedbackCollection, BaseTrainer):
         #: the feedback dataset (:class:`FeedbackDataset`); on the main process only (``None`` on the others)
         self.feedback: FeedbackDataset | None = None
         self._state_store = None
+        self.reward: OptimisticReward | None = None
+        # the run lock is taken *before* the run directory is read: a trainer never works from a view another live
+        # run (a requeued job, a second notebook cell) may be changing. Held until train() ends or close().
+        self._lock = lock_on_main(self.accelerator, self.output_dir)
+        self._holds_lock = True
+        try:
+            self._open_and_load()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_and_load(self) -> None:
+        """Reads the run directory (feedback, settings, last round's state); the caller holds the run lock."""
         self._num_queries = run_on_main(self.accelerator, self._open_run_directory)
         self.completed_rounds = 0
         self.global_step = 0
-        self.reward: OptimisticReward | None = None
         self._load_state()
+
+    def close(self) -> None:
+        """Releases the run lock of ``output_dir`` (``train()`` does at its end; a later ``train()`` takes it again
+        and re-reads the directory)."""
+        if self._lock is not None:
+            self._lock.release()
+        self._lock, self._holds_lock = None, False
+
+    def __del__(self):
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release()
 
     @classmethod
     def from_pipeline(cls, pipeline, oracle, config: SeikoConfig, prompts, accelerator: Accelerator | None = None,
@@ -328,12 +352,14 @@ class SeikoTrainer(FeedbackCollection, BaseTrainer):
         """Runs (or resumes) the rounds; returns the last round's metrics. ``callback(trainer, round_index) ->
         dict`` (optional) runs after each round's update, e.g. an evaluation; its metrics are logged with the round's.
         """
-        lock = lock_on_main(self.accelerator, self.output_dir)  # a second run: an error on every process
+        if not self._holds_lock:  # an earlier train() ended: take the lock again and re-read what is on disk now
+            self._lock = lock_on_main(self.accelerator, self.output_dir)  # a second run: an error on every process
+            self._holds_lock = True
+            self._open_and_load()
         try:
             return self._train(callback)
         finally:
-            if lock is not None:
-                lock.release()
+            self.close()
 
     def _train(self, callback) -> dict:
         self._start_trackers()

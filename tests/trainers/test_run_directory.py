@@ -65,10 +65,13 @@ def test_a_second_run_on_the_same_directory_fails_at_once_naming_the_holder(tmp_
         trainer = ElegantTrainer(cfg, make_mlp_denoiser(lora=False), ddim(), lambda x: -x.pow(2).sum(1), (2,))
         with pytest.raises(RunLockedError, match="in use by another run"):
             trainer.train()
-        seiko = build_trainer(tmp_path / "seiko", LoggingOracle(str(tmp_path / "log")))
         with RunLock(str(tmp_path / "seiko")), pytest.raises(RunLockedError, match="seiko.*in use"):
-            seiko.train()
-        assert len(seiko.feedback) == 0  # refused before asking anything
+            build_trainer(tmp_path / "seiko", LoggingOracle(str(tmp_path / "log")))  # before reading anything
+        seiko = build_trainer(tmp_path / "seiko", LoggingOracle(str(tmp_path / "log")))
+        with pytest.raises(RunLockedError, match="seiko.*in use"):  # a second trainer while the first is alive
+            build_trainer(tmp_path / "seiko", LoggingOracle(str(tmp_path / "log")))
+        seiko.close()
+        assert len(build_trainer(tmp_path / "seiko", LoggingOracle(str(tmp_path / "log"))).feedback) == 0
     RunLock(str(tmp_path)).acquire().release()  # released: the next run may start
 
 
@@ -168,6 +171,41 @@ def test_oracle_timeout_fails_the_items_of_a_slow_call():
     answers = Oracle(slow, timeout=0.2).query(torch.zeros(1, 2))
     stop.set()
     assert answers[0].status == "failed" and "oracle_timeout" in answers[0].error
+
+
+_HUNG_ORACLE_RUN = """
+import sys, threading
+sys.path.insert(0, sys.argv[2])
+from seiko_child import build_trainer
+from hf_control_ft.feedback.oracle import OracleUnavailableError
+calls = []
+def hung(samples, prompts):
+    calls.append(samples.shape[0])
+    threading.Event().wait()  # never answers
+hung.__name__ = "hung"
+trainer = build_trainer(sys.argv[1], hung, oracle_timeout=0.3, oracle_on_failure="retry", oracle_max_retries=2)
+try:
+    trainer.train()
+except OracleUnavailableError as err:
+    print("unavailable", len(calls), trainer.feedback.summary()["feedback/failed"], flush=True)
+"""
+
+
+def test_a_hung_oracle_with_a_timeout_fails_the_round_and_the_process_exits(tmp_path):
+    """In a child process: the oracle never returns. The round ends with OracleUnavailableError, every query is
+    recorded as failed, the oracle is called once (never again while that call hangs), and the process exits."""
+    import subprocess
+    import sys
+
+    helpers = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "helpers")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    start = time.time()
+    done = subprocess.run([sys.executable, "-c", _HUNG_ORACLE_RUN, str(tmp_path / "run"), helpers], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    word, calls, failed = done.stdout.split()
+    assert word == "unavailable" and int(calls) == 1 and int(failed) == 12, done.stdout
+    assert time.time() - start < 120
 
 
 class Outage:

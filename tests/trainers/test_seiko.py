@@ -165,6 +165,12 @@ def test_sigkill_mid_round_resumes_without_losing_or_repeating_queries(tmp_path)
                 raise AssertionError(f"child exited early: {child.stderr.read().decode()[-3000:]}")
             assert time.time() < deadline, "child never reached round 2"
             time.sleep(0.2)
+        # a requeued job / second trainer on the live directory is refused before it reads anything stale
+        from hf_control_ft.utils.run_lock import RunLockedError
+
+        with pytest.raises(RunLockedError, match=f"pid {child.pid}"):
+            build_trainer(out, LoggingOracle(str(tmp_path / "stale.jsonl")))
+        assert not (tmp_path / "stale.jsonl").exists()
         os.kill(child.pid, signal.SIGKILL)  # killed during round 2's second oracle call
         assert child.wait(timeout=60) == -signal.SIGKILL
     finally:
