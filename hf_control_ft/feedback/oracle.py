@@ -192,7 +192,12 @@ class Oracle:
                 return [(math.nan, f"{type(err).__name__}: {err}")], [1]
         out, sends = [], []
         for i in range(B):
-            res, n = self._ask(samples[i:i + 1], None if prompts is None else [prompts[i]])
+            try:
+                res, n = self._ask(samples[i:i + 1], None if prompts is None else [prompts[i]])
+            except OracleOutputError as err:  # keep what the items before it obtained (query() records them)
+                err.partial = out + [(math.nan, f"OracleOutputError: {err}")] * (B - i)
+                err.partial_sends = sends + [2] + [1] * (B - i - 1)
+                raise
             out.extend(res)
             sends.append(1 + n[0])  # the failed batch call sent it once already
         return out, sends
@@ -202,25 +207,46 @@ class Oracle:
 
         ``attempts`` counts every time an item was sent to ``fn`` (a batch call that raised and the item's own
         call are two). Raises :class:`OracleOutputError` when ``fn`` breaks its contract (not one number per
-        sample: a dict, a string, booleans, a ``(B, 2)`` tensor...): nothing of that call is recorded as ok.
+        sample: a dict, a string, booleans, a ``(B, 2)`` tensor...): nothing of that call is recorded as ok. When
+        the broken call came after others of this query had answered (a retry, the one-by-one fallback), the
+        error's ``answers`` attribute holds one answer per sample: those obtained, the rest failed with the
+        contract error, for the caller to record before it stops.
         """
         samples = samples.detach().cpu()
         B = samples.shape[0]
         if prompts is not None and len(prompts) != B:
             raise ValueError(f"{len(prompts)} prompts for {B} samples")
-        results, attempts = self._ask(samples, prompts)
+        try:
+            results, attempts = self._ask(samples, prompts)
+        except OracleOutputError as err:
+            if getattr(err, "partial", None) is not None:
+                err.answers = _answers(err.partial, err.partial_sends)
+            raise
         retries = self.max_retries if self.on_failure == "retry" else 0
         for _ in range(retries):
             todo = [i for i, (_, err) in enumerate(results) if err]
             if not todo:
                 break
             sub_prompts = None if prompts is None else [prompts[i] for i in todo]
-            sub_results, sub_sends = self._ask(samples[todo], sub_prompts)
+            try:
+                sub_results, sub_sends = self._ask(samples[todo], sub_prompts)
+            except OracleOutputError as err:  # the answers obtained before the broken call are kept
+                sub_results = getattr(err, "partial", None) or [(math.nan, f"OracleOutputError: {err}")] * len(todo)
+                sub_sends = getattr(err, "partial_sends", None) or [1] * len(todo)
+                for i, res, n in zip(todo, sub_results, sub_sends):
+                    results[i] = res
+                    attempts[i] += n
+                err.answers = _answers(results, attempts)
+                raise
             for i, res, n in zip(todo, sub_results, sub_sends):
                 results[i] = res
                 attempts[i] += n
-        return [OracleAnswer(value=v, status=FAILED if err else OK, error=err, attempts=a)
-                for (v, err), a in zip(results, attempts)]
+        return _answers(results, attempts)
+
+
+def _answers(results, attempts) -> list[OracleAnswer]:
+    return [OracleAnswer(value=v, status=FAILED if err else OK, error=err, attempts=a)
+            for (v, err), a in zip(results, attempts)]
 
 
 class RoundBudget:

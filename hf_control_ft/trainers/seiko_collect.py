@@ -20,7 +20,7 @@ import time
 import torch
 from accelerate.utils import gather_object
 
-from ..feedback.oracle import OracleUnavailableError
+from ..feedback.oracle import OracleOutputError, OracleUnavailableError
 from .distributed import run_on_main, shares
 
 
@@ -90,7 +90,12 @@ class FeedbackCollection:
         batches = [todo[i:i + cfg.oracle_batch_size] for i in range(0, len(todo), cfg.oracle_batch_size)]
         t0 = time.perf_counter()
         for batch in self._progress(batches, f"round {round_index}: oracle", leave=False):
-            answers = self.oracle.query(*self._oracle_inputs(batch))
+            try:
+                answers = self.oracle.query(*self._oracle_inputs(batch))
+            except OracleOutputError as err:  # a contract bug: keep the answers this query obtained, then stop
+                if getattr(err, "answers", None) is not None:
+                    self.feedback.record(batch, err.answers, self.feedback.next_batch_index(round_index))
+                raise
             self.feedback.record(batch, answers, self.feedback.next_batch_index(round_index))
         rows = self.feedback.rows(round_index)
         ok = [i for i in rows if self.feedback.columns["status"][i] == "ok"]

@@ -208,6 +208,30 @@ def test_a_hung_oracle_with_a_timeout_fails_the_round_and_the_process_exits(tmp_
     assert time.time() - start < 120
 
 
+def test_answers_obtained_before_a_contract_error_are_recorded(tmp_path):
+    """The batch call fails, the one-by-one fallback gets two answers, then the oracle breaks its contract (a
+    dict for one sample): the run stops with OracleOutputError and the two answers are on disk."""
+    from hf_control_ft.feedback.oracle import OracleOutputError
+
+    calls = []
+
+    def flaky(samples, prompts):
+        calls.append(samples.shape[0])
+        if samples.shape[0] > 1:
+            raise ConnectionError("batch endpoint down")
+        if len(calls) == 4:  # the third item asked alone
+            return {"score": 1.0}
+        return -samples.pow(2).sum(1)
+
+    trainer = build_trainer(tmp_path, flaky, oracle_max_attempts=3)
+    with pytest.raises(OracleOutputError, match="dict"):
+        trainer.train()
+    ds = load_feedback(str(tmp_path))
+    assert ds["status"][:5] == ["ok", "ok", "failed", "failed", "failed"], ds["status"][:5]
+    assert all(math.isfinite(v) for v in ds["value"][:2]) and ds["attempts"][:3] == [2, 2, 2]
+    assert "OracleOutputError" in ds["error"][2]
+
+
 class Outage:
     """Fails every call while ``down`` (a transient outage), answers otherwise; counts sends per sample."""
 
