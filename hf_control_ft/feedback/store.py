@@ -39,7 +39,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 
 import pyarrow as pa
@@ -49,13 +48,14 @@ import torch
 from ..serialization.saved import HubPushError, mask_token
 from ..utils.versioned_dir import fsync_dir
 from .oracle import FAILED, OK, PENDING, OracleAnswer
+from .recovery import SHARD_PATTERN as _SHARD
+from .recovery import migrate_versioned, remove_temporaries, unlisted_shards
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 SHARDS = "shards"
 FORMAT = 2
-_SHARD = re.compile(r"^shard-(\d{6})\.parquet$")
 COLUMNS = ("query_index", "round", "batch", "status", "value", "error", "attempts", "prompt", "sample", "timestamp")
 
 
@@ -85,7 +85,7 @@ class FeedbackDataset:
         self._by_round: dict[int, list[int]] = {}
         if not read_only:
             os.makedirs(os.path.join(directory, SHARDS), exist_ok=True)
-            self._remove_temporaries()
+            remove_temporaries(self.directory)
         elif not os.path.isdir(directory):
             raise FeedbackStoreError(f"no feedback dataset in {directory}")
         self._load()
@@ -97,31 +97,6 @@ class FeedbackDataset:
     def _shards_on_disk(self) -> list[str]:
         shard_dir = os.path.join(self.directory, SHARDS)
         return sorted(n for n in os.listdir(shard_dir) if _SHARD.match(n)) if os.path.isdir(shard_dir) else []
-
-    def _remove_temporaries(self) -> None:
-        """Deletes ``*.tmp-PID`` files of killed writers (the caller holds the run lock: no live writer owns
-        them). A temporary is never an answer the manifest could list: shards are renamed before they count."""
-        for folder in (self.directory, os.path.join(self.directory, SHARDS)):
-            for name in os.listdir(folder):
-                if ".tmp-" in name and os.path.isfile(os.path.join(folder, name)):
-                    os.remove(os.path.join(folder, name))
-
-    def _orphans(self, listed: list[str]) -> list[str]:
-        """Complete shards on disk that the manifest does not list. Those numbered after the last listed one were
-        renamed into place by a writer killed before it rewrote the manifest: their rows are adopted (a warning
-        names them). Unlisted shards numbered *before* it cannot come from that crash (a second writer on the
-        directory, before run locks existed); they are named in a warning and left unread."""
-        last = max((int(_SHARD.match(n).group(1)) for n in listed), default=0)
-        unlisted = [n for n in self._shards_on_disk() if n not in set(listed)]
-        early = [n for n in unlisted if int(_SHARD.match(n).group(1)) < last]
-        if early:
-            logger.warning("feedback shards %s in %s are not in the manifest and older than its last shard; they "
-                           "are left unread (inspect them with pyarrow.parquet.read_table)", early, self.directory)
-        late = [n for n in unlisted if int(_SHARD.match(n).group(1)) > last]
-        if late:
-            logger.warning("feedback shards %s in %s were written but not yet listed (the writer stopped before "
-                           "its manifest update); their rows are adopted", late, self.directory)
-        return late
 
     def _read_manifest(self) -> tuple[list[str] | None, bool]:
         """``(shard names, rebuilt)``: the manifest's list, or -- when it is missing or damaged -- the shards on
@@ -155,7 +130,7 @@ class FeedbackDataset:
             self._migrate_versioned()
             return
         if not rebuilt:
-            orphans = self._orphans(shards)
+            orphans = unlisted_shards(self.directory, shards, self._shards_on_disk())
             shards, rebuilt = shards + orphans, bool(orphans)
         for position, name in enumerate(shards):
             path = os.path.join(self.directory, SHARDS, name)
@@ -174,25 +149,7 @@ class FeedbackDataset:
             self._write_manifest()
 
     def _migrate_versioned(self) -> None:
-        """Converts a directory of the earlier ``current`` + ``versions/`` format into one shard."""
-        pointer = os.path.join(self.directory, "current")
-        if not os.path.exists(pointer):
-            return
-        from datasets import load_from_disk
-
-        with open(pointer, encoding="utf-8") as f:
-            version_dir = os.path.join(self.directory, "versions", f.read().strip())
-        ds = load_from_disk(version_dir, keep_in_memory=True)
-        cols = {name: list(ds[name]) for name in ds.column_names}
-        n = len(cols["query_index"])
-        samples = torch.tensor(cols["sample"], dtype=torch.float32).reshape(n, *self.sample_shape)
-        self._append_rows(cols["query_index"], cols["round"], cols["prompt"], samples)
-        self._update_rows(cols["query_index"], cols["batch"], cols["value"], cols["status"], cols["error"],
-                          cols["attempts"], cols["timestamp"])
-        if self.read_only:
-            return
-        self._write_shard(self._table(range(n), with_samples=True))
-        logger.warning("converted the feedback dataset in %s to the shard format (%d rows)", self.directory, n)
+        migrate_versioned(self)
 
     def _apply(self, table: pa.Table) -> None:
         cols = table.to_pydict()

@@ -223,6 +223,18 @@ def exact_velocity(mixture: GaussianMixture, x: torch.Tensor, s: torch.Tensor) -
     return ((x.double() - x0) / s.double()[:, None]).float()
 
 
+class ExactVelocity(torch.nn.Module):
+    """The mixture's exact velocity (:func:`exact_velocity`) as a network called like a flow transformer
+    (``model(sample, timestep)`` with ``timestep = s * 1000``): the pretrained model of closed-form checks."""
+
+    def __init__(self, mixture: GaussianMixture):
+        super().__init__()
+        self.mixture = mixture
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return exact_velocity(self.mixture, sample, timestep.float() / 1000)
+
+
 def _regress(model, loss_fn, steps: int, lr: float, desc: str, progress: bool):
     """Adam + cosine schedule on ``loss_fn()`` for ``steps``; returns ``model`` frozen, in eval mode."""
     from tqdm.auto import tqdm

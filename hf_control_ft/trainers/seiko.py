@@ -40,7 +40,6 @@ import torch
 from accelerate import Accelerator
 
 from ..core.control import CONTROL_ADAPTER, add_reference_adapter, copy_adapter_weights, lora_parameters
-from ..core.kl import gaussian_kl
 from ..feedback.oracle import Oracle, RoundBudget
 from ..feedback.store import FeedbackDataset
 from ..models.initial_noise import InitialNoiseModel
@@ -58,6 +57,7 @@ from .seiko_state import (
     SEIKO_CONFIG_NAME,
     check_resume_config,
     load_round_state,
+    mixture_rollout,
     round_generator,
     round_seed,
     save_round_state,
@@ -120,10 +120,9 @@ class SeikoTrainer(FeedbackCollection, BaseTrainer):
         self.feedback: FeedbackDataset | None = None
         self._state_store = None
         self.reward: OptimisticReward | None = None
-        # the run lock is taken *before* the run directory is read: a trainer never works from a view another live
-        # run (a requeued job, a second notebook cell) may be changing. Held until train() ends or close().
-        self._lock = lock_on_main(self.accelerator, self.output_dir)
-        self._holds_lock = True
+        # the run lock is taken *before* the run directory is read: never a view that another live run (a requeued
+        # job, a second notebook cell) may be changing. Held until train() ends or close().
+        self._lock, self._holds_lock = lock_on_main(self.accelerator, self.output_dir), True
         try:
             self._open_and_load()
         except BaseException:
@@ -138,16 +137,12 @@ class SeikoTrainer(FeedbackCollection, BaseTrainer):
         self._load_state()
 
     def close(self) -> None:
-        """Releases the run lock of ``output_dir`` (``train()`` does at its end; a later ``train()`` takes it again
-        and re-reads the directory)."""
-        if self._lock is not None:
+        """Releases the run lock (``train()`` does at its end; a later ``train()`` takes it and re-reads the run)."""
+        if getattr(self, "_lock", None) is not None:
             self._lock.release()
         self._lock, self._holds_lock = None, False
 
-    def __del__(self):
-        lock = getattr(self, "_lock", None)
-        if lock is not None:
-            lock.release()
+    __del__ = close
 
     @classmethod
     def from_pipeline(cls, pipeline, oracle, config: SeikoConfig, prompts, accelerator: Accelerator | None = None,
@@ -254,26 +249,9 @@ class SeikoTrainer(FeedbackCollection, BaseTrainer):
                 float((r_hat.cpu() - y).pow(2).mean().sqrt())}
 
     # ------------------------------------------------------------------ 3. update
-    @torch.no_grad()
     def reference_rollout(self, x_T: torch.Tensor, generator: torch.Generator):
-        """Rollout of the geometric-mixture reference chain (mean ``mu_mix``) from ``x_T``.
-
-        Returns ``(x_0, cost)`` with ``cost = sum_k a b / (a+b) ||mu_pre - mu_prev||^2 / (2 s_k^2)``, ``(B,)``.
-        """
-        a, b = self.config.alpha, self.config.beta
-        w = b / (a + b)
-        x, cost = x_T, x_T.new_zeros(x_T.shape[0])
-        for k in range(len(self.schedule)):
-            if not self.schedule.is_stochastic(k):
-                x = self.schedule.step_from_mean(self.sampler.mean(x, k, controlled=False), k, None)
-                continue
-            with self.sampler.kl_context():
-                mu_pre = self.sampler.mean(x, k, controlled=False)
-                mu_prev = self.sampler.reference_mean(x, k)
-            cost += (a * b / (a + b)) * gaussian_kl(mu_pre, mu_prev, self.schedule.std[k])
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-            x = self.schedule.step_from_mean((1 - w) * mu_pre + w * mu_prev, k, noise)
-        return x, cost
+        """Rollout of the geometric-mixture reference chain from ``x_T``: ``(x_0, cost)`` (:func:`mixture_rollout`)."""
+        return mixture_rollout(self.sampler, self.config.alpha, self.config.beta, x_T, generator)
 
     def train_initial_noise(self, round_index: int) -> dict:
         """Value of the combined problem by Feynman--Kac on the mixture chain, then the initial-noise model."""
@@ -353,8 +331,7 @@ class SeikoTrainer(FeedbackCollection, BaseTrainer):
         dict`` (optional) runs after each round's update, e.g. an evaluation; its metrics are logged with the round's.
         """
         if not self._holds_lock:  # an earlier train() ended: take the lock again and re-read what is on disk now
-            self._lock = lock_on_main(self.accelerator, self.output_dir)  # a second run: an error on every process
-            self._holds_lock = True
+            self._lock, self._holds_lock = lock_on_main(self.accelerator, self.output_dir), True
             self._open_and_load()
         try:
             return self._train(callback)

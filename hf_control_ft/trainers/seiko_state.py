@@ -1,4 +1,5 @@
-"""SEIKO's resumable run directory: the settings a run may not change, per-round state, per-phase seeds.
+"""SEIKO's resumable run directory (the settings a run may not change, per-round state, per-phase seeds) and the
+geometric-mixture reference rollout of its initial-noise stage (:func:`mixture_rollout`).
 
 ``output_dir`` of a SEIKO run holds ``seiko_config.json`` (written by the first run; a restart with settings
 that define what was already collected is refused), ``feedback/`` (:mod:`hf_control_ft.feedback.store`) and
@@ -21,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..core.control import CONTROL_ADAPTER, load_lora_state_dict, lora_state_dict
+from ..core.kl import gaussian_kl
 from ..utils.versioned_dir import VersionedDirectory
 
 logger = logging.getLogger(__name__)
@@ -154,3 +156,26 @@ def load_round_state(store: VersionedDirectory, model, initial_noise, previous_n
             logger.warning("SEIKO state recovered from %s (the rounds after it are redone)", directory)
         return state
     raise RunStateError(f"no intact SEIKO round state in {store.versions_dir}: " + "; ".join(errors))
+
+
+@torch.no_grad()
+def mixture_rollout(sampler, alpha: float, beta: float, x_T: torch.Tensor, generator: torch.Generator):
+    """Rollout of SEIKO's geometric-mixture reference chain (mean ``mu_mix``, ``docs/algorithms.md`` §6) from ``x_T``
+    with ``sampler`` (its ``"previous"`` reference adapter).
+
+    Returns ``(x_0, cost)`` with ``cost = sum_k a b / (a+b) ||mu_pre - mu_prev||^2 / (2 s_k^2)``, ``(B,)``.
+    """
+    a, b, schedule = alpha, beta, sampler.schedule
+    w = b / (a + b)
+    x, cost = x_T, x_T.new_zeros(x_T.shape[0])
+    for k in range(len(schedule)):
+        if not schedule.is_stochastic(k):
+            x = schedule.step_from_mean(sampler.mean(x, k, controlled=False), k, None)
+            continue
+        with sampler.kl_context():
+            mu_pre = sampler.mean(x, k, controlled=False)
+            mu_prev = sampler.reference_mean(x, k)
+        cost += (a * b / (a + b)) * gaussian_kl(mu_pre, mu_prev, schedule.std[k])
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        x = schedule.step_from_mean((1 - w) * mu_pre + w * mu_prev, k, noise)
+    return x, cost

@@ -11,7 +11,7 @@ from hf_control_ft import ControlledSampler, ElegantConfig, ElegantTrainer, gaus
 from hf_control_ft.core.control import pretrained_mode
 from hf_control_ft.core.flow_matching import FlowMatchSchedule, build_schedule, memoryless_eta
 from hf_control_ft.core.scheduling import DiffusionSchedule
-from hf_control_ft.tasks.gaussian_mixture import GaussianMixture, exact_velocity, three_mode_mixture
+from hf_control_ft.tasks.gaussian_mixture import ExactVelocity, GaussianMixture, exact_velocity, three_mode_mixture
 from hf_control_ft.testing import make_mlp_denoiser, scale_lora
 
 
@@ -265,24 +265,13 @@ def test_elegant_on_the_flow_sde_moves_mode_weights_to_the_exact_tilted_target()
     assert tv < 0.4 * tv_pre, (tv_pre, tv)  # measured 0.345 -> 0.068
 
 
-class _ExactVelocity(torch.nn.Module):
-    """The mixture's exact velocity as a network called like a flow transformer (``timestep = s * 1000``)."""
-
-    def __init__(self, mixture):
-        super().__init__()
-        self.mixture = mixture
-
-    def forward(self, sample, timestep):
-        return exact_velocity(self.mixture, sample, timestep.float() / 1000)
-
-
 @pytest.mark.parametrize("eta", [1.0, 0.5])
 def test_the_pretrained_chain_forgets_its_start_exactly_at_eta_1_at_10_steps(eta):
     """The sampler's pretrained chain with the exact velocity of the three-mode mixture, 10 steps of shift 3: at
     eta 1 the sample is independent of the start noise (fixed N(0, I) is the optimal start law); at eta 0.5 it is
     not (the bias the learned initial noise removes)."""
     mixture = three_mode_mixture()
-    sampler = ControlledSampler(_ExactVelocity(mixture), FlowMatchSchedule(FlowMatchEulerDiscreteScheduler(shift=3.0),
+    sampler = ControlledSampler(ExactVelocity(mixture), FlowMatchSchedule(FlowMatchEulerDiscreteScheduler(shift=3.0),
                                                                            10, eta))
     g = torch.Generator().manual_seed(0)
     x_1 = torch.randn(20000, 2, generator=g)
@@ -337,3 +326,21 @@ def test_stages_1_2_learn_the_closed_form_start_law_of_a_flow_chain(eta):
     z = trainer.initial_noise.sample(8192, torch.Generator().manual_seed(1))
     torch.testing.assert_close(z.mean(0), A * c / alpha, atol=0.06, rtol=0)  # measured error <= 0.035
     torch.testing.assert_close(torch.cov(z.T), torch.eye(2), atol=0.1, rtol=0)
+
+
+def test_flow_variance_benchmark_compares_the_exact_chain_with_euler_maruyama_and_the_ode(capsys):
+    """``benchmarks/flow_variance.py --quick`` (the README table's command, smaller): at 10 steps of shift 3 the
+    exact chain is near the ODE, the former Euler-Maruyama step far above the data variance."""
+    import json
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                    "benchmarks"))
+    import flow_variance
+
+    flow_variance.main(["--quick"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    for row in rows[:-1]:
+        assert row["euler_maruyama"] > 4 and 0.5 * row["ode"] <= row["exact"] <= 1.2 * row["ode"], row
+        assert row["exact_mean_error"] < 0.01
