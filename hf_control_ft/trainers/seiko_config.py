@@ -49,7 +49,8 @@ class SeikoConfig(ElegantConfig):
             within one call.
         oracle_max_attempts: total sends of one query over the whole run (restarts included): failed queries are
             asked again in later collections and after a restart until they reach it.
-        oracle_timeout: seconds one oracle call may take; a slower call fails its items (``None``: no limit).
+        oracle_timeout: seconds one oracle call may take; a slower call fails its items and the oracle is not called
+            again while it still runs (it finishes in a daemon thread; ``None``: no limit).
         min_answer_fraction: a round stops with ``OracleUnavailableError`` when fewer of its queries have an
             answer (the answers obtained are kept; a restart asks the rest again).
         output_dir: where the feedback dataset and the per-round trainer state live (resume from it).
