@@ -25,6 +25,7 @@ from ..rewards.registry import load_reward
 from ..serialization.checkpoints import CheckpointError
 from ..serialization.saved import HubPushError, mask_token
 from ..trainers.base import tracker_names
+from ..trainers.distributed import run_on_main_patiently
 from ..trainers.elegant import ElegantTrainer
 from ..trainers.elegant_config import ElegantConfig
 from ..trainers.seiko import SeikoTrainer
@@ -101,14 +102,17 @@ def _options(args, accelerator) -> dict:
 
 
 def _finish(trainer, args, config, accelerator, validation, summary: dict, metrics: dict, card_info: dict) -> int:
-    """Saves the result into ``output_dir``, writes ``metrics.json`` and pushes when asked; returns the exit code."""
+    """Saves the result into ``output_dir``, writes ``metrics.json`` and pushes when asked; returns the exit code.
+    The main process does it while the others wait in short collectives (a slow push never meets the
+    process-group timeout) and get its exit code or its error."""
     out = config.output_dir
     base = args.base_model()
     repo_id = args.hub_model_id if args.push_to_hub else None
-    trainer.save_pretrained(out, metrics=metrics, sample_grid=validation.last_grid, base_model=base,
-                            repo_id=repo_id, card_info=card_info)
-    status = 0
-    if accelerator.is_main_process:
+
+    def publish() -> int:
+        trainer.save_pretrained(out, metrics=metrics, sample_grid=validation.last_grid, base_model=base,
+                                repo_id=repo_id, card_info=card_info)
+        status = 0
         with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as fh:
             json.dump({"metrics": metrics, "train": {k: v for k, v in summary.items() if not isinstance(v, dict)},
                        "network_evaluations": summary.get("network_evaluations")}, fh, indent=2, default=str)
@@ -125,7 +129,9 @@ def _finish(trainer, args, config, accelerator, validation, summary: dict, metri
         names = ("pytorch_lora_weights.safetensors", "initial_noise", "README.md", "sample_grid.png", "validation",
                  "metrics.json", "logs")
         print(f"saved to {os.path.abspath(out)}: {', '.join(n for n in names if os.path.exists(os.path.join(out, n)))}")
-    accelerator.wait_for_everyone()
+        return status
+
+    status = run_on_main_patiently(accelerator, publish)
     accelerator.end_training()
     return status
 

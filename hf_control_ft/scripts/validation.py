@@ -17,6 +17,7 @@ import os
 import torch
 
 from ..rewards.image_rewards import call_reward
+from ..trainers.distributed import run_on_main_patiently
 from ..utils.images import image_grid
 
 logger = logging.getLogger(__name__)
@@ -73,9 +74,11 @@ class Validation:
         return trainer.decode(latents).float().clamp(0, 1).cpu()
 
     def run(self, trainer, step: int, tracker_step: int, name: str | None = None) -> dict:
-        """Samples, saves and logs one validation (main process only); returns its metrics."""
-        if not trainer.is_main_process:
-            return {}
+        """Samples, saves and logs one validation on the main process (the others wait in short collectives,
+        however long it takes, and get its metrics or its error); returns its metrics."""
+        return run_on_main_patiently(trainer.accelerator, self._run, trainer, step, tracker_step, name)
+
+    def _run(self, trainer, step: int, tracker_step: int, name: str | None) -> dict:
         images = self.images(trainer)
         grid = image_grid(images, nrow=self.num_images, value_range=(0.0, 1.0))
         directory = os.path.join(self.output_dir, VALIDATION_DIR)

@@ -11,6 +11,7 @@ process: the others never wait in a collective for a main process that has stopp
 from __future__ import annotations
 
 import pickle
+import threading
 
 import torch
 from accelerate import Accelerator
@@ -52,6 +53,52 @@ def run_on_main(accelerator: Accelerator, fn, *args, **kwargs):
     if status == "error":
         raise original if original is not None else value
     return value
+
+
+def _signal(accelerator: Accelerator, done: bool) -> bool:
+    """One short collective: the main process tells the others whether its work has finished."""
+    flag = torch.tensor([1 if done else 0], device=accelerator.device)
+    return bool(broadcast(flag, from_process=0).item())
+
+
+def run_on_main_patiently(accelerator: Accelerator, fn, *args, interval: float = 1.0, **kwargs):
+    """:func:`run_on_main` for work on the main process that may outlast the process-group timeout (an oracle
+    that asks people, a rate-limited API, a push): the main process runs ``fn`` in a worker thread and, every
+    ``interval`` seconds until it returns, joins the others in a one-element broadcast, so no process waits in a
+    collective longer than ``interval`` (the default timeout of ``accelerate`` / NCCL / gloo is 30 minutes,
+    far shorter than a round of human ratings). Results and errors reach every process as with
+    :func:`run_on_main`."""
+    if accelerator.num_processes == 1:
+        return fn(*args, **kwargs)
+    if not accelerator.is_main_process:
+        while not _signal(accelerator, False):
+            pass
+        return run_on_main(accelerator, fn)  # receives the main process's result or error; fn is not called
+    box, grad_enabled = {}, torch.is_grad_enabled()
+
+    def work():  # the caller's device and grad mode (both are per thread)
+        if accelerator.device.type == "cuda":
+            torch.cuda.set_device(accelerator.device)
+        try:
+            with torch.set_grad_enabled(grad_enabled):
+                box["result"] = (True, fn(*args, **kwargs))
+        except BaseException as err:  # noqa: BLE001 - handed to the main thread, raised there and everywhere
+            box["result"] = (False, err)
+
+    thread = threading.Thread(target=work, name="hf_control_ft-main-work", daemon=True)
+    thread.start()
+    while True:
+        thread.join(interval)
+        if _signal(accelerator, not thread.is_alive()):
+            break
+    ok, value = box["result"]
+
+    def result():
+        if not ok:
+            raise value
+        return value
+
+    return run_on_main(accelerator, result)
 
 
 def lock_on_main(accelerator: Accelerator, directory: str | None) -> RunLock | None:

@@ -8,8 +8,9 @@ still pending and asks only that.
 Several processes (``accelerate launch``): each draws its share of the round's queries from its own generator
 ``(seed, round, "sample", rank)``; the main process writes all shares, in process order, and is the only one that
 talks to the oracle, so every sample is sent exactly once and there is one writer of the dataset. The others wait
-in a collective and then receive the round's metrics, or the main process's error
-(:func:`~hf_control_ft.trainers.distributed.run_on_main`).
+in one-second collectives for as long as the oracle takes (people rating images may take hours: longer than any
+process-group timeout), then receive the round's metrics, or the main process's error
+(:func:`~hf_control_ft.trainers.distributed.run_on_main_patiently`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from accelerate.utils import gather_object
 
 from ..feedback.oracle import OracleOutputError, OracleUnavailableError
-from .distributed import run_on_main, shares
+from .distributed import run_on_main, run_on_main_patiently, shares
 
 
 class FeedbackCollection:
@@ -59,7 +60,7 @@ class FeedbackCollection:
             self._submit_queries(round_index, budget)
         elif submitted != budget:
             raise RuntimeError(f"round {round_index} has {submitted} samples on disk but a budget of {budget}")
-        metrics = run_on_main(self.accelerator, self._ask_oracle, round_index)
+        metrics = run_on_main_patiently(self.accelerator, self._ask_oracle, round_index)
         self._num_queries = metrics["round/total_queries"]
         return metrics
 

@@ -61,9 +61,9 @@ class LoggingOracle:
         return values
 
 
-def build_trainer(output_dir, oracle, **kw):
+def build_trainer(output_dir, oracle, accelerator=None, **kw):
     return SeikoTrainer(config=tiny_config(output_dir, **kw), model=make_mlp_denoiser(lora=False, hidden=16),
-                        scheduler=ddpm(), oracle=oracle, sample_shape=(2,))
+                        scheduler=ddpm(), oracle=oracle, sample_shape=(2,), accelerator=accelerator)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
     python seiko_distributed_worker.py OUTPUT_DIR ANSWER_LOG RESULT_DIR [KILL]
 
-KILL: ``rank1-drift-2`` (process 1 SIGKILLs itself when round 2's drift starts) or ``oracle-call-N`` (the
-oracle, on process 0, SIGKILLs its process on its N-th call of this run, before answering). Each process writes
+KILL: ``rank1-drift-2`` (process 1 SIGKILLs itself when round 2's drift starts), ``oracle-call-N`` (the
+oracle, on process 0, SIGKILLs its process on its N-th call of this run, before answering) or ``slow-oracle-S``
+(a process-group timeout of 4 s, and the oracle's second call takes S seconds: a phase of people rating images). Each process writes
 ``RESULT_DIR/rankR.json``: counters, whether the adapters are identical on both processes, a hash of them, and
 every file-system write a non-main process made inside the output directory (seen through an audit hook).
 """
@@ -13,8 +14,12 @@ import json
 import os
 import signal
 import sys
+import time
+from datetime import timedelta
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,6 +28,17 @@ from seiko_child import LoggingOracle, build_trainer  # noqa: E402
 from hf_control_ft.core.control import lora_parameters  # noqa: E402
 
 WRITE_EVENTS = {"os.mkdir", "os.rename", "os.replace", "os.remove", "os.rmdir", "shutil.rmtree", "shutil.copyfile"}
+
+
+class SlowOracle(LoggingOracle):
+    def __init__(self, log_path, seconds):
+        super().__init__(log_path)
+        self.seconds = seconds
+
+    def __call__(self, samples, prompts):
+        if self.calls == 1:
+            time.sleep(self.seconds)
+        return super().__call__(samples, prompts)
 
 
 class KillingOracle(LoggingOracle):
@@ -55,8 +71,15 @@ def main():
 
     if rank != 0:
         sys.addaudithook(audit)
-    oracle = KillingOracle(log, int(kill.rsplit("-", 1)[1])) if kill.startswith("oracle-call-") else LoggingOracle(log)
-    trainer = build_trainer(out, oracle)
+    accelerator = None
+    if kill.startswith("oracle-call-"):
+        oracle = KillingOracle(log, int(kill.rsplit("-", 1)[1]))
+    elif kill.startswith("slow-oracle-"):
+        oracle = SlowOracle(log, float(kill.rsplit("-", 1)[1]))
+        accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=4))])
+    else:
+        oracle = LoggingOracle(log)
+    trainer = build_trainer(out, oracle, accelerator=accelerator)
     if kill == "rank1-drift-2" and rank == 1:
         train_drift = trainer.train_drift
 

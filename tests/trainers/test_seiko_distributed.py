@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -100,6 +101,22 @@ def test_two_processes_send_every_sample_once_and_survive_a_kill_of_either(tmp_p
         assert now == kept or (math.isnan(now[0]) and math.isnan(kept[0]) and now[1] == kept[1])
     assert res[0]["hash"] == res[1]["hash"] == ref[0]["hash"]  # identical to the uninterrupted run, bit for bit
     assert res[1]["writes"] == []
+
+
+@pytest.mark.slow
+def test_an_oracle_slower_than_the_process_group_timeout_loses_nothing(tmp_path):
+    # process-group timeout 4 s; the oracle's 2nd call takes 12 s (people rating, a rate-limited API): process 1
+    # waits in 1-second collectives instead of one broadcast the timeout would kill mid-call
+    out, log = tmp_path / "run", tmp_path / "run.jsonl"
+    t0 = time.perf_counter()
+    done, res = _launch(out, log, tmp_path / "res", kill="slow-oracle-12")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert time.perf_counter() - t0 > 12
+    assert all(r["completed_rounds"] == 3 and r["num_queries"] == 32 and r["identical"] for r in res.values())
+    logged = _logged(log)
+    assert len(logged) == 32 and len(set(logged)) == 32  # every sample sent once, none lost
+    fb = FeedbackDataset(str(out / "feedback"), (2,))
+    assert len(fb) == 32 and fb.pending() == []
 
 
 def test_an_exception_that_does_not_pickle_reaches_the_other_processes_as_its_text(monkeypatch):
