@@ -40,10 +40,20 @@ def _split(spec: str) -> tuple[str, str]:
     return target, attr
 
 
+_USER_MODULES: dict[tuple, object] = {}  # (absolute path, mtime, size) -> the module imported from that file
+
+
 def _load_module(target: str, spec: str):
+    """The module of ``target``: a user file is imported once per process (checking the flag, loading the
+    reward and building the trainer reuse it: its import-time work, e.g. loading a model or connecting to a
+    rating service, runs once), again only when the file changed."""
     if target.endswith(".py") or os.sep in target or "/" in target:
         if not os.path.isfile(target):
             raise RewardSpecError(f"reward file {target!r} (from {spec!r}) does not exist")
+        stat = os.stat(target)
+        key = (os.path.abspath(target), stat.st_mtime_ns, stat.st_size)
+        if key in _USER_MODULES:
+            return _USER_MODULES[key]
         name = "hf_control_ft_user_" + os.path.splitext(os.path.basename(target))[0]
         module_spec = importlib.util.spec_from_file_location(name, os.path.abspath(target))
         module = importlib.util.module_from_spec(module_spec)
@@ -53,6 +63,7 @@ def _load_module(target: str, spec: str):
         except Exception as err:  # noqa: BLE001 - the user's file failed to import: say which and why
             del sys.modules[name]
             raise RewardSpecError(f"importing {target!r} failed: {type(err).__name__}: {err}") from None
+        _USER_MODULES[key] = module
         return module
     try:
         return importlib.import_module(target)

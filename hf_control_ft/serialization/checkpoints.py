@@ -27,7 +27,9 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..utils.versioned_dir import fsync_dir
+from ..utils.versioned_dir import fsync_dir, fsync_tree
+from .lora_io import LORA_WEIGHTS_NAME
+from .saved import INITIAL_NOISE_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -127,21 +129,6 @@ def resolve_checkpoint(output_dir: str | None, resume_from_checkpoint: str | Non
     return path
 
 
-def fsync_tree(path: str) -> None:
-    """Flushes every file below ``path`` and the directories themselves to disk (best effort for directories)."""
-    for root, dirs, names in os.walk(path):
-        for name in names:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
-        for d in [root, *(os.path.join(root, x) for x in dirs)]:
-            with contextlib.suppress(OSError):
-                fd = os.open(d, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-
-
 def begin(output_dir: str, step: int) -> str:
     """Creates and returns the temporary directory a checkpoint is written into."""
     tmp = f"{checkpoint_path(output_dir, step)}.tmp-{os.getpid()}"  # unique per process
@@ -230,16 +217,37 @@ def read_checkpoint(path: str, device) -> tuple[dict[str, torch.Tensor], dict, d
     return weights, state, optim
 
 
-def claim_output_dir(output_dir: str, overwrite: bool) -> None:
-    """A fresh run: refuses an ``output_dir`` that holds checkpoints (unless ``overwrite``, which deletes them), so
-    a new run never mixes with, or later resumes, an old one."""
+def finished_model_files(output_dir: str | None) -> list[str]:
+    """Names of a saved model's files in ``output_dir`` (the adapter, the initial-noise model)."""
+    names = (LORA_WEIGHTS_NAME, INITIAL_NOISE_DIR)
+    return [n for n in names if output_dir and os.path.exists(os.path.join(output_dir, n))]
+
+
+def claim_output_dir(output_dir: str, overwrite: bool, resuming: bool = False) -> None:
+    """A fresh run: refuses an ``output_dir`` that holds checkpoints or a finished model (unless ``overwrite``,
+    which deletes them), so a new run never mixes with, later resumes, or silently overwrites an old one.
+
+    ``resuming``: the run was asked to resume (``"latest"``) and found no checkpoint. A finished model without
+    checkpoints cannot be continued: resuming would train it again from the start and overwrite it, so that is
+    refused too, naming what to do instead.
+    """
     found = list_checkpoints(output_dir)
-    if not found:
+    finished = finished_model_files(output_dir)
+    if not found and not finished:
         return
     if not overwrite:
-        names = ", ".join(os.path.basename(p) for _, p in found)
-        raise FileExistsError(f"{output_dir} already holds a run ({names}); pass resume_from_checkpoint='latest' to "
-                              "continue it, overwrite_output_dir=True to delete its checkpoints and start over, or "
-                              "another output_dir")
+        if found:
+            names = ", ".join(os.path.basename(p) for _, p in found)
+            raise FileExistsError(f"{output_dir} already holds a run ({names}); pass resume_from_checkpoint='latest' "
+                                  "to continue it, overwrite_output_dir=True to delete its checkpoints and start "
+                                  "over, or another output_dir")
+        why = (" (resume_from_checkpoint='latest' found no checkpoint: it would train again from the start and "
+               "overwrite the model)" if resuming else "")
+        raise FileExistsError(f"{output_dir} already holds a finished model ({', '.join(finished)}) and no "
+                              f"checkpoint to continue it from{why}; pass overwrite_output_dir=True to replace it, "
+                              "or another output_dir")
     for _, path in found:
         shutil.rmtree(path)
+    for name in finished:  # a crash of the new run must not leave the old model looking like its result
+        path = os.path.join(output_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)

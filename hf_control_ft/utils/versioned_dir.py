@@ -29,17 +29,41 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def fsync_tree(path: str) -> None:
+    """Flushes every file below ``path`` to disk, then the directories themselves (best effort for those)."""
+    for root, _, names in os.walk(path):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(root)
+
+
 class VersionedDirectory:
     """Versions live in ``versions_dir/<name>/``; ``pointer_path`` names the live one.
 
-    Write a version with ``tmp = begin(name)`` (fill ``tmp``), then ``commit(name, keep=...)``.
+    Write a version with ``tmp = begin(name)`` (fill ``tmp``), then ``commit(name, keep=...)``. One writer at a
+    time: the caller holds the run's lock (:class:`~hf_control_ft.utils.run_lock.RunLock`), so opening the
+    directory removes the temporaries of killed writers and a commit may delete every older version it does not
+    keep, whichever process wrote them (nothing accumulates over restarts).
     """
 
     def __init__(self, versions_dir: str, pointer_path: str):
         self.versions_dir = versions_dir
         self.pointer_path = pointer_path
-        self._written: set[str] = set()  # versions this object committed: the only ones it may delete
         os.makedirs(versions_dir, exist_ok=True)
+        self._remove_temporaries()
+
+    def _remove_temporaries(self) -> None:
+        """Temporary version directories and pointer files of killed writers: never live, never read."""
+        for name in os.listdir(self.versions_dir):
+            if name.startswith(".tmp-"):
+                shutil.rmtree(os.path.join(self.versions_dir, name), ignore_errors=True)
+        parent = os.path.dirname(os.path.abspath(self.pointer_path))
+        prefix = os.path.basename(self.pointer_path) + ".tmp-"
+        for name in os.listdir(parent):
+            if name.startswith(prefix):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(parent, name))
 
     def versions(self) -> list[str]:
         """Names of the complete version directories on disk, oldest first (names sort by age)."""
@@ -78,13 +102,14 @@ class VersionedDirectory:
         return tmp
 
     def commit(self, name: str, keep: set[str] = frozenset()) -> str:
-        """Renames the temporary directory to ``name``, makes it live, then deletes the versions *this object*
-        wrote before, except those in ``keep`` (a version written by another process is never deleted). Returns
-        the version's directory."""
+        """Flushes the temporary directory's files to disk, renames it to ``name``, makes it live, then deletes
+        every other version except those in ``keep``. Returns the version's directory."""
         final = os.path.join(self.versions_dir, name)
+        tmp = os.path.join(self.versions_dir, f".tmp-{name}-{os.getpid()}")
+        fsync_tree(tmp)  # every file on disk before the rename can make the version visible
         if os.path.isdir(final):  # the same round redone after a restart: the new state replaces it
             shutil.rmtree(final)
-        os.rename(os.path.join(self.versions_dir, f".tmp-{name}-{os.getpid()}"), final)
+        os.rename(tmp, final)
         fsync_dir(self.versions_dir)
         pointer_tmp = f"{self.pointer_path}.tmp-{os.getpid()}"
         with open(pointer_tmp, "w", encoding="utf-8") as f:
@@ -93,7 +118,7 @@ class VersionedDirectory:
             os.fsync(f.fileno())
         os.replace(pointer_tmp, self.pointer_path)
         fsync_dir(os.path.dirname(os.path.abspath(self.pointer_path)))
-        for entry in sorted(self._written - set(keep) - {name}):
-            shutil.rmtree(os.path.join(self.versions_dir, entry), ignore_errors=True)
-        self._written = (self._written & set(keep)) | {name}
+        for entry in self.versions():
+            if entry != name and entry not in keep:
+                shutil.rmtree(os.path.join(self.versions_dir, entry), ignore_errors=True)
         return final
