@@ -128,8 +128,9 @@ def run(argv=None) -> ElegantTrainer:
     trainer.save_pretrained(out, metrics=card_metrics, sample_grid=grid,  # main process only
                             base_model=digits.digits_pipeline_path(cache_dir))
     if accelerator.is_main_process:
-        task = {"task": "digits", "target_digit": args.target_digit, "cache_dir": cache_dir,
-                "base_model": digits.digits_pipeline_path(cache_dir), "reward": reward.__name__}
+        # what the model is, never where it lives: `hf-control-ft evaluate` finds the digits model and classifiers
+        # in its own --cache_dir (default ./cache/digits or $HF_CONTROL_FT_CACHE)
+        task = {"task": "digits", "target_digit": args.target_digit, "reward": reward.__name__}
         with open(os.path.join(out, "task.json"), "w", encoding="utf-8") as f:
             json.dump(task, f, indent=2)
         print(f"\n{'metric':<30}{'pretrained':>12}{'ELEGANT':>12}")

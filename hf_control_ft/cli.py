@@ -5,8 +5,9 @@
     hf-control-ft evaluate me/elegant-sd15 --reward pickscore --prompt "a photo of a cat" --num_samples 16
     hf-control-ft evaluate outputs/digits-elegant --num_samples 512          # digits metrics (task.json)
 
-The base model is ``--base_model``, else the one the save records (``stable_diffusion.json`` of a pipeline
-run, ``task.json`` of the digits job): a Hub id or a local diffusers pipeline directory. ``evaluate`` samples the
+The base model is ``--base_model``, else the Hub id the save records (``stable_diffusion.json`` of a pipeline
+run), else for the digits job (``task.json``) the digits model in ``--cache_dir``: a save never names a path of
+the machine it was made on, and none is used. ``evaluate`` samples the
 base model (from ``N(0, I)``, no adapter) and the fine-tuned one (learned initial noise + control) with the same
 seed and reports the reward's mean and standard deviation and the mean pairwise distance of the samples
 (diversity), or, for the digits job, its proxy / genuine classifier metrics.
@@ -48,11 +49,14 @@ def resolve(adapter: str, token: str | None = None, revision: str | None = None,
         exit_with_error(f"cannot download {adapter!r} from the Hub: {error_line(err)}")
 
 
-def load_trainer(directory: str, base_model: str | None, token: str | None = None):
-    """An ``ElegantTrainer`` (inference use) on a fresh base pipeline with the saved control."""
+def load_trainer(directory: str, base_model: str | None, token: str | None = None, cache_dir: str | None = None):
+    """An ``ElegantTrainer`` (inference use) on a fresh base pipeline with the saved control.
+
+    The base model is ``base_model``, else the Hub id the save records, else (a digits save) the digits model
+    of this machine's ``cache_dir``. A path recorded by the publisher is never used."""
     from .processes.loading import load_base_pipeline
     from .processes.stable_diffusion import load_options
-    from .serialization.saved import read_saved
+    from .serialization.saved import published_base_model, read_saved
     from .trainers.elegant import ElegantTrainer
 
     try:
@@ -60,7 +64,14 @@ def load_trainer(directory: str, base_model: str | None, token: str | None = Non
     except (FileNotFoundError, ValueError) as err:
         exit_with_error(str(err))
     pipeline_run = saved["options_path"] is not None
-    recorded = load_options(directory).base_model if pipeline_run else read_task(directory).get("base_model")
+    if pipeline_run:
+        recorded = published_base_model(load_options(directory).base_model, given_as_id=True)  # ids only
+    elif read_task(directory).get("task") == "digits":
+        from .tasks import digits
+
+        recorded = digits.digits_pipeline_path(cache_dir)
+    else:
+        recorded = None
     base = base_model or recorded
     if not base:
         exit_with_error(f"no base model: pass --base_model (a Hub id or a local diffusers pipeline directory); "
@@ -90,7 +101,7 @@ def cmd_sample(args) -> int:
     from .utils.images import image_grid
 
     directory = resolve(args.adapter_dir, args.token, args.revision, args.endpoint)
-    trainer, conditional = load_trainer(directory, args.base_model, args.token)
+    trainer, conditional = load_trainer(directory, args.base_model, args.token, args.cache_dir)
     samples, _ = draw(trainer, conditional, args, controlled=not args.pretrained)
     if conditional:
         grid = image_grid(samples, value_range=(0.0, 1.0))
@@ -139,8 +150,8 @@ def _evaluate_digits(args, directory: str, task: dict) -> int:
     from .tasks import digits
 
     target = args.target_digit if args.target_digit is not None else task.get("target_digit")
-    trainer, _ = load_trainer(directory, args.base_model, args.token)
-    proxy, genuine = digits.load_or_train_classifiers(args.cache_dir or task.get("cache_dir"))
+    trainer, _ = load_trainer(directory, args.base_model, args.token, args.cache_dir)
+    proxy, genuine = digits.load_or_train_classifiers(args.cache_dir)  # this machine's, never task.json's
     result = {"target_digit": int(target)}
     for name, controlled in (("pretrained", False), ("fine_tuned", True)):
         x = trainer.sample(args.num_samples, generator=torch.Generator().manual_seed(args.seed),
@@ -161,6 +172,8 @@ def _print(result: dict, output: str | None) -> int:
 def _common(p: argparse.ArgumentParser, num_samples: int, seed: int) -> None:
     p.add_argument("adapter_dir", help="a saved control directory or a Hub repo id")
     p.add_argument("--base_model", default=None, help="Hub id or local pipeline directory (default: the recorded one)")
+    p.add_argument("--cache_dir", default=None, help="digits job: this machine's cache with the digits model and "
+                   "classifiers (default: $HF_CONTROL_FT_CACHE or ./cache/digits)")
     p.add_argument("--prompt", nargs="+", default=None, help="prompts (text-to-image controls), cycled over samples")
     p.add_argument("--num_samples", type=int, default=num_samples)
     p.add_argument("--batch_size", type=int, default=None, help="sampling batch (default: the training batch)")
@@ -183,7 +196,6 @@ def build_parser() -> argparse.ArgumentParser:
     _common(e, 512, 1234)
     e.add_argument("--reward", default=None, help="built-in name or 'file.py:function' (digits job: optional)")
     e.add_argument("--reward_model_name_or_path", default=None, help="CLIP model of a built-in reward")
-    e.add_argument("--cache_dir", default=None, help="digits cache with the classifiers (default: from task.json)")
     e.add_argument("--target_digit", type=int, default=None)
     e.add_argument("--output", default=None, help="also write the JSON here")
     e.set_defaults(func=cmd_evaluate)

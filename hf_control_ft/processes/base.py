@@ -148,3 +148,8 @@ class ControlledProcess:
     def save_options(self, directory: str, base_model: str | None = None) -> dict:
         """Writes the family's options (none here); returns the model-card fields they give."""
         return {"base_model": base_model, "conditional": False, "guidance_scale": None}
+
+    def run_settings(self) -> dict:
+        """What a resumed run may not change about the process (JSON values): its family and sample shape here;
+        text-to-image families add base model, prompts, guidance, size and precision."""
+        return {"family": self.family, "sample_shape": list(self.sample_shape)}

@@ -22,6 +22,8 @@ conditions the stage-1 value and the learned initial noise, so each prompt gets 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import os
 
@@ -30,7 +32,7 @@ from torch import nn
 
 from ..core.control import add_lora_control
 from ..rewards.checks import reward_name
-from ..serialization.saved import OPTIONS_NAME
+from ..serialization.saved import OPTIONS_NAME, published_base_model
 from .base import ControlledProcess
 from .sd_components import (
     GuidedUNet,
@@ -223,14 +225,23 @@ class StableDiffusionProcess(ControlledProcess):
 
     # ------------------------------------------------------------------ persistence
     def save_options(self, directory: str, base_model: str | None = None) -> dict:
-        if base_model is not None:
-            self.options.base_model = base_model
-        self.options.save(os.path.join(directory, OPTIONS_NAME))
+        """Writes ``stable_diffusion.json`` (the base model only as a Hub id: never a local path) and returns the
+        card's fields (the card shows a local base model by its directory name). ``base_model``: the Hub id the
+        caller names (``--base_model_id``); else the path the pipeline was loaded from, published only when it is
+        not a path of this machine."""
+        base = base_model if base_model is not None else self.options.base_model
+        published = published_base_model(base, given_as_id=base_model is not None)
+        dataclasses.replace(self.options, base_model=published).save(os.path.join(directory, OPTIONS_NAME))
         unique = list(dict.fromkeys(self.prompts))
-        return {"base_model": self.options.base_model, "conditional": True,
+        return {"base_model": base, "conditional": True,
                 "guidance_scale": self.options.guidance_scale, "family": self.family, "prompts": unique[:8],
                 "num_prompts": len(unique), "negative_prompt": self.options.negative_prompt,
                 "mixed_precision": self.options.mixed_precision}
+
+
+    def run_settings(self) -> dict:
+        prompts = hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()
+        return {**super().run_settings(), **dataclasses.asdict(self.options), "prompts_sha256": prompts}
 
 
 class _ConditionedReward:

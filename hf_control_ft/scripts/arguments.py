@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from ..rewards.registry import RewardSpecError, check_spec
 from ..serialization.checkpoints import PREFIX as CHECKPOINT_PREFIX
-from ..serialization.checkpoints import list_checkpoints
-from ..serialization.lora_io import LORA_WEIGHTS_NAME
+from ..serialization.checkpoints import finished_model_files, list_checkpoints
+from ..serialization.saved import is_hub_id
 from ..trainers.base import check_trackers
 from ..utils.config_cli import ConfigCliError, parse_dataclasses
 from ..utils.errors import exit_with_error
@@ -141,22 +141,34 @@ class TextToImageArguments:
     refuses_existing_run = True
 
     def check_output_dir(self, output_dir: str | None, overwrite: bool) -> None:
-        """A new run never overwrites an old one silently: ``output_dir`` holding checkpoints or a saved adapter
-        needs ``--resume_from_checkpoint`` or ``--overwrite_output_dir``."""
-        if not self.refuses_existing_run or not output_dir or self.resume_from_checkpoint or overwrite:
+        """A new run never overwrites an old one silently: ``output_dir`` holding checkpoints or a saved model
+        needs ``--resume_from_checkpoint`` (checkpoints) or ``--overwrite_output_dir``; a finished model without
+        checkpoints cannot be resumed (that would train it again and overwrite it)."""
+        if not self.refuses_existing_run or not output_dir or overwrite:
             return
-        found = [os.path.basename(p) for _, p in list_checkpoints(output_dir)]
-        if os.path.isfile(os.path.join(output_dir, LORA_WEIGHTS_NAME)):
-            found.append(LORA_WEIGHTS_NAME)
-        if found:
-            raise ValueError(f"--output_dir {output_dir!r} already holds a run ({', '.join(found)}): pass "
-                             "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to start over, "
-                             "or another --output_dir")
+        checkpoints = [os.path.basename(p) for _, p in list_checkpoints(output_dir)]
+        finished = finished_model_files(output_dir)
+        if self.resume_from_checkpoint and (checkpoints or not finished):
+            return
+        if checkpoints:
+            raise ValueError(f"--output_dir {output_dir!r} already holds a run ({', '.join(checkpoints + finished)})"
+                             ": pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to start "
+                             "over, or another --output_dir")
+        if finished:
+            why = (f" (--resume_from_checkpoint {self.resume_from_checkpoint} would train it again from the start "
+                   "and overwrite it)" if self.resume_from_checkpoint else "")
+            raise ValueError(f"--output_dir {output_dir!r} already holds a finished model ({', '.join(finished)}) "
+                             f"and no checkpoint to continue it from{why}: pass --overwrite_output_dir to replace "
+                             "it, or another --output_dir")
 
     def base_model(self) -> str | None:
-        """The base model a save records: ``base_model_id`` (a Hub id) or the path as given (a card shows a local
-        path by its directory name only)."""
-        return self.base_model_id or self.pretrained_model_name_or_path
+        """The base model a save records: ``base_model_id`` (a Hub id), else ``pretrained_model_name_or_path``
+        unless it is a path of this machine (``None``: a published file never names a local path; the card shows
+        a local path by its directory name)."""
+        if self.base_model_id:
+            return self.base_model_id
+        path = self.pretrained_model_name_or_path
+        return None if os.path.exists(path) or not is_hub_id(path) else path
 
     def card_dataset(self) -> str | None:
         """The prompt dataset as a card names it: a Hub id as given, a local directory by its name only."""

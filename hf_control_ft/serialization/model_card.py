@@ -50,7 +50,7 @@ def render_model_card(config, reward: str, base_model: str | None = None, metric
     A local ``base_model`` path is shown by its directory name only: a card never carries an absolute local path.
     """
     info = dict(card_info or {})
-    if base_model and os.path.isabs(base_model):
+    if base_model and (os.path.isabs(base_model) or base_model.startswith((".", "~"))):
         base_model = os.path.basename(os.path.normpath(base_model))
     family_tags = [] if not conditional else [info.get("family") or "stable-diffusion",
                                               *(["flow-matching"] if info.get("flow") else []), "text-to-image"]

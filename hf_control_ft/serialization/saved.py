@@ -47,6 +47,21 @@ def save_sample_grid(sample_grid, save_directory: str) -> str:
     return SAMPLE_GRID_NAME
 
 
+def is_hub_id(name: str | None) -> bool:
+    """Whether ``name`` is spelled as a Hub repo id (``owner/name`` or ``name``), not as a path."""
+    return bool(name) and not os.path.isabs(name) and not name.startswith((".", "~")) and "\\" not in name \
+        and name.count("/") <= 1 and all(name.split("/"))
+
+
+def published_base_model(name: str | None, given_as_id: bool = False) -> str | None:
+    """What a published file records of a base model: a Hub id, else ``None`` (a published file never names a
+    path of the machine it was made on; whoever loads the model names their own copy with ``--base_model``).
+    A name that is also a directory here is taken for a local path unless ``given_as_id`` (``--base_model_id``)."""
+    if not is_hub_id(name) or (not given_as_id and os.path.exists(name)):
+        return None
+    return name
+
+
 def _card_path(directory: str) -> str:
     """How a card refers to a local save: as given when relative, by its name when absolute (no local paths)."""
     return os.path.basename(os.path.normpath(directory)) if os.path.isabs(directory) else directory
@@ -60,7 +75,8 @@ def save_control(save_directory: str, process, config, initial_noise=None, rewar
     Args:
         process: the controlled process (:mod:`hf_control_ft.processes`): writes the adapter in its family's
             LoRA format and its options, and gives the card's family fields.
-        config: the training config (saved as ``elegant_config.json``; shown on the card).
+        config: the training config: what describes the model is saved as ``elegant_config.json`` and shown on
+            the card (``config.published_dict()``: no run-local field such as ``output_dir`` or ``logging_dir``).
         initial_noise: the learned initial-noise model, or ``None``.
         reward: the reward's name for the card.
         card_info: extra card fields (:func:`~hf_control_ft.serialization.model_card.render_model_card`), over
@@ -71,7 +87,8 @@ def save_control(save_directory: str, process, config, initial_noise=None, rewar
     lora_config = process.peft_config()
     if initial_noise is not None:
         initial_noise.save_pretrained(os.path.join(save_directory, INITIAL_NOISE_DIR))
-    config.save(os.path.join(save_directory, CONFIG_NAME))
+    with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(config.published_dict(), f, indent=2, sort_keys=True)  # no output_dir, logging_dir, ...
     with open(os.path.join(save_directory, SAMPLE_SHAPE_NAME), "w", encoding="utf-8") as f:
         json.dump(list(process.sample_shape), f)
     fields = process.save_options(save_directory, base_model)

@@ -38,7 +38,7 @@ from .base import BaseTrainer
 from .costs import describe, network_evaluations
 from .distributed import lock_on_main, run_on_main
 from .elegant_checkpoints import ElegantCheckpointing
-from .elegant_config import ElegantConfig
+from .elegant_config import RUN_LOCAL_FIELDS, ElegantConfig
 from .objectives import choose_drift_objective, step_value_states_per_rollout
 
 logger = logging.getLogger(__name__)
@@ -292,7 +292,7 @@ class ElegantTrainer(ElegantCheckpointing, BaseTrainer):
                 self.load_checkpoint(checkpoint)
             elif cfg.output_dir:
                 run_on_main(self.accelerator, checkpointing.claim_output_dir, cfg.output_dir,
-                            cfg.overwrite_output_dir)
+                            cfg.overwrite_output_dir, resuming=resume_from_checkpoint is not None)
             self._start_trackers()
             costs = self.network_evaluations()
             if self.is_main_process:
@@ -354,12 +354,17 @@ class ElegantTrainer(ElegantCheckpointing, BaseTrainer):
         run (``stable_diffusion.json`` present), on a fresh base ``pipeline`` with its saved options
         (``prompts`` default to the empty prompt).
 
+        The saved config gives the model's settings; the run-local ones (``output_dir``, ``logging_dir``,
+        ``report_to``, checkpointing, ...) are the defaults or ``config_overrides``, never the publisher's.
         The adapter is re-created from the LoRA file's metadata (rank, lora_alpha, targets) and its weights
         loaded; the initial-noise model comes from ``initial_noise/``.
         """
         directory = resolve_directory(directory)
         saved = read_saved(directory)
-        config = ElegantConfig.from_dict(saved["config"], **config_overrides)
+        # what describes the model; run-local fields (output_dir, logging_dir, trackers, ...) are this run's own,
+        # never the publisher's, even in saves made before they were left out
+        published = {k: v for k, v in saved["config"].items() if k not in RUN_LOCAL_FIELDS}
+        config = ElegantConfig.from_dict(published, **config_overrides)
         if saved["options_path"] is not None:
             if pipeline is None:
                 raise ValueError(f"{directory} was trained on a pipeline; pass pipeline= (a fresh base pipeline)")

@@ -22,6 +22,11 @@ RESUME_KEYS = ("alpha", "eta", "num_inference_steps", "learn_initial_noise", "co
                "value_learning_rate", "step_value_train_steps", "noise_num_steps", "noise_train_steps",
                "noise_learning_rate", "noise_batch_size", "aux_hidden", "seed")
 
+# settings of one run on one machine, not of the model: never published with a save, never adopted by
+# ``from_pretrained`` (a consumer's run never reads or writes the publisher's directories or trackers)
+RUN_LOCAL_FIELDS = ("output_dir", "overwrite_output_dir", "logging_dir", "report_to", "tracker_project_name",
+                    "checkpointing_steps", "checkpoints_total_limit", "log_every")
+
 
 def _field(default, help_text: str):
     """A dataclass field with its ``--help`` text (list defaults are copied per instance)."""
@@ -248,6 +253,10 @@ class ElegantConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def published_dict(self) -> dict:
+        """The fields that describe the trained model (what a save publishes): all but :data:`RUN_LOCAL_FIELDS`."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUN_LOCAL_FIELDS}
 
     def save(self, path: str) -> None:
         with open(path, "w", encoding="utf-8") as f:

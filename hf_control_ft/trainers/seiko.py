@@ -58,10 +58,12 @@ from .seiko_state import (
     check_resume_config,
     load_round_state,
     mixture_rollout,
+    replace_run,
     round_generator,
     round_seed,
     save_round_state,
     state_store,
+    write_json,
 )
 
 
@@ -122,6 +124,7 @@ class SeikoTrainer(FeedbackCollection, BaseTrainer):
         self.reward: OptimisticReward | None = None
         # the run lock is taken *before* the run directory is read: never a view that another live run (a requeued
         # job, a second notebook cell) may be changing. Held until train() ends or close().
+        self._replaced = False  # overwrite_output_dir moves an earlier run aside once, not at every train()
         self._lock, self._holds_lock = lock_on_main(self.accelerator, self.output_dir), True
         try:
             self._open_and_load()
@@ -179,11 +182,16 @@ class SeikoTrainer(FeedbackCollection, BaseTrainer):
 
     # ------------------------------------------------------------------ state (per round)
     def _open_run_directory(self) -> int:
-        """Main process: checks a resumed run's settings, opens the feedback dataset and the state versions;
+        """Main process: with ``overwrite_output_dir`` moves an existing run aside (once per trainer: its answers
+        are kept, unused); opens the feedback dataset and the state versions and checks a resumed run's settings;
         returns the number of stored queries."""
+        if self.config.overwrite_output_dir and not self._replaced:
+            replace_run(self.output_dir)
+        self._replaced = True
         self._state_store = state_store(self.output_dir)  # creates output_dir
-        check_resume_config(self.config, self.output_dir)
         self.feedback = FeedbackDataset(os.path.join(self.output_dir, FEEDBACK_DIR), self.sample_shape)
+        started = max(self.feedback.columns["round"], default=0)
+        check_resume_config(self.config, self.output_dir, started, self.process.run_settings())
         return len(self.feedback)
 
     def _rank_generator(self, round_index: int, phase: str) -> torch.Generator:
@@ -373,7 +381,7 @@ class SeikoTrainer(FeedbackCollection, BaseTrainer):
         save_control(save_directory, self.process, self.config.elegant_config(), self.initial_noise,
                      reward=self.reward_name, metrics=metrics, sample_grid=sample_grid, base_model=base_model,
                      repo_id=repo_id, card_info={**(card_info or {}), "seiko": seiko})
-        self.config.save(os.path.join(save_directory, SEIKO_CONFIG_NAME))
+        write_json(os.path.join(save_directory, SEIKO_CONFIG_NAME), self.config.published_dict())
 
     def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None,
                     feedback_repo_id: str | None = None, commit_message: str | None = None,

@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from ..core.control import CONTROL_ADAPTER, load_lora_state_dict, lora_state_dict
 from ..core.kl import gaussian_kl
-from ..utils.versioned_dir import VersionedDirectory
+from ..utils.versioned_dir import VersionedDirectory, fsync_dir
+from .elegant_config import RESUME_KEYS as ELEGANT_RESUME_KEYS
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +33,14 @@ FEEDBACK_DIR = "feedback"
 STATE_DIR = "trainer_state"
 STATE_NAME = "state.json"
 SEIKO_CONFIG_NAME = "seiko_config.json"
-# fields that must not change between a run and its resumption (they define what was already collected)
-RESUME_KEYS = ("num_rounds", "queries_per_round", "seed", "optimism", "alpha", "beta", "num_inference_steps", "eta",
-               "learn_initial_noise", "lora_rank", "lora_alpha", "lora_target_modules", "noise_num_steps")
+PROCESS_SETTINGS_NAME = "process_settings.json"
+REPLACED_DIR = "replaced"
+# settings a resumed run may not change: they define what was already collected and how it is used (train_steps,
+# logging, output and oracle-transport settings may change; num_rounds may grow, with the budgets of the rounds
+# already started unchanged)
+RESUME_KEYS = ELEGANT_RESUME_KEYS + ("optimism", "beta", "bonus_scale", "ensemble_size", "ucb_ridge", "bonus_cap",
+                                     "feature_std_floor", "reward_hidden", "reward_depth", "reward_train_steps",
+                                     "reward_learning_rate", "reward_weight_decay", "reward_batch_size")
 _PHASES = {"sample": 1, "reward": 2, "ts": 3, "value": 4, "noise": 5, "drift": 6, "value_fit": 7}
 
 
@@ -48,28 +54,97 @@ def round_generator(seed: int, round_index: int, phase: str, rank: int = 0) -> t
     return torch.Generator().manual_seed(round_seed(seed, round_index, phase, rank))
 
 
-def check_resume_config(config, output_dir: str) -> None:
-    """Saves ``config`` on the first run; on a restart refuses settings in :data:`RESUME_KEYS` that changed."""
-    path = os.path.join(output_dir, SEIKO_CONFIG_NAME)
-    if not os.path.exists(path):
-        config.save(path)
-        return
+def write_json(path: str, value) -> None:
+    """Writes ``value`` as JSON atomically (temporary file, fsync, rename)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_json(path: str, what: str):
     try:
         with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
+            return json.load(f)
     except (OSError, ValueError) as err:
-        raise ValueError(f"{path} (the settings of the run in {output_dir}) is damaged: {err}. Restore it, or delete "
-                         "it to continue the run with the current settings") from None
+        raise ValueError(f"{path} ({what}) is damaged: {err}. Restore it, or delete it to continue the run with the "
+                         "current settings") from None
+
+
+def _budgets(values: dict) -> list[int]:
+    q, r = values.get("queries_per_round"), int(values.get("num_rounds") or 0)
+    return [int(v) for v in q] if isinstance(q, list) else [int(q)] * r
+
+
+def check_resume_config(config, output_dir: str, started_rounds: int, process_settings: dict) -> None:
+    """Saves ``config`` (and ``process_settings``: base model, prompts, guidance, precision) on the first run; on
+    a restart refuses settings in :data:`RESUME_KEYS` or process settings that changed, and budgets that
+    changed for the ``started_rounds`` rounds whose queries were already drawn. A larger ``num_rounds`` extends
+    a (finished) run: the saved settings are updated and the new rounds run."""
+    path = os.path.join(output_dir, SEIKO_CONFIG_NAME)
+    settings_path = os.path.join(output_dir, PROCESS_SETTINGS_NAME)
     current = config.to_dict()
-    changed = [k for k in RESUME_KEYS if saved.get(k) != current.get(k)]
+    if not os.path.exists(path):
+        write_json(path, current)
+        write_json(settings_path, process_settings)
+        return
+    saved = _read_json(path, f"the settings of the run in {output_dir}")
+    changed = [k for k in RESUME_KEYS if k in saved and saved[k] != current.get(k)]
+    if os.path.exists(settings_path):
+        saved_process = _read_json(settings_path, f"the model settings of the run in {output_dir}")
+        changed += [f"process.{k}" for k in sorted(set(saved_process) | set(process_settings))
+                    if saved_process.get(k) != process_settings.get(k)]
+    else:
+        saved_process = {}
     if changed:
+        def value(k):
+            return (saved_process.get(k[8:]), process_settings.get(k[8:])) if k.startswith("process.") else \
+                (saved.get(k), current.get(k))
         raise ValueError(f"{output_dir} holds a run with different {changed} "
-                         f"({ {k: saved.get(k) for k in changed} } vs { {k: current.get(k) for k in changed} }); "
-                         "use another output_dir to start a new run")
+                         f"({ {k: value(k)[0] for k in changed} } vs { {k: value(k)[1] for k in changed} }); "
+                         "use another output_dir (or overwrite_output_dir=True) to start a new run")
+    if config.num_rounds < started_rounds:
+        raise ValueError(f"{output_dir} holds a run that already started {started_rounds} rounds; num_rounds="
+                         f"{config.num_rounds} would stop it midway: give num_rounds >= {started_rounds}")
+    before, now = _budgets(saved), config.budgets()
+    if before[:started_rounds] != now[:started_rounds]:
+        raise ValueError(f"{output_dir} holds a run whose first {started_rounds} rounds were drawn with "
+                         f"queries_per_round {before[:started_rounds]}; the new settings give "
+                         f"{now[:started_rounds]}: keep those budgets (later rounds may change)")
+    if saved != current:
+        if config.num_rounds != saved.get("num_rounds"):
+            logger.info("SEIKO run in %s: num_rounds %s -> %s", output_dir, saved.get("num_rounds"), config.num_rounds)
+        write_json(path, current)
+    if not os.path.exists(settings_path):
+        write_json(settings_path, process_settings)
+
+
+def replace_run(output_dir: str) -> str | None:
+    """``overwrite_output_dir``: moves the run in ``output_dir`` (feedback, round states, settings) to
+    ``output_dir/replaced/<UTC time>/`` and returns that directory (``None`` when there was no run). Paid oracle
+    answers are never deleted: the new run does not read them, and the files stay for the user."""
+    names = [n for n in (FEEDBACK_DIR, STATE_DIR, SEIKO_CONFIG_NAME, PROCESS_SETTINGS_NAME)
+             if os.path.exists(os.path.join(output_dir, n))]
+    if not names:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target, k = os.path.join(output_dir, REPLACED_DIR, stamp), 0
+    while os.path.exists(target):
+        k += 1
+        target = os.path.join(output_dir, REPLACED_DIR, f"{stamp}.{k}")
+    os.makedirs(target)
+    for name in names:
+        os.rename(os.path.join(output_dir, name), os.path.join(target, name))
+    fsync_dir(output_dir)
+    logger.warning("overwrite_output_dir: the previous run in %s (%s) was moved to %s; this run starts afresh",
+                   output_dir, ", ".join(names), target)
+    return target
 
 
 def state_store(output_dir: str) -> VersionedDirectory:
-    """The versioned per-round state directory of a run (one object per trainer: it deletes only what it wrote)."""
+    """The versioned per-round state directory of a run (opened by the holder of the run lock)."""
     root = os.path.join(output_dir, STATE_DIR)
     return VersionedDirectory(root, os.path.join(root, "current"))
 

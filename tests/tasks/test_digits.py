@@ -99,11 +99,14 @@ def test_train_script_writes_outputs_refuses_overwrite_and_cli_reads_them(cache,
     assert os.path.exists(os.path.join(out, "metrics.json"))  # nothing was lost
 
     grid = str(tmp_path / "grid.png")
-    assert cli_main(["sample", out, "--num_samples", "9", "--output", grid]) == 0
+    task = json.load(open(os.path.join(out, "task.json")))
+    assert task == {"task": "digits", "target_digit": 3, "reward": task["reward"]}  # no path of this machine
+    assert "output_dir" not in json.load(open(os.path.join(out, "elegant_config.json")))
+    assert cli_main(["sample", out, "--num_samples", "9", "--output", grid, "--cache_dir", cache]) == 0
     from PIL import Image
     assert Image.open(grid).size == (8 * (3 * 9 + 1), 8 * (3 * 9 + 1))  # 3x3 grid of 8x8 digits, 8x enlarged
     report = str(tmp_path / "eval.json")
-    assert cli_main(["evaluate", out, "--num_samples", "16", "--output", report]) == 0
+    assert cli_main(["evaluate", out, "--num_samples", "16", "--output", report, "--cache_dir", cache]) == 0
     result = json.load(open(report))
     assert result["target_digit"] == 3
     assert result["fine_tuned"]["num_samples"] == 16 and "genuine_reward" in result["pretrained"]
