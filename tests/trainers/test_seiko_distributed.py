@@ -119,6 +119,23 @@ def test_an_oracle_slower_than_the_process_group_timeout_loses_nothing(tmp_path)
     assert len(fb) == 32 and fb.pending() == []
 
 
+@pytest.mark.slow
+def test_a_nan_reward_on_one_process_stops_every_process_at_once_naming_it(tmp_path):
+    # a rank-local error before a collective: process 1's reward is NaN at its 2nd drift step, process 0 is
+    # already in the gradient all-reduce. The job must stop at once (not wait out the process-group timeout) and
+    # say why.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), os.path.join(ROOT, "tests", "helpers", "elegant_nan_worker.py"),
+           str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and time.perf_counter() - t0 < 120
+    assert "returned 4 non-finite values (4 NaN, 0 inf)" in done.stderr
+    assert not list(tmp_path.iterdir())  # neither process went on as if nothing happened
+
+
 def test_an_exception_that_does_not_pickle_reaches_the_other_processes_as_its_text(monkeypatch):
     """The main process raises its own exception; the others get a MainProcessError naming it, instead of
     waiting forever in a broadcast that failed to pickle it."""
