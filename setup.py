@@ -14,7 +14,7 @@ setup(
     # the card templates live in the top-level model_cards/ and ship inside the wheel as hf_control_ft/model_cards
     packages=find_packages(include=["hf_control_ft", "hf_control_ft.*"]) + ["hf_control_ft.model_cards"],
     package_dir={"hf_control_ft.model_cards": "model_cards"},
-    package_data={"hf_control_ft.model_cards": ["*.md"]},
+    package_data={"hf_control_ft.model_cards": ["*.md"], "hf_control_ft.feedback": ["*.html", "*.js"]},
     install_requires=[
         "torch>=2.4",
         "diffusers>=0.35,<0.43",
@@ -33,6 +33,6 @@ setup(
         "pillow",
         "jinja2>=3.0",
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout"], "wandb": ["wandb"], "mlflow": ["mlflow"]},
+    extras_require={"dev": ["pytest>=8", "pytest-timeout", "playwright"], "wandb": ["wandb"], "mlflow": ["mlflow"]},
     entry_points={"console_scripts": ["hf-control-ft=hf_control_ft.cli:main"]},
 )

@@ -4,6 +4,7 @@
     hf-control-ft sample   me/elegant-sd15 --prompt "a photo of a cat" --num_samples 4 --output cats.png
     hf-control-ft evaluate me/elegant-sd15 --reward pickscore --prompt "a photo of a cat" --num_samples 16
     hf-control-ft evaluate outputs/digits-elegant --num_samples 512          # digits metrics (task.json)
+    hf-control-ft rate     outputs/seiko-sd15 --raters alice bob             # the rating page of a SEIKO run
 
 The base model is ``--base_model``, else the Hub id the save records (``stable_diffusion.json`` of a pipeline
 run), else for the digits job (``task.json``) the digits model in ``--cache_dir``: a save never names a path of
@@ -160,6 +161,32 @@ def _evaluate_digits(args, directory: str, task: dict) -> int:
     return _print(result, args.output)
 
 
+def cmd_rate(args) -> int:
+    """Serves the rating page of a SEIKO run until interrupted (the trainer, with a ``HumanOracle``, waits for it)."""
+    import time
+
+    from .feedback.rating import RatingScale
+    from .feedback.rating_server import start_rating_server
+
+    if not os.path.isdir(args.output_dir):
+        exit_with_error(f"{args.output_dir!r} is not a run directory")
+    try:
+        scale = RatingScale(args.scale_min, args.scale_max, args.scale_step)
+        server = start_rating_server(args.output_dir, scale=scale, ratings_per_query=args.ratings_per_query,
+                                     host=args.host, port=args.port, raters=args.raters,
+                                     assignment_ttl=args.assignment_ttl, mode=args.mode)
+    except (ValueError, OSError) as err:
+        exit_with_error(error_line(err))
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: the page listens on {args.host}: put TLS (a reverse proxy) in front of it", file=sys.stderr)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.shutdown()
+    return 0
+
+
 def _print(result: dict, output: str | None) -> int:
     text = json.dumps(result, indent=2)
     if output:
@@ -199,6 +226,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--target_digit", type=int, default=None)
     e.add_argument("--output", default=None, help="also write the JSON here")
     e.set_defaults(func=cmd_evaluate)
+    r = sub.add_parser("rate", help="serve the rating page of a SEIKO run whose oracle is people (HumanOracle)")
+    r.add_argument("output_dir", help="the SEIKO run directory (its ratings/ queue)")
+    r.add_argument("--raters", nargs="+", default=None, help="rater names to register (new ones get a login link)")
+    r.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
+    r.add_argument("--port", type=int, default=7860)
+    r.add_argument("--scale_min", type=float, default=1.0)
+    r.add_argument("--scale_max", type=float, default=10.0)
+    r.add_argument("--scale_step", type=float, default=1.0)
+    r.add_argument("--ratings_per_query", type=int, default=1, help="ratings averaged per query, by different raters")
+    r.add_argument("--mode", choices=("score", "pairwise"), default="score",
+                   help="score: one image on the scale; pairwise: two images, which is better (Bradley-Terry)")
+    r.add_argument("--assignment_ttl", type=float, default=600.0,
+                   help="seconds a shown query stays reserved for its rater (a closed tab)")
+    r.set_defaults(func=cmd_rate)
     return parser
 
 

@@ -27,6 +27,8 @@ PIXEL_FEATURES = "pixels"
 
 
 def _f(default=None, help_text: str = "", **kw):
+    if isinstance(default, list):  # a fresh list per instance
+        return field(default_factory=lambda: list(default), metadata={"help": help_text}, **kw)
     return field(default=default, metadata={"help": help_text}, **kw)
 
 
@@ -189,7 +191,15 @@ class ElegantScriptArguments(TextToImageArguments):
 @dataclass
 class SeikoScriptArguments(TextToImageArguments):
     oracle: str | None = _f(None, "the oracle (the expensive true reward): a built-in name, 'path/to/file.py:"
-                                  "function' or 'package.module:function'; called as fn(images, prompts)")
+                                  "function', 'package.module:function' (called as fn(images, prompts)), or "
+                                  "'human': people rate the images on a web page the trainer serves")
+    raters: list[str] | None = _f(None, "--oracle human: rater names (each new one gets a login link, printed once)")
+    rating_host: str = _f("127.0.0.1", "--oracle human: interface of the rating page (default: this machine only)")
+    rating_port: int = _f(7860, "--oracle human: port of the rating page")
+    ratings_per_query: int = _f(1, "--oracle human: ratings averaged per query, each by a different rater")
+    rating_scale: list[float] = _f([1.0, 10.0, 1.0], "--oracle human: minimum, maximum and step of the scale")
+    rating_mode: str = _f("score", "--oracle human: 'score' (one image, a value on the scale) or 'pairwise' (two "
+                                   "images, which is better; Bradley-Terry values)")
     feedback_dataset_id: str | None = _f(None, "with --push_to_hub: also push the feedback dataset to this "
                                                "dataset repo")
     feature_model_name_or_path: str = _f(DEFAULT_FEATURE_MODEL, "CLIP model (Hub id or local path) whose "
@@ -203,7 +213,17 @@ class SeikoScriptArguments(TextToImageArguments):
         field_checker(type(self).__name__)(self.resume_from_checkpoint in (None, "latest"), "resume_from_checkpoint",
                                            "SEIKO always resumes from the state in output_dir (every oracle answer "
                                            f"and finished round is kept there); got {self.resume_from_checkpoint!r}")
-        check_spec(self.oracle, "oracle", aesthetic_head=self.aesthetic_head)
+        if self.oracle == "human":
+            check = field_checker(type(self).__name__)
+            check(bool(self.raters), "raters", "--oracle human needs at least one rater name (--raters alice bob)")
+            check(isinstance(self.rating_scale, list) and len(self.rating_scale) == 3, "rating_scale",
+                  f"takes three numbers (minimum maximum step), got {self.rating_scale!r}")
+            check(self.rating_mode in ("score", "pairwise"), "rating_mode",
+                  f"must be 'score' or 'pairwise', got {self.rating_mode!r}")
+            check(isinstance(self.ratings_per_query, int) and self.ratings_per_query >= 1, "ratings_per_query",
+                  f"must be an int >= 1, got {self.ratings_per_query!r}")
+        else:
+            check_spec(self.oracle, "oracle", aesthetic_head=self.aesthetic_head)
 
 
 def parse_script_args(args_cls, config_cls, argv=None, prog: str | None = None, description: str | None = None):

@@ -19,6 +19,8 @@ import torch
 from accelerate import Accelerator
 
 from ..feedback.oracle import OracleOutputError, OracleUnavailableError
+from ..feedback.human_oracle import HumanOracle
+from ..feedback.rating import RatingScale
 from ..processes.loading import load_base_pipeline
 from ..rewards.clip_rewards import CLIPImageFeatures
 from ..rewards.registry import load_reward
@@ -136,13 +138,24 @@ def _finish(trainer, args, config, accelerator, validation, summary: dict, metri
     return status
 
 
+def _human_oracle(args, config, accelerator):
+    """``--oracle human``: people on the rating page, served by the main process (the one that asks the oracle)."""
+    try:
+        scale = RatingScale(*args.rating_scale)
+    except (TypeError, ValueError) as err:
+        _fail(f"--rating_scale: {err}")
+    return HumanOracle(config.output_dir, scale=scale, ratings_per_query=args.ratings_per_query,
+                       serve=accelerator.is_main_process, host=args.rating_host, port=args.rating_port,
+                       raters=args.raters, mode=args.rating_mode)
+
+
 def _setup(trainer_cls, args, config, spec: str, validation_reward: bool):
     """Accelerator, pipeline, prompts, reward / oracle, trainer and validation: what both scripts build."""
     accelerator = make_accelerator(args, config)
     with accelerator.main_process_first():
         pipe = load_pipeline(args)
         prompts = load_prompt_source(args)
-    fn = _reward(spec, args, accelerator)
+    fn = _human_oracle(args, config, accelerator) if spec == "human" else _reward(spec, args, accelerator)
     extra = {}
     features = getattr(args, "feature_model_name_or_path", PIXEL_FEATURES)
     if features != PIXEL_FEATURES:  # SEIKO: reward heads and bonus on CLIP image embeddings (the default)

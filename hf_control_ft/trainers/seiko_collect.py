@@ -90,6 +90,9 @@ class FeedbackCollection:
         todo = self.feedback.pending(round_index) + self.feedback.retryable(cfg.oracle_max_attempts, round_index)
         batches = [todo[i:i + cfg.oracle_batch_size] for i in range(0, len(todo), cfg.oracle_batch_size)]
         t0 = time.perf_counter()
+        if getattr(self.oracle.fn, "streams_answers", False):
+            self._ask_streaming(round_index, batches)
+            batches = []
         for batch in self._progress(batches, f"round {round_index}: oracle", leave=False):
             try:
                 answers = self.oracle.query(*self._oracle_inputs(batch))
@@ -114,3 +117,15 @@ class FeedbackCollection:
                 "round/oracle_mean": sum(values) / len(values) if values else math.nan,
                 "round/oracle_max": max(values) if values else math.nan,
                 "round/total_queries": len(self.feedback), "time/oracle_s": time.perf_counter() - t0}
+
+    def _ask_streaming(self, round_index: int, batches: list[list[int]]) -> None:
+        """An oracle that answers query by query (people on the rating page, :class:`~hf_control_ft.feedback.
+        rating.HumanOracle`): every query is queued (decoded batch by batch), then each answer is stored the moment
+        it arrives."""
+        todo, keys = [q for batch in batches for q in batch], []
+        for batch in batches:
+            keys += self.oracle.fn.enqueue(*self._oracle_inputs(batch), round_index=round_index)
+        self.oracle.num_calls += 1
+        for i, answer in self._progress(self.oracle.fn.answers(keys), f"round {round_index}: ratings",
+                                        total=len(keys), leave=False):
+            self.feedback.record([todo[i]], [answer], self.feedback.next_batch_index(round_index))

@@ -225,6 +225,15 @@ def test_config_file_with_flag_overrides_and_switches(workdir, tmp_path):
                                      [f"--pretrained_model_name_or_path={workdir / 'tiny-sd'}", "--prompts", "a cat",
                                       "--oracle", "brightness", "--queries_per_round", "3", "5", "--num_rounds=2"])
     assert config.queries_per_round == [3, 5] and args.prompts == ["a cat"]
+    args, _ = parse_script_args(SeikoScriptArguments, SeikoConfig,
+                                [f"--pretrained_model_name_or_path={workdir / 'tiny-sd'}", "--prompts", "a cat",
+                                 "--oracle", "human", "--raters", "alice", "bob", "--rating_scale", "0", "1", "0.25",
+                                 "--rating_mode", "pairwise", "--ratings_per_query", "3"])
+    assert (args.raters, args.rating_scale, args.rating_mode, args.ratings_per_query) == (
+        ["alice", "bob"], [0.0, 1.0, 0.25], "pairwise", 3)
+    with pytest.raises(SystemExit):  # people as the oracle need someone to log in
+        parse_script_args(SeikoScriptArguments, SeikoConfig, [f"--pretrained_model_name_or_path={workdir / 'tiny-sd'}",
+                                                              "--prompts", "a cat", "--oracle", "human"])
 
 
 # ----------------------------------------------------------------------------- the CLI on a script's save and the Hub

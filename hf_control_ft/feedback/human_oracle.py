@@ -1,0 +1,124 @@
+"""``HumanOracle``: SEIKO's oracle answered by people on the rating page (``docs/algorithms.md`` §12)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from .oracle import FAILED, OK, OracleAnswer
+from .preferences import bradley_terry
+from .rating import RATING_MODES, RatingFiles, RatingScale, query_key, summarize, to_png
+from .rating_server import start_rating_server
+
+
+class HumanOracle:
+    """An oracle answered by people through the rating page.
+
+    The SEIKO trainer queues a round's decoded samples (:meth:`enqueue`: image + prompt) and takes each query's
+    answer from :meth:`answers` as soon as it has ``ratings_per_query`` ratings or skips: the mean rating
+    (``ok``), or ``failed`` when everybody asked skipped it. The trainer stores each answer in the feedback
+    dataset at once; every single rating is already on disk in ``ratings.jsonl`` when it is submitted.
+
+    Args:
+        output_dir: the SEIKO run directory (``config.output_dir``).
+        scale: :class:`RatingScale` (default 1..10 in steps of 1).
+        ratings_per_query: ratings averaged into one answer; each by a different rater.
+        serve: start the rating page in this process (on the first call) at ``host:port``
+            (:class:`~hf_control_ft.feedback.rating_server.RatingServer`); else run ``hf-control-ft rate``.
+        raters: names to register (their new tokens are printed once when the page starts), or ``{name:
+            token}``.
+        value_range: the range of the samples the trainer passes (decoded images: ``(0, 1)``).
+        poll_interval: seconds between looks at the ratings log while waiting.
+    """
+
+    streams_answers = True
+    __name__ = "human_raters"
+
+    def __init__(self, output_dir: str, scale: RatingScale | None = None, ratings_per_query: int = 1,
+                 serve: bool = False, host: str = "127.0.0.1", port: int = 7860, raters=None,
+                 value_range: tuple[float, float] = (0.0, 1.0), poll_interval: float = 0.5, mode: str = "score"):
+        if not isinstance(ratings_per_query, int) or ratings_per_query < 1:
+            raise ValueError(f"ratings_per_query must be an int >= 1, got {ratings_per_query!r}")
+        if mode not in RATING_MODES:
+            raise ValueError(f"mode must be one of {RATING_MODES}, got {mode!r}")
+        self.mode = mode
+        self.output_dir = output_dir
+        self.scale = scale or RatingScale()
+        self.ratings_per_query = ratings_per_query
+        self.serve, self.host, self.port = serve, host, port
+        self.raters = raters
+        self.value_range = value_range
+        self.poll_interval = poll_interval
+        self.server = None
+
+    def start_server(self):
+        """Starts the rating page in a daemon thread (once); returns the server."""
+        if self.server is None:
+            self.server = start_rating_server(self.output_dir, scale=self.scale,
+                                              ratings_per_query=self.ratings_per_query, host=self.host,
+                                              port=self.port, raters=self.raters, mode=self.mode)
+        return self.server
+
+    def enqueue(self, samples: torch.Tensor, prompts: list[str] | None = None, round_index: int = 0) -> list[str]:
+        """Queues the samples for rating (a sample queued before keeps its ratings); returns their keys."""
+        if self.serve:
+            self.start_server()
+        prompts = list(prompts) if prompts is not None else [""] * samples.shape[0]
+        pngs = [to_png(s, self.value_range) for s in samples]
+        keys = [query_key(png, p) for png, p in zip(pngs, prompts)]
+        RatingFiles(self.output_dir).add_queries([(k, png, p, round_index) for k, png, p in zip(keys, pngs, prompts)])
+        return keys
+
+    def answers(self, keys: list[str]):
+        """Yields ``(i, OracleAnswer)`` for ``keys[i]`` as each query is completed (any order); blocks meanwhile.
+        Pairwise: all at once, when every query took part in ``ratings_per_query`` comparisons (its value is the
+        Bradley–Terry value of the comparisons among ``keys``)."""
+        files = RatingFiles(self.output_dir)
+        waiting = dict(enumerate(keys))
+        ratings, offset = [], 0
+        while waiting:
+            new, offset = files.read_lines(files.ratings_path, offset)
+            ratings.extend(new)
+            summary = summarize(ratings)
+            done = [i for i, key in waiting.items() if summary.get(key, {}).get("count", 0) >= self.ratings_per_query]
+            if self.mode == "pairwise":
+                if len(done) == len(waiting):
+                    yield from self._preference_answers(keys, ratings, summary)
+                    return
+            for i in done:
+                s = summary[waiting.pop(i)]
+                if s["values"]:
+                    yield i, OracleAnswer(sum(s["values"]) / len(s["values"]), OK, "", 1)
+                else:
+                    yield i, OracleAnswer(math.nan, FAILED, f"skipped by {s['skips']} rater(s)", 1)
+            if waiting:
+                time.sleep(self.poll_interval)
+
+    @staticmethod
+    def _preference_answers(keys, ratings, summary):
+        index = {k: i for i, k in enumerate(keys)}
+        comparisons = [(index[r["key"]], index[r["other"]], r["value"]) for r in ratings
+                       if r.get("other") in index and r["key"] in index and r["value"] is not None]
+        values = bradley_terry(len(keys), comparisons)
+        compared = {i for c in comparisons for i in c[:2]}
+        for i, key in enumerate(keys):
+            if i in compared:
+                yield i, OracleAnswer(values[i], OK, "", 1)
+            else:
+                yield i, OracleAnswer(math.nan, FAILED, f"skipped in all {summary[key]['count']} comparisons", 1)
+
+    def stream(self, samples: torch.Tensor, prompts: list[str] | None = None, round_index: int = 0):
+        """:meth:`enqueue` then :meth:`answers`."""
+        yield from self.answers(self.enqueue(samples, prompts, round_index))
+
+    def __call__(self, samples: torch.Tensor, prompts=None):
+        """Plain-oracle form: blocks until every sample is answered; failed ones are NaN."""
+        values = [math.nan] * samples.shape[0]
+        for i, answer in self.stream(samples, prompts):
+            values[i] = answer.value
+        return values
+
+
+__all__ = ["HumanOracle"]

@@ -1,0 +1,282 @@
+"""The rating page: a small HTTP server (Python's standard library) over a run's ``ratings/`` files
+(:mod:`.rating`).
+
+Why not Gradio: the page needs per-rater identities that another rater cannot forge, submissions bound to what
+the server showed that rater, replay refusal and a strict content policy; a standard-library server does that
+in one module the tests drive end to end, and the core library gains no web dependency.
+
+Access: every API call carries ``Authorization: Bearer <token>``; the rater is the one whose token it is (the
+client never names itself). ``GET /api/next`` hands the rater one query as an *assignment* (``GET /api/progress`` only reports progress) (a random id bound
+to that rater and query); ``GET /api/image/<assignment>/<n>`` shows its image(s); ``POST /api/rate``
+``{"assignment", "value"}`` (pairwise: ``{"assignment", "better": 0 | 1}``; or ``"skip": true``) is accepted once,
+from that rater, with a value on the scale.
+A query is never given to a rater who rated or skipped it, and is handed out to at most ``ratings_per_query``
+raters at once; an assignment left open (a closed tab) goes back to the pool after ``assignment_ttl`` seconds,
+and the same rater gets it back when they return before that.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import secrets
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from .rating import RATING_MODES, RatingFiles, RatingScale, summarize, token_hash
+
+ASSETS = {"/": ("rating_page.html", "text/html; charset=utf-8"), "/rating.js": ("rating_page.js", "text/javascript")}
+MAX_BODY = 4096
+HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
+           "Referrer-Policy": "no-referrer",
+           "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src "
+                                      "'unsafe-inline'; img-src blob:; connect-src 'self'; form-action 'none'; "
+                                      "frame-ancestors 'none'"}
+
+
+class RatingError(Exception):
+    def __init__(self, status: HTTPStatus, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class RatingBoard:
+    """What the page shows and accepts, shared by the server's threads (one lock).
+
+    ``mode="score"``: a query is shown alone and rated on ``scale`` by ``ratings_per_query`` different raters.
+    ``mode="pairwise"``: two queries of one round (of one prompt when the round has two) are shown side by side
+    and the rater picks the better one; every query takes part in ``ratings_per_query`` comparisons, and no rater
+    sees the same pair twice (values: :func:`~hf_control_ft.feedback.preferences.bradley_terry`).
+    """
+
+    def __init__(self, files: RatingFiles, scale: RatingScale, ratings_per_query: int = 1,
+                 assignment_ttl: float = 600.0, mode: str = "score"):
+        if mode not in RATING_MODES:
+            raise ValueError(f"mode must be one of {RATING_MODES}, got {mode!r}")
+        self.files, self.scale, self.ratings_per_query, self.mode = files, scale, ratings_per_query, mode
+        self.assignment_ttl = assignment_ttl
+        self.lock = threading.Lock()
+        self.queue: list[dict] = []
+        self.ratings: list[dict] = []
+        self._offsets = [0, 0]
+        self.open: dict[str, tuple[str, tuple[str, ...], float]] = {}  # assignment -> (rater, keys, issued)
+        self.used: set[str] = set()  # assignments already submitted (also read back from the log)
+
+    def refresh(self) -> None:
+        queue, self._offsets[0] = self.files.read_lines(self.files.queue_path, self._offsets[0])
+        ratings, self._offsets[1] = self.files.read_lines(self.files.ratings_path, self._offsets[1])
+        self.queue.extend(queue)
+        self.ratings.extend(ratings)
+        self.used.update(r["assignment"] for r in ratings)
+
+    def rater_of(self, token: str | None) -> str:
+        if not token:
+            raise RatingError(HTTPStatus.UNAUTHORIZED, "a rater token is required")
+        digest = token_hash(token)
+        for name, expected in self.files.raters().items():
+            if hmac.compare_digest(digest, expected):
+                return name
+        raise RatingError(HTTPStatus.UNAUTHORIZED, "unknown token")
+
+    def progress(self, summary: dict) -> dict:
+        current = max((q["round"] for q in self.queue), default=0)
+        keys = {q["key"] for q in self.queue if q["round"] == current}
+        done = sum(1 for k in keys if summary.get(k, {}).get("count", 0) >= self.ratings_per_query)
+        return {"round": current, "done": done, "total": len(keys), "ratings": len(self.ratings)}
+
+    def status(self, rater: str) -> dict:
+        """Progress of the current round, without handing anything out."""
+        with self.lock:
+            self.refresh()
+            return {"rater": rater, "mode": self.mode, "progress": self.progress(summarize(self.ratings))}
+
+    def next_for(self, rater: str) -> dict:
+        """The rater's open assignment, or a new one (``assignment`` ``None`` when nothing is left for them)."""
+        with self.lock:
+            self.refresh()
+            summary = summarize(self.ratings)
+            now = time.time()
+            self.open = {a: v for a, v in self.open.items() if now - v[2] < self.assignment_ttl and a not in self.used}
+            out = {"rater": rater, "mode": self.mode, "scale": self.scale.values(), "progress": self.progress(summary)}
+            mine = [(a, keys) for a, (r, keys, _) in self.open.items() if r == rater]
+            keys = mine[0][1] if mine else self._choose(rater, summary)
+            if keys is None:
+                out.update(assignment=None)
+                return out
+            assignment = mine[0][0] if mine else secrets.token_urlsafe(16)
+            self.open[assignment] = (rater, keys, self.open.get(assignment, (0, 0, now))[2])
+            prompts = {q["key"]: q["prompt"] for q in self.queue}
+            out.update(assignment=assignment, prompt=prompts[keys[0]],
+                       prompts=[prompts[k] for k in keys],
+                       images=[f"/api/image/{assignment}/{n}" for n in range(len(keys))])
+            return out
+
+    def _choose(self, rater: str, summary: dict) -> tuple[str, ...] | None:
+        busy: dict[str, int] = {}
+        for _, keys, _ in self.open.values():
+            for k in keys:
+                busy[k] = busy.get(k, 0) + 1
+
+        def load(key):
+            return summary.get(key, {}).get("count", 0) + busy.get(key, 0)
+
+        order = sorted(self.queue, key=lambda q: (q["round"], load(q["key"]), q["time"]))
+        for q in order:
+            s = summary.get(q["key"], {})
+            if load(q["key"]) >= self.ratings_per_query:
+                continue
+            if self.mode == "score":
+                if rater not in s.get("raters", set()):
+                    return (q["key"],)
+                continue
+            seen = s.get("pairs", set())
+            partners = [p for p in order if p["round"] == q["round"] and p["key"] != q["key"]
+                        and (rater, p["key"]) not in seen]
+            partners.sort(key=lambda p: (p["prompt"] != q["prompt"], load(p["key"])))  # same prompt first
+            if partners:
+                return (q["key"], partners[0]["key"])
+        return None
+
+    def image(self, rater: str, assignment: str) -> bytes:
+        assignment, _, index = assignment.partition("/")
+        with self.lock:
+            held = self.open.get(assignment)
+            if held is None or held[0] != rater or index not in [str(n) for n in range(len(held[1]))]:
+                raise RatingError(HTTPStatus.FORBIDDEN, "not an open assignment of this rater")
+            key = held[1][int(index)]
+        with open(os.path.join(self.files.images_dir, f"{key}.png"), "rb") as f:
+            return f.read()
+
+    def submit(self, rater: str, body: dict) -> dict:
+        field = "value" if self.mode == "score" else "better"
+        extra = set(body) - {"assignment", field, "skip"}
+        if extra:
+            raise RatingError(HTTPStatus.BAD_REQUEST, f"unknown fields {sorted(extra)}")
+        assignment, skip = body.get("assignment"), body.get("skip") is True
+        value = None if skip else body.get(field)
+        with self.lock:
+            self.refresh()
+            if not isinstance(assignment, str) or assignment in self.used:
+                raise RatingError(HTTPStatus.CONFLICT, "this assignment was already submitted")
+            held = self.open.get(assignment)
+            if held is None or held[0] != rater:
+                raise RatingError(HTTPStatus.FORBIDDEN, "not an open assignment of this rater")
+            if self.mode == "score" and not skip and not self.scale.accepts(value):
+                raise RatingError(HTTPStatus.BAD_REQUEST, f"value must be one of {self.scale.values()}, got {value!r}")
+            if self.mode == "pairwise" and not skip and (isinstance(value, bool) or value not in (0, 1)):
+                raise RatingError(HTTPStatus.BAD_REQUEST, f"better must be 0 (left) or 1 (right), got {value!r}")
+            keys = held[1]
+            if self.mode == "score":
+                self.files.add_rating(keys[0], rater, None if skip else float(value), assignment)
+            else:  # value 1.0: the first key was preferred
+                self.files.add_rating(keys[0], rater, None if skip else float(value == 0), assignment, other=keys[1])
+            del self.open[assignment]
+            self.refresh()  # reads our line back (and any another process appended)
+            return {"ok": True, "progress": self.progress(summarize(self.ratings))}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "hf-control-ft-rating"
+    board: RatingBoard
+
+    def log_message(self, format, *args):  # noqa: A002 - never log requests (paths hold assignment ids)
+        pass
+
+    def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in HEADERS.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: HTTPStatus, value: dict) -> None:
+        self._send(status, json.dumps(value).encode(), "application/json")
+
+    def _rater(self) -> str:
+        auth = self.headers.get("Authorization", "")
+        return self.board.rater_of(auth[7:].strip() if auth.startswith("Bearer ") else None)
+
+    def _handle(self, fn) -> None:
+        try:
+            fn()
+        except RatingError as err:
+            self._json(err.status, {"error": str(err)})
+        except (ValueError, json.JSONDecodeError):
+            self._json(HTTPStatus.BAD_REQUEST, {"error": "malformed request"})
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        def run():
+            if self.path in ASSETS:
+                name, content_type = ASSETS[self.path]
+                with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "rb") as f:
+                    return self._send(HTTPStatus.OK, f.read(), content_type)
+            if self.path == "/api/progress":
+                return self._json(HTTPStatus.OK, self.board.status(self._rater()))
+            if self.path == "/api/next":
+                return self._json(HTTPStatus.OK, self.board.next_for(self._rater()))
+            if self.path.startswith("/api/image/"):  # /api/image/<assignment>/<n>
+                png = self.board.image(self._rater(), self.path[len("/api/image/"):])
+                return self._send(HTTPStatus.OK, png, "image/png")
+            self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
+
+        self._handle(run)
+
+    def do_POST(self):  # noqa: N802
+        def run():
+            if self.path != "/api/rate":
+                return self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
+            rater = self._rater()
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_BODY:
+                raise RatingError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request too large")
+            body = json.loads(self.rfile.read(length) or b"{}")
+            if not isinstance(body, dict):
+                raise ValueError("not an object")
+            self._json(HTTPStatus.OK, self.board.submit(rater, body))
+
+        self._handle(run)
+
+
+class RatingServer(ThreadingHTTPServer):
+    """The page of one run's ratings at ``http://host:port/`` (``port=0``: any free port; see :attr:`url`)."""
+
+    daemon_threads = True
+
+    def __init__(self, board: RatingBoard, host: str = "127.0.0.1", port: int = 7860):
+        handler = type("RatingHandler", (_Handler,), {"board": board})
+        super().__init__((host, port), handler)
+        self.board = board
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}/"
+
+
+def start_rating_server(output_dir: str, scale: RatingScale | None = None, ratings_per_query: int = 1,
+                        host: str = "127.0.0.1", port: int = 7860, raters=None, assignment_ttl: float = 600.0,
+                        announce: bool = True, mode: str = "score") -> RatingServer:
+    """Registers ``raters`` (names, or ``{name: token}``), starts the page in a daemon thread and returns it.
+    New raters' login links are printed once (to standard output, never to a log)."""
+    files = RatingFiles(output_dir)
+    tokens = raters if isinstance(raters, dict) else None
+    new = files.add_raters(list(raters or []), tokens=tokens)
+    if not files.raters():
+        raise ValueError("no rater is registered: give raters (names) so that someone can log in")
+    board = RatingBoard(files, scale or RatingScale(), ratings_per_query, assignment_ttl, mode)
+    server = RatingServer(board, host, port)
+    threading.Thread(target=server.serve_forever, name="hf_control_ft-rating-page", daemon=True).start()
+    if announce:
+        print(f"rating page for {output_dir}: {server.url}", flush=True)
+        for name, token in new.items():
+            if not tokens:  # a token the caller chose is theirs already: never echoed
+                print(f"  rater {name}: {server.url}#token={token}", flush=True)
+    return server
+
+
+__all__ = ["RatingServer", "RatingBoard", "RatingError", "start_rating_server"]
