@@ -184,18 +184,22 @@ def _check_nothing_lost(out, queries=8):
 def test_a_killed_trainer_loses_no_rating_and_asks_nothing_twice(tmp_path):
     out, port = tmp_path / "run", _port()
     proc, url = _start_child(out, port)
-    _rate(url, "alice-token", 2, value=3)  # half of round 1
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc, url = _start_child(out, port)  # the restarted trainer serves the 2 queries still open
-    progress = _call(url, "/api/progress", "bob-token")[1]["progress"]
-    assert progress == {"round": 1, "done": 2, "total": 4, "ratings": 2}
-    _rate(url, "bob-token", 2, value=8)
-    deadline = time.time() + 60
-    while time.time() < deadline and _call(url, "/api/progress", "alice-token")[1]["progress"]["round"] != 2:
-        time.sleep(0.2)
-    _rate(url, "alice-token", 4, value=5)
-    log, _ = proc.communicate(timeout=120)
+    try:
+        _rate(url, "alice-token", 2, value=3)  # half of round 1
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc, url = _start_child(out, port)  # the restarted trainer serves the 2 queries still open
+        progress = _call(url, "/api/progress", "bob-token")[1]["progress"]
+        assert progress == {"round": 1, "done": 2, "total": 4, "ratings": 2}
+        _rate(url, "bob-token", 2, value=8)
+        deadline = time.time() + 60
+        while time.time() < deadline and _call(url, "/api/progress", "alice-token")[1]["progress"]["round"] != 2:
+            time.sleep(0.2)
+        _rate(url, "alice-token", 4, value=5)
+        log, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # a failed assertion never leaves a trainer (and its port) behind
+            proc.kill()
     assert proc.returncode == 0 and "finished" in log, log[-3000:]
     ratings = _check_nothing_lost(out)
     assert sorted(r["value"] for r in ratings) == [3, 3, 5, 5, 5, 5, 8, 8]
@@ -217,7 +221,21 @@ def test_people_rate_a_seiko_run_in_a_real_browser(tmp_path):
 
     out, port = tmp_path / "run", _port()
     proc, url = _start_child(out, port)
-    shot = os.environ.get("HF_CONTROL_FT_SCREENSHOT")  # set to write the README's picture
+    try:
+        _browser_session(sync_playwright, chromium, url)
+        log, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "finished" in log, log[-3000:]
+    ratings = _check_nothing_lost(out)
+    assert sorted(r["value"] for r in ratings) == [1, 2, 4, 5, 6, 7, 9, 10]
+    assert {r["rater"] for r in ratings} == {"alice"}
+
+
+def _browser_session(sync_playwright, chromium, url):
+    """One rater in Chromium: a wrong token, half a round, the tab closed, the login link, the rest of both rounds."""
+    shot = os.environ.get("HF_CONTROL_FT_SCREENSHOT")  # set to write a picture of the page
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         context = browser.new_context(viewport={"width": 800, "height": 760})
@@ -256,8 +274,44 @@ def test_people_rate_a_seiko_run_in_a_real_browser(tmp_path):
             rate(page, value)
         page.wait_for_selector("#waiting:not(.hidden)")
         browser.close()
-    log, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "finished" in log, log[-3000:]
-    ratings = _check_nothing_lost(out)
-    assert sorted(r["value"] for r in ratings) == [1, 2, 4, 5, 6, 7, 9, 10]
-    assert {r["rater"] for r in ratings} == {"alice"}
+
+
+def test_the_seiko_script_with_people_as_the_oracle(tmp_path, monkeypatch):
+    """``train_seiko.py --oracle human``: the script serves the page itself; people rate a round of a tiny Stable
+    Diffusion run over HTTP and the script saves the fine-tuned model."""
+    import threading
+
+    from hf_control_ft.scripts import run_seiko
+    from hf_control_ft.testing import tiny_sd_pipeline
+
+    tiny_sd_pipeline().save_pretrained(tmp_path / "tiny-sd")
+    out, port = tmp_path / "seiko", _port()
+    RatingFiles(str(out)).add_raters(["alice"], tokens={"alice": "alice-token"})  # an organisation's own token
+    argv = ["--pretrained_model_name_or_path", str(tmp_path / "tiny-sd"), "--prompts", "a red cat", "the sea",
+            "--oracle", "human", "--raters", "alice", "--rating_port", str(port), "--rating_scale", "0", "1", "0.5",
+            "--num_inference_steps=3", "--batch_size", "2", "--value_num_rollouts", "4", "--value_train_steps", "2",
+            "--noise_train_steps", "2", "--noise_batch_size", "8", "--num_validation_images", "1", "--num_rounds", "1",
+            "--queries_per_round", "4", "--reward_train_steps", "3", "--train_steps", "1", "--output_dir", str(out),
+            "--report_to", "none", "--feature_model_name_or_path", "pixels"]
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(code=run_seiko(argv)), daemon=True)
+    thread.start()
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + 120
+    while time.time() < deadline:
+        try:
+            if _call(url, "/api/progress", "alice-token")[1]["progress"]["total"] == 4:
+                break
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        time.sleep(0.2)
+    for value in (0, 0.5, 1, 1):
+        a = _call(url, "/api/next", "alice-token")[1]
+        assert a["prompt"] in ("a red cat", "the sea") and len(a["images"]) == 1
+        png = _call(url, a["images"][0], "alice-token")[1]
+        assert png[:4] == b"\x89PNG"
+        assert _call(url, "/api/rate", "alice-token", {"assignment": a["assignment"], "value": value})[0] == 200
+    thread.join(300)
+    assert result.get("code") == 0
+    fb = load_feedback(str(out))
+    assert fb["status"] == ["ok"] * 4 and sorted(fb["value"]) == [0, 0.5, 1, 1]
+    assert os.path.isfile(out / "pytorch_lora_weights.safetensors")
