@@ -56,10 +56,16 @@ class HumanOracle:
     def start_server(self):
         """Starts the rating page in a daemon thread (once); returns the server."""
         if self.server is None:
-            self.server = start_rating_server(self.output_dir, scale=self.scale,
-                                              ratings_per_query=self.ratings_per_query, host=self.host,
-                                              port=self.port, raters=self.raters, mode=self.mode)
+            try:
+                self.server = self._serve()
+            except OSError as err:
+                raise OSError(f"cannot serve the rating page on {self.host}:{self.port}: "
+                              f"{err.strerror or err} (choose another port: --rating_port / port=)") from None
         return self.server
+
+    def _serve(self):
+        return start_rating_server(self.output_dir, scale=self.scale, ratings_per_query=self.ratings_per_query,
+                                   host=self.host, port=self.port, raters=self.raters, mode=self.mode)
 
     def enqueue(self, samples: torch.Tensor, prompts: list[str] | None = None, round_index: int = 0) -> list[str]:
         """Queues the samples for rating (a sample queued before keeps its ratings); returns their keys."""

@@ -265,11 +265,11 @@ def start_rating_server(output_dir: str, scale: RatingScale | None = None, ratin
     New raters' login links are printed once (to standard output, never to a log)."""
     files = RatingFiles(output_dir)
     tokens = raters if isinstance(raters, dict) else None
-    new = files.add_raters(list(raters or []), tokens=tokens)
-    if not files.raters():
+    if not raters and not files.raters():
         raise ValueError("no rater is registered: give raters (names) so that someone can log in")
     board = RatingBoard(files, scale or RatingScale(), ratings_per_query, assignment_ttl, mode)
-    server = RatingServer(board, host, port)
+    server = RatingServer(board, host, port)  # bound before any token is made: a busy port loses none
+    new = files.add_raters(list(raters or []), tokens=tokens)
     threading.Thread(target=server.serve_forever, name="hf_control_ft-rating-page", daemon=True).start()
     if announce:
         print(f"rating page for {output_dir}: {server.url}", flush=True)

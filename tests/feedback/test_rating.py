@@ -136,6 +136,16 @@ def test_pairwise_mode_turns_preferences_into_bradley_terry_values(tmp_path):
         server.server_close()
 
 
+def test_a_busy_port_names_the_flag(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        oracle = HumanOracle(str(tmp_path), serve=True, port=busy.getsockname()[1], raters=["alice"])
+        with pytest.raises(OSError, match="cannot serve the rating page on 127.0.0.1:.*--rating_port"):
+            oracle.enqueue(torch.zeros(1, 16))
+    assert RatingFiles(str(tmp_path)).raters() == {}  # no token was made that nobody was shown
+
+
 def test_rating_scale_and_samples_as_images():
     scale = RatingScale(-1, 1, 0.5)
     assert scale.values() == [-1, -0.5, 0, 0.5, 1] and scale.accepts(0.5) and not scale.accepts(0.25)
