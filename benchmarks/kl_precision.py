@@ -8,15 +8,18 @@ stage's backward sweep with the KL alone), each as a ratio to fp32, and the seco
 evaluation.
 
 Modes: ``fp32``; ``fp16`` / ``bf16`` (``mixed_precision``, default ``kl_precision="fp32"``: UNet calls that feed
-a KL run in fp32, the rest under autocast); ``fp16-autocast`` / ``bf16-autocast`` (``kl_precision="autocast"``:
-every UNet call in the half dtype); ``tf32`` (fp32 with TF32 matmuls) where a CUDA device is present.
+a KL run in fp32, the rest under autocast); ``fp16-upcast`` / ``bf16-upcast`` (``kl_precision="upcast"``: UNet
+weights in the half dtype, the calls that feed a KL in fp32 arithmetic layer by layer); ``fp16-autocast`` /
+``bf16-autocast`` (``kl_precision="autocast"``: every UNet call in the half dtype); ``tf32`` (fp32 with TF32
+matmuls) where a CUDA device is present. Each record also gives the bytes of the frozen UNet weights.
 
     python benchmarks/kl_precision.py                         # tiny SD + SD-1.5-shaped UNet (CPU: ~40 min)
     python benchmarks/kl_precision.py --models tiny           # tiny SD only (~1 min)
 
 The last stdout line is one JSON object: ``{"records": [...], "summary": {...}}``; ``summary`` gives, per mode,
 the worst KL and gradient ratio over the settings whose fp32 KL per sample is >= 0.1 nats (the goal: within
-10%) and the floor (the KL at the smallest control).
+10%) and the floor (the KL at the smallest control); for the upcast modes also the worst error against the exact
+KL of the same stored half-precision weights (fp32 arithmetic on those values; the goal: within 1%).
 """
 
 from __future__ import annotations
@@ -36,14 +39,22 @@ MODES = {  # name -> (mixed_precision, kl_precision)
     "fp32": ("no", "fp32"),
     "fp16": ("fp16", "fp32"),
     "bf16": ("bf16", "fp32"),
+    "fp16-upcast": ("fp16", "upcast"),
+    "bf16-upcast": ("bf16", "upcast"),
     "fp16-autocast": ("fp16", "autocast"),
     "bf16-autocast": ("bf16", "autocast"),
 }
 
 
-def build(model: str, mode: str, guidance: float, steps: int, resolution: int | None, device: str):
+def build(model: str, mode: str, guidance: float, steps: int, resolution: int | None, device: str,
+          same_weights: bool = False):
+    """The trainer of one mode; ``same_weights``: the mode's half-precision UNet values held in fp32 and run in
+    fp32 arithmetic (``kl_precision="fp32"``): the exact KL of the model that mode stores."""
     mixed, kl_precision = MODES.get(mode, ("no", "fp32"))
     pipe = StableDiffusionPipeline(**(tiny_components() if model == "tiny" else sd15_components())).to(device)
+    if same_weights:
+        pipe.unet.to({"fp16": torch.float16, "bf16": torch.bfloat16}[mixed]).to(torch.float32)
+        kl_precision = "fp32"
     cfg = ElegantConfig(alpha=1.0, eta=1.0, num_inference_steps=steps, learn_initial_noise=False, batch_size=2,
                         report_to=None, lora_rank=4, gradient_checkpointing=model != "tiny")
     return ElegantTrainer.from_pipeline(pipe, None, cfg, prompts=PROMPTS, guidance_scale=guidance,
@@ -71,6 +82,10 @@ def main():
                 torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
                 torch.backends.cudnn.allow_tf32 = mode == "tf32"
                 trainer = build(model, mode, guidance, steps, resolution, args.device)
+                exact = build(model, mode, guidance, steps, resolution, args.device, same_weights=True) \
+                    if mode.endswith("-upcast") else None
+                unet_bytes = sum(p.numel() * p.element_size() for n, p in trainer.process.lora_model.named_parameters()
+                                 if "lora" not in n)
                 for i, scale in enumerate(args.scales):
                     scale_lora(trainer.process.lora_model, scale)
                     if i == 0:
@@ -86,10 +101,17 @@ def main():
                     rec = {"model": model, "mode": mode, "guidance_scale": guidance, "lora_scale": scale,
                            "steps": steps, "kl": kl, "grad_norm": grad, "kl_fp32": kl32, "grad_norm_fp32": grad32,
                            "kl_ratio": kl / kl32 if kl32 > 0 else None,
-                           "grad_ratio": grad / grad32 if grad32 > 0 else None, "seconds": seconds}
+                           "grad_ratio": grad / grad32 if grad32 > 0 else None, "seconds": seconds,
+                           "frozen_unet_bytes": unet_bytes}
+                    if exact is not None:  # against the exact KL of the same stored half-precision weights
+                        scale_lora(exact.process.lora_model, scale)
+                        kl_same, grad_same = kl_and_gradient(exact)
+                        rec.update(kl_same_weights=kl_same, grad_same_weights=grad_same,
+                                   kl_error_same_weights=abs(kl / kl_same - 1) if kl_same > 0 else None,
+                                   grad_error_same_weights=abs(grad / grad_same - 1) if grad_same > 0 else None)
                     records.append(rec)
                     print(json.dumps(rec), flush=True)
-                del trainer
+                del trainer, exact
     summary = {}
     for model in args.models:
         for mode in modes:
@@ -103,7 +125,13 @@ def main():
                 "kl_floor_at_smallest_scale": {str(r["guidance_scale"]): r["kl"] for r in rows
                                                if r["lora_scale"] == smallest["lora_scale"]},
                 "time_vs_fp32": sum(r["seconds"] for r in rows) / t32,
+                "frozen_unet_bytes": rows[0]["frozen_unet_bytes"],
             }
+            same = [r for r in at_op if "kl_error_same_weights" in r]
+            if same:  # upcast: against the exact KL of its own stored weights
+                summary[f"{model}/{mode}"].update(
+                    worst_kl_error_same_weights=max(r["kl_error_same_weights"] for r in same),
+                    worst_grad_error_same_weights=max(r["grad_error_same_weights"] for r in same))
     print(json.dumps({"records": records, "summary": summary}))
 
 

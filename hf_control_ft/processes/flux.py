@@ -77,7 +77,7 @@ class GuidedFluxTransformer(GuidedUNet):
         if self.prompt_embeds.shape[0] != B:
             raise ValueError(f"GuidedFluxTransformer: {self.prompt_embeds.shape[0]} prompt embeddings for {B} samples")
         autocast_dtype = None if self._full_precision else self.autocast_dtype
-        dtype = self.unet.dtype if autocast_dtype is None else autocast_dtype
+        dtype = self._input_dtype(autocast_dtype)
         guidance = None
         if self.unet.config.guidance_embeds:
             guidance = torch.full((B,), self.guidance_scale, device=sample.device, dtype=torch.float32)

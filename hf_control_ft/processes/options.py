@@ -15,7 +15,7 @@ from ..utils.validation import check_field, field_checker, is_int
 logger = logging.getLogger(__name__)
 
 DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-KL_PRECISIONS = ("fp32", "autocast")
+KL_PRECISIONS = ("fp32", "upcast", "autocast")
 
 
 @dataclass
@@ -33,8 +33,10 @@ class StableDiffusionOptions:
         mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"``: dtype of the frozen VAE / text encoder and of
             autocast. LoRA parameters stay fp32.
         kl_precision: ``"fp32"`` (default): UNet weights stay fp32 and every UNet call feeding a KL runs
-            without autocast, so the KL matches fp32 training; ``"autocast"``: those calls run in the half dtype
-            too (UNet weights cast to it), faster but with a KL rounding floor (module docstring).
+            without autocast, so the KL matches fp32 training; ``"upcast"``: UNet weights in the half dtype (half
+            the memory) and the calls feeding a KL in fp32 arithmetic, each layer upcasting its weight for its own
+            call (exact KL of the half-precision model, :mod:`hf_control_ft.processes.upcast`); ``"autocast"``:
+            those calls run in the half dtype too, faster but with a KL rounding floor (module docstring).
         base_model: Hub id or path of the base pipeline (for the model card and for loading).
         prompt_column: column of a ``datasets`` prompt source.
         guidance_rescale: must be 0 (accepted so that diffusers' argument gets a clear error, not a TypeError).

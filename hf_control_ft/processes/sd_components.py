@@ -128,13 +128,16 @@ def enable_adapter_aware_checkpointing(model: nn.Module) -> None:
 
     def checkpoint_fn(module, *args):
         forward_state = _adapter_state(layers)
+        switch = getattr(model, "_hf_upcast_switch", None)  # kl_precision="upcast": fp32 arithmetic on or off
+        upcast = switch is not None and switch.on
 
         def run(*inputs):
             current = _adapter_state(layers)
             if current != forward_state:
                 _set_adapter_state(layers, forward_state)
             try:
-                return module(*inputs)
+                with switch.enabled(upcast) if switch is not None else contextlib.nullcontext():
+                    return module(*inputs)
             finally:
                 if current != forward_state:
                     _set_adapter_state(layers, current)
@@ -164,19 +167,29 @@ class GuidedUNet(nn.Module):
         self.prompt_embeds = None
         self.negative_embeds = None
         self._full_precision = False
+        #: ``kl_precision="upcast"``: the switch of the network's per-layer fp32 arithmetic (:mod:`.upcast`)
+        self.upcast = None
 
     @contextlib.contextmanager
     def full_precision(self):
-        """Inside the block the UNet runs without autocast, in its own (fp32) weights' precision.
+        """Inside the block the UNet runs without autocast, in fp32: its own fp32 weights
+        (``kl_precision="fp32"``), or its half-precision weights upcast layer by layer (``"upcast"``).
 
         The sampler enters it around the calls whose outputs are subtracted for the KL (``mu_ft - mu_pre``):
         a difference of two half-precision outputs is dominated by rounding when the control is small.
         """
         previous, self._full_precision = self._full_precision, True
         try:
-            yield
+            with self.upcast.enabled() if self.upcast is not None else contextlib.nullcontext():
+                yield
         finally:
             self._full_precision = previous
+
+    def _input_dtype(self, autocast_dtype):
+        """The dtype the network's inputs are cast to."""
+        if autocast_dtype is not None:
+            return autocast_dtype
+        return torch.float32 if self.upcast is not None and self.upcast.on else self.unet.dtype
 
     @property
     def peft_config(self):
@@ -201,7 +214,7 @@ class GuidedUNet(nn.Module):
         if cond.shape[0] != B:
             raise ValueError(f"GuidedUNet: {cond.shape[0]} prompt embeddings for a batch of {B} samples")
         autocast_dtype = None if self._full_precision else self.autocast_dtype
-        dtype = self.unet.dtype if autocast_dtype is None else autocast_dtype
+        dtype = self._input_dtype(autocast_dtype)
         with _autocast(sample.device, autocast_dtype):
             if self.do_guidance:
                 neg = self.negative_embeds.expand(B, *self.negative_embeds.shape[1:])
@@ -241,7 +254,7 @@ class PooledGuidedNetwork(GuidedUNet):
         if self.prompt_embeds.shape[0] != B:
             raise ValueError(f"{name}: {self.prompt_embeds.shape[0]} prompt embeddings for a batch of {B} samples")
         autocast_dtype = None if self._full_precision else self.autocast_dtype
-        dtype = self.unet.dtype if autocast_dtype is None else autocast_dtype
+        dtype = self._input_dtype(autocast_dtype)
         embeds, pooled, x, t = self.prompt_embeds, self.pooled, sample, timestep
         if self.do_guidance:
             neg, neg_pooled = self.negative_embeds

@@ -46,6 +46,7 @@ from .sd_components import (
     load_prompts,
 )
 from .stable_diffusion_features import LatentFeatures, PooledPixelFeatures
+from .upcast import install_upcast
 
 logger = logging.getLogger(__name__)
 
@@ -74,13 +75,13 @@ class StableDiffusionProcess(ControlledProcess):
         self.options = options
         self.prompts = load_prompts(prompts, options.prompt_column)
         unet, vae = self.denoiser_module(), pipeline.vae
-        precise_kl = options.kl_precision == "fp32"
+        precise_kl = options.kl_precision in ("fp32", "upcast")
         for module in self.frozen_modules():
             module.requires_grad_(False).eval()  # frozen: no dropout (a pipeline built from configs is in train mode)
-            if module is unet and precise_kl:
+            if module is unet and options.kl_precision == "fp32":
                 module.to(torch.float32)  # the KL passes run in the weights' precision
             elif options.dtype is not None:
-                module.to(options.dtype)
+                module.to(options.dtype)  # "upcast": half weights, fp32 arithmetic in the KL passes
         if options.dtype is not None and not precise_kl:
             logger.warning(
                 "kl_precision='autocast' with mixed_precision=%r: the per-step KL is a difference of two "
@@ -90,12 +91,14 @@ class StableDiffusionProcess(ControlledProcess):
         lora_config = add_lora_control(unet, config.lora_rank, config.lora_target_modules or self.default_targets,
                                        config.lora_alpha)
         cast_training_params(unet, torch.float32)  # LoRA parameters in fp32 under mixed precision
+        upcast = install_upcast(unet) if options.kl_precision == "upcast" and options.dtype is not None else None
         if config.gradient_checkpointing:
             enable_adapter_aware_checkpointing(unet)
             vae.enable_gradient_checkpointing()
         shape = self.latent_shape(options.height, options.width)
         super().__init__(self.guided_network(unet, options), self.stochastic_scheduler, shape, config,
                          schedule_options=self.schedule_options(shape, config.num_inference_steps))
+        self.model.upcast = upcast
         self.lora_model = unet
         self.lora_config = lora_config
         self._precise_kl = precise_kl

@@ -71,8 +71,10 @@ class TextToImageArguments:
     base_model_id: str | None = _f(None, "Hub id of the base model for the model card when "
                                          "pretrained_model_name_or_path is a local copy")
     mixed_precision: str | None = _f(None, "'no', 'fp16' or 'bf16' (default: what accelerate launch sets)")
-    kl_precision: str = _f("fp32", "'fp32': network calls that feed the KL run in fp32 (exact KL); 'autocast': "
-                                   "half precision, faster, with a KL rounding floor")
+    kl_precision: str = _f("fp32", "'fp32': fp32 network weights, calls that feed the KL in fp32 (exact KL); "
+                                   "'upcast': weights in the --mixed_precision dtype (half the memory), calls that"
+                                   " feed the KL in fp32 arithmetic layer by layer (exact KL); 'autocast': half "
+                                   "precision, faster, with a KL rounding floor")
     tracker_init_kwargs: str | None = _f(None, "JSON object passed to the trackers, e.g. "
                                                "'{\"wandb\": {\"entity\": \"me\"}}'")
     reward_model_name_or_path: str | None = _f(None, "CLIP model of a built-in reward / oracle (default: the "
@@ -101,8 +103,8 @@ class TextToImageArguments:
               f"must be an int >= 0, got {self.validation_steps!r}")
         check(self.mixed_precision in (None, "no", "fp16", "bf16"), "mixed_precision",
               f"must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
-        check(self.kl_precision in ("fp32", "autocast"), "kl_precision",
-              f"must be 'fp32' or 'autocast', got {self.kl_precision!r}")
+        check(self.kl_precision in ("fp32", "upcast", "autocast"), "kl_precision",
+              f"must be 'fp32', 'upcast' or 'autocast', got {self.kl_precision!r}")
         check(self.guidance_scale is None or (isinstance(self.guidance_scale, (int, float))
                                               and self.guidance_scale >= 0), "guidance_scale",
               f"must be a number >= 0, got {self.guidance_scale!r}")

@@ -1,0 +1,48 @@
+"""``kl_precision="upcast"``: half-precision network weights, the KL and its gradient computed in fp32 arithmetic
+(issue: exact KL without fp32 weights). Reference: the same stored (bf16-rounded) weights held in fp32
+(``kl_precision="fp32"``), every other component identical."""
+
+import pytest
+import torch
+
+from hf_control_ft import ElegantConfig, ElegantTrainer
+from hf_control_ft.testing import (
+    kl_and_gradient,
+    scale_lora,
+    tiny_flux_pipeline,
+    tiny_sd3_pipeline,
+    tiny_sd_pipeline,
+    tiny_sdxl_pipeline,
+)
+
+FAMILIES = {"sd": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline, "sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline}
+LORA_SCALE = {"sd": 0.05, "sdxl": 0.5, "sd3": 0.5, "flux": 0.5}  # a control with a KL well above its rounding
+
+
+def _trainer(family, kl_precision, round_network):
+    pipe = FAMILIES[family]()
+    network = pipe.transformer if hasattr(pipe, "transformer") and pipe.transformer is not None else pipe.unet
+    if round_network:  # the half-precision model's values, stored in fp32
+        network.to(torch.bfloat16).to(torch.float32)
+    cfg = ElegantConfig(alpha=1.0, eta=1.0, num_inference_steps=4, learn_initial_noise=False, batch_size=2,
+                        report_to=None, lora_rank=4, gradient_checkpointing=True)
+    guidance = {"flux": 3.5}.get(family, 5.0)
+    trainer = ElegantTrainer.from_pipeline(pipe, None, cfg, prompts=["a cat", "a red car"], guidance_scale=guidance,
+                                           mixed_precision="bf16", kl_precision=kl_precision)
+    scale_lora(trainer.model, LORA_SCALE[family])
+    return trainer, network
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
+def test_upcast_gives_the_kl_of_the_half_precision_weights_within_one_percent(family):
+    exact, _ = _trainer(family, "fp32", round_network=True)
+    kl_ref, grad_ref = kl_and_gradient(exact)
+    trainer, network = _trainer(family, "upcast", round_network=False)
+    frozen = [p for n, p in network.named_parameters() if "lora" not in n]
+    assert {p.dtype for p in frozen} == {torch.bfloat16}  # half the memory of fp32 weights
+    kl, grad = kl_and_gradient(trainer)
+    assert kl_ref >= 0.1 or family == "flux"  # the tiny random FLUX barely responds to its LoRA: KL ~3e-8
+    assert kl == pytest.approx(kl_ref, rel=1e-2) and grad == pytest.approx(grad_ref, rel=1e-2)
+    half, _ = _trainer(family, "autocast", round_network=False)  # the rounding floor that upcast removes
+    kl_half, _ = kl_and_gradient(half)
+    assert abs(kl_half - kl_ref) > 3 * abs(kl - kl_ref)
