@@ -5,10 +5,17 @@ is ``B``; classifier-free guidance doubles it). Stage 1 runs ``value_num_rollout
 steps; the per-step values of ``drift_objective="value_guided"`` run as many again; stage 2 uses only the small
 initial-noise network (no denoiser call). One drift iteration is a rollout of ``K`` steps plus, for every step
 in the backward window, a fine-tuned and a pretrained forward and one backward through both (counted as two
-backward sample evaluations).
+backward sample evaluations). :class:`WallTime` turns the counts into hours from the throughput measured in the
+first rollouts and drift iterations, refined as the run goes.
 """
 
 from __future__ import annotations
+
+import logging
+import time
+
+
+logger = logging.getLogger(__name__)
 
 
 def network_evaluations(config, guidance_factor: int = 1, num_processes: int = 1) -> dict:
@@ -37,3 +44,88 @@ def describe(costs: dict) -> str:
             f"{costs['step_values_forward']:,}, stage 2 0 (initial-noise network only), drift "
             f"{costs['drift_forward']:,} forward + {costs['drift_backward']:,} backward; the stages before the drift "
             f"are {100 * costs['stages_before_drift_fraction']:.1f}% of the run")
+
+
+class WallTime:
+    """The run's cost in hours, from a throughput measured as it goes.
+
+    The sample evaluations of :func:`network_evaluations` are all of similar cost (a backward one is counted as
+    one evaluation, as the counts do). :meth:`add` records the seconds and evaluations of work just done (the
+    stage-1 rollouts, then every drift iteration); :meth:`estimate` turns the seconds per evaluation measured
+    so far into the wall time of what is left: ``{"stages_1_2_s", "drift_s", "total_s"}`` (``None`` before any
+    measurement). Drift iterations, once measured, are timed as such (they include optimiser steps and the
+    reward's backward pass).
+    """
+
+    def __init__(self, costs: dict, train_steps: int):
+        self.costs, self.train_steps = costs, int(train_steps)
+        self.seconds = self.evaluations = 0.0
+        self.done_before_drift = 0
+        self.drift_seconds, self.drift_iterations = 0.0, 0
+        self._t = time.perf_counter()
+
+    def restart(self) -> None:
+        """Starts timing the next piece of work (call before it)."""
+        self._t = time.perf_counter()
+
+    def add(self, evaluations: int, drift_iterations: int = 0) -> None:
+        now = time.perf_counter()
+        if drift_iterations:
+            self.drift_seconds += now - self._t
+            self.drift_iterations += drift_iterations
+        else:
+            self.seconds += now - self._t
+            self.evaluations += evaluations
+            self.done_before_drift += evaluations
+        self._t = now
+
+    def estimate(self, drift_steps_done: int = 0) -> dict | None:
+        if not self.evaluations and not self.drift_iterations:
+            return None
+        per_iteration_evals = (self.costs["drift_forward"] + self.costs["drift_backward"]) / max(1, self.train_steps)
+        per_eval = self.seconds / self.evaluations if self.evaluations else None
+        if self.drift_iterations:
+            per_iteration = self.drift_seconds / self.drift_iterations
+        else:
+            per_iteration = per_iteration_evals * per_eval
+        if per_eval is None:
+            per_eval = per_iteration / max(1.0, per_iteration_evals)
+        before = self.costs["stage1_forward"] + self.costs["step_values_forward"]
+        stages = max(0.0, before - self.done_before_drift) * per_eval
+        drift = max(0, self.train_steps - drift_steps_done) * per_iteration
+        return {"stages_1_2_s": stages, "drift_s": drift, "total_s": stages + drift}
+
+
+def hours(seconds: float) -> str:
+    """``"2 h 05 min"`` / ``"7 min"`` / ``"40 s"``."""
+    seconds = float(seconds)
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def describe_time(estimate: dict, measured: str) -> str:
+    """One log line for :meth:`WallTime.estimate`."""
+    return (f"estimated wall time left: stages 1-2 {hours(estimate['stages_1_2_s'])}, drift "
+            f"{hours(estimate['drift_s'])}, total {hours(estimate['total_s'])} (from {measured})")
+
+
+class WallTimeLog:
+    """Mixin of the trainers: ``self._clock`` (a :class:`WallTime`, set by ``train()``) fed with the work done."""
+
+    def _restart_clock(self) -> None:
+        if getattr(self, "_clock", None) is not None:
+            self._clock.restart()
+
+    def _timed(self, evaluations: int = 0, drift: bool = False) -> float | None:
+        """Feeds the wall-time estimate (:class:`~hf_control_ft.trainers.costs.WallTime`) with the work just
+        done; logs it after the first rollouts and the first drift iteration. Returns the seconds left."""
+        clock = getattr(self, "_clock", None)
+        if clock is None:
+            return None
+        first = not (clock.drift_iterations if drift else clock.evaluations)
+        clock.add(evaluations, drift_iterations=int(drift))
+        estimate = clock.estimate(self.global_step)
+        if first and self.is_main_process:
+            logger.info(describe_time(estimate, "the first drift iteration" if drift else "the first rollouts"))
+        return estimate["total_s"]

@@ -13,7 +13,6 @@ The optimum samples the tilted law ``p_pre(x) exp(r(x) / alpha) / Z``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import time
@@ -35,7 +34,7 @@ from ..serialization.saved import (
     save_control,
 )
 from .base import BaseTrainer
-from .costs import describe, network_evaluations
+from .costs import WallTime, WallTimeLog, describe, network_evaluations
 from .distributed import lock_on_main, run_on_main
 from .elegant_checkpoints import ElegantCheckpointing
 from .elegant_config import RUN_LOCAL_FIELDS, ElegantConfig
@@ -44,7 +43,7 @@ from .objectives import choose_drift_objective, step_value_states_per_rollout
 logger = logging.getLogger(__name__)
 
 
-class ElegantTrainer(ElegantCheckpointing, BaseTrainer):
+class ElegantTrainer(ElegantCheckpointing, WallTimeLog, BaseTrainer):
     """Fine-tunes a controlled process toward ``reward_fn`` with ELEGANT.
 
     Args:
@@ -110,7 +109,9 @@ class ElegantTrainer(ElegantCheckpointing, BaseTrainer):
             traj = self.sampler.rollout(x_T, gen, controlled=False)
             with torch.no_grad():
                 r = self._reward(traj.samples, require_grad=False).float()
+            self._timed(b * cfg.num_inference_steps * (2 if getattr(self.model, "do_guidance", False) else 1))
             yield traj, r, self.step_condition()
+            self._restart_clock()
 
     def _gather_conditions(self, conds: list, width: int):
         """The rollouts' condition features gathered over processes, or ``None`` for a network that takes no
@@ -233,6 +234,7 @@ class ElegantTrainer(ElegantCheckpointing, BaseTrainer):
             self._optimizer_state = None
         metrics = {}
         bar = self._progress(range(self.global_step, cfg.train_steps), "stage 3: drift")
+        self._restart_clock()
         for _ in bar:
             # the randomness of step n depends on (seed, rank, n) only, so a resumed run repeats it exactly
             self.generator.manual_seed(self._step_seed(self.global_step))
@@ -240,6 +242,9 @@ class ElegantTrainer(ElegantCheckpointing, BaseTrainer):
             metrics["train/lr"] = lr_schedule.get_last_lr()[0]
             lr_schedule.step()
             self.global_step += 1
+            remaining = self._timed(drift=True)
+            if remaining is not None:
+                metrics["time/remaining_s"] = remaining
             if self.global_step % cfg.log_every == 0 or self.global_step == cfg.train_steps:
                 metrics = {k: float(self.accelerator.reduce(torch.tensor(float(v), device=self.device), "mean"))
                            for k, v in metrics.items()}
@@ -251,22 +256,6 @@ class ElegantTrainer(ElegantCheckpointing, BaseTrainer):
             if self._callback is not None:
                 self._callback(self, self.global_step)
         return metrics
-
-    def log_step(self, drift_step: int) -> int:
-        """The tracker step of drift step ``drift_step`` (see :attr:`drift_log_offset`)."""
-        return self.drift_log_offset + int(drift_step)
-
-    @property
-    def drift_log_offset(self) -> int:
-        """Tracker steps strictly increase across the stages: stage 1 logs at 0, stage 2 at ``1..N``
-        (``N = noise_train_steps``), the per-step value fit at ``N + 1`` and drift step ``n`` at ``N + 1 + n``
-        (without learned initial noise: ``0`` and ``n``)."""
-        return self.config.noise_train_steps + 1 if self.initial_noise is not None else 0
-
-    def _step_seed(self, step: int) -> int:
-        """A 63-bit seed hashed from (seed, rank, step): independent of every other stream the trainer uses."""
-        key = f"hf_control_ft/drift/{self.config.seed}/{self.accelerator.process_index}/{step}".encode()
-        return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
 
     def train(self, resume_from_checkpoint: str | None = None, callback=None) -> dict:
         """Runs stages 1-3 (1-2 only with ``learn_initial_noise``); returns final metrics and timings.
@@ -297,6 +286,8 @@ class ElegantTrainer(ElegantCheckpointing, BaseTrainer):
             costs = self.network_evaluations()
             if self.is_main_process:
                 logger.info(describe(costs))
+            P = self.accelerator.num_processes  # this process's share, timed on this process
+            self._clock = WallTime({k: v / P for k, v in costs.items()}, cfg.train_steps)
             self._log({f"cost/{k}": v for k, v in costs.items()}, step=0)  # what each stage will cost
             summary = {"resumed_from": checkpoint, "network_evaluations": costs,
                        "drift_objective": cfg.drift_objective, "drift_objective_reason": self.drift_objective_reason}

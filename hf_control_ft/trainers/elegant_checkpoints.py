@@ -10,6 +10,7 @@ atomically). A resumed run refuses settings that would change the objective, the
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 
 import torch
@@ -23,7 +24,24 @@ from .elegant_config import RESUME_KEYS
 
 
 class ElegantCheckpointing:
-    """Mixin of :class:`~hf_control_ft.trainers.elegant.ElegantTrainer`: ``save_checkpoint`` / ``load_checkpoint``."""
+    """Mixin of :class:`~hf_control_ft.trainers.elegant.ElegantTrainer`: ``save_checkpoint`` / ``load_checkpoint``,
+    and the step bookkeeping a resumed run must reproduce (per-step seeds, tracker steps)."""
+
+    def log_step(self, drift_step: int) -> int:
+        """The tracker step of drift step ``drift_step`` (see :attr:`drift_log_offset`)."""
+        return self.drift_log_offset + int(drift_step)
+
+    @property
+    def drift_log_offset(self) -> int:
+        """Tracker steps strictly increase across the stages: stage 1 logs at 0, stage 2 at ``1..N``
+        (``N = noise_train_steps``), the per-step value fit at ``N + 1`` and drift step ``n`` at ``N + 1 + n``
+        (without learned initial noise: ``0`` and ``n``)."""
+        return self.config.noise_train_steps + 1 if self.initial_noise is not None else 0
+
+    def _step_seed(self, step: int) -> int:
+        """A 63-bit seed hashed from (seed, rank, step): independent of every other stream the trainer uses."""
+        key = f"hf_control_ft/drift/{self.config.seed}/{self.accelerator.process_index}/{step}".encode()
+        return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
 
     def save_checkpoint(self, optimizer=None, lr_schedule=None) -> str | None:
         """Writes ``<output_dir>/checkpoint-<global_step>`` (main process; fsynced, atomic rename; rotation to
