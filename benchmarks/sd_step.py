@@ -16,6 +16,16 @@ backward) during one separate, untimed iteration, divided by the timed seconds.
     python benchmarks/sd_step.py --dtype bf16 --batch_sizes 1 2 4        # GPU: SD 1.5 shapes, 512x512, 50 steps
     python benchmarks/sd_step.py --model flux --batch_sizes 1 --steps 28 # GPU: FLUX.1-dev shapes, 1024x1024
     python benchmarks/sd_step.py --tiny --model sd3                      # CPU smoke test (tiny pipeline)
+    python benchmarks/sd_step.py --models sd15 sdxl sd3 flux --batch_sizes 1 --time_limit 150 --output sd_step.jsonl
+
+With ``--models`` every family runs in its own process with its own ``--time_limit`` (seconds) at its real
+settings (sd15 512 px / 50 steps, sdxl 1024 / 40, sd3 1024 / 28, flux 1024 / 28, unless ``--steps`` /
+``--resolution`` say otherwise), and its JSON line is appended to ``--output`` (and printed) as soon as it is
+measured, so a run cut short still reports every family it finished; a family past its limit gets a
+``{"timed_out": true}`` line. Each batch size reports the ELEGANT iteration, plain reward backprop and one
+GRPO-style update over the same number of samples (``benchmarks/finetuner_baselines.py``: SDE rollout without
+gradient, then a clipped-ratio update with a KL penalty through every stochastic step), seconds per sample and
+the ratios ELEGANT / plain and GRPO / plain.
 
 For the flow models (``sd3``, ``flux``) the sampler is the exact flow transitions at ``--eta`` (default 1.0); FLUX has no
 classifier-free guidance (one transformer call per sample and step; ``--guidance_scale`` is its guidance
@@ -26,10 +36,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
 
 import torch
 from model_shapes import RESOLUTION, build_pipeline
+from finetuner_baselines import policy_gradient_epoch
 from step_cost import one_iteration  # same iteration as the step-cost benchmark (benchmarks/ is on sys.path)
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -60,6 +74,14 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def grpo_update(trainer, params, opt, batch_size: int) -> None:
+    """One GRPO-style update over ``batch_size`` samples of the trainer's prompts (one group)."""
+    gen = torch.Generator().manual_seed(0)
+    trainer.process.prepare_batch(batch_size, gen)
+    policy_gradient_epoch(trainer.sampler, opt, lambda x: trainer._reward(x, require_grad=False),
+                          trainer.sample_shape, batch_size, gen, "grpo", group_size=batch_size, updates_per_epoch=1)
+
+
 def count_flops(trainer, params, opt, plain) -> tuple[int, int]:
     """``(unet, total)`` FLOPs of one iteration (checkpoint recomputation and backward included)."""
     counter = FlopCounterMode(display=False, depth=None)
@@ -72,12 +94,21 @@ def count_flops(trainer, params, opt, plain) -> tuple[int, int]:
     return int(sum(counts[key].values())), int(counter.get_total_flops())
 
 
-def measure(args, batch_size: int, plain: bool) -> dict:
+def measure(args, batch_size: int, mode: str) -> dict:
+    """``mode``: ``"elegant"``, ``"plain"`` (reward backprop) or ``"grpo"``."""
     if args.device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    plain = mode != "elegant"
     trainer, params, opt = build(args, batch_size, plain)
-    one_iteration(trainer, params, opt, plain)  # warm-up
+
+    def step():
+        if mode == "grpo":
+            grpo_update(trainer, params, opt, batch_size)
+        else:
+            one_iteration(trainer, params, opt, plain)
+
+    step()  # warm-up
     sync(args.device)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -85,13 +116,14 @@ def measure(args, batch_size: int, plain: bool) -> dict:
     for _ in range(args.repeats):
         sync(args.device)
         t0 = time.perf_counter()
-        one_iteration(trainer, params, opt, plain)
+        step()
         sync(args.device)
         times.append(time.perf_counter() - t0)
     seconds = min(times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
-    flops = count_flops(trainer, params, opt, plain) if args.count_flops else None
-    out = {"seconds_per_iteration": round(seconds, 4), "peak_gpu_memory_gib": None if peak is None else round(peak, 2)}
+    flops = count_flops(trainer, params, opt, plain) if args.count_flops and mode != "grpo" else None
+    out = {"seconds_per_iteration": round(seconds, 4), "seconds_per_sample": round(seconds / batch_size, 4),
+           "peak_gpu_memory_gib": None if peak is None else round(peak, 2)}
     if flops is not None:
         unet, total = flops
         out.update({"unet_tflop_per_iteration": float(f"{unet / 1e12:.4g}"),
@@ -101,14 +133,46 @@ def measure(args, batch_size: int, plain: bool) -> dict:
     return out
 
 
-def main():
+REAL_STEPS = {"sd15": 50, "sdxl": 40, "sd3": 28, "flux": 28}
+
+
+def run_families(args) -> None:
+    """``--models``: one process per family, each with ``--time_limit``; JSON lines appended as measured."""
+    forwarded = ["--eta", str(args.eta), "--dtype", args.dtype, "--batch_sizes", *map(str, args.batch_sizes),
+                 "--noise_steps", str(args.noise_steps), "--repeats", str(args.repeats), "--device", args.device]
+    for flag in ("steps", "resolution", "guidance_scale", "truncate"):
+        if getattr(args, flag) is not None:
+            forwarded += [f"--{flag}", str(getattr(args, flag))]
+    forwarded += (["--tiny"] if args.tiny else []) + ([] if args.count_flops else ["--no_flops"])
+    for model in args.models:
+        cmd = [sys.executable, os.path.abspath(__file__), "--model", model, "--compact", *forwarded]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.time_limit)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+            record = json.loads(lines[-1]) if done.returncode == 0 and lines else {
+                "model": model, "error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+        except subprocess.TimeoutExpired:
+            record = {"model": model, "timed_out": True, "time_limit_s": args.time_limit}
+        line = json.dumps(record)
+        print(line, flush=True)
+        if args.output:
+            with open(args.output, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(RESOLUTION), default="sd15")
+    p.add_argument("--models", nargs="+", choices=sorted(RESOLUTION), default=None,
+                   help="several families, each in its own process (see --time_limit, --output)")
+    p.add_argument("--time_limit", type=float, default=600.0, help="seconds per family with --models")
+    p.add_argument("--output", default=None, help="with --models: append one JSON line per family here")
+    p.add_argument("--compact", action="store_true", help="print the result as one JSON line")
     p.add_argument("--tiny", action="store_true", help="tiny random pipeline on CPU (smoke test)")
     p.add_argument("--eta", type=float, default=1.0)
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=None, help="default: the family's (sd15 50, sdxl 40, sd3 / flux 28)")
     p.add_argument("--resolution", type=int, default=None, help="default: the model's (512 / 1024)")
     p.add_argument("--guidance_scale", type=float, default=None, help="default 7.5 (sd15), 5 (sdxl), 4.5 (sd3), "
                    "3.5 (flux)")
@@ -117,7 +181,10 @@ def main():
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--no_flops", dest="count_flops", action="store_false")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.models:
+        return run_families(args)
+    args.steps = args.steps or REAL_STEPS[args.model]
     args.resolution = args.resolution or RESOLUTION[args.model]
     if args.guidance_scale is None:
         args.guidance_scale = {"sd15": 7.5, "sdxl": 5.0, "sd3": 4.5, "flux": 3.5}[args.model]
@@ -129,17 +196,17 @@ def main():
         args.repeats = 1
     results = []
     for b in args.batch_sizes:
-        elegant = measure(args, b, plain=False)
-        plain = measure(args, b, plain=True)
-        results.append({"batch_size": b, "elegant": elegant, "plain_reward_backprop": plain,
-                        "time_ratio": round(elegant["seconds_per_iteration"] / plain["seconds_per_iteration"], 3)})
+        elegant, plain, grpo = (measure(args, b, mode) for mode in ("elegant", "plain", "grpo"))
+        results.append({"batch_size": b, "elegant": elegant, "plain_reward_backprop": plain, "grpo_update": grpo,
+                        "time_ratio": round(elegant["seconds_per_iteration"] / plain["seconds_per_iteration"], 3),
+                        "grpo_time_ratio": round(grpo["seconds_per_iteration"] / plain["seconds_per_iteration"], 3)})
     print(json.dumps({"benchmark": "sd_step", "model": f"tiny-random-{args.model}" if args.tiny
                       else f"{args.model}-shaped-random",
                       "device": args.device,
                       "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
                       "dtype": args.dtype, "resolution": args.resolution, "steps": args.steps, "eta": args.eta,
                       "guidance_scale": args.guidance_scale, "gradient_checkpointing": True,
-                      "truncate_backprop_steps": args.truncate, "results": results}, indent=1))
+                      "truncate_backprop_steps": args.truncate, "results": results}, indent=None if args.compact else 1))
 
 
 if __name__ == "__main__":

@@ -136,6 +136,8 @@ class FluxProcess(StableDiffusion3Process):
         conditioning = (embeds, pooled_proj, text_ids)
         return (conditioning, pooled_proj.float()) if pooled else conditioning
 
+    batched_conditioning = (True, True, False)  # text_ids: one (L, 3) tensor for any batch
+
     def negative_embeds(self):
         return None  # no classifier-free guidance
 

@@ -41,6 +41,9 @@ class StableDiffusionOptions:
         prompt_column: column of a ``datasets`` prompt source.
         guidance_rescale: must be 0 (accepted so that diffusers' argument gets a clear error, not a TypeError).
         max_sequence_length: T5 context length of SD3 / FLUX (ignored by SD 1.x / 2.x and SDXL).
+        pre_compute_text_embeddings / offload / enable_vae_slicing: memory switches
+            (:mod:`hf_control_ft.processes.memory`): per-prompt embeddings cached on the CPU and the text encoders
+            off the accelerator; text encoders on the accelerator only while encoding; one-image VAE decodes.
     """
 
     guidance_scale: float | None = None
@@ -53,6 +56,9 @@ class StableDiffusionOptions:
     prompt_column: str = "prompt"
     guidance_rescale: float = 0.0
     max_sequence_length: int | None = None
+    pre_compute_text_embeddings: bool = False
+    offload: bool = False
+    enable_vae_slicing: bool = False
 
     def __post_init__(self):
         check = field_checker("StableDiffusionOptions")
@@ -71,6 +77,8 @@ class StableDiffusionOptions:
               f"must be one of {sorted(DTYPES)}, got {self.mixed_precision!r}")
         check(self.kl_precision in KL_PRECISIONS, "kl_precision",
               f"must be one of {KL_PRECISIONS}, got {self.kl_precision!r}")
+        for name in ("pre_compute_text_embeddings", "offload", "enable_vae_slicing"):
+            check(isinstance(getattr(self, name), bool), name, f"must be true or false, got {getattr(self, name)!r}")
         for name in ("height", "width"):
             v = getattr(self, name)
             check(v is None or (isinstance(v, int) and v >= 8 and v % 8 == 0), name,

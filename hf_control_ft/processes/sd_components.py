@@ -35,6 +35,7 @@ from ..core.control import tuner_layers
 from ..core.scheduling import as_stochastic_scheduler
 from ..rewards.checks import reward_name
 from ..rewards.image_rewards import call_reward
+from .memory import no_tf32
 from .options import DTYPES, KL_PRECISIONS, StableDiffusionOptions  # noqa: F401 (re-exported)
 
 
@@ -130,13 +131,15 @@ def enable_adapter_aware_checkpointing(model: nn.Module) -> None:
         forward_state = _adapter_state(layers)
         switch = getattr(model, "_hf_upcast_switch", None)  # kl_precision="upcast": fp32 arithmetic on or off
         upcast = switch is not None and switch.on
+        tf32 = torch.backends.cuda.matmul.allow_tf32  # off in KL passes (memory.no_tf32), maybe on elsewhere
 
         def run(*inputs):
             current = _adapter_state(layers)
             if current != forward_state:
                 _set_adapter_state(layers, forward_state)
             try:
-                with switch.enabled(upcast) if switch is not None else contextlib.nullcontext():
+                with switch.enabled(upcast) if switch is not None else contextlib.nullcontext(), \
+                        contextlib.nullcontext() if tf32 else no_tf32():
                     return module(*inputs)
             finally:
                 if current != forward_state:
@@ -180,7 +183,7 @@ class GuidedUNet(nn.Module):
         """
         previous, self._full_precision = self._full_precision, True
         try:
-            with self.upcast.enabled() if self.upcast is not None else contextlib.nullcontext():
+            with no_tf32(), self.upcast.enabled() if self.upcast is not None else contextlib.nullcontext():
                 yield
         finally:
             self._full_precision = previous

@@ -46,6 +46,7 @@ from .sd_components import (
     load_prompts,
 )
 from .stable_diffusion_features import LatentFeatures, PooledPixelFeatures
+from .memory import EmbeddingCache, on_device, text_encoders
 from .upcast import install_upcast
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,10 @@ class StableDiffusionProcess(ControlledProcess):
         self._negative_embeds = None
         self._pooled = None
         self.condition_dim = self.pooled_dim()
+        batched = None if self.batched_conditioning is None else (*self.batched_conditioning, True)  # + pooled
+        self._cache = EmbeddingCache(batched) if options.pre_compute_text_embeddings else None
+        if options.enable_vae_slicing:
+            vae.enable_slicing()  # the reward's and the oracle's decode, one image at a time
 
     # ------------------------------------------------------------------ what a family changes
     #: LoRA targets when ``lora_target_modules`` is None (None: the attention projections found in the network)
@@ -143,10 +148,37 @@ class StableDiffusionProcess(ControlledProcess):
         return encode_prompts(self.pipeline.tokenizer, self.pipeline.text_encoder, list(prompts), self.device,
                               return_pooled=pooled)
 
+    #: which parts of :meth:`encode`'s conditioning have one row per prompt (FLUX's text ids do not)
+    batched_conditioning = None
+
+    def encoders_on_device(self, needed: bool = True):
+        """The context in which the text encoders may run: on the accelerator for the block when they live on the
+        CPU (``offload`` / ``pre_compute_text_embeddings``, :mod:`.memory`)."""
+        away = self.options.offload or self.options.pre_compute_text_embeddings
+        return on_device(text_encoders(self.pipeline), self.device, enabled=away and needed)
+
+    def _encoded(self, prompts: list[str]):
+        """``(conditioning, pooled features)`` of ``prompts``: encoded now, or gathered from the per-prompt cache
+        (``pre_compute_text_embeddings``: the whole prompt list is encoded the first time)."""
+        if self._cache is None:
+            with self.encoders_on_device():
+                return self.encode(prompts, pooled=True)
+        todo = self._cache.missing((list(self.prompts) if not len(self._cache) else []) + list(prompts))
+        with self.encoders_on_device(needed=bool(todo)):
+            for start in range(0, len(todo), 64):
+                chunk = todo[start:start + 64]
+                cond, pooled = self.encode(chunk, pooled=True)
+                self._cache.add(chunk, ((cond,) if torch.is_tensor(cond) else tuple(cond)) + (pooled,))
+        parts = self._cache.get(list(prompts), self.device)
+        return (parts[0] if len(parts) == 2 else tuple(parts[:-1])), parts[-1]
+
     # ------------------------------------------------------------------ network and sampler
     def to(self, device) -> "StableDiffusionProcess":
+        away = self.options.offload or self.options.pre_compute_text_embeddings  # text encoders stay on the CPU
+        encoders = text_encoders(self.pipeline) if away else []
         for module in self.frozen_modules():
-            module.to(device)
+            if not any(module is e for e in encoders):
+                module.to(device)
         self._negative_embeds = None
         return self
 
@@ -172,8 +204,9 @@ class StableDiffusionProcess(ControlledProcess):
         """Conditions the guided UNet and the reward on ``conditions`` (a list of prompts, one per sample)."""
         if conditions is None:
             raise ValueError("Stable Diffusion needs one prompt per sample")
-        embeds, pooled = self.encode(list(conditions), pooled=True)
-        negative = self.negative_embeds() if self.model.do_guidance else None
+        embeds, pooled = self._encoded(list(conditions))
+        with self.encoders_on_device(needed=self._negative_embeds is None):
+            negative = self.negative_embeds() if self.model.do_guidance else None
         self.model.set_condition(embeds, negative)
         self.current_conditions = list(conditions)
         self._pooled = pooled.detach()
@@ -185,7 +218,7 @@ class StableDiffusionProcess(ControlledProcess):
             if self._pooled is None:
                 raise RuntimeError("no prompts set: call set_conditions or prepare_batch first")
             return self._pooled
-        return self.encode(list(conditions), pooled=True)[1].detach()
+        return self._encoded(list(conditions))[1].detach()
 
     def check_conditions(self, conditions, num_samples: int | None):
         if conditions is None:
@@ -244,7 +277,9 @@ class StableDiffusionProcess(ControlledProcess):
 
     def run_settings(self) -> dict:
         prompts = hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()
-        return {**super().run_settings(), **dataclasses.asdict(self.options), "prompts_sha256": prompts}
+        memory = ("pre_compute_text_embeddings", "offload", "enable_vae_slicing")  # change no result
+        options = {k: v for k, v in dataclasses.asdict(self.options).items() if k not in memory}
+        return {**super().run_settings(), **options, "prompts_sha256": prompts}
 
 
 class _ConditionedReward:

@@ -49,7 +49,9 @@ def _fail(message: str):
 
 def make_accelerator(args, config) -> Accelerator:
     """The run's ``Accelerator``: trackers from ``report_to``, precision from ``--mixed_precision`` or the
-    ``accelerate launch`` setting."""
+    ``accelerate launch`` setting; ``--allow_tf32`` (the KL passes keep full fp32, :mod:`..processes.memory`)."""
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     accelerator = Accelerator(log_with=tracker_names(config.report_to), project_dir=config.logging_dir,
                               mixed_precision=args.mixed_precision)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -100,7 +102,8 @@ def _options(args, accelerator) -> dict:
     return dict(guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt, height=args.resolution,
                 width=args.resolution, mixed_precision=accelerator.mixed_precision, kl_precision=args.kl_precision,
                 base_model=args.pretrained_model_name_or_path, max_sequence_length=args.max_sequence_length,
-                prompt_column=args.prompt_column)
+                prompt_column=args.prompt_column, pre_compute_text_embeddings=args.pre_compute_text_embeddings,
+                offload=args.offload, enable_vae_slicing=args.enable_vae_slicing)
 
 
 def _finish(trainer, args, config, accelerator, validation, summary: dict, metrics: dict, card_info: dict) -> int:

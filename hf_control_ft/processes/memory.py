@@ -1,0 +1,92 @@
+"""Memory switches of the text-to-image processes, under the names diffusers' training scripts use.
+
+* ``pre_compute_text_embeddings``: each prompt is encoded once and its embeddings kept on the CPU
+  (:class:`EmbeddingCache`); batches gather them. With a fixed prompt list every prompt is encoded before
+  training starts and the text encoders leave the accelerator (T5-XXL alone is ~9 GB); a prompt seen later
+  (validation) is encoded with the encoders brought back for that call.
+* ``offload``: the text encoders live on the CPU and come to the accelerator only to encode
+  (:func:`on_device`).
+* ``enable_vae_slicing``: the VAE decodes one image at a time, for the reward and the oracle (the activation
+  memory of a batch decode at 1024 px dominates the reward's cost).
+* ``allow_tf32`` (a script flag: PyTorch's global switch): TF32 matmuls everywhere except the network calls
+  that feed a KL, which :func:`no_tf32` keeps in full fp32 (the KL is a difference of two network outputs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+
+def text_encoders(pipeline) -> list[nn.Module]:
+    """The pipeline's text encoders (CLIP, OpenCLIP, T5, ...) that are loaded."""
+    names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    return [getattr(pipeline, n) for n in names if getattr(pipeline, n, None) is not None]
+
+
+@contextlib.contextmanager
+def on_device(modules: list[nn.Module], device, enabled: bool = True):
+    """Moves ``modules`` to ``device`` for the block and back to the CPU after it (``enabled=False``: nothing)."""
+    if not enabled:
+        yield
+        return
+    for m in modules:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.to("cpu")
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """Full fp32 matmuls for the block (TF32 off), whatever the global setting; restored after."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+class EmbeddingCache:
+    """Per-prompt text embeddings on the CPU.
+
+    ``encode(prompts)`` gives a tensor or a tuple of tensors (the family's conditioning); ``batched[j]`` says
+    whether part ``j`` has one row per prompt (cached row by row) or is one tensor for any batch (FLUX's
+    ``text_ids``: kept once).
+    """
+
+    def __init__(self, batched: tuple[bool, ...] | None = None):
+        self.batched = batched
+        self.rows: dict[str, tuple] = {}
+        self.shared: dict[int, torch.Tensor] = {}
+        self.single = False
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, prompts: list[str], encoded) -> None:
+        self.single = torch.is_tensor(encoded)
+        parts = (encoded,) if self.single else tuple(encoded)
+        batched = self.batched or (True,) * len(parts)
+        for j, p in enumerate(parts):
+            if not batched[j]:
+                self.shared[j] = p.detach().cpu()
+        for i, prompt in enumerate(prompts):
+            self.rows[prompt] = tuple(p[i].detach().cpu() if batched[j] else None for j, p in enumerate(parts))
+
+    def missing(self, prompts: list[str]) -> list[str]:
+        return list(dict.fromkeys(p for p in prompts if p not in self.rows))
+
+    def get(self, prompts: list[str], device):
+        parts = [self.shared[j].to(device) if first is None else
+                 torch.stack([self.rows[p][j] for p in prompts]).to(device)
+                 for j, first in enumerate(self.rows[prompts[0]])]
+        return parts[0] if self.single else tuple(parts)
+
+
+__all__ = ["EmbeddingCache", "text_encoders", "on_device", "no_tf32"]
