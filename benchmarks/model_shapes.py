@@ -91,8 +91,12 @@ def flux_pipeline():
                         transformer=transformer)
 
 
-def build_pipeline(model: str, tiny: bool):
-    """The pipeline of ``model`` (``sd15``, ``sdxl``, ``sd3``, ``flux``): real shapes, or the test size."""
+def build_pipeline(model: str, tiny: bool, device: str = "cpu"):
+    """The pipeline of ``model`` (``sd15``, ``sdxl``, ``sd3``, ``flux``): real shapes, or the test size. On a GPU
+    the random weights are made there (a 12B transformer initialised on the CPU takes minutes)."""
+    if device != "cpu" and not tiny:
+        with torch.device(device):
+            return build_pipeline(model, tiny, "cpu")
     if tiny:
         return {"sd15": testing.tiny_sd_pipeline, "sdxl": testing.tiny_sdxl_pipeline,
                 "sd3": testing.tiny_sd3_pipeline, "flux": testing.tiny_flux_pipeline}[model]()

@@ -55,13 +55,14 @@ PROMPTS = ["a photo of a cat", "a red car in the rain", "the mountains at dawn",
 
 
 def build(args, batch_size: int, plain: bool):
-    pipe = build_pipeline(args.model, args.tiny).to(args.device)
+    pipe = build_pipeline(args.model, args.tiny, args.device).to(args.device)
     cfg = ElegantConfig(alpha=1.0, eta=args.eta, num_inference_steps=args.steps, learn_initial_noise=not plain,
-                        batch_size=batch_size, report_to=None, lora_rank=4, gradient_checkpointing=True,
+                        batch_size=batch_size, report_to=None, lora_rank=args.lora_rank, gradient_checkpointing=True,
                         truncate_backprop_steps=args.truncate, noise_num_steps=args.noise_steps, aux_hidden=32)
     trainer = ElegantTrainer.from_pipeline(pipe, BrightnessReward(), cfg, prompts=PROMPTS,
                                            guidance_scale=args.guidance_scale,
                                            mixed_precision="no" if args.dtype == "fp32" else args.dtype,
+                                           kl_precision=args.kl_precision,
                                            height=args.resolution, width=args.resolution,
                                            **({"max_sequence_length": 16} if args.tiny and args.model != "sd15"
                                               else {}))
@@ -78,8 +79,12 @@ def grpo_update(trainer, params, opt, batch_size: int) -> None:
     """One GRPO-style update over ``batch_size`` samples of the trainer's prompts (one group)."""
     gen = torch.Generator().manual_seed(0)
     trainer.process.prepare_batch(batch_size, gen)
+    kept = [p.detach().clone() for p in params]  # a group of 1 has no spread: its update is NaN, timed all the same
     policy_gradient_epoch(trainer.sampler, opt, lambda x: trainer._reward(x, require_grad=False),
                           trainer.sample_shape, batch_size, gen, "grpo", group_size=batch_size, updates_per_epoch=1)
+    with torch.no_grad():
+        for p, k in zip(params, kept):
+            p.copy_(k)
 
 
 def count_flops(trainer, params, opt, plain) -> tuple[int, int]:
@@ -139,6 +144,7 @@ REAL_STEPS = {"sd15": 50, "sdxl": 40, "sd3": 28, "flux": 28}
 def run_families(args) -> None:
     """``--models``: one process per family, each with ``--time_limit``; JSON lines appended as measured."""
     forwarded = ["--eta", str(args.eta), "--dtype", args.dtype, "--batch_sizes", *map(str, args.batch_sizes),
+                 "--lora_rank", str(args.lora_rank), "--kl_precision", args.kl_precision,
                  "--noise_steps", str(args.noise_steps), "--repeats", str(args.repeats), "--device", args.device]
     for flag in ("steps", "resolution", "guidance_scale", "truncate"):
         if getattr(args, flag) is not None:
@@ -179,6 +185,9 @@ def main(argv=None):
     p.add_argument("--truncate", type=int, default=None, help="truncate backprop to the last N steps")
     p.add_argument("--noise_steps", type=int, default=20, help="Euler steps of the initial-noise model")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--lora_rank", type=int, default=4)
+    p.add_argument("--kl_precision", choices=["fp32", "upcast", "autocast"], default="fp32",
+                   help="'upcast': frozen network in --dtype, KL passes in fp32 arithmetic (half the weight memory)")
     p.add_argument("--no_flops", dest="count_flops", action="store_false")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -206,6 +215,7 @@ def main(argv=None):
                       "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
                       "dtype": args.dtype, "resolution": args.resolution, "steps": args.steps, "eta": args.eta,
                       "guidance_scale": args.guidance_scale, "gradient_checkpointing": True,
+                      "lora_rank": args.lora_rank, "kl_precision": args.kl_precision,
                       "truncate_backprop_steps": args.truncate, "results": results}, indent=None if args.compact else 1))
 
 
