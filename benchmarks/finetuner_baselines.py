@@ -83,10 +83,12 @@ def policy_gradient_epoch(sampler: ControlledSampler, optimizer, reward_fn, shap
                           updates_per_epoch: int = 2) -> dict:
     """One epoch of GRPO-style (``method="grpo"``) or DDPO (``"ddpo"``) training (module docstring)."""
     schedule = sampler.schedule
+    device = next(sampler.model.parameters()).device  # drawn on the CPU (the generator's), run on the model's
     if method == "grpo":  # groups share their start
         x_T = torch.randn(batch_size // group_size, *shape, generator=generator).repeat_interleave(group_size, 0)
     else:
         x_T = torch.randn(batch_size, *shape, generator=generator)
+    x_T = x_T.to(device)
     traj = sampler.rollout(x_T, generator)
     with torch.no_grad():
         r = reward_fn(traj.samples).float()
@@ -128,7 +130,7 @@ def reward_backprop_iteration(sampler: ControlledSampler, optimizer, reward_fn, 
     """One AlignProp / DRaFT-K iteration: gradients through the last ``truncate`` steps only, no KL."""
     schedule = sampler.schedule
     K = len(schedule)
-    x = torch.randn(batch_size, *shape, generator=generator)
+    x = torch.randn(batch_size, *shape, generator=generator).to(next(sampler.model.parameters()).device)
     for k in range(K):
         noise = sampler._noise(x, k, generator)
         if k < K - truncate:

@@ -191,6 +191,10 @@ def main(argv=None):
     p.add_argument("--no_flops", dest="count_flops", action="store_false")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if args.device == "cuda":
+        # measured on an H200 with torch 2.11: cuDNN attention's backward failed at FLUX.1-dev shapes
+        # ("mha_graph.execute(...) is_good()"); flash / memory-efficient attention are used instead
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if args.models:
         return run_families(args)
     args.steps = args.steps or REAL_STEPS[args.model]
