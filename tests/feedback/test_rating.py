@@ -325,3 +325,25 @@ def test_the_seiko_script_with_people_as_the_oracle(tmp_path, monkeypatch):
     fb = load_feedback(str(out))
     assert fb["status"] == ["ok"] * 4 and sorted(fb["value"]) == [0, 0.5, 1, 1]
     assert os.path.isfile(out / "pytorch_lora_weights.safetensors")
+
+
+def test_hf_control_ft_rate_serves_a_run_from_another_process(tmp_path):
+    """``hf-control-ft rate OUTPUT_DIR``: the page of a run whose trainer runs elsewhere; a new rater's login link
+    is printed once; Ctrl-C stops it."""
+    out, port = tmp_path / "run", _port()
+    HumanOracle(str(out)).enqueue(torch.zeros(2, 16), ["a", "b"], round_index=1)  # what a trainer queued
+    proc = subprocess.Popen([sys.executable, "-m", "hf_control_ft.cli", "rate", str(out), "--raters", "carol",
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": ROOT})
+    try:
+        lines = [proc.stdout.readline() for _ in range(2)]
+        assert lines[0].startswith(f"rating page for {out}: http://127.0.0.1:{port}/")
+        token = lines[1].strip().split("#token=")[1]
+        status, body = _call(f"http://127.0.0.1:{port}", "/api/progress", token)
+        assert status == 200 and body["rater"] == "carol" and body["progress"]["total"] == 2
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert token not in json.dumps(RatingFiles(str(out)).raters())  # stored hashed only
