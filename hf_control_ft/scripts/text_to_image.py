@@ -23,6 +23,8 @@ from ..feedback.human_oracle import HumanOracle
 from ..feedback.rating import RatingScale
 from ..processes.loading import load_base_pipeline
 from ..rewards.clip_rewards import CLIPImageFeatures
+from ..rewards.checks import check_reward, reward_name
+from ..rewards.image_rewards import call_reward
 from ..rewards.registry import load_reward
 from ..serialization.checkpoints import CheckpointError
 from ..serialization.saved import HubPushError, mask_token
@@ -152,13 +154,38 @@ def _human_oracle(args, config, accelerator):
                        raters=args.raters, mode=args.rating_mode)
 
 
+def check_reward_early(fn, spec: str, device) -> None:
+    """ELEGANT's reward on two random 64x64 images before any diffusion model loads: a wrong output (type,
+    shape, non-finite) or a reward without gradient (a black-box scorer: SEIKO's case) stops the script with one
+    line. A reward that cannot score such small images is checked on the first real batch instead."""
+    images = torch.rand(2, 3, 64, 64, device=device, requires_grad=True)
+    try:
+        values = call_reward(fn, images, ["a photo of a cat", "a red car in the rain"])
+    except Exception as err:  # noqa: BLE001 - the user's code: it may need the real resolution
+        logging.getLogger(__name__).warning("--reward %s could not be tried on 64x64 test images (%s); it is checked "
+                                            "on the first batch", spec, error_line(err))
+        return
+    try:
+        check_reward(values, 2, reward_name(fn), require_grad=True)
+    except (TypeError, ValueError) as err:
+        if "not differentiable" in str(err):
+            _fail(f"--reward {spec} is not differentiable (its output has no gradient with respect to the images): "
+                  "ELEGANT backpropagates through the reward. A black-box reward (OCR, a VLM judge, a served "
+                  f"model, people) is SEIKO's case: train_seiko.py --oracle {spec} --num_rounds 4 "
+                  "--queries_per_round 1024 (see the README's SEIKO section)")
+        _fail(f"--reward {spec}: {err}")
+
+
 def _setup(trainer_cls, args, config, spec: str, validation_reward: bool):
-    """Accelerator, pipeline, prompts, reward / oracle, trainer and validation: what both scripts build."""
+    """Accelerator, reward / oracle (an ELEGANT reward is tried on a tiny batch first), pipeline, prompts, trainer
+    and validation: what both scripts build."""
     accelerator = make_accelerator(args, config)
+    fn = _human_oracle(args, config, accelerator) if spec == "human" else _reward(spec, args, accelerator)
+    if trainer_cls is ElegantTrainer:  # never an oracle: each of its answers may be paid for
+        check_reward_early(fn, spec, accelerator.device)
     with accelerator.main_process_first():
         pipe = load_pipeline(args)
         prompts = load_prompt_source(args)
-    fn = _human_oracle(args, config, accelerator) if spec == "human" else _reward(spec, args, accelerator)
     extra = {}
     features = getattr(args, "feature_model_name_or_path", PIXEL_FEATURES)
     if features != PIXEL_FEATURES:  # SEIKO: reward heads and bonus on CLIP image embeddings (the default)
