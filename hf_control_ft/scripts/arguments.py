@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 from ..rewards.registry import RewardSpecError, check_spec
@@ -91,6 +92,9 @@ class TextToImageArguments:
 
     def __post_init__(self):
         check = field_checker(type(self).__name__)
+        check(bool(self.pretrained_model_name_or_path), "pretrained_model_name_or_path",
+              "is required: the base model, a Hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) or a local "
+              "diffusers pipeline directory")
         sources = [n for n in ("prompts", "prompts_file", "dataset_name") if getattr(self, n)]
         check(len(sources) == 1, "prompts", f"give exactly one prompt source (--prompts, --prompts_file or "
               f"--dataset_name), got {sources or 'none'}")
@@ -246,8 +250,18 @@ def parse_script_args(args_cls, config_cls, argv=None, prog: str | None = None, 
             config.logging_dir = os.path.join(config.output_dir, "logs")
         args.check_before_loading(config)
     except (ConfigCliError, RewardSpecError, ValueError) as err:
-        exit_with_error(str(err), status=2)
+        exit_with_error(as_flag(str(err)), status=2)
     return args, config
+
+
+_FIELD_ERROR = re.compile(r"^(?:ElegantScriptArguments|SeikoScriptArguments|TextToImageArguments|ElegantConfig|"
+                          r"SeikoConfig|StableDiffusionOptions)\.(\w+): ")
+
+
+def as_flag(message: str) -> str:
+    """``"ElegantConfig.alpha: must be ..."`` -> ``"--alpha: must be ..."``: a script's errors name the flag the user
+    typed (or the YAML key of the same name), not a class of the library."""
+    return _FIELD_ERROR.sub(lambda m: f"--{m.group(1)}: ", message)
 
 
 __all__ = ["TextToImageArguments", "ElegantScriptArguments", "SeikoScriptArguments", "parse_script_args"]

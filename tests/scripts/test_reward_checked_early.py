@@ -25,3 +25,15 @@ def test_a_reward_that_cannot_be_trained_on_is_refused_before_any_model_loads(tm
     assert exit_info.value.code == 1 and expected in err and "no-such-model" not in err  # no model was loaded
     if "differentiable" in expected:
         assert "train_seiko.py --oracle score.py:score" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "error: --pretrained_model_name_or_path: is required"),  # a run without arguments asks for the model first
+    (["--pretrained_model_name_or_path", "m"], "error: --prompts: give exactly one prompt source"),
+    (["--pretrained_model_name_or_path", "m", "--prompts", "a", "--alpha", "-1"], "error: --alpha: must be a finite"),
+])
+def test_argument_errors_name_the_flag_the_user_typed(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run_elegant(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(message) and "Arguments." not in err and "Config." not in err

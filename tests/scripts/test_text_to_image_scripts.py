@@ -168,14 +168,14 @@ def no_model_loading(monkeypatch):
     (["--reward", "missing.py:f"], "reward file 'missing.py' (from 'missing.py:f') does not exist"),
     (["--reward", "my_reward.py:redness", "--prompts_file", "nope.txt"], "--prompts_file 'nope.txt' cannot be read"),
     (["--reward", "my_reward.py:redness", "--alpah", "1"], "unknown flag --alpah (did you mean --alpha?)"),
-    (["--reward", "my_reward.py:redness", "--eta", "0"], "ElegantConfig.eta: must be in (0, 1]"),
+    (["--reward", "my_reward.py:redness", "--eta", "0"], "error: --eta: must be in (0, 1]"),
     (["--reward", "my_reward.py:redness", "--resolution", "20"], "resolution: must be a positive multiple of 8"),
     (["--reward", "aesthetic"], "needs --aesthetic_head"),
     (["--reward", "my_reward.py:redness", "--tracker_init_kwargs", "{bad"], "tracker_init_kwargs: must be a JSON"),
     (["--reward", "my_reward.py:redness", "--report_to", "tensorboard,clearml"], "--report_to clearml: not installed"),
     # a token is never echoed, whatever went wrong around it
     (["--reward", "my_reward.py:redness", "--hub_token", "hf_SeCrEt42", "push"], "--hub_token takes one value, got"),
-    (["--reward", "my_reward.py:redness", "--hub_token=hf_SeCrEt42", "--eta", "0"], "ElegantConfig.eta"),
+    (["--reward", "my_reward.py:redness", "--hub_token=hf_SeCrEt42", "--eta", "0"], "--eta"),
 ])
 def test_bad_flags_exit_with_one_line_before_loading_a_model(workdir, monkeypatch, capsys, no_model_loading,
                                                              flags, message):
