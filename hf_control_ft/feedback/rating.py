@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..utils.versioned_dir import write_atomic
 
 RATINGS_DIR = "ratings"
 RATING_MODES = ("score", "pairwise")
@@ -132,12 +133,7 @@ class RatingFiles:
             queued.add(key)
             path = os.path.join(self.images_dir, f"{key}.png")
             if not os.path.exists(path):
-                tmp = f"{path}.tmp-{os.getpid()}"
-                with open(tmp, "wb") as f:
-                    f.write(png)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
+                write_atomic(path, png)
             new.append({"key": key, "prompt": prompt, "round": int(round_index), "time": time.time()})
         if new:
             self._append(self.queue_path, new)
@@ -169,11 +165,7 @@ class RatingFiles:
                 new[name] = (tokens or {}).get(name) or secrets.token_urlsafe(24)
                 known[name] = token_hash(new[name])
         if new:
-            tmp = f"{self.raters_path}.tmp-{os.getpid()}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(known, f, indent=2, sort_keys=True)
-            os.replace(tmp, self.raters_path)
+            write_atomic(self.raters_path, json.dumps(known, indent=2, sort_keys=True), mode=0o600)
         return new
 
 

@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ..serialization.saved import HubPushError, mask_token
-from ..utils.versioned_dir import fsync_dir
+from ..utils.versioned_dir import fsync_dir, write_atomic
 from .oracle import FAILED, OK, PENDING, OracleAnswer
 from .recovery import SHARD_PATTERN as _SHARD
 from .recovery import migrate_versioned, remove_temporaries, unlisted_shards
@@ -203,15 +203,8 @@ class FeedbackDataset:
         self._write_manifest()
 
     def _write_manifest(self) -> None:
-        path = self._manifest_path()
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"format": FORMAT, "sample_shape": list(self.sample_shape), "num_rows": len(self),
-                       "shards": self._shards}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(self.directory)
+        write_atomic(self._manifest_path(), json.dumps({"format": FORMAT, "sample_shape": list(self.sample_shape),
+                                                         "num_rows": len(self), "shards": self._shards}))
 
     # ------------------------------------------------------------------ in-memory rows
     def _append_rows(self, query_indices, rounds, prompts, samples: torch.Tensor) -> None:

@@ -17,7 +17,6 @@ intact one is used instead.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os

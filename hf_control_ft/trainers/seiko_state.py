@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from ..core.control import CONTROL_ADAPTER, load_lora_state_dict, lora_state_dict
 from ..core.kl import gaussian_kl
-from ..utils.versioned_dir import VersionedDirectory, fsync_dir
+from ..utils.versioned_dir import VersionedDirectory, fsync_dir, write_atomic
 from .elegant_config import RESUME_KEYS as ELEGANT_RESUME_KEYS
 
 logger = logging.getLogger(__name__)
@@ -55,13 +55,8 @@ def round_generator(seed: int, round_index: int, phase: str, rank: int = 0) -> t
 
 
 def write_json(path: str, value) -> None:
-    """Writes ``value`` as JSON atomically (temporary file, fsync, rename)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Writes ``value`` as JSON atomically (:func:`~hf_control_ft.utils.versioned_dir.write_atomic`)."""
+    write_atomic(path, json.dumps(value, indent=2, sort_keys=True))
 
 
 def _read_json(path: str, what: str):

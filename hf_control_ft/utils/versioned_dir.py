@@ -29,6 +29,20 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def write_atomic(path: str, data: str | bytes, mode: int = 0o644) -> None:
+    """Writes ``data`` to ``path`` whole or not at all: a temporary file ``<path>.tmp-<pid>`` (created with
+    ``mode``), flushed to disk, renamed over ``path``, then the directory entry flushed. A killed writer leaves
+    the old file and at most a temporary that its owner removes."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
 def fsync_tree(path: str) -> None:
     """Flushes every file below ``path`` to disk, then the directories themselves (best effort for those)."""
     for root, _, names in os.walk(path):
@@ -111,13 +125,7 @@ class VersionedDirectory:
             shutil.rmtree(final)
         os.rename(tmp, final)
         fsync_dir(self.versions_dir)
-        pointer_tmp = f"{self.pointer_path}.tmp-{os.getpid()}"
-        with open(pointer_tmp, "w", encoding="utf-8") as f:
-            f.write(name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(pointer_tmp, self.pointer_path)
-        fsync_dir(os.path.dirname(os.path.abspath(self.pointer_path)))
+        write_atomic(self.pointer_path, name + "\n")
         for entry in self.versions():
             if entry != name and entry not in keep:
                 shutil.rmtree(os.path.join(self.versions_dir, entry), ignore_errors=True)
