@@ -87,8 +87,7 @@ def save_control(save_directory: str, process, config, initial_noise=None, rewar
     lora_config = process.peft_config()
     if initial_noise is not None:
         initial_noise.save_pretrained(os.path.join(save_directory, INITIAL_NOISE_DIR))
-    with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as f:
-        json.dump(config.published_dict(), f, indent=2, sort_keys=True)  # no output_dir, logging_dir, ...
+    config.save(os.path.join(save_directory, CONFIG_NAME), published=True)  # no output_dir, logging_dir, ...
     with open(os.path.join(save_directory, SAMPLE_SHAPE_NAME), "w", encoding="utf-8") as f:
         json.dump(list(process.sample_shape), f)
     fields = process.save_options(save_directory, base_model)

@@ -258,9 +258,10 @@ class ElegantConfig:
         """The fields that describe the trained model (what a save publishes): all but :data:`RUN_LOCAL_FIELDS`."""
         return {k: v for k, v in self.to_dict().items() if k not in RUN_LOCAL_FIELDS}
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, published: bool = False) -> None:
+        """Writes the config as JSON; ``published``: only what describes the model (:meth:`published_dict`)."""
         with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            json.dump(self.published_dict() if published else self.to_dict(), f, indent=2, sort_keys=True)
 
     @classmethod
     def load(cls, path: str):

@@ -63,7 +63,6 @@ from .seiko_state import (
     round_seed,
     save_round_state,
     state_store,
-    write_json,
 )
 
 
@@ -381,7 +380,7 @@ class SeikoTrainer(FeedbackCollection, BaseTrainer):
         save_control(save_directory, self.process, self.config.elegant_config(), self.initial_noise,
                      reward=self.reward_name, metrics=metrics, sample_grid=sample_grid, base_model=base_model,
                      repo_id=repo_id, card_info={**(card_info or {}), "seiko": seiko})
-        write_json(os.path.join(save_directory, SEIKO_CONFIG_NAME), self.config.published_dict())
+        self.config.save(os.path.join(save_directory, SEIKO_CONFIG_NAME), published=True)
 
     def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None,
                     feedback_repo_id: str | None = None, commit_message: str | None = None,

@@ -92,15 +92,8 @@ class FeedbackCollection:
         t0 = time.perf_counter()
         if getattr(self.oracle.fn, "streams_answers", False):
             self._ask_streaming(round_index, batches)
-            batches = []
-        for batch in self._progress(batches, f"round {round_index}: oracle", leave=False):
-            try:
-                answers = self.oracle.query(*self._oracle_inputs(batch))
-            except OracleOutputError as err:  # a contract bug: keep the answers this query obtained, then stop
-                if getattr(err, "answers", None) is not None:
-                    self.feedback.record(batch, err.answers, self.feedback.next_batch_index(round_index))
-                raise
-            self.feedback.record(batch, answers, self.feedback.next_batch_index(round_index))
+        else:
+            self._ask_batches(round_index, batches)
         rows = self.feedback.rows(round_index)
         ok = [i for i in rows if self.feedback.columns["status"][i] == "ok"]
         if len(ok) < cfg.min_answer_fraction * len(rows):
@@ -118,9 +111,20 @@ class FeedbackCollection:
                 "round/oracle_max": max(values) if values else math.nan,
                 "round/total_queries": len(self.feedback), "time/oracle_s": time.perf_counter() - t0}
 
+    def _ask_batches(self, round_index: int, batches: list[list[int]]) -> None:
+        """A plain oracle: one call per batch, its answers stored before the next batch is sent."""
+        for batch in self._progress(batches, f"round {round_index}: oracle", leave=False):
+            try:
+                answers = self.oracle.query(*self._oracle_inputs(batch))
+            except OracleOutputError as err:  # a contract bug: keep the answers this query obtained, then stop
+                if getattr(err, "answers", None) is not None:
+                    self.feedback.record(batch, err.answers, self.feedback.next_batch_index(round_index))
+                raise
+            self.feedback.record(batch, answers, self.feedback.next_batch_index(round_index))
+
     def _ask_streaming(self, round_index: int, batches: list[list[int]]) -> None:
         """An oracle that answers query by query (people on the rating page, :class:`~hf_control_ft.feedback.
-        rating.HumanOracle`): every query is queued (decoded batch by batch), then each answer is stored the moment
+        human_oracle.HumanOracle`): every query is queued (decoded batch by batch), then each answer is stored the moment
         it arrives."""
         todo, keys = [q for batch in batches for q in batch], []
         for batch in batches:
