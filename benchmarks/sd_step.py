@@ -22,7 +22,9 @@ With ``--models`` every family runs in its own process with its own ``--time_lim
 settings (sd15 512 px / 50 steps, sdxl 1024 / 40, sd3 1024 / 28, flux 1024 / 28, unless ``--steps`` /
 ``--resolution`` say otherwise), and its JSON line is appended to ``--output`` (and printed) as soon as it is
 measured, so a run cut short still reports every family it finished; a family past its limit gets a
-``{"timed_out": true}`` line. Each batch size reports the ELEGANT iteration, plain reward backprop and one
+``{"timed_out": true}`` line holding the ``"partial"`` figures its process printed before it was stopped (per
+mode: build and first-iteration seconds once warm, then the measurement). ``--stack_every S`` prints each
+family's main-thread stack to stderr every ``S`` seconds, to see where a family that does not finish spends it. Each batch size reports the ELEGANT iteration, plain reward backprop and one
 GRPO-style update over the same number of samples (``benchmarks/finetuner_baselines.py``: SDE rollout without
 gradient, then a clipped-ratio update with a KL penalty through every stochastic step), seconds per sample and
 the ratios ELEGANT / plain and GRPO / plain.
@@ -35,11 +37,14 @@ embedding).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
+import traceback
 
 import torch
 from model_shapes import RESOLUTION, build_pipeline
@@ -101,11 +106,15 @@ def count_flops(trainer, params, opt, plain) -> tuple[int, int]:
 
 def measure(args, batch_size: int, mode: str) -> dict:
     """``mode``: ``"elegant"``, ``"plain"`` (reward backprop) or ``"grpo"``."""
+    gc.collect()  # the previous mode's pipeline (trainers hold reference cycles) must not count in this one's peak
     if args.device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     plain = mode != "elegant"
+    t_build = time.perf_counter()
     trainer, params, opt = build(args, batch_size, plain)
+    sync(args.device)
+    t_build = time.perf_counter() - t_build
 
     def step():
         if mode == "grpo":
@@ -113,8 +122,11 @@ def measure(args, batch_size: int, mode: str) -> dict:
         else:
             one_iteration(trainer, params, opt, plain)
 
+    t_first = time.perf_counter()
     step()  # warm-up
     sync(args.device)
+    t_first = time.perf_counter() - t_first
+    progress(args, batch_size, mode, build_s=round(t_build, 2), first_iteration_s=round(t_first, 2))
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -128,14 +140,23 @@ def measure(args, batch_size: int, mode: str) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
     flops = count_flops(trainer, params, opt, plain) if args.count_flops and mode != "grpo" else None
     out = {"seconds_per_iteration": round(seconds, 4), "seconds_per_sample": round(seconds / batch_size, 4),
-           "peak_gpu_memory_gib": None if peak is None else round(peak, 2)}
+           "peak_gpu_memory_gib": None if peak is None else round(peak, 2), "build_s": round(t_build, 2),
+           "first_iteration_s": round(t_first, 2)}
     if flops is not None:
         unet, total = flops
         out.update({"unet_tflop_per_iteration": float(f"{unet / 1e12:.4g}"),
                     "total_tflop_per_iteration": float(f"{total / 1e12:.4g}"),
                     "achieved_unet_tflops": float(f"{unet / seconds / 1e12:.4g}")})
+    progress(args, batch_size, mode, **out)
     del trainer, params, opt
     return out
+
+
+def progress(args, batch_size: int, mode: str, **figures) -> None:
+    """One ``{"partial": ...}`` JSON line on stdout as soon as a mode is built and warm, then measured: a family
+    cut off by ``--time_limit`` still reports what it finished (``run_families`` collects these lines)."""
+    print(json.dumps({"partial": {"model": args.model, "batch_size": batch_size, "mode": mode, **figures}}),
+          flush=True)
 
 
 REAL_STEPS = {"sd15": 50, "sdxl": 40, "sd3": 28, "flux": 28}
@@ -150,20 +171,49 @@ def run_families(args) -> None:
         if getattr(args, flag) is not None:
             forwarded += [f"--{flag}", str(getattr(args, flag))]
     forwarded += (["--tiny"] if args.tiny else []) + ([] if args.count_flops else ["--no_flops"])
+    forwarded += ["--stack_every", str(args.stack_every)] if args.stack_every else []
     for model in args.models:
         cmd = [sys.executable, os.path.abspath(__file__), "--model", model, "--compact", *forwarded]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.time_limit)
-            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-            record = json.loads(lines[-1]) if done.returncode == 0 and lines else {
-                "model": model, "error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
-        except subprocess.TimeoutExpired:
-            record = {"model": model, "timed_out": True, "time_limit_s": args.time_limit}
+        try:  # with --stack_every the child's stderr (its stacks) goes straight to ours
+            done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if args.stack_every else subprocess.PIPE,
+                                  text=True, timeout=args.time_limit)
+            lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+            final = [r for r in lines if "partial" not in r]
+            record = final[-1] if done.returncode == 0 and final else {
+                "model": model, "error": ((done.stderr or "").strip().splitlines() or ["see stderr"])[-1],
+                **_partial(lines)}
+        except subprocess.TimeoutExpired as timed_out:
+            stdout = timed_out.stdout or b""
+            stdout = stdout.decode(errors="replace") if isinstance(stdout, bytes) else stdout
+            lines = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"partial"')]
+            record = {"model": model, "timed_out": True, "time_limit_s": args.time_limit, **_partial(lines)}
         line = json.dumps(record)
         print(line, flush=True)
         if args.output:
             with open(args.output, "a", encoding="utf-8") as f:
                 f.write(line + "\n")
+
+
+def dump_stacks_every(seconds: float) -> None:
+    """``--stack_every``: a daemon thread prints the main thread's innermost frames to stderr every ``seconds``
+    (where a family that does not finish spends its time; torch's module-call wrappers left out)."""
+    main_id, t0 = threading.main_thread().ident, time.perf_counter()
+
+    def loop():
+        while True:
+            time.sleep(seconds)
+            frames = [f for f in traceback.extract_stack(sys._current_frames().get(main_id))
+                      if "torch/nn/modules/module.py" not in f.filename]
+            lines = [f"  {f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}" for f in frames[-12:]]
+            print(f"--- {time.perf_counter() - t0:.0f} s", *lines, sep="\n", file=sys.stderr, flush=True)
+
+    threading.Thread(target=loop, daemon=True).start()
+
+
+def _partial(lines: list[dict]) -> dict:
+    """``{"partial": [...]}`` from a cut-off family's progress lines (nothing when it printed none)."""
+    partial = [r["partial"] for r in lines if "partial" in r]
+    return {"partial": partial} if partial else {}
 
 
 def main(argv=None):
@@ -189,6 +239,8 @@ def main(argv=None):
     p.add_argument("--kl_precision", choices=["fp32", "upcast", "autocast"], default="fp32",
                    help="'upcast': frozen network in --dtype, KL passes in fp32 arithmetic (half the weight memory)")
     p.add_argument("--no_flops", dest="count_flops", action="store_false")
+    p.add_argument("--stack_every", type=float, default=None,
+                   help="print the main thread's stack to stderr every S seconds (where a slow family spends time)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if args.device == "cuda":
@@ -197,6 +249,8 @@ def main(argv=None):
         torch.backends.cuda.enable_cudnn_sdp(False)
     if args.models:
         return run_families(args)
+    if args.stack_every:
+        dump_stacks_every(args.stack_every)
     args.steps = args.steps or REAL_STEPS[args.model]
     args.resolution = args.resolution or RESOLUTION[args.model]
     if args.guidance_scale is None:

@@ -30,3 +30,29 @@ def test_each_family_reports_as_soon_as_measured_and_a_slow_one_times_out(tmp_pa
         assert res["batch_size"] == 2 and res["time_ratio"] > 0 and res["grpo_time_ratio"] > 0
         for mode in ("elegant", "plain_reward_backprop", "grpo_update"):
             assert res[mode]["seconds_per_sample"] == pytest.approx(res[mode]["seconds_per_iteration"] / 2, abs=1e-3)
+
+
+def test_a_family_cut_off_reports_the_modes_it_finished(tmp_path, monkeypatch, capsys):
+    """The child prints a ``{"partial": ...}`` line per mode as soon as it is warm and again when measured; a
+    family past ``--time_limit`` keeps those lines (subprocess hands them over as bytes)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import sd_step
+    finally:
+        sys.path.pop(0)
+    lines = [{"partial": {"model": "flux", "batch_size": 1, "mode": "elegant", "build_s": 2.0,
+                          "first_iteration_s": 40.0}},
+             {"partial": {"model": "flux", "batch_size": 1, "mode": "elegant", "seconds_per_iteration": 30.0}}]
+    stdout = ("\n".join(json.dumps(line) for line in lines) + "\nnot json\n").encode()
+
+    def cut_off(cmd, **kwargs):
+        assert kwargs["timeout"] == 7.0 and "--model" in cmd and "flux" in cmd
+        raise subprocess.TimeoutExpired(cmd, kwargs["timeout"], output=stdout)
+
+    monkeypatch.setattr(sd_step.subprocess, "run", cut_off)
+    out = tmp_path / "families.jsonl"
+    sd_step.main(["--models", "flux", "--time_limit", "7", "--device", "cpu", "--output", str(out)])
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record == {"model": "flux", "timed_out": True, "time_limit_s": 7.0,
+                      "partial": [line["partial"] for line in lines]}
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == record
