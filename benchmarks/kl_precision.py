@@ -10,11 +10,15 @@ evaluation.
 Modes: ``fp32``; ``fp16`` / ``bf16`` (``mixed_precision``, default ``kl_precision="fp32"``: UNet calls that feed
 a KL run in fp32, the rest under autocast); ``fp16-upcast`` / ``bf16-upcast`` (``kl_precision="upcast"``: UNet
 weights in the half dtype, the calls that feed a KL in fp32 arithmetic layer by layer); ``fp16-autocast`` /
-``bf16-autocast`` (``kl_precision="autocast"``: every UNet call in the half dtype); ``tf32`` (fp32 with TF32
-matmuls) where a CUDA device is present. Each record also gives the bytes of the frozen UNet weights.
+``bf16-autocast`` (``kl_precision="autocast"``: every UNet call in the half dtype); ``fp16-tf32-emulated`` /
+``bf16-tf32-emulated`` (``kl_precision="tf32"`` as a GPU computes it: the upcast modes with the inputs of every
+linear and convolution layer rounded to TF32's 10-bit mantissa, on any device; attention's own products are not
+rounded); where a CUDA device is present also ``tf32`` (fp32 with TF32 matmuls) and ``bf16-tf32`` (the real
+``kl_precision="tf32"``). Each record also gives the bytes of the frozen UNet weights.
 
     python benchmarks/kl_precision.py                         # tiny SD + SD-1.5-shaped UNet (CPU: ~40 min)
     python benchmarks/kl_precision.py --models tiny           # tiny SD only (~1 min)
+    python benchmarks/kl_precision.py --models sd15 --modes fp32 bf16-upcast bf16-tf32-emulated
 
 The last stdout line is one JSON object: ``{"records": [...], "summary": {...}}``; ``summary`` gives, per mode,
 the worst KL and gradient ratio over the settings whose fp32 KL per sample is >= 0.1 nats (the goal: within
@@ -43,23 +47,29 @@ MODES = {  # name -> (mixed_precision, kl_precision)
     "bf16-upcast": ("bf16", "upcast"),
     "fp16-autocast": ("fp16", "autocast"),
     "bf16-autocast": ("bf16", "autocast"),
+    "fp16-tf32-emulated": ("fp16", "tf32"),
+    "bf16-tf32-emulated": ("bf16", "tf32"),
 }
+CUDA_MODES = {"tf32": ("no", "fp32"), "bf16-tf32": ("bf16", "tf32")}
 
 
 def build(model: str, mode: str, guidance: float, steps: int, resolution: int | None, device: str,
           same_weights: bool = False):
     """The trainer of one mode; ``same_weights``: the mode's half-precision UNet values held in fp32 and run in
     fp32 arithmetic (``kl_precision="fp32"``): the exact KL of the model that mode stores."""
-    mixed, kl_precision = MODES.get(mode, ("no", "fp32"))
+    mixed, kl_precision = {**MODES, **CUDA_MODES}[mode]
     pipe = StableDiffusionPipeline(**(tiny_components() if model == "tiny" else sd15_components())).to(device)
     if same_weights:
         pipe.unet.to({"fp16": torch.float16, "bf16": torch.bfloat16}[mixed]).to(torch.float32)
         kl_precision = "fp32"
     cfg = ElegantConfig(alpha=1.0, eta=1.0, num_inference_steps=steps, learn_initial_noise=False, batch_size=2,
                         report_to=None, lora_rank=4, gradient_checkpointing=model != "tiny")
-    return ElegantTrainer.from_pipeline(pipe, None, cfg, prompts=PROMPTS, guidance_scale=guidance,
-                                        mixed_precision=mixed, kl_precision=kl_precision, height=resolution,
-                                        width=resolution)
+    trainer = ElegantTrainer.from_pipeline(pipe, None, cfg, prompts=PROMPTS, guidance_scale=guidance,
+                                           mixed_precision=mixed, kl_precision=kl_precision, height=resolution,
+                                           width=resolution)
+    if mode.endswith("-tf32-emulated") and not same_weights:
+        trainer.process.model.upcast.emulate_tf32 = True
+    return trainer
 
 
 def main():
@@ -70,8 +80,11 @@ def main():
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: tiny 10, sd15 2)")
     parser.add_argument("--sd15_resolution", type=int, default=64, help="image size of the SD-1.5-shaped runs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--modes", nargs="+", default=None, choices=[*MODES, *CUDA_MODES],
+                        help="default: every mode the device has (fp32, the reference, always runs first)")
     args = parser.parse_args()
-    modes = list(MODES) + (["tf32"] if args.device == "cuda" else [])
+    modes = args.modes or list(MODES) + (list(CUDA_MODES) if args.device == "cuda" else [])
+    modes = ["fp32"] + [m for m in modes if m != "fp32"]
     records = []
     for model in args.models:
         steps = args.steps or (10 if model == "tiny" else 2)
@@ -83,7 +96,7 @@ def main():
                 torch.backends.cudnn.allow_tf32 = mode == "tf32"
                 trainer = build(model, mode, guidance, steps, resolution, args.device)
                 exact = build(model, mode, guidance, steps, resolution, args.device, same_weights=True) \
-                    if mode.endswith("-upcast") else None
+                    if mode.endswith(("-upcast", "-tf32-emulated", "-tf32")) else None
                 unet_bytes = sum(p.numel() * p.element_size() for n, p in trainer.process.lora_model.named_parameters()
                                  if "lora" not in n)
                 for i, scale in enumerate(args.scales):
@@ -128,7 +141,7 @@ def main():
                 "frozen_unet_bytes": rows[0]["frozen_unet_bytes"],
             }
             same = [r for r in at_op if "kl_error_same_weights" in r]
-            if same:  # upcast: against the exact KL of its own stored weights
+            if same:  # upcast / tf32: against the exact KL of its own stored weights
                 summary[f"{model}/{mode}"].update(
                     worst_kl_error_same_weights=max(r["kl_error_same_weights"] for r in same),
                     worst_grad_error_same_weights=max(r["grad_error_same_weights"] for r in same))

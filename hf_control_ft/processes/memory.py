@@ -9,7 +9,8 @@
 * ``enable_vae_slicing``: the VAE decodes one image at a time, for the reward and the oracle (the activation
   memory of a batch decode at 1024 px dominates the reward's cost).
 * ``allow_tf32`` (a script flag: PyTorch's global switch): TF32 matmuls everywhere except the network calls
-  that feed a KL, which :func:`no_tf32` keeps in full fp32 (the KL is a difference of two network outputs).
+  that feed a KL, which :func:`tf32_matmuls` keeps in full fp32 (the KL is a difference of two network outputs)
+  unless ``kl_precision="tf32"`` asks for TF32 there too (:mod:`.upcast`).
 """
 
 from __future__ import annotations
@@ -42,10 +43,10 @@ def on_device(modules: list[nn.Module], device, enabled: bool = True):
 
 
 @contextlib.contextmanager
-def no_tf32():
-    """Full fp32 matmuls for the block (TF32 off), whatever the global setting; restored after."""
+def tf32_matmuls(on: bool):
+    """TF32 matmuls and convolutions on or off for the block (CUDA), whatever the global setting; restored after."""
     matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(on)
     try:
         yield
     finally:
@@ -89,4 +90,4 @@ class EmbeddingCache:
         return parts[0] if self.single else tuple(parts)
 
 
-__all__ = ["EmbeddingCache", "text_encoders", "on_device", "no_tf32"]
+__all__ = ["EmbeddingCache", "text_encoders", "on_device", "tf32_matmuls"]

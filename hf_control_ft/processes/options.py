@@ -15,7 +15,7 @@ from ..utils.validation import check_field, field_checker, is_int
 logger = logging.getLogger(__name__)
 
 DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-KL_PRECISIONS = ("fp32", "upcast", "autocast")
+KL_PRECISIONS = ("fp32", "upcast", "tf32", "autocast")
 
 
 @dataclass
@@ -35,7 +35,10 @@ class StableDiffusionOptions:
         kl_precision: ``"fp32"`` (default): UNet weights stay fp32 and every UNet call feeding a KL runs
             without autocast, so the KL matches fp32 training; ``"upcast"``: UNet weights in the half dtype (half
             the memory) and the calls feeding a KL in fp32 arithmetic, each layer upcasting its weight for its own
-            call (exact KL of the half-precision model, :mod:`hf_control_ft.processes.upcast`); ``"autocast"``:
+            call (exact KL of the half-precision model, :mod:`hf_control_ft.processes.upcast`); ``"tf32"``: the
+            same with TF32 tensor-core matmuls in those calls and for the whole run on CUDA (fp32 activations;
+            several times fp32's speed on tensor-core GPUs, with a KL rounding floor far below ``"autocast"``'s,
+            given by the README's "Numerics" table); ``"autocast"``:
             those calls run in the half dtype too, faster but with a KL rounding floor (module docstring).
         base_model: Hub id or path of the base pipeline (for the model card and for loading).
         prompt_column: column of a ``datasets`` prompt source.

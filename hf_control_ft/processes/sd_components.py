@@ -35,7 +35,7 @@ from ..core.control import tuner_layers
 from ..core.scheduling import as_stochastic_scheduler
 from ..rewards.checks import reward_name
 from ..rewards.image_rewards import call_reward
-from .memory import no_tf32
+from .memory import tf32_matmuls
 from .options import DTYPES, KL_PRECISIONS, StableDiffusionOptions  # noqa: F401 (re-exported)
 
 
@@ -131,7 +131,7 @@ def enable_adapter_aware_checkpointing(model: nn.Module) -> None:
         forward_state = _adapter_state(layers)
         switch = getattr(model, "_hf_upcast_switch", None)  # kl_precision="upcast": fp32 arithmetic on or off
         upcast = switch is not None and switch.on
-        tf32 = torch.backends.cuda.matmul.allow_tf32  # off in KL passes (memory.no_tf32), maybe on elsewhere
+        tf32 = torch.backends.cuda.matmul.allow_tf32  # as in the forward: KL passes set it (memory.tf32_matmuls)
 
         def run(*inputs):
             current = _adapter_state(layers)
@@ -139,7 +139,7 @@ def enable_adapter_aware_checkpointing(model: nn.Module) -> None:
                 _set_adapter_state(layers, forward_state)
             try:
                 with switch.enabled(upcast) if switch is not None else contextlib.nullcontext(), \
-                        contextlib.nullcontext() if tf32 else no_tf32():
+                        tf32_matmuls(tf32):
                     return module(*inputs)
             finally:
                 if current != forward_state:
@@ -176,14 +176,16 @@ class GuidedUNet(nn.Module):
     @contextlib.contextmanager
     def full_precision(self):
         """Inside the block the UNet runs without autocast, in fp32: its own fp32 weights
-        (``kl_precision="fp32"``), or its half-precision weights upcast layer by layer (``"upcast"``).
+        (``kl_precision="fp32"``), or its half-precision weights upcast layer by layer (``"upcast"``; ``"tf32"``: the
+        same with TF32 matmuls on CUDA).
 
         The sampler enters it around the calls whose outputs are subtracted for the KL (``mu_ft - mu_pre``):
         a difference of two half-precision outputs is dominated by rounding when the control is small.
         """
         previous, self._full_precision = self._full_precision, True
         try:
-            with no_tf32(), self.upcast.enabled() if self.upcast is not None else contextlib.nullcontext():
+            with tf32_matmuls(self.upcast is not None and self.upcast.tf32), \
+                    self.upcast.enabled() if self.upcast is not None else contextlib.nullcontext():
                 yield
         finally:
             self._full_precision = previous

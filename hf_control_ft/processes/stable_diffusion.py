@@ -47,7 +47,7 @@ from .sd_components import (
 )
 from .stable_diffusion_features import LatentFeatures, PooledPixelFeatures
 from .memory import EmbeddingCache, on_device, text_encoders
-from .upcast import install_upcast
+from .upcast import UpcastSwitch, cast_frozen, install_upcast
 
 logger = logging.getLogger(__name__)
 
@@ -76,13 +76,19 @@ class StableDiffusionProcess(ControlledProcess):
         self.options = options
         self.prompts = load_prompts(prompts, options.prompt_column)
         unet, vae = self.denoiser_module(), pipeline.vae
-        precise_kl = options.kl_precision in ("fp32", "upcast")
+        precise_kl = options.kl_precision in ("fp32", "upcast", "tf32")
         for module in self.frozen_modules():
             module.requires_grad_(False).eval()  # frozen: no dropout (a pipeline built from configs is in train mode)
             if module is unet and options.kl_precision == "fp32":
-                module.to(torch.float32)  # the KL passes run in the weights' precision
+                cast_frozen(module, torch.float32)  # the KL passes run in the weights' precision
             elif options.dtype is not None:
-                module.to(options.dtype)  # "upcast": half weights, fp32 arithmetic in the KL passes
+                cast_frozen(module, options.dtype)  # "upcast" / "tf32": half weights, fp32 arithmetic in KL passes
+        if options.kl_precision == "tf32":  # the backward sweep's matmuls run outside the KL context: TF32 there too
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+            logger.warning(
+                "kl_precision='tf32': TF32 matmuls for the whole run (as --allow_tf32) and in the KL passes; the KL "
+                "has a rounding floor, far below 'autocast''s but not zero (benchmarks/kl_precision.py, README "
+                "'Numerics'); use 'upcast' or 'fp32' when the KL must be exact")
         if options.dtype is not None and not precise_kl:
             logger.warning(
                 "kl_precision='autocast' with mixed_precision=%r: the per-step KL is a difference of two "
@@ -92,7 +98,9 @@ class StableDiffusionProcess(ControlledProcess):
         lora_config = add_lora_control(unet, config.lora_rank, config.lora_target_modules or self.default_targets,
                                        config.lora_alpha)
         cast_training_params(unet, torch.float32)  # LoRA parameters in fp32 under mixed precision
-        upcast = install_upcast(unet) if options.kl_precision == "upcast" and options.dtype is not None else None
+        upcast = None
+        if options.kl_precision == "tf32" or (options.kl_precision == "upcast" and options.dtype is not None):
+            upcast = install_upcast(unet, UpcastSwitch(tf32=options.kl_precision == "tf32"))
         if config.gradient_checkpointing:
             enable_adapter_aware_checkpointing(unet)
             vae.enable_gradient_checkpointing()

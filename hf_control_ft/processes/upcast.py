@@ -1,4 +1,4 @@
-"""Exact KL from half-precision weights: fp32 arithmetic, layer by layer (``kl_precision="upcast"``).
+"""Exact KL from half-precision weights: fp32 arithmetic, layer by layer (``kl_precision="upcast"`` / ``"tf32"``).
 
 The per-step KL is a squared difference of two network outputs (``docs/algorithms.md`` §9). Its rounding floor
 under mixed precision comes from half-precision *arithmetic*; the weights themselves are the model being
@@ -11,6 +11,19 @@ group / layer / RMS norm) with a version that, while the returned :class:`Upcast
 weight and bias to fp32. With the switch off the layers run as before (under autocast for rollouts). The switch
 is part of what gradient checkpointing restores when it recomputes a block
 (:func:`~hf_control_ft.processes.sd_components.enable_adapter_aware_checkpointing`).
+
+Cost: fp32 matrix work has no tensor-core path on NVIDIA GPUs unless TF32 is allowed, so the KL passes of
+``"upcast"`` run at the GPU's fp32 rate (README, ``benchmarks/sd_step.py``: a 49.9 s SD 1.5 iteration on an H200).
+``kl_precision="tf32"`` (``UpcastSwitch(tf32=True)``) keeps everything above but lets matmuls and convolutions in
+the KL passes (and, through PyTorch's global switches, in the backward sweep) use TF32 tensor cores: their inputs are rounded to a 10-bit mantissa (half-precision weights are
+exact in it: bf16 has 7 bits, fp16 10), products accumulate in fp32 and every activation stays fp32, so only the
+activations entering a matmul lose bits, 2 fewer than bf16 autocast loses at *every* operation. That still leaves
+a KL floor (measured with the emulation below: about 1e-4 nats per sample at guidance 1 and 8e-3 at 7.5 on the
+tiny SD's 10 steps, against 0.03 / 3.1 for bf16 autocast), so it is a speed option, not the exact one. CPUs have no TF32:
+there ``"tf32"`` computes exactly as ``"upcast"``; ``emulate_tf32=True`` rounds the inputs of every linear and
+convolution layer as TF32 does (round to nearest), forward and backward (the gradient entering the backward
+matmuls), so ``benchmarks/kl_precision.py`` can measure its KL error without a GPU (attention's own two products
+are not rounded by the emulation).
 """
 
 from __future__ import annotations
@@ -23,10 +36,17 @@ from torch import nn
 
 
 class UpcastSwitch:
-    """On: the wrapped layers compute in fp32 (see the module docstring)."""
+    """On: the wrapped layers compute in fp32 (see the module docstring).
 
-    def __init__(self):
+    Args:
+        tf32: the KL passes may use TF32 matmuls / convolutions (``kl_precision="tf32"``; CUDA only).
+        emulate_tf32: round linear / convolution inputs to TF32 while on (measurement on CPUs).
+    """
+
+    def __init__(self, tf32: bool = False, emulate_tf32: bool = False):
         self.on = False
+        self.tf32 = bool(tf32)
+        self.emulate_tf32 = bool(emulate_tf32)
 
     @contextlib.contextmanager
     def enabled(self, on: bool = True):
@@ -37,31 +57,68 @@ class UpcastSwitch:
             self.on = previous
 
 
+def round_tf32(t: torch.Tensor) -> torch.Tensor:
+    """fp32 ``t`` rounded to TF32's 10-bit mantissa (to nearest, ties away from zero), still as fp32."""
+    bits = t.float().contiguous().view(torch.int32)
+    return ((bits + 0x1000) & -0x2000).view(torch.float32)
+
+
+class _TF32Input(torch.autograd.Function):
+    """Forward: a matmul input as TF32 sees it; backward: the gradient passes unchanged (the GPU's rounding is
+    not differentiated either)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return round_tf32(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _TF32GradInput(torch.autograd.Function):
+    """Forward: identity on a matmul's output; backward: its gradient rounded, as it enters the backward matmuls."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return round_tf32(grad)
+
+
 def _f32(t):
     return None if t is None else t.float()
 
 
-def _linear(m, x):
-    return F.linear(x.float(), m.weight.float(), _f32(m.bias))
+def _linear(m, x, tf32):
+    if not tf32:
+        return F.linear(x.float(), m.weight.float(), _f32(m.bias))
+    y = F.linear(_TF32Input.apply(x.float()), _TF32Input.apply(m.weight.float()), _f32(m.bias))
+    return _TF32GradInput.apply(y)
 
 
-def _conv(m, x):
-    return m._conv_forward(x.float(), m.weight.float(), _f32(m.bias))
+def _conv(m, x, tf32):
+    if not tf32:
+        return m._conv_forward(x.float(), m.weight.float(), _f32(m.bias))
+    y = m._conv_forward(_TF32Input.apply(x.float()), _TF32Input.apply(m.weight.float()), _f32(m.bias))
+    return _TF32GradInput.apply(y)
 
 
-def _group_norm(m, x):
+def _group_norm(m, x, tf32):
     return F.group_norm(x.float(), m.num_groups, _f32(m.weight), _f32(m.bias), m.eps)
 
 
-def _layer_norm(m, x):
+def _layer_norm(m, x, tf32):
     return F.layer_norm(x.float(), m.normalized_shape, _f32(m.weight), _f32(m.bias), m.eps)
 
 
-def _embedding(m, x):
+def _embedding(m, x, tf32):
     return F.embedding(x, m.weight.float(), m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
 
 
-def _rms_norm(m, x):  # diffusers' RMSNorm, in fp32 throughout (its own forward casts back to a half weight dtype)
+def _rms_norm(m, x, tf32):  # diffusers' RMSNorm, in fp32 throughout (its own forward casts back to a half weight dtype)
     x = x.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.eps)
     if m.weight is not None:
@@ -99,7 +156,7 @@ def install_upcast(model: nn.Module, switch: UpcastSwitch | None = None) -> Upca
 
         def forward(*args, _original=original, _fn=fn, _module=module, **kwargs):
             if switch.on and len(args) == 1 and not kwargs:
-                return _fn(_module, args[0])
+                return _fn(_module, args[0], switch.emulate_tf32)
             return _original(*args, **kwargs)
 
         module.forward = forward
@@ -108,4 +165,17 @@ def install_upcast(model: nn.Module, switch: UpcastSwitch | None = None) -> Upca
     return switch
 
 
-__all__ = ["UpcastSwitch", "install_upcast"]
+def cast_frozen(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``module.to(dtype)`` for a frozen network, keeping the parameters diffusers marks ``_keep_in_fp32_modules``
+    in fp32 (as ``from_pretrained(torch_dtype=...)`` does; matched by name component) and without the warning
+    diffusers' ``ModelMixin.to`` prints for every dtype cast, even when that list is empty."""
+    nn.Module.to(module, dtype)
+    keep = getattr(module, "_keep_in_fp32_modules", None) or []
+    if keep and dtype != torch.float32:
+        for name, p in module.named_parameters():
+            if any(k in name.split(".") for k in keep):
+                p.data = p.data.float()
+    return module
+
+
+__all__ = ["UpcastSwitch", "install_upcast", "round_tf32", "cast_frozen"]

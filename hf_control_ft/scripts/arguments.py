@@ -74,7 +74,8 @@ class TextToImageArguments:
     mixed_precision: str | None = _f(None, "'no', 'fp16' or 'bf16' (default: what accelerate launch sets)")
     kl_precision: str = _f("fp32", "'fp32': fp32 network weights, calls that feed the KL in fp32 (exact KL); "
                                    "'upcast': weights in the --mixed_precision dtype (half the memory), calls that"
-                                   " feed the KL in fp32 arithmetic layer by layer (exact KL); 'autocast': half "
+                                   " feed the KL in fp32 arithmetic layer by layer (exact KL); 'tf32': the same "
+                                   "with TF32 tensor-core matmuls there (GPU); 'autocast': half "
                                    "precision, faster, with a KL rounding floor")
     pre_compute_text_embeddings: bool = _f(False, "encode each prompt once, keep the embeddings on the CPU and the "
                                                   "text encoders off the accelerator")
@@ -112,8 +113,8 @@ class TextToImageArguments:
               f"must be an int >= 0, got {self.validation_steps!r}")
         check(self.mixed_precision in (None, "no", "fp16", "bf16"), "mixed_precision",
               f"must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
-        check(self.kl_precision in ("fp32", "upcast", "autocast"), "kl_precision",
-              f"must be 'fp32', 'upcast' or 'autocast', got {self.kl_precision!r}")
+        check(self.kl_precision in ("fp32", "upcast", "tf32", "autocast"), "kl_precision",
+              f"must be 'fp32', 'upcast', 'tf32' or 'autocast', got {self.kl_precision!r}")
         check(self.guidance_scale is None or (isinstance(self.guidance_scale, (int, float))
                                               and self.guidance_scale >= 0), "guidance_scale",
               f"must be a number >= 0, got {self.guidance_scale!r}")

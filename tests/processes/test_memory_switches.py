@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hf_control_ft import ElegantConfig, ElegantTrainer
-from hf_control_ft.processes.memory import EmbeddingCache, no_tf32, on_device, text_encoders
+from hf_control_ft.processes.memory import EmbeddingCache, on_device, tf32_matmuls, text_encoders
 from hf_control_ft.testing import kl_and_gradient, scale_lora, tiny_flux_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 PROMPTS = ["a cat", "a red car", "the sea"]
@@ -56,10 +56,33 @@ def test_kl_passes_keep_full_fp32_when_tf32_is_allowed_elsewhere():
         with trainer.process.kl_context()():
             assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.allow_tf32 is False
         assert torch.backends.cuda.matmul.allow_tf32 is True
-        with no_tf32():
+        with tf32_matmuls(False):
             assert not torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_kl_precision_tf32_turns_tf32_on_in_the_kl_passes_only():
+    """``kl_precision="tf32"``: TF32 in the KL passes (the GPU's tensor-core path) and, through the global switches
+    it turns on, in the backward sweep; on a CPU (no TF32) its KL and gradient equal ``"upcast"``'s exactly."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        upcast = _trainer(tiny_sd_pipeline, mixed_precision="bf16", kl_precision="upcast")
+        with upcast.process.kl_context()():
+            assert torch.backends.cuda.matmul.allow_tf32 is False
+        tf32 = _trainer(tiny_sd_pipeline, mixed_precision="bf16", kl_precision="tf32")
+        assert torch.backends.cuda.matmul.allow_tf32 is True  # the backward sweep's matmuls too
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        with tf32.process.kl_context()():
+            assert torch.backends.cuda.matmul.allow_tf32 is True and torch.backends.cudnn.allow_tf32 is True
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+        assert tf32.process.lora_model.dtype == upcast.process.lora_model.dtype == torch.bfloat16
+        scale_lora(tf32.process.lora_model, 0.05)
+        scale_lora(upcast.process.lora_model, 0.05)
+        assert kl_and_gradient(tf32) == kl_and_gradient(upcast)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def test_on_device_brings_modules_back_to_the_cpu():
