@@ -4,7 +4,11 @@ Layers, lowest first (docs/architecture.md): ``utils`` < ``core`` < ``models`` <
 < ``feedback`` < ``tasks`` < ``processes`` < ``trainers`` < ``pipelines``; each imports only layers below it.
 """
 
-from .core.control import add_lora_control, pretrained_mode
+from .utils.quiet import silence_known_warnings
+
+silence_known_warnings()
+
+from .core.control import add_lora_control, pretrained_mode  # noqa: E402
 from .core.flow_matching import FlowMatchSchedule
 from .core.kl import gaussian_kl, gaussian_log_prob
 from .core.sampler import ControlledSampler, Trajectory
