@@ -152,6 +152,7 @@ class WeightedSumReward(ImageReward):
         if not fns:
             raise ValueError("WeightedSumReward needs at least one term")
         self._fns = fns
+        self._seen: dict[str, list[torch.Tensor]] = {}
         self.terms = nn.ModuleList([f for f in fns if isinstance(f, nn.Module)])  # moves with .to()
         self.__name__ = "weighted_sum(" + ", ".join(f"{w:g}*{n}" for w, n in zip(self.weights, self.names)) + ")"
 
@@ -161,8 +162,19 @@ class WeightedSumReward(ImageReward):
         for name, w, fn in zip(self.names, self.weights, self._fns):
             values = check_reward(call_reward(fn, images, prompts), images.shape[0], f"{self.__name__}: {name}",
                                   require_grad=need_grad)
+            self._seen.setdefault(name, []).append(values.detach().float().cpu())
             total = total + w * values.float()
         return total
+
+    def items(self) -> list[tuple[str, float, object]]:
+        """``[(name, weight, reward), ...]`` of the terms."""
+        return list(zip(self.names, self.weights, self._fns))
+
+    def pop_term_means(self) -> dict[str, float]:
+        """Mean value of each term (unweighted) over the calls since the last pop; the trainers log them as
+        ``train/reward/<name>``."""
+        seen, self._seen = self._seen, {}
+        return {name: torch.cat(v).mean().item() for name, v in seen.items()}
 
 
 # ---------------------------------------------------------------------------------------------- aesthetic

@@ -5,7 +5,10 @@ A *reward spec* is one of
 * a built-in name: ``aesthetic`` (LAION aesthetic predictor on CLIP ViT-L/14), ``pickscore``, ``clipscore``,
   ``brightness``, ``saturation``;
 * ``path/to/file.py:function`` -- a function (or any callable attribute) defined in a Python file;
-* ``package.module:function`` -- an importable module's attribute.
+* ``package.module:function`` -- an importable module's attribute;
+* a weighted mix of those, ``pickscore:1.0,clipscore:0.5`` or ``aesthetic:1,my_rewards.py:sharpness:0.2``:
+  comma-separated terms, each ``spec:weight`` (a term without a number weighs 1); the sum is a
+  :class:`~hf_control_ft.rewards.image_rewards.WeightedSumReward`, each term checked and logged on its own.
 
 A user function is called as ``fn(images, prompts)`` (or ``fn(images)``) on images ``(B, 3, H, W)`` in
 ``[0, 1]`` and returns ``(B,)`` numbers; an oracle (SEIKO) has the same signature and need not be
@@ -21,7 +24,7 @@ import os
 import sys
 
 from .clip_rewards import CLIPSCORE_MODEL, PICKSCORE_MODEL, PICKSCORE_PROCESSOR, CLIPScoreReward, PickScoreReward
-from .image_rewards import DEFAULT_CLIP_MODEL, AestheticReward, BrightnessReward, SaturationReward
+from .image_rewards import DEFAULT_CLIP_MODEL, AestheticReward, BrightnessReward, SaturationReward, WeightedSumReward
 
 BUILTIN_REWARDS = ("aesthetic", "pickscore", "clipscore", "brightness", "saturation")
 #: default model of each built-in reward that needs one (``--reward_model_name_or_path`` overrides it)
@@ -30,6 +33,33 @@ DEFAULT_MODELS = {"aesthetic": DEFAULT_CLIP_MODEL, "pickscore": PICKSCORE_MODEL,
 
 class RewardSpecError(ValueError):
     """A reward / oracle spec that names nothing loadable (one-line message)."""
+
+
+def mix_terms(spec: str) -> list[tuple[str, float]] | None:
+    """``[(term spec, weight), ...]`` of a weighted mix (module docstring), or ``None`` for a single spec without
+    a weight. ``"pickscore:1.0,clipscore:0.5"`` -> ``[("pickscore", 1.0), ("clipscore", 0.5)]``."""
+    if not isinstance(spec, str):
+        return None
+    parts = [p.strip() for p in spec.split(",")]
+    terms = []
+    for part in parts:
+        head, sep, tail = part.rpartition(":")
+        try:
+            weight = float(tail) if sep and head else None
+        except ValueError:
+            weight = None
+        term = head if weight is not None else part
+        if not term:
+            raise RewardSpecError(f"{spec!r}: an empty term in the reward mix")
+        if weight is not None and weight != weight:  # NaN
+            raise RewardSpecError(f"{spec!r}: the weight of {term!r} is not a number")
+        terms.append((term, 1.0 if weight is None else weight))
+    if len(terms) == 1 and terms[0][0] == spec:
+        return None
+    names = [t for t, _ in terms]
+    if len(set(names)) != len(names):
+        raise RewardSpecError(f"{spec!r}: a term appears twice in the reward mix")
+    return terms
 
 
 def _split(spec: str) -> tuple[str, str]:
@@ -94,6 +124,11 @@ def check_spec(spec: str, what: str = "reward", aesthetic_head: str | None = Non
     (a user file is imported, which is how its function is found)."""
     if not isinstance(spec, str) or not spec:
         raise RewardSpecError(f"--{what} is required: a built-in name {BUILTIN_REWARDS} or 'file.py:function'")
+    terms = mix_terms(spec)
+    if terms is not None:
+        for term, _ in terms:
+            check_spec(term, what, aesthetic_head)
+        return
     if spec in BUILTIN_REWARDS:
         if spec == "aesthetic" and aesthetic_head is None:
             raise RewardSpecError("--reward aesthetic needs --aesthetic_head (the LAION predictor's .pth state dict, "
@@ -119,6 +154,15 @@ def load_reward(spec: str, model_name_or_path: str | None = None, processor_name
         hub_kwargs: ``token``, ``revision``, ``cache_dir`` for the model downloads.
     """
     check_spec(spec, aesthetic_head=aesthetic_head)
+    terms = mix_terms(spec)
+    if terms is not None:
+        with_model = [t for t, _ in terms if t in DEFAULT_MODELS]
+        if (model_name_or_path or processor_name_or_path) and len(with_model) > 1:
+            raise RewardSpecError(f"--reward_model_name_or_path / --reward_processor_name_or_path name one model, "
+                                  f"but the mix {spec!r} has {len(with_model)} model rewards {with_model}")
+        return WeightedSumReward({term: (weight, load_reward(term, model_name_or_path, processor_name_or_path,
+                                                              aesthetic_head, torch_dtype, **hub_kwargs))
+                                  for term, weight in terms})
     model = model_name_or_path or DEFAULT_MODELS.get(spec)
     if spec == "aesthetic":
         return AestheticReward.from_pretrained(aesthetic_head, model, torch_dtype=torch_dtype, **hub_kwargs)
@@ -134,4 +178,5 @@ def load_reward(spec: str, model_name_or_path: str | None = None, processor_name
     return load_user_function(spec)
 
 
-__all__ = ["BUILTIN_REWARDS", "DEFAULT_MODELS", "RewardSpecError", "check_spec", "load_reward", "load_user_function"]
+__all__ = ["BUILTIN_REWARDS", "DEFAULT_MODELS", "RewardSpecError", "check_spec", "load_reward", "load_user_function",
+           "mix_terms"]

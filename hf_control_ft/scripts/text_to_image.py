@@ -24,8 +24,8 @@ from ..feedback.rating import RatingScale
 from ..processes.loading import load_base_pipeline
 from ..rewards.clip_rewards import CLIPImageFeatures
 from ..rewards.checks import check_reward, reward_name
-from ..rewards.image_rewards import call_reward
-from ..rewards.registry import load_reward
+from ..rewards.image_rewards import WeightedSumReward, call_reward
+from ..rewards.registry import DEFAULT_MODELS, load_reward, mix_terms
 from ..serialization.checkpoints import CheckpointError
 from ..serialization.saved import HubPushError, mask_token
 from ..trainers.base import tracker_names
@@ -91,10 +91,11 @@ def load_prompt_source(args):
 
 def _reward(spec: str, args, accelerator):
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
+    with_models = any(t in DEFAULT_MODELS for t, _ in mix_terms(spec) or [(spec, 1.0)])
     try:
         fn = load_reward(spec, args.reward_model_name_or_path, args.reward_processor_name_or_path,
                          args.aesthetic_head, torch_dtype=dtype if accelerator.device.type == "cuda" else None,
-                         token=args.hub_token) if spec in ("aesthetic", "pickscore", "clipscore") else load_reward(spec)
+                         token=args.hub_token) if with_models else load_reward(spec)
     except Exception as err:  # noqa: BLE001 - missing weights, unreachable Hub
         _fail(f"cannot load {spec!r}: {error_line(err)}")
     return fn.to(accelerator.device) if isinstance(fn, torch.nn.Module) else fn
@@ -154,26 +155,32 @@ def _human_oracle(args, config, accelerator):
                        raters=args.raters, mode=args.rating_mode)
 
 
-def check_reward_early(fn, spec: str, device) -> None:
+def check_reward_early(fn, spec: str, device, term: str | None = None) -> None:
     """ELEGANT's reward on two random 64x64 images before any diffusion model loads: a wrong output (type,
     shape, non-finite) or a reward without gradient (a black-box scorer: SEIKO's case) stops the script with one
-    line. A reward that cannot score such small images is checked on the first real batch instead."""
+    line. A reward that cannot score such small images is checked on the first real batch instead. A weighted
+    mix is checked term by term, and the failing ``term`` is named."""
+    if isinstance(fn, WeightedSumReward):
+        for name, _, term_fn in fn.items():
+            check_reward_early(term_fn, spec, device, term=name)
+        return
+    what = f"--reward {spec}" + (f" (its term {term})" if term else "")
     images = torch.rand(2, 3, 64, 64, device=device, requires_grad=True)
     try:
         values = call_reward(fn, images, ["a photo of a cat", "a red car in the rain"])
     except Exception as err:  # noqa: BLE001 - the user's code: it may need the real resolution
-        logging.getLogger(__name__).warning("--reward %s could not be tried on 64x64 test images (%s); it is checked "
-                                            "on the first batch", spec, error_line(err))
+        logging.getLogger(__name__).warning("%s could not be tried on 64x64 test images (%s); it is checked "
+                                            "on the first batch", what, error_line(err))
         return
     try:
         check_reward(values, 2, reward_name(fn), require_grad=True)
     except (TypeError, ValueError) as err:
         if "not differentiable" in str(err):
-            _fail(f"--reward {spec} is not differentiable (its output has no gradient with respect to the images): "
+            _fail(f"{what} is not differentiable (its output has no gradient with respect to the images): "
                   "ELEGANT backpropagates through the reward. A black-box reward (OCR, a VLM judge, a served "
                   f"model, people) is SEIKO's case: train_seiko.py --oracle {spec} --num_rounds 4 "
                   "--queries_per_round 1024 (see the README's SEIKO section)")
-        _fail(f"--reward {spec}: {err}")
+        _fail(f"{what}: {err}")
 
 
 def _setup(trainer_cls, args, config, spec: str, validation_reward: bool):

@@ -117,6 +117,12 @@ class BaseTrainer:
         """Sets the reward the drift maximises (the user's function on what the process decodes to)."""
         self.reward_fn = self.process.reward_function(reward_fn) if reward_fn is not None else None
         self.reward_name = reward_name(reward_fn) if reward_fn is not None else None
+        self._user_reward = reward_fn
+
+    def reward_terms(self, prefix: str = "train/reward/") -> dict:
+        """A weighted mix's per-term means since the last call (``{prefix + name: mean}``; empty otherwise)."""
+        pop = getattr(getattr(self, "_user_reward", None), "pop_term_means", None)
+        return {prefix + k: v for k, v in pop().items()} if pop is not None else {}
 
     # ------------------------------------------------------------------ logging and progress
     @property

@@ -202,6 +202,7 @@ class ElegantTrainer(ElegantCheckpointing, WallTimeLog, BaseTrainer):
             if self.step_values is None:
                 self.fit_step_values()
             value_gradient = self.step_values.gradient
+        self.reward_terms()  # a mix's terms: only this iteration's calls are logged below
         out = self.drift_iteration(optimizer, params, value_gradient=value_gradient)
         r, kl, kl_init = out["reward"], out["kl"], out["kl_init"]  # exact path KL of the rollout's chain
         objective = (r - cfg.alpha * (kl + kl_init)).mean().item()
@@ -209,7 +210,8 @@ class ElegantTrainer(ElegantCheckpointing, WallTimeLog, BaseTrainer):
         metrics = {"train/reward": r.mean().item(), "train/kl": kl.mean().item(),
                    "train/kl_init": kl_init.mean().item(), "train/kl_total": kl_total,
                    "train/objective": objective, "train/loss": -objective,
-                   "train/grad_norm": out["grad_norm"], "train/skipped_steps": self.skipped_steps}
+                   "train/grad_norm": out["grad_norm"], "train/skipped_steps": self.skipped_steps,
+                   **self.reward_terms()}
         if out["regression_loss"] is not None:
             metrics["train/loss"] = metrics["train/adjoint_matching_loss"] = out["regression_loss"]
         return metrics
