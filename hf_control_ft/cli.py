@@ -130,10 +130,14 @@ def cmd_evaluate(args) -> int:
     from .rewards.image_rewards import call_reward
     from .rewards.registry import RewardSpecError, load_reward
 
+    head_hub = {"endpoint": args.endpoint} if args.endpoint and args.aesthetic_head else {}  # the head's download
     try:
-        reward = load_reward(args.reward, args.reward_model_name_or_path)
+        reward = load_reward(args.reward, args.reward_model_name_or_path, args.reward_processor_name_or_path,
+                             args.aesthetic_head, token=args.token, **head_hub)
     except RewardSpecError as err:
         exit_with_error(str(err))
+    except (OSError, ValueError) as err:  # weights missing, not reachable or malformed: one line, no traceback
+        exit_with_error(f"cannot load --reward {args.reward}: {type(err).__name__}: {str(err).splitlines()[0]}")
     trainer, conditional = load_trainer(directory, args.base_model, args.token)
     if isinstance(reward, torch.nn.Module):
         reward = reward.to(trainer.device)
@@ -223,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(e, 512, 1234)
     e.add_argument("--reward", default=None, help="built-in name or 'file.py:function' (digits job: optional)")
     e.add_argument("--reward_model_name_or_path", default=None, help="CLIP model of a built-in reward")
+    e.add_argument("--reward_processor_name_or_path", default=None, help="tokenizer of pickscore / clipscore")
+    e.add_argument("--aesthetic_head", default=None, help="--reward aesthetic: the head's .pth / .safetensors, "
+                   "local or 'owner/repo/file.pth' on the Hub")
     e.add_argument("--target_digit", type=int, default=None)
     e.add_argument("--output", default=None, help="also write the JSON here")
     e.set_defaults(func=cmd_evaluate)

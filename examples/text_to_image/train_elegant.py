@@ -2,7 +2,7 @@
 
     accelerate launch examples/text_to_image/train_elegant.py \\
         --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
-        --prompts_file prompts.txt --reward aesthetic --aesthetic_head sac+logos+ava1-l14-linearMSE.pth \\
+        --prompts_file examples/text_to_image/prompts.txt --reward aesthetic --aesthetic_head camenduru/improved-aesthetic-predictor/sac+logos+ava1-l14-linearMSE.pth \\
         --alpha 0.1 --eta 1.0 --num_inference_steps 50 --train_steps 500 --batch_size 4 \\
         --resolution 512 --validation_prompt "a photo of a cat" --output_dir elegant-sd15-aesthetic
 

@@ -2,7 +2,7 @@
 
     accelerate launch examples/text_to_image/train_seiko.py \\
         --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
-        --prompts_file prompts.txt --oracle my_lab.py:score_images \\
+        --prompts_file examples/text_to_image/prompts.txt --oracle my_lab.py:score_images \\
         --num_rounds 4 --queries_per_round 256 --optimism ucb --alpha 0.1 --beta 0.1 \\
         --resolution 512 --output_dir seiko-sd15
 

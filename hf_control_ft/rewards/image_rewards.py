@@ -220,6 +220,20 @@ class AestheticHead(nn.Module, PyTorchModelHubMixin, library_name="hf_control_ft
         return head
 
 
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+
+def hub_weights_file(spec: str) -> tuple[str, str] | None:
+    """``(repo_id, filename)`` when ``spec`` names a weights file inside a Hub repo (``owner/repo/file.pth``,
+    ``owner/repo/sub/file.safetensors``) and no such local file exists; ``None`` otherwise."""
+    if not isinstance(spec, str) or not spec.endswith(WEIGHT_SUFFIXES) or os.path.exists(spec):
+        return None
+    parts = spec.split("/")
+    if len(parts) < 3 or spec.startswith(("/", ".", "~")) or not all(parts):
+        return None
+    return "/".join(parts[:2]), "/".join(parts[2:])
+
+
 class AestheticReward(ImageReward):
     """Aesthetic score: CLIP image embedding (ViT-L/14 by default), L2-normalised, through an MLP head.
 
@@ -255,11 +269,21 @@ class AestheticReward(ImageReward):
     @classmethod
     def from_pretrained(cls, head_name_or_path: str, clip_model_name_or_path: str = DEFAULT_CLIP_MODEL,
                         torch_dtype: torch.dtype | None = None, **hub_kwargs) -> "AestheticReward":
-        """Loads the head (a directory / Hub repo saved with ``AestheticHead.save_pretrained``, a bare
-        ``.safetensors`` file or the LAION ``.pth`` state dict) and the CLIP vision tower (safetensors only).
-        ``hub_kwargs`` (``token``, ``revision``, ``cache_dir``, ...) go to both loaders."""
+        """Loads the head and the CLIP vision tower (safetensors only). The head is a directory / Hub repo saved
+        with ``AestheticHead.save_pretrained``, a bare ``.safetensors`` file or the LAION ``.pth`` state dict,
+        local or a file in a Hub repo (``owner/repo/path/file.pth``, :func:`hub_weights_file`; e.g.
+        ``camenduru/improved-aesthetic-predictor/sac+logos+ava1-l14-linearMSE.pth``). ``hub_kwargs``
+        (``token``, ``revision``, ``cache_dir``, ...) go to both loaders."""
         from transformers import CLIPVisionModelWithProjection
 
+        endpoint = hub_kwargs.pop("endpoint", None)  # the head's Hub only (tests: an in-process Hub)
+        hub_file = hub_weights_file(head_name_or_path)
+        if hub_file is not None:
+            from huggingface_hub import hf_hub_download
+
+            keys = ("token", "revision", "cache_dir", "local_files_only")
+            head_name_or_path = hf_hub_download(*hub_file, endpoint=endpoint,
+                                                **{k: v for k, v in hub_kwargs.items() if k in keys})
         if os.path.isfile(head_name_or_path):
             head = AestheticHead.from_file(head_name_or_path)
         else:

@@ -24,11 +24,21 @@ import os
 import sys
 
 from .clip_rewards import CLIPSCORE_MODEL, PICKSCORE_MODEL, PICKSCORE_PROCESSOR, CLIPScoreReward, PickScoreReward
-from .image_rewards import DEFAULT_CLIP_MODEL, AestheticReward, BrightnessReward, SaturationReward, WeightedSumReward
+from .image_rewards import (
+    DEFAULT_CLIP_MODEL,
+    WEIGHT_SUFFIXES,
+    AestheticReward,
+    BrightnessReward,
+    SaturationReward,
+    WeightedSumReward,
+    hub_weights_file,
+)
 
 BUILTIN_REWARDS = ("aesthetic", "pickscore", "clipscore", "brightness", "saturation")
 #: default model of each built-in reward that needs one (``--reward_model_name_or_path`` overrides it)
 DEFAULT_MODELS = {"aesthetic": DEFAULT_CLIP_MODEL, "pickscore": PICKSCORE_MODEL, "clipscore": CLIPSCORE_MODEL}
+#: a public copy of the LAION improved aesthetic predictor's head (the .pth its authors distribute on GitHub)
+AESTHETIC_HEAD_ON_HUB = "camenduru/improved-aesthetic-predictor/sac+logos+ava1-l14-linearMSE.pth"
 
 
 class RewardSpecError(ValueError):
@@ -131,11 +141,13 @@ def check_spec(spec: str, what: str = "reward", aesthetic_head: str | None = Non
         return
     if spec in BUILTIN_REWARDS:
         if spec == "aesthetic" and aesthetic_head is None:
-            raise RewardSpecError("--reward aesthetic needs --aesthetic_head (the LAION predictor's .pth state dict, "
-                                  "a .safetensors conversion, or a directory / Hub repo saved with AestheticHead)")
+            raise RewardSpecError("--reward aesthetic needs --aesthetic_head: the LAION predictor's .pth state dict "
+                                  f"(on the Hub: {AESTHETIC_HEAD_ON_HUB}), a .safetensors conversion, "
+                                  "or a directory / Hub repo saved with AestheticHead")
         if spec == "aesthetic" and not os.path.exists(aesthetic_head) and aesthetic_head.endswith(
-                (".pth", ".pt", ".bin", ".safetensors")):
-            raise RewardSpecError(f"--aesthetic_head {aesthetic_head!r} does not exist")
+                WEIGHT_SUFFIXES) and hub_weights_file(aesthetic_head) is None:
+            raise RewardSpecError(f"--aesthetic_head {aesthetic_head!r} does not exist (a Hub file is written "
+                                  "owner/repo/filename)")
         return
     load_user_function(spec)
 
@@ -149,7 +161,8 @@ def load_reward(spec: str, model_name_or_path: str | None = None, processor_name
             :data:`DEFAULT_MODELS`); a local directory works offline.
         processor_name_or_path: the tokenizer of ``pickscore`` / ``clipscore`` (PickScore's default is the
             LAION ViT-H-14 repo, as its authors load it).
-        aesthetic_head: weights of the aesthetic head (``.pth`` / ``.safetensors`` / saved directory).
+        aesthetic_head: weights of the aesthetic head (``.pth`` / ``.safetensors`` / saved directory, local or on
+            the Hub: ``owner/repo/file.pth`` is downloaded with ``huggingface_hub``).
         torch_dtype: dtype of the frozen CLIP model (e.g. ``torch.float16`` on a GPU).
         hub_kwargs: ``token``, ``revision``, ``cache_dir`` for the model downloads.
     """
@@ -178,5 +191,5 @@ def load_reward(spec: str, model_name_or_path: str | None = None, processor_name
     return load_user_function(spec)
 
 
-__all__ = ["BUILTIN_REWARDS", "DEFAULT_MODELS", "RewardSpecError", "check_spec", "load_reward", "load_user_function",
+__all__ = ["AESTHETIC_HEAD_ON_HUB", "BUILTIN_REWARDS", "DEFAULT_MODELS", "RewardSpecError", "check_spec", "load_reward", "load_user_function",
            "mix_terms"]

@@ -210,3 +210,41 @@ def test_reward_specs_name_builtins_files_and_modules_and_fail_clearly(tmp_path)
     broken.write_text("raise RuntimeError('boom')\n")
     with pytest.raises(RewardSpecError, match="importing .* failed: RuntimeError: boom"):
         check_spec(f"{broken}:f")
+
+
+def test_aesthetic_head_downloads_from_a_hub_file(tmp_path, monkeypatch):
+    """``--aesthetic_head owner/repo/file.pth``: the LAION .pth as published in a Hub repo, fetched with
+    huggingface_hub (an in-process Hub here) and read with weights_only."""
+    import io
+
+    import huggingface_hub.constants as hub_constants
+    from hub_server import HubServer
+    from huggingface_hub import HfApi
+
+    from hf_control_ft.rewards import AestheticHead, load_reward
+    from hf_control_ft.rewards.image_rewards import hub_weights_file
+    from hf_control_ft.rewards.registry import AESTHETIC_HEAD_ON_HUB
+
+    assert hub_weights_file(AESTHETIC_HEAD_ON_HUB) == ("camenduru/improved-aesthetic-predictor",
+                                                       "sac+logos+ava1-l14-linearMSE.pth")
+    assert hub_weights_file("me/repo/sub/head.safetensors") == ("me/repo", "sub/head.safetensors")
+    for local in ("head.pth", "outputs/head.pth", "./a/b/head.pth", "/abs/a/head.pth", "me/repo/notes.txt"):
+        assert hub_weights_file(local) is None
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_DISABLE_XET", True)
+    _save_tiny_clip(tmp_path / "clip")
+    torch.manual_seed(5)
+    head = AestheticHead(embed_dim=16)
+    buffer = io.BytesIO()
+    torch.save(head.state_dict(), buffer)
+    with HubServer() as hub:
+        api = HfApi(endpoint=hub.url, token="hf_x")
+        api.create_repo("laion/aesthetic")
+        api.upload_file(path_or_fileobj=buffer.getvalue(), path_in_repo="sac+logos+ava1-l14-linearMSE.pth",
+                        repo_id="laion/aesthetic")
+        reward = load_reward("aesthetic", model_name_or_path=str(tmp_path / "clip"),
+                             aesthetic_head="laion/aesthetic/sac+logos+ava1-l14-linearMSE.pth", endpoint=hub.url,
+                             cache_dir=str(tmp_path / "cache"))
+    for a, b in zip(head.state_dict().values(), reward.head.state_dict().values()):
+        assert torch.equal(a, b)
+    assert reward(torch.rand(2, 3, 32, 32)).shape == (2,)

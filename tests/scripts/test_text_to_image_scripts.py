@@ -259,6 +259,21 @@ def test_cli_samples_and_evaluates_a_text_to_image_save_locally_and_from_the_hub
                      "--num_samples", "4", "--output", report]) == 0
     local = json.load(open(report))
     assert local["num_samples"] == 4 and local["pretrained"]["reward_mean"] != local["fine_tuned"]["reward_mean"]
+    # evaluate --reward aesthetic takes --aesthetic_head (it used to ask for the flag, then reject it)
+    from hf_control_ft.rewards import AestheticHead
+    from hf_control_ft.testing import tiny_clip_model
+
+    clip, tokenizer = tiny_clip_model()
+    clip.save_pretrained(tmp_path / "clip")
+    tokenizer.save_pretrained(tmp_path / "clip")
+    torch.save(AestheticHead(embed_dim=16).state_dict(), tmp_path / "head.pth")
+    assert cli_main(["evaluate", out, "--reward", "aesthetic", "--reward_model_name_or_path", str(tmp_path / "clip"),
+                     "--aesthetic_head", str(tmp_path / "head.pth"), "--prompt", "a red cat", "--num_samples", "2",
+                     "--output", str(tmp_path / "aesthetic.json")]) == 0
+    assert json.load(open(tmp_path / "aesthetic.json"))["reward"] == "aesthetic"
+    with pytest.raises(SystemExit):
+        cli_main(["evaluate", out, "--reward", "aesthetic", "--prompt", "a red cat", "--num_samples", "2"])
+    assert "needs --aesthetic_head" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli_main(["sample", out, "--num_samples", "2"])  # a text-to-image control needs --prompt
     assert "pass --prompt" in capsys.readouterr().err
