@@ -8,6 +8,7 @@ YAML and turns every problem into one line on stderr and exit status 2, before a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -18,9 +19,10 @@ from ..serialization.checkpoints import PREFIX as CHECKPOINT_PREFIX
 from ..serialization.checkpoints import finished_model_files, list_checkpoints
 from ..serialization.saved import is_hub_id
 from ..trainers.base import check_trackers
-from ..utils.config_cli import ConfigCliError, parse_dataclasses
+from ..utils.config_cli import ConfigCliError, explicit_fields, parse_dataclasses
 from ..utils.errors import exit_with_error
 from ..utils.validation import field_checker, is_int
+from .presets import detect_family, preset_values
 
 #: image encoder of the SEIKO reward heads by default (``--feature_model_name_or_path``); ``"pixels"`` opts out
 DEFAULT_FEATURE_MODEL = "openai/clip-vit-large-patch14"
@@ -238,12 +240,24 @@ class SeikoScriptArguments(TextToImageArguments):
             check_spec(self.oracle, "oracle", aesthetic_head=self.aesthetic_head)
 
 
+def apply_family_preset(args, config, explicit: set[str]):
+    """``(args, config)`` with the base model's family preset (:mod:`.presets`) in every field the user left
+    unset; each value taken is logged. Validation runs again on the new values."""
+    family = detect_family(args.pretrained_model_name_or_path, args.revision, args.hub_token)
+    changes = [preset_values(family, {f.name for f in dataclasses.fields(obj)}, explicit) for obj in (args, config)]
+    args, config = dataclasses.replace(args, **changes[0]), dataclasses.replace(config, **changes[1])
+    taken = ", ".join(f"--{k} {v}" for c in changes for k, v in sorted(c.items()))
+    args.preset_note = f"{family} preset (flags and --config override it): {taken}" if taken else None
+    return args, config
+
+
 def parse_script_args(args_cls, config_cls, argv=None, prog: str | None = None, description: str | None = None):
     """``(args, config)`` from flags and ``--config``; any problem exits with status 2 and one line
     (``error: ...``) before a model is loaded. Defaults: ``output_dir`` = ``<family>-model`` style name,
     ``logging_dir`` = ``<output_dir>/logs``."""
     try:
         args, config = parse_dataclasses((args_cls, config_cls), argv, prog=prog, description=description)
+        args, config = apply_family_preset(args, config, explicit_fields((args_cls, config_cls), argv))
         check_trackers(config.report_to)
         if config.output_dir is None:
             config.output_dir = "elegant-model"

@@ -187,6 +187,8 @@ def _setup(trainer_cls, args, config, spec: str, validation_reward: bool):
     """Accelerator, reward / oracle (an ELEGANT reward is tried on a tiny batch first), pipeline, prompts, trainer
     and validation: what both scripts build."""
     accelerator = make_accelerator(args, config)
+    if getattr(args, "preset_note", None):
+        logging.getLogger(__name__).info(args.preset_note)
     fn = _human_oracle(args, config, accelerator) if spec == "human" else _reward(spec, args, accelerator)
     if trainer_cls is ElegantTrainer:  # never an oracle: each of its answers may be paid for
         check_reward_early(fn, spec, accelerator.device)

@@ -22,7 +22,7 @@ import textwrap
 
 import yaml
 
-__all__ = ["ConfigCliError", "parse_dataclasses", "format_help", "read_yaml_mapping"]
+__all__ = ["ConfigCliError", "parse_dataclasses", "explicit_fields", "format_help", "read_yaml_mapping"]
 
 
 class ConfigCliError(ValueError):
@@ -188,6 +188,31 @@ def parse_dataclasses(classes, argv: list[str] | None = None, prog: str | None =
         raise masked from None
 
 
+def _merged(classes, argv: list[str], config_path: str | None = None) -> dict:
+    """``{field: value}`` the user gave: YAML files (``config_path``, then ``--config``) below the flags."""
+    fields = {}
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            if f.init:
+                fields.setdefault(f.name, f)
+    flags, cli_config = parse_flags(fields, argv)
+    merged = {}
+    for path in (config_path, cli_config):
+        if path:
+            from_file = read_yaml_mapping(path)
+            unknown = sorted(set(from_file) - set(fields))
+            if unknown:
+                raise ConfigCliError(f"config file {path!r}: unknown keys {unknown}; --help lists every field")
+            merged.update(from_file)
+    merged.update(flags)
+    return merged
+
+
+def explicit_fields(classes, argv: list[str] | None = None, config_path: str | None = None) -> set[str]:
+    """The fields a flag or a config file sets (the rest keep their defaults, or a caller's preset)."""
+    return set(_merged(classes, list(sys.argv[1:] if argv is None else argv), config_path))
+
+
 def _parse_dataclasses(classes, argv: list[str] | None = None, prog: str | None = None,
                        description: str | None = None, config_path: str | None = None, exit_on_help: bool = True):
     """Builds one instance of each dataclass in ``classes`` from ``--config`` YAML and flags (module docstring).
@@ -206,21 +231,7 @@ def _parse_dataclasses(classes, argv: list[str] | None = None, prog: str | None 
             print(text)
             raise SystemExit(0)
         return text
-    fields = {}
-    for cls in classes:
-        for f in dataclasses.fields(cls):
-            if f.init:
-                fields.setdefault(f.name, f)
-    flags, cli_config = parse_flags(fields, argv)
-    merged = {}
-    for path in (config_path, cli_config):
-        if path:
-            from_file = read_yaml_mapping(path)
-            unknown = sorted(set(from_file) - set(fields))
-            if unknown:
-                raise ConfigCliError(f"config file {path!r}: unknown keys {unknown}; --help lists every field")
-            merged.update(from_file)
-    merged.update(flags)
+    merged = _merged(classes, argv, config_path)
     out = []
     for cls in classes:
         names = {f.name for f in dataclasses.fields(cls) if f.init}

@@ -302,7 +302,9 @@ def test_the_seiko_script_with_people_as_the_oracle(tmp_path, monkeypatch):
             "--num_inference_steps=3", "--batch_size", "2", "--value_num_rollouts", "4", "--value_train_steps", "2",
             "--noise_train_steps", "2", "--noise_batch_size", "8", "--num_validation_images", "1", "--num_rounds", "1",
             "--queries_per_round", "4", "--reward_train_steps", "3", "--train_steps", "1", "--output_dir", str(out),
-            "--report_to", "none", "--feature_model_name_or_path", "pixels"]
+            "--report_to", "none", "--feature_model_name_or_path", "pixels",
+            "--resolution", "16", "--gradient_accumulation_steps", "1", "--rollout_batch_size", "4",  # not SD 1.5's
+            "--checkpointing_steps", "0"]                                                           # preset
     result = {}
     thread = threading.Thread(target=lambda: result.update(code=run_seiko(argv)), daemon=True)
     thread.start()

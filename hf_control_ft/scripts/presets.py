@@ -1,0 +1,70 @@
+"""Settings of the text-to-image scripts per model family, used when neither a flag nor ``--config`` sets them.
+
+The scripts read the base model's ``model_index.json`` (a local file, or one small download) before anything
+loads, map its pipeline class to a family and fill every field the user left unset from :data:`PRESETS`; the
+log names each value taken. ``examples/text_to_image/<family>.yaml`` hold the same values (a test keeps them
+equal) with a reward and an alpha, as starting points to copy.
+
+The values are the scale each family is trained at (its usual resolution, steps and guidance; the batch that fits
+one 80 GB GPU with gradient checkpointing, grown by accumulation; stage-1 rollouts and noise batches sized to the
+cost of a sample), not tuned results. The memory switches are on where the text encoders or the frozen network
+are large (T5-XXL, a 12B transformer): half-precision frozen weights with the exact KL (``kl_precision="upcast"``),
+prompt embeddings computed once, one-image VAE decodes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+#: pipeline class (``model_index.json``'s ``_class_name``) -> family
+PIPELINE_FAMILY = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl",
+                   "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+
+_COMMON = dict(gradient_checkpointing=True, checkpointing_steps=50, validation_steps=50)
+_LARGE = dict(kl_precision="upcast", enable_vae_slicing=True, batch_size=1, gradient_accumulation_steps=8)
+PRESETS = {
+    "sd15": dict(_COMMON, resolution=512, num_inference_steps=50, guidance_scale=7.5, batch_size=4,
+                 gradient_accumulation_steps=2, learning_rate=3e-4, lora_rank=8, value_num_rollouts=256,
+                 rollout_batch_size=16, noise_batch_size=8, train_steps=500, checkpointing_steps=100,
+                 validation_steps=100),
+    "sdxl": dict(_COMMON, **_LARGE, resolution=1024, num_inference_steps=40, guidance_scale=5.0, learning_rate=1e-4,
+                 lora_rank=16, value_num_rollouts=128, rollout_batch_size=4, noise_batch_size=4, train_steps=300),
+    "sd3": dict(_COMMON, **_LARGE, resolution=1024, num_inference_steps=28, guidance_scale=4.5, learning_rate=1e-4,
+                lora_rank=16, value_num_rollouts=128, rollout_batch_size=4, noise_batch_size=4, train_steps=300,
+                pre_compute_text_embeddings=True),
+    "flux": dict(_COMMON, **_LARGE, resolution=1024, num_inference_steps=28, guidance_scale=3.5, learning_rate=1e-4,
+                 lora_rank=32, value_num_rollouts=64, rollout_batch_size=2, noise_batch_size=2, train_steps=200,
+                 pre_compute_text_embeddings=True),
+}
+
+
+def detect_family(name_or_path: str | None, revision: str | None = None, token: str | None = None) -> str | None:
+    """The family of a base model from its ``model_index.json`` (local, or downloaded alone); ``None`` when it
+    cannot be read or names another pipeline (then no preset applies and loading reports any real problem)."""
+    if not name_or_path:
+        return None
+    path = os.path.join(name_or_path, "model_index.json")
+    try:
+        if not os.path.isdir(name_or_path):
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(name_or_path, "model_index.json", revision=revision, token=token)
+        with open(path, encoding="utf-8") as fh:
+            return PIPELINE_FAMILY.get(json.load(fh).get("_class_name"))
+    except Exception as err:  # noqa: BLE001 - offline, private, not a diffusers repo: no preset, say so
+        logger.warning("no family preset: cannot read %s's model_index.json (%s)", name_or_path, type(err).__name__)
+        return None
+
+
+def preset_values(family: str | None, fields: set[str], explicit: set[str]) -> dict:
+    """The preset values of ``family`` for the ``fields`` a script has, except those the user set."""
+    if family is None:
+        return {}
+    return {k: v for k, v in PRESETS[family].items() if k in fields and k not in explicit}
+
+
+__all__ = ["PIPELINE_FAMILY", "PRESETS", "detect_family", "preset_values"]
