@@ -1,10 +1,12 @@
-"""The ``hf-control-ft`` command line: look at and measure a saved control (a directory or a Hub repo id).
+"""The ``hf-control-ft`` command line: look at and measure a saved control (a directory or a Hub repo id), serve
+the rating page of a SEIKO run, serve a reward over HTTP.
 
     hf-control-ft sample   outputs/digits-elegant --num_samples 64 --output grid.png
     hf-control-ft sample   me/elegant-sd15 --prompt "a photo of a cat" --num_samples 4 --output cats.png
     hf-control-ft evaluate me/elegant-sd15 --reward pickscore --prompt "a photo of a cat" --num_samples 16
     hf-control-ft evaluate outputs/digits-elegant --num_samples 512          # digits metrics (task.json)
     hf-control-ft rate     outputs/seiko-sd15 --raters alice bob             # the rating page of a SEIKO run
+    hf-control-ft serve-reward --reward pickscore --port 8000                # for --oracle http://host:8000/score
 
 The base model is ``--base_model``, else the Hub id the save records (``stable_diffusion.json`` of a pipeline
 run), else for the digits job (``task.json``) the digits model in ``--cache_dir``: a save never names a path of
@@ -191,6 +193,40 @@ def cmd_rate(args) -> int:
     return 0
 
 
+def cmd_serve_reward(args) -> int:
+    """Serves a reward over HTTP (``hf_control_ft/rewards/http.py``'s protocol) until interrupted; the token comes
+    from ``--token_file`` or ``$HF_CONTROL_FT_REWARD_TOKEN``, never from the command line."""
+    from .rewards.http import TOKEN_ENV, RewardServer
+    from .rewards.registry import load_reward
+
+    token = os.environ.get(TOKEN_ENV)
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as err:
+            exit_with_error(f"--token_file: {error_line(err)}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype) if device != "cpu" else None
+    try:
+        reward = load_reward(args.reward, args.reward_model_name_or_path, args.reward_processor_name_or_path,
+                             args.aesthetic_head, torch_dtype=dtype)
+        if isinstance(reward, torch.nn.Module):
+            reward = reward.to(device).eval()
+        server = RewardServer(reward, args.host, args.port, token=token or None, device=device, name=args.reward)
+    except (ValueError, OSError) as err:
+        exit_with_error(error_line(err))
+    print(f"serving --reward {args.reward} at {server.url} ({'Bearer token required' if token else 'no token'})",
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def _print(result: dict, output: str | None) -> int:
     text = json.dumps(result, indent=2)
     if output:
@@ -247,6 +283,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--assignment_ttl", type=float, default=600.0,
                    help="seconds a shown query stays reserved for its rater (a closed tab)")
     r.set_defaults(func=cmd_rate)
+    v = sub.add_parser("serve-reward", help="serve a reward over HTTP (for --reward / --oracle http://...)")
+    v.add_argument("--reward", required=True, help="built-in name, 'file.py:function' or a weighted mix")
+    v.add_argument("--reward_model_name_or_path", default=None, help="CLIP model of a built-in reward")
+    v.add_argument("--reward_processor_name_or_path", default=None, help="tokenizer of pickscore / clipscore")
+    v.add_argument("--aesthetic_head", default=None, help="--reward aesthetic: the head (local or owner/repo/file)")
+    v.add_argument("--host", default="127.0.0.1", help="interface (beyond this machine only with a token)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--token_file", default=None, help="file holding the Bearer token clients must send "
+                   "(default: $HF_CONTROL_FT_REWARD_TOKEN; none: no token, loopback only)")
+    v.add_argument("--device", default=None, help="default: cuda when available")
+    v.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="reward model dtype on a GPU")
+    v.set_defaults(func=cmd_serve_reward)
     return parser
 
 

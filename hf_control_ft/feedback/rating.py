@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import io
 import json
 import math
 import os
@@ -28,8 +27,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-import torch
-
+from ..utils.images import to_png  # noqa: F401 (re-exported: the rating page's images)
 from ..utils.versioned_dir import write_atomic
 
 RATINGS_DIR = "ratings"
@@ -64,28 +62,6 @@ class RatingScale:
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
-def to_png(sample: torch.Tensor, value_range: tuple[float, float] = (0.0, 1.0)) -> bytes:
-    """PNG bytes of one sample: ``(3, H, W)`` / ``(1, H, W)`` / ``(H, W)`` images, or a flat ``(D,)`` vector shown as
-    a square grey image when ``D`` is a square (else one row); values mapped from ``value_range`` to 0..255."""
-    from PIL import Image
-
-    x = sample.detach().float().cpu()
-    if x.dim() == 1:
-        side = math.isqrt(x.numel())
-        x = x.reshape(1, side, side) if side * side == x.numel() else x.reshape(1, 1, -1)
-    if x.dim() == 2:
-        x = x[None]
-    if x.dim() != 3 or x.shape[0] not in (1, 3):
-        raise ValueError(f"cannot show a sample of shape {tuple(sample.shape)} as an image")
-    lo, hi = value_range
-    x = ((x - lo) / (hi - lo)).clamp(0, 1).mul(255).round().to(torch.uint8)
-    array = x.permute(1, 2, 0).numpy()
-    image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 class RatingFiles:

@@ -6,6 +6,8 @@ A *reward spec* is one of
   ``brightness``, ``saturation``;
 * ``path/to/file.py:function`` -- a function (or any callable attribute) defined in a Python file;
 * ``package.module:function`` -- an importable module's attribute;
+* ``http(s)://host[:port]/path`` -- a reward served over HTTP (:mod:`.http`; not differentiable: a SEIKO
+  oracle; the token comes from ``$HF_CONTROL_FT_REWARD_TOKEN``);
 * a weighted mix of those, ``pickscore:1.0,clipscore:0.5`` or ``aesthetic:1,my_rewards.py:sharpness:0.2``:
   comma-separated terms, each ``spec:weight`` (a term without a number weighs 1); the sum is a
   :class:`~hf_control_ft.rewards.image_rewards.WeightedSumReward`, each term checked and logged on its own.
@@ -21,8 +23,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 import sys
 
+from .http import HTTPReward, is_reward_url
 from .clip_rewards import CLIPSCORE_MODEL, PICKSCORE_MODEL, PICKSCORE_PROCESSOR, CLIPScoreReward, PickScoreReward
 from .image_rewards import (
     DEFAULT_CLIP_MODEL,
@@ -57,6 +61,8 @@ def mix_terms(spec: str) -> list[tuple[str, float]] | None:
         try:
             weight = float(tail) if sep and head else None
         except ValueError:
+            weight = None
+        if weight is not None and re.fullmatch(r"https?://[^/]*", head):  # http://host:8000: a port, not a weight
             weight = None
         term = head if weight is not None else part
         if not term:
@@ -139,6 +145,12 @@ def check_spec(spec: str, what: str = "reward", aesthetic_head: str | None = Non
         for term, _ in terms:
             check_spec(term, what, aesthetic_head)
         return
+    if is_reward_url(spec):
+        try:
+            HTTPReward(spec)
+        except ValueError as err:
+            raise RewardSpecError(str(err)) from None
+        return
     if spec in BUILTIN_REWARDS:
         if spec == "aesthetic" and aesthetic_head is None:
             raise RewardSpecError("--reward aesthetic needs --aesthetic_head: the LAION predictor's .pth state dict "
@@ -176,6 +188,8 @@ def load_reward(spec: str, model_name_or_path: str | None = None, processor_name
         return WeightedSumReward({term: (weight, load_reward(term, model_name_or_path, processor_name_or_path,
                                                               aesthetic_head, torch_dtype, **hub_kwargs))
                                   for term, weight in terms})
+    if is_reward_url(spec):
+        return HTTPReward(spec)
     model = model_name_or_path or DEFAULT_MODELS.get(spec)
     if spec == "aesthetic":
         return AestheticReward.from_pretrained(aesthetic_head, model, torch_dtype=torch_dtype, **hub_kwargs)

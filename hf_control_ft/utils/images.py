@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import torch
@@ -28,3 +29,34 @@ def image_grid(samples: torch.Tensor, nrow: int | None = None, scale: int = 1, v
     array = canvas[0].numpy() if c == 1 else canvas.permute(1, 2, 0).numpy()
     img = Image.fromarray(array, mode="L" if c == 1 else "RGB")
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
+
+
+def to_png(sample: torch.Tensor, value_range: tuple[float, float] = (0.0, 1.0)) -> bytes:
+    """PNG bytes of one sample: ``(3, H, W)`` / ``(1, H, W)`` / ``(H, W)`` images, or a flat ``(D,)`` vector shown as
+    a square grey image when ``D`` is a square (else one row); values mapped from ``value_range`` to 0..255."""
+    from PIL import Image
+
+    x = sample.detach().float().cpu()
+    if x.dim() == 1:
+        side = math.isqrt(x.numel())
+        x = x.reshape(1, side, side) if side * side == x.numel() else x.reshape(1, 1, -1)
+    if x.dim() == 2:
+        x = x[None]
+    if x.dim() != 3 or x.shape[0] not in (1, 3):
+        raise ValueError(f"cannot show a sample of shape {tuple(sample.shape)} as an image")
+    lo, hi = value_range
+    x = ((x - lo) / (hi - lo)).clamp(0, 1).mul(255).round().to(torch.uint8)
+    array = x.permute(1, 2, 0).numpy()
+    image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def from_png(data: bytes) -> torch.Tensor:
+    """``(3, H, W)`` float image in ``[0, 1]`` from PNG (or any format PIL reads) bytes; grey and RGBA become RGB."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(
+        image.height, image.width, 3).permute(2, 0, 1).float() / 255.0
