@@ -10,6 +10,8 @@
 * :func:`tiny_flux_pipeline`: FLUX layout (packed latents, guidance embedding, CLIP + T5, dynamic shifting).
 * :func:`tiny_clip_model`: a random-weight CLIP (the architecture of the aesthetic / PickScore / CLIPScore
   rewards).
+* :func:`tiny_vlm`: a random-weight LLaVA (CLIP vision tower + Llama) with its processor and chat template, for
+  the VLM-as-judge reward.
 
 The tokenizer is a CLIP BPE tokenizer over single letters, built in memory.
 """
@@ -50,6 +52,41 @@ def tiny_clip_model(seed: int = 0, projection_dim: int = 16) -> tuple[CLIPModel,
                            num_attention_heads=4, projection_dim=projection_dim),
         projection_dim=projection_dim)
     return CLIPModel(config).eval(), tokenizer
+
+
+VLM_WORDS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "user", "assistant", ":", "Yes", "yes", "No", "no", "does",
+             "this", "figure", "show", "please", "answer", "or", "a", "cat", "red", "car", "the", "sea", "?", ".", '"']
+_VLM_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                 "<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
+                 "{% if add_generation_prompt %}assistant : {% endif %}")
+
+
+def tiny_vlm(seed: int = 0):
+    """``(model, processor)``: a random-weight ``LlavaForConditionalGeneration`` (16x16 images, 8-pixel patches,
+    one Llama layer) and a ``LlavaProcessor`` whose word-level tokenizer, image processor and chat template are
+    built in memory (the words of :data:`VLM_WORDS`; punctuation must stand apart, as in ``"a cat ?"``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VLM_WORDS)}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
+                                                                  crop_size={"height": 16, "width": 16}),
+                               tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+                               chat_template=_VLM_TEMPLATE, num_additional_image_tokens=1)
+    torch.manual_seed(seed)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32,
+                                       num_hidden_layers=1, num_attention_heads=2),
+        text_config=LlamaConfig(vocab_size=len(VLM_WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                                pad_token_id=3, bos_token_id=1, eos_token_id=2),
+        image_token_index=VLM_WORDS.index("<image>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="default")
+    return LlavaForConditionalGeneration(config).eval(), processor
 
 
 def tiny_components(seed: int = 0) -> dict:

@@ -3,6 +3,7 @@
 A *reward spec* is one of
 
 * a built-in name: ``aesthetic`` (LAION aesthetic predictor on CLIP ViT-L/14), ``pickscore``, ``clipscore``,
+  ``vlm_judge`` (a vision-language model's probability of answering yes, :mod:`.vlm_judge`; not differentiable),
   ``brightness``, ``saturation``;
 * ``path/to/file.py:function`` -- a function (or any callable attribute) defined in a Python file;
 * ``package.module:function`` -- an importable module's attribute;
@@ -27,6 +28,7 @@ import re
 import sys
 
 from .http import HTTPReward, is_reward_url
+from .vlm_judge import DEFAULT_VLM, VLMJudgeReward
 from .clip_rewards import CLIPSCORE_MODEL, PICKSCORE_MODEL, PICKSCORE_PROCESSOR, CLIPScoreReward, PickScoreReward
 from .image_rewards import (
     DEFAULT_CLIP_MODEL,
@@ -38,9 +40,10 @@ from .image_rewards import (
     hub_weights_file,
 )
 
-BUILTIN_REWARDS = ("aesthetic", "pickscore", "clipscore", "brightness", "saturation")
+BUILTIN_REWARDS = ("aesthetic", "pickscore", "clipscore", "vlm_judge", "brightness", "saturation")
 #: default model of each built-in reward that needs one (``--reward_model_name_or_path`` overrides it)
-DEFAULT_MODELS = {"aesthetic": DEFAULT_CLIP_MODEL, "pickscore": PICKSCORE_MODEL, "clipscore": CLIPSCORE_MODEL}
+DEFAULT_MODELS = {"aesthetic": DEFAULT_CLIP_MODEL, "pickscore": PICKSCORE_MODEL, "clipscore": CLIPSCORE_MODEL,
+                  "vlm_judge": DEFAULT_VLM}
 #: a public copy of the LAION improved aesthetic predictor's head (the .pth its authors distribute on GitHub)
 AESTHETIC_HEAD_ON_HUB = "camenduru/improved-aesthetic-predictor/sac+logos+ava1-l14-linearMSE.pth"
 
@@ -198,6 +201,8 @@ def load_reward(spec: str, model_name_or_path: str | None = None, processor_name
         return PickScoreReward.from_pretrained(model, processor, torch_dtype=torch_dtype, **hub_kwargs)
     if spec == "clipscore":
         return CLIPScoreReward.from_pretrained(model, processor_name_or_path, torch_dtype=torch_dtype, **hub_kwargs)
+    if spec == "vlm_judge":
+        return VLMJudgeReward.from_pretrained(model, torch_dtype=torch_dtype, **hub_kwargs)
     if spec == "brightness":
         return BrightnessReward()
     if spec == "saturation":

@@ -1,0 +1,52 @@
+"""``--oracle vlm_judge``: a vision-language model's probability of answering yes to a question about the prompt,
+on a tiny random LLaVA (random weights, tokenizer and chat template in memory)."""
+
+import pytest
+import torch
+
+from hf_control_ft.rewards.registry import load_reward
+from hf_control_ft.rewards.vlm_judge import VLMJudgeReward
+from hf_control_ft.testing import VLM_WORDS, tiny_vlm
+
+QUESTION = "does this figure show {prompt} ? please answer yes or no ."
+PROMPTS = ["a cat", "the red car", "the sea"]  # different lengths: padded batches
+
+
+def _images():
+    return torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+def _by_hand(model, processor, image, prompt):
+    from PIL import Image
+
+    picture = Image.fromarray((image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+    text = processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": QUESTION.format(prompt=prompt)}]}], add_generation_prompt=True)
+    with torch.no_grad():
+        logits = model(**processor(text=[text], images=[picture], return_tensors="pt")).logits[0, -1]
+    p = logits.softmax(-1)
+    return float(p[VLM_WORDS.index("Yes")] + p[VLM_WORDS.index("yes")])
+
+
+def test_the_score_is_the_probability_of_yes_per_image_in_a_padded_batch():
+    model, processor = tiny_vlm()
+    judge = VLMJudgeReward(model, processor, question=QUESTION, batch_size=2)
+    images = _images().requires_grad_(True)
+    scores = judge(images, PROMPTS)
+    assert scores.shape == (3,) and not scores.requires_grad  # a black box: SEIKO's oracle
+    assert ((scores > 0) & (scores < 1)).all()
+    expected = [_by_hand(model, processor, x, p) for x, p in zip(images.detach(), PROMPTS)]
+    assert scores.tolist() == pytest.approx(expected, rel=1e-4)
+    assert judge(images, ["a cat"] * 3)[1] != pytest.approx(scores[1].item(), rel=1e-6)  # it reads the prompt
+    with pytest.raises(ValueError, match="one prompt per image"):
+        judge(images, None)
+
+
+def test_vlm_judge_loads_by_name_from_a_saved_model(tmp_path):
+    model, processor = tiny_vlm()
+    model.save_pretrained(tmp_path / "vlm")
+    processor.save_pretrained(tmp_path / "vlm")
+    judge = load_reward("vlm_judge", model_name_or_path=str(tmp_path / "vlm"))
+    assert isinstance(judge, VLMJudgeReward)
+    direct = VLMJudgeReward(model, processor)  # the default question (words the tiny vocabulary lacks: <unk>)
+    assert torch.allclose(judge(_images(), PROMPTS), direct(_images(), PROMPTS), atol=1e-6)
