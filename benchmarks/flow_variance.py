@@ -9,7 +9,7 @@ Gaussian data ``N(0.3, std^2 I)`` in 2-D, its exact velocity (``tasks.gaussian_m
   written out here only as the comparison;
 * ``ode``: diffusers' deterministic Euler step ``x' = x + (s' - s) v``.
 
-    python benchmarks/flow_variance.py                 # the README table (about 1 min on 2 CPU cores)
+    python benchmarks/flow_variance.py                 # the table of docs/measurements.md (about 1 min on 2 CPU cores)
     python benchmarks/flow_variance.py --quick         # smoke test
 
 Prints one JSON object per setting, then a summary.

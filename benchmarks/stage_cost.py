@@ -1,6 +1,6 @@
 """Network sample evaluations per stage, before anything runs, as JSON (``hf_control_ft.trainers.costs``).
 
-For the library defaults on Stable Diffusion 1.5 (50 steps, classifier-free guidance), for the README's
+For the library defaults on Stable Diffusion 1.5 (50 steps, classifier-free guidance), for docs/text_to_image.md's
 text-to-image command (``examples/text_to_image/sd15_aesthetic.yaml``) and for the configs of the example scripts, it prints the sample evaluations of stage 1 (pretrained rollouts for the value), the per-step
 values, the drift stage (forward and backward), and the share of the stages before the drift.
 
@@ -25,7 +25,7 @@ def main():
         path = os.path.join(ROOT, "examples", "configs", f"{name}.yaml")
         if os.path.exists(path):
             rows[name] = network_evaluations(ElegantConfig.from_yaml(path, report_to=None))
-    sd15 = os.path.join(ROOT, "examples", "text_to_image", "sd15_aesthetic.yaml")  # the README's command line
+    sd15 = os.path.join(ROOT, "examples", "text_to_image", "sd15_aesthetic.yaml")  # the command line of the README and docs/text_to_image.md
     if os.path.exists(sd15):
         values = read_yaml_mapping(sd15)
         fields = {k: v for k, v in values.items() if k in ElegantConfig.field_names()}

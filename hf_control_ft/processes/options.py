@@ -38,7 +38,7 @@ class StableDiffusionOptions:
             call (exact KL of the half-precision model, :mod:`hf_control_ft.processes.upcast`); ``"tf32"``: the
             same with TF32 tensor-core matmuls in those calls and for the whole run on CUDA (fp32 activations;
             several times fp32's speed on tensor-core GPUs, with a KL rounding floor far below ``"autocast"``'s,
-            given by the README's "Numerics" table); ``"autocast"``:
+            given by ``docs/numerics.md``); ``"autocast"``:
             those calls run in the half dtype too, faster but with a KL rounding floor (module docstring).
         base_model: Hub id or path of the base pipeline (for the model card and for loading).
         prompt_column: column of a ``datasets`` prompt source.

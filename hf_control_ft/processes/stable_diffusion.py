@@ -89,7 +89,7 @@ class StableDiffusionProcess(ControlledProcess):
                 "kl_precision='tf32': TF32 matmuls for the whole run (as --allow_tf32) and in the KL passes; the KL "
                 "has a rounding floor, 200-400x below 'autocast''s but growing with latent size, steps and guidance^2 "
                 "(1.28 nats per sample at SD-1.5 shapes, 64 px, 2 steps, guidance 7.5: benchmarks/kl_precision.py, "
-                "README 'Numerics'); use 'upcast' or 'fp32' when the KL must be exact")
+                "docs/numerics.md); use 'upcast' or 'fp32' when the KL must be exact")
         if options.dtype is not None and not precise_kl:
             logger.warning(
                 "kl_precision='autocast' with mixed_precision=%r: the per-step KL is a difference of two "

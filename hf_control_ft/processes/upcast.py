@@ -13,7 +13,7 @@ is part of what gradient checkpointing restores when it recomputes a block
 (:func:`~hf_control_ft.processes.sd_components.enable_adapter_aware_checkpointing`).
 
 Cost: fp32 matrix work has no tensor-core path on NVIDIA GPUs unless TF32 is allowed, so the KL passes of
-``"upcast"`` run at the GPU's fp32 rate (README, ``benchmarks/sd_step.py``: a 49.9 s SD 1.5 iteration on an H200).
+``"upcast"`` run at the GPU's fp32 rate (``docs/text_to_image.md``, ``benchmarks/sd_step.py``: a 49.9 s SD 1.5 iteration on an H200).
 ``kl_precision="tf32"`` (``UpcastSwitch(tf32=True)``) keeps everything above but lets matmuls and convolutions in
 the KL passes (and, through PyTorch's global switches, in the backward sweep) use TF32 tensor cores: their inputs are rounded to a 10-bit mantissa (half-precision weights are
 exact in it: bf16 has 7 bits, fp16 10), products accumulate in fp32 and every activation stays fp32, so only the

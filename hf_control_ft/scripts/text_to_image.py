@@ -179,7 +179,7 @@ def check_reward_early(fn, spec: str, device, term: str | None = None) -> None:
             _fail(f"{what} is not differentiable (its output has no gradient with respect to the images): "
                   "ELEGANT backpropagates through the reward. A black-box reward (OCR, a VLM judge, a served "
                   f"model, people) is SEIKO's case: train_seiko.py --oracle {spec} --num_rounds 4 "
-                  "--queries_per_round 1024 (see the README's SEIKO section)")
+                  "--queries_per_round 1024 (see docs/seiko.md)")
         _fail(f"{what}: {err}")
 
 

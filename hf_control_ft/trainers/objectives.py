@@ -4,7 +4,7 @@ All drift objectives share the optimum (``docs/algorithms.md`` §2, §7); they d
 memory. On the exact Gaussian-mixture benchmarks (2-D and 3-D samples) the value-guided regression is the one
 that reaches the tilted law; on the 64-dimensional digits task its per-step values, fitted on a few hundred
 rollouts, bias the drift: it ends at a worse objective ``E[r] - alpha KL`` than the exact pathwise gradient
-(README, "Choosing the drift objective"). So ``"auto"`` picks ``"value_guided"`` where the values are fitted in
+(``docs/measurements.md``, "Choosing the drift objective"). So ``"auto"`` picks ``"value_guided"`` where the values are fitted in
 a low-dimensional state (at most :data:`STEP_VALUE_MAX_DIM` dimensions per sample) and their stored states fit
 in memory, and the exact ``"pathwise"`` gradient otherwise. The trainer logs the choice and the reason in one
 line; an explicit choice always wins.
@@ -43,7 +43,7 @@ def choose_drift_objective(config, process) -> tuple[str, str]:
                             f"states even at one state per rollout (value_num_rollouts x sample size), above "
                             f"{STEP_VALUE_MEMORY_BUDGET / 2**30:.0f} GiB")
     return "value_guided", ("per-step values fit in memory; their regression target has the lowest variance and "
-                            "reaches the tilted target on the exact benchmarks (README)")
+                            "reaches the tilted target on the exact benchmarks (docs/measurements.md)")
 
 
 def step_value_states_per_rollout(config, numel: int) -> int:
