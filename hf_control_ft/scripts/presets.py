@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import urllib.request
 
 logger = logging.getLogger(__name__)
 
@@ -42,19 +43,38 @@ PRESETS = {
 }
 
 
-def detect_family(name_or_path: str | None, revision: str | None = None, token: str | None = None) -> str | None:
-    """The family of a base model from its ``model_index.json`` (local, or downloaded alone); ``None`` when it
-    cannot be read or names another pipeline (then no preset applies and loading reports any real problem)."""
+def _model_index(name_or_path: str, revision: str | None, token: str | None, endpoint: str | None) -> dict:
+    """``model_index.json`` of a local directory, the Hub cache, or one quick request (5 s, no retries: the
+    pipeline's own download, which retries, reports a real connection problem later)."""
+    if os.path.isdir(name_or_path):
+        with open(os.path.join(name_or_path, "model_index.json"), encoding="utf-8") as fh:
+            return json.load(fh)
+    from huggingface_hub import constants, hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.utils import build_hf_headers
+
+    try:
+        with open(hf_hub_download(name_or_path, "model_index.json", revision=revision, local_files_only=True),
+                  encoding="utf-8") as fh:
+            return json.load(fh)
+    except LocalEntryNotFoundError:
+        if constants.HF_HUB_OFFLINE:
+            raise
+    request = urllib.request.Request(hf_hub_url(name_or_path, "model_index.json", revision=revision, endpoint=endpoint),
+                                     headers=build_hf_headers(token=token))
+    with urllib.request.urlopen(request, timeout=5) as answer:
+        return json.loads(answer.read())
+
+
+def detect_family(name_or_path: str | None, revision: str | None = None, token: str | None = None,
+                  endpoint: str | None = None) -> str | None:
+    """The family of a base model from its ``model_index.json`` (local, cached, or fetched alone from the Hub at
+    ``endpoint``, default ``HF_ENDPOINT``); ``None`` when it cannot be read or names another pipeline (then no preset
+    applies and loading reports any real problem)."""
     if not name_or_path:
         return None
-    path = os.path.join(name_or_path, "model_index.json")
     try:
-        if not os.path.isdir(name_or_path):
-            from huggingface_hub import hf_hub_download
-
-            path = hf_hub_download(name_or_path, "model_index.json", revision=revision, token=token)
-        with open(path, encoding="utf-8") as fh:
-            return PIPELINE_FAMILY.get(json.load(fh).get("_class_name"))
+        return PIPELINE_FAMILY.get(_model_index(name_or_path, revision, token, endpoint).get("_class_name"))
     except Exception as err:  # noqa: BLE001 - offline, private, not a diffusers repo: no preset, say so
         logger.warning("no family preset: cannot read %s's model_index.json (%s)", name_or_path, type(err).__name__)
         return None

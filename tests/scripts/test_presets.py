@@ -65,3 +65,26 @@ def test_the_example_yaml_of_each_family_holds_its_preset(family, name):
     values = yaml.safe_load(open(os.path.join(EXAMPLES, f"{name}.yaml")))
     assert {k: values[k] for k in PRESETS[family]} == PRESETS[family]
     assert values["reward"] and values["alpha"] > 0 and values["pretrained_model_name_or_path"]
+
+
+def test_the_family_of_a_hub_model_is_read_from_its_model_index_alone(tmp_path, monkeypatch):
+    """One small request for ``model_index.json`` (an in-process Hub here), no retries: an unreachable Hub costs
+    no time before the pipeline's own download reports it."""
+    import time
+
+    import huggingface_hub.constants as hub_constants
+    from hub_server import HubServer
+    from huggingface_hub import HfApi
+
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    with HubServer() as hub:
+        api = HfApi(endpoint=hub.url, token="hf_x")
+        api.create_repo("bfl/flux-like")
+        api.upload_file(path_or_fileobj=b'{"_class_name": "FluxPipeline"}', path_in_repo="model_index.json",
+                        repo_id="bfl/flux-like")
+        assert detect_family("bfl/flux-like", endpoint=hub.url) == "flux"
+    start = time.monotonic()
+    assert detect_family("bfl/other-model", endpoint="http://127.0.0.1:9") is None  # nothing listens there
+    assert time.monotonic() - start < 5
