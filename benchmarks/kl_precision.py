@@ -22,8 +22,9 @@ rounded); where a CUDA device is present also ``tf32`` (fp32 with TF32 matmuls) 
 
 The last stdout line is one JSON object: ``{"records": [...], "summary": {...}}``; ``summary`` gives, per mode,
 the worst KL and gradient ratio over the settings whose fp32 KL per sample is >= 0.1 nats (the goal: within
-10%) and the floor (the KL at the smallest control); for the upcast modes also the worst error against the exact
-KL of the same stored half-precision weights (fp32 arithmetic on those values; the goal: within 1%).
+10%) and the floor (the KL at the smallest control); for the upcast and tf32 modes also the worst error against
+the exact KL of the same stored half-precision weights, computed in fp32 arithmetic (``*_same_weights``) and in
+fp64 arithmetic (``*_fp64``; the goal: within 1%).
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ CUDA_MODES = {"tf32": ("no", "fp32"), "bf16-tf32": ("bf16", "tf32")}
 
 
 def build(model: str, mode: str, guidance: float, steps: int, resolution: int | None, device: str,
-          same_weights: bool = False):
+          same_weights: bool = False, fp64: bool = False):
     """The trainer of one mode; ``same_weights``: the mode's half-precision UNet values held in fp32 and run in
-    fp32 arithmetic (``kl_precision="fp32"``): the exact KL of the model that mode stores."""
+    fp32 arithmetic (``kl_precision="fp32"``): the exact KL of the model that mode stores; ``fp64`` (an upcast or
+    tf32 mode): the same stored weights with the KL passes in fp64 arithmetic."""
     mixed, kl_precision = {**MODES, **CUDA_MODES}[mode]
     pipe = StableDiffusionPipeline(**(tiny_components() if model == "tiny" else sd15_components())).to(device)
     if same_weights:
@@ -67,8 +69,10 @@ def build(model: str, mode: str, guidance: float, steps: int, resolution: int | 
     trainer = ElegantTrainer.from_pipeline(pipe, None, cfg, prompts=PROMPTS, guidance_scale=guidance,
                                            mixed_precision=mixed, kl_precision=kl_precision, height=resolution,
                                            width=resolution)
-    if mode.endswith("-tf32-emulated") and not same_weights:
+    if mode.endswith("-tf32-emulated") and not same_weights and not fp64:
         trainer.process.model.upcast.emulate_tf32 = True
+    if fp64:  # the same stored half-precision weights, the KL passes in fp64 arithmetic (the reference)
+        trainer.process.model.upcast.dtype = torch.float64
     return trainer
 
 
@@ -95,8 +99,10 @@ def main():
                 torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
                 torch.backends.cudnn.allow_tf32 = mode == "tf32"
                 trainer = build(model, mode, guidance, steps, resolution, args.device)
+                half = mode.endswith(("-upcast", "-tf32-emulated", "-tf32"))
                 exact = build(model, mode, guidance, steps, resolution, args.device, same_weights=True) \
-                    if mode.endswith(("-upcast", "-tf32-emulated", "-tf32")) else None
+                    if half else None
+                exact64 = build(model, mode, guidance, steps, resolution, args.device, fp64=True) if half else None
                 unet_bytes = sum(p.numel() * p.element_size() for n, p in trainer.process.lora_model.named_parameters()
                                  if "lora" not in n)
                 for i, scale in enumerate(args.scales):
@@ -122,9 +128,13 @@ def main():
                         rec.update(kl_same_weights=kl_same, grad_same_weights=grad_same,
                                    kl_error_same_weights=abs(kl / kl_same - 1) if kl_same > 0 else None,
                                    grad_error_same_weights=abs(grad / grad_same - 1) if grad_same > 0 else None)
+                        scale_lora(exact64.process.lora_model, scale)
+                        kl64, grad64 = kl_and_gradient(exact64)
+                        rec.update(kl_fp64=kl64, grad_fp64=grad64, kl_error_fp64=abs(kl / kl64 - 1),
+                                   grad_error_fp64=abs(grad / grad64 - 1))
                     records.append(rec)
                     print(json.dumps(rec), flush=True)
-                del trainer, exact
+                del trainer, exact, exact64
     summary = {}
     for model in args.models:
         for mode in modes:
@@ -144,7 +154,9 @@ def main():
             if same:  # upcast / tf32: against the exact KL of its own stored weights
                 summary[f"{model}/{mode}"].update(
                     worst_kl_error_same_weights=max(r["kl_error_same_weights"] for r in same),
-                    worst_grad_error_same_weights=max(r["grad_error_same_weights"] for r in same))
+                    worst_grad_error_same_weights=max(r["grad_error_same_weights"] for r in same),
+                    worst_kl_error_fp64=max(r["kl_error_fp64"] for r in same),
+                    worst_grad_error_fp64=max(r["grad_error_fp64"] for r in same))
     print(json.dumps({"records": records, "summary": summary}))
 
 

@@ -194,7 +194,7 @@ class GuidedUNet(nn.Module):
         """The dtype the network's inputs are cast to."""
         if autocast_dtype is not None:
             return autocast_dtype
-        return torch.float32 if self.upcast is not None and self.upcast.on else self.unet.dtype
+        return self.upcast.dtype if self.upcast is not None and self.upcast.on else self.unet.dtype
 
     @property
     def peft_config(self):

@@ -42,12 +42,15 @@ class UpcastSwitch:
     Args:
         tf32: the KL passes may use TF32 matmuls / convolutions (``kl_precision="tf32"``; CUDA only).
         emulate_tf32: round linear / convolution inputs to TF32 while on (measurement on CPUs).
+        dtype: the arithmetic of the wrapped layers while on: fp32, or fp64 for a reference computation of the
+            same stored weights (``benchmarks/kl_precision.py``, ``tests/processes/test_upcast.py``).
     """
 
-    def __init__(self, tf32: bool = False, emulate_tf32: bool = False):
+    def __init__(self, tf32: bool = False, emulate_tf32: bool = False, dtype: torch.dtype = torch.float32):
         self.on = False
         self.tf32 = bool(tf32)
         self.emulate_tf32 = bool(emulate_tf32)
+        self.dtype = dtype
 
     @contextlib.contextmanager
     def enabled(self, on: bool = True):
@@ -89,43 +92,46 @@ class _TF32GradInput(torch.autograd.Function):
         return round_tf32(grad)
 
 
-def _f32(t):
-    return None if t is None else t.float()
+def _in(t, dtype):
+    return None if t is None else t.to(dtype)
 
 
-def _linear(m, x, tf32):
-    if not tf32:
-        return F.linear(x.float(), m.weight.float(), _f32(m.bias))
-    y = F.linear(_TF32Input.apply(x.float()), _TF32Input.apply(m.weight.float()), _f32(m.bias))
+def _linear(m, x, sw):
+    d = sw.dtype
+    if not sw.emulate_tf32:
+        return F.linear(x.to(d), m.weight.to(d), _in(m.bias, d))
+    y = F.linear(_TF32Input.apply(x.to(d)), _TF32Input.apply(m.weight.to(d)), _in(m.bias, d))
     return _TF32GradInput.apply(y)
 
 
-def _conv(m, x, tf32):
-    if not tf32:
-        return m._conv_forward(x.float(), m.weight.float(), _f32(m.bias))
-    y = m._conv_forward(_TF32Input.apply(x.float()), _TF32Input.apply(m.weight.float()), _f32(m.bias))
+def _conv(m, x, sw):
+    d = sw.dtype
+    if not sw.emulate_tf32:
+        return m._conv_forward(x.to(d), m.weight.to(d), _in(m.bias, d))
+    y = m._conv_forward(_TF32Input.apply(x.to(d)), _TF32Input.apply(m.weight.to(d)), _in(m.bias, d))
     return _TF32GradInput.apply(y)
 
 
-def _group_norm(m, x, tf32):
-    return F.group_norm(x.float(), m.num_groups, _f32(m.weight), _f32(m.bias), m.eps)
+def _group_norm(m, x, sw):
+    return F.group_norm(x.to(sw.dtype), m.num_groups, _in(m.weight, sw.dtype), _in(m.bias, sw.dtype), m.eps)
 
 
-def _layer_norm(m, x, tf32):
-    return F.layer_norm(x.float(), m.normalized_shape, _f32(m.weight), _f32(m.bias), m.eps)
+def _layer_norm(m, x, sw):
+    return F.layer_norm(x.to(sw.dtype), m.normalized_shape, _in(m.weight, sw.dtype), _in(m.bias, sw.dtype), m.eps)
 
 
-def _embedding(m, x, tf32):
-    return F.embedding(x, m.weight.float(), m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
+def _embedding(m, x, sw):
+    return F.embedding(x, m.weight.to(sw.dtype), m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq,
+                       m.sparse)
 
 
-def _rms_norm(m, x, tf32):  # diffusers' RMSNorm, in fp32 throughout (its own forward casts back to a half weight dtype)
-    x = x.float()
+def _rms_norm(m, x, sw):  # diffusers' RMSNorm, in the switch's dtype throughout (its own forward casts back to a half
+    x = x.to(sw.dtype)     # weight dtype)
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.eps)
     if m.weight is not None:
-        x = x * m.weight.float()
+        x = x * m.weight.to(sw.dtype)
         if getattr(m, "bias", None) is not None:
-            x = x + m.bias.float()
+            x = x + m.bias.to(sw.dtype)
     return x
 
 
@@ -157,7 +163,7 @@ def install_upcast(model: nn.Module, switch: UpcastSwitch | None = None) -> Upca
 
         def forward(*args, _original=original, _fn=fn, _module=module, **kwargs):
             if switch.on and len(args) == 1 and not kwargs:
-                return _fn(_module, args[0], switch.emulate_tf32)
+                return _fn(_module, args[0], switch)
             return _original(*args, **kwargs)
 
         module.forward = forward
