@@ -5,7 +5,8 @@
   training starts and the text encoders leave the accelerator (T5-XXL alone is ~9 GB); a prompt seen later
   (validation) is encoded with the encoders brought back for that call.
 * ``offload``: the text encoders live on the CPU and come to the accelerator only to encode
-  (:func:`on_device`).
+  (:func:`on_device`); a SEIKO oracle that is a model comes only for its round's answers. The denoiser and an
+  ELEGANT reward model stay: they run at every step, where moving them would cost more than it frees.
 * ``enable_vae_slicing``: the VAE decodes one image at a time, for the reward and the oracle (the activation
   memory of a batch decode at 1024 px dominates the reward's cost).
 * ``allow_tf32`` (a script flag: PyTorch's global switch): TF32 matmuls everywhere except the network calls

@@ -81,7 +81,8 @@ class TextToImageArguments:
                                    "precision, faster, with a KL rounding floor")
     pre_compute_text_embeddings: bool = _f(False, "encode each prompt once, keep the embeddings on the CPU and the "
                                                   "text encoders off the accelerator")
-    offload: bool = _f(False, "keep the text encoders on the CPU, on the accelerator only while encoding")
+    offload: bool = _f(False, "keep the text encoders (and a SEIKO oracle that is a model) on the CPU, on the "
+                                     "accelerator only while encoding (answering)")
     enable_vae_slicing: bool = _f(False, "decode one image at a time for the reward and the oracle")
     allow_tf32: bool = _f(False, "TF32 matmuls on Ampere+ GPUs, except in the network calls that feed a KL")
     tracker_init_kwargs: str | None = _f(None, "JSON object passed to the trackers, e.g. "

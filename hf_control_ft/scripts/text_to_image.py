@@ -89,7 +89,7 @@ def load_prompt_source(args):
         _fail(f"cannot load --dataset_name {args.dataset_name!r}: {error_line(err)}")
 
 
-def _reward(spec: str, args, accelerator):
+def _reward(spec: str, args, accelerator, offload: bool = False):
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
     with_models = any(t in DEFAULT_MODELS for t, _ in mix_terms(spec) or [(spec, 1.0)])
     try:
@@ -98,7 +98,9 @@ def _reward(spec: str, args, accelerator):
                          token=args.hub_token) if with_models else load_reward(spec)
     except Exception as err:  # noqa: BLE001 - missing weights, unreachable Hub
         _fail(f"cannot load {spec!r}: {error_line(err)}")
-    return fn.to(accelerator.device) if isinstance(fn, torch.nn.Module) else fn
+    if isinstance(fn, torch.nn.Module):  # a SEIKO oracle with --offload stays on the CPU until asked
+        return fn.to("cpu" if offload else accelerator.device)
+    return fn
 
 
 def _options(args, accelerator) -> dict:
@@ -189,7 +191,8 @@ def _setup(trainer_cls, args, config, spec: str, validation_reward: bool):
     accelerator = make_accelerator(args, config)
     if getattr(args, "preset_note", None):
         logging.getLogger(__name__).info(args.preset_note)
-    fn = _human_oracle(args, config, accelerator) if spec == "human" else _reward(spec, args, accelerator)
+    fn = _human_oracle(args, config, accelerator) if spec == "human" else _reward(
+        spec, args, accelerator, offload=args.offload and trainer_cls is SeikoTrainer)
     if trainer_cls is ElegantTrainer:  # never an oracle: each of its answers may be paid for
         check_reward_early(fn, spec, accelerator.device)
     with accelerator.main_process_first():

@@ -22,6 +22,7 @@ import torch
 from accelerate.utils import gather_object
 
 from ..feedback.oracle import OracleOutputError, OracleUnavailableError
+from ..processes.memory import on_device
 from .distributed import run_on_main, run_on_main_patiently, shares
 
 
@@ -90,10 +91,15 @@ class FeedbackCollection:
         todo = self.feedback.pending(round_index) + self.feedback.retryable(cfg.oracle_max_attempts, round_index)
         batches = [todo[i:i + cfg.oracle_batch_size] for i in range(0, len(todo), cfg.oracle_batch_size)]
         t0 = time.perf_counter()
-        if getattr(self.oracle.fn, "streams_answers", False):
-            self._ask_streaming(round_index, batches)
-        else:
-            self._ask_batches(round_index, batches)
+        # --offload: an oracle that is a model (a VLM judge, a preference model) holds the accelerator only while
+        # it answers; between rounds the drift has the memory (it runs every step: no other network moves)
+        module = self.oracle.fn if isinstance(self.oracle.fn, torch.nn.Module) else None
+        offload = module is not None and getattr(getattr(self.process, "options", None), "offload", False)
+        with on_device([module] if offload else [], self.device, enabled=offload):
+            if getattr(self.oracle.fn, "streams_answers", False):
+                self._ask_streaming(round_index, batches)
+            else:
+                self._ask_batches(round_index, batches)
         rows = self.feedback.rows(round_index)
         ok = [i for i in rows if self.feedback.columns["status"][i] == "ok"]
         if len(ok) < cfg.min_answer_fraction * len(rows):

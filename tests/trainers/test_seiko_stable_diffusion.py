@@ -230,3 +230,37 @@ def test_ucb_bonus_is_computed_on_clip_image_embeddings(tmp_path):
     width = torch.einsum("hbi,hij,hbj->hb", phis, ensemble.gram_inv, phis).sqrt().mean(0)
     assert (bonus > 0).all()
     torch.testing.assert_close(bonus, trainer.reward.saturate(trainer.config.bonus_scale * ensemble.y_std * width))
+
+
+class ModelOracle(torch.nn.Module):
+    """An oracle that is a model (a VLM judge, a preference model): records where it is when asked and where it
+    is sent."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+        self.moves, self.devices_when_asked = [], []
+        self.__name__ = "model_oracle"
+
+    def to(self, *args, **kwargs):
+        self.moves.append(str(args[0]))
+        return super().to(*args, **kwargs)
+
+    def forward(self, images, prompts):
+        self.devices_when_asked.append(self.moves[-1] if self.moves else None)
+        return self.weight.detach() * images[:, 0].mean((1, 2))
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_offload_keeps_a_model_oracle_off_the_accelerator_between_rounds(tmp_path, offload):
+    oracle = ModelOracle()
+    trainer = SeikoTrainer.from_pipeline(tiny_sd_pipeline(), oracle,
+                                         seiko_sd_config(tmp_path / "run", num_rounds=1, queries_per_round=4,
+                                                         train_steps=1),
+                                         prompts=PROMPTS, guidance_scale=2.0, offload=offload)
+    trainer.train()
+    device = str(trainer.device)
+    if offload:  # brought to the accelerator for the round's oracle phase only, then back to the CPU
+        assert oracle.moves == [device, "cpu"] and set(oracle.devices_when_asked) == {device}
+    else:
+        assert oracle.moves == [] and len(oracle.devices_when_asked) == 2
