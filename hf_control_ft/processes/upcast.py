@@ -96,20 +96,20 @@ def _in(t, dtype):
     return None if t is None else t.to(dtype)
 
 
-def _linear(m, x, sw):
+def _product(op, m, x, sw):
+    """``op(x, weight, bias)`` (a linear or a convolution) in the switch's dtype, TF32-rounded when emulating."""
     d = sw.dtype
     if not sw.emulate_tf32:
-        return F.linear(x.to(d), m.weight.to(d), _in(m.bias, d))
-    y = F.linear(_TF32Input.apply(x.to(d)), _TF32Input.apply(m.weight.to(d)), _in(m.bias, d))
-    return _TF32GradInput.apply(y)
+        return op(x.to(d), m.weight.to(d), _in(m.bias, d))
+    return _TF32GradInput.apply(op(_TF32Input.apply(x.to(d)), _TF32Input.apply(m.weight.to(d)), _in(m.bias, d)))
+
+
+def _linear(m, x, sw):
+    return _product(F.linear, m, x, sw)
 
 
 def _conv(m, x, sw):
-    d = sw.dtype
-    if not sw.emulate_tf32:
-        return m._conv_forward(x.to(d), m.weight.to(d), _in(m.bias, d))
-    y = m._conv_forward(_TF32Input.apply(x.to(d)), _TF32Input.apply(m.weight.to(d)), _in(m.bias, d))
-    return _TF32GradInput.apply(y)
+    return _product(m._conv_forward, m, x, sw)
 
 
 def _group_norm(m, x, sw):
