@@ -56,3 +56,17 @@ def test_a_family_cut_off_reports_the_modes_it_finished(tmp_path, monkeypatch, c
     assert record == {"model": "flux", "timed_out": True, "time_limit_s": 7.0,
                       "partial": [line["partial"] for line in lines]}
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == record
+
+
+def test_script_step_runs_the_training_script_on_random_weights():
+    """``benchmarks/script_step.py``: train_elegant.py's own path on a random-weight pipeline (the GPU run of the
+    scale issue is this command at real shapes), one JSON line with the exit status, wall time and metrics."""
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "script_step.py"), "--model", "sd3",
+                           "--tiny", "--train_steps", "1", "--", "--lora_rank", "2"], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          cwd=os.path.join(ROOT, "benchmarks"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    assert record["exit_status"] == 0 and record["model"] == "tiny-random-sd3" and record["wall_s"] > 0
+    assert record["script_flags"] == ["--lora_rank", "2"]
+    assert record["metrics"]["metrics"]["KL per sample, chain + start law (nats)"] >= 0
