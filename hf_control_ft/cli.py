@@ -196,6 +196,7 @@ def cmd_rate(args) -> int:
 def cmd_serve_reward(args) -> int:
     """Serves a reward over HTTP (``hf_control_ft/rewards/http.py``'s protocol) until interrupted; the token comes
     from ``--token_file`` or ``$HF_CONTROL_FT_REWARD_TOKEN``, never from the command line."""
+    from .processes.options import DTYPES
     from .rewards.http import TOKEN_ENV, RewardServer
     from .rewards.registry import load_reward
 
@@ -207,7 +208,7 @@ def cmd_serve_reward(args) -> int:
         except OSError as err:
             exit_with_error(f"--token_file: {error_line(err)}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype) if device != "cpu" else None
+    dtype = DTYPES.get(args.dtype) if device != "cpu" else None
     try:
         reward = load_reward(args.reward, args.reward_model_name_or_path, args.reward_processor_name_or_path,
                              args.aesthetic_head, torch_dtype=dtype)

@@ -7,9 +7,10 @@ import time
 
 import torch
 
+from ..utils.images import to_png
 from .oracle import FAILED, OK, OracleAnswer
 from .preferences import bradley_terry
-from .rating import RATING_MODES, RatingFiles, RatingScale, query_key, summarize, to_png
+from .rating import RATING_MODES, RatingFiles, RatingScale, query_key, summarize
 from .rating_server import start_rating_server
 
 

@@ -27,7 +27,6 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from ..utils.images import to_png  # noqa: F401 (re-exported: the rating page's images)
 from ..utils.versioned_dir import write_atomic
 
 RATINGS_DIR = "ratings"
@@ -175,5 +174,5 @@ def query_key(png: bytes, prompt: str) -> str:
     return hashlib.sha256(png + b"\0" + prompt.encode("utf-8")).hexdigest()[:32]
 
 
-__all__ = ["RatingScale", "RatingFiles", "RATINGS_DIR", "RATING_MODES", "to_png", "query_key", "summarize",
+__all__ = ["RatingScale", "RatingFiles", "RATINGS_DIR", "RATING_MODES", "query_key", "summarize",
            "token_hash"]

@@ -160,11 +160,15 @@ class StableDiffusionProcess(ControlledProcess):
     #: which parts of :meth:`encode`'s conditioning have one row per prompt (FLUX's text ids do not)
     batched_conditioning = None
 
+    @property
+    def encoders_off_device(self) -> bool:
+        """The text encoders live on the CPU (``offload`` / ``pre_compute_text_embeddings``, :mod:`.memory`)."""
+        return self.options.offload or self.options.pre_compute_text_embeddings
+
     def encoders_on_device(self, needed: bool = True):
         """The context in which the text encoders may run: on the accelerator for the block when they live on the
-        CPU (``offload`` / ``pre_compute_text_embeddings``, :mod:`.memory`)."""
-        away = self.options.offload or self.options.pre_compute_text_embeddings
-        return on_device(text_encoders(self.pipeline), self.device, enabled=away and needed)
+        CPU (:attr:`encoders_off_device`)."""
+        return on_device(text_encoders(self.pipeline), self.device, enabled=self.encoders_off_device and needed)
 
     def _encoded(self, prompts: list[str]):
         """``(conditioning, pooled features)`` of ``prompts``: encoded now, or gathered from the per-prompt cache
@@ -183,8 +187,7 @@ class StableDiffusionProcess(ControlledProcess):
 
     # ------------------------------------------------------------------ network and sampler
     def to(self, device) -> "StableDiffusionProcess":
-        away = self.options.offload or self.options.pre_compute_text_embeddings  # text encoders stay on the CPU
-        encoders = text_encoders(self.pipeline) if away else []
+        encoders = text_encoders(self.pipeline) if self.encoders_off_device else []  # they stay on the CPU
         for module in self.frozen_modules():
             if not any(module is e for e in encoders):
                 module.to(device)

@@ -13,15 +13,16 @@ is part of what gradient checkpointing restores when it recomputes a block
 (:func:`~hf_control_ft.processes.sd_components.enable_adapter_aware_checkpointing`).
 
 Cost: fp32 matrix work has no tensor-core path on NVIDIA GPUs unless TF32 is allowed, so the KL passes of
-``"upcast"`` run at the GPU's fp32 rate (``docs/text_to_image.md``, ``benchmarks/sd_step.py``: a 49.9 s SD 1.5 iteration on an H200).
-``kl_precision="tf32"`` (``UpcastSwitch(tf32=True)``) keeps everything above but lets matmuls and convolutions in
-the KL passes (and, through PyTorch's global switches, in the backward sweep) use TF32 tensor cores: their inputs are rounded to a 10-bit mantissa (half-precision weights are
-exact in it: bf16 has 7 bits, fp16 10), products accumulate in fp32 and every activation stays fp32, so only the
-activations entering a matmul lose bits, 2 fewer than bf16 autocast loses at *every* operation. That still leaves
-a KL floor (measured with the emulation below: about 1e-4 nats per sample at guidance 1 and 8e-3 at 7.5 on the
-tiny SD's 10 steps, against 0.03 / 3.1 for bf16 autocast; 0.015 / 1.28 on SD-1.5 shapes at 64 px and 2 steps), and
-the floor grows with latent size, steps and guidance squared: a speed option for KLs far above it, not the exact one. CPUs have no TF32:
-there ``"tf32"`` computes exactly as ``"upcast"``; ``emulate_tf32=True`` rounds the inputs of every linear and
+``"upcast"`` run at the GPU's fp32 rate (``docs/text_to_image.md``, ``benchmarks/sd_step.py``: a 49.9 s SD 1.5
+iteration on an H200). ``kl_precision="tf32"`` (``UpcastSwitch(tf32=True)``) keeps everything above but lets
+matmuls and convolutions in the KL passes (and, through PyTorch's global switches, in the backward sweep) use TF32
+tensor cores: their inputs are rounded to a 10-bit mantissa (half-precision weights are exact in it: bf16 has 7
+bits, fp16 10), products accumulate in fp32 and every activation stays fp32, so only the activations entering a
+matmul lose bits, 2 fewer than bf16 autocast loses at *every* operation. That still leaves a KL floor (measured
+with the emulation below: about 1e-4 nats per sample at guidance 1 and 8e-3 at 7.5 on the tiny SD's 10 steps,
+against 0.03 / 3.1 for bf16 autocast; 0.015 / 1.28 on SD-1.5 shapes at 64 px and 2 steps), and the floor grows
+with latent size, steps and guidance squared: a speed option for KLs far above it, not the exact one. CPUs have
+no TF32: there ``"tf32"`` computes exactly as ``"upcast"``; ``emulate_tf32=True`` rounds the inputs of every linear and
 convolution layer as TF32 does (round to nearest), forward and backward (the gradient entering the backward
 matmuls), so ``benchmarks/kl_precision.py`` can measure its KL error without a GPU (attention's own two products
 are not rounded by the emulation).

@@ -152,7 +152,7 @@ class WeightedSumReward(ImageReward):
         if not fns:
             raise ValueError("WeightedSumReward needs at least one term")
         self._fns = fns
-        self._seen: dict[str, list[torch.Tensor]] = {}
+        self._seen: dict[str, tuple[torch.Tensor, int]] = {}  # per term: (sum of values, count) since the last pop
         self.terms = nn.ModuleList([f for f in fns if isinstance(f, nn.Module)])  # moves with .to()
         self.__name__ = "weighted_sum(" + ", ".join(f"{w:g}*{n}" for w, n in zip(self.weights, self.names)) + ")"
 
@@ -162,7 +162,8 @@ class WeightedSumReward(ImageReward):
         for name, w, fn in zip(self.names, self.weights, self._fns):
             values = check_reward(call_reward(fn, images, prompts), images.shape[0], f"{self.__name__}: {name}",
                                   require_grad=need_grad)
-            self._seen.setdefault(name, []).append(values.detach().float().cpu())
+            total_so_far, count = self._seen.get(name, (0.0, 0))
+            self._seen[name] = (total_so_far + values.detach().float().sum(), count + values.numel())
             total = total + w * values.float()
         return total
 
@@ -174,7 +175,7 @@ class WeightedSumReward(ImageReward):
         """Mean value of each term (unweighted) over the calls since the last pop; the trainers log them as
         ``train/reward/<name>``."""
         seen, self._seen = self._seen, {}
-        return {name: torch.cat(v).mean().item() for name, v in seen.items()}
+        return {name: float(total) / count for name, (total, count) in seen.items()}
 
 
 # ---------------------------------------------------------------------------------------------- aesthetic

@@ -210,5 +210,5 @@ def load_reward(spec: str, model_name_or_path: str | None = None, processor_name
     return load_user_function(spec)
 
 
-__all__ = ["AESTHETIC_HEAD_ON_HUB", "BUILTIN_REWARDS", "DEFAULT_MODELS", "RewardSpecError", "check_spec", "load_reward", "load_user_function",
-           "mix_terms"]
+__all__ = ["AESTHETIC_HEAD_ON_HUB", "BUILTIN_REWARDS", "DEFAULT_MODELS", "RewardSpecError", "check_spec", "load_reward",
+           "load_user_function", "mix_terms"]

@@ -14,6 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from ..processes.options import KL_PRECISIONS
 from ..rewards.registry import RewardSpecError, check_spec
 from ..serialization.checkpoints import PREFIX as CHECKPOINT_PREFIX
 from ..serialization.checkpoints import finished_model_files, list_checkpoints
@@ -116,8 +117,8 @@ class TextToImageArguments:
               f"must be an int >= 0, got {self.validation_steps!r}")
         check(self.mixed_precision in (None, "no", "fp16", "bf16"), "mixed_precision",
               f"must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
-        check(self.kl_precision in ("fp32", "upcast", "tf32", "autocast"), "kl_precision",
-              f"must be 'fp32', 'upcast', 'tf32' or 'autocast', got {self.kl_precision!r}")
+        check(self.kl_precision in KL_PRECISIONS, "kl_precision",
+              f"must be one of {', '.join(repr(k) for k in KL_PRECISIONS)}, got {self.kl_precision!r}")
         check(self.guidance_scale is None or (isinstance(self.guidance_scale, (int, float))
                                               and self.guidance_scale >= 0), "guidance_scale",
               f"must be a number >= 0, got {self.guidance_scale!r}")

@@ -22,10 +22,11 @@ from ..feedback.oracle import OracleOutputError, OracleUnavailableError
 from ..feedback.human_oracle import HumanOracle
 from ..feedback.rating import RatingScale
 from ..processes.loading import load_base_pipeline
+from ..processes.options import DTYPES
 from ..rewards.clip_rewards import CLIPImageFeatures
 from ..rewards.checks import check_reward, reward_name
 from ..rewards.image_rewards import WeightedSumReward, call_reward
-from ..rewards.registry import DEFAULT_MODELS, load_reward, mix_terms
+from ..rewards.registry import load_reward
 from ..serialization.checkpoints import CheckpointError
 from ..serialization.saved import HubPushError, mask_token
 from ..trainers.base import tracker_names
@@ -90,12 +91,10 @@ def load_prompt_source(args):
 
 
 def _reward(spec: str, args, accelerator, offload: bool = False):
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
-    with_models = any(t in DEFAULT_MODELS for t, _ in mix_terms(spec) or [(spec, 1.0)])
-    try:
+    dtype = DTYPES.get(accelerator.mixed_precision) if accelerator.device.type == "cuda" else None
+    try:  # specs without a model (files, URLs, image statistics) ignore the model arguments
         fn = load_reward(spec, args.reward_model_name_or_path, args.reward_processor_name_or_path,
-                         args.aesthetic_head, torch_dtype=dtype if accelerator.device.type == "cuda" else None,
-                         token=args.hub_token) if with_models else load_reward(spec)
+                         args.aesthetic_head, torch_dtype=dtype, token=args.hub_token)
     except Exception as err:  # noqa: BLE001 - missing weights, unreachable Hub
         _fail(f"cannot load {spec!r}: {error_line(err)}")
     if isinstance(fn, torch.nn.Module):  # a SEIKO oracle with --offload stays on the CPU until asked

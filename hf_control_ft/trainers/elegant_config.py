@@ -79,8 +79,8 @@ class ElegantConfig:
     (which deletes the old checkpoints first); a resumed run refuses settings that change the objective, the
     model or the optimiser (``RESUME_KEYS``). One run at a time holds ``<output_dir>/.lock``.
 
-    On the exact-target benchmark (``docs/measurements.md``) ``"value_guided"`` is the one that reaches the tilted target's mode
-    weights; ``truncate_backprop_steps`` applies to ``"pathwise"`` only.
+    On the exact-target benchmark (``docs/measurements.md``) ``"value_guided"`` is the one that reaches the tilted
+    target's mode weights; ``truncate_backprop_steps`` applies to ``"pathwise"`` only.
     """
 
     # objective and sampler

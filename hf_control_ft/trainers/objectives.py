@@ -4,9 +4,9 @@ All drift objectives share the optimum (``docs/algorithms.md`` §2, §7); they d
 memory. On the exact Gaussian-mixture benchmarks (2-D and 3-D samples) the value-guided regression is the one
 that reaches the tilted law; on the 64-dimensional digits task its per-step values, fitted on a few hundred
 rollouts, bias the drift: it ends at a worse objective ``E[r] - alpha KL`` than the exact pathwise gradient
-(``docs/measurements.md``, "Choosing the drift objective"). So ``"auto"`` picks ``"value_guided"`` where the values are fitted in
-a low-dimensional state (at most :data:`STEP_VALUE_MAX_DIM` dimensions per sample) and their stored states fit
-in memory, and the exact ``"pathwise"`` gradient otherwise. The trainer logs the choice and the reason in one
+(``docs/measurements.md``, "Choosing the drift objective"). So ``"auto"`` picks ``"value_guided"`` where the
+values are fitted in a low-dimensional state (at most :data:`STEP_VALUE_MAX_DIM` dimensions per sample) and their
+stored states fit in memory, and the exact ``"pathwise"`` gradient otherwise. The trainer logs the choice and the reason in one
 line; an explicit choice always wins.
 """
 

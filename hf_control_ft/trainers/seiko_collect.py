@@ -129,9 +129,9 @@ class FeedbackCollection:
             self.feedback.record(batch, answers, self.feedback.next_batch_index(round_index))
 
     def _ask_streaming(self, round_index: int, batches: list[list[int]]) -> None:
-        """An oracle that answers query by query (people on the rating page, :class:`~hf_control_ft.feedback.
-        human_oracle.HumanOracle`): every query is queued (decoded batch by batch), then each answer is stored the moment
-        it arrives."""
+        """An oracle that answers query by query (people on the rating page,
+        :class:`~hf_control_ft.feedback.human_oracle.HumanOracle`): every query is queued (decoded batch by batch),
+        then each answer is stored the moment it arrives."""
         todo, keys = [q for batch in batches for q in batch], []
         for batch in batches:
             keys += self.oracle.fn.enqueue(*self._oracle_inputs(batch), round_index=round_index)
