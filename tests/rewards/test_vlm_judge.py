@@ -28,8 +28,10 @@ def _by_hand(model, processor, image, prompt):
     return float(p[VLM_WORDS.index("Yes")] + p[VLM_WORDS.index("yes")])
 
 
-def test_the_score_is_the_probability_of_yes_per_image_in_a_padded_batch():
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_the_score_is_the_probability_of_yes_per_image_in_a_padded_batch(padding_side):
     model, processor = tiny_vlm()
+    processor.tokenizer.padding_side = padding_side  # chat VLMs ship either; the last real position is read
     judge = VLMJudgeReward(model, processor, question=QUESTION, batch_size=2)
     images = _images().requires_grad_(True)
     scores = judge(images, PROMPTS)
