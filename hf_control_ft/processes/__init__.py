@@ -6,6 +6,7 @@
 * :class:`StableDiffusionXLProcess`: a ``StableDiffusionXLPipeline`` (two text encoders, added time ids).
 * :class:`StableDiffusion3Process`: a ``StableDiffusion3Pipeline`` (SD3 / SD3.5, flow matching).
 * :class:`FluxProcess`: a ``FluxPipeline`` (FLUX.1, flow matching, packed latents, guidance embedding).
+* :class:`ZImageProcess`: a ``ZImagePipeline`` (Z-Image, Qwen3 captions, list-input transformer).
 
 :func:`process_from_pipeline` picks the process of a diffusers pipeline. A new model family is one new module
 here; the trainers take any process.
@@ -20,10 +21,12 @@ from .sd_components import StableDiffusionOptions
 from .stable_diffusion import StableDiffusionProcess
 from .stable_diffusion_3 import StableDiffusion3Process
 from .stable_diffusion_xl import StableDiffusionXLProcess
+from .z_image import ZImageProcess
 
 #: pipeline class name -> process; anything else is refused with this list
 PROCESSES = {"StableDiffusionPipeline": StableDiffusionProcess, "StableDiffusion3Pipeline": StableDiffusion3Process,
-             "FluxPipeline": FluxProcess, "StableDiffusionXLPipeline": StableDiffusionXLProcess}
+             "FluxPipeline": FluxProcess, "StableDiffusionXLPipeline": StableDiffusionXLProcess,
+             "ZImagePipeline": ZImageProcess}
 
 
 def process_from_pipeline(pipeline, config, prompts, **options) -> ControlledProcess:
@@ -51,5 +54,5 @@ def process_from_pipeline(pipeline, config, prompts, **options) -> ControlledPro
 
 
 __all__ = ["ControlledProcess", "ClassConditionalProcess", "StableDiffusionProcess", "StableDiffusion3Process",
-           "StableDiffusionXLProcess", "FluxProcess",
+           "StableDiffusionXLProcess", "FluxProcess", "ZImageProcess",
            "StableDiffusionOptions", "process_from_pipeline", "PROCESSES"]

@@ -54,6 +54,20 @@ def latent_image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
+def shifted_sigmas(config, seq_len: int, num_inference_steps: int) -> dict:
+    """The noise levels FLUX-style pipelines (FLUX.1, Qwen-Image, Z-Image) give their scheduler:
+    ``sigmas = linspace(1, 1/K, K)`` and, when the scheduler shifts dynamically, ``mu`` of the image sequence
+    length ``seq_len`` (the pipelines' ``calculate_shift``: linear from ``base_shift`` at ``base_image_seq_len`` to
+    ``max_shift`` at ``max_image_seq_len``)."""
+    options = {"sigmas": np.linspace(1.0, 1 / num_inference_steps, num_inference_steps).tolist()}
+    if config.get("use_dynamic_shifting"):
+        base, top = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+        lo, hi = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+        slope = (hi - lo) / (top - base)
+        options["mu"] = seq_len * slope + lo - slope * base
+    return options
+
+
 class GuidedFluxTransformer(GuidedUNet):
     """A FLUX transformer as ``model(sample (B, C, h, w), t) -> v (B, C, h, w)`` (module docstring).
 
@@ -115,17 +129,7 @@ class FluxProcess(StableDiffusion3Process):
         return (self.pipeline.transformer.config.in_channels // 4, height // scale, width // scale)
 
     def schedule_options(self, shape, num_inference_steps: int) -> dict:
-        """The pipeline's ``sigmas = linspace(1, 1/K, K)`` and, with dynamic shifting, ``mu`` of its sequence
-        length ``h/2 * w/2``."""
-        cfg = self.pipeline.scheduler.config
-        options = {"sigmas": np.linspace(1.0, 1 / num_inference_steps, num_inference_steps).tolist()}
-        if cfg.get("use_dynamic_shifting"):
-            seq_len = (shape[1] // 2) * (shape[2] // 2)
-            base, top = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
-            lo, hi = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
-            slope = (hi - lo) / (top - base)  # calculate_shift of the pipeline
-            options["mu"] = seq_len * slope + lo - slope * base
-        return options
+        return shifted_sigmas(self.pipeline.scheduler.config, (shape[1] // 2) * (shape[2] // 2), num_inference_steps)
 
     @torch.no_grad()
     def encode(self, prompts: list[str], pooled: bool = False):
@@ -147,4 +151,5 @@ class FluxProcess(StableDiffusion3Process):
         return fields
 
 
-__all__ = ["FluxProcess", "GuidedFluxTransformer", "pack_latents", "unpack_latents", "latent_image_ids"]
+__all__ = ["FluxProcess", "GuidedFluxTransformer", "pack_latents", "unpack_latents", "latent_image_ids",
+           "shifted_sigmas"]

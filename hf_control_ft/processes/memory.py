@@ -59,7 +59,9 @@ class EmbeddingCache:
 
     ``encode(prompts)`` gives a tensor or a tuple of tensors (the family's conditioning); ``batched[j]`` says
     whether part ``j`` has one row per prompt (cached row by row) or is one tensor for any batch (FLUX's
-    ``text_ids``: kept once).
+    ``text_ids``: kept once). Rows of different lengths (variable-length prompt embeddings, which the families that
+    have them carry with their lengths) are zero-padded at the end to the longest row of the batch they are gathered
+    into, as their pipelines pad a batch.
     """
 
     def __init__(self, batched: tuple[bool, ...] | None = None):
@@ -85,10 +87,17 @@ class EmbeddingCache:
         return list(dict.fromkeys(p for p in prompts if p not in self.rows))
 
     def get(self, prompts: list[str], device):
-        parts = [self.shared[j].to(device) if first is None else
-                 torch.stack([self.rows[p][j] for p in prompts]).to(device)
+        parts = [self.shared[j].to(device) if first is None else _stack_padded([self.rows[p][j] for p in prompts]).to(device)
                  for j, first in enumerate(self.rows[prompts[0]])]
         return parts[0] if self.single else tuple(parts)
+
+
+def _stack_padded(rows: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack`` of rows whose first dimensions may differ, zero-padded at the end to the longest."""
+    if rows[0].ndim == 0 or all(r.shape == rows[0].shape for r in rows):
+        return torch.stack(rows)
+    length = max(r.shape[0] for r in rows)
+    return torch.stack([torch.cat([r, r.new_zeros((length - r.shape[0], *r.shape[1:]))]) for r in rows])
 
 
 __all__ = ["EmbeddingCache", "text_encoders", "on_device", "tf32_matmuls"]

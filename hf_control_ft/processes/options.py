@@ -91,20 +91,22 @@ class StableDiffusionOptions:
     def dtype(self) -> torch.dtype | None:
         return DTYPES[self.mixed_precision]
 
-    def for_family(self, family: str, defaults: dict, negative_prompt: bool = True) -> "StableDiffusionOptions":
+    def for_family(self, family: str, defaults: dict, negative_prompt: bool = True,
+                   guidance_off_at: float = 1.0) -> "StableDiffusionOptions":
         """A copy with every ``None`` of ``defaults``' keys replaced by the family's value. ``negative_prompt=False``
         (a family without classifier-free guidance, e.g. FLUX.1): a non-empty negative prompt is refused, since the
         family would silently ignore it. With classifier-free guidance off (``guidance_scale <= 1``) a negative
-        prompt is ignored too: one warning says so."""
+        prompt is ignored too (``guidance_scale <= guidance_off_at``: 1 for SD's weight ``w``, 0 for the families whose
+        scale is ``w - 1``): one warning says so."""
         values = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         out = dataclasses.replace(self, **values)
         if not negative_prompt:
             check_field("StableDiffusionOptions", not out.negative_prompt, "negative_prompt",
                         f"{family} has no classifier-free guidance and would ignore the negative prompt "
                         f"{out.negative_prompt!r}; leave --negative_prompt unset")
-        elif out.negative_prompt and out.guidance_scale <= 1:
-            logger.warning("negative_prompt %r is ignored: guidance_scale %s <= 1 turns classifier-free guidance off",
-                           out.negative_prompt, out.guidance_scale)
+        elif out.negative_prompt and out.guidance_scale <= guidance_off_at:
+            logger.warning("negative_prompt %r is ignored: guidance_scale %s <= %s turns classifier-free guidance off",
+                           out.negative_prompt, out.guidance_scale, guidance_off_at)
         return dataclasses.replace(out, negative_prompt=out.negative_prompt or "") if negative_prompt else out
 
     def save(self, path: str) -> None:

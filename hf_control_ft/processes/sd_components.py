@@ -285,21 +285,18 @@ def decode_latents(vae, latents: torch.Tensor, autocast_dtype: torch.dtype | Non
 
 
 class LatentReward:
-    """``reward(latents)``: differentiable VAE decode to ``[0, 1]`` images, then ``reward_fn(images, prompts)``.
+    """``reward(latents)``: the process's differentiable decode to ``[0, 1]`` images (videos: ``(B, F, 3, H, W)``),
+    then ``reward_fn(images, prompts)``.
 
-    ``prompts`` is the list of the current batch, set by the trainer. ``__name__`` is the user reward's name
-    so that reward errors name it.
+    ``decode(latents)`` is the family's decode (:meth:`StableDiffusionProcess.decode`); ``prompts`` is the list of the
+    current batch, set by the trainer. ``__name__`` is the user reward's name so that reward errors name it.
     """
 
-    def __init__(self, vae, reward_fn, autocast_dtype: torch.dtype | None = None):
-        self.vae = vae
+    def __init__(self, decode, reward_fn):
+        self.decode = decode
         self.reward_fn = reward_fn
-        self.autocast_dtype = autocast_dtype
         self.prompts: list[str] | None = None
         self.__name__ = reward_name(reward_fn)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return decode_latents(self.vae, latents, self.autocast_dtype)
 
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
         images = self.decode(latents)

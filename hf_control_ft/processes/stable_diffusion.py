@@ -72,7 +72,7 @@ class StableDiffusionProcess(ControlledProcess):
         self.pipeline = pipeline
         self.stochastic_scheduler = self.check_pipeline(pipeline)
         options = (options or StableDiffusionOptions()).for_family(self.family, self.option_defaults,
-                                                                     self.uses_negative_prompt)
+                                                                     self.uses_negative_prompt, self.guidance_off_at)
         self.options = options
         self.prompts = load_prompts(prompts, options.prompt_column)
         unet, vae = self.denoiser_module(), pipeline.vae
@@ -127,6 +127,8 @@ class StableDiffusionProcess(ControlledProcess):
     option_defaults = {"guidance_scale": 7.5}
     #: whether the family uses a negative prompt (classifier-free guidance); False: one is refused
     uses_negative_prompt = True
+    #: ``guidance_scale`` at or below which classifier-free guidance is off (1 for ``u + w (c - u)``)
+    guidance_off_at = 1.0
 
     def check_pipeline(self, pipeline):
         """Refuses a pipeline of another family; returns the sampler's copy of its scheduler."""
@@ -246,7 +248,7 @@ class StableDiffusionProcess(ControlledProcess):
     # ------------------------------------------------------------------ what the reward / oracle sees
     def reward_function(self, reward_fn):
         """The user's ``reward_fn(images, prompts)`` on the decoded latents of the current batch."""
-        return _ConditionedReward(self, LatentReward(self.pipeline.vae, reward_fn, self.options.dtype))
+        return _ConditionedReward(self, LatentReward(self.decode, reward_fn))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents ``(B, 4, h, w)`` -> images ``(B, 3, H, W)`` in ``[0, 1]`` (differentiable)."""
@@ -264,7 +266,7 @@ class StableDiffusionProcess(ControlledProcess):
         image_features = feature_extractor if feature_extractor is not None else PooledPixelFeatures()
         if isinstance(image_features, nn.Module):
             image_features.to(self.device).requires_grad_(False).eval()
-        extractor = LatentFeatures(self.pipeline.vae, image_features, self.options.dtype, chunk_size=chunk_size)
+        extractor = LatentFeatures(self.decode, image_features, chunk_size=chunk_size)
         if feature_dim is None:
             with torch.no_grad():
                 probe = torch.zeros((1, *self.sample_shape), device=self.device)

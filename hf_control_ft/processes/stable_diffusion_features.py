@@ -13,8 +13,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .sd_components import decode_latents
-
 
 class PooledPixelFeatures(nn.Module):
     """Images ``(B, 3, H, W)`` -> per-channel average over a ``size x size`` grid, ``(B, 3 * size^2)``.
@@ -30,22 +28,23 @@ class PooledPixelFeatures(nn.Module):
         self.size = size
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(images, self.size).flatten(1)
+        """Images ``(B, 3, H, W)``, or videos ``(B, F, 3, H, W)`` (every frame pooled: ``(B, F * 3 * size^2)``)."""
+        return F.adaptive_avg_pool2d(images.flatten(0, -4), self.size).reshape(images.shape[0], -1)
 
 
 class LatentFeatures:
-    """``latents (B, 4, h, w) -> image_features(decode(latents)) (B, D)``, differentiable in the latents.
+    """``latents (B, *sample_shape) -> image_features(decode(latents)) (B, D)``, differentiable in the latents;
+    ``decode`` is the family's (:meth:`StableDiffusionProcess.decode`).
 
     Without autograd (fitting the heads, the Gram matrix, metrics over the whole feedback dataset) the latents
     are decoded in chunks of ``chunk_size`` to bound the VAE's activation memory.
     """
 
-    def __init__(self, vae, image_features, autocast_dtype: torch.dtype | None = None, chunk_size: int = 8):
-        self.vae, self.image_features = vae, image_features
-        self.autocast_dtype, self.chunk_size = autocast_dtype, int(chunk_size)
+    def __init__(self, decode, image_features, chunk_size: int = 8):
+        self.decode, self.image_features, self.chunk_size = decode, image_features, int(chunk_size)
 
     def _one(self, latents: torch.Tensor) -> torch.Tensor:
-        features = self.image_features(decode_latents(self.vae, latents, self.autocast_dtype))
+        features = self.image_features(self.decode(latents))
         if features.ndim != 2 or features.shape[0] != latents.shape[0]:
             raise ValueError(f"the feature extractor must return (B, D) features, got {tuple(features.shape)} "
                              f"for B={latents.shape[0]}")

@@ -24,8 +24,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .core.control import add_lora_control, lora_parameters
-from .models.networks import MLPDenoiser
+from ..core.control import add_lora_control, lora_parameters
+from ..models.networks import MLPDenoiser
 
 
 def tiny_tokenizer(model_max_length: int = 16) -> CLIPTokenizer:
@@ -280,7 +280,7 @@ def tiny_unet_output(unet, seed: int = 1) -> torch.Tensor:
 def scale_lora(model: torch.nn.Module, scale: float, seed: int = 0) -> None:
     """Sets every LoRA ``B`` matrix to ``scale * N(0, 1)`` (``A`` keeps its initialisation): a control of known
     size, identical across trainers built with the same seed."""
-    from .core.control import tuner_layers
+    from ..core.control import tuner_layers
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -293,7 +293,7 @@ def kl_and_gradient(trainer, batch_size: int = 2, seed: int = 0) -> tuple[float,
     """``(mean path KL per sample, norm of its LoRA gradient)`` of ``trainer``'s fine-tuned chain from ``N(0, I)``
     with fixed prompts / noise (``seed``): the quantities whose precision ``benchmarks/kl_precision.py``
     compares between precision modes."""
-    from .core.control import lora_parameters
+    from ..core.control import lora_parameters
 
     gen = torch.Generator().manual_seed(seed)
     trainer.process.prepare_batch(batch_size, gen)

@@ -1,0 +1,89 @@
+"""Tiny random-weight pipelines of the newer flow-matching families, built from configs in memory (no network), as
+diffusers' own pipeline tests build their dummy components:
+
+* :func:`tiny_z_image_pipeline`: ``ZImagePipeline`` (Qwen3 text encoder with a chat template, list-input
+  transformer, ``AutoencoderKL`` with a shift factor).
+* :func:`tiny_qwen_image_pipeline`: ``QwenImagePipeline`` (Qwen2.5-VL text encoder with the pipeline's template,
+  packed latents, the 3-D ``AutoencoderKLQwenImage`` with per-channel latent statistics).
+* :func:`tiny_flux2_klein_pipeline`: ``Flux2KleinPipeline`` (Qwen3 hidden states of several layers, patchified and
+  batch-normalised latents, 4-D position ids).
+* :func:`tiny_wan_pipeline`: ``WanPipeline`` (T5 encoder, 3-D transformer, the causal video VAE): 16x16 videos of
+  5 frames.
+
+The chat models' tokenizer (:func:`tiny_chat_tokenizer`) is byte-level BPE without merges (one token per byte) with
+Qwen's special tokens and chat template. Each ``*_output`` function is a fingerprint: the network's output on fixed
+random inputs, for checking that an adapter loaded elsewhere reproduces the trained network.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Qwen's chat template, reduced to what the pipelines use (``enable_thinking`` is accepted and ignored)
+_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_chat_tokenizer():
+    """A byte-level BPE tokenizer without merges (vocabulary: the 256 bytes + ``<|endoftext|>``, ``<|im_start|>``,
+    ``<|im_end|>``) with Qwen's chat template and right padding, built in memory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    bpe.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                        additional_special_tokens=["<|im_start|>"])
+    tokenizer.chat_template = _CHAT_TEMPLATE
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _vocab_size(tokenizer) -> int:
+    return len(tokenizer) + 8
+
+
+def tiny_z_image_pipeline(seed: int = 0):
+    """A ``ZImagePipeline`` with random weights: a 1-layer (+1 refiner) transformer on 4x4 patches of 2x2 over 8x8x16
+    latents (16x16 images... 32x32 with this VAE's scale 4), a 2-layer Qwen3 encoder, a shifting scheduler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_chat_tokenizer()
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32,
+                                           n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2, norm_eps=1e-5,
+                                           qk_norm=True, cap_feat_dim=16, rope_theta=256.0, t_scale=1000.0,
+                                           axes_dims=[8, 4, 4], axes_lens=[512, 32, 32])
+    with torch.no_grad():  # torch.empty in the model: fixed, as diffusers' tests do
+        transformer.x_pad_token.copy_(torch.ones_like(transformer.x_pad_token))
+        transformer.cap_pad_token.copy_(torch.ones_like(transformer.cap_pad_token))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[16, 32], layers_per_block=1,
+                        latent_channels=16, norm_num_groups=16, sample_size=32, scaling_factor=0.3611,
+                        shift_factor=0.1159)
+    text_encoder = Qwen3Model(Qwen3Config(hidden_size=16, intermediate_size=16, num_hidden_layers=2,
+                                          num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+                                          vocab_size=_vocab_size(tokenizer), max_position_embeddings=512))
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16,
+                                                max_image_seq_len=256, base_shift=0.5, max_shift=1.15)
+    pipe = ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                          transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_z_image_output(transformer, seed: int = 1) -> torch.Tensor:
+    """The tiny Z-Image transformer's output on fixed random inputs (two samples, captions of 5 and 3 tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    x = [torch.randn(16, 1, 8, 8, generator=g) for _ in range(2)]
+    caps = [torch.randn(5, 16, generator=g), torch.randn(3, 16, generator=g)]
+    with torch.no_grad():
+        out = transformer(x, torch.tensor([0.3, 0.7]), caps, return_dict=False)[0]
+    return torch.stack(out)
+
+
+__all__ = ["tiny_chat_tokenizer", "tiny_z_image_pipeline", "tiny_z_image_output"]
