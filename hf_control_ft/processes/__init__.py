@@ -6,6 +6,7 @@
 * :class:`StableDiffusionXLProcess`: a ``StableDiffusionXLPipeline`` (two text encoders, added time ids).
 * :class:`StableDiffusion3Process`: a ``StableDiffusion3Pipeline`` (SD3 / SD3.5, flow matching).
 * :class:`FluxProcess`: a ``FluxPipeline`` (FLUX.1, flow matching, packed latents, guidance embedding).
+* :class:`QwenImageProcess`: a ``QwenImagePipeline`` (Qwen-Image, Qwen2.5-VL captions, true CFG with norm rescaling).
 * :class:`ZImageProcess`: a ``ZImagePipeline`` (Z-Image, Qwen3 captions, list-input transformer).
 
 :func:`process_from_pipeline` picks the process of a diffusers pipeline. A new model family is one new module
@@ -18,6 +19,7 @@ from .base import ControlledProcess
 from .class_conditional import ClassConditionalProcess
 from .flux import FluxProcess
 from .sd_components import StableDiffusionOptions
+from .qwen_image import QwenImageProcess
 from .stable_diffusion import StableDiffusionProcess
 from .stable_diffusion_3 import StableDiffusion3Process
 from .stable_diffusion_xl import StableDiffusionXLProcess
@@ -26,7 +28,7 @@ from .z_image import ZImageProcess
 #: pipeline class name -> process; anything else is refused with this list
 PROCESSES = {"StableDiffusionPipeline": StableDiffusionProcess, "StableDiffusion3Pipeline": StableDiffusion3Process,
              "FluxPipeline": FluxProcess, "StableDiffusionXLPipeline": StableDiffusionXLProcess,
-             "ZImagePipeline": ZImageProcess}
+             "ZImagePipeline": ZImageProcess, "QwenImagePipeline": QwenImageProcess}
 
 
 def process_from_pipeline(pipeline, config, prompts, **options) -> ControlledProcess:
@@ -54,5 +56,5 @@ def process_from_pipeline(pipeline, config, prompts, **options) -> ControlledPro
 
 
 __all__ = ["ControlledProcess", "ClassConditionalProcess", "StableDiffusionProcess", "StableDiffusion3Process",
-           "StableDiffusionXLProcess", "FluxProcess", "ZImageProcess",
+           "StableDiffusionXLProcess", "FluxProcess", "ZImageProcess", "QwenImageProcess",
            "StableDiffusionOptions", "process_from_pipeline", "PROCESSES"]

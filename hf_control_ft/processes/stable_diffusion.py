@@ -104,7 +104,8 @@ class StableDiffusionProcess(ControlledProcess):
             upcast = install_upcast(unet, UpcastSwitch(tf32=options.kl_precision == "tf32"))
         if config.gradient_checkpointing:
             enable_adapter_aware_checkpointing(unet)
-            vae.enable_gradient_checkpointing()
+            if getattr(vae, "_supports_gradient_checkpointing", False):  # the video VAEs (Qwen-Image, Wan) do not
+                vae.enable_gradient_checkpointing()
         shape = self.latent_shape(options.height, options.width)
         super().__init__(self.guided_network(unet, options), self.stochastic_scheduler, shape, config,
                          schedule_options=self.schedule_options(shape, config.num_inference_steps))

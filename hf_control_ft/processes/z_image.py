@@ -25,29 +25,11 @@ import torch
 from torch import nn
 
 from .flux import shifted_sigmas
+from .prompt_embeds import masked_mean, padded, valid_tokens
 from .sd_components import GuidedUNet, _autocast
 from .stable_diffusion_3 import StableDiffusion3Process
 
 Z_IMAGE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"]
-
-
-def valid_tokens(embeds: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
-    """``(B, L, D)`` zero-padded embeddings + ``(B,)`` lengths -> the list of each row's valid tokens ``(L_i, D)``."""
-    return [e[: int(n)] for e, n in zip(embeds, lengths.tolist())]
-
-
-def masked_mean(embeds: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Mean over each row's valid tokens: ``(B, L, D), (B,) -> (B, D)`` fp32 (the condition features)."""
-    mask = torch.arange(embeds.shape[1], device=embeds.device)[None, :] < lengths.to(embeds.device)[:, None]
-    total = (embeds.float() * mask[..., None]).sum(1)
-    return total / lengths.to(embeds.device).clamp(min=1)[:, None].float()
-
-
-def padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A list of ``(L_i, D)`` -> ``(embeds (B, max L_i, D) zero-padded, lengths (B,) long)``."""
-    length = max(r.shape[0] for r in rows)
-    embeds = torch.stack([torch.cat([r, r.new_zeros(length - r.shape[0], r.shape[1])]) for r in rows])
-    return embeds, torch.tensor([r.shape[0] for r in rows], dtype=torch.long, device=embeds.device)
 
 
 class GuidedZImageTransformer(GuidedUNet):
@@ -134,4 +116,4 @@ class ZImageProcess(StableDiffusion3Process):
     batched_conditioning = (True, True)
 
 
-__all__ = ["ZImageProcess", "GuidedZImageTransformer", "Z_IMAGE_TARGETS", "valid_tokens", "masked_mean", "padded"]
+__all__ = ["ZImageProcess", "GuidedZImageTransformer", "Z_IMAGE_TARGETS"]

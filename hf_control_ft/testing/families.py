@@ -86,4 +86,48 @@ def tiny_z_image_output(transformer, seed: int = 1) -> torch.Tensor:
     return torch.stack(out)
 
 
-__all__ = ["tiny_chat_tokenizer", "tiny_z_image_pipeline", "tiny_z_image_output"]
+def tiny_qwen_image_pipeline(seed: int = 0):
+    """A ``QwenImagePipeline`` with random weights: a 1-block transformer on 8x8x4 latents packed to 16 tokens (32x32
+    images; the 3-D VAE's scale is 4), a 2-layer Qwen2.5-VL text encoder, a dynamically shifting scheduler."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_chat_tokenizer()
+    vocab = _vocab_size(tokenizer)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                              guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.1, -0.2, 0.0, 0.3],
+                                 latents_std=[1.5, 0.8, 1.0, 2.0])
+    config = Qwen2_5_VLConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "num_key_value_heads": 2, "vocab_size": vocab, "rope_theta": 1000000.0,
+                     "bos_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+                     "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        hidden_size=16, vocab_size=vocab, bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        vision_start_token_id=vocab - 4, vision_end_token_id=vocab - 3,
+        image_token_id=vocab - 2, video_token_id=vocab - 1)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16,
+                                                max_image_seq_len=256, base_shift=0.5, max_shift=0.9)
+    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_qwen_image_output(transformer, seed: int = 1) -> torch.Tensor:
+    """The tiny Qwen-Image transformer's output on fixed random packed inputs (16 tokens, 6 text tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    x, emb = torch.randn(2, 16, 16, generator=g), torch.randn(2, 6, 16, generator=g)
+    with torch.no_grad():
+        return transformer(hidden_states=x, encoder_hidden_states=emb, timestep=torch.tensor([0.7, 0.3]),
+                           img_shapes=[[(1, 4, 4)]] * 2, return_dict=False)[0]
+
+
+__all__ = ["tiny_chat_tokenizer", "tiny_z_image_pipeline", "tiny_z_image_output", "tiny_qwen_image_pipeline",
+           "tiny_qwen_image_output"]
