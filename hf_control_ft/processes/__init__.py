@@ -6,6 +6,7 @@
 * :class:`StableDiffusionXLProcess`: a ``StableDiffusionXLPipeline`` (two text encoders, added time ids).
 * :class:`StableDiffusion3Process`: a ``StableDiffusion3Pipeline`` (SD3 / SD3.5, flow matching).
 * :class:`FluxProcess`: a ``FluxPipeline`` (FLUX.1, flow matching, packed latents, guidance embedding).
+* :class:`Flux2KleinProcess`: a ``Flux2KleinPipeline`` (FLUX.2 [klein], Qwen3 layers, patchified latents).
 * :class:`QwenImageProcess`: a ``QwenImagePipeline`` (Qwen-Image, Qwen2.5-VL captions, true CFG with norm rescaling).
 * :class:`ZImageProcess`: a ``ZImagePipeline`` (Z-Image, Qwen3 captions, list-input transformer).
 
@@ -18,6 +19,7 @@ import os
 from .base import ControlledProcess
 from .class_conditional import ClassConditionalProcess
 from .flux import FluxProcess
+from .flux2 import Flux2KleinProcess
 from .sd_components import StableDiffusionOptions
 from .qwen_image import QwenImageProcess
 from .stable_diffusion import StableDiffusionProcess
@@ -28,7 +30,8 @@ from .z_image import ZImageProcess
 #: pipeline class name -> process; anything else is refused with this list
 PROCESSES = {"StableDiffusionPipeline": StableDiffusionProcess, "StableDiffusion3Pipeline": StableDiffusion3Process,
              "FluxPipeline": FluxProcess, "StableDiffusionXLPipeline": StableDiffusionXLProcess,
-             "ZImagePipeline": ZImageProcess, "QwenImagePipeline": QwenImageProcess}
+             "ZImagePipeline": ZImageProcess, "QwenImagePipeline": QwenImageProcess,
+             "Flux2KleinPipeline": Flux2KleinProcess}
 
 
 def process_from_pipeline(pipeline, config, prompts, **options) -> ControlledProcess:
@@ -56,5 +59,5 @@ def process_from_pipeline(pipeline, config, prompts, **options) -> ControlledPro
 
 
 __all__ = ["ControlledProcess", "ClassConditionalProcess", "StableDiffusionProcess", "StableDiffusion3Process",
-           "StableDiffusionXLProcess", "FluxProcess", "ZImageProcess", "QwenImageProcess",
+           "StableDiffusionXLProcess", "FluxProcess", "ZImageProcess", "QwenImageProcess", "Flux2KleinProcess",
            "StableDiffusionOptions", "process_from_pipeline", "PROCESSES"]

@@ -102,8 +102,9 @@ class StableDiffusionOptions:
         out = dataclasses.replace(self, **values)
         if not negative_prompt:
             check_field("StableDiffusionOptions", not out.negative_prompt, "negative_prompt",
-                        f"{family} has no classifier-free guidance and would ignore the negative prompt "
-                        f"{out.negative_prompt!r}; leave --negative_prompt unset")
+                        f"the {family} pipeline takes no negative prompt (FLUX.1: no classifier-free guidance; "
+                        f"FLUX.2 guides with the empty prompt) and would ignore {out.negative_prompt!r}; leave "
+                        "--negative_prompt unset")
         elif out.negative_prompt and out.guidance_scale <= guidance_off_at:
             logger.warning("negative_prompt %r is ignored: guidance_scale %s <= %s turns classifier-free guidance off",
                            out.negative_prompt, out.guidance_scale, guidance_off_at)

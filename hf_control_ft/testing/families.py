@@ -129,5 +129,47 @@ def tiny_qwen_image_output(transformer, seed: int = 1) -> torch.Tensor:
                            img_shapes=[[(1, 4, 4)]] * 2, return_dict=False)[0]
 
 
-__all__ = ["tiny_chat_tokenizer", "tiny_z_image_pipeline", "tiny_z_image_output", "tiny_qwen_image_pipeline",
+def tiny_flux2_klein_pipeline(seed: int = 0, is_distilled: bool = False):
+    """A ``Flux2KleinPipeline`` with random weights: 1 double- + 1 single-stream block on 8x8x4 latents patchified to
+    4x4x16 (16 tokens; 16x16 images), a 28-layer width-16 Qwen3 whose layers 9, 18, 27 are the prompt embedding (the
+    pipeline's default), a dynamically shifting scheduler. ``is_distilled``: klein's distilled variant (no CFG)."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_chat_tokenizer()
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                          timestep_guidance_channels=32, axes_dims_rope=[4, 4, 4, 4],
+                                          guidance_embeds=False)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(hidden_size=16, intermediate_size=16, num_hidden_layers=28,
+                                                num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+                                                vocab_size=_vocab_size(tokenizer), max_position_embeddings=512))
+    vae = AutoencoderKLFlux2(sample_size=16, in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                             up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=(8, 16), layers_per_block=1,
+                             latent_channels=4, norm_num_groups=8, use_quant_conv=False, use_post_quant_conv=False)
+    with torch.no_grad():  # latent statistics other than (0, 1), so that decoding is seen to undo them
+        vae.bn.running_mean.copy_(torch.linspace(-0.3, 0.3, vae.bn.running_mean.numel()))
+        vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, vae.bn.running_var.numel()))
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16,
+                                                max_image_seq_len=256, base_shift=0.5, max_shift=1.15)
+    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              transformer=transformer, is_distilled=is_distilled)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux2_output(transformer, seed: int = 1) -> torch.Tensor:
+    """The tiny FLUX.2 transformer's output on fixed random packed inputs (16 image tokens, 6 text tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    x, emb = torch.randn(2, 16, 16, generator=g), torch.randn(2, 6, 48, generator=g)
+    img_ids = torch.cartesian_prod(torch.arange(1), torch.arange(4), torch.arange(4), torch.arange(1))
+    txt_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(6))
+    with torch.no_grad():
+        return transformer(hidden_states=x, encoder_hidden_states=emb, timestep=torch.tensor([0.7, 0.3]),
+                           img_ids=img_ids.expand(2, -1, -1), txt_ids=txt_ids.expand(2, -1, -1),
+                           return_dict=False)[0]
+
+
+__all__ = ["tiny_chat_tokenizer", "tiny_flux2_klein_pipeline", "tiny_flux2_output", "tiny_z_image_pipeline", "tiny_z_image_output", "tiny_qwen_image_pipeline",
            "tiny_qwen_image_output"]
