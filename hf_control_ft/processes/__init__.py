@@ -8,6 +8,7 @@
 * :class:`FluxProcess`: a ``FluxPipeline`` (FLUX.1, flow matching, packed latents, guidance embedding).
 * :class:`Flux2KleinProcess`: a ``Flux2KleinPipeline`` (FLUX.2 [klein], Qwen3 layers, patchified latents).
 * :class:`QwenImageProcess`: a ``QwenImagePipeline`` (Qwen-Image, Qwen2.5-VL captions, true CFG with norm rescaling).
+* :class:`WanProcess`: a ``WanPipeline`` (Wan text-to-video: video latents, UMT5 prompts).
 * :class:`ZImageProcess`: a ``ZImagePipeline`` (Z-Image, Qwen3 captions, list-input transformer).
 
 :func:`process_from_pipeline` picks the process of a diffusers pipeline. A new model family is one new module
@@ -25,13 +26,14 @@ from .qwen_image import QwenImageProcess
 from .stable_diffusion import StableDiffusionProcess
 from .stable_diffusion_3 import StableDiffusion3Process
 from .stable_diffusion_xl import StableDiffusionXLProcess
+from .wan import WanProcess
 from .z_image import ZImageProcess
 
 #: pipeline class name -> process; anything else is refused with this list
 PROCESSES = {"StableDiffusionPipeline": StableDiffusionProcess, "StableDiffusion3Pipeline": StableDiffusion3Process,
              "FluxPipeline": FluxProcess, "StableDiffusionXLPipeline": StableDiffusionXLProcess,
              "ZImagePipeline": ZImageProcess, "QwenImagePipeline": QwenImageProcess,
-             "Flux2KleinPipeline": Flux2KleinProcess}
+             "Flux2KleinPipeline": Flux2KleinProcess, "WanPipeline": WanProcess}
 
 
 def process_from_pipeline(pipeline, config, prompts, **options) -> ControlledProcess:
@@ -59,5 +61,5 @@ def process_from_pipeline(pipeline, config, prompts, **options) -> ControlledPro
 
 
 __all__ = ["ControlledProcess", "ClassConditionalProcess", "StableDiffusionProcess", "StableDiffusion3Process",
-           "StableDiffusionXLProcess", "FluxProcess", "ZImageProcess", "QwenImageProcess", "Flux2KleinProcess",
+           "StableDiffusionXLProcess", "FluxProcess", "ZImageProcess", "QwenImageProcess", "Flux2KleinProcess", "WanProcess",
            "StableDiffusionOptions", "process_from_pipeline", "PROCESSES"]

@@ -44,6 +44,8 @@ class StableDiffusionOptions:
         prompt_column: column of a ``datasets`` prompt source.
         guidance_rescale: must be 0 (accepted so that diffusers' argument gets a clear error, not a TypeError).
         max_sequence_length: T5 context length of SD3 / FLUX (ignored by SD 1.x / 2.x and SDXL).
+        num_frames / fps: video length in frames and its frame rate (video families: Wan; ``None``: the family's
+            default, 81 frames at 16 fps; ignored by image families).
         pre_compute_text_embeddings / offload / enable_vae_slicing: memory switches
             (:mod:`hf_control_ft.processes.memory`): per-prompt embeddings cached on the CPU and the text encoders
             off the accelerator; text encoders on the accelerator only while encoding; one-image VAE decodes.
@@ -59,6 +61,8 @@ class StableDiffusionOptions:
     prompt_column: str = "prompt"
     guidance_rescale: float = 0.0
     max_sequence_length: int | None = None
+    num_frames: int | None = None
+    fps: int | None = None
     pre_compute_text_embeddings: bool = False
     offload: bool = False
     enable_vae_slicing: bool = False
@@ -72,6 +76,9 @@ class StableDiffusionOptions:
               "must be a string")
         check(self.max_sequence_length is None or is_int(self.max_sequence_length, 1), "max_sequence_length",
               f"must be an int >= 1, got {self.max_sequence_length!r}")
+        check(self.num_frames is None or is_int(self.num_frames, 1), "num_frames",
+              f"must be an int >= 1, got {self.num_frames!r}")
+        check(self.fps is None or is_int(self.fps, 1), "fps", f"must be an int >= 1, got {self.fps!r}")
         check(self.guidance_rescale == 0, "guidance_rescale",
               f"is not supported (got {self.guidance_rescale!r}): rescaling the guided prediction by its standard "
               "deviation makes the transition mean a non-linear function of both branches, which the exact KL "

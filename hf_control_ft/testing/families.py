@@ -171,5 +171,38 @@ def tiny_flux2_output(transformer, seed: int = 1) -> torch.Tensor:
                            return_dict=False)[0]
 
 
-__all__ = ["tiny_chat_tokenizer", "tiny_flux2_klein_pipeline", "tiny_flux2_output", "tiny_z_image_pipeline", "tiny_z_image_output", "tiny_qwen_image_pipeline",
+def tiny_wan_pipeline(seed: int = 0):
+    """A ``WanPipeline`` with random weights: a 1-block 3-D transformer on 16-channel latents of 2 frames x 4x4
+    (videos of 5 frames of 32x32; the VAE's scales are 4 in time and 8 in space), a tiny T5 encoder with an
+    in-memory tokenizer, a flow scheduler with Wan's shift."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from . import tiny_t5_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_t5_tokenizer()
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                           num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                        in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=32,
+                                        num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                        rope_max_seq_len=32)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_wan_output(transformer, seed: int = 1) -> torch.Tensor:
+    """The tiny Wan transformer's output on fixed random inputs (2 latent frames of 4x4, 8 text tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    x, emb = torch.randn(2, 16, 2, 4, 4, generator=g), torch.randn(2, 8, 32, generator=g)
+    with torch.no_grad():
+        return transformer(x, torch.tensor([700.0, 300.0]), emb, return_dict=False)[0]
+
+
+__all__ = ["tiny_wan_pipeline", "tiny_wan_output", "tiny_chat_tokenizer", "tiny_flux2_klein_pipeline", "tiny_flux2_output", "tiny_z_image_pipeline", "tiny_z_image_output", "tiny_qwen_image_pipeline",
            "tiny_qwen_image_output"]
