@@ -13,9 +13,10 @@ from .image_rewards import (
     WeightedSumReward,
     call_reward,
 )
+from .video import PerFrameReward, TemporalConsistencyReward
 from .registry import BUILTIN_REWARDS, RewardSpecError, check_spec, load_reward, load_user_function
 
-__all__ = ["check_reward", "reward_name", "call_reward", "ImageReward", "BrightnessReward", "SaturationReward",
+__all__ = ["PerFrameReward", "TemporalConsistencyReward", "check_reward", "reward_name", "call_reward", "ImageReward", "BrightnessReward", "SaturationReward",
            "WeightedSumReward", "AestheticHead", "AestheticReward", "ClassifierReward", "PickScoreReward",
            "CLIPScoreReward", "CLIPImageFeatures", "BUILTIN_REWARDS", "RewardSpecError", "check_spec", "load_reward",
            "load_user_function"]

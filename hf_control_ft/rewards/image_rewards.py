@@ -93,16 +93,38 @@ def preprocess_for_vision_model(images: torch.Tensor, size: int | tuple[int, int
     return (x - m) / s
 
 
+FRAME_AGGREGATES = ("mean", "min", "max")
+
+
+def per_frame(fn, videos: torch.Tensor, prompts, aggregate: str = "mean") -> torch.Tensor:
+    """An image reward on videos: ``fn`` on every frame of ``videos`` ``(B, F, C, H, W)`` (each frame with its video's
+    prompt), ``(B, F)`` scores reduced over frames by ``aggregate`` (``"mean"``, ``"min"``: the worst frame,
+    ``"max"``) -> ``(B,)``. Differentiable."""
+    if aggregate not in FRAME_AGGREGATES:
+        raise ValueError(f"frame aggregate must be one of {FRAME_AGGREGATES}, got {aggregate!r}")
+    B, num_frames = videos.shape[:2]
+    frames = videos.reshape(B * num_frames, *videos.shape[2:])
+    frame_prompts = None if prompts is None else [p for p in prompts for _ in range(num_frames)]
+    scores = torch.as_tensor(call_reward(fn, frames, frame_prompts), device=videos.device).reshape(B, num_frames)
+    return scores.float().mean(1) if aggregate == "mean" else getattr(scores.float(), aggregate)(1).values
+
+
 class ImageReward(nn.Module):
-    """Base class: ``forward(images, prompts=None) -> (B,)``; ``name`` is used in every error."""
+    """Base class: ``forward(images, prompts=None) -> (B,)``; ``name`` is used in every error.
+
+    Videos ``(B, F, 3, H, W)`` (the video families' samples) are scored frame by frame and reduced by
+    ``frame_aggregate`` (``"mean"`` by default; :func:`per_frame`)."""
 
     name = "image_reward"
+    frame_aggregate = "mean"
 
     def __init__(self):
         super().__init__()
         self.__name__ = self.name
 
     def __call__(self, images: torch.Tensor, prompts=None) -> torch.Tensor:
+        if isinstance(images, torch.Tensor) and images.dim() == 5:
+            return per_frame(self, images, prompts, self.frame_aggregate)
         check_images(images, self.__name__)
         return super().__call__(images, prompts)
 
@@ -155,6 +177,11 @@ class WeightedSumReward(ImageReward):
         self._seen: dict[str, tuple[torch.Tensor, int]] = {}  # per term: (sum of values, count) since the last pop
         self.terms = nn.ModuleList([f for f in fns if isinstance(f, nn.Module)])  # moves with .to()
         self.__name__ = "weighted_sum(" + ", ".join(f"{w:g}*{n}" for w, n in zip(self.weights, self.names)) + ")"
+
+    def __call__(self, images: torch.Tensor, prompts=None) -> torch.Tensor:
+        if isinstance(images, torch.Tensor) and images.dim() == 5:  # videos: each term takes them its own way
+            return nn.Module.__call__(self, images, prompts)
+        return super().__call__(images, prompts)
 
     def forward(self, images, prompts=None):
         total = 0.0

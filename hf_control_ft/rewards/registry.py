@@ -4,7 +4,8 @@ A *reward spec* is one of
 
 * a built-in name: ``aesthetic`` (LAION aesthetic predictor on CLIP ViT-L/14), ``pickscore``, ``clipscore``,
   ``vlm_judge`` (a vision-language model's probability of answering yes, :mod:`.vlm_judge`; not differentiable),
-  ``brightness``, ``saturation``;
+  ``brightness``, ``saturation``; for videos also ``temporal_consistency`` (:mod:`.video`; the image rewards score
+  videos frame by frame);
 * ``path/to/file.py:function`` -- a function (or any callable attribute) defined in a Python file;
 * ``package.module:function`` -- an importable module's attribute;
 * ``http(s)://host[:port]/path`` -- a reward served over HTTP (:mod:`.http`; not differentiable: a SEIKO
@@ -14,7 +15,7 @@ A *reward spec* is one of
   :class:`~hf_control_ft.rewards.image_rewards.WeightedSumReward`, each term checked and logged on its own.
 
 A user function is called as ``fn(images, prompts)`` (or ``fn(images)``) on images ``(B, 3, H, W)`` in
-``[0, 1]`` and returns ``(B,)`` numbers; an oracle (SEIKO) has the same signature and need not be
+``[0, 1]`` (videos of the video families: ``(B, F, 3, H, W)``) and returns ``(B,)`` numbers; an oracle (SEIKO) has the same signature and need not be
 differentiable. :func:`check_spec` validates a spec without loading any model (the scripts call it before they
 load the pipeline), :func:`load_reward` builds the callable.
 """
@@ -28,6 +29,7 @@ import re
 import sys
 
 from .http import HTTPReward, is_reward_url
+from .video import TemporalConsistencyReward
 from .vlm_judge import DEFAULT_VLM, VLMJudgeReward
 from .clip_rewards import CLIPSCORE_MODEL, PICKSCORE_MODEL, PICKSCORE_PROCESSOR, CLIPScoreReward, PickScoreReward
 from .image_rewards import (
@@ -40,10 +42,11 @@ from .image_rewards import (
     hub_weights_file,
 )
 
-BUILTIN_REWARDS = ("aesthetic", "pickscore", "clipscore", "vlm_judge", "brightness", "saturation")
+BUILTIN_REWARDS = ("aesthetic", "pickscore", "clipscore", "vlm_judge", "brightness", "saturation",
+                   "temporal_consistency")
 #: default model of each built-in reward that needs one (``--reward_model_name_or_path`` overrides it)
 DEFAULT_MODELS = {"aesthetic": DEFAULT_CLIP_MODEL, "pickscore": PICKSCORE_MODEL, "clipscore": CLIPSCORE_MODEL,
-                  "vlm_judge": DEFAULT_VLM}
+                  "vlm_judge": DEFAULT_VLM, "temporal_consistency": CLIPSCORE_MODEL}
 #: a public copy of the LAION improved aesthetic predictor's head (the .pth its authors distribute on GitHub)
 AESTHETIC_HEAD_ON_HUB = "camenduru/improved-aesthetic-predictor/sac+logos+ava1-l14-linearMSE.pth"
 
@@ -203,6 +206,8 @@ def load_reward(spec: str, model_name_or_path: str | None = None, processor_name
         return CLIPScoreReward.from_pretrained(model, processor_name_or_path, torch_dtype=torch_dtype, **hub_kwargs)
     if spec == "vlm_judge":
         return VLMJudgeReward.from_pretrained(model, torch_dtype=torch_dtype, **hub_kwargs)
+    if spec == "temporal_consistency":
+        return TemporalConsistencyReward.from_pretrained(model, torch_dtype=torch_dtype, **hub_kwargs)
     if spec == "brightness":
         return BrightnessReward()
     if spec == "saturation":
