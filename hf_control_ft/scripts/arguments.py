@@ -52,13 +52,19 @@ class TextToImageArguments:
     dataset_split: str = _f("train", "split of dataset_name")
     prompt_column: str = _f("prompt", "column of dataset_name that holds the prompts")
     resolution: int | None = _f(None, "image height and width in pixels (default: the model's)")
+    height: int | None = _f(None, "image / video height in pixels (default: --resolution, else the model's)")
+    width: int | None = _f(None, "image / video width in pixels (default: --resolution, else the model's)")
+    num_frames: int | None = _f(None, "video families (Wan): frames per video, 4k + 1 (default: the pipeline's 81)")
+    fps: int | None = _f(None, "video families: frame rate of the saved and logged videos (default: 16)")
     guidance_scale: float | None = _f(None, "guidance scale of training and validation: classifier-free (<= 1: "
                                             "none), FLUX's guidance embedding (default: the family pipeline's: "
-                                            "SD 7.5, SDXL 5.0, SD3 7.0, FLUX 3.5)")
+                                            "SD 7.5, SDXL 5.0, SD3 7.0, FLUX 3.5, Qwen-Image 4.0 (true_cfg_scale), "
+                                            "FLUX.2 klein 4.0, Z-Image 5.0 (CFG weight minus 1), Wan 5.0)")
     negative_prompt: str | None = _f(None, "negative prompt of classifier-free guidance (refused for FLUX, which "
                                            "has none)")
-    max_sequence_length: int | None = _f(None, "SD3 / FLUX: T5 context length of the prompt embeddings (default: "
-                                               "the pipeline's: SD3 256, FLUX 512)")
+    max_sequence_length: int | None = _f(None, "SD3 / FLUX / Qwen-Image / FLUX.2 / Z-Image / Wan: text context "
+                                               "length of the prompt embeddings (default: the pipeline's: SD3 256, "
+                                               "others 512)")
     without_text_encoder_3: bool = _f(False, "SD3: load the pipeline without its T5 encoder (text_encoder_3=None; "
                                              "zero T5 embeddings, as diffusers does)")
     validation_prompt: list[str] | None = _f(None, "prompts of the validation images (default: the first training "
@@ -109,6 +115,13 @@ class TextToImageArguments:
             self.validation_prompt = [self.validation_prompt]
         check(self.resolution is None or (is_int(self.resolution, 8) and self.resolution % 8 == 0), "resolution",
               f"must be a positive multiple of 8, got {self.resolution!r}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            check(value is None or (is_int(value, 8) and value % 8 == 0), name,
+                  f"must be a positive multiple of 8, got {value!r}")
+        for name in ("num_frames", "fps"):
+            check(getattr(self, name) is None or is_int(getattr(self, name), 1), name,
+                  f"must be an int >= 1, got {getattr(self, name)!r}")
         check(self.max_sequence_length is None or is_int(self.max_sequence_length, 1), "max_sequence_length",
               f"must be an int >= 1, got {self.max_sequence_length!r}")
         check(is_int(self.num_validation_images, 1), "num_validation_images",

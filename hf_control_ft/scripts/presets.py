@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 #: pipeline class (``model_index.json``'s ``_class_name``) -> family
 PIPELINE_FAMILY = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl",
-                   "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+                   "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "QwenImagePipeline": "qwen-image",
+                   "Flux2KleinPipeline": "flux2-klein", "ZImagePipeline": "z-image", "WanPipeline": "wan"}
 
 _COMMON = dict(gradient_checkpointing=True, checkpointing_steps=50, validation_steps=50)
 _LARGE = dict(kl_precision="upcast", enable_vae_slicing=True, batch_size=1, gradient_accumulation_steps=8)
@@ -40,6 +41,18 @@ PRESETS = {
     "flux": dict(_COMMON, **_LARGE, resolution=1024, num_inference_steps=28, guidance_scale=3.5, learning_rate=1e-4,
                  lora_rank=32, value_num_rollouts=64, rollout_batch_size=2, noise_batch_size=2, train_steps=200,
                  pre_compute_text_embeddings=True),
+    "qwen-image": dict(_COMMON, **_LARGE, resolution=1024, num_inference_steps=30, guidance_scale=4.0,
+                       learning_rate=1e-4, lora_rank=32, value_num_rollouts=64, rollout_batch_size=2, noise_batch_size=2,
+                       train_steps=200, pre_compute_text_embeddings=True),
+    "flux2-klein": dict(_COMMON, **_LARGE, resolution=1024, num_inference_steps=28, guidance_scale=4.0,
+                        learning_rate=1e-4, lora_rank=32, value_num_rollouts=64, rollout_batch_size=2,
+                        noise_batch_size=2, train_steps=200, pre_compute_text_embeddings=True),
+    "z-image": dict(_COMMON, **_LARGE, resolution=1024, num_inference_steps=30, guidance_scale=4.0,
+                    learning_rate=1e-4, lora_rank=32, value_num_rollouts=64, rollout_batch_size=2, noise_batch_size=2,
+                    train_steps=200, pre_compute_text_embeddings=True),
+    "wan": dict(_COMMON, **_LARGE, height=480, width=832, num_frames=33, fps=16, num_inference_steps=30,
+                guidance_scale=5.0, learning_rate=1e-4, lora_rank=32, value_num_rollouts=32, rollout_batch_size=1,
+                noise_batch_size=2, train_steps=100, pre_compute_text_embeddings=True),
 }
 
 

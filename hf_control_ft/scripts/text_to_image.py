@@ -103,8 +103,9 @@ def _reward(spec: str, args, accelerator, offload: bool = False):
 
 
 def _options(args, accelerator) -> dict:
-    return dict(guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt, height=args.resolution,
-                width=args.resolution, mixed_precision=accelerator.mixed_precision, kl_precision=args.kl_precision,
+    return dict(guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
+                height=args.height or args.resolution, width=args.width or args.resolution,
+                num_frames=args.num_frames, fps=args.fps, mixed_precision=accelerator.mixed_precision, kl_precision=args.kl_precision,
                 base_model=args.pretrained_model_name_or_path, max_sequence_length=args.max_sequence_length,
                 prompt_column=args.prompt_column, pre_compute_text_embeddings=args.pre_compute_text_embeddings,
                 offload=args.offload, enable_vae_slicing=args.enable_vae_slicing)

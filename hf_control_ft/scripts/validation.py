@@ -11,6 +11,7 @@ of the drift step. Sampling uses its own generator, so validation never changes 
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 
@@ -18,7 +19,7 @@ import torch
 
 from ..rewards.image_rewards import call_reward
 from ..trainers.distributed import run_on_main_patiently
-from ..utils.images import image_grid
+from ..utils.images import image_grid, save_animation, video_grid
 
 logger = logging.getLogger(__name__)
 
@@ -80,18 +81,26 @@ class Validation:
 
     def _run(self, trainer, step: int, tracker_step: int, name: str | None) -> dict:
         images = self.images(trainer)
-        grid = image_grid(images, nrow=self.num_images, value_range=(0.0, 1.0))
         directory = os.path.join(self.output_dir, VALIDATION_DIR)
         os.makedirs(directory, exist_ok=True)
-        grid.save(os.path.join(directory, f"{name or f'step-{step:06d}'}.png"))
-        self.last_grid = grid
+        path = os.path.join(directory, f"{name or f'step-{step:06d}'}.png")
+        if images.dim() == 5:  # videos: an animated PNG grid, which the card shows too
+            save_animation(video_grid(images, nrow=self.num_images), path, self.fps(trainer))
+            self.last_grid = path
+        else:
+            grid = image_grid(images, nrow=self.num_images, value_range=(0.0, 1.0))
+            grid.save(path)
+            self.last_grid = grid
         metrics = {}
         if self.reward_fn is not None:
             device = trainer.device
             values = call_reward(self.reward_fn, images.to(device), self.prompts)
             metrics[f"validation reward (mean of {len(self.prompts)} images)"] = \
                 float(torch.as_tensor(values).float().mean())
-        self.log_images(trainer.accelerator, images, tracker_step)
+        if images.dim() == 5:
+            self.log_videos(trainer.accelerator, images, tracker_step, self.fps(trainer))
+        else:
+            self.log_images(trainer.accelerator, images, tracker_step)
         if metrics:
             trainer.accelerator.log({"validation/reward": next(iter(metrics.values()))}, step=tracker_step)
         self.last_metrics = metrics
@@ -109,6 +118,39 @@ class Validation:
                     tracker.log_images({"validation": list(hwc)}, step=step)
             except Exception as err:  # noqa: BLE001 - a tracker's failure must not stop training
                 logger.warning("could not log validation images to %s: %s", tracker.name, err)
+
+    @staticmethod
+    def fps(trainer) -> int:
+        options = getattr(trainer.process, "options", None)
+        return int(getattr(options, "fps", None) or 16)
+
+    def log_videos(self, accelerator, videos: torch.Tensor, step: int, fps: int) -> None:
+        """Logs validation videos ``(N, F, 3, H, W)``: TensorBoard as an animated GIF image summary (what its
+        ``add_video`` writes, without moviepy), wandb as ``wandb.Video`` of a GIF, other trackers the first frames."""
+        for tracker in accelerator.trackers:
+            try:
+                gif = io.BytesIO()
+                save_animation(video_grid(videos, nrow=self.num_images), gif, fps, format="GIF")
+                if tracker.name == "tensorboard":
+                    from tensorboard.compat.proto.summary_pb2 import Summary
+
+                    height, width = videos.shape[-2:]
+                    image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=gif.getvalue())
+                    tracker.writer._get_file_writer().add_summary(
+                        Summary(value=[Summary.Value(tag="validation", image=image)]), global_step=step)
+                    tracker.writer.flush()
+                elif tracker.name == "wandb":
+                    import wandb
+
+                    path = os.path.join(self.output_dir, VALIDATION_DIR, f"step-{step:06d}.gif")
+                    with open(path, "wb") as fh:
+                        fh.write(gif.getvalue())
+                    tracker.log({"validation": wandb.Video(path, format="gif")}, step=step)
+                elif hasattr(type(tracker), "log_images"):
+                    first = (videos[:, 0].clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+                    tracker.log_images({"validation": list(first)}, step=step)
+            except Exception as err:  # noqa: BLE001 - a tracker's failure must not stop training
+                logger.warning("could not log validation videos to %s: %s", tracker.name, err)
 
 
 __all__ = ["Validation", "VALIDATION_DIR"]

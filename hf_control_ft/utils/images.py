@@ -31,6 +31,20 @@ def image_grid(samples: torch.Tensor, nrow: int | None = None, scale: int = 1, v
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
 
 
+def video_grid(videos: torch.Tensor, nrow: int | None = None, value_range=(0.0, 1.0)) -> list:
+    """``(B, F, 3, H, W)`` videos -> ``F`` PIL grids (frame ``f`` of every video tiled as :func:`image_grid` does)."""
+    if videos.ndim != 5:
+        raise ValueError(f"video_grid expects (B, F, C, H, W) videos, got shape {tuple(videos.shape)}")
+    return [image_grid(videos[:, f], nrow=nrow, value_range=value_range) for f in range(videos.shape[1])]
+
+
+def save_animation(frames: list, path_or_file, fps: int, format: str = "PNG") -> None:
+    """Writes PIL ``frames`` as one looping animation at ``fps`` frames per second: an animated PNG (shown moving
+    by browsers and the Hub's model cards; a plain PNG viewer shows the first frame) or a GIF (``format="GIF"``)."""
+    frames[0].save(path_or_file, format=format, save_all=True, append_images=frames[1:],
+                   duration=max(1, round(1000 / fps)), loop=0)
+
+
 def to_png(sample: torch.Tensor, value_range: tuple[float, float] = (0.0, 1.0)) -> bytes:
     """PNG bytes of one sample: ``(3, H, W)`` / ``(1, H, W)`` / ``(H, W)`` images, or a flat ``(D,)`` vector shown as
     a square grey image when ``D`` is a square (else one row); values mapped from ``value_range`` to 0..255."""

@@ -60,7 +60,8 @@ def test_an_unknown_model_gets_no_preset(tmp_path):
 
 
 @pytest.mark.parametrize("family, name", [("sd15", "sd15_aesthetic"), ("sdxl", "sdxl"), ("sd3", "sd3"),
-                                          ("flux", "flux")])
+                                          ("flux", "flux"), ("qwen-image", "qwen_image"),
+                                          ("flux2-klein", "flux2_klein"), ("z-image", "z_image"), ("wan", "wan")])
 def test_the_example_yaml_of_each_family_holds_its_preset(family, name):
     values = yaml.safe_load(open(os.path.join(EXAMPLES, f"{name}.yaml")))
     assert {k: values[k] for k in PRESETS[family]} == PRESETS[family]

@@ -319,6 +319,43 @@ def test_elegant_script_trains_every_family_saved_to_disk(workdir, tmp_path, mon
         assert os.path.isfile(os.path.join(out, "validation", "step-000001.png"))
 
 
+@pytest.mark.slow
+def test_elegant_script_trains_the_newer_families_saved_to_disk(workdir, tmp_path, monkeypatch):
+    """Qwen-Image, FLUX.2 [klein], Z-Image and Wan (a video reward from a user file, --num_frames / --fps, an animated
+    validation grid) through the same script, each detected from its checkpoint and reloaded by its stock loader."""
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    from hf_control_ft.testing.families import (tiny_flux2_klein_pipeline, tiny_qwen_image_pipeline,
+                                                tiny_wan_pipeline, tiny_z_image_pipeline)
+
+    monkeypatch.chdir(workdir)
+    (workdir / "video_reward.py").write_text(
+        "def redness(videos, prompts):\n"
+        "    assert videos.dim() == 5 and len(prompts) == videos.shape[0]\n"
+        "    return (videos[:, :, 0] - videos[:, :, 1:].mean(2)).mean(dim=(1, 2, 3))\n")
+    cases = (("qwen-image", tiny_qwen_image_pipeline, "my_reward.py:redness", ["--resolution", "32"]),
+             ("flux2-klein", tiny_flux2_klein_pipeline, "my_reward.py:redness", ["--max_sequence_length", "32"]),
+             ("z-image", tiny_z_image_pipeline, "my_reward.py:redness", ["--max_sequence_length", "64"]),
+             ("wan", tiny_wan_pipeline, "video_reward.py:redness",
+              ["--height", "32", "--width", "32", "--num_frames", "5", "--fps", "8", "--max_sequence_length", "16"]))
+    for family, make, reward, extra in cases:
+        make().save_pretrained(tmp_path / f"tiny-{family}")
+        out = str(tmp_path / f"out-{family}")
+        assert run_elegant(["--pretrained_model_name_or_path", str(tmp_path / f"tiny-{family}"), "--prompts_file",
+                            "prompts.txt", "--reward", reward, *TINY, "--train_steps", "1", "--output_dir", out,
+                            "--report_to", "none", "--validation_steps", "0", "--eta", "0.5", *extra]) == 0
+        card = open(os.path.join(out, "README.md")).read()
+        assert f"| model family | {family} |" in card and str(tmp_path) not in card
+        stock = DiffusionPipeline.from_pretrained(tmp_path / f"tiny-{family}")
+        stock.load_lora_weights(out)
+        grid = Image.open(os.path.join(out, "validation", "step-000001.png"))
+        assert getattr(grid, "n_frames", 1) == (5 if family == "wan" else 1)
+        if family == "wan":
+            assert Image.open(os.path.join(out, "sample_grid.png")).n_frames == 5
+            assert json.load(open(os.path.join(out, "stable_diffusion.json")))["fps"] == 8
+
+
 def test_prompts_from_a_local_dataset_with_its_own_column(workdir, tmp_path, monkeypatch):
     import datasets
 
