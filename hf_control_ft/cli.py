@@ -101,11 +101,16 @@ def draw(trainer, conditional: bool, args, controlled: bool) -> tuple[torch.Tens
 
 
 def cmd_sample(args) -> int:
-    from .utils.images import image_grid
+    from .utils.images import image_grid, save_animation, video_grid
 
     directory = resolve(args.adapter_dir, args.token, args.revision, args.endpoint)
     trainer, conditional = load_trainer(directory, args.base_model, args.token, args.cache_dir)
     samples, _ = draw(trainer, conditional, args, controlled=not args.pretrained)
+    if samples.dim() == 5:  # videos: an animated grid (.gif, else an animated PNG)
+        fps = getattr(trainer.process.options, "fps", None) or 16
+        save_animation(video_grid(samples), args.output, fps, "GIF" if args.output.lower().endswith(".gif") else "PNG")
+        print(f"wrote {args.num_samples} {'pretrained' if args.pretrained else 'fine-tuned'} videos to {args.output}")
+        return 0
     if conditional:
         grid = image_grid(samples, value_range=(0.0, 1.0))
     else:
@@ -255,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-control-ft",
                                      description="Look at and measure a saved control (directory or Hub repo).")
     sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("sample", help="write an image grid of samples from a saved control")
+    s = sub.add_parser("sample", help="write an image grid of samples from a saved control (videos: an animated "
+                                      "grid, .gif or animated .png)")
     _common(s, 64, 0)
     s.add_argument("--output", default="samples.png")
     s.add_argument("--pretrained", action="store_true", help="sample the base model instead (no adapter, N(0, I))")

@@ -1,4 +1,5 @@
-"""Inference with a trained control on any supported text-to-image family (SD 1.x / 2.x, SDXL, SD3, FLUX).
+"""Inference with a trained control on any supported family (SD 1.x / 2.x, SDXL, SD3, FLUX.1, Qwen-Image, FLUX.2
+[klein], Z-Image; Wan text-to-video, whose samples are videos ``(B, F, 3, H, W)``).
 
 :class:`ControlledTextToImage` wraps a base diffusers pipeline and a saved control (a directory or a Hub repo):
 
@@ -16,7 +17,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +33,8 @@ SAMPLERS = ("sde", "ode")
 
 @dataclass
 class ControlledOutput:
-    """``images``: PIL list, ``np`` array, ``(B, 3, H, W)`` tensor in ``[0, 1]``, or latents."""
+    """``images``: PIL list, ``np`` array, ``(B, 3, H, W)`` tensor in ``[0, 1]``, or latents (videos: a list of PIL
+    frames per video, ``(B, F, H, W, 3)`` array, ``(B, F, 3, H, W)`` tensor)."""
 
     images: object
 
@@ -90,26 +91,32 @@ class ControlledTextToImage:
                                           batch_size=batch_size)
             if output_type == "latent":
                 return ControlledOutput(latents)
-            return ControlledOutput(_format_images(self.trainer.decode(latents).float().cpu(), output_type))
+            return ControlledOutput(_format(self.trainer.decode(latents).float().cpu(), output_type))
         return ControlledOutput(self._ode(prompts, generator, output_type, controlled))
 
     def _ode(self, prompts, generator, output_type: str, controlled: bool):
         """The family's own pipeline call (its scheduler and start noise) with the LoRA on or off."""
-        opts, cfg = self.options, self.trainer.config
-        kwargs = dict(num_inference_steps=cfg.num_inference_steps, guidance_scale=opts.guidance_scale,
-                      generator=generator, output_type="pt" if output_type != "latent" else "latent")
-        if opts.height:
-            kwargs.update(height=opts.height, width=opts.width)
-        if self.trainer.process.model.do_guidance:  # classifier-free guidance: the negative prompt it trained with
-            kwargs["negative_prompt"] = [opts.negative_prompt] * len(prompts)
-        if "max_sequence_length" in inspect.signature(self.pipeline.__call__).parameters:  # T5 context (SD3, FLUX)
-            kwargs["max_sequence_length"] = opts.max_sequence_length
+        kwargs = self.trainer.process.pipeline_kwargs(len(prompts), self.trainer.config.num_inference_steps)
+        kwargs.update(generator=generator, output_type="pt" if output_type != "latent" else "latent")
         context = pretrained_mode(self.trainer.process.lora_model) if not controlled else contextlib.nullcontext()
         with context:
-            images = self.pipeline(prompts, **kwargs).images
+            out = self.pipeline(prompt=prompts, **kwargs)
+        images = out.frames if hasattr(out, "frames") else out.images  # video pipelines return frames
         if output_type == "latent":
             return images
-        return _format_images(images.float().cpu(), output_type)
+        return _format(images.float().cpu(), output_type)
+
+
+def _format(samples: torch.Tensor, output_type: str):
+    """Images ``(B, 3, H, W)`` as :func:`_format_images` gives them; videos ``(B, F, 3, H, W)`` as the tensor, a
+    ``(B, F, H, W, 3)`` array, or a list of ``F`` PIL frames per video (as diffusers' video pipelines)."""
+    if samples.dim() != 5:
+        return _format_images(samples, output_type)
+    if output_type == "pt":
+        return samples
+    if output_type == "np":
+        return samples.permute(0, 1, 3, 4, 2).numpy()
+    return [_format_images(video, "pil") for video in samples]
 
 
 __all__ = ["ControlledTextToImage", "ControlledOutput", "SAMPLERS"]

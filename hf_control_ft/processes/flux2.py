@@ -155,6 +155,11 @@ class Flux2KleinProcess(FluxProcess):
             self._negative_embeds = self.encode([""])
         return self._negative_embeds
 
+    def pipeline_kwargs(self, num_prompts: int, num_inference_steps: int) -> dict:
+        kwargs = super().pipeline_kwargs(num_prompts, num_inference_steps)
+        kwargs.pop("negative_prompt", None)  # the pipeline guides with the empty prompt by itself
+        return kwargs
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Patchified latents ``(B, 4C, h, w)`` -> images ``(B, 3, 16h, 16w)`` in ``[0, 1]`` (differentiable)."""
         vae, autocast_dtype = self.pipeline.vae, self.options.dtype

@@ -130,6 +130,11 @@ class QwenImageProcess(FluxProcess):
         """Latents ``(B, C, h, w)`` -> images ``(B, 3, H, W)`` in ``[0, 1]`` (differentiable)."""
         return decode_normalised(self.pipeline.vae, latents.unsqueeze(2), self.options.dtype)[:, :, 0]
 
+    def pipeline_kwargs(self, num_prompts: int, num_inference_steps: int) -> dict:
+        kwargs = super().pipeline_kwargs(num_prompts, num_inference_steps)
+        kwargs["true_cfg_scale"] = kwargs.pop("guidance_scale")  # the pipeline's name of classifier-free guidance
+        return kwargs
+
     def save_options(self, directory: str, base_model: str | None = None) -> dict:
         return super(FluxProcess, self).save_options(directory, base_model)  # keeps the negative prompt
 

@@ -304,6 +304,10 @@ class LatentReward:
         if prompts is not None and len(prompts) != latents.shape[0]:
             raise RuntimeError(f"LatentReward: {len(prompts)} prompts for {latents.shape[0]} latents")
         values = call_reward(self.reward_fn, images, prompts)
+        if images.dim() == 5 and isinstance(values, torch.Tensor) and tuple(values.shape) != (images.shape[0],):
+            raise ValueError(f"reward {self.__name__!r} returned shape {tuple(values.shape)} for videos of shape "
+                             f"{tuple(images.shape)} (B, F, 3, H, W): it must give one value per video; an image "
+                             "reward scores videos frame by frame when wrapped: hf_control_ft.rewards.PerFrameReward(fn)")
         return values.float() if isinstance(values, torch.Tensor) and values.is_floating_point() else values
 
 

@@ -274,6 +274,22 @@ class StableDiffusionProcess(ControlledProcess):
                 feature_dim = int(extractor(probe).shape[1])
         return extractor, int(feature_dim)
 
+    # ------------------------------------------------------------------ the family's own pipeline call
+    def pipeline_kwargs(self, num_prompts: int, num_inference_steps: int) -> dict:
+        """Keyword arguments of the family pipeline's ``__call__`` that reproduce these options (guidance, size, the
+        negative prompt of classifier-free guidance, the text context length): what ``sampler="ode"`` passes."""
+        import inspect
+
+        opts = self.options
+        kwargs = dict(num_inference_steps=num_inference_steps, guidance_scale=opts.guidance_scale)
+        if opts.height:
+            kwargs.update(height=opts.height, width=opts.width)
+        if self.model.do_guidance:  # classifier-free guidance: the negative prompt it trained with
+            kwargs["negative_prompt"] = [opts.negative_prompt] * num_prompts
+        if "max_sequence_length" in inspect.signature(self.pipeline.__call__).parameters:
+            kwargs["max_sequence_length"] = opts.max_sequence_length
+        return kwargs
+
     # ------------------------------------------------------------------ persistence
     def save_options(self, directory: str, base_model: str | None = None) -> dict:
         """Writes ``stable_diffusion.json`` (the base model only as a Hub id: never a local path) and returns the

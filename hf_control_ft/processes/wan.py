@@ -137,6 +137,9 @@ class WanProcess(StableDiffusion3Process):
         """Latent videos ``(B, C, f, h, w)`` -> videos ``(B, F, 3, H, W)`` in ``[0, 1]`` (differentiable)."""
         return decode_normalised(self.pipeline.vae, latents, self.options.dtype).permute(0, 2, 1, 3, 4)
 
+    def pipeline_kwargs(self, num_prompts: int, num_inference_steps: int) -> dict:
+        return {**super().pipeline_kwargs(num_prompts, num_inference_steps), "num_frames": self.options.num_frames}
+
     def save_options(self, directory: str, base_model: str | None = None) -> dict:
         return {**super().save_options(directory, base_model), "video": True, "fps": self.options.fps,
                 "num_frames": self.options.num_frames}
