@@ -173,16 +173,16 @@ def tiny_flux2_output(transformer, seed: int = 1) -> torch.Tensor:
 
 def tiny_wan_pipeline(seed: int = 0):
     """A ``WanPipeline`` with random weights: a 1-block 3-D transformer on 16-channel latents of 2 frames x 4x4
-    (videos of 5 frames of 32x32; the VAE's scales are 4 in time and 8 in space), a tiny T5 encoder with an
+    (videos of 5 frames of 32x32; the VAE's scales are 4 in time and 8 in space), a tiny UMT5 encoder with an
     in-memory tokenizer, a flow scheduler with Wan's shift."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import T5Config, T5EncoderModel
+    from transformers import UMT5Config, UMT5EncoderModel
 
     from . import tiny_t5_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = tiny_t5_tokenizer()
-    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2,
                                            num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
     transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
                                         in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=32,

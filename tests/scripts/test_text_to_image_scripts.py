@@ -354,6 +354,16 @@ def test_elegant_script_trains_the_newer_families_saved_to_disk(workdir, tmp_pat
         if family == "wan":
             assert Image.open(os.path.join(out, "sample_grid.png")).n_frames == 5
             assert json.load(open(os.path.join(out, "stable_diffusion.json")))["fps"] == 8
+            from hf_control_ft.cli import main as cli_main
+
+            base = ["--base_model", str(tmp_path / "tiny-wan"), "--prompt", "a red cat", "--num_samples", "2"]
+            assert cli_main(["sample", out, *base, "--output", str(tmp_path / "videos.gif")]) == 0
+            gif = Image.open(tmp_path / "videos.gif")
+            assert gif.n_frames == 5 and 120 <= gif.info["duration"] <= 130  # 8 fps (GIF: centiseconds)
+            assert cli_main(["evaluate", out, *base, "--reward", "video_reward.py:redness", "--output",
+                             str(tmp_path / "wan.json")]) == 0
+            assert set(json.load(open(tmp_path / "wan.json"))["fine_tuned"]) >= {"reward_mean",
+                                                                                 "diversity_pairwise_distance"}
 
 
 def test_prompts_from_a_local_dataset_with_its_own_column(workdir, tmp_path, monkeypatch):
