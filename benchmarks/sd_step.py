@@ -17,10 +17,12 @@ backward) during one separate, untimed iteration, divided by the timed seconds.
     python benchmarks/sd_step.py --model flux --batch_sizes 1 --steps 28 # GPU: FLUX.1-dev shapes, 1024x1024
     python benchmarks/sd_step.py --tiny --model sd3                      # CPU smoke test (tiny pipeline)
     python benchmarks/sd_step.py --models sd15 sdxl sd3 flux --batch_sizes 1 --time_limit 150 --output sd_step.jsonl
+    python benchmarks/sd_step.py --models qwen-image flux2-klein z-image wan --batch_sizes 1 --time_limit 150
 
 With ``--models`` every family runs in its own process with its own ``--time_limit`` (seconds) at its real
-settings (sd15 512 px / 50 steps, sdxl 1024 / 40, sd3 1024 / 28, flux 1024 / 28, unless ``--steps`` /
-``--resolution`` say otherwise), and its JSON line is appended to ``--output`` (and printed) as soon as it is
+settings (sd15 512 px / 50 steps, sdxl 1024 / 40, sd3 1024 / 28, flux 1024 / 28, qwen-image 1024 / 30,
+flux2-klein 1024 / 28, z-image 1024 / 30, wan 480x832 x 33 frames / 30; shapes in ``benchmarks/model_shapes.py``,
+unless ``--steps`` / ``--resolution`` say otherwise), and its JSON line is appended to ``--output`` (and printed) as soon as it is
 measured, so a run cut short still reports every family it finished; a family past its limit gets a
 ``{"timed_out": true}`` line holding the ``"partial"`` figures its process printed before it was stopped (per
 mode: build and first-iteration seconds once warm, then the measurement). ``--stack_every S`` prints each
@@ -29,7 +31,7 @@ GRPO-style update over the same number of samples (``benchmarks/finetuner_baseli
 gradient, then a clipped-ratio update with a KL penalty through every stochastic step), seconds per sample and
 the ratios ELEGANT / plain and GRPO / plain.
 
-For the flow models (``sd3``, ``flux``) the sampler is the exact flow transitions at ``--eta`` (default 1.0); FLUX has no
+For the flow models (every family but ``sd15`` / ``sdxl``) the sampler is the exact flow transitions at ``--eta`` (default 1.0); FLUX has no
 classifier-free guidance (one transformer call per sample and step; ``--guidance_scale`` is its guidance
 embedding).
 """
@@ -47,7 +49,7 @@ import time
 import traceback
 
 import torch
-from model_shapes import RESOLUTION, build_pipeline
+from model_shapes import RESOLUTION, SHAPE_OPTIONS, TINY_OPTIONS, build_pipeline
 from finetuner_baselines import policy_gradient_epoch
 from step_cost import one_iteration  # same iteration as the step-cost benchmark (benchmarks/ is on sys.path)
 from torch.utils.flop_counter import FlopCounterMode
@@ -59,6 +61,17 @@ from hf_control_ft.rewards.image_rewards import BrightnessReward
 PROMPTS = ["a photo of a cat", "a red car in the rain", "the mountains at dawn", "a bowl of fruit"]
 
 
+def shape_options(args) -> dict:
+    """Size options of the process: the square ``--resolution``, or a family's own shape (Wan: 480x832, 33 frames);
+    ``--tiny``: the test pipelines' sizes."""
+    options = dict(height=args.resolution, width=args.resolution)
+    if args.tiny:
+        options.update({} if args.model == "sd15" else {"max_sequence_length": 16}, **TINY_OPTIONS.get(args.model, {}))
+    elif not args.resolution_given:
+        options.update(SHAPE_OPTIONS.get(args.model, {}))
+    return options
+
+
 def build(args, batch_size: int, plain: bool):
     pipe = build_pipeline(args.model, args.tiny, args.device).to(args.device)
     cfg = ElegantConfig(alpha=1.0, eta=args.eta, num_inference_steps=args.steps, learn_initial_noise=not plain,
@@ -68,9 +81,7 @@ def build(args, batch_size: int, plain: bool):
                                            guidance_scale=args.guidance_scale,
                                            mixed_precision="no" if args.dtype == "fp32" else args.dtype,
                                            kl_precision=args.kl_precision,
-                                           height=args.resolution, width=args.resolution,
-                                           **({"max_sequence_length": 16} if args.tiny and args.model != "sd15"
-                                              else {}))
+                                           **shape_options(args))
     params = lora_parameters(trainer.model)
     return trainer, params, torch.optim.AdamW(params, lr=1e-4)
 
@@ -159,7 +170,10 @@ def progress(args, batch_size: int, mode: str, **figures) -> None:
           flush=True)
 
 
-REAL_STEPS = {"sd15": 50, "sdxl": 40, "sd3": 28, "flux": 28}
+REAL_STEPS = {"sd15": 50, "sdxl": 40, "sd3": 28, "flux": 28, "qwen-image": 30, "flux2-klein": 28, "z-image": 30,
+              "wan": 30}
+GUIDANCE = {"sd15": 7.5, "sdxl": 5.0, "sd3": 4.5, "flux": 3.5, "qwen-image": 4.0, "flux2-klein": 4.0, "z-image": 4.0,
+            "wan": 5.0}
 
 
 def run_families(args) -> None:
@@ -228,10 +242,9 @@ def main(argv=None):
     p.add_argument("--eta", type=float, default=1.0)
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--steps", type=int, default=None, help="default: the family's (sd15 50, sdxl 40, sd3 / flux 28)")
-    p.add_argument("--resolution", type=int, default=None, help="default: the model's (512 / 1024)")
-    p.add_argument("--guidance_scale", type=float, default=None, help="default 7.5 (sd15), 5 (sdxl), 4.5 (sd3), "
-                   "3.5 (flux)")
+    p.add_argument("--steps", type=int, default=None, help=f"default: the family's {REAL_STEPS}")
+    p.add_argument("--resolution", type=int, default=None, help="default: the model's (512 / 1024; Wan 480x832)")
+    p.add_argument("--guidance_scale", type=float, default=None, help=f"default: the family's {GUIDANCE}")
     p.add_argument("--truncate", type=int, default=None, help="truncate backprop to the last N steps")
     p.add_argument("--noise_steps", type=int, default=20, help="Euler steps of the initial-noise model")
     p.add_argument("--repeats", type=int, default=2)
@@ -252,9 +265,10 @@ def main(argv=None):
     if args.stack_every:
         dump_stacks_every(args.stack_every)
     args.steps = args.steps or REAL_STEPS[args.model]
+    args.resolution_given = args.resolution is not None
     args.resolution = args.resolution or RESOLUTION[args.model]
     if args.guidance_scale is None:
-        args.guidance_scale = {"sd15": 7.5, "sdxl": 5.0, "sd3": 4.5, "flux": 3.5}[args.model]
+        args.guidance_scale = GUIDANCE[args.model]
     if args.tiny:
         args.device, args.resolution = "cpu", 16
         args.steps = min(args.steps, 4)
@@ -271,7 +285,8 @@ def main(argv=None):
                       else f"{args.model}-shaped-random",
                       "device": args.device,
                       "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-                      "dtype": args.dtype, "resolution": args.resolution, "steps": args.steps, "eta": args.eta,
+                      "dtype": args.dtype, "resolution": args.resolution, "shape": shape_options(args),
+                      "steps": args.steps, "eta": args.eta,
                       "guidance_scale": args.guidance_scale, "gradient_checkpointing": True,
                       "lora_rank": args.lora_rank, "kl_precision": args.kl_precision,
                       "truncate_backprop_steps": args.truncate, "results": results}, indent=None if args.compact else 1))

@@ -17,15 +17,16 @@ def test_each_family_reports_as_soon_as_measured_and_a_slow_one_times_out(tmp_pa
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "sd_step.py"), "--tiny", "--batch_sizes", "2",
            "--no_flops", "--output", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*cmd, "--models", "sd15", "flux", "--time_limit", "120"], capture_output=True, text=True,
+    done = subprocess.run([*cmd, "--models", "sd15", "flux", "wan", "--time_limit", "120"], capture_output=True, text=True,
                           timeout=400, env=env, cwd=os.path.join(ROOT, "benchmarks"))
     assert done.returncode == 0, done.stderr[-2000:]
     done = subprocess.run([*cmd, "--models", "sdxl", "--time_limit", "0.5"], capture_output=True, text=True,
                           timeout=100, env=env, cwd=os.path.join(ROOT, "benchmarks"))
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["model"] for r in records] == ["tiny-random-sd15", "tiny-random-flux", "sdxl"]
-    assert records[2] == {"model": "sdxl", "timed_out": True, "time_limit_s": 0.5}
-    for r in records[:2]:
+    assert [r["model"] for r in records] == ["tiny-random-sd15", "tiny-random-flux", "tiny-random-wan", "sdxl"]
+    assert records[3] == {"model": "sdxl", "timed_out": True, "time_limit_s": 0.5}
+    assert records[2]["shape"]["num_frames"] == 5  # a video family at its own shape
+    for r in records[:3]:
         (res,) = r["results"]
         assert res["batch_size"] == 2 and res["time_ratio"] > 0 and res["grpo_time_ratio"] > 0
         for mode in ("elegant", "plain_reward_backprop", "grpo_update"):
