@@ -329,3 +329,9 @@ def ddim(**kw) -> DDIMScheduler:
 def ddpm(**kw) -> DDPMScheduler:
     """A 1000-step DDPM scheduler without clipping."""
     return DDPMScheduler(num_train_timesteps=1000, clip_sample=False, **kw)
+
+
+__all__ = ["tiny_tokenizer", "tiny_clip_model", "tiny_vlm", "tiny_components", "sd15_components", "tiny_sd_pipeline",
+           "tiny_sd3_pipeline", "tiny_sdxl_pipeline", "tiny_sdxl_unet_output", "tiny_t5_tokenizer",
+           "tiny_flux_pipeline", "tiny_flux_transformer_output", "tiny_sd3_transformer_output", "tiny_unet_output",
+           "scale_lora", "kl_and_gradient", "make_mlp_denoiser", "ddim", "ddpm"]
