@@ -352,7 +352,7 @@ def test_unset_options_take_each_familys_pipeline_defaults(caplog):
     flux = resolved(FluxProcess)
     assert (flux.guidance_scale, flux.max_sequence_length, flux.negative_prompt) == (3.5, 512, None)
     assert resolved(FluxProcess, guidance_scale=2.0, max_sequence_length=256).max_sequence_length == 256
-    with pytest.raises(ValueError, match="flux has no classifier-free guidance.*--negative_prompt"):
+    with pytest.raises(ValueError, match="flux pipeline takes no negative prompt.*--negative_prompt"):
         resolved(FluxProcess, negative_prompt="blurry")
     with caplog.at_level(logging.WARNING):
         resolved(StableDiffusionProcess, guidance_scale=1.0, negative_prompt="blurry")

@@ -111,9 +111,9 @@ def test_sd3_refusals_name_the_problem():
     pipe.scheduler = DDIMScheduler()
     with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler"):
         process_from_pipeline(pipe, sd3_config(), PROMPTS, **OPTIONS)
-    with pytest.raises(ValueError, match=r"not supported; supported pipelines: \['FluxPipeline', "
-                                         r"'StableDiffusion3Pipeline', 'StableDiffusionPipeline', "
-                                         r"'StableDiffusionXLPipeline'\]"):
+    with pytest.raises(ValueError, match=r"not supported; supported pipelines: \['Flux2KleinPipeline', 'FluxPipeline', "
+                                         r"'QwenImagePipeline', 'StableDiffusion3Pipeline', 'StableDiffusionPipeline', "
+                                         r"'StableDiffusionXLPipeline', 'WanPipeline', 'ZImagePipeline'\]"):
         process_from_pipeline(DiffusionPipeline(), sd3_config(), PROMPTS)
     # an SD 1.x pipeline still gets its own process
     assert type(process_from_pipeline(tiny_sd_pipeline(), sd3_config(), PROMPTS)).__name__ == "StableDiffusionProcess"
