@@ -85,13 +85,8 @@ class GuidedFluxTransformer(GuidedUNet):
         self.prompt_embeds, self.pooled, self.text_ids = embeds.detach(), pooled.detach(), text_ids.detach()
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        if self.prompt_embeds is None:
-            raise RuntimeError("GuidedFluxTransformer: no prompt embeddings set; call set_condition first")
         B, _, h, w = sample.shape
-        if self.prompt_embeds.shape[0] != B:
-            raise ValueError(f"GuidedFluxTransformer: {self.prompt_embeds.shape[0]} prompt embeddings for {B} samples")
-        autocast_dtype = None if self._full_precision else self.autocast_dtype
-        dtype = self._input_dtype(autocast_dtype)
+        autocast_dtype, dtype = self._precision(sample)
         guidance = None
         if self.unet.config.guidance_embeds:
             guidance = torch.full((B,), self.guidance_scale, device=sample.device, dtype=torch.float32)

@@ -88,13 +88,8 @@ class GuidedFlux2Transformer(GuidedUNet):
                          txt_ids=position_ids(embeds.shape[1], 3, B, tokens.device), return_dict=False)[0].float()
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        if self.prompt_embeds is None:
-            raise RuntimeError("GuidedFlux2Transformer: no prompt embeddings set; call set_condition first")
         B, C, h, w = sample.shape
-        if self.prompt_embeds.shape[0] != B:
-            raise ValueError(f"GuidedFlux2Transformer: {self.prompt_embeds.shape[0]} prompts for {B} samples")
-        autocast_dtype = None if self._full_precision else self.autocast_dtype
-        dtype = self._input_dtype(autocast_dtype)
+        autocast_dtype, dtype = self._precision(sample)
         tokens = sample.reshape(B, C, h * w).transpose(1, 2).to(dtype)  # the pipeline's _pack_latents
         with _autocast(sample.device, autocast_dtype):
             v = self._velocity(tokens, timestep, self.prompt_embeds, h, w, dtype)

@@ -23,8 +23,10 @@ class StableDiffusionOptions:
     """Settings of text-conditioned training and inference (saved as ``stable_diffusion.json``).
 
     ``None`` in ``guidance_scale``, ``negative_prompt`` and ``max_sequence_length`` means the family's own default
-    (its diffusers pipeline's: guidance 7.5 for SD 1.x / 2.x, 5.0 SDXL, 7.0 SD3, 3.5 FLUX; T5 length 256 SD3, 512
-    FLUX), filled in by :meth:`for_family` when the process is built.
+    (its diffusers pipeline's: guidance 7.5 for SD 1.x / 2.x, 5.0 SDXL, 7.0 SD3, 3.5 FLUX, 4.0 Qwen-Image
+    (``true_cfg_scale``, negative prompt ``" "``), 4.0 FLUX.2 klein, 5.0 Z-Image (``g`` of ``v_c + g (v_c - v_u)``),
+    5.0 Wan; text length 256 SD3, 512 the others; Wan 81 frames at 16 fps), filled in by :meth:`for_family` when the
+    process is built.
 
     Attributes:
         guidance_scale: classifier-free guidance weight (``<= 1``: no guidance); FLUX: the guidance embedding.

@@ -65,13 +65,8 @@ class GuidedQwenImageTransformer(GuidedUNet):
                          img_shapes=[[grid]] * B, return_dict=False)[0].float()
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        if self.prompt_embeds is None:
-            raise RuntimeError("GuidedQwenImageTransformer: no prompt embeddings set; call set_condition first")
         B, _, h, w = sample.shape
-        if self.prompt_embeds.shape[0] != B:
-            raise ValueError(f"GuidedQwenImageTransformer: {self.prompt_embeds.shape[0]} prompts for {B} samples")
-        autocast_dtype = None if self._full_precision else self.autocast_dtype
-        dtype = self._input_dtype(autocast_dtype)
+        autocast_dtype, dtype = self._precision(sample)
         tokens, grid = pack_latents(sample).to(dtype), (1, h // 2, w // 2)
         with _autocast(sample.device, autocast_dtype):
             v = self._velocity(tokens, timestep, self.prompt_embeds, self.lengths, grid, dtype)

@@ -190,6 +190,18 @@ class GuidedUNet(nn.Module):
         finally:
             self._full_precision = previous
 
+    def _precision(self, sample: torch.Tensor) -> tuple:
+        """Checks that the batch's prompt embeddings are set and match ``sample``'s batch; returns ``(autocast dtype
+        or None, the dtype the network's inputs are cast to)`` under the precision rules (class docstring)."""
+        name = type(self).__name__
+        if self.prompt_embeds is None:
+            raise RuntimeError(f"{name}: no prompt embeddings set; call set_condition first")
+        if self.prompt_embeds.shape[0] != sample.shape[0]:
+            raise ValueError(f"{name}: {self.prompt_embeds.shape[0]} prompt embeddings for a batch of "
+                             f"{sample.shape[0]} samples")
+        autocast_dtype = None if self._full_precision else self.autocast_dtype
+        return autocast_dtype, self._input_dtype(autocast_dtype)
+
     def _input_dtype(self, autocast_dtype):
         """The dtype the network's inputs are cast to."""
         if autocast_dtype is not None:
@@ -252,14 +264,8 @@ class PooledGuidedNetwork(GuidedUNet):
         self.negative_embeds = None if negative is None else tuple(t.detach() for t in negative)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        name = type(self).__name__
-        if self.prompt_embeds is None:
-            raise RuntimeError(f"{name}: no prompt embeddings set; call set_condition first")
+        autocast_dtype, dtype = self._precision(sample)
         B = sample.shape[0]
-        if self.prompt_embeds.shape[0] != B:
-            raise ValueError(f"{name}: {self.prompt_embeds.shape[0]} prompt embeddings for a batch of {B} samples")
-        autocast_dtype = None if self._full_precision else self.autocast_dtype
-        dtype = self._input_dtype(autocast_dtype)
         embeds, pooled, x, t = self.prompt_embeds, self.pooled, sample, timestep
         if self.do_guidance:
             neg, neg_pooled = self.negative_embeds

@@ -49,13 +49,8 @@ class GuidedZImageTransformer(GuidedUNet):
         self.negative_embeds = None if negative is None else tuple(t.detach() for t in negative)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        if self.prompt_embeds is None:
-            raise RuntimeError("GuidedZImageTransformer: no prompt embeddings set; call set_condition first")
         B = sample.shape[0]
-        if self.prompt_embeds.shape[0] != B:
-            raise ValueError(f"GuidedZImageTransformer: {self.prompt_embeds.shape[0]} prompts for {B} samples")
-        autocast_dtype = None if self._full_precision else self.autocast_dtype
-        dtype = self._input_dtype(autocast_dtype)
+        autocast_dtype, dtype = self._precision(sample)
         captions = valid_tokens(self.prompt_embeds, self.lengths)
         x, t = sample, timestep
         if self.do_guidance:

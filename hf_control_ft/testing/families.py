@@ -42,6 +42,19 @@ def tiny_chat_tokenizer():
     return tokenizer
 
 
+def _shifting_scheduler(max_shift: float):
+    """A dynamically shifting flow scheduler scaled to the tiny pipelines' sequence lengths (16 to 256 tokens)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256,
+                                           base_shift=0.5, max_shift=max_shift)
+
+
+def _quiet(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _vocab_size(tokenizer) -> int:
     return len(tokenizer) + 8
 
@@ -49,7 +62,7 @@ def _vocab_size(tokenizer) -> int:
 def tiny_z_image_pipeline(seed: int = 0):
     """A ``ZImagePipeline`` with random weights: a 1-layer (+1 refiner) transformer on 4x4 patches of 2x2 over 8x8x16
     latents (16x16 images... 32x32 with this VAE's scale 4), a 2-layer Qwen3 encoder, a shifting scheduler."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from diffusers import AutoencoderKL, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
     torch.manual_seed(seed)
@@ -68,12 +81,9 @@ def tiny_z_image_pipeline(seed: int = 0):
     text_encoder = Qwen3Model(Qwen3Config(hidden_size=16, intermediate_size=16, num_hidden_layers=2,
                                           num_attention_heads=2, num_key_value_heads=2, head_dim=8,
                                           vocab_size=_vocab_size(tokenizer), max_position_embeddings=512))
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16,
-                                                max_image_seq_len=256, base_shift=0.5, max_shift=1.15)
-    pipe = ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                          transformer=transformer)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    scheduler = _shifting_scheduler(1.15)
+    return _quiet(ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                 transformer=transformer))
 
 
 def tiny_z_image_output(transformer, seed: int = 1) -> torch.Tensor:
@@ -89,8 +99,7 @@ def tiny_z_image_output(transformer, seed: int = 1) -> torch.Tensor:
 def tiny_qwen_image_pipeline(seed: int = 0):
     """A ``QwenImagePipeline`` with random weights: a 1-block transformer on 8x8x4 latents packed to 16 tokens (32x32
     images; the 3-D VAE's scale is 4), a 2-layer Qwen2.5-VL text encoder, a dynamically shifting scheduler."""
-    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
-                           QwenImageTransformer2DModel)
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -112,12 +121,9 @@ def tiny_qwen_image_pipeline(seed: int = 0):
         vision_start_token_id=vocab - 4, vision_end_token_id=vocab - 3,
         image_token_id=vocab - 2, video_token_id=vocab - 1)
     text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16,
-                                                max_image_seq_len=256, base_shift=0.5, max_shift=0.9)
-    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                             transformer=transformer)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    scheduler = _shifting_scheduler(0.9)
+    return _quiet(QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                    transformer=transformer))
 
 
 def tiny_qwen_image_output(transformer, seed: int = 1) -> torch.Tensor:
@@ -133,7 +139,7 @@ def tiny_flux2_klein_pipeline(seed: int = 0, is_distilled: bool = False):
     """A ``Flux2KleinPipeline`` with random weights: 1 double- + 1 single-stream block on 8x8x4 latents patchified to
     4x4x16 (16 tokens; 16x16 images), a 28-layer width-16 Qwen3 whose layers 9, 18, 27 are the prompt embedding (the
     pipeline's default), a dynamically shifting scheduler. ``is_distilled``: klein's distilled variant (no CFG)."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
@@ -151,12 +157,9 @@ def tiny_flux2_klein_pipeline(seed: int = 0, is_distilled: bool = False):
     with torch.no_grad():  # latent statistics other than (0, 1), so that decoding is seen to undo them
         vae.bn.running_mean.copy_(torch.linspace(-0.3, 0.3, vae.bn.running_mean.numel()))
         vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, vae.bn.running_var.numel()))
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16,
-                                                max_image_seq_len=256, base_shift=0.5, max_shift=1.15)
-    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                              transformer=transformer, is_distilled=is_distilled)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    scheduler = _shifting_scheduler(1.15)
+    return _quiet(Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                     transformer=transformer, is_distilled=is_distilled))
 
 
 def tiny_flux2_output(transformer, seed: int = 1) -> torch.Tensor:
@@ -190,10 +193,8 @@ def tiny_wan_pipeline(seed: int = 0):
                                         rope_max_seq_len=32)
     vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True])
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _quiet(WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
+                              scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0)))
 
 
 def tiny_wan_output(transformer, seed: int = 1) -> torch.Tensor:
