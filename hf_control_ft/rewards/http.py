@@ -88,6 +88,10 @@ class HTTPReward:
         return f"HTTPReward({self.__name__!r})"
 
     def __call__(self, images: torch.Tensor, prompts=None) -> torch.Tensor:
+        if images.dim() == 5:  # videos: every frame is scored as an image and the frames' scores averaged
+            from .image_rewards import per_frame
+
+            return per_frame(self, images, prompts, "mean")
         n = images.shape[0]
         if prompts is not None and len(prompts) != n:
             raise ValueError(f"reward server {self.__name__}: {len(prompts)} prompts for {n} images")

@@ -50,6 +50,13 @@ def test_scores_come_back_in_order_for_a_batch_split_into_requests(served):
     assert not scores.requires_grad and reward.__name__ == served.url
 
 
+def test_a_served_image_reward_scores_videos_frame_by_frame(served):
+    videos = torch.rand(2, 3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    scores = HTTPReward(served.url, token=TOKEN, batch_size=4)(videos, ["a", "b"])
+    frames = BrightnessReward()(_quantised(videos.flatten(0, 1))).reshape(2, 3)
+    assert torch.allclose(scores, frames.mean(1), atol=1e-6)
+
+
 def test_the_server_refuses_a_missing_or_wrong_token_and_the_error_never_shows_it(served, monkeypatch):
     monkeypatch.delenv("HF_CONTROL_FT_REWARD_TOKEN", raising=False)
     for token in (None, "wrong-token"):
