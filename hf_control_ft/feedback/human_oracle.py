@@ -72,6 +72,9 @@ class HumanOracle:
         """Queues the samples for rating (a sample queued before keeps its ratings); returns their keys."""
         if self.serve:
             self.start_server()
+        if samples.dim() == 5:
+            raise ValueError(f"the rating page shows images; got videos of shape {tuple(samples.shape)} (B, F, 3, H, W): "
+                             "people rating videos is not supported yet (use a video reward or a served oracle)")
         prompts = list(prompts) if prompts is not None else [""] * samples.shape[0]
         pngs = [to_png(s, self.value_range) for s in samples]
         keys = [query_key(png, p) for png, p in zip(pngs, prompts)]

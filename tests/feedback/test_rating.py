@@ -153,6 +153,12 @@ def test_rating_scale_and_samples_as_images():
         RatingScale(5, 1)
 
 
+def test_videos_are_refused_with_one_clear_line(tmp_path):
+    oracle = HumanOracle(str(tmp_path))
+    with pytest.raises(ValueError, match="rating page shows images.*videos"):
+        oracle.enqueue(torch.rand(2, 5, 3, 8, 8), ["a", "b"])
+
+
 def _start_child(out, port):
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-u", CHILD, str(out), str(port)], env=env, stdout=subprocess.PIPE,
