@@ -106,9 +106,9 @@ class Validation:
         self.last_metrics = metrics
         return metrics
 
-    def log_images(self, accelerator, images: torch.Tensor, step: int) -> None:
-        """Logs to every open tracker that takes images."""
-        for tracker in accelerator.trackers:
+    def log_images(self, accelerator, images: torch.Tensor, step: int, trackers=None) -> None:
+        """Logs to every open tracker that takes images (or to ``trackers``)."""
+        for tracker in accelerator.trackers if trackers is None else trackers:
             try:
                 if tracker.name == "tensorboard":
                     tracker.writer.add_images("validation", images.numpy(), global_step=step, dataformats="NCHW")
@@ -125,17 +125,23 @@ class Validation:
         return int(getattr(options, "fps", None) or 16)
 
     def log_videos(self, accelerator, videos: torch.Tensor, step: int, fps: int) -> None:
-        """Logs validation videos ``(N, F, 3, H, W)``: TensorBoard as an animated GIF image summary (what its
-        ``add_video`` writes, without moviepy), wandb as ``wandb.Video`` of a GIF, other trackers the first frames."""
-        for tracker in accelerator.trackers:
+        """Logs validation videos ``(N, F, 3, H, W)``: TensorBoard as an animated GIF image summary of the grid (what
+        its ``add_video`` writes, without moviepy), wandb as ``wandb.Video`` of that GIF, other trackers the first
+        frames as images. The GIF is encoded once."""
+        trackers = list(accelerator.trackers)
+        if not trackers:
+            return
+        frames = video_grid(videos, nrow=self.num_images)
+        gif = io.BytesIO()
+        save_animation(frames, gif, fps, format="GIF")
+        others = []
+        for tracker in trackers:
             try:
-                gif = io.BytesIO()
-                save_animation(video_grid(videos, nrow=self.num_images), gif, fps, format="GIF")
                 if tracker.name == "tensorboard":
                     from tensorboard.compat.proto.summary_pb2 import Summary
 
-                    height, width = videos.shape[-2:]
-                    image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=gif.getvalue())
+                    image = Summary.Image(height=frames[0].height, width=frames[0].width, colorspace=3,
+                                          encoded_image_string=gif.getvalue())
                     tracker.writer._get_file_writer().add_summary(
                         Summary(value=[Summary.Value(tag="validation", image=image)]), global_step=step)
                     tracker.writer.flush()
@@ -146,11 +152,12 @@ class Validation:
                     with open(path, "wb") as fh:
                         fh.write(gif.getvalue())
                     tracker.log({"validation": wandb.Video(path, format="gif")}, step=step)
-                elif hasattr(type(tracker), "log_images"):
-                    first = (videos[:, 0].clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-                    tracker.log_images({"validation": list(first)}, step=step)
+                else:
+                    others.append(tracker)
             except Exception as err:  # noqa: BLE001 - a tracker's failure must not stop training
                 logger.warning("could not log validation videos to %s: %s", tracker.name, err)
+        if others:
+            self.log_images(accelerator, videos[:, 0], step, trackers=others)
 
 
 __all__ = ["Validation", "VALIDATION_DIR"]

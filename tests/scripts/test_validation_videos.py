@@ -26,3 +26,4 @@ def test_validation_videos_are_logged_to_tensorboard_as_an_animated_gif(tmp_path
     gif = Image.open(io.BytesIO(event.encoded_image_string))
     assert event.step == 3 and gif.format == "GIF" and gif.n_frames == 5 and gif.info["duration"] == 100
     assert gif.size == (2 * 9 + 1, 9 + 1)  # two videos side by side, 1-pixel borders
+    assert (event.width, event.height) == gif.size  # the summary states the grid's size
