@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from .checks import reward_name
-from .clip_rewards import CLIPSCORE_MODEL, clip_image_embeddings
-from .image_rewards import FRAME_AGGREGATES, per_frame
+from .clip_rewards import CLIPSCORE_MODEL, CLIPImageFeatures
+from .image_rewards import FRAME_AGGREGATES, call_reward, per_frame
 
 
 def check_videos(videos: torch.Tensor, name: str) -> None:
@@ -40,24 +40,21 @@ class PerFrameReward(nn.Module):
 
     def forward(self, videos: torch.Tensor, prompts=None) -> torch.Tensor:
         if videos.dim() == 4:
-            from .image_rewards import call_reward
-
             return call_reward(self.fn, videos, prompts)
         check_videos(videos, self.__name__)
         return per_frame(self.fn, videos, prompts, self.aggregate)
 
 
 class TemporalConsistencyReward(nn.Module):
-    """``mean_f cos(e_f, e_{f+1})`` of L2-normalised CLIP image embeddings of consecutive frames ``(B,)`` (module
-    docstring). ``vision_model``: a ``CLIPVisionModelWithProjection`` or a ``CLIPModel``; frozen."""
+    """``mean_f cos(e_f, e_{f+1})`` of consecutive frames' L2-normalised CLIP image embeddings
+    (:class:`~hf_control_ft.rewards.clip_rewards.CLIPImageFeatures`) ``(B,)`` (module docstring). ``vision_model``: a
+    ``CLIPVisionModelWithProjection`` or a ``CLIPModel``; frozen."""
 
     name = "temporal_consistency"
 
     def __init__(self, vision_model):
         super().__init__()
-        self.model = vision_model.eval().requires_grad_(False)
-        cfg = vision_model.config
-        self.image_size = int(getattr(cfg, "vision_config", cfg).image_size)
+        self.features = CLIPImageFeatures(vision_model)
         self.__name__ = self.name
 
     def forward(self, videos: torch.Tensor, prompts=None) -> torch.Tensor:
@@ -65,16 +62,13 @@ class TemporalConsistencyReward(nn.Module):
         B, num_frames = videos.shape[:2]
         if num_frames < 2:
             raise ValueError(f"reward {self.name!r} needs videos of at least 2 frames, got {num_frames}")
-        emb = clip_image_embeddings(self.model, videos.flatten(0, 1), self.image_size).reshape(B, num_frames, -1)
+        emb = self.features(videos.flatten(0, 1)).reshape(B, num_frames, -1)
         return (emb[:, 1:] * emb[:, :-1]).sum(-1).mean(1)
 
     @classmethod
     def from_pretrained(cls, model_name_or_path: str = CLIPSCORE_MODEL, torch_dtype=None, **hub_kwargs):
         """Loads the image tower (safetensors only) of a CLIP checkpoint."""
-        from transformers import CLIPVisionModelWithProjection
-
-        return cls(CLIPVisionModelWithProjection.from_pretrained(model_name_or_path, use_safetensors=True,
-                                                                 dtype=torch_dtype, **hub_kwargs))
+        return cls(CLIPImageFeatures.from_pretrained(model_name_or_path, torch_dtype=torch_dtype, **hub_kwargs).model)
 
 
 __all__ = ["PerFrameReward", "TemporalConsistencyReward", "check_videos", "FRAME_AGGREGATES"]
