@@ -54,6 +54,18 @@ def latent_image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
+def packed_image_size(pipeline, height: int | None, width: int | None, default: int | None = None) -> tuple:
+    """``(height, width)`` in pixels, unset ones taking ``default`` (else the pipeline's ``default_sample_size`` x VAE
+    scale); refused unless multiples of ``2 x`` the VAE scale, which the families packing 2x2 latent patches need."""
+    scale = pipeline.vae_scale_factor
+    default = default or pipeline.default_sample_size * scale
+    height, width = height or default, width or default
+    if height % (2 * scale) or width % (2 * scale):
+        raise ValueError(f"height and width must be multiples of {2 * scale} (VAE scale x 2x2 patches), got "
+                         f"{height}x{width}")
+    return height, width
+
+
 def shifted_sigmas(config, seq_len: int, num_inference_steps: int) -> dict:
     """The noise levels FLUX-style pipelines (FLUX.1, Qwen-Image, Z-Image) give their scheduler:
     ``sigmas = linspace(1, 1/K, K)`` and, when the scheduler shifts dynamically, ``mu`` of the image sequence
@@ -107,20 +119,12 @@ class FluxProcess(StableDiffusion3Process):
     option_defaults = {"guidance_scale": 3.5, "max_sequence_length": 512}  # FluxPipeline's (FLUX.1-dev)
     uses_negative_prompt = False  # guidance-distilled: no classifier-free guidance
 
-    def frozen_modules(self) -> list:
-        p = self.pipeline
-        return [p.transformer, p.vae, p.text_encoder, p.text_encoder_2]
-
     def guided_network(self, denoiser: nn.Module, options) -> nn.Module:
         return GuidedFluxTransformer(denoiser, options.guidance_scale, options.dtype)
 
     def latent_shape(self, height, width) -> tuple:
+        height, width = packed_image_size(self.pipeline, height, width)
         scale = self.pipeline.vae_scale_factor
-        default = self.pipeline.default_sample_size * scale
-        height, width = height or default, width or default
-        if height % (2 * scale) or width % (2 * scale):
-            raise ValueError(f"height and width must be multiples of {2 * scale} (VAE scale x 2x2 packing), got "
-                             f"{height}x{width}")
         return (self.pipeline.transformer.config.in_channels // 4, height // scale, width // scale)
 
     def schedule_options(self, shape, num_inference_steps: int) -> dict:
@@ -137,14 +141,12 @@ class FluxProcess(StableDiffusion3Process):
 
     batched_conditioning = (True, True, False)  # text_ids: one (L, 3) tensor for any batch
 
-    def negative_embeds(self):
-        return None  # no classifier-free guidance
-
     def save_options(self, directory: str, base_model: str | None = None) -> dict:
         fields = super().save_options(directory, base_model)
-        fields["negative_prompt"] = None  # not used by FLUX
+        if not self.uses_negative_prompt:
+            fields["negative_prompt"] = None  # not used by the family
         return fields
 
 
 __all__ = ["FluxProcess", "GuidedFluxTransformer", "pack_latents", "unpack_latents", "latent_image_ids",
-           "shifted_sigmas"]
+           "packed_image_size", "shifted_sigmas"]

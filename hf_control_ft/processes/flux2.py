@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .flux import FluxProcess
+from .flux import FluxProcess, packed_image_size
 from .sd_components import GuidedUNet, _autocast
 
 FLUX2_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
@@ -109,21 +109,13 @@ class Flux2KleinProcess(FluxProcess):
     required_components = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
     default_targets = FLUX2_TARGETS
 
-    def frozen_modules(self) -> list:
-        p = self.pipeline
-        return [p.transformer, p.vae, p.text_encoder]
-
     def guided_network(self, denoiser: nn.Module, options) -> nn.Module:
         distilled = bool(self.pipeline.config.get("is_distilled", False))
         return GuidedFlux2Transformer(denoiser, options.guidance_scale, options.dtype, distilled)
 
     def latent_shape(self, height, width) -> tuple:
+        height, width = packed_image_size(self.pipeline, height, width)
         scale = self.pipeline.vae_scale_factor
-        default = self.pipeline.default_sample_size * scale
-        height, width = height or default, width or default
-        if height % (2 * scale) or width % (2 * scale):
-            raise ValueError(f"height and width must be multiples of {2 * scale} (VAE scale x 2x2 patches), got "
-                             f"{height}x{width}")
         return (self.pipeline.transformer.config.in_channels, height // (2 * scale), width // (2 * scale))
 
     def schedule_options(self, shape, num_inference_steps: int) -> dict:

@@ -95,10 +95,6 @@ class QwenImageProcess(FluxProcess):
                              "the process implements true classifier-free guidance (true_cfg_scale)")
         return scheduler
 
-    def frozen_modules(self) -> list:
-        p = self.pipeline
-        return [p.transformer, p.vae, p.text_encoder]
-
     def guided_network(self, denoiser: nn.Module, options) -> nn.Module:
         return GuidedQwenImageTransformer(denoiser, options.guidance_scale, options.dtype)
 
@@ -118,9 +114,6 @@ class QwenImageProcess(FluxProcess):
 
     batched_conditioning = (True, True)
 
-    def negative_embeds(self):
-        return super(FluxProcess, self).negative_embeds()  # classifier-free guidance, as SD's
-
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents ``(B, C, h, w)`` -> images ``(B, 3, H, W)`` in ``[0, 1]`` (differentiable)."""
         return decode_normalised(self.pipeline.vae, latents.unsqueeze(2), self.options.dtype)[:, :, 0]
@@ -129,9 +122,6 @@ class QwenImageProcess(FluxProcess):
         kwargs = super().pipeline_kwargs(num_prompts, num_inference_steps)
         kwargs["true_cfg_scale"] = kwargs.pop("guidance_scale")  # the pipeline's name of classifier-free guidance
         return kwargs
-
-    def save_options(self, directory: str, base_model: str | None = None) -> dict:
-        return super(FluxProcess, self).save_options(directory, base_model)  # keeps the negative prompt
 
 
 __all__ = ["QwenImageProcess", "GuidedQwenImageTransformer", "QWEN_IMAGE_TARGETS", "decode_normalised"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import logging
 import os
 
@@ -278,8 +279,6 @@ class StableDiffusionProcess(ControlledProcess):
     def pipeline_kwargs(self, num_prompts: int, num_inference_steps: int) -> dict:
         """Keyword arguments of the family pipeline's ``__call__`` that reproduce these options (guidance, size, the
         negative prompt of classifier-free guidance, the text context length): what ``sampler="ode"`` passes."""
-        import inspect
-
         opts = self.options
         kwargs = dict(num_inference_steps=num_inference_steps, guidance_scale=opts.guidance_scale)
         if opts.height:

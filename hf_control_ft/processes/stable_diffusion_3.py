@@ -27,6 +27,7 @@ from torch import nn
 
 from ..core.flow_matching import is_flow_scheduler
 from ..serialization.lora_io import save_lora_file
+from .memory import text_encoders
 from .sd_components import PooledGuidedNetwork
 from .stable_diffusion import StableDiffusionProcess
 
@@ -68,24 +69,26 @@ class StableDiffusion3Process(StableDiffusionProcess):
     def check_pipeline(self, pipeline):
         """Refuses a pipeline without the family's components or with a scheduler other than flow matching;
         returns the scheduler (:class:`~hf_control_ft.core.flow_matching.FlowMatchSchedule` copies it)."""
-        name = type(pipeline).__name__
         for attr in self.required_components:
             if getattr(pipeline, attr, None) is None:
-                raise ValueError(f"{name} has no {attr!r} component; the {self.family} process needs "
-                                 f"{list(self.required_components)}")
+                raise ValueError(f"{type(pipeline).__name__} has no {attr!r} component; the {self.family} process "
+                                 f"needs {list(self.required_components)}")
+        return self.flow_scheduler(pipeline)
+
+    def flow_scheduler(self, pipeline):
+        """The flow-matching scheduler the sampler copies: the pipeline's own; others are refused."""
         if not is_flow_scheduler(pipeline.scheduler):
-            raise ValueError(f"{name} with {type(pipeline.scheduler).__name__}: {self.family} samples with the exact "
-                             "flow transitions of a FlowMatchEulerDiscreteScheduler; multistep or other solvers are not "
-                             "converted")
+            raise ValueError(f"{type(pipeline).__name__} with {type(pipeline.scheduler).__name__}: {self.family} "
+                             "samples with the exact flow transitions of a FlowMatchEulerDiscreteScheduler; multistep "
+                             "or other solvers are not converted")
         return pipeline.scheduler
 
     def denoiser_module(self) -> nn.Module:
         return self.pipeline.transformer
 
     def frozen_modules(self) -> list:
-        p = self.pipeline
-        return [m for m in (p.transformer, p.vae, p.text_encoder, p.text_encoder_2, p.text_encoder_3)
-                if m is not None]
+        """The transformer, the VAE and every text encoder the pipeline has loaded (one to three, by family)."""
+        return [self.pipeline.transformer, self.pipeline.vae, *text_encoders(self.pipeline)]
 
     def guided_network(self, denoiser: nn.Module, options) -> nn.Module:
         return GuidedTransformer(denoiser, options.guidance_scale, options.dtype)

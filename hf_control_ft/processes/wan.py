@@ -80,21 +80,15 @@ class WanProcess(StableDiffusion3Process):
     option_defaults = {"guidance_scale": 5.0, "max_sequence_length": 512, "num_frames": 81, "fps": 16}
     required_components = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
     default_targets = WAN_TARGETS
-    is_video = True
 
     def check_pipeline(self, pipeline):
         if getattr(pipeline, "transformer_2", None) is not None:
             raise ValueError("WanPipeline with transformer_2 (Wan 2.2 A14B's two experts) is not supported: the process "
                              "trains the control of one network; use Wan 2.1 or Wan 2.2 TI2V-5B")
-        for attr in self.required_components:
-            if getattr(pipeline, attr, None) is None:
-                raise ValueError(f"WanPipeline has no {attr!r} component; the wan process needs "
-                                 f"{list(self.required_components)}")
-        return flow_scheduler_of(pipeline.scheduler)
+        return super().check_pipeline(pipeline)
 
-    def frozen_modules(self) -> list:
-        p = self.pipeline
-        return [p.transformer, p.vae, p.text_encoder]
+    def flow_scheduler(self, pipeline):
+        return flow_scheduler_of(pipeline.scheduler)
 
     def guided_network(self, denoiser: nn.Module, options) -> nn.Module:
         expand = bool(self.pipeline.config.get("expand_timesteps", False))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .flux import shifted_sigmas
+from .flux import packed_image_size, shifted_sigmas
 from .prompt_embeds import masked_mean, padded, valid_tokens
 from .sd_components import GuidedUNet, _autocast
 from .stable_diffusion_3 import StableDiffusion3Process
@@ -79,19 +79,12 @@ class ZImageProcess(StableDiffusion3Process):
     required_components = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
     default_targets = Z_IMAGE_TARGETS
 
-    def frozen_modules(self) -> list:
-        p = self.pipeline
-        return [p.transformer, p.vae, p.text_encoder]
-
     def guided_network(self, denoiser: nn.Module, options) -> nn.Module:
         return GuidedZImageTransformer(denoiser, options.guidance_scale, options.dtype)
 
     def latent_shape(self, height, width) -> tuple:
+        height, width = packed_image_size(self.pipeline, height, width, default=1024)  # the pipeline's default size
         scale = self.pipeline.vae_scale_factor
-        height, width = height or 1024, width or 1024  # the pipeline's default size
-        if height % (2 * scale) or width % (2 * scale):
-            raise ValueError(f"height and width must be multiples of {2 * scale} (VAE scale x 2x2 patches), got "
-                             f"{height}x{width}")
         return (self.pipeline.transformer.config.in_channels, height // scale, width // scale)
 
     def schedule_options(self, shape, num_inference_steps: int) -> dict:
