@@ -9,20 +9,29 @@ Optimistic rewards (:class:`OptimisticReward`), all differentiable in ``x`` (the
 through them):
 
 * ``"greedy"``: ``mean_h r_h(x)`` (no bonus);
-* ``"ucb"``: ``mean_h r_h(x) + C * s_y * mean_h sqrt(phi_h(x)^T A_h^{-1} phi_h(x))`` with the Gram matrix
+* ``"ucb"``: ``mean_h r_h(x) + C * tau * mean_h sqrt(phi_h(x)^T A_h^{-1} phi_h(x))`` with the Gram matrix
   ``A_h = lambda I + sum_{x_i in D} phi_h(x_i) phi_h(x_i)^T`` over the dataset -- *not* a centred covariance,
-  so with a fixed feature map adding data can only shrink the bonus (``A`` grows in the PSD order). ``s_y`` is
-  the standard deviation of the observed values, so ``C`` is in units of observed-reward spread;
+  so with a fixed feature map adding data can only shrink the bonus (``A`` grows in the PSD order);
 * ``"bootstrap"``: heads trained on bootstrap resamples of ``D``; ``mean_h r_h + C * std_h r_h``;
 * ``"ts"`` (Thompson sampling): heads on bootstrap resamples; one head ``r_h`` drawn per round.
+
+**Units.** ``tau`` is the round's temperature ``alpha + beta`` (reward units per nat): the update multiplies
+the density at ``x`` by ``exp(g(x) / tau)``, so ``g / tau`` is the bonus in nats of tilt. The UCB width is
+dimensionless (about ``1 / sqrt(n)`` where ``n`` queries are dense, order 1 and above where there are none), so
+``C * tau * width`` makes an unexplored region worth about ``C`` nats whatever the oracle's noise and however flat
+the values observed so far. (Scaling the width by the observed values' spread, as this module once did, made
+the bonus as small as the oracle's noise in the regime where nothing good has been found yet -- exactly when
+exploration is needed; ``docs/algorithms.md`` section 6.) The bootstrap spread is already in reward units.
 
 **Bounded optimism.** Both bonuses grow without bound off the data (the UCB width is linear in ``|phi|``; the
 heads' spread grows with the distance from the data), and the drift would chase them off the feasible
 manifold. Two guards, both documented config fields of SEIKO:
 
-* the bonus is saturated smoothly at ``bonus_cap * s_y``: ``g = m tanh(g_raw / m)`` with ``m = bonus_cap * s_y``
+* the bonus is saturated smoothly at ``bonus_cap`` nats: ``g = m tanh(g_raw / m)`` with ``m = bonus_cap * tau``
   (equal to ``g_raw`` to first order where ``g_raw`` is small against ``m``, never above ``m``, and with a
-  vanishing gradient far off the data, so there is nothing to chase there);
+  vanishing gradient far off the data, so there is nothing to chase there); one round's update then multiplies
+  no density by more than ``exp(bonus_cap)`` for the bonus's sake, and the KL to the pretrained model keeps a
+  region it never draws (off the feasible manifold) negligible;
 * feature standard deviations are floored at ``feature_std_floor`` times their mean over features, so a nearly
   constant feature (an image border) cannot turn a tiny shift into a huge standardised feature.
 """
@@ -178,14 +187,19 @@ class OptimisticReward:
         kind: one of ``"ucb"``, ``"bootstrap"``, ``"ts"``, ``"greedy"``.
         bonus_scale: ``C``.
         head: the head drawn for ``"ts"``.
-        bonus_cap: the bonus saturates at ``bonus_cap * s_y`` (module docstring); ``None``: unbounded.
+        bonus_cap: the bonus saturates at ``bonus_cap`` nats, ``bonus_cap * temperature`` reward units (module
+            docstring); ``None``: unbounded.
+        temperature: ``tau = alpha + beta`` of the round's update, reward units per nat (> 0).
     """
 
     def __init__(self, ensemble: RewardEnsemble, kind: str, bonus_scale: float = 1.0, head: int | None = None,
-                 bonus_cap: float | None = 1.0):
+                 bonus_cap: float | None = 3.0, temperature: float = 1.0):
         if bonus_cap is not None and not bonus_cap > 0:
             raise ValueError(f"bonus_cap must be > 0 or None, got {bonus_cap!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
         self.bonus_cap = None if bonus_cap is None else float(bonus_cap)
+        self.temperature = float(temperature)
         if kind not in OPTIMISM_KINDS:
             raise ValueError(f"kind must be one of {OPTIMISM_KINDS}, got {kind!r}")
         if kind == "ts" and (head is None or not 0 <= head < ensemble.ensemble_size):
@@ -206,14 +220,14 @@ class OptimisticReward:
         if self.kind == "bootstrap":
             raw = self.bonus_scale * preds.std(0, unbiased=False)
         else:
-            raw = self.bonus_scale * self.ensemble.y_std * self.ensemble.ucb_width(x, phis)
+            raw = self.bonus_scale * self.temperature * self.ensemble.ucb_width(x, phis)
         return mean, self.saturate(raw)
 
     def saturate(self, raw: torch.Tensor) -> torch.Tensor:
-        """``m tanh(raw / m)`` with ``m = bonus_cap * s_y`` (identity without a cap)."""
+        """``m tanh(raw / m)`` with ``m = bonus_cap * temperature`` (identity without a cap)."""
         if self.bonus_cap is None:
             return raw
-        m = self.bonus_cap * self.ensemble.y_std
+        m = self.bonus_cap * self.temperature
         return m * torch.tanh(raw / m)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

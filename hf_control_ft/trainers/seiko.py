@@ -246,7 +246,8 @@ class SeikoTrainer(FeedbackCollection, BaseTrainer):
             head = int(torch.randint(0, cfg.ensemble_size, (1,), generator=ts_gen))
         # every process fitted the same data with the same generator; the main process's heads are authoritative
         broadcast_tensors(self.accelerator, ensemble.state_dict(keep_vars=True).values())
-        self.reward = OptimisticReward(ensemble, cfg.optimism, cfg.bonus_scale, head, bonus_cap=cfg.bonus_cap)
+        self.reward = OptimisticReward(ensemble, cfg.optimism, cfg.bonus_scale, head, bonus_cap=cfg.bonus_cap,
+                                       temperature=cfg.alpha + cfg.beta)
         self.reward_fn = self.reward  # on samples directly: the heads' features decode latents themselves
         self.reward_name = self.reward.__name__
         with torch.no_grad():

@@ -33,13 +33,15 @@ class SeikoConfig(ElegantConfig):
         optimism: ``"ucb"``, ``"bootstrap"``, ``"ts"`` or ``"greedy"``
             (see :mod:`hf_control_ft.models.reward_ensemble`).
             The non-adaptive baseline is ``num_rounds=1`` (whole budget from the pretrained model).
-        bonus_scale: ``C`` of the UCB / bootstrap bonus (>= 0).
         ensemble_size: reward heads (``"bootstrap"`` needs >= 2).
         ucb_ridge: ``lambda`` of the Gram matrix ``lambda I + sum phi phi^T``.
-        bonus_cap: the UCB / bootstrap bonus saturates smoothly at ``bonus_cap`` standard deviations of the
-            observed oracle values (``g = m tanh(g_raw / m)``); ``None`` leaves it unbounded. Off the data the raw
-            bonus grows without bound and the drift would chase it off the feasible manifold; the default 1.0
-            sits well above the bonus on the data.
+        bonus_scale, bonus_cap: the UCB bonus is ``C * (alpha + beta) * width`` (``width`` the dimensionless
+            Gram-matrix width, about ``1 / sqrt(n)`` among ``n`` queries, order 1 and more where there are none),
+            i.e. ``C * width`` *nats* of tilt of the round's update; the UCB / bootstrap bonus saturates smoothly at
+            ``bonus_cap`` nats, ``bonus_cap * (alpha + beta)`` reward units (``g = m tanh(g_raw / m)``), so one
+            round multiplies no density by more than ``exp(bonus_cap)`` for the bonus's sake. ``None`` leaves it
+            unbounded: off the data the raw bonus grows without bound and the drift would chase it off the
+            feasible manifold. Neither depends on the oracle's noise (``docs/algorithms.md`` section 6).
         feature_std_floor: the reward model's feature standard deviations are floored at this fraction of their
             mean over features (nearly constant features, such as image borders, would otherwise be amplified).
         reward_hidden, reward_depth, reward_train_steps, reward_learning_rate, reward_weight_decay,
@@ -60,11 +62,11 @@ class SeikoConfig(ElegantConfig):
     queries_per_round: int | list[int] = _field(256, "oracle budget per round: one int, or a list of R ints")
     beta: float = _field(1.0, "KL weight to the previous round's model (> 0), reward units per nat")
     optimism: str = _field("ucb", "'ucb', 'bootstrap', 'ts' or 'greedy' (non-adaptive baseline: num_rounds=1)")
-    bonus_scale: float = _field(1.0, "C of the UCB / bootstrap bonus (>= 0)")
+    bonus_scale: float = _field(1.0, "C of the UCB / bootstrap bonus (>= 0); UCB: nats of tilt per unit of width")
     ensemble_size: int = _field(4, "reward heads ('bootstrap' and 'ts' need >= 2)")
     ucb_ridge: float = _field(1.0, "lambda of the UCB Gram matrix lambda I + sum phi phi^T")
-    bonus_cap: float | None = _field(1.0, "the bonus saturates at this many standard deviations of the oracle values "
-                                          "(None: unbounded)")
+    bonus_cap: float | None = _field(3.0, "the bonus saturates at this many nats of tilt, bonus_cap * (alpha + beta) "
+                                          "reward units (None: unbounded)")
     feature_std_floor: float = _field(0.1, "reward-model feature std floor, as a fraction of the mean std")
     reward_hidden: int = _field(64, "width of the reward heads")
     reward_depth: int = _field(2, "hidden layers of the reward heads")

@@ -239,10 +239,11 @@ def _fitted_ensemble(bootstrap, feature_std_floor=0.1, constant_feature=False):
 @pytest.mark.parametrize("kind", ["ucb", "bootstrap"])
 def test_bonus_is_capped_off_the_data_and_unchanged_on_it(kind):
     ens, x = _fitted_ensemble(kind == "bootstrap")
-    capped = OptimisticReward(ens, kind, bonus_scale=1.0)  # default cap: 1 standard deviation of the values
-    raw = OptimisticReward(ens, kind, bonus_scale=1.0, bonus_cap=None)
+    tau = 0.5  # alpha + beta
+    capped = OptimisticReward(ens, kind, bonus_scale=1.0, temperature=tau)  # default cap: 3 nats = 3 tau
+    raw = OptimisticReward(ens, kind, bonus_scale=1.0, bonus_cap=None, temperature=tau)
     direction = torch.nn.functional.normalize(torch.randn(16, 3, generator=torch.Generator().manual_seed(3)), dim=1)
-    cap = float(ens.y_std)
+    cap = 3.0 * tau
     with torch.no_grad():
         on_raw, on_capped = raw.parts(x)[1], capped.parts(x)[1]
         far_raw = raw.parts(100 * direction)[1]

@@ -121,7 +121,8 @@ def test_optimistic_reward_is_differentiable_and_has_the_right_bonus(kind):
     ens = RewardEnsemble((2,), ensemble_size=3, hidden=16)
     ens.fit(x, y, bootstrap=kind in ("bootstrap", "ts"), steps=150, generator=torch.Generator().manual_seed(0))
     ens.fit_gram(x)
-    reward = OptimisticReward(ens, kind, bonus_scale=2.0, head=1 if kind == "ts" else None, bonus_cap=None)
+    reward = OptimisticReward(ens, kind, bonus_scale=2.0, head=1 if kind == "ts" else None, bonus_cap=None,
+                              temperature=1.5)
     probe = torch.randn(16, 2, requires_grad=True)
     out = reward(probe)
     (grad,) = torch.autograd.grad(out.sum(), probe)
@@ -137,10 +138,31 @@ def test_optimistic_reward_is_differentiable_and_has_the_right_bonus(kind):
     elif kind == "bootstrap":
         torch.testing.assert_close(bonus, 2.0 * preds.std(0, unbiased=False))
     else:
-        torch.testing.assert_close(bonus, 2.0 * ens.y_std * ens.ucb_width(probe.detach()))
+        torch.testing.assert_close(bonus, 2.0 * 1.5 * ens.ucb_width(probe.detach()))  # C * tau * width
         assert (bonus > 0).all()
     # the fit is a regression, not a placeholder: in-sample error well below the data spread
     assert float((ens(x) - y).pow(2).mean().sqrt()) < 0.5 * float(y.std())
+
+
+@pytest.mark.parametrize("kind", ["ucb", "bootstrap"])
+def test_ucb_bonus_does_not_shrink_with_the_oracle_noise(kind):
+    """The UCB bonus is in nats of tilt (C * tau * width): the same data with values 10x smaller (a flat reward seen
+    through small noise) leaves it unchanged, where a bonus in units of the values' spread would shrink 10x. The
+    bootstrap spread is in reward units and scales with the values, under the same cap of bonus_cap * tau."""
+    x, y = _toy_data(80, 2)
+    bonuses = []
+    for scale in (1.0, 0.1):
+        ens = RewardEnsemble((2,), ensemble_size=3, hidden=16)
+        ens.fit(x, scale * y, bootstrap=kind == "bootstrap", steps=150, generator=torch.Generator().manual_seed(0))
+        ens.fit_gram(x)
+        reward = OptimisticReward(ens, kind, bonus_scale=1.0, bonus_cap=3.0, temperature=2.0)
+        with torch.no_grad():
+            bonuses.append(reward.parts(3 * torch.randn(64, 2, generator=torch.Generator().manual_seed(1)))[1])
+    if kind == "ucb":
+        torch.testing.assert_close(bonuses[1], bonuses[0], rtol=1e-4, atol=1e-6)
+    else:
+        assert float(bonuses[1].mean()) < 0.2 * float(bonuses[0].mean())
+    assert float(bonuses[0].max()) <= 3.0 * 2.0 * (1 + 1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- trainer + crash

@@ -229,7 +229,8 @@ def test_ucb_bonus_is_computed_on_clip_image_embeddings(tmp_path):
     phis = ensemble.head_outputs(latents)[1]
     width = torch.einsum("hbi,hij,hbj->hb", phis, ensemble.gram_inv, phis).sqrt().mean(0)
     assert (bonus > 0).all()
-    torch.testing.assert_close(bonus, trainer.reward.saturate(trainer.config.bonus_scale * ensemble.y_std * width))
+    torch.testing.assert_close(bonus, trainer.reward.saturate(
+        trainer.config.bonus_scale * (trainer.config.alpha + trainer.config.beta) * width))
 
 
 class ModelOracle(torch.nn.Module):
