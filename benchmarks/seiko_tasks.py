@@ -1,4 +1,4 @@
-"""The two tasks of ``benchmarks/seiko_feedback.py``: a known true reward, a noisy oracle of it, a feasibility test.
+"""The three tasks of ``benchmarks/seiko_feedback.py``: a known true reward, a noisy oracle of it, a feasibility test.
 
 Each task builds the pretrained model once (:meth:`build`) and then, per run, the SEIKO settings that differ
 between tasks (:meth:`config_fields`), the oracle of one seed (:meth:`oracle`) and the evaluation of a model's
@@ -17,6 +17,22 @@ samples with the *true* reward (:meth:`evaluate`). The oracle never sees anythin
     distance to its nearest real digit is at most the 99th percentile of the same distance for the pretrained
     model's own samples (so 99% of pretrained samples are feasible by construction; a fine-tuned model that
     leaves the image manifold for an adversarial pattern of the classifier is not). Reward heads see raw pixels.
+
+``rare``
+    The regime SEIKO is for: the only high reward sits on a mode the pretrained model rarely draws, and nothing
+    points there from where its mass is. Same geometry as ``mixture`` but the top mode has weight 0.03; the true
+    reward is a bump on it, ``r(x) = 4 exp(-||x - m||^2 / (2 * 0.75^2))`` with ``m = (0, 5.2)`` its mean, zero to
+    machine precision (about ``4 e^-32``) and flat on the common modes 6 units away, so a reward model fitted
+    where the pretrained model puts its mass has no slope to follow. Oracle: ``r(x) + N(0, 0.5^2)``; 4 rounds of
+    32 queries (128 in all). Feasible: as ``mixture``. The high-reward region is ``r(x) >= 2`` (within 0.88 of
+    ``m``); a run *found* it when its final model puts at least twice the pretrained model's mass there.
+    When fixed: every constant (bump height and width, noise, budgets, the training settings copied from
+    ``mixture``, the definition of *found*) was fixed on 2026-12-05 before any run of UCB or greedy on this task,
+    with a top-mode weight of 0.01. That first run (evaluation seeds, the old bonus) showed the 10-step sampler
+    of the distilled model putting only 0.4 % of its samples on that mode (0.15 % in the region: 0.2 expected
+    hits in 128 queries) and every method at the pretrained reward; the weight was then raised to 0.03 (the
+    pretrained model draws 1.5 % there, 1.0 % in the region: 1.3 expected hits), nothing else changed. The
+    bonus's cap was chosen after that on the tuning seeds 100-102 (``benchmarks/seiko_feedback.py``).
 """
 
 from __future__ import annotations
@@ -130,4 +146,45 @@ class DigitsTask:
                     eval_n=256 if self.quick else 512)
 
 
-TASKS = {"mixture": MixtureTask, "digits": DigitsTask}
+class RareTask(MixtureTask):
+    """``rare`` (module docstring): a flat reward except for a bump on a 3 % mode."""
+
+    name = "rare"
+    weights = (0.6, 0.37, 0.03)
+    bump_height, bump_width = 4.0, 0.75
+
+    def build(self):
+        from diffusers import DDPMScheduler
+
+        from hf_control_ft.tasks.gaussian_mixture import GaussianMixture, distill_mixture_denoiser
+
+        self.mixture = GaussianMixture(list(self.weights), [[-3.0, 0.0], [3.0, 0.0], [0.0, 5.2]],
+                                       (MIXTURE_STD**2 * torch.eye(2)).expand(3, 2, 2).clone())
+        self.scheduler = DDPMScheduler(num_train_timesteps=1000, clip_sample=False)
+        self.model = distill_mixture_denoiser(self.mixture, self.scheduler, steps=800, batch_size=512, hidden=64,
+                                              depth=2, seed=0, progress=False)
+
+    def true_reward(self, x: torch.Tensor) -> torch.Tensor:
+        d2 = (x - self.mixture.means[2].to(x)).pow(2).sum(1)
+        return self.bump_height * torch.exp(-d2 / (2 * self.bump_width**2))
+
+    def in_region(self, x: torch.Tensor) -> torch.Tensor:
+        """The high-reward region ``r(x) >= bump_height / 2``, ``(B,)`` bool."""
+        return self.true_reward(x) >= self.bump_height / 2
+
+    def evaluate(self, x: torch.Tensor) -> dict:
+        return {**super().evaluate(x), "region_fraction": float(self.in_region(x).double().mean())}
+
+    def region_center(self) -> torch.Tensor:
+        """The bump's centre (the rare mode's mean), ``(1, 2)``."""
+        return self.mixture.means[2:3].float()
+
+    def queries_in_region(self, queried: torch.Tensor) -> int:
+        """How many of the oracle's queries so far landed in the high-reward region."""
+        return int(self.in_region(queried.reshape(-1, 2)).sum())
+
+    def budgets(self) -> list[int]:
+        return [16, 16, 16] if self.quick else [32, 32, 32, 32]
+
+
+TASKS = {"mixture": MixtureTask, "digits": DigitsTask, "rare": RareTask}

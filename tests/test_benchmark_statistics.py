@@ -40,3 +40,37 @@ def test_headline_ratio_paired_difference_and_goal():
     assert line["goal_met"] is True
     curves["ucb"][1][2]["feasible"] = 0.9  # one seed, one round below 95 % feasible: the goal is missed
     assert headline(summarise(curves, seeds), curves, seeds)["goal_met"] is False
+
+
+def test_found_counts_compare_the_final_region_mass_with_twice_the_pretrained():
+    from seiko_feedback import found_counts
+
+    seeds = [0, 1, 2]
+    curves = {"ucb": {s: [{"region_fraction": 0.01, "queries_in_region": 1},
+                          {"region_fraction": [0.05, 0.02, 0.019][s], "queries_in_region": 2 + s}] for s in seeds}}
+    found = found_counts(curves, seeds, {"region_fraction": 0.01})
+    assert found == {"ucb": {"found": 2, "seeds": 3, "queries_in_region_mean": 3.0}}
+    assert found_counts(curves, seeds, {"true_reward": 0.0}) is None  # tasks without a region
+    line = headline(summarise({"ucb": {s: _curve([0.0, 0.0, 0.0, 0.0]) for s in seeds}}, seeds), {}, seeds, found)
+    assert line["ucb_found_region_seeds"] == 2
+
+
+def test_rare_task_reward_is_a_bump_on_the_rare_mode_and_flat_on_the_common_ones():
+    import torch
+    from seiko_tasks import RareTask
+
+    from hf_control_ft.tasks.gaussian_mixture import GaussianMixture
+
+    task = RareTask()
+    task.mixture = GaussianMixture(list(task.weights), [[-3.0, 0.0], [3.0, 0.0], [0.0, 5.2]],
+                                   (0.25 * torch.eye(2)).expand(3, 2, 2).clone())
+    common = task.mixture.sample(4096, torch.Generator().manual_seed(0))
+    common = common[task.mixture.assign(common) != 2]
+    r = task.true_reward(common)
+    assert float(r.max()) < 1e-6  # no slope toward the bump from where the mass is
+    half = 0.75 * math.sqrt(2 * math.log(2))  # r = 2 at this distance: the region's edge
+    x = torch.tensor([[0.0, 5.2], [0.0, 5.2 + 0.99 * half], [0.0, 5.2 + 1.01 * half]])
+    torch.testing.assert_close(task.true_reward(x), 4.0 * torch.exp(-torch.tensor([0.0, 0.99, 1.01]) ** 2 * math.log(2)))
+    assert task.in_region(x).tolist() == [True, True, False]
+    assert task.queries_in_region(x) == 2
+    assert abs(sum(task.weights) - 1) < 1e-12 and task.weights[2] <= 0.03
