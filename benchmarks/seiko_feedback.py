@@ -3,9 +3,9 @@
 Tasks (``benchmarks/seiko_tasks.py``): ``mixture`` (2-D, reward peak off the data manifold next to a rare mode),
 ``digits`` (the 8x8 digits model, oracle = genuine classifier's log p(3 | x) + noise) and ``rare`` (a flat reward
 but for a bump on a mode the pretrained model draws 1.5 % of the time; 4 rounds of 32 queries; the summary also
-says in how many seeds each method found the bump). Methods: UCB,
-bootstrap, Thompson sampling, greedy -- all with rounds of growing budgets (32/64/128/256 queries; ``rare``: 4 x 32) -- and the
-non-adaptive baseline (the whole budget from the pretrained model in one round, then the same total number of
+says in how many seeds each method found the bump). Methods: UCB, bootstrap, Thompson sampling, greedy -- all
+with rounds of growing budgets (32/64/128/256 queries; ``rare``: 4 x 32) -- and the non-adaptive baseline (the
+whole budget from the pretrained model in one round, then the same total number of
 drift iterations). After every round the current model is sampled and scored with the *true* reward; the
 feasible fraction says how many samples stay on the data manifold (definitions in ``seiko_tasks.py``).
 
@@ -63,6 +63,9 @@ METHODS = ("ucb", "bootstrap", "ts", "greedy", "non-adaptive")
 EVAL_SEEDS = list(range(8))
 ALPHA, BETA = 1.0, 1.0
 _TASK = None  # the built task, shared with forked workers
+#: the per-round update's settings common to every task (``benchmarks/seiko_rare_ceiling.py`` uses them too)
+UPDATE_SETTINGS = dict(eta=1.0, learn_initial_noise=True, value_train_steps=150, noise_train_steps=60,
+                       noise_batch_size=128, noise_num_steps=10, aux_hidden=64, report_to=None, max_grad_norm=1.0)
 
 
 def run(method: str, seed: int, bonus_scale: float, workdir: str, bonus_cap: float | None = None) -> list[dict]:
@@ -76,10 +79,8 @@ def run(method: str, seed: int, bonus_scale: float, workdir: str, bonus_cap: flo
     cfg = SeikoConfig(
         num_rounds=len(budgets), queries_per_round=budgets, optimism=method if adaptive else "greedy", alpha=ALPHA,
         beta=BETA, bonus_scale=bonus_scale, ensemble_size=4,
-        **({} if bonus_cap is None else {"bonus_cap": bonus_cap}), eta=1.0, train_steps=train_steps,
-        learn_initial_noise=True, value_train_steps=150, noise_train_steps=60, noise_batch_size=128, noise_num_steps=10,
-        aux_hidden=64, oracle_batch_size=32, seed=seed, report_to=None, max_grad_norm=1.0,
-        output_dir=os.path.join(workdir, f"{task.name}-{method}-{seed}"), **fields)
+        **({} if bonus_cap is None else {"bonus_cap": bonus_cap}), train_steps=train_steps, oracle_batch_size=32,
+        seed=seed, output_dir=os.path.join(workdir, f"{task.name}-{method}-{seed}"), **UPDATE_SETTINGS, **fields)
     curve = []
 
     def evaluate(trainer, round_index):
@@ -190,7 +191,9 @@ def plot(table: dict, pretrained: dict, task: str, path: str, found: dict | None
             mean = [pretrained[key]] + [r[key]["mean"] for r in rows]
             low = [pretrained[key]] + [r[key]["ci95_low"] for r in rows]
             high = [pretrained[key]] + [r[key]["ci95_high"] for r in rows]
-            label = method if found is None else f"{method} (found in {found[method]['found']}/{found[method]['seeds']})"
+            label = method
+            if found is not None:
+                label += f" (found in {found[method]['found']}/{found[method]['seeds']})"
             (line,) = ax.plot(xs, mean, "o-", label=label)
             if None not in low:
                 ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.15)
@@ -254,7 +257,8 @@ def main(argv=None):
     plot(table, pretrained, args.task, png, found)
     full = {"settings": {"task": args.task, "seeds": args.seeds, "budgets": _TASK.budgets(), "alpha": ALPHA,
                          "beta": BETA, "bonus_scale": args.bonus_scale,
-                         "bonus_cap": args.bonus_cap if args.bonus_cap is not None else SeikoConfig.bonus_cap, "oracle_noise_std": _TASK.noise_std,
+                         "bonus_cap": SeikoConfig.bonus_cap if args.bonus_cap is None else args.bonus_cap,
+                         "oracle_noise_std": _TASK.noise_std,
                          **_TASK.config_fields(), "quick": args.quick},
             "pretrained": pretrained, "table": table, "curves": curves, "found": found, "png": png,
             "runtime_s": time.perf_counter() - t0, "summary": line}
@@ -264,7 +268,8 @@ def main(argv=None):
     print(markdown_table(table))
     if found is not None:
         print("found the high-reward region (final mass >= 2x pretrained): " + ", ".join(
-            f"{m} {f['found']}/{f['seeds']} (queries there {f['queries_in_region_mean']:.1f})" for m, f in found.items()))
+            f"{m} {f['found']}/{f['seeds']} (queries there {f['queries_in_region_mean']:.1f})"
+            for m, f in found.items()))
     print(f"pretrained: {json.dumps(pretrained)}; runtime {time.perf_counter() - t0:.0f}s; plot {png}")
     print(json.dumps(line))
 

@@ -30,6 +30,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from seiko_feedback import UPDATE_SETTINGS  # noqa: E402
 from seiko_tasks import RareTask  # noqa: E402
 
 from hf_control_ft.trainers.elegant import ElegantTrainer  # noqa: E402
@@ -50,13 +51,12 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="seiko_ceiling_") as tmp:
         for objective in args.objectives:
             for steps in args.train_steps:
-                cfg = ElegantConfig(alpha=ALPHA, eta=1.0, num_inference_steps=fields["num_inference_steps"],
+                cfg = ElegantConfig(alpha=ALPHA, num_inference_steps=fields["num_inference_steps"],
                                     train_steps=steps, batch_size=fields["batch_size"],
                                     learning_rate=fields["learning_rate"], lora_rank=fields["lora_rank"],
-                                    value_num_rollouts=fields["value_num_rollouts"], value_train_steps=150,
-                                    noise_train_steps=60, noise_batch_size=128, noise_num_steps=10, aux_hidden=64,
-                                    seed=0, report_to=None, max_grad_norm=1.0, drift_objective=objective,
-                                    output_dir=os.path.join(tmp, f"{objective}-{steps}"))
+                                    value_num_rollouts=fields["value_num_rollouts"], seed=0,
+                                    drift_objective=objective, output_dir=os.path.join(tmp, f"{objective}-{steps}"),
+                                    **UPDATE_SETTINGS)
                 trainer = ElegantTrainer(cfg, model=copy.deepcopy(task.model), scheduler=task.scheduler,
                                          reward_fn=task.true_reward, sample_shape=task.sample_shape)
                 if not summary:

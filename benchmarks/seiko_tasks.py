@@ -58,10 +58,19 @@ class NoisyOracle:
         return (self.score(samples).double().cpu() + noise).tolist()
 
 
+def mixture_of(weights):
+    """The 2-D three-mode mixture of ``mixture`` and ``rare`` with the given mode weights (common, common, top)."""
+    from hf_control_ft.tasks.gaussian_mixture import GaussianMixture
+
+    return GaussianMixture(list(weights), [[-3.0, 0.0], [3.0, 0.0], [0.0, 5.2]],
+                           (MIXTURE_STD**2 * torch.eye(2)).expand(3, 2, 2).clone())
+
+
 class MixtureTask:
     name = "mixture"
     sample_shape = (2,)
     noise_std = 0.5
+    weights = (0.6, 0.36, 0.04)
 
     def __init__(self, quick: bool = False):
         self.quick = quick
@@ -69,10 +78,9 @@ class MixtureTask:
     def build(self):
         from diffusers import DDPMScheduler
 
-        from hf_control_ft.tasks.gaussian_mixture import GaussianMixture, distill_mixture_denoiser
+        from hf_control_ft.tasks.gaussian_mixture import distill_mixture_denoiser
 
-        self.mixture = GaussianMixture([0.6, 0.36, 0.04], [[-3.0, 0.0], [3.0, 0.0], [0.0, 5.2]],
-                                       (MIXTURE_STD**2 * torch.eye(2)).expand(3, 2, 2).clone())
+        self.mixture = mixture_of(self.weights)
         self.scheduler = DDPMScheduler(num_train_timesteps=1000, clip_sample=False)
         self.model = distill_mixture_denoiser(self.mixture, self.scheduler, steps=800, batch_size=512, hidden=64,
                                               depth=2, seed=0, progress=False)
@@ -152,17 +160,6 @@ class RareTask(MixtureTask):
     name = "rare"
     weights = (0.6, 0.37, 0.03)
     bump_height, bump_width = 4.0, 0.75
-
-    def build(self):
-        from diffusers import DDPMScheduler
-
-        from hf_control_ft.tasks.gaussian_mixture import GaussianMixture, distill_mixture_denoiser
-
-        self.mixture = GaussianMixture(list(self.weights), [[-3.0, 0.0], [3.0, 0.0], [0.0, 5.2]],
-                                       (MIXTURE_STD**2 * torch.eye(2)).expand(3, 2, 2).clone())
-        self.scheduler = DDPMScheduler(num_train_timesteps=1000, clip_sample=False)
-        self.model = distill_mixture_denoiser(self.mixture, self.scheduler, steps=800, batch_size=512, hidden=64,
-                                              depth=2, seed=0, progress=False)
 
     def true_reward(self, x: torch.Tensor) -> torch.Tensor:
         d2 = (x - self.mixture.means[2].to(x)).pow(2).sum(1)

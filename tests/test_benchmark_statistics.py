@@ -57,20 +57,18 @@ def test_found_counts_compare_the_final_region_mass_with_twice_the_pretrained():
 
 def test_rare_task_reward_is_a_bump_on_the_rare_mode_and_flat_on_the_common_ones():
     import torch
-    from seiko_tasks import RareTask
-
-    from hf_control_ft.tasks.gaussian_mixture import GaussianMixture
+    from seiko_tasks import RareTask, mixture_of
 
     task = RareTask()
-    task.mixture = GaussianMixture(list(task.weights), [[-3.0, 0.0], [3.0, 0.0], [0.0, 5.2]],
-                                   (0.25 * torch.eye(2)).expand(3, 2, 2).clone())
+    task.mixture = mixture_of(task.weights)  # build() without distilling the denoiser
     common = task.mixture.sample(4096, torch.Generator().manual_seed(0))
     common = common[task.mixture.assign(common) != 2]
     r = task.true_reward(common)
     assert float(r.max()) < 1e-6  # no slope toward the bump from where the mass is
     half = 0.75 * math.sqrt(2 * math.log(2))  # r = 2 at this distance: the region's edge
     x = torch.tensor([[0.0, 5.2], [0.0, 5.2 + 0.99 * half], [0.0, 5.2 + 1.01 * half]])
-    torch.testing.assert_close(task.true_reward(x), 4.0 * torch.exp(-torch.tensor([0.0, 0.99, 1.01]) ** 2 * math.log(2)))
+    expected = 4.0 * torch.exp(-torch.tensor([0.0, 0.99, 1.01]) ** 2 * math.log(2))
+    torch.testing.assert_close(task.true_reward(x), expected)
     assert task.in_region(x).tolist() == [True, True, False]
     assert task.queries_in_region(x) == 2
     assert abs(sum(task.weights) - 1) < 1e-12 and task.weights[2] <= 0.03

@@ -145,7 +145,7 @@ def test_optimistic_reward_is_differentiable_and_has_the_right_bonus(kind):
 
 
 @pytest.mark.parametrize("kind", ["ucb", "bootstrap"])
-def test_ucb_bonus_does_not_shrink_with_the_oracle_noise(kind):
+def test_ucb_bonus_does_not_shrink_with_the_oracle_noise_and_bootstrap_follows_the_values(kind):
     """The UCB bonus is in nats of tilt (C * tau * width): the same data with values 10x smaller (a flat reward seen
     through small noise) leaves it unchanged, where a bonus in units of the values' spread would shrink 10x. The
     bootstrap spread is in reward units and scales with the values, under the same cap of bonus_cap * tau."""
