@@ -170,7 +170,8 @@ class BaseTrainer:
     def make_optimizer(self, params):
         """``(AdamW, LR schedule)`` of the drift stage from the config."""
         cfg = self.config
-        opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+        opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                weight_decay=0.0)
         schedule = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=cfg.train_steps)
         return opt, schedule

@@ -17,7 +17,7 @@ DRIFT_OBJECTIVES = ("auto", "pathwise", "adjoint_matching", "value_guided")
 # checkpointing, logging and output settings may change)
 RESUME_KEYS = ("alpha", "eta", "num_inference_steps", "learn_initial_noise", "conditional_initial_noise",
                "drift_objective", "batch_size", "gradient_accumulation_steps",
-               "learning_rate", "max_grad_norm", "lr_scheduler", "lr_warmup_steps", "lora_rank", "lora_alpha",
+               "learning_rate", "adam_beta1", "adam_beta2", "max_grad_norm", "lr_scheduler", "lr_warmup_steps", "lora_rank", "lora_alpha",
                "lora_target_modules", "truncate_backprop_steps", "value_num_rollouts", "value_train_steps",
                "value_learning_rate", "step_value_train_steps", "noise_num_steps", "noise_train_steps",
                "noise_learning_rate", "noise_batch_size", "aux_hidden", "seed")
@@ -104,6 +104,8 @@ class ElegantConfig:
                                                  "each optimiser step (effective batch = batch_size x this x "
                                                  "processes, memory of one batch_size)")
     learning_rate: float = _field(1e-3, "LoRA learning rate (Adam)")
+    adam_beta1: float = _field(0.9, "Adam's first-moment decay of the drift optimiser")
+    adam_beta2: float = _field(0.999, "Adam's second-moment decay of the drift optimiser")
     max_grad_norm: float | None = _field(None, "clip the LoRA gradient norm (None: no clipping)")
     max_nonfinite_steps: int = _field(5, "consecutive drift steps with a non-finite gradient (skipped) before "
                                          "training stops with an error")
@@ -170,6 +172,9 @@ class ElegantConfig:
         for name in ("learning_rate", "value_learning_rate", "noise_learning_rate"):
             v = getattr(self, name)
             _check(is_number(v) and 0 < v < math.inf, name, f"must be a finite number > 0, got {v!r}")
+        for name in ("adam_beta1", "adam_beta2"):
+            v = getattr(self, name)
+            _check(is_number(v) and 0 <= v < 1, name, f"must be a number in [0, 1), got {v!r}")
         _check(self.drift_objective in DRIFT_OBJECTIVES, "drift_objective",
                f"must be one of {DRIFT_OBJECTIVES}, got {self.drift_objective!r}")
         _check(self.drift_objective in ("auto", "pathwise") or self.truncate_backprop_steps is None,

@@ -1,4 +1,5 @@
 import json
+import types
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ import torch
 from hf_control_ft import ElegantConfig, ElegantTrainer
 from hf_control_ft.core.control import lora_parameters
 from hf_control_ft.tasks.gaussian_mixture import distill_mixture_denoiser, three_mode_mixture
+from hf_control_ft.trainers.base import BaseTrainer
 from hf_control_ft.testing import ddim, make_mlp_denoiser
 
 
@@ -25,10 +27,20 @@ def quadratic_reward(x):
                                          ("num_inference_steps", 0), ("batch_size", 0), ("train_steps", 1.5),
                                          ("learning_rate", 0.0), ("lora_rank", 0), ("truncate_backprop_steps", 0),
                                          ("report_to", "mlflo"), ("max_grad_norm", -1.0),
-                                         ("lr_scheduler", "cyclic"), ("lr_warmup_steps", -1)])
+                                         ("lr_scheduler", "cyclic"), ("lr_warmup_steps", -1),
+                                         ("adam_beta1", 1.0), ("adam_beta2", -0.1)])
 def test_bad_config_values_raise_naming_the_field(field, value):
     with pytest.raises(ValueError, match=rf"ElegantConfig\.{field}"):
         ElegantConfig(**{field: value})
+
+
+def test_adam_betas_are_flags_and_reach_the_drift_optimiser():
+    cfg = ElegantConfig.from_cli(None, ["--adam_beta1", "0.8", "--adam_beta2=0.99", "--report_to", "none"])
+    assert (cfg.adam_beta1, cfg.adam_beta2) == (0.8, 0.99)
+    model = torch.nn.Linear(2, 2)
+    trainer = types.SimpleNamespace(config=cfg)
+    opt, _ = BaseTrainer.make_optimizer(trainer, list(model.parameters()))
+    assert opt.param_groups[0]["betas"] == (0.8, 0.99)
 
 
 def test_config_from_yaml_rejects_unknown_keys(tmp_path):
