@@ -75,7 +75,8 @@ def lean_adjoints(sampler: ControlledSampler, trajectory: Trajectory, grad_sampl
 
 
 def adjoint_matching_backward(sampler: ControlledSampler, trajectory: Trajectory, grad_samples: torch.Tensor,
-                              alpha: float, loss_scale: float = 1.0, value_gradient=None) -> torch.Tensor:
+                              alpha: float, loss_scale: float = 1.0, value_gradient=None,
+                              step_weight_power: float = 0.0) -> torch.Tensor:
     """One backward sweep of adjoint matching; accumulates LoRA gradients into ``.grad``.
 
     Walks the steps from last to first, carrying the lean adjoint ``a_{k+1}``. At each stochastic step it
@@ -96,6 +97,10 @@ def adjoint_matching_backward(sampler: ControlledSampler, trajectory: Trajectory
             exact): the conditional expectation of ``a_{k+1}`` under the tilted law, so the same fixed point
             with a low-variance target, at the price of the value fit's error ("value-guided" drift). No
             pretrained input-gradient is then needed.
+        step_weight_power: the backpropagated loss of step ``k`` is multiplied by ``(sigma_k^2 / mean_j
+            sigma_j^2)^p`` (``p = 0``: the KL-unit loss above; ``p = 1``: plain least squares on the means, which
+            weighs the high-noise steps more). Every ``p`` has the same minimiser for an adapter that can represent
+            every step's target; with a finite adapter it decides which steps the fit favours.
 
     Returns:
         ``(B,)`` regression loss per sample (detached, in nats), summed over steps.
@@ -107,6 +112,8 @@ def adjoint_matching_backward(sampler: ControlledSampler, trajectory: Trajectory
     B = grad_samples.shape[0]
     adjoint = grad_samples.detach()
     total = grad_samples.new_zeros(B)
+    variances = [float(schedule.std[k]) ** 2 for k in range(K) if schedule.is_stochastic(k)]
+    mean_var = sum(variances) / max(len(variances), 1)
     for k in reversed(range(K)):
         if value_gradient is not None and k + 1 < K:
             adjoint = value_gradient(trajectory.states[k + 1], k + 1).detach()
@@ -122,8 +129,9 @@ def adjoint_matching_backward(sampler: ControlledSampler, trajectory: Trajectory
                 target = (var / alpha) * adjoint
                 loss_k = _sum_non_batch((u - target).pow(2)) / (2.0 * var)
                 if loss_k.requires_grad:
+                    weight = loss_scale * (var / mean_var) ** step_weight_power if step_weight_power else loss_scale
                     outputs.append(loss_k.sum())
-                    grads.append(torch.as_tensor(loss_scale, dtype=loss_k.dtype, device=loss_k.device))
+                    grads.append(torch.as_tensor(weight, dtype=loss_k.dtype, device=loss_k.device))
                 trajectory.kl_steps[k] = _sum_non_batch(u.detach().pow(2)) / (2.0 * var)
                 total = total + loss_k.detach()
             if outputs:
