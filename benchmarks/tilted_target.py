@@ -21,7 +21,8 @@ stderr as soon as it is done.
     python benchmarks/tilted_target.py --conditional   # per-prompt targets (below)
     python benchmarks/tilted_target.py --flow          # = --case flow_linear_2d
 
-``--suite``: the three cases at their two etas with the default objective (``auto``), seeds 0 1 2 (or
+``--suite``: the three cases above (``--held_out``: instead the held-out ``bump_2d`` and ``flow_bump_3d`` of
+``tilted_cases.py``, never used to choose a setting) at their two etas with the default objective (``auto``), seeds 0 1 2 (or
 ``--seeds``), the floor, no fixed-noise runs (``--with_fixed_noise`` adds them) and a summary table (the last
 stdout line is the JSON). About 2.5 CPU-minutes a run; ``--workers 2`` runs two at a time.
 
@@ -64,6 +65,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_stats import interval  # noqa: E402
 from tilted_cases import (  # noqa: E402
     CASES,
+    HELD_OUT,
     ExactLinearValues,
     build_case,
     describe_case,
@@ -78,9 +80,11 @@ _CASES: dict = {}  # name -> built case, shared with forked workers
 _ARGS = None
 
 
-def run_setting(case: dict, args, eta: float, kind: str, objective: str, seed: int) -> dict:
+def run_setting(case: dict, args, eta: float, kind: str, objective: str, seed: int, lora_init: dict | None = None,
+                ) -> dict:
     """One ELEGANT run. ``kind``: ``"learned"`` (learned initial noise), ``"fixed"`` (``N(0, I)`` start) or
-    ``"exact"`` (learned initial noise and value-guided drift on the exact soft values, ``ExactLinearValues``)."""
+    ``"exact"`` (learned initial noise and value-guided drift on the exact soft values, ``ExactLinearValues``).
+    ``lora_init``: adapter parameters (name -> tensor) the drift starts from instead of zero control."""
     model = load_denoiser(case["denoiser_state"])
     cfg = ElegantConfig(alpha=case["alpha"], eta=eta, num_inference_steps=args.steps,
                         learn_initial_noise=kind != "fixed", train_steps=args.train_steps,
@@ -88,7 +92,8 @@ def run_setting(case: dict, args, eta: float, kind: str, objective: str, seed: i
                         value_num_rollouts=args.value_rollouts, value_train_steps=args.value_train_steps,
                         step_value_train_steps=args.step_value_train_steps,
                         noise_train_steps=args.noise_train_steps, report_to=None, max_grad_norm=args.max_grad_norm,
-                        lr_scheduler=args.lr_scheduler,
+                        lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps,
+                        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
                         drift_objective="value_guided" if kind == "exact" else objective)
     dim = case["mixture"].dim
     trainer = ElegantTrainer(cfg, model, case["scheduler"], case["reward"], (dim,))
@@ -96,6 +101,11 @@ def run_setting(case: dict, args, eta: float, kind: str, objective: str, seed: i
     if kind != "fixed":  # the pretrained model, same sampler
         x = trainer.sample(args.eval_samples, torch.Generator().manual_seed(1234), 2048, controlled=False)
         out["pretrained"] = evaluate(case["target"], x)
+    if lora_init is not None:
+        params = dict(trainer.model.named_parameters())
+        with torch.no_grad():
+            for name, value in lora_init.items():
+                params[name].copy_(value)
     t0 = time.perf_counter()
     if kind == "exact":
         exact = ExactLinearValues(case["mixture"], case["linear_c"], case["alpha"], trainer.schedule)
@@ -210,6 +220,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--case", choices=sorted(CASES), default="linear_2d")
     p.add_argument("--suite", action="store_true", help="every case with the default objective, 3 seeds, floors")
+    p.add_argument("--held_out", action="store_true",
+                   help="--suite on the held-out cases (tilted_cases.HELD_OUT) instead of the three tuning cases")
     p.add_argument("--alpha", type=float, default=None, help="default: the case's (2 linear, 1 bounded)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
     p.add_argument("--low_eta", type=float, default=None, help="replaces the case's low eta")
@@ -220,6 +232,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--max_grad_norm", type=float, default=None)
     p.add_argument("--lr_scheduler", default="constant")
+    p.add_argument("--lr_warmup_steps", type=int, default=0)
+    p.add_argument("--adam_beta1", type=float, default=0.9)
+    p.add_argument("--adam_beta2", type=float, default=0.999)
     p.add_argument("--value_rollouts", type=int, default=4096)
     p.add_argument("--value_train_steps", type=int, default=500)
     p.add_argument("--step_value_train_steps", type=int, default=2000)
@@ -271,7 +286,7 @@ def main(argv=None):
         args.low_eta = 0.2 if args.low_eta is None else args.low_eta
         print(json.dumps(run_conditional(args)))
         return
-    names = sorted(CASES) if args.suite else [args.case]
+    names = [c for c in sorted(CASES) if (c in HELD_OUT) == args.held_out] if args.suite else [args.case]
     for name in names:
         _CASES[name] = build_case(name, args.alpha, args.distill_steps, args.seed, args.shift,
                                   num_reference=200_000 if args.quick else 1_000_000)
@@ -284,7 +299,8 @@ def main(argv=None):
         results = dict(_job(j) for j in todo)
     cases = {name: assemble(name, results) for name in names}
     meta = {"num_inference_steps": args.steps, "train_steps": args.train_steps, "batch_size": args.batch_size,
-            "learning_rate": args.lr, "drift_objectives": args.drift_objectives.split(","),
+            "learning_rate": args.lr, "lr_scheduler": args.lr_scheduler, "lr_warmup_steps": args.lr_warmup_steps,
+            "adam_betas": [args.adam_beta1, args.adam_beta2], "drift_objectives": args.drift_objectives.split(","),
             "wall_seconds": round(time.perf_counter() - t0, 1)}
     if not args.suite:
         print(json.dumps({"benchmark": f"tilted_target --case {args.case}", **meta, **cases[args.case]}))
