@@ -12,14 +12,14 @@ default: ``train_steps`` and ``batch_size`` are not overridable here.
         --setting cosine3e-3:learning_rate=3e-3,lr_scheduler=cosine,lr_warmup_steps=40 \\
         --setting beta2_0.99:adam_beta2=0.99
 
-Prints one JSON object: per setting and row the TV of every seed, their mean and 95% t-interval, and the mode
-weights of seed 0's samples; a table goes to stderr.
+Prints one JSON object: per setting and row the TV of every seed, their mean and 95% t-interval, the mode
+weights of seed 0's samples, and the TV of the trained drift run from the exact optimal start law
+(:func:`exact_start_tv`: the start law's share of the error); a table goes to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import multiprocessing
 import os
@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import tilted_target  # noqa: E402
 from bench_stats import interval  # noqa: E402
-from tilted_cases import CASES, build_case, discretisation_floor  # noqa: E402
+from tilted_cases import CASES, build_case, discretisation_floor, evaluate  # noqa: E402
 
 import hf_control_ft.trainers.base as trainer_base  # noqa: E402
 from hf_control_ft import ElegantTrainer  # noqa: E402
@@ -64,7 +64,9 @@ class _Args:
 
     NAMES = {"learning_rate": "lr", "lr_scheduler": "lr_scheduler", "lr_warmup_steps": "lr_warmup_steps",
              "adam_beta1": "adam_beta1", "adam_beta2": "adam_beta2", "max_grad_norm": "max_grad_norm",
-             "drift_objective": None, "pathwise_every": None, "step_weight_power": None, "init_from_floor": None}
+             "drift_objective": None, "pathwise_every": None, "regression_weight_power": "regression_weight_power",
+             "init_from_floor": None,
+             "snis_particles": None}
 
     def __init__(self, overrides: dict, eval_samples: int, quick: bool = False):
         self.__dict__.update(vars(tilted_target.parse_args(["--quick"] if quick else [])))
@@ -96,14 +98,86 @@ def mix_in_pathwise(every: int):
     return plain
 
 
+def snis_backward(particles: int):
+    """``adjoint_matching_backward`` whose value-guided target is the mean of the optimal Gaussian transition.
+
+    The library's target ``sigma^2 grad V_{k+1}(x_{k+1}) / alpha`` takes ``x_{k+1}`` from the *current* transition
+    ``N(mu_ft, sigma^2)``; the optimal transition is ``q*(y) ∝ N(y; mu_pre, sigma^2) exp(V_{k+1}(y) / alpha)``,
+    whose mean is ``mu_pre + sigma^2 E_{q*}[grad V_{k+1}] / alpha``. This variant estimates ``E_{q*}`` by
+    self-normalised importance sampling from ``particles`` draws ``y ~ N(mu_ft, sigma^2)`` with weights
+    ``exp(V(y) / alpha - (y - mu_pre) . u / sigma^2)``; it calls the small value network ``particles`` times per
+    step and the denoiser as often as the library's form. The last step keeps ``grad r(x_K)``."""
+
+    calls = [0]
+
+    def backward(sampler, trajectory, grad_samples, alpha, loss_scale=1.0, value_gradient=None, step_weight_power=0.0):
+        calls[0] += 1
+        gen = torch.Generator().manual_seed(calls[0])  # reproducible particles
+        if value_gradient is None:
+            return adjoint_matching_backward(sampler, trajectory, grad_samples, alpha, loss_scale, None,
+                                             step_weight_power)
+        values = value_gradient.__self__  # the StepValueFunction whose bound gradient the trainer passes
+        schedule, K, B = sampler.schedule, len(sampler.schedule), grad_samples.shape[0]
+        total = grad_samples.new_zeros(B)
+        variances = [float(schedule.std[k]) ** 2 for k in range(K) if schedule.is_stochastic(k)]
+        mean_var = sum(variances) / len(variances)
+        for k in reversed(range(K)):
+            if not schedule.is_stochastic(k):
+                continue
+            x_k = trajectory.states[k].detach()
+            var = float(schedule.std[k]) ** 2
+            with torch.enable_grad(), sampler.kl_context():
+                mu_pre = sampler.mean(x_k, k, controlled=False).detach()
+                mu_ft = sampler.mean(x_k, k, controlled=True)
+                u = mu_ft - mu_pre
+                if k + 1 < K:
+                    y = mu_ft.detach().unsqueeze(0) + var ** 0.5 * torch.randn((particles, *mu_ft.shape), generator=gen)
+                    flat = y.reshape(particles * B, *mu_ft.shape[1:])
+                    logw = values.normalized(flat, k + 1).reshape(particles, B)
+                    logw = logw - ((y - mu_pre) * u.detach()).reshape(particles, B, -1).sum(-1) / var
+                    w = torch.softmax(logw, dim=0)
+                    grads = values.gradient(flat, k + 1).reshape(particles, *mu_ft.shape)
+                    adjoint = (w.reshape(particles, B, *[1] * (mu_ft.dim() - 1)) * grads).sum(0)
+                else:
+                    adjoint = grad_samples.detach()
+                loss_k = (u - (var / alpha) * adjoint).pow(2).reshape(B, -1).sum(1) / (2.0 * var)
+                weight = loss_scale * (var / mean_var) ** step_weight_power
+                torch.autograd.backward([loss_k.sum()], [torch.as_tensor(weight, dtype=loss_k.dtype)])
+            trajectory.kl_steps[k] = u.detach().pow(2).reshape(B, -1).sum(1) / (2.0 * var)
+            total = total + loss_k.detach()
+        return total
+
+    return backward
+
+
+@torch.no_grad()
+def exact_start_tv(case: dict, trainer, n: int, proposals: int = 8) -> dict:
+    """The trained drift run from the *exact* optimal start law instead of the learned one: TV of its samples.
+
+    ``nu*(x_T) ∝ N(x_T; 0, I) E_pre[exp(r(x_0) / alpha) | x_T]`` is sampled by importance resampling: draw
+    ``proposals * n`` pretrained paths from ``N(0, I)`` and keep ``n`` of their starts with probability ∝
+    ``exp(r(x_0) / alpha)`` (the path's own end), which leaves starts distributed as ``nu*``. The controlled chain
+    then runs from them with fresh noise. Against the run's TV this separates the start law's error from the
+    drift's: with an optimal drift this TV is at the floor."""
+    gen = torch.Generator().manual_seed(4321)
+    dim = case["mixture"].dim
+    x_T = torch.randn(proposals * n, dim, generator=gen)
+    x_0 = torch.cat([trainer.sampler.sample(x_T[i:i + 8192], gen, controlled=False)
+                     for i in range(0, len(x_T), 8192)])
+    logw = case["reward"](x_0).double() / case["alpha"]
+    w = torch.softmax(logw, 0)
+    picks = torch.multinomial(w, n, replacement=True, generator=gen)
+    x = torch.cat([trainer.sampler.sample(x_T[picks[i:i + 8192]], gen, controlled=True) for i in range(0, n, 8192)])
+    return {"exact_start": evaluate(case["target"], x), "exact_start_ess": round(float(1 / w.pow(2).sum()), 1)}
+
+
 def _job(job):
     torch.set_num_threads(1)
     name, overrides, case_name, eta, seed, eval_samples, quick = job
     args = _Args(overrides, eval_samples, quick)
     plain = mix_in_pathwise(int(overrides["pathwise_every"])) if overrides.get("pathwise_every") else None
-    if overrides.get("step_weight_power"):  # the regression's per-step weights (adjoint_matching_backward)
-        trainer_base.adjoint_matching_backward = functools.partial(
-            adjoint_matching_backward, step_weight_power=float(overrides["step_weight_power"]))
+    if overrides.get("snis_particles"):
+        trainer_base.adjoint_matching_backward = snis_backward(int(overrides["snis_particles"]))
     t0 = time.perf_counter()
     lora_init = None
     if overrides.get("init_from_floor"):  # start at the regression onto the exact target: does the drift stay?
@@ -111,7 +185,9 @@ def _job(job):
         floor = discretisation_floor(_CASES[case_name], eta, args.steps, args.floor_steps, args.floor_lr,
                                      args.eval_samples, args.seed, lora_state=lora_init)
     try:
-        res = tilted_target.run_setting(_CASES[case_name], args, eta, "learned", args.objective, seed, lora_init)
+        case = _CASES[case_name]
+        res = tilted_target.run_setting(case, args, eta, "learned", args.objective, seed, lora_init,
+                                        after_train=lambda tr: exact_start_tv(case, tr, args.eval_samples))
         if lora_init is not None:
             res["start_tv"] = floor["tv"]
     finally:  # undo the patches: a pool worker runs the next job in the same process
@@ -155,6 +231,7 @@ def main(argv=None):
         row["seeds"].append(seed)
         row.setdefault("mode_weights", res["samples"]["mode_weights"])
         row.setdefault("drift_objective", res["drift_objective"])
+        row.setdefault("exact_start_tv", []).append(res["exact_start"]["tv"])
         if "start_tv" in res:
             row.setdefault("start_tv", []).append(res["start_tv"])
     lines = []
@@ -163,7 +240,8 @@ def main(argv=None):
             ci = interval(row["tv"])
             row.update(tv_mean=round(ci["mean"], 4),
                        tv_ci95=None if ci["ci95_low"] is None else [round(ci["ci95_low"], 4), round(ci["ci95_high"], 4)])
-            lines.append(f"{name:28s} {row_name:22s} tv {row['tv_mean']:.4f} {row['tv']}")
+            lines.append(f"{name:28s} {row_name:22s} tv {row['tv_mean']:.4f} {row['tv']}  from the exact start "
+                         f"{row['exact_start_tv']}")
     print("\n".join(lines), file=sys.stderr)
     print(json.dumps({"benchmark": "tilted_levers", "seeds": args.seeds, "wall_seconds": round(time.perf_counter() - t0),
                       "settings": out}))

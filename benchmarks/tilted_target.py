@@ -81,10 +81,11 @@ _ARGS = None
 
 
 def run_setting(case: dict, args, eta: float, kind: str, objective: str, seed: int, lora_init: dict | None = None,
-                ) -> dict:
+                after_train=None) -> dict:
     """One ELEGANT run. ``kind``: ``"learned"`` (learned initial noise), ``"fixed"`` (``N(0, I)`` start) or
     ``"exact"`` (learned initial noise and value-guided drift on the exact soft values, ``ExactLinearValues``).
-    ``lora_init``: adapter parameters (name -> tensor) the drift starts from instead of zero control."""
+    ``lora_init``: adapter parameters (name -> tensor) the drift starts from instead of zero control;
+    ``after_train(trainer)``: extra measurements of the trained model, merged into the result."""
     model = load_denoiser(case["denoiser_state"])
     cfg = ElegantConfig(alpha=case["alpha"], eta=eta, num_inference_steps=args.steps,
                         learn_initial_noise=kind != "fixed", train_steps=args.train_steps,
@@ -94,6 +95,7 @@ def run_setting(case: dict, args, eta: float, kind: str, objective: str, seed: i
                         noise_train_steps=args.noise_train_steps, report_to=None, max_grad_norm=args.max_grad_norm,
                         lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps,
                         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
+                        regression_weight_power=args.regression_weight_power,
                         drift_objective="value_guided" if kind == "exact" else objective)
     dim = case["mixture"].dim
     trainer = ElegantTrainer(cfg, model, case["scheduler"], case["reward"], (dim,))
@@ -119,6 +121,8 @@ def run_setting(case: dict, args, eta: float, kind: str, objective: str, seed: i
     out["final_kl"] = round(summary["train/kl"] + summary["train/kl_init"], 4)
     out["samples"] = evaluate(case["target"], trainer.sample(args.eval_samples, torch.Generator().manual_seed(99),
                                                              2048))
+    if after_train is not None:
+        out.update(after_train(trainer))
     return out
 
 
@@ -234,6 +238,8 @@ def parse_args(argv=None):
     p.add_argument("--lr_scheduler", default="constant")
     p.add_argument("--lr_warmup_steps", type=int, default=0)
     p.add_argument("--adam_beta1", type=float, default=0.9)
+    p.add_argument("--regression_weight_power", type=float, default=1.0,
+                   help="ElegantConfig.regression_weight_power (0: the KL-unit weights used before)")
     p.add_argument("--adam_beta2", type=float, default=0.999)
     p.add_argument("--value_rollouts", type=int, default=4096)
     p.add_argument("--value_train_steps", type=int, default=500)
@@ -300,7 +306,8 @@ def main(argv=None):
     cases = {name: assemble(name, results) for name in names}
     meta = {"num_inference_steps": args.steps, "train_steps": args.train_steps, "batch_size": args.batch_size,
             "learning_rate": args.lr, "lr_scheduler": args.lr_scheduler, "lr_warmup_steps": args.lr_warmup_steps,
-            "adam_betas": [args.adam_beta1, args.adam_beta2], "drift_objectives": args.drift_objectives.split(","),
+            "adam_betas": [args.adam_beta1, args.adam_beta2],
+            "regression_weight_power": args.regression_weight_power, "drift_objectives": args.drift_objectives.split(","),
             "wall_seconds": round(time.perf_counter() - t0, 1)}
     if not args.suite:
         print(json.dumps({"benchmark": f"tilted_target --case {args.case}", **meta, **cases[args.case]}))

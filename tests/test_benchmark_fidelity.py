@@ -119,3 +119,18 @@ def test_pathwise_mixing_lever_switches_every_nth_iteration_and_is_undone(monkey
     assert seen == ["value_guided", "value_guided", "pathwise"] * 2
     assert fake.config.drift_objective == "value_guided"
     ElegantTrainer.drift_step = plain
+
+
+def test_levers_start_from_the_floor_and_measure_the_exact_start(capsys):
+    """Quick sizes: a run started from the regression onto the exact target reports that start's TV, and every
+    run reports the trained drift from the exact optimal start law (importance-resampled pretrained paths)."""
+    import tilted_levers
+
+    tilted_levers.main(["--quick", "--rows", "linear_2d:0.2", "--setting", "from_floor:init_from_floor=1",
+                        "--eval_samples", "1024"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    row = out["settings"]["from_floor"]["rows"]["linear_2d:0.2"]
+    assert row["drift_objective"] == "value_guided" and row["seeds"] == [0]
+    for key in ("tv", "start_tv", "exact_start_tv"):
+        assert len(row[key]) == 1 and 0 <= row[key][0] <= 1
+    assert sum(row["mode_weights"]) == pytest.approx(1.0, abs=1e-3)

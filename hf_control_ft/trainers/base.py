@@ -311,7 +311,7 @@ class BaseTrainer:
         regression_loss = None
         if cfg.drift_objective in ("adjoint_matching", "value_guided"):
             regression_loss = adjoint_matching_backward(self.sampler, traj, grad_x0, cfg.alpha, 1.0 / total,
-                                                        value_gradient).mean().item()
+                                                        value_gradient, cfg.regression_weight_power).mean().item()
         else:
             ref = None if reference_kl_weight is None else reference_kl_weight / total
             self.sampler.backpropagate(traj, -grad_x0 / total, cfg.alpha / total, reference_kl_weight=ref)

@@ -16,7 +16,7 @@ DRIFT_OBJECTIVES = ("auto", "pathwise", "adjoint_matching", "value_guided")
 # settings a resumed run may not change: they define the objective, the model or the optimiser (train_steps,
 # checkpointing, logging and output settings may change)
 RESUME_KEYS = ("alpha", "eta", "num_inference_steps", "learn_initial_noise", "conditional_initial_noise",
-               "drift_objective", "batch_size", "gradient_accumulation_steps",
+               "drift_objective", "regression_weight_power", "batch_size", "gradient_accumulation_steps",
                "learning_rate", "adam_beta1", "adam_beta2", "max_grad_norm", "lr_scheduler", "lr_warmup_steps", "lora_rank", "lora_alpha",
                "lora_target_modules", "truncate_backprop_steps", "value_num_rollouts", "value_train_steps",
                "value_learning_rate", "step_value_train_steps", "noise_num_steps", "noise_train_steps",
@@ -117,6 +117,10 @@ class ElegantConfig:
                                                          "attention projections)")
     gradient_checkpointing: bool = _field(True, "recompute network activations in the backward pass (memory ~ one "
                                                 "step instead of all steps)")
+    regression_weight_power: float = _field(
+        1.0, "'value_guided' / 'adjoint_matching': step k's regression loss is weighted by (sigma_k^2 / mean "
+             "sigma^2)^p; 1: least squares on the means (measured closer to the tilted law than 0, the KL units: "
+             "docs/measurements.md); the minimiser is the same for an adapter that fits every step")
     truncate_backprop_steps: int | None = _field(None, "pathwise only: backpropagate through the last K sampler steps"
                                                        " (None: all)")
     # stage 1: value function at the start
@@ -172,6 +176,8 @@ class ElegantConfig:
         for name in ("learning_rate", "value_learning_rate", "noise_learning_rate"):
             v = getattr(self, name)
             _check(is_number(v) and 0 < v < math.inf, name, f"must be a finite number > 0, got {v!r}")
+        _check(is_number(self.regression_weight_power) and -4 <= self.regression_weight_power <= 4,
+               "regression_weight_power", f"must be a number in [-4, 4], got {self.regression_weight_power!r}")
         for name in ("adam_beta1", "adam_beta2"):
             v = getattr(self, name)
             _check(is_number(v) and 0 <= v < 1, name, f"must be a number in [0, 1), got {v!r}")
