@@ -1,7 +1,11 @@
 """Optimiser levers of the drift stage on the exact-target cases: which settings close ELEGANT's under-tilt?
 
-Each ``--setting`` is a name and ``ElegantConfig`` overrides on top of ``benchmarks/tilted_target.py``'s run
-(default objective, 50 steps, 400 iterations of 128, learned initial noise); every setting runs on every
+Each ``--setting`` is a name and overrides on top of ``benchmarks/tilted_target.py``'s run (default objective,
+50 steps, 400 iterations of 128, learned initial noise): the ``ElegantConfig`` fields ``learning_rate``,
+``lr_scheduler``, ``lr_warmup_steps``, ``adam_beta1``, ``adam_beta2``, ``max_grad_norm``, ``drift_objective``,
+``regression_weight_power``, and two of this script: ``pathwise_every=N`` (every N-th iteration takes the exact
+pathwise gradient instead of the regression) and ``init_from_floor=1`` (the drift starts at the discretisation
+floor's adapter, the LoRA regressed onto the exact target, instead of zero control). Every setting runs on every
 ``--rows`` entry (``case:eta``) and ``--seeds``, and is scored by the mode-weight TV of 8192 samples to the
 exact tilted target (``benchmarks/tilted_cases.py``). No setting may use more network evaluations than the
 default: ``train_steps`` and ``batch_size`` are not overridable here.
@@ -36,9 +40,7 @@ import tilted_target  # noqa: E402
 from bench_stats import interval  # noqa: E402
 from tilted_cases import CASES, build_case, discretisation_floor, evaluate  # noqa: E402
 
-import hf_control_ft.trainers.base as trainer_base  # noqa: E402
 from hf_control_ft import ElegantTrainer  # noqa: E402
-from hf_control_ft.core.adjoint_matching import adjoint_matching_backward  # noqa: E402
 
 FORBIDDEN = ("train_steps", "batch_size", "num_inference_steps", "value_num_rollouts")
 _CASES: dict = {}
@@ -65,8 +67,7 @@ class _Args:
     NAMES = {"learning_rate": "lr", "lr_scheduler": "lr_scheduler", "lr_warmup_steps": "lr_warmup_steps",
              "adam_beta1": "adam_beta1", "adam_beta2": "adam_beta2", "max_grad_norm": "max_grad_norm",
              "drift_objective": None, "pathwise_every": None, "regression_weight_power": "regression_weight_power",
-             "init_from_floor": None,
-             "snis_particles": None}
+             "init_from_floor": None}
 
     def __init__(self, overrides: dict, eval_samples: int, quick: bool = False):
         self.__dict__.update(vars(tilted_target.parse_args(["--quick"] if quick else [])))
@@ -98,58 +99,6 @@ def mix_in_pathwise(every: int):
     return plain
 
 
-def snis_backward(particles: int):
-    """``adjoint_matching_backward`` whose value-guided target is the mean of the optimal Gaussian transition.
-
-    The library's target ``sigma^2 grad V_{k+1}(x_{k+1}) / alpha`` takes ``x_{k+1}`` from the *current* transition
-    ``N(mu_ft, sigma^2)``; the optimal transition is ``q*(y) ∝ N(y; mu_pre, sigma^2) exp(V_{k+1}(y) / alpha)``,
-    whose mean is ``mu_pre + sigma^2 E_{q*}[grad V_{k+1}] / alpha``. This variant estimates ``E_{q*}`` by
-    self-normalised importance sampling from ``particles`` draws ``y ~ N(mu_ft, sigma^2)`` with weights
-    ``exp(V(y) / alpha - (y - mu_pre) . u / sigma^2)``; it calls the small value network ``particles`` times per
-    step and the denoiser as often as the library's form. The last step keeps ``grad r(x_K)``."""
-
-    calls = [0]
-
-    def backward(sampler, trajectory, grad_samples, alpha, loss_scale=1.0, value_gradient=None, step_weight_power=0.0):
-        calls[0] += 1
-        gen = torch.Generator().manual_seed(calls[0])  # reproducible particles
-        if value_gradient is None:
-            return adjoint_matching_backward(sampler, trajectory, grad_samples, alpha, loss_scale, None,
-                                             step_weight_power)
-        values = value_gradient.__self__  # the StepValueFunction whose bound gradient the trainer passes
-        schedule, K, B = sampler.schedule, len(sampler.schedule), grad_samples.shape[0]
-        total = grad_samples.new_zeros(B)
-        variances = [float(schedule.std[k]) ** 2 for k in range(K) if schedule.is_stochastic(k)]
-        mean_var = sum(variances) / len(variances)
-        for k in reversed(range(K)):
-            if not schedule.is_stochastic(k):
-                continue
-            x_k = trajectory.states[k].detach()
-            var = float(schedule.std[k]) ** 2
-            with torch.enable_grad(), sampler.kl_context():
-                mu_pre = sampler.mean(x_k, k, controlled=False).detach()
-                mu_ft = sampler.mean(x_k, k, controlled=True)
-                u = mu_ft - mu_pre
-                if k + 1 < K:
-                    y = mu_ft.detach().unsqueeze(0) + var ** 0.5 * torch.randn((particles, *mu_ft.shape), generator=gen)
-                    flat = y.reshape(particles * B, *mu_ft.shape[1:])
-                    logw = values.normalized(flat, k + 1).reshape(particles, B)
-                    logw = logw - ((y - mu_pre) * u.detach()).reshape(particles, B, -1).sum(-1) / var
-                    w = torch.softmax(logw, dim=0)
-                    grads = values.gradient(flat, k + 1).reshape(particles, *mu_ft.shape)
-                    adjoint = (w.reshape(particles, B, *[1] * (mu_ft.dim() - 1)) * grads).sum(0)
-                else:
-                    adjoint = grad_samples.detach()
-                loss_k = (u - (var / alpha) * adjoint).pow(2).reshape(B, -1).sum(1) / (2.0 * var)
-                weight = loss_scale * (var / mean_var) ** step_weight_power
-                torch.autograd.backward([loss_k.sum()], [torch.as_tensor(weight, dtype=loss_k.dtype)])
-            trajectory.kl_steps[k] = u.detach().pow(2).reshape(B, -1).sum(1) / (2.0 * var)
-            total = total + loss_k.detach()
-        return total
-
-    return backward
-
-
 @torch.no_grad()
 def exact_start_tv(case: dict, trainer, n: int, proposals: int = 8) -> dict:
     """The trained drift run from the *exact* optimal start law instead of the learned one: TV of its samples.
@@ -176,8 +125,6 @@ def _job(job):
     name, overrides, case_name, eta, seed, eval_samples, quick = job
     args = _Args(overrides, eval_samples, quick)
     plain = mix_in_pathwise(int(overrides["pathwise_every"])) if overrides.get("pathwise_every") else None
-    if overrides.get("snis_particles"):
-        trainer_base.adjoint_matching_backward = snis_backward(int(overrides["snis_particles"]))
     t0 = time.perf_counter()
     lora_init = None
     if overrides.get("init_from_floor"):  # start at the regression onto the exact target: does the drift stay?
@@ -193,7 +140,6 @@ def _job(job):
     finally:  # undo the patches: a pool worker runs the next job in the same process
         if plain is not None:
             ElegantTrainer.drift_step = plain
-        trainer_base.adjoint_matching_backward = adjoint_matching_backward
     print(f"done {name} {case_name}:{eta} seed {seed}: tv {res['samples']['tv']} ({time.perf_counter() - t0:.0f} s)",
           file=sys.stderr, flush=True)
     return job, res

@@ -14,7 +14,8 @@ frozen network). With zero control this is exactly ``d r(x_K) / d x_k`` through 
 
     target_k = sigma_k^2 * a_{k+1} / alpha,     loss = mean_b sum_k ||u_k - target_k||^2 / (2 sigma_k^2),
 
-(the per-step weight ``1 / (2 sigma_k^2)`` puts the loss in KL units, like the objective's KL term). Targets
+(the per-step weight ``1 / (2 sigma_k^2)`` puts the loss in KL units, like the objective's KL term;
+``step_weight_power`` reweights the steps for the gradient, ``ElegantConfig.regression_weight_power``). Targets
 are detached: the gradient reaches the LoRA parameters only through ``mu_ft``.
 
 **Why the fixed point is the ELEGANT optimum.** Let ``V_k(x) = alpha log E_pre[exp(r(x_K)/alpha) | x_k = x]``

@@ -63,7 +63,8 @@ class ElegantConfig:
       by Feynman--Kac regression on ``value_num_rollouts`` pretrained rollouts for ``step_value_train_steps``
       iterations (:mod:`hf_control_ft.models.step_values`) -- a low-variance target, biased by the value fit; it
       stores ``value_num_rollouts * step_value_states_per_rollout`` states (all steps of every rollout when they
-      fit in 2 GiB, else a random subset of steps), so latent pipelines can use it too.
+      fit in 2 GiB, else a random subset of steps), so latent pipelines can use it too. Both regressions weight
+      step ``k`` by ``(sigma_k^2 / mean sigma^2)^regression_weight_power`` (``docs/algorithms.md`` §7).
 
     ``rollout_batch_size``: batch of the no-grad pretrained rollouts of stage 1 and of the per-step values
     (default: ``batch_size``); larger than the training batch on big GPUs, since nothing is backpropagated.
