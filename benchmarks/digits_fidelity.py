@@ -9,7 +9,8 @@ every alpha's reference: Fréchet distance and kernel MMD^2 in the *genuine* cla
 classifier two-sample-test accuracy (0.5 = indistinguishable) and the genuine class histogram's TV. Floors (the
 floor set against the reference) and the pretrained model's distances come with them.
 
-Summary per alpha: ELEGANT's final point; each peer's final point and its point whose path KL is closest to
+Every point also gets its exact path-space KL to the tilted path law, ``log Z - E[r] / alpha + KL`` (the
+objective's gap to its optimum; ``Z`` = the acceptance rate). Summary per alpha: ELEGANT's final point; each peer's final point and its point whose path KL is closest to
 ELEGANT's final KL at that alpha ("matched KL"); means and 95% t-intervals over seeds.
 
     OMP_NUM_THREADS=1 python benchmarks/digits_fidelity.py --seeds 0 1 2 --workers 2 \\
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -123,16 +125,16 @@ def summarise(records: list, alphas, refs: dict) -> dict:
         kl_e = None
         if eleg:
             kl_e = sum(r["final"]["kl"] for r in eleg) / len(eleg)
-            block["elegant"] = _point_stats([r["final"] for r in eleg], key)
+            block["elegant"] = _point_stats([r["final"] for r in eleg], key, a, refs[a]["acceptance_rate"])
         for m in PEERS:
             recs = [r for r in records if r["method"] == m]
             if not recs:
                 continue
             finals = [r["final"] for r in recs if not r["final"]["diverged"]]
-            block[m] = {"final": _point_stats(finals, key) if finals else None}
+            block[m] = {"final": _point_stats(finals, key, a, refs[a]["acceptance_rate"]) if finals else None}
             if kl_e is not None:
                 block[m]["matched_kl"] = _point_stats([p for p in (_closest(r["curve"], kl_e) for r in recs) if p],
-                                                      key)
+                                                      key, a, refs[a]["acceptance_rate"])
         if eleg and all(m in block for m in PEERS):
             f_e = block["elegant"]["frechet"]["mean"]
             block["goal"] = {"elegant_frechet_over_floor": round(f_e / refs[a]["floor"]["frechet"], 2),
@@ -142,8 +144,19 @@ def summarise(records: list, alphas, refs: dict) -> dict:
     return out
 
 
-def _point_stats(points: list, alpha_key: str) -> dict:
+def path_kl_to_target(point: dict, alpha: float, z: float):
+    """``KL(P_model || P*)`` in nats over whole sampling paths, ``P* ∝ P_pre exp(r / alpha)`` the tilted path law:
+    ``log Z - E[r] / alpha + KL(P_model || P_pre)`` (the objective's gap to its optimum ``alpha log Z``, divided
+    by alpha), with ``Z`` the rejection sampler's acceptance rate; it bounds the KL between the samples' laws."""
+    if point.get("reward") is None or point.get("kl") is None:
+        return None
+    return math.log(z) - point["reward"] / alpha + point["kl"]
+
+
+def _point_stats(points: list, alpha_key: str, alpha: float, z: float) -> dict:
     stats = {s: _rounded(interval([p["fidelity"][alpha_key][s] for p in points])) for s in SCORES}
+    gaps = [g for g in (path_kl_to_target(p, alpha, z) for p in points) if g is not None]
+    stats["path_kl_to_target"] = _rounded(interval(gaps)) if gaps else None
     for k in ("kl", "genuine_reward", "genuine_target_rate", "within_class_diversity", "nfe"):
         vals = [p[k] for p in points if p.get(k) is not None]
         stats[k] = _rounded(interval(vals)) if vals else None
@@ -203,7 +216,13 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--png", default=None)
     p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test")
+    p.add_argument("--from_json", default=None,
+                   help="summarise (and plot) this earlier output again instead of running")
     args = p.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json, encoding="utf-8") as f:
+            report(json.load(f), args.png)
+        return
     if args.quick:
         args.train_steps, args.eval_points = 6, 3
     with contextlib.redirect_stdout(sys.stderr):
@@ -223,7 +242,19 @@ def main(argv=None):
     records += run(_job, [(m, s, budget, 1.0) for m in args.methods if m in PEERS for s in args.seeds])
     if pool:
         pool.close()
-    summary = summarise(records, args.alphas, refs)
+    out = {"benchmark": "digits_fidelity", "task_info": task.describe(), "alphas": args.alphas, "seeds": args.seeds,
+           "eval_samples": args.eval_samples, "nfe_budget": budget, "elegant_overrides": args.elegant,
+           "baseline_batch_size": args.baseline_batch_size, "baseline_lr": args.baseline_lr,
+           "wall_seconds": round(time.perf_counter() - t0, 1),
+           "references": {f"{a:g}": refs[a] for a in args.alphas}, "records": records}
+    report(out, args.png)
+
+
+def report(out: dict, png: str | None) -> None:
+    """Summarises ``out`` (its records and references), prints the table (stderr) and the JSON (stdout), plots."""
+    alphas = out["alphas"]
+    refs = {a: out["references"][f"{a:g}"] for a in alphas}
+    summary = out["summary"] = summarise(out["records"], alphas, refs)
     for key, block in summary.items():
         rows = [("floor", block["floor"]), ("pretrained", block["pretrained"])]
         rows += [(m, block[m]["final"] if m in PEERS else block[m]) for m in ("elegant", *PEERS) if m in block]
@@ -232,17 +263,12 @@ def main(argv=None):
             if s is None:
                 continue
             vals = "  ".join(f"{k} {s[k]['mean'] if isinstance(s[k], dict) else s[k]:.4g}" for k in SCORES)
-            kl = s.get("kl")
-            print(f"alpha {key:4s} {name:22s} {vals}" + (f"  KL {kl['mean']:.3g}" if kl else ""), file=sys.stderr)
-    if args.png:
-        plot(records, summary, args.alphas, args.png)
-    print(json.dumps({"benchmark": "digits_fidelity", "task_info": task.describe(), "alphas": args.alphas,
-                      "seeds": args.seeds, "eval_samples": args.eval_samples, "nfe_budget": budget,
-                      "elegant_overrides": args.elegant, "baseline_batch_size": args.baseline_batch_size, "baseline_lr": args.baseline_lr,
-                      "wall_seconds": round(time.perf_counter() - t0, 1),
-                      "references": {f"{a:g}": refs[a] for a in args.alphas}, "summary": summary,
-                      "records": records}))
-
+            kl, gap = s.get("kl"), s.get("path_kl_to_target")
+            print(f"alpha {key:4s} {name:22s} {vals}" + (f"  KL {kl['mean']:.3g}" if kl else "")
+                  + (f"  KL to target {gap['mean']:.3g}" if gap else ""), file=sys.stderr)
+    if png:
+        plot(out["records"], summary, alphas, png)
+    print(json.dumps(out))
 
 if __name__ == "__main__":
     main()

@@ -2,6 +2,7 @@
 (optimiser levers) and the held-out exact cases."""
 
 import json
+import math
 import os
 import sys
 
@@ -13,7 +14,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 def _point(kl, frechet, nfe=100):
     fidelity = {"1": {"frechet": frechet, "mmd2": frechet / 10, "c2st": 0.5 + frechet / 100, "class_tv": 0.1}}
-    return {"kl": kl, "genuine_reward": -1.0, "genuine_target_rate": 0.9, "within_class_diversity": 3.0,
+    return {"kl": kl, "reward": -1.0, "genuine_reward": -1.0, "genuine_target_rate": 0.9, "within_class_diversity": 3.0,
             "nfe": nfe, "diverged": False, "fidelity": fidelity}
 
 
@@ -29,6 +30,8 @@ def test_summary_compares_peers_at_the_point_closest_to_elegants_kl():
     out = digits_fidelity.summarise(records, [1.0], refs)["1"]
     assert out["elegant"]["frechet"]["mean"] == pytest.approx(4.0)
     assert out["elegant"]["kl"]["mean"] == pytest.approx(4.0)
+    # the objective's gap to alpha log Z: log Z - E[r] / alpha + KL
+    assert out["elegant"]["path_kl_to_target"]["mean"] == pytest.approx(math.log(0.1) + 1.0 + 4.0, abs=1e-4)
     # seed 0: |3.5 - 4| < |9 - 4|; seed 1: 4.5 is closest
     assert out["grpo"]["matched_kl"]["kl"]["mean"] == pytest.approx(4.0)
     assert out["grpo"]["matched_kl"]["frechet"]["mean"] == pytest.approx(10.5)
@@ -68,6 +71,12 @@ def test_digits_fidelity_end_to_end_on_a_tiny_cache(tmp_path, capsys):
     for m in ("grpo", "ddpo", "reward_backprop"):
         assert s[m]["matched_kl"]["frechet"]["n"] == 1
     assert os.path.getsize(tmp_path / "f.png") > 0
+    assert s["elegant"]["path_kl_to_target"]["n"] == 1
+    # an earlier output is summarised again without running anything
+    (tmp_path / "out.json").write_text(json.dumps(out))
+    digits_fidelity.main(["--from_json", str(tmp_path / "out.json")])
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["summary"] == out["summary"]
 
 
 def test_lever_settings_parse_and_refuse_more_network_evaluations():
