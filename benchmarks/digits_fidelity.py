@@ -266,9 +266,43 @@ def report(out: dict, png: str | None) -> None:
             kl, gap = s.get("kl"), s.get("path_kl_to_target")
             print(f"alpha {key:4s} {name:22s} {vals}" + (f"  KL {kl['mean']:.3g}" if kl else "")
                   + (f"  KL to target {gap['mean']:.3g}" if gap else ""), file=sys.stderr)
+    print(markdown(summary), file=sys.stderr)
     if png:
         plot(out["records"], summary, alphas, png)
     print(json.dumps(out))
+
+
+def _cell(stats, key: str, digits: int = 2) -> str:
+    s = stats.get(key) if stats else None
+    if not s:
+        return ""
+    if s.get("ci95_low") is None:
+        return f"{s['mean']:.{digits}f}"
+    return f"{s['mean']:.{digits}f} [{s['ci95_low']:.{digits}f}, {s['ci95_high']:.{digits}f}]"
+
+
+def markdown(summary: dict) -> str:
+    """The summary as one markdown table: per alpha the floor, the pretrained model, ELEGANT and every peer at
+    its final point and at ELEGANT's KL (means and 95% intervals over seeds)."""
+    lines = ["| target alpha | samples | Fréchet | kernel MMD^2 | two-sample acc. | class TV | path KL to pretrained "
+             "| path KL to target |", "|---|---|---|---|---|---|---|---|"]
+    for key, block in summary.items():
+        rows = [("exact (floor)", {k: {"mean": v} for k, v in block["floor"].items()}),
+                ("pretrained", {**{k: {"mean": v} for k, v in block["pretrained"].items()}, "kl": {"mean": 0.0},
+                                "path_kl_to_target": {"mean": -math.log(block["acceptance_rate"])}})]
+        if "elegant" in block:
+            rows.append((f"ELEGANT (alpha {key})", block["elegant"]))
+        for m in PEERS:
+            if m in block:
+                if key == "1":
+                    rows.append((f"{m}, final", block[m]["final"]))
+                if "matched_kl" in block[m]:
+                    rows.append((f"{m}, at ELEGANT's KL", block[m]["matched_kl"]))
+        for name, st in rows:
+            lines.append(f"| {key} | {name} | {_cell(st, 'frechet', 1)} | {_cell(st, 'mmd2', 2)} | "
+                         f"{_cell(st, 'c2st', 3)} | {_cell(st, 'class_tv', 3)} | {_cell(st, 'kl', 1)} | "
+                         f"{_cell(st, 'path_kl_to_target', 1)} |")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()
