@@ -119,9 +119,9 @@ class ElegantConfig:
     gradient_checkpointing: bool = _field(True, "recompute network activations in the backward pass (memory ~ one "
                                                 "step instead of all steps)")
     regression_weight_power: float = _field(
-        1.0, "'value_guided' / 'adjoint_matching': step k's regression loss is weighted by (sigma_k^2 / mean "
-             "sigma^2)^p; 1: least squares on the means (measured closer to the tilted law than 0, the KL units: "
-             "docs/measurements.md); the minimiser is the same for an adapter that fits every step")
+        0.0, "'value_guided' / 'adjoint_matching': step k's regression loss is weighted by (sigma_k^2 / mean "
+             "sigma^2)^p; 0: KL units; 1: least squares on the means (closer to the tilted law on the two exact "
+             "cases measured, docs/measurements.md); the minimiser is the same for an adapter that fits every step")
     truncate_backprop_steps: int | None = _field(None, "pathwise only: backpropagate through the last K sampler steps"
                                                        " (None: all)")
     # stage 1: value function at the start
