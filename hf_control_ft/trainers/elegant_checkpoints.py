@@ -10,6 +10,7 @@ atomically). A resumed run refuses settings that would change the objective, the
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import os
 
@@ -71,8 +72,10 @@ class ElegantCheckpointing:
         saved = state.get("config")
         if saved is not None:
             current = self.config.to_dict()
-            changed = {k: (saved.get(k), current.get(k)) for k in RESUME_KEYS
-                       if k in saved and saved[k] != current.get(k)}
+            # a key newer than the checkpoint was trained with its field's default (the value before it existed)
+            defaults = {f.name: f.default for f in dataclasses.fields(self.config) if f.default is not dataclasses.MISSING}
+            saved = {k: saved.get(k, defaults.get(k)) for k in RESUME_KEYS if k in saved or k in defaults}
+            changed = {k: (saved[k], current.get(k)) for k in saved if saved[k] != current.get(k)}
             if changed:
                 raise ValueError(f"{path} was trained with other settings; resuming with changed {sorted(changed)} "
                                  f"(saved vs now: {changed}) would change the objective, the model or the optimiser. "

@@ -1,6 +1,7 @@
 """Nothing lost: damaged run directories, a second run on the same directory, oracle faults, output-dir reuse,
 non-finite gradients and damaged checkpoints."""
 
+import json
 import math
 import os
 import shutil
@@ -356,3 +357,19 @@ def test_load_control_reads_the_exact_weight_file(tmp_path):
 def test_config_values_of_the_wrong_kind_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"ElegantConfig.{field}"):
         ElegantConfig(**{field: value})
+
+
+def test_a_checkpoint_older_than_a_setting_resumes_with_its_default_and_refuses_another_value(tmp_path):
+    """Settings added after a checkpoint was written (adam_beta2, regression_weight_power) were trained with the
+    field's default: resuming with it works, resuming with another value is refused and names the setting."""
+    _elegant(tmp_path).train()
+    state_path = tmp_path / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    for key in ("adam_beta1", "adam_beta2", "regression_weight_power"):
+        del state["config"][key]  # as an older version wrote it
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"changed \['adam_beta2'\]"):
+        _elegant(tmp_path, adam_beta2=0.99, train_steps=3).train(resume_from_checkpoint="checkpoint-2")
+    resumed = _elegant(tmp_path, train_steps=3)
+    resumed.train(resume_from_checkpoint="checkpoint-2")
+    assert resumed.global_step == 3
