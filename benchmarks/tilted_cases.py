@@ -95,14 +95,15 @@ def build_case(name: str, alpha: float | None = None, distill_steps: int = 1500,
              "weights": den.state_dict()}
     return {"name": name, "mixture": mixture, "reward": reward, "reward_text": reward_text, "alpha": alpha,
             "target": target, "scheduler": scheduler, "denoiser_state": state, "linear_c": linear_c,
-            "etas": spec["etas"], "flow": spec["flow"], "setup_seconds": round(time.perf_counter() - t0, 1)}
+            "etas": spec["etas"], "flow": spec["flow"], "shift": shift if spec["flow"] else None,
+            "setup_seconds": round(time.perf_counter() - t0, 1)}
 
 
 def describe_case(case: dict) -> dict:
     """The JSON header of a case."""
     t = case["target"]
     return {"case": case["name"], "alpha": case["alpha"], "scheduler": type(case["scheduler"]).__name__,
-            "reward": case["reward_text"], "dim": case["mixture"].dim,
+            "reward": case["reward_text"], "dim": case["mixture"].dim, "shift": case.get("shift"),
             "pretrained_weights": [round(float(w), 4) for w in case["mixture"].weights],
             "target_weights": [round(float(w), 4) for w in t.weights],
             "target_means": [[round(float(v), 4) for v in m] for m in t.means],
