@@ -10,7 +10,8 @@ classifier two-sample-test accuracy (0.5 = indistinguishable) and the genuine cl
 floor set against the reference) and the pretrained model's distances come with them.
 
 Every point also gets its exact path-space KL to the tilted path law, ``log Z - E[r] / alpha + KL`` (the
-objective's gap to its optimum; ``Z`` = the acceptance rate). Summary per alpha: ELEGANT's final point; each peer's final point and its point whose path KL is closest to
+objective's gap to its optimum; ``Z`` = the acceptance rate). Summary per alpha: ELEGANT's final point; each
+peer's final point and its point whose path KL is closest to
 ELEGANT's final KL at that alpha ("matched KL"); means and 95% t-intervals over seeds.
 
     OMP_NUM_THREADS=1 python benchmarks/digits_fidelity.py --seeds 0 1 2 --workers 2 \\

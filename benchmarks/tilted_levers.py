@@ -185,11 +185,13 @@ def main(argv=None):
         for row_name, row in block["rows"].items():
             ci = interval(row["tv"])
             row.update(tv_mean=round(ci["mean"], 4),
-                       tv_ci95=None if ci["ci95_low"] is None else [round(ci["ci95_low"], 4), round(ci["ci95_high"], 4)])
+                       tv_ci95=None if ci["ci95_low"] is None
+                       else [round(ci["ci95_low"], 4), round(ci["ci95_high"], 4)])
             lines.append(f"{name:28s} {row_name:22s} tv {row['tv_mean']:.4f} {row['tv']}  from the exact start "
                          f"{row['exact_start_tv']}")
     print("\n".join(lines), file=sys.stderr)
-    print(json.dumps({"benchmark": "tilted_levers", "seeds": args.seeds, "wall_seconds": round(time.perf_counter() - t0),
+    print(json.dumps({"benchmark": "tilted_levers", "seeds": args.seeds,
+                      "wall_seconds": round(time.perf_counter() - t0),
                       "settings": out}))
 
 

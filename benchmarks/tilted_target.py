@@ -22,9 +22,9 @@ stderr as soon as it is done.
     python benchmarks/tilted_target.py --flow          # = --case flow_linear_2d
 
 ``--suite``: the three cases above (``--held_out``: instead the held-out ``bump_2d`` and ``flow_bump_3d`` of
-``tilted_cases.py``, never used to choose a setting) at their two etas with the default objective (``auto``), seeds 0 1 2 (or
-``--seeds``), the floor, no fixed-noise runs (``--with_fixed_noise`` adds them) and a summary table (the last
-stdout line is the JSON). About 2.5 CPU-minutes a run; ``--workers 2`` runs two at a time.
+``tilted_cases.py``, never used to choose a setting) at their two etas with the default objective (``auto``),
+seeds 0 1 2 (or ``--seeds``), the floor, no fixed-noise runs (``--with_fixed_noise`` adds them) and a summary
+table (the last stdout line is the JSON). About 2.5 CPU-minutes a run; ``--workers 2`` runs two at a time.
 
 ``--exact_values`` (linear DDIM case, eta = 1): adds ELEGANT (``value_guided``) whose stage-2 value and per-step values
 are the exact soft values of the continuous-time pretrained process (``ExactLinearValues``) instead of fitted
@@ -307,7 +307,8 @@ def main(argv=None):
     meta = {"num_inference_steps": args.steps, "train_steps": args.train_steps, "batch_size": args.batch_size,
             "learning_rate": args.lr, "lr_scheduler": args.lr_scheduler, "lr_warmup_steps": args.lr_warmup_steps,
             "adam_betas": [args.adam_beta1, args.adam_beta2],
-            "regression_weight_power": args.regression_weight_power, "drift_objectives": args.drift_objectives.split(","),
+            "regression_weight_power": args.regression_weight_power,
+            "drift_objectives": args.drift_objectives.split(","),
             "wall_seconds": round(time.perf_counter() - t0, 1)}
     if not args.suite:
         print(json.dumps({"benchmark": f"tilted_target --case {args.case}", **meta, **cases[args.case]}))

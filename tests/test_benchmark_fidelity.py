@@ -117,7 +117,8 @@ def test_pathwise_mixing_lever_switches_every_nth_iteration_and_is_undone(monkey
     from hf_control_ft import ElegantTrainer
 
     seen = []
-    monkeypatch.setattr(ElegantTrainer, "drift_step", lambda self, opt, params: seen.append(self.config.drift_objective))
+    monkeypatch.setattr(ElegantTrainer, "drift_step",
+                        lambda self, opt, params: seen.append(self.config.drift_objective))
     recorder = ElegantTrainer.drift_step
     plain = tilted_levers.mix_in_pathwise(3)
     assert plain is recorder

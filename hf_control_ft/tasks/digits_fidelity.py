@@ -131,10 +131,9 @@ def fidelity_distances(samples: torch.Tensor, reference: torch.Tensor, genuine: 
     ``samples`` and ``reference`` (exact tilted samples), as plain floats."""
     fa = genuine_features(genuine, samples)
     fb = reference_features if reference_features is not None else genuine_features(genuine, reference)
+    tv = class_histogram_tv(class_histogram(genuine, samples), class_histogram(genuine, reference))
     return {"frechet": round(frechet_distance(fa, fb), 4), "mmd2": round(kernel_mmd2(fa, fb), 5),
-            "c2st": round(c2st_accuracy(fa, fb, seed), 4),
-            "class_tv": round(class_histogram_tv(class_histogram(genuine, samples), class_histogram(genuine, reference)),
-                              4)}
+            "c2st": round(c2st_accuracy(fa, fb, seed), 4), "class_tv": round(tv, 4)}
 
 
 __all__ = ["genuine_features", "tilted_rejection_samples", "frechet_distance", "kernel_mmd2", "c2st_accuracy",

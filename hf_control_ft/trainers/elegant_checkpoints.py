@@ -73,7 +73,8 @@ class ElegantCheckpointing:
         if saved is not None:
             current = self.config.to_dict()
             # a key newer than the checkpoint was trained with its field's default (the value before it existed)
-            defaults = {f.name: f.default for f in dataclasses.fields(self.config) if f.default is not dataclasses.MISSING}
+            defaults = {f.name: f.default for f in dataclasses.fields(self.config)
+                        if f.default is not dataclasses.MISSING}
             saved = {k: saved.get(k, defaults.get(k)) for k in RESUME_KEYS if k in saved or k in defaults}
             changed = {k: (saved[k], current.get(k)) for k in saved if saved[k] != current.get(k)}
             if changed:

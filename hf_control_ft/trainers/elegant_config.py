@@ -17,7 +17,8 @@ DRIFT_OBJECTIVES = ("auto", "pathwise", "adjoint_matching", "value_guided")
 # checkpointing, logging and output settings may change)
 RESUME_KEYS = ("alpha", "eta", "num_inference_steps", "learn_initial_noise", "conditional_initial_noise",
                "drift_objective", "regression_weight_power", "batch_size", "gradient_accumulation_steps",
-               "learning_rate", "adam_beta1", "adam_beta2", "max_grad_norm", "lr_scheduler", "lr_warmup_steps", "lora_rank", "lora_alpha",
+               "learning_rate", "adam_beta1", "adam_beta2", "max_grad_norm", "lr_scheduler", "lr_warmup_steps",
+               "lora_rank", "lora_alpha",
                "lora_target_modules", "truncate_backprop_steps", "value_num_rollouts", "value_train_steps",
                "value_learning_rate", "step_value_train_steps", "noise_num_steps", "noise_train_steps",
                "noise_learning_rate", "noise_batch_size", "aux_hidden", "seed")
