@@ -137,7 +137,7 @@ def test_levers_start_from_the_floor_and_measure_the_exact_start(capsys):
     import tilted_levers
 
     tilted_levers.main(["--quick", "--rows", "linear_2d:0.2", "--setting", "from_floor:init_from_floor=1",
-                        "--eval_samples", "1024"])
+                        "--eval_samples", "512"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     row = out["settings"]["from_floor"]["rows"]["linear_2d:0.2"]
     assert row["drift_objective"] == "value_guided" and row["seeds"] == [0]
