@@ -238,9 +238,9 @@ def parse_args(argv=None):
     p.add_argument("--lr_scheduler", default="constant")
     p.add_argument("--lr_warmup_steps", type=int, default=0)
     p.add_argument("--adam_beta1", type=float, default=0.9)
+    p.add_argument("--adam_beta2", type=float, default=0.999)
     p.add_argument("--regression_weight_power", type=float, default=0.0,
                    help="ElegantConfig.regression_weight_power (0, the default: KL-unit step weights)")
-    p.add_argument("--adam_beta2", type=float, default=0.999)
     p.add_argument("--value_rollouts", type=int, default=4096)
     p.add_argument("--value_train_steps", type=int, default=500)
     p.add_argument("--step_value_train_steps", type=int, default=2000)

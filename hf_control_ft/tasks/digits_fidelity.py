@@ -18,7 +18,8 @@ Distances between a model's samples and exact ones are measured in the *genuine*
 * :func:`class_histogram_tv` -- total variation between the genuine classifier's class histograms.
 
 Each has a floor -- the value between two independent exact sets of the same size -- which is what sampling
-error alone gives; :func:`fidelity_distances` returns a model's values next to it.
+error alone gives; :func:`fidelity_distances` returns a model's values (on :func:`sample_summary` results, so each
+set passes through the classifier once) next to it.
 """
 
 from __future__ import annotations
@@ -125,16 +126,23 @@ def class_histogram_tv(p: torch.Tensor, q: torch.Tensor) -> float:
     return float((p - q).abs().sum() / 2)
 
 
-def fidelity_distances(samples: torch.Tensor, reference: torch.Tensor, genuine: nn.Module, seed: int = 0,
-                       reference_features: torch.Tensor | None = None) -> dict:
-    """Fréchet distance, kernel MMD^2, C2ST accuracy (features of ``genuine``) and class-histogram TV between
-    ``samples`` and ``reference`` (exact tilted samples), as plain floats."""
-    fa = genuine_features(genuine, samples)
-    fb = reference_features if reference_features is not None else genuine_features(genuine, reference)
-    tv = class_histogram_tv(class_histogram(genuine, samples), class_histogram(genuine, reference))
+@torch.no_grad()
+def sample_summary(classifier: nn.Module, x: torch.Tensor) -> dict:
+    """What the distances need of a sample set, from one pass of the classifier: ``{"features": (B, hidden)
+    float64 penultimate activations, "histogram": (10,) predicted-class frequencies}``."""
+    features = genuine_features(classifier, x)
+    pred = classifier.net[-1](features.float()).argmax(-1)
+    return {"features": features, "histogram": torch.bincount(pred, minlength=NUM_CLASSES).double() / x.shape[0]}
+
+
+def fidelity_distances(samples: dict, reference: dict, seed: int = 0) -> dict:
+    """Fréchet distance, kernel MMD^2, C2ST accuracy and class-histogram TV between two
+    :func:`sample_summary` results (a model's samples, exact tilted samples), as plain floats."""
+    fa, fb = samples["features"], reference["features"]
+    tv = class_histogram_tv(samples["histogram"], reference["histogram"])
     return {"frechet": round(frechet_distance(fa, fb), 4), "mmd2": round(kernel_mmd2(fa, fb), 5),
             "c2st": round(c2st_accuracy(fa, fb, seed), 4), "class_tv": round(tv, 4)}
 
 
 __all__ = ["genuine_features", "tilted_rejection_samples", "frechet_distance", "kernel_mmd2", "c2st_accuracy",
-           "class_histogram", "class_histogram_tv", "fidelity_distances"]
+           "class_histogram", "class_histogram_tv", "sample_summary", "fidelity_distances"]

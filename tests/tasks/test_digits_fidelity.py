@@ -115,3 +115,14 @@ def test_genuine_features_are_the_inputs_of_the_last_layer_and_histogram_tv():
     assert float(h.sum()) == pytest.approx(1.0)
     p, q = torch.tensor([0.5, 0.5, 0.0]), torch.tensor([0.25, 0.25, 0.5])
     assert fid.class_histogram_tv(p, q) == pytest.approx(0.5)
+
+
+def test_sample_summary_is_one_pass_of_features_and_histogram():
+    torch.manual_seed(1)
+    clf = digits.DigitClassifier("cnn").eval()
+    x = torch.rand(40, 1, 8, 8) * 2 - 1
+    summary = fid.sample_summary(clf, x)
+    torch.testing.assert_close(summary["features"], fid.genuine_features(clf, x))
+    torch.testing.assert_close(summary["histogram"], fid.class_histogram(clf, x))
+    same = fid.fidelity_distances(summary, summary)
+    assert same["frechet"] == pytest.approx(0.0, abs=1e-6) and same["class_tv"] == 0.0
