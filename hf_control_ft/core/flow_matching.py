@@ -23,16 +23,33 @@ it (``tests/core/test_flow_matching.py`` checks Gaussian data of std 0.1 and 0.5
 diffusers' Euler ODE). Every step is finite -- no special first step: at ``s = 1``, ``r = 0``,
 ``sigma^2 = eta^2 s_1^2`` and ``c = sqrt(1 - eta^2) s_1``.
 
-**Deterministic steps.** The last step (``s' = 0``) has ``sigma = 0``: it returns ``x0_hat``. diffusers' own grids
-also end with a *jump* to a tiny level: ``FlowMatchEulerDiscreteScheduler(shift=1)`` goes 0.054 -> 0.001 -> 0 at 20
-steps, SD3's ``shift=3`` 0.111 -> 0.0089 -> 0 at 28 steps. The jump's noise is ``sigma <= eta s'``, so its KL
-factor (5) is huge (5558 per unit velocity at eta 0.5 on the first grid, against 3 for the step before): any
-control that leaks into it from the neighbouring steps through the shared LoRA weights costs more than
-everything else, and the trainer learns next to nothing (measured: tilted-target TV 0.22 instead of 0.07 on
-the flow mixture). The KL-optimal control there is ``sigma^2 grad V / alpha``, negligible. So a step to a level
-below ``JUMP_RATIO = 1/10`` of its start (``s' < s / 10``; the regular steps of any grid have ``s' >= s / 2``) is
-run like DDIM's last step: deterministic, ``mu`` of (3) at ``sigma = 0`` with the pretrained network, no control
-and no KL. On FLUX's grid (``linspace(1, 1/K, K)``, shifted) only the step to 0 is deterministic.
+**Deterministic steps.** The last step (``s' = 0``) has ``sigma = 0``: it returns ``x0_hat``. A step whose KL
+factor (5) is far above its neighbours' is deterministic too. At ``eta = 1`` and small ``s`` the factor depends only
+on the level ratio ``rho = s' / s``: ``(1 - rho^2) / (2 rho^2)``: 1.5 at ``rho = 1/2``, 49.5 at ``rho = 1/10``. Any
+control that leaks into such a step from its neighbours through the shared LoRA weights costs more than everything
+else, and the trainer learns next to nothing (measured: tilted-target TV 0.22 instead of 0.07 on the flow mixture);
+the KL-optimal control there is ``sigma^2 grad V / alpha``, negligible. Two structures make such steps:
+
+* **the grid's floor.** diffusers' own grids (``sigmas=None``: SD3 / SD3.5) are linear in ``t`` from 1 down to a
+  *floor* level, the scheduler's shifted minimum (0.0089 at ``shift=3``, 0.001 at ``shift=1``), then 0. A grid that
+  approaches 0 in regular steps (FLUX's ``linspace(1, 1/K, K)``, shifted or not) ends with ``rho >= 1/2``; a floor
+  makes the step into it smaller: ``rho = 0.032`` at 10 steps of ``shift=3``, 0.100 at 36, 0.13 at 50, 0.38 at
+  200 (KL factor 3.0 against 0.8 for the step before). So the step into the last positive level is deterministic
+  whenever ``rho < FLOOR_RATIO = 0.45``, at every step count -- a fixed ratio such as ``s' < s / 10`` stops
+  catching it from 36 steps of ``shift=3`` (112 of ``shift=1``) on, where the step's factor is 27-48x the previous
+  one's;
+* **any jump** to below ``JUMP_RATIO = 1/10`` of its level (``s' < s / 10``) elsewhere in a custom grid.
+
+Such steps run like DDIM's last step: ``mu`` of (3) at ``sigma = 0`` with the pretrained network, no control and no
+KL (``tests/core/test_flow_matching.py`` checks every grid people run: 10 / 28 / 36 / 40 / 50 / 100 / 200 steps at
+``shift`` 1 and 3, FLUX's dynamic shift at 512 and 1024 px). On FLUX's grid only the step to 0 is deterministic.
+With too few steps no random step is left (1 step, or 2 on a floor grid): nothing can be controlled, and
+:func:`check_controllable` refuses the schedule naming ``--num_inference_steps``.
+
+**Where control ends.** The trained chain controls the levels from 1 down to ``control_end_level``, the level
+after its last random step (SD3 ``shift=3``: 0.278 at 10 steps, 0.111 at 28; FLUX 1024 px at 28 steps: 0.105).
+Below it the pretrained network runs and the adapter never receives a gradient. The stock ODE with the LoRA loaded
+applies the adapter there too; :meth:`ControlCutoff` (``pipelines/callbacks.py``) switches it off below that level.
 
 **Memory of the start.** ``eta = 1``: ``c = 0`` at ``s = 1``, so the first transition's mean is
 ``(1 - s_1) x0_hat(x_1)``, which with the exact velocity is ``(1 - s_1) E[x_0]`` whatever ``x_1``: the chain is
@@ -63,6 +80,9 @@ FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 
 #: a step to a level below this fraction of its start level (``s' < s / 10``) is deterministic (module docstring)
 JUMP_RATIO = 0.1
+#: the step into the grid's last positive level is deterministic when ``s' / s`` is below this: the grid ends at a
+#: floor (the scheduler's shifted minimum), not in regular steps toward 0 (``s' / s >= 1/2``; module docstring)
+FLOOR_RATIO = 0.45
 
 
 def is_flow_scheduler(scheduler) -> bool:
@@ -87,7 +107,8 @@ class FlowMatchSchedule(GaussianTransitions):
         levels: ``(K,)`` float64 noise levels ``s_k`` (from 1 down), ``next_levels`` ``(K,)`` (down to 0).
         timesteps: ``(K,)`` float32 network timesteps ``s_k * num_train_timesteps``.
         std: ``(K,)`` float64 transition standard deviations ``sigma_k`` (2); ``0`` marks a deterministic step:
-            the last one (``s' = 0``) and a jump to a level below ``JUMP_RATIO`` of the start (module docstring).
+            the last one (``s' = 0``), the step into a floor level (``s' / s < FLOOR_RATIO`` into the last positive
+            level) and a jump to a level below ``JUMP_RATIO`` of the start (module docstring).
     """
 
     is_ddpm = False
@@ -132,6 +153,8 @@ class FlowMatchSchedule(GaussianTransitions):
         r = (1 - s) / (1 - s_next)  # 0 at s = 1: no special first step
         var = (self.eta * s_next) ** 2 * (1 - (r * s_next / s) ** 2)  # (2)
         jump = (s_next < JUMP_RATIO * s) | (var <= VARIANCE_FLOOR)  # s' = 0 and jumps to a tiny level
+        if len(s) >= 2 and float(s_next[-2]) < FLOOR_RATIO * float(s[-2]):
+            jump[-2] = True  # the step into the grid's floor level (module docstring)
         var = torch.where(jump, torch.zeros_like(var), var)  # deterministic (module docstring)
         self.std = var.sqrt()
         c = (s_next**2 - var).clamp(min=0).sqrt()
@@ -147,11 +170,20 @@ class FlowMatchSchedule(GaussianTransitions):
         """Transition mean (3); differentiable in both arguments. ``model_output`` is the velocity."""
         return float(self._c_x[k]) * sample + float(self._c_v[k]) * model_output
 
+    @property
+    def control_end_level(self) -> float:
+        """The noise level ``s`` after the last random step: the chain controls the levels ``1 -> s`` only (below,
+        the pretrained network runs). ``0.0`` when every step down to ``s' = 0`` were random (never: the last step
+        is deterministic)."""
+        steps = self.random_steps()
+        return float(self.next_levels[steps[-1]]) if steps else 1.0
+
     def kl_factor(self, k: int) -> float:
         """``KL_k / ||v_ft - v_pre||^2`` (5): ``(c_k (1 - s) - s (1 - s'))^2 / (2 sigma_k^2)``; stochastic steps
         only (the deterministic last step has no KL)."""
         if not self.is_stochastic(k):
-            raise ValueError(f"step {k} is deterministic (s' = 0, or s' < s / 10): it carries no control and no KL")
+            raise ValueError(f"step {k} is deterministic (s' = 0, the step into the grid's floor, or s' < s / 10): it "
+                             "carries no control and no KL")
         return float(self._c_v[k] ** 2 / (2 * self.std[k] ** 2))
 
 
@@ -174,4 +206,4 @@ def memoryless_eta(a: float) -> float:
 
 
 __all__ = ["FlowMatchSchedule", "build_schedule", "is_flow_scheduler", "memoryless_eta", "FLOW_SCHEDULERS",
-           "JUMP_RATIO"]
+           "JUMP_RATIO", "FLOOR_RATIO"]

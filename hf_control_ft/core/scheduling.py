@@ -47,6 +47,20 @@ class GaussianTransitions:
     def is_stochastic(self, k: int) -> bool:
         return bool(self.std[k] > 0)
 
+    def random_steps(self) -> list[int]:
+        """The steps with noise (``std_k > 0``): the only ones that carry control and KL."""
+        return [k for k in range(len(self)) if self.is_stochastic(k)]
+
+    @property
+    def control_end_timestep(self) -> float | None:
+        """The network timestep of the first step after the last random one, or ``None`` when the last random step
+        is the chain's last step. At and below it the chain runs the pretrained network: the adapter was never
+        trained there (``pipelines/callbacks.py::ControlCutoff`` switches it off there in other samplers)."""
+        steps = self.random_steps()
+        if not steps or steps[-1] + 1 >= len(self):
+            return None
+        return float(self.timesteps[steps[-1] + 1])
+
     def step(self, model_output, sample, k: int, noise: torch.Tensor | None) -> torch.Tensor:
         """One transition: ``mean + std_k * noise`` (``noise`` ~ N(0, I), ignored where ``std_k = 0``)."""
         return self.step_from_mean(self.mean(model_output, sample, k), k, noise)
@@ -193,6 +207,22 @@ class DiffusionSchedule(GaussianTransitions):
         if self.is_ddpm:
             return self._c_x0[k].item() * x0 + self._c_x[k].item() * sample
         return self._c_x0[k].item() * x0 + self._c_eps[k].item() * eps
+
+
+def check_controllable(schedule: GaussianTransitions, flag: str = "--num_inference_steps") -> None:
+    """Raises ``ValueError`` naming ``flag`` when ``schedule`` has no random step: every step is deterministic (one
+    step, or two on a flow grid that ends at a floor level), so no control can be applied or trained and no KL
+    exists. ``docs/algorithms.md`` §11."""
+    if schedule.random_steps():
+        return
+    K = len(schedule)
+    levels = getattr(schedule, "levels", None)
+    grid = ""
+    if levels is not None:
+        grid = " (noise levels " + " -> ".join(f"{float(v):.4g}" for v in [*levels.tolist(), 0.0]) + ")"
+    why = "the last step is deterministic" + (", and so is the step into the grid's floor level" if grid else "")
+    raise ValueError(f"{flag} {K}: no step of this {K}-step schedule{grid} is random ({why}), so there is nothing "
+                     f"to control and no KL; use {flag} 3 or more (10 or more for a useful control)")
 
 
 # keys of a variance-preserving scheduler config that define the noise schedule and the timestep grid

@@ -8,7 +8,9 @@
   ``num_inference_steps`` of training), through the family's process;
 * ``sampler="ode"``: the family's own pipeline call with the LoRA active (its scheduler, deterministic for
   DDIM at ``eta = 0`` or flow matching, ``N(0, I)`` start noise) -- what stock diffusers does after
-  ``pipe.load_lora_weights``.
+  ``pipe.load_lora_weights`` -- except that the LoRA is switched off below the last level the control was trained
+  on (:class:`~hf_control_ft.pipelines.callbacks.ControlCutoff`; a flow chain's last steps are deterministic and run
+  the pretrained network, ``docs/algorithms.md`` §11).
 
     pipe = ControlledTextToImage.from_control("me/elegant-sd3", base_model="stabilityai/stable-diffusion-3.5-medium")
     images = pipe(["a photo of a cat"], generator=torch.Generator().manual_seed(0)).images
@@ -26,6 +28,7 @@ from ..processes.loading import load_base_pipeline
 from ..processes.stable_diffusion import load_options
 from ..serialization.saved import resolve_directory
 from ..trainers.elegant import ElegantTrainer
+from .callbacks import ControlCutoff
 from .controlled import OUTPUT_TYPES, _format_images
 
 SAMPLERS = ("sde", "ode")
@@ -95,12 +98,19 @@ class ControlledTextToImage:
         return ControlledOutput(self._ode(prompts, generator, output_type, controlled))
 
     def _ode(self, prompts, generator, output_type: str, controlled: bool):
-        """The family's own pipeline call (its scheduler and start noise) with the LoRA on or off."""
+        """The family's own pipeline call (its scheduler and start noise) with the LoRA on (down to the last trained
+        level) or off."""
         kwargs = self.trainer.process.pipeline_kwargs(len(prompts), self.trainer.config.num_inference_steps)
         kwargs.update(generator=generator, output_type="pt" if output_type != "latent" else "latent")
         context = pretrained_mode(self.trainer.process.lora_model) if not controlled else contextlib.nullcontext()
-        with context:
-            out = self.pipeline(prompt=prompts, **kwargs)
+        cutoff = ControlCutoff(self.trainer.schedule.control_end_timestep)
+        if controlled and cutoff.end_timestep is not None:
+            kwargs["callback_on_step_end"] = cutoff  # the adapter only where it was trained
+        try:
+            with context:
+                out = self.pipeline(prompt=prompts, **kwargs)
+        finally:
+            cutoff.restore()
         images = out.frames if hasattr(out, "frames") else out.images  # video pipelines return frames
         if output_type == "latent":
             return images

@@ -22,12 +22,34 @@ subclass in a module of its own (:mod:`hf_control_ft.processes.stable_diffusion`
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..core.control import add_lora_control, tuner_layers
 from ..core.flow_matching import build_schedule
+from ..core.scheduling import check_controllable
 from ..core.sampler import ControlledSampler
 from ..serialization.lora_io import save_lora_file
+
+
+logger = logging.getLogger(__name__)
+
+#: a flow chain whose control ends above this noise level leaves the fine detail uncontrolled: a warning says so
+CONTROL_END_WARNING = 0.3
+
+
+def check_schedule(schedule) -> None:
+    """Refuses a schedule with no random step (naming ``--num_inference_steps``) and warns when a flow chain's
+    control ends above ``s = 0.3`` (3-4 steps: the last 60-75 % of the levels would be left to the pretrained
+    network); ``docs/algorithms.md`` §11."""
+    check_controllable(schedule)
+    end = getattr(schedule, "control_end_level", None)
+    if end is not None and end > CONTROL_END_WARNING:
+        logger.warning("--num_inference_steps %d: the chain is controlled from noise level 1 down to s = %.3f only; "
+                       "below it the pretrained network runs (the steps into the grid's floor and to 0 are "
+                       "deterministic) and the adapter is never trained there. More steps move this level down "
+                       "(s = 0.278 at 10 steps of SD3's grid).", len(schedule), end)
 
 
 class ControlledProcess:
@@ -65,6 +87,7 @@ class ControlledProcess:
             self.lora_config = add_lora_control(model, config.lora_rank, config.lora_target_modules,
                                                 config.lora_alpha)
         self.schedule = build_schedule(scheduler, config.num_inference_steps, config.eta, **(schedule_options or {}))
+        check_schedule(self.schedule)
         self.model_kwargs = {} if model_kwargs is None else model_kwargs
         self.current_conditions = None
 

@@ -43,7 +43,8 @@ def render_model_card(config, reward: str, base_model: str | None = None, metric
         lora_rank / lora_alpha / target_modules: the adapter (default: from ``config``).
         license, tags, model_name, template_path: card metadata and an alternative template.
         card_info: what the process and the run add: ``prompts`` (list), ``num_prompts``, ``dataset``,
-            ``negative_prompt``, ``family``, ``mixed_precision``, ``flow`` (a flow-matching family) and, for
+            ``negative_prompt``, ``family``, ``mixed_precision``, ``flow`` (a flow-matching family),
+            ``control_end_timestep`` / ``control_end_level`` (where the trained chain's control ends) and, for
             SEIKO, ``seiko`` (``beta``, ``num_rounds``, ``queries_per_round``, ``optimism``, ``oracle``,
             ``total_queries``, ``feedback``).
 
@@ -77,5 +78,6 @@ def render_model_card(config, reward: str, base_model: str | None = None, metric
         conditional=conditional, license=license, prompts=info.get("prompts"),
         num_prompts=info.get("num_prompts"), dataset=info.get("dataset"), negative_prompt=info.get("negative_prompt"),
         family=info.get("family"), mixed_precision=info.get("mixed_precision"), seiko=info.get("seiko"),
-        flow=bool(info.get("flow")))
+        flow=bool(info.get("flow")), control_end_timestep=info.get("control_end_timestep"),
+        control_end_level=info.get("control_end_level"))
     return str(card)

@@ -91,6 +91,11 @@ def save_control(save_directory: str, process, config, initial_noise=None, rewar
     with open(os.path.join(save_directory, SAMPLE_SHAPE_NAME), "w", encoding="utf-8") as f:
         json.dump(list(process.sample_shape), f)
     fields = process.save_options(save_directory, base_model)
+    end = process.schedule.control_end_timestep  # below it the trained chain ran the base model (algorithms §11)
+    if end is not None:
+        fields["control_end_timestep"] = f"{end:.1f}"
+        level = getattr(process.schedule, "control_end_level", None)
+        fields["control_end_level"] = f"{level:.3f}" if level is not None else None
     grid_name = save_sample_grid(sample_grid, save_directory) if sample_grid is not None else None
     card = render_model_card(
         config, reward=reward or "(not recorded)", base_model=fields["base_model"], metrics=metrics,

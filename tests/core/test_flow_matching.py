@@ -79,6 +79,120 @@ def test_only_the_step_to_zero_and_jumps_to_a_tiny_level_are_deterministic():
     assert [k for k in range(28) if not flux.is_stochastic(k)] == [27]
     uniform = FlowMatchSchedule(FlowMatchEulerDiscreteScheduler(), 4, 1.0, sigmas=[1.0, 0.75, 0.5, 0.25])
     assert [k for k in range(4) if not uniform.is_stochastic(k)] == [3]
+    jumpy = FlowMatchSchedule(FlowMatchEulerDiscreteScheduler(), 5, 1.0, sigmas=[1.0, 0.8, 0.05, 0.04, 0.03])
+    assert jumpy.random_steps() == [0, 2, 3]  # a jump below s / 10 inside a custom grid
+
+
+def _flux_schedule(px: int, K: int, eta: float) -> FlowMatchSchedule:
+    """FLUX.1's grid at ``px`` x ``px``: linspace(1, 1/K, K), shifted by the pipeline's ``mu`` for its sequence
+    length (FLUX.1-dev's scheduler config)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                            base_image_seq_len=256, max_image_seq_len=4096)
+    mu = calculate_shift((px // 16) ** 2, 256, 4096, 0.5, 1.15)
+    return FlowMatchSchedule(sched, K, eta, mu=mu, sigmas=torch.linspace(1, 1 / K, K).tolist())
+
+
+STEP_COUNTS = [10, 28, 36, 40, 50, 100, 200]
+
+
+def _halving_factor(eta: float) -> float:
+    """The KL factor (5) at small ``s`` of a step that halves the level (``rho = s' / s = 1/2``), the largest ratio
+    of a grid that approaches 0 in regular steps: ``(rho c - 1)^2 / (2 eta^2 rho^2 (1 - rho^2))``,
+    ``c = sqrt(1 - eta^2 (1 - rho^2))`` (1.5 at eta 1)."""
+    rho = 0.5
+    c = math.sqrt(1 - eta**2 * (1 - rho**2))
+    return (rho * c - 1) ** 2 / (2 * eta**2 * rho**2 * (1 - rho**2))
+
+
+def _assert_no_kl_cliff(schedule):
+    """No random step's KL factor exceeds that of a regular halving step: no step where a leaked control costs tens
+    of times what it costs next door (the leaked floor step cost 27-48x at eta 1)."""
+    factors = [schedule.kl_factor(k) for k in schedule.random_steps()]
+    assert max(factors) < 1.05 * _halving_factor(schedule.eta), (max(factors), factors[-3:])
+
+
+@pytest.mark.parametrize("K", STEP_COUNTS)
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+def test_the_step_into_the_grids_floor_is_deterministic_at_every_step_count(K, shift, eta):
+    """diffusers' own grids end at a floor (0.0089 at shift 3, 0.001 at shift 1), then 0: the step into it is
+    deterministic at every step count, also where it is no longer a jump below s / 10 (36+ steps at shift 3, 112+
+    at shift 1, where its KL factor was 27-48x the previous step's at eta 1); no random step has a KL cliff."""
+    schedule = FlowMatchSchedule(FlowMatchEulerDiscreteScheduler(shift=shift), K, eta)
+    assert [k for k in range(K) if not schedule.is_stochastic(k)] == [K - 2, K - 1]
+    floor = float(schedule.next_levels[K - 2])
+    assert floor == pytest.approx(0.0089 if shift == 3.0 else 0.001, abs=1e-4)
+    assert schedule.control_end_level == pytest.approx(float(schedule.levels[K - 2]))
+    assert schedule.control_end_timestep == pytest.approx(1000 * schedule.control_end_level, rel=1e-6)
+    _assert_no_kl_cliff(schedule)
+
+
+def test_the_floor_rule_catches_what_the_jump_ratio_missed():
+    """At 36 and 40 steps of SD3's grid (SD3.5-Medium's recommended 40) the step into the floor is no jump below
+    s / 10, yet its KL factor at eta 1 was 48x / 40x the previous step's; now it is deterministic."""
+    for K, factor in [(36, 48.0), (40, 40.0)]:
+        schedule = FlowMatchSchedule(FlowMatchEulerDiscreteScheduler(shift=3.0), K, 1.0)
+        s, s_next = float(schedule.levels[K - 2]), float(schedule.next_levels[K - 2])
+        assert s_next > s / 10 and not schedule.is_stochastic(K - 2)
+        rho = s_next / s  # the factor that step would have had at small s: (1 - rho^2) / (2 rho^2)
+        assert (1 - rho**2) / (2 * rho**2) == pytest.approx(factor, rel=0.05)
+        assert schedule.kl_factor(K - 3) < 1.1
+
+
+@pytest.mark.parametrize("K", STEP_COUNTS)
+@pytest.mark.parametrize("px", [512, 1024])
+def test_fluxs_dynamic_shift_grid_has_only_the_step_to_zero_deterministic(K, px):
+    schedule = _flux_schedule(px, K, 1.0)
+    assert [k for k in range(K) if not schedule.is_stochastic(k)] == [K - 1]
+    _assert_no_kl_cliff(schedule)
+
+
+def test_where_control_ends_on_the_grids_people_run():
+    """SD3 shift 3: 0.278 at 10 steps, 0.111 at 28; FLUX at 1024 px and 28 steps: 0.105 (512 px: 0.065)."""
+    sd3 = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    assert FlowMatchSchedule(sd3, 10, 1.0).control_end_level == pytest.approx(0.278, abs=1e-3)
+    assert FlowMatchSchedule(sd3, 28, 1.0).control_end_level == pytest.approx(0.111, abs=1e-3)
+    assert _flux_schedule(1024, 28, 1.0).control_end_level == pytest.approx(0.105, abs=1e-3)
+    assert _flux_schedule(512, 28, 1.0).control_end_level == pytest.approx(0.065, abs=1e-3)
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_a_schedule_with_no_random_step_is_refused_naming_the_flag(K):
+    """1 step (any grid) or 2 on a floor grid: every step is deterministic, nothing to control; one line naming
+    --num_inference_steps instead of a crash at the first gradient clip (torch.stack of no gradient)."""
+    from hf_control_ft.core.scheduling import check_controllable
+
+    schedule = FlowMatchSchedule(FlowMatchEulerDiscreteScheduler(shift=3.0), K, 1.0)
+    assert schedule.random_steps() == []
+    with pytest.raises(ValueError, match=f"--num_inference_steps {K}: no step .* use --num_inference_steps 3"):
+        check_controllable(schedule)
+    with pytest.raises(ValueError, match="--num_inference_steps 1: no step"):
+        check_controllable(DiffusionSchedule(DDIMScheduler(clip_sample=False, set_alpha_to_one=True), 1, 1.0))
+    check_controllable(FlowMatchSchedule(FlowMatchEulerDiscreteScheduler(shift=3.0), 3, 1.0))  # one random step
+    denoiser = make_mlp_denoiser(dim=2, hidden=8, seed=0)
+    config = ElegantConfig(num_inference_steps=K, train_steps=1, batch_size=2, report_to=None)
+    with pytest.raises(ValueError, match="--num_inference_steps"):
+        ElegantTrainer(config, model=denoiser, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                       reward_fn=lambda x: x.sum(1), sample_shape=(2,))
+
+
+def test_a_control_that_ends_above_a_third_of_the_noise_is_warned_about(caplog):
+    """Turbo-style step counts (3-4 on SD3's grid) control only the levels 1 -> 0.75 / 0.60: a warning says so."""
+    import logging
+
+    from hf_control_ft.processes.base import check_schedule
+
+    sd3 = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    with caplog.at_level(logging.WARNING, logger="hf_control_ft.processes.base"):
+        check_schedule(FlowMatchSchedule(sd3, 4, 1.0))
+    assert "--num_inference_steps 4" in caplog.text and "s = 0.602" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_control_ft.processes.base"):
+        check_schedule(FlowMatchSchedule(sd3, 10, 1.0))
+        check_schedule(_flux_schedule(1024, 28, 1.0))
+    assert caplog.text == ""
 
 
 def test_a_first_level_just_below_one_needs_no_special_case():

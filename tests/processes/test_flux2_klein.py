@@ -25,7 +25,7 @@ def test_flux2_network_noise_levels_and_decode_are_the_pipelines(distilled):
     """One step of the guided network equals the pipeline's step (distilled: no CFG), the schedule's noise levels are
     the pipeline's (its empirical mu), and decoding gives the pipeline's images."""
     pipe = tiny_flux2_klein_pipeline(is_distilled=distilled)
-    trainer = ElegantTrainer.from_pipeline(pipe, redness, tiny_config(num_inference_steps=1), PROMPTS, **OPTIONS)
+    trainer = ElegantTrainer.from_pipeline(pipe, redness, tiny_config(num_inference_steps=2), PROMPTS, **OPTIONS)
     process = trainer.process
     assert isinstance(process, Flux2KleinProcess) and trainer.sample_shape == (16, 4, 4)
     assert process.condition_dim == 48 and process.model.do_guidance is not distilled

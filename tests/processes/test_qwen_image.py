@@ -25,7 +25,7 @@ def test_qwen_image_network_and_decode_are_the_pipelines():
     """One Euler step of the guided network (different caption lengths, the negative prompt " ") equals the
     pipeline's own step, and the process decodes latents to the pipeline's images."""
     pipe = tiny_qwen_image_pipeline()
-    trainer = ElegantTrainer.from_pipeline(pipe, redness, tiny_config(num_inference_steps=1), PROMPTS, **OPTIONS)
+    trainer = ElegantTrainer.from_pipeline(pipe, redness, tiny_config(num_inference_steps=2), PROMPTS, **OPTIONS)
     process = trainer.process
     assert isinstance(process, QwenImageProcess) and trainer.sample_shape == (4, 8, 8)
     assert process.condition_dim == 16 and process.model.do_guidance and process.options.negative_prompt == " "

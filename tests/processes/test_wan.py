@@ -28,7 +28,7 @@ def red_video(videos, prompts):
 
 def test_wan_network_and_decoded_video_are_the_pipelines():
     pipe = tiny_wan_pipeline()
-    trainer = ElegantTrainer.from_pipeline(pipe, red_video, tiny_config(num_inference_steps=1), PROMPTS, **OPTIONS)
+    trainer = ElegantTrainer.from_pipeline(pipe, red_video, tiny_config(num_inference_steps=3), PROMPTS, **OPTIONS)
     process = trainer.process
     assert isinstance(process, WanProcess) and trainer.sample_shape == (16, 2, 4, 4)
     assert process.condition_dim == 32 and process.model.do_guidance
