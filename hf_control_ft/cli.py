@@ -219,7 +219,9 @@ def cmd_serve_reward(args) -> int:
                              args.aesthetic_head, torch_dtype=dtype)
         if isinstance(reward, torch.nn.Module):
             reward = reward.to(device).eval()
-        server = RewardServer(reward, args.host, args.port, token=token or None, device=device, name=args.reward)
+        server = RewardServer(reward, args.host, args.port, token=token or None, device=device, name=args.reward,
+                              max_pixels=args.max_pixels, max_images=args.max_images,
+                              max_connections=args.max_connections)
     except (ValueError, OSError) as err:
         exit_with_error(error_line(err))
     print(f"serving --reward {args.reward} at {server.url} ({'Bearer token required' if token else 'no token'})",
@@ -301,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: $HF_CONTROL_FT_REWARD_TOKEN; none: no token, loopback only)")
     v.add_argument("--device", default=None, help="default: cuda when available")
     v.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="reward model dtype on a GPU")
+    v.add_argument("--max_pixels", type=int, default=2048 * 2048,
+                   help="pixels per image, checked from the PNG header before decoding (larger: 413)")
+    v.add_argument("--max_images", type=int, default=64, help="images per request (more: 413)")
+    v.add_argument("--max_connections", type=int, default=32, help="connections served at once (more: 503)")
     v.set_defaults(func=cmd_serve_reward)
     return parser
 

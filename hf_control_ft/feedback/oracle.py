@@ -4,8 +4,10 @@ A user oracle is any callable ``fn(samples, prompts) -> values``:
 
 * ``samples``: ``(B, *sample_shape)`` tensor (detached, on CPU); ``prompts``: list of ``B`` strings or ``None``;
 * ``values``: a sequence/tensor of ``B`` numbers. An item whose value is ``None``, NaN or infinite is a
-  *failed* query. The whole call may also raise; the wrapper then asks the items one by one so that one bad
-  item does not cost the batch.
+  *failed* query (its reason recorded from ``values.errors`` when the oracle gives one string per item, as
+  :class:`~hf_control_ft.rewards.http.HTTPReward` does). The whole call may also raise; the wrapper then asks the
+  items one by one so that one bad item does not cost the batch -- unless the error says the service itself
+  failed (an attribute ``batch_failure=True``): then every item is recorded failed with that reason at once.
 
 It need not be differentiable (SEIKO only learns from its answers). :class:`Oracle` wraps it with the failure
 policy: ``"skip"`` records a failed item as failed at once, ``"retry"`` asks it again up to ``max_retries``
@@ -168,11 +170,15 @@ class Oracle:
                                      f"{self.timeout} s; not called again until it returns", sent=False)
         self.num_calls += 1
         self.num_item_attempts += B
-        values = _values_list(self._invoke(samples, prompts), B, self.name)
+        raw = self._invoke(samples, prompts)
+        errors = getattr(raw, "errors", None)  # per-item reasons of an oracle that says why an item failed
+        values = _values_list(raw, B, self.name)
+        if not (isinstance(errors, list) and len(errors) == B):
+            errors = [""] * B
         out = []
-        for v in values:
+        for v, why in zip(values, errors):
             f = _item_value(v, self.name)
-            out.append((f, "") if math.isfinite(f) else (math.nan, f"oracle returned {v!r}"))
+            out.append((f, "") if math.isfinite(f) else (math.nan, str(why) or f"oracle returned {v!r}"))
         return out
 
     def _ask(self, samples: torch.Tensor, prompts) -> tuple[list[tuple[float, str]], list[int]]:
@@ -188,8 +194,8 @@ class Oracle:
         except OracleTimeoutError as err:  # the oracle is hung, not one item: asking items alone would hang too
             return [(math.nan, f"TimeoutError: {err}")] * B, [int(err.sent)] * B
         except Exception as err:  # noqa: BLE001 - any user failure becomes a recorded failed query
-            if B == 1:
-                return [(math.nan, f"{type(err).__name__}: {err}")], [1]
+            if B == 1 or getattr(err, "batch_failure", False):  # the service failed, not an item: no one-by-one
+                return [(math.nan, f"{type(err).__name__}: {err}")] * B, [1] * B
         out, sends = [], []
         for i in range(B):
             try:

@@ -67,10 +67,32 @@ def to_png(sample: torch.Tensor, value_range: tuple[float, float] = (0.0, 1.0)) 
     return buf.getvalue()
 
 
-def from_png(data: bytes) -> torch.Tensor:
-    """``(3, H, W)`` float image in ``[0, 1]`` from PNG (or any format PIL reads) bytes; grey and RGBA become RGB."""
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """``(width, height)`` from a PNG's header (its first 24 bytes), without decoding anything; ``ValueError`` for
+    anything that is not a PNG."""
+    if len(data) < 24 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
+        raise ValueError("not a PNG image")
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def from_png(data: bytes, max_pixels: int | None = None) -> torch.Tensor:
+    """``(3, H, W)`` float image in ``[0, 1]`` from PNG bytes; grey and RGBA become RGB.
+
+    ``max_pixels``: refuse (``ValueError``) a PNG whose header announces more pixels, *before* decoding -- a 20 KB
+    PNG can announce 13000 x 13000 pixels (484 MiB decoded); a file whose decoded size differs from its header is
+    refused too. ``None``: PNG or any format PIL reads, no limit (trusted data only)."""
     from PIL import Image
 
-    image = Image.open(io.BytesIO(data)).convert("RGB")
+    if max_pixels is not None:
+        width, height = png_size(data)
+        if width * height > max_pixels or width < 1 or height < 1:
+            raise ValueError(f"a {width}x{height} image is over the limit of {max_pixels} pixels")
+    image = Image.open(io.BytesIO(data))
+    if max_pixels is not None and (image.format != "PNG" or image.size != (width, height)):
+        raise ValueError("not a PNG image")
+    image = image.convert("RGB")
     return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(
         image.height, image.width, 3).permute(2, 0, 1).float() / 255.0
