@@ -181,11 +181,20 @@ def cmd_rate(args) -> int:
 
     if not os.path.isdir(args.output_dir):
         exit_with_error(f"{args.output_dir!r} is not a run directory")
+    if args.revoke:
+        from .feedback.rating import RatingFiles
+
+        gone = RatingFiles(args.output_dir).revoke_raters(args.revoke)
+        unknown = sorted(set(args.revoke) - set(gone))
+        print(f"revoked: {', '.join(gone) or 'nobody'}" + (f" (not registered: {', '.join(unknown)})" if unknown else ""))
+        return 0 if not unknown else 1
     try:
         scale = RatingScale(args.scale_min, args.scale_max, args.scale_step)
         server = start_rating_server(args.output_dir, scale=scale, ratings_per_query=args.ratings_per_query,
                                      host=args.host, port=args.port, raters=args.raters,
-                                     assignment_ttl=args.assignment_ttl, mode=args.mode)
+                                     assignment_ttl=args.assignment_ttl, mode=args.mode,
+                                     started_by="this page (--mode, --ratings_per_query, --scale_min / --scale_max / "
+                                                "--scale_step)")
     except (ValueError, OSError) as err:
         exit_with_error(error_line(err))
     if args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -280,7 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_evaluate)
     r = sub.add_parser("rate", help="serve the rating page of a SEIKO run whose oracle is people (HumanOracle)")
     r.add_argument("output_dir", help="the SEIKO run directory (its ratings/ queue)")
-    r.add_argument("--raters", nargs="+", default=None, help="rater names to register (new ones get a login link)")
+    r.add_argument("--raters", nargs="+", default=None, help="rater names to register (new ones get a login link "
+                   "in OUTPUT_DIR/ratings/logins/NAME.url, readable by you only)")
+    r.add_argument("--revoke", nargs="+", default=None, metavar="NAME",
+                   help="end these raters' access (their tokens stop working at once; their ratings stay) and exit")
     r.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
     r.add_argument("--port", type=int, default=7860)
     r.add_argument("--scale_min", type=float, default=1.0)

@@ -10,7 +10,7 @@ import torch
 from ..utils.images import to_png
 from .oracle import FAILED, OK, OracleAnswer
 from .preferences import bradley_terry
-from .rating import RATING_MODES, RatingFiles, RatingScale, query_key, summarize
+from .rating import RATING_MODES, RatingFiles, RatingScale, latest_queue_times, query_key, summarize
 from .rating_server import start_rating_server
 
 
@@ -53,6 +53,7 @@ class HumanOracle:
         self.value_range = value_range
         self.poll_interval = poll_interval
         self.server = None
+        self._settings_agreed = False
 
     def start_server(self):
         """Starts the rating page in a daemon thread (once); returns the server."""
@@ -64,12 +65,19 @@ class HumanOracle:
                               f"{err.strerror or err} (choose another port: --rating_port / port=)") from None
         return self.server
 
+    #: how the trainer's rating settings are named when they differ from the run's
+    STARTED_BY = "the trainer (--rating_mode, --ratings_per_query, --rating_scale)"
+
     def _serve(self):
         return start_rating_server(self.output_dir, scale=self.scale, ratings_per_query=self.ratings_per_query,
-                                   host=self.host, port=self.port, raters=self.raters, mode=self.mode)
+                                   host=self.host, port=self.port, raters=self.raters, mode=self.mode,
+                                   started_by=self.STARTED_BY)
 
     def enqueue(self, samples: torch.Tensor, prompts: list[str] | None = None, round_index: int = 0) -> list[str]:
         """Queues the samples for rating (a sample queued before keeps its ratings); returns their keys."""
+        if not self._settings_agreed:  # a page with other settings would leave this trainer waiting forever
+            RatingFiles(self.output_dir).agree_settings(self.mode, self.ratings_per_query, self.scale, self.STARTED_BY)
+            self._settings_agreed = True
         if self.serve:
             self.start_server()
         if samples.dim() == 5:
@@ -91,7 +99,7 @@ class HumanOracle:
         while waiting:
             new, offset = files.read_lines(files.ratings_path, offset)
             ratings.extend(new)
-            summary = summarize(ratings)
+            summary = summarize(ratings, latest_queue_times(files.read_lines(files.queue_path)[0]))
             done = [i for i, key in waiting.items() if summary.get(key, {}).get("count", 0) >= self.ratings_per_query]
             if self.mode == "pairwise":
                 if len(done) == len(waiting):

@@ -12,21 +12,36 @@ to that rater and query); ``GET /api/image/<assignment>/<n>`` shows its image(s)
 from that rater, with a value on the scale.
 A query is never given to a rater who rated or skipped it, and is handed out to at most ``ratings_per_query``
 raters at once; an assignment left open (a closed tab) goes back to the pool after ``assignment_ttl`` seconds,
-and the same rater gets it back when they return before that.
+and the same rater gets it back when they return before that. Two pages on one run cannot take one rater's
+rating of a query twice (the ratings log refuses it under its lock), and a page started with other rating settings
+than the run's is refused (``ratings/settings.json``).
+
+The server is bounded like every server of the library (``utils/http_server.py``): connections capped, idle ones
+closed, bodies of 0..4096 bytes, every bad request answered. New raters' login links are written to
+``ratings/logins/<name>.url`` (readable by the operator only), never printed: job logs and trackers that capture
+standard output must not hold them. ``hf-control-ft rate --revoke NAME`` ends a rater's access at once.
 """
 
 from __future__ import annotations
 
-import hmac
+import hashlib
 import json
 import os
 import secrets
 import threading
 import time
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from .rating import RATING_MODES, RatingFiles, RatingScale, summarize, token_hash
+from ..utils.http_server import BoundedHTTPServer, RequestError, SafeHandler
+from .rating import (
+    RATING_MODES,
+    DuplicateRatingError,
+    RatingFiles,
+    RatingScale,
+    latest_queue_times,
+    summarize,
+    token_matches,
+)
 
 ASSETS = {"/": ("rating_page.html", "text/html; charset=utf-8"), "/rating.js": ("rating_page.js", "text/javascript")}
 MAX_BODY = 4096
@@ -37,10 +52,8 @@ HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "X-
                                       "frame-ancestors 'none'"}
 
 
-class RatingError(Exception):
-    def __init__(self, status: HTTPStatus, message: str):
-        super().__init__(message)
-        self.status = status
+class RatingError(RequestError):
+    """A request the page refuses: its status and a one-line reason."""
 
 
 class RatingBoard:
@@ -64,20 +77,33 @@ class RatingBoard:
         self._offsets = [0, 0]
         self.open: dict[str, tuple[str, tuple[str, ...], float]] = {}  # assignment -> (rater, keys, issued)
         self.used: set[str] = set()  # assignments already submitted (also read back from the log)
+        self.since: dict[str, float] = {}  # key -> its latest queue time (a requeued query's old skips are out)
+        self._verified: dict[str, tuple[str, str]] = {}  # sha256(token) -> (rater, stored entry), this process only
 
     def refresh(self) -> None:
-        queue, self._offsets[0] = self.files.read_lines(self.files.queue_path, self._offsets[0])
-        ratings, self._offsets[1] = self.files.read_lines(self.files.ratings_path, self._offsets[1])
+        queue, queue_end = self.files.read_lines(self.files.queue_path, self._offsets[0])
+        ratings, ratings_end = self.files.read_lines(self.files.ratings_path, self._offsets[1])
+        self._offsets[:] = [queue_end, ratings_end]  # both reads succeeded: nothing read is skipped
         self.queue.extend(queue)
+        self.since.update(latest_queue_times(queue))
         self.ratings.extend(ratings)
         self.used.update(r["assignment"] for r in ratings)
 
+    def summary(self) -> dict:
+        return summarize(self.ratings, self.since)
+
     def rater_of(self, token: str | None) -> str:
+        """The rater whose token this is (the registry is read at every request: a revoked rater is out at once)."""
         if not token:
             raise RatingError(HTTPStatus.UNAUTHORIZED, "a rater token is required")
-        digest = token_hash(token)
-        for name, expected in self.files.raters().items():
-            if hmac.compare_digest(digest, expected):
+        raters = self.files.raters()
+        digest = hashlib.sha256(token.encode("utf-8")).hexdigest()
+        known = self._verified.get(digest)
+        if known is not None and raters.get(known[0]) == known[1]:
+            return known[0]
+        for name, stored in raters.items():
+            if token_matches(token, stored):
+                self._verified[digest] = (name, stored)
                 return name
         raise RatingError(HTTPStatus.UNAUTHORIZED, "unknown token")
 
@@ -91,13 +117,13 @@ class RatingBoard:
         """Progress of the current round, without handing anything out."""
         with self.lock:
             self.refresh()
-            return {"rater": rater, "mode": self.mode, "progress": self.progress(summarize(self.ratings))}
+            return {"rater": rater, "mode": self.mode, "progress": self.progress(self.summary())}
 
     def next_for(self, rater: str) -> dict:
         """The rater's open assignment, or a new one (``assignment`` ``None`` when nothing is left for them)."""
         with self.lock:
             self.refresh()
-            summary = summarize(self.ratings)
+            summary = self.summary()
             now = time.time()
             self.open = {a: v for a, v in self.open.items() if now - v[2] < self.assignment_ttl and a not in self.used}
             out = {"rater": rater, "mode": self.mode, "scale": self.scale.values(), "progress": self.progress(summary)}
@@ -169,87 +195,66 @@ class RatingBoard:
             if self.mode == "pairwise" and not skip and (isinstance(value, bool) or value not in (0, 1)):
                 raise RatingError(HTTPStatus.BAD_REQUEST, f"better must be 0 (left) or 1 (right), got {value!r}")
             keys = held[1]
-            if self.mode == "score":
-                self.files.add_rating(keys[0], rater, None if skip else float(value), assignment)
-            else:  # value 1.0: the first key was preferred
-                self.files.add_rating(keys[0], rater, None if skip else float(value == 0), assignment, other=keys[1])
+            since = max(self.since.get(k, 0.0) for k in keys)
             del self.open[assignment]
+            try:
+                if self.mode == "score":
+                    self.files.add_rating(keys[0], rater, None if skip else float(value), assignment, since=since)
+                else:  # value 1.0: the first key was preferred
+                    self.files.add_rating(keys[0], rater, None if skip else float(value == 0), assignment,
+                                          other=keys[1], since=since)
+            except DuplicateRatingError as err:  # another page on this run took it first
+                raise RatingError(HTTPStatus.CONFLICT, str(err)) from None
             self.refresh()  # reads our line back (and any another process appended)
-            return {"ok": True, "progress": self.progress(summarize(self.ratings))}
+            return {"ok": True, "progress": self.progress(self.summary())}
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(SafeHandler):
     server_version = "hf-control-ft-rating"
     board: RatingBoard
-
-    def log_message(self, format, *args):  # noqa: A002 - never log requests (paths hold assignment ids)
-        pass
-
-    def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in HEADERS.items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _json(self, status: HTTPStatus, value: dict) -> None:
-        self._send(status, json.dumps(value).encode(), "application/json")
+    extra_headers = HEADERS
+    token_required = True  # every API call carries a rater's token; the page and its script are public
 
     def _rater(self) -> str:
         auth = self.headers.get("Authorization", "")
         return self.board.rater_of(auth[7:].strip() if auth.startswith("Bearer ") else None)
 
-    def _handle(self, fn) -> None:
+    def handle_get(self) -> None:
+        if self.path in ASSETS:
+            name, content_type = ASSETS[self.path]
+            with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "rb") as f:
+                return self.send_bytes(HTTPStatus.OK, f.read(), content_type)
+        if self.path == "/api/progress":
+            return self.send_json(HTTPStatus.OK, self.board.status(self._rater()))
+        if self.path == "/api/next":
+            return self.send_json(HTTPStatus.OK, self.board.next_for(self._rater()))
+        if self.path.startswith("/api/image/"):  # /api/image/<assignment>/<n>
+            png = self.board.image(self._rater(), self.path[len("/api/image/"):])
+            return self.send_bytes(HTTPStatus.OK, png, "image/png")
+        raise RatingError(HTTPStatus.NOT_FOUND, "not found")
+
+    def handle_post(self) -> None:
+        if self.path != "/api/rate":
+            raise RatingError(HTTPStatus.NOT_FOUND, "not found")
+        rater = self._rater()
         try:
-            fn()
-        except RatingError as err:
-            self._json(err.status, {"error": str(err)})
-        except (ValueError, json.JSONDecodeError):
-            self._json(HTTPStatus.BAD_REQUEST, {"error": "malformed request"})
-
-    def do_GET(self):  # noqa: N802 - http.server's name
-        def run():
-            if self.path in ASSETS:
-                name, content_type = ASSETS[self.path]
-                with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "rb") as f:
-                    return self._send(HTTPStatus.OK, f.read(), content_type)
-            if self.path == "/api/progress":
-                return self._json(HTTPStatus.OK, self.board.status(self._rater()))
-            if self.path == "/api/next":
-                return self._json(HTTPStatus.OK, self.board.next_for(self._rater()))
-            if self.path.startswith("/api/image/"):  # /api/image/<assignment>/<n>
-                png = self.board.image(self._rater(), self.path[len("/api/image/"):])
-                return self._send(HTTPStatus.OK, png, "image/png")
-            self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
-
-        self._handle(run)
-
-    def do_POST(self):  # noqa: N802
-        def run():
-            if self.path != "/api/rate":
-                return self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
-            rater = self._rater()
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY:
-                raise RatingError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request too large")
-            body = json.loads(self.rfile.read(length) or b"{}")
-            if not isinstance(body, dict):
-                raise ValueError("not an object")
-            self._json(HTTPStatus.OK, self.board.submit(rater, body))
-
-        self._handle(run)
+            body = json.loads(self.read_body(MAX_BODY) or b"{}")
+        except (ValueError, RecursionError):
+            raise RatingError(HTTPStatus.BAD_REQUEST, "malformed request") from None
+        if not isinstance(body, dict):
+            raise RatingError(HTTPStatus.BAD_REQUEST, "malformed request")
+        self.send_json(HTTPStatus.OK, self.board.submit(rater, body))
 
 
-class RatingServer(ThreadingHTTPServer):
+class RatingServer(BoundedHTTPServer):
     """The page of one run's ratings at ``http://host:port/`` (``port=0``: any free port; see :attr:`url`)."""
 
-    daemon_threads = True
-
-    def __init__(self, board: RatingBoard, host: str = "127.0.0.1", port: int = 7860):
-        handler = type("RatingHandler", (_Handler,), {"board": board})
-        super().__init__((host, port), handler)
+    def __init__(self, board: RatingBoard, host: str = "127.0.0.1", port: int = 7860, max_connections: int = 32,
+                 handler_timeout: float | None = None):
+        attributes = {"board": board}
+        if handler_timeout is not None:
+            attributes["timeout"] = float(handler_timeout)
+        super().__init__((host, port), type("RatingHandler", (_Handler,), attributes), max_connections)
         self.board = board
 
     @property
@@ -260,22 +265,28 @@ class RatingServer(ThreadingHTTPServer):
 
 def start_rating_server(output_dir: str, scale: RatingScale | None = None, ratings_per_query: int = 1,
                         host: str = "127.0.0.1", port: int = 7860, raters=None, assignment_ttl: float = 600.0,
-                        announce: bool = True, mode: str = "score") -> RatingServer:
+                        announce: bool = True, mode: str = "score", started_by: str = "this rating page",
+                        max_connections: int = 32) -> RatingServer:
     """Registers ``raters`` (names, or ``{name: token}``), starts the page in a daemon thread and returns it.
-    New raters' login links are printed once (to standard output, never to a log)."""
+    New raters' login links are written to ``ratings/logins/<name>.url`` (0600); only that directory is printed.
+    ``started_by``: how the caller's settings are named when they differ from the run's (e.g. the flags)."""
     files = RatingFiles(output_dir)
     tokens = raters if isinstance(raters, dict) else None
     if not raters and not files.raters():
         raise ValueError("no rater is registered: give raters (names) so that someone can log in")
-    board = RatingBoard(files, scale or RatingScale(), ratings_per_query, assignment_ttl, mode)
-    server = RatingServer(board, host, port)  # bound before any token is made: a busy port loses none
+    scale = scale or RatingScale()
+    files.agree_settings(mode, ratings_per_query, scale, started_by)
+    board = RatingBoard(files, scale, ratings_per_query, assignment_ttl, mode)
+    server = RatingServer(board, host, port, max_connections)  # bound before any token is made: a busy port loses none
     new = files.add_raters(list(raters or []), tokens=tokens)
     threading.Thread(target=server.serve_forever, name="hf_control_ft-rating-page", daemon=True).start()
+    links = {name: f"{server.url}#token={token}" for name, token in new.items() if not tokens}
+    logins = files.write_logins(links) if links else None  # a token the caller chose is theirs: never written
     if announce:
         print(f"rating page for {output_dir}: {server.url}", flush=True)
-        for name, token in new.items():
-            if not tokens:  # a token the caller chose is theirs already: never echoed
-                print(f"  rater {name}: {server.url}#token={token}", flush=True)
+        if logins:
+            print(f"  login links of the new raters ({', '.join(links)}): {logins}/<name>.url (readable by you "
+                  "only; send each to its rater)", flush=True)
     return server
 
 

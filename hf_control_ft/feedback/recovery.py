@@ -15,13 +15,29 @@ SHARD_PATTERN = re.compile(r"^shard-(\d{6})\.parquet$")
 SHARDS = "shards"
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def remove_temporaries(directory: str) -> None:
-    """Deletes ``*.tmp-PID`` files of killed writers (the caller holds the run lock: no live writer owns them). A
-    temporary is never an answer the manifest could list: shards are renamed before they count."""
+    """Deletes ``*.tmp-PID`` files of killed writers. A temporary whose process is alive is left alone: a writable
+    dataset opened without the run lock (a notebook beside a live trainer) must not delete the trainer's shard
+    before it is renamed. A temporary is never an answer the manifest could list: shards are renamed before they
+    count."""
     for folder in (directory, os.path.join(directory, SHARDS)):
         for name in os.listdir(folder):
-            if ".tmp-" in name and os.path.isfile(os.path.join(folder, name)):
-                os.remove(os.path.join(folder, name))
+            _, sep, pid = name.rpartition(".tmp-")
+            if not sep or not os.path.isfile(os.path.join(folder, name)):
+                continue
+            if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+                continue
+            os.remove(os.path.join(folder, name))
 
 
 def unlisted_shards(directory: str, listed: list[str], on_disk: list[str]) -> list[str]:

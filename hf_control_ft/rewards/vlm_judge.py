@@ -18,12 +18,17 @@ DEFAULT_QUESTION = 'Does this figure show "{prompt}"? Please answer yes or no.'
 
 
 def _first_token_ids(tokenizer, words) -> list[int]:
-    """Ids of the first token of each spelling (with and without a leading space), deduplicated."""
+    """Ids of the first token of each spelling (with and without a leading space), deduplicated. A first token
+    that carries no letter of the word -- SentencePiece tokenizers can split ``" Yes"`` into a bare ``"▁"`` and
+    ``"Yes"`` -- is not counted: it starts any answer, not a yes."""
     ids = []
     for word in words:
         for text in (word, " " + word):
             encoded = tokenizer.encode(text, add_special_tokens=False)
-            if encoded and encoded[0] != tokenizer.unk_token_id and encoded[0] not in ids:
+            if not encoded or encoded[0] == tokenizer.unk_token_id or encoded[0] in ids:
+                continue
+            piece = tokenizer.decode([encoded[0]]).replace("\u2581", " ").strip()
+            if piece and word.startswith(piece):
                 ids.append(encoded[0])
     if not ids:
         raise ValueError(f"the tokenizer has no token for any of {list(words)}")

@@ -33,26 +33,37 @@ class MainProcessError(RuntimeError):
 
 def run_on_main(accelerator: Accelerator, fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` on the main process only; its result (picklable) is returned on every process,
-    and an exception it raises is raised on every process: the same exception object where it pickles, else a
-    :class:`MainProcessError` with its type and first line (the main process raises the original)."""
+    and an exception it raises is raised on every process: the same exception object where it survives a pickle
+    round trip, else a :class:`MainProcessError` with its type and first line (the main process raises the
+    original). ``SystemExit`` and ``KeyboardInterrupt`` on the main process reach the others as a
+    :class:`MainProcessError` too."""
     if accelerator.num_processes == 1:
         return fn(*args, **kwargs)
     payload, original = [None], None
     if accelerator.is_main_process:
         try:
             payload = [("ok", fn(*args, **kwargs))]
-        except Exception as err:  # noqa: BLE001 - re-raised below, on this process and all others
-            original = err
-            try:
-                pickle.dumps(err)
-                payload = [("error", err)]
-            except Exception:  # noqa: BLE001 - an exception that does not pickle: send its text instead
-                payload = [("error", MainProcessError(error_line(err)))]
+        except BaseException as err:  # noqa: BLE001 - re-raised below, on this process and all others (Ctrl-C and
+            original = err  # SystemExit too: the others must not wait in a collective the main process left)
+            payload = [("error", _sendable(err))]
     broadcast_object_list(payload, from_process=0)
     status, value = payload[0]
     if status == "error":
         raise original if original is not None else value
     return value
+
+
+def _sendable(err: BaseException) -> BaseException:
+    """``err`` itself when it is an ``Exception`` that survives a pickle round trip (some pickle but cannot be
+    rebuilt: a required constructor argument), else a :class:`MainProcessError` with its type and first line --
+    also for ``SystemExit`` / ``KeyboardInterrupt``, which must not end the other processes silently."""
+    if not isinstance(err, Exception):
+        return MainProcessError(f"the main process stopped: {error_line(err)}")
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:  # noqa: BLE001 - sent as text instead
+        return MainProcessError(error_line(err))
 
 
 def _signal(accelerator: Accelerator, done: bool) -> bool:

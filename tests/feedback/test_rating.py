@@ -337,7 +337,7 @@ def test_the_seiko_script_with_people_as_the_oracle(tmp_path, monkeypatch):
 
 def test_hf_control_ft_rate_serves_a_run_from_another_process(tmp_path):
     """``hf-control-ft rate OUTPUT_DIR``: the page of a run whose trainer runs elsewhere; a new rater's login link
-    is printed once; Ctrl-C stops it."""
+    is written to a file only its owner reads, never to standard output; Ctrl-C stops it."""
     out, port = tmp_path / "run", _port()
     HumanOracle(str(out)).enqueue(torch.zeros(2, 16), ["a", "b"], round_index=1)  # what a trainer queued
     proc = subprocess.Popen([sys.executable, "-m", "hf_control_ft.cli", "rate", str(out), "--raters", "carol",
@@ -346,7 +346,10 @@ def test_hf_control_ft_rate_serves_a_run_from_another_process(tmp_path):
     try:
         lines = [proc.stdout.readline() for _ in range(2)]
         assert lines[0].startswith(f"rating page for {out}: http://127.0.0.1:{port}/")
-        token = lines[1].strip().split("#token=")[1]
+        login = out / "ratings" / "logins" / "carol.url"
+        assert "#token=" not in lines[1] and str(login.parent) in lines[1] and "carol" in lines[1]
+        assert oct(login.stat().st_mode & 0o777) == "0o600"
+        token = login.read_text().strip().split("#token=")[1]
         status, body = _call(f"http://127.0.0.1:{port}", "/api/progress", token)
         assert status == 200 and body["rater"] == "carol" and body["progress"]["total"] == 2
         proc.send_signal(signal.SIGINT)
@@ -354,4 +357,5 @@ def test_hf_control_ft_rate_serves_a_run_from_another_process(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert token not in json.dumps(RatingFiles(str(out)).raters())  # stored hashed only
+    printed = proc.stdout.read() + proc.stderr.read()
+    assert token not in printed + "".join(lines) and token not in json.dumps(RatingFiles(str(out)).raters())

@@ -13,6 +13,16 @@ from hf_control_ft.feedback.reader import load_feedback
 from hf_control_ft.feedback.store import FeedbackDataset, FeedbackStoreError
 
 
+def _dead_pid() -> int:
+    """The pid of a process that has ended (a killed writer's temporaries carry it)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
 def _store(tmp_path):
     fb = FeedbackDataset(str(tmp_path / "fb"), (1, 2))
     q = fb.add_pending(torch.arange(8.0).reshape(4, 1, 2), round_index=1, prompts=["a", "b", "c", "d"])
@@ -24,7 +34,7 @@ def test_every_change_is_one_shard_and_reloads(tmp_path):
     fb, q = _store(tmp_path)
     assert q == [0, 1, 2, 3] and fb.pending() == [2, 3] and fb.version == 2
     # a crash while writing the next shard leaves a stray temporary file: ignored on load
-    open(tmp_path / "fb" / "shards" / ".shard-000099.parquet.tmp-1", "wb").write(b"partial")
+    open(tmp_path / "fb" / "shards" / f".shard-000099.parquet.tmp-{_dead_pid()}", "wb").write(b"partial")
     re = FeedbackDataset(str(tmp_path / "fb"), (1, 2))
     assert len(re) == 4 and re.pending() == [2, 3]
     assert re.columns["status"][:2] == ["ok", "failed"] and re.columns["error"][1] == "boom"
@@ -125,7 +135,7 @@ def test_a_writer_killed_between_the_shard_and_the_manifest_loses_no_answer(tmp_
 def test_the_reader_never_writes_even_when_the_manifest_is_gone(tmp_path):
     fb, _ = _store(tmp_path)
     os.remove(tmp_path / "fb" / "manifest.json")
-    open(tmp_path / "fb" / "shards" / ".shard-000009.parquet.tmp-1", "wb").write(b"partial")
+    open(tmp_path / "fb" / "shards" / f".shard-000009.parquet.tmp-{_dead_pid()}", "wb").write(b"partial")
     listing = sorted(os.listdir(tmp_path / "fb")), sorted(os.listdir(tmp_path / "fb" / "shards"))
     ds = load_feedback(str(tmp_path / "fb"))
     assert ds["status"] == fb.columns["status"] and ds["sample"][3] == [6.0, 7.0]
@@ -134,3 +144,23 @@ def test_the_reader_never_writes_even_when_the_manifest_is_gone(tmp_path):
     FeedbackDataset(str(tmp_path / "fb"), (1, 2))
     assert json.loads((tmp_path / "fb" / "manifest.json").read_text())["sample_shape"] == [1, 2]
     assert not any(".tmp-" in n for n in os.listdir(tmp_path / "fb" / "shards"))
+
+
+def test_a_second_writer_never_deletes_a_live_writers_temporary(tmp_path):
+    """A writable dataset opened without the run lock (a notebook beside a live trainer) leaves the temporary shard
+    of a live process alone; a dead process's temporary is removed."""
+    import subprocess
+    import sys
+
+    _store(tmp_path)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        shards = tmp_path / "fb" / "shards"
+        mine, dead = shards / f".shard-000003.parquet.tmp-{live.pid}", shards / f".shard-000004.parquet.tmp-{_dead_pid()}"
+        mine.write_bytes(b"being written")
+        dead.write_bytes(b"partial")
+        FeedbackDataset(str(tmp_path / "fb"), (1, 2))
+        assert mine.exists() and not dead.exists()
+    finally:
+        live.kill()
+        live.wait()

@@ -52,3 +52,23 @@ def test_vlm_judge_loads_by_name_from_a_saved_model(tmp_path):
     assert isinstance(judge, VLMJudgeReward)
     direct = VLMJudgeReward(model, processor)  # the default question (words the tiny vocabulary lacks: <unk>)
     assert torch.allclose(judge(_images(), PROMPTS), direct(_images(), PROMPTS), atol=1e-6)
+
+
+def test_a_bare_sentencepiece_space_is_not_counted_as_yes():
+    """A SentencePiece vocabulary without "▁Yes" splits " Yes" into "▁" + "Yes": the bare "▁" starts any answer
+    and must not be counted (it was: the judge then scored every image near 1)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from hf_control_ft.rewards.vlm_judge import _first_token_ids
+
+    vocab = [("<unk>", 0.0), ("\u2581", -1.0), ("Yes", -2.0), ("yes", -2.0), ("No", -2.0), ("\u2581No", -2.0)]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=0))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never")
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="never")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    space = tokenizer.convert_tokens_to_ids("\u2581")
+    assert tokenizer.encode(" Yes", add_special_tokens=False)[0] == space  # the split this guards against
+    ids = _first_token_ids(tokenizer, ("Yes", "yes"))
+    assert space not in ids and sorted(ids) == sorted(tokenizer.convert_tokens_to_ids(["Yes", "yes"]))
+    assert _first_token_ids(tokenizer, ("No",)) == tokenizer.convert_tokens_to_ids(["No", "\u2581No"])

@@ -164,3 +164,48 @@ def test_an_exception_that_does_not_pickle_reaches_the_other_processes_as_its_te
     status, value = sent[0][0]
     assert status == "error" and isinstance(value, distributed.MainProcessError)
     assert str(value) == "Unpicklable: oracle down"
+
+
+def _as_main(monkeypatch):
+    import pickle
+    from types import SimpleNamespace
+
+    from hf_control_ft.trainers import distributed
+
+    sent = []
+    monkeypatch.setattr(distributed, "broadcast_object_list",
+                        lambda payload, from_process=0: sent.append(pickle.loads(pickle.dumps(payload))))
+    return distributed, SimpleNamespace(num_processes=2, is_main_process=True), sent
+
+
+def test_an_exception_that_pickles_but_cannot_be_rebuilt_reaches_the_others_as_its_text(monkeypatch):
+    """It pickles, so it used to be sent as is -- and the other processes failed to unpickle it with a TypeError
+    about a constructor instead of the real cause."""
+    distributed, main, sent = _as_main(monkeypatch)
+
+    class NeedsTwo(RuntimeError):
+        def __init__(self, what, where):
+            super().__init__(f"{what} at {where}")
+
+    def fail():
+        raise NeedsTwo("disk full", "/runs/x")
+
+    with pytest.raises(NeedsTwo):
+        distributed.run_on_main(main, fail)
+    status, value = sent[0][0]
+    assert status == "error" and isinstance(value, distributed.MainProcessError)
+    assert str(value) == "NeedsTwo: disk full at /runs/x"
+
+
+@pytest.mark.parametrize("stop", [SystemExit(3), KeyboardInterrupt()])
+def test_a_main_process_that_exits_or_is_interrupted_releases_the_others(monkeypatch, stop):
+    distributed, main, sent = _as_main(monkeypatch)
+
+    def fail():
+        raise stop
+
+    with pytest.raises(type(stop)):
+        distributed.run_on_main(main, fail)
+    status, value = sent[0][0]  # the others get an error instead of waiting for a broadcast that never comes
+    assert status == "error" and isinstance(value, distributed.MainProcessError)
+    assert str(value).startswith(f"the main process stopped: {type(stop).__name__}")
