@@ -20,7 +20,9 @@ class HumanOracle:
     The SEIKO trainer queues a round's decoded samples (:meth:`enqueue`: image + prompt) and takes each query's
     answer from :meth:`answers` as soon as it has ``ratings_per_query`` ratings or skips: the mean rating
     (``ok``), or ``failed`` when everybody asked skipped it. The trainer stores each answer in the feedback
-    dataset at once; every single rating is already on disk in ``ratings.jsonl`` when it is submitted.
+    dataset at once; every single rating is already on disk in ``ratings.jsonl`` when it is submitted. Pairwise:
+    the values of a round come when its last comparison does, fitted with every earlier round's comparisons on one
+    scale; :meth:`current_values` gives the refitted values of the earlier rounds too.
 
     Args:
         output_dir: the SEIKO run directory (``config.output_dir``).
@@ -28,8 +30,8 @@ class HumanOracle:
         ratings_per_query: ratings averaged into one answer; each by a different rater.
         serve: start the rating page in this process (on the first call) at ``host:port``
             (:class:`~hf_control_ft.feedback.rating_server.RatingServer`); else run ``hf-control-ft rate``.
-        raters: names to register (their new tokens are printed once when the page starts), or ``{name:
-            token}``.
+        raters: names to register (their login links are written to ``ratings/logins/<name>.url`` when the page
+            starts), or ``{name: token}``.
         value_range: the range of the samples the trainer passes (decoded images: ``(0, 1)``).
         poll_interval: seconds between looks at the ratings log while waiting.
     """
@@ -73,8 +75,10 @@ class HumanOracle:
                                    host=self.host, port=self.port, raters=self.raters, mode=self.mode,
                                    started_by=self.STARTED_BY)
 
-    def enqueue(self, samples: torch.Tensor, prompts: list[str] | None = None, round_index: int = 0) -> list[str]:
-        """Queues the samples for rating (a sample queued before keeps its ratings); returns their keys."""
+    def enqueue(self, samples: torch.Tensor, prompts: list[str] | None = None, round_index: int = 0,
+                query_indices: list[int] | None = None) -> list[str]:
+        """Queues the samples for rating (a sample queued before keeps its ratings); returns their keys.
+        ``query_indices``: their rows in the feedback dataset (pairwise: lets :meth:`current_values` name them)."""
         if not self._settings_agreed:  # a page with other settings would leave this trainer waiting forever
             RatingFiles(self.output_dir).agree_settings(self.mode, self.ratings_per_query, self.scale, self.STARTED_BY)
             self._settings_agreed = True
@@ -86,7 +90,9 @@ class HumanOracle:
         prompts = list(prompts) if prompts is not None else [""] * samples.shape[0]
         pngs = [to_png(s, self.value_range) for s in samples]
         keys = [query_key(png, p) for png, p in zip(pngs, prompts)]
-        RatingFiles(self.output_dir).add_queries([(k, png, p, round_index) for k, png, p in zip(keys, pngs, prompts)])
+        queries = list(query_indices) if query_indices is not None else [None] * len(keys)
+        RatingFiles(self.output_dir).add_queries([(k, png, p, round_index, q)
+                                                  for k, png, p, q in zip(keys, pngs, prompts, queries)])
         return keys
 
     def answers(self, keys: list[str]):
@@ -103,7 +109,7 @@ class HumanOracle:
             done = [i for i, key in waiting.items() if summary.get(key, {}).get("count", 0) >= self.ratings_per_query]
             if self.mode == "pairwise":
                 if len(done) == len(waiting):
-                    yield from self._preference_answers(keys, ratings, summary)
+                    yield from self._preference_answers(keys, ratings, summary, files)
                     return
             for i in done:
                 s = summary[waiting.pop(i)]
@@ -115,17 +121,37 @@ class HumanOracle:
                 time.sleep(self.poll_interval)
 
     @staticmethod
-    def _preference_answers(keys, ratings, summary):
+    def _fit(files: RatingFiles, ratings: list[dict]) -> tuple[dict[str, float], dict[str, dict]]:
+        """Bradley–Terry values of every query compared so far, all rounds on one scale (``docs/algorithms.md``
+        §12): ``({key: value}, {key: its first queue line})``."""
+        first: dict[str, dict] = {}
+        for q in files.read_lines(files.queue_path)[0]:
+            first.setdefault(q["key"], q)
+        compared = [r for r in ratings if r.get("other") is not None and r["value"] is not None
+                    and r["key"] in first and r["other"] in first]
+        keys = sorted({k for r in compared for k in (r["key"], r["other"])})
         index = {k: i for i, k in enumerate(keys)}
-        comparisons = [(index[r["key"]], index[r["other"]], r["value"]) for r in ratings
-                       if r.get("other") in index and r["key"] in index and r["value"] is not None]
-        values = bradley_terry(len(keys), comparisons)
-        compared = {i for c in comparisons for i in c[:2]}
+        values = bradley_terry(len(keys), [(index[r["key"]], index[r["other"]], r["value"]) for r in compared],
+                               groups=[first[k]["round"] for k in keys])
+        return dict(zip(keys, values)), first
+
+    def _preference_answers(self, keys, ratings, summary, files):
+        values, _ = self._fit(files, ratings)
         for i, key in enumerate(keys):
-            if i in compared:
-                yield i, OracleAnswer(values[i], OK, "", 1)
+            if key in values:
+                yield i, OracleAnswer(values[key], OK, "", 1)
             else:
                 yield i, OracleAnswer(math.nan, FAILED, f"skipped in all {summary[key]['count']} comparisons", 1)
+
+    def current_values(self) -> dict[int, float]:
+        """Pairwise: ``{query_index: value}`` of every query compared so far, refitted over all rounds' comparisons
+        (a later round's comparisons with earlier queries move those too). The trainer stores the changed values
+        of earlier rounds as a new version of their rows. Score mode: ``{}`` (a score never changes)."""
+        if self.mode != "pairwise":
+            return {}
+        files = RatingFiles(self.output_dir)
+        values, first = self._fit(files, files.read_lines(files.ratings_path)[0])
+        return {int(first[k]["query"]): v for k, v in values.items() if "query" in first[k]}
 
     def stream(self, samples: torch.Tensor, prompts: list[str] | None = None, round_index: int = 0):
         """:meth:`enqueue` then :meth:`answers`."""

@@ -182,15 +182,16 @@ class RatingFiles:
             fields = RATING_FIELDS if os.path.basename(path) == "ratings.jsonl" else QUEUE_FIELDS
         return _complete_records(data[:end], fields, path), offset + end
 
-    def add_queries(self, entries: list[tuple[str, bytes, str, int]]) -> None:
-        """Queues ``(key, png, prompt, round)`` entries not queued yet (images written before the queue line). A
-        queued key whose ratings since its last queue line are all skips is queued again (a retried failed query:
-        people see it again)."""
+    def add_queries(self, entries: list[tuple]) -> None:
+        """Queues ``(key, png, prompt, round)`` or ``(key, png, prompt, round, query_index)`` entries not queued yet
+        (images written before the queue line; ``query_index``: the feedback dataset's row, kept in the line so the
+        values of earlier rounds can be refitted). A queued key whose ratings since its last queue line are all
+        skips is queued again (a retried failed query: people see it again)."""
         queue = self.read_lines(self.queue_path)[0]
         since = latest_queue_times(queue)
         summary = summarize(self.read_lines(self.ratings_path)[0], since)
         new, seen = [], set()
-        for key, png, prompt, round_index in entries:
+        for key, png, prompt, round_index, *query in entries:
             if key in seen:
                 continue
             seen.add(key)
@@ -200,7 +201,10 @@ class RatingFiles:
             path = os.path.join(self.images_dir, f"{key}.png")
             if not os.path.exists(path):
                 write_atomic(path, png, mode=0o600)
-            new.append({"key": key, "prompt": prompt, "round": int(round_index), "time": time.time()})
+            line = {"key": key, "prompt": prompt, "round": int(round_index), "time": time.time()}
+            if query and query[0] is not None:
+                line["query"] = int(query[0])
+            new.append(line)
         if new:
             self._append(self.queue_path, new)
 

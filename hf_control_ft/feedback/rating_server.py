@@ -60,9 +60,11 @@ class RatingBoard:
     """What the page shows and accepts, shared by the server's threads (one lock).
 
     ``mode="score"``: a query is shown alone and rated on ``scale`` by ``ratings_per_query`` different raters.
-    ``mode="pairwise"``: two queries of one round (of one prompt when the round has two) are shown side by side
-    and the rater picks the better one; every query takes part in ``ratings_per_query`` comparisons, and no rater
-    sees the same pair twice (values: :func:`~hf_control_ft.feedback.preferences.bradley_terry`).
+    ``mode="pairwise"``: two queries are shown side by side and the rater picks the better one; every query takes
+    part in ``ratings_per_query`` comparisons, and no rater sees the same pair twice. Half the comparisons of a
+    later round's query (at least one) are with earlier rounds' queries (anchors: the rounds' levels on one scale),
+    the others with its own round's; queries of one prompt are paired first (values:
+    :func:`~hf_control_ft.feedback.preferences.bradley_terry`).
     """
 
     def __init__(self, files: RatingFiles, scale: RatingScale, ratings_per_query: int = 1,
@@ -140,6 +142,13 @@ class RatingBoard:
                        images=[f"/api/image/{assignment}/{n}" for n in range(len(keys))])
             return out
 
+    def queries(self) -> list[dict]:
+        """One entry per queued key (a requeued key keeps its first round)."""
+        first: dict[str, dict] = {}
+        for q in self.queue:
+            first.setdefault(q["key"], q)
+        return list(first.values())
+
     def _choose(self, rater: str, summary: dict) -> tuple[str, ...] | None:
         busy: dict[str, int] = {}
         for _, keys, _ in self.open.values():
@@ -149,7 +158,10 @@ class RatingBoard:
         def load(key):
             return summary.get(key, {}).get("count", 0) + busy.get(key, 0)
 
-        order = sorted(self.queue, key=lambda q: (q["round"], load(q["key"]), q["time"]))
+        queries = self.queries()
+        round_of = {q["key"]: q["round"] for q in queries}
+        first_round = min(round_of.values(), default=0)
+        order = sorted(queries, key=lambda q: (q["round"], load(q["key"]), q["time"]))
         for q in order:
             s = summary.get(q["key"], {})
             if load(q["key"]) >= self.ratings_per_query:
@@ -159,8 +171,14 @@ class RatingBoard:
                     return (q["key"],)
                 continue
             seen = s.get("pairs", set())
-            partners = [p for p in order if p["round"] == q["round"] and p["key"] != q["key"]
-                        and (rater, p["key"]) not in seen]
+            fresh = [p for p in order if p["key"] != q["key"] and (rater, p["key"]) not in seen]
+            same = [p for p in fresh if p["round"] == q["round"]]
+            earlier = [p for p in fresh if p["round"] < q["round"]]
+            anchored = sum(round_of.get(other, q["round"]) < q["round"] for _, other in seen)
+            # half the comparisons of a later-round query (at least one) are with earlier rounds' queries: the
+            # rounds' levels on one scale (docs/algorithms.md §12)
+            needs_anchor = q["round"] > first_round and anchored < max(1, self.ratings_per_query // 2)
+            partners = earlier if (needs_anchor and earlier) else (same or earlier)
             partners.sort(key=lambda p: (p["prompt"] != q["prompt"], load(p["key"])))  # same prompt first
             if partners:
                 return (q["key"], partners[0]["key"])

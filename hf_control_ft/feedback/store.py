@@ -321,6 +321,23 @@ class FeedbackDataset:
             positions.append(pos)
         self._write_shard(self._table(positions, with_samples=False))
 
+    def revalue(self, values: dict[int, float]) -> int:
+        """New values of ``ok`` answers that a later fit changed (pairwise preferences, all rounds refitted on one
+        scale), as one shard: the earlier values stay in the shards before it (nothing is lost; replaying the
+        shards up to any point gives the values of then). Rows not ``ok`` or unchanged are left; returns how many
+        rows changed."""
+        now, positions = time.time(), []
+        for q, v in sorted(values.items()):
+            pos = self._position(q)
+            if self.columns["status"][pos] != OK or not math.isfinite(v) or abs(self.columns["value"][pos] - v) < 1e-9:
+                continue
+            self.columns["value"][pos] = float(v)
+            self.columns["timestamp"][pos] = now
+            positions.append(pos)
+        if positions:
+            self._write_shard(self._table(positions, with_samples=False))
+        return len(positions)
+
     def pending(self, round_index: int | None = None) -> list[int]:
         """``query_index`` of the samples written but never answered (in order)."""
         return [self.columns["query_index"][i] for i in self.rows(round_index, PENDING)]

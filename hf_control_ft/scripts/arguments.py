@@ -222,7 +222,8 @@ class SeikoScriptArguments(TextToImageArguments):
     oracle: str | None = _f(None, "the oracle (the expensive true reward): a built-in name, 'path/to/file.py:"
                                   "function', 'package.module:function' (called as fn(images, prompts)), or "
                                   "'human': people rate the images on a web page the trainer serves")
-    raters: list[str] | None = _f(None, "--oracle human: rater names (each new one gets a login link, printed once)")
+    raters: list[str] | None = _f(None, "--oracle human: rater names (each new one gets a login link in "
+                                  "OUTPUT_DIR/ratings/logins/NAME.url)")
     rating_host: str = _f("127.0.0.1", "--oracle human: interface of the rating page (default: this machine only)")
     rating_port: int = _f(7860, "--oracle human: port of the rating page")
     ratings_per_query: int = _f(1, "--oracle human: ratings averaged per query, each by a different rater")

@@ -134,8 +134,14 @@ class FeedbackCollection:
         then each answer is stored the moment it arrives."""
         todo, keys = [q for batch in batches for q in batch], []
         for batch in batches:
-            keys += self.oracle.fn.enqueue(*self._oracle_inputs(batch), round_index=round_index)
+            keys += self.oracle.fn.enqueue(*self._oracle_inputs(batch), round_index=round_index, query_indices=batch)
         self.oracle.num_calls += 1
         for i, answer in self._progress(self.oracle.fn.answers(keys), f"round {round_index}: ratings",
                                         total=len(keys), leave=False):
             self.feedback.record([todo[i]], [answer], self.feedback.next_batch_index(round_index))
+        refit = getattr(self.oracle.fn, "current_values", None)
+        if refit is not None:  # pairwise: the earlier rounds' values, refitted with this round's comparisons
+            values = refit()
+            earlier = {q: v for q, v in values.items() if q < len(self.feedback)
+                       and self.feedback.columns["round"][q] < round_index}
+            self.feedback.revalue(earlier)
