@@ -32,6 +32,11 @@ SUPPORTED_SCHEDULERS = (DDPMScheduler, DDIMScheduler)
 # deterministic: it runs the pretrained network and carries no KL and no control.
 VARIANCE_FLOOR = 1e-20
 
+#: a step into low noise (``sqrt(1 - alpha_bar') < LOW_NOISE``) that shrinks the noise level ``sqrt(1 - alpha_bar)``
+#: by more than this factor is deterministic (``JUMP_FACTOR``; :class:`DiffusionSchedule`, ``docs/algorithms.md`` §7)
+JUMP_FACTOR = 0.45
+LOW_NOISE = 0.5
+
 
 class GaussianTransitions:
     """What every closed-form schedule shares: ``timesteps`` ``(K,)`` fed to the network and ``std`` ``(K,)``
@@ -87,8 +92,21 @@ class DiffusionSchedule(GaussianTransitions):
         timesteps: ``(K,)`` integer timesteps fed to the network, highest noise first.
         std: ``(K,)`` float64 standard deviations ``sigma_k``; ``0`` marks a deterministic step: the last
             DDPM step (at ``t = 0``, or the floored-variance last step of ``steps_offset=1`` / ``"trailing"``
-            spacing), the last DDIM step when its previous ``alpha_bar`` is 1. Deterministic steps cannot be
-            controlled at finite KL, so the sampler runs them with the pretrained network.
+            spacing), the last DDIM step when its previous ``alpha_bar`` is 1, and a *jump* into low noise (below).
+            Deterministic steps cannot be controlled at finite KL, so the sampler runs them with the pretrained
+            network.
+
+    **Jumps into low noise.** diffusers' grids end at the smallest training timestep (``t = 1`` with
+    ``steps_offset=1``, every SD config; ``t = 0`` otherwise): at 50 steps of SD's schedule the step ``t = 21 -> 1``
+    shrinks the noise level ``sqrt(1 - alpha_bar)`` to 0.29 of itself, at 10 steps to 0.12, at 15 DDPM steps of
+    the cosine schedule ``t = 66 -> 0`` to 0.06. Its noise is then so small that its KL per unit of noise-prediction
+    difference is 10-300x the step before's (5.4 against 0.5 on SD at 50 steps, eta 1; 164 against 1.3 on the
+    digits chain), so any control leaking into it through the shared LoRA weights costs more than all other steps:
+    measured on digits, the drift spent most of its KL there from its first iteration. At low noise that factor
+    depends on the level ratio ``rho`` alone, ``(1 - rho^2) / (2 rho^2)`` at eta 1 (1.5 for a halving step), as on
+    the flow grids (``core/flow_matching.py``). So a step into low noise (``sqrt(1 - alpha_bar') < LOW_NOISE``)
+    with ``rho < JUMP_FACTOR`` runs as DDIM's ``eta = 0`` step -- deterministic, pretrained, no control, no KL --
+    which keeps the marginals (a DDPM chain's too). The regular steps of these grids have ``rho >= 0.47``.
     """
 
     scheduler: DDPMScheduler | DDIMScheduler
@@ -169,6 +187,11 @@ class DiffusionSchedule(GaussianTransitions):
                 c_x0.append(ap.sqrt())
                 c_eps.append((1 - ap - s**2).clamp(min=0).sqrt())
                 c_x.append(torch.tensor(0.0, dtype=torch.float64))
+            level, level_next = float((1 - at).clamp(min=0).sqrt()), float((1 - ap).clamp(min=0).sqrt())
+            if std[-1] > 0 and level_next < LOW_NOISE and level_next < JUMP_FACTOR * level:
+                # a jump into low noise (class docstring): DDIM's eta = 0 step, which keeps the marginals
+                std[-1] = torch.tensor(0.0, dtype=torch.float64)
+                c_x0[-1], c_eps[-1], c_x[-1] = ap.sqrt(), (1 - ap).sqrt(), torch.tensor(0.0, dtype=torch.float64)
             a_t.append(at)
             a_prev.append(ap)
         self.is_ddpm = is_ddpm
@@ -202,9 +225,11 @@ class DiffusionSchedule(GaussianTransitions):
         return x0, eps
 
     def mean(self, model_output: torch.Tensor, sample: torch.Tensor, k: int) -> torch.Tensor:
-        """Transition mean ``mu_k`` (same shape as ``sample``); differentiable in both arguments."""
+        """Transition mean ``mu_k`` (same shape as ``sample``); differentiable in both arguments. DDPM:
+        ``c_x0 x0 + c_x x`` (the posterior mean); DDIM, and a DDPM chain's jumps into low noise: ``c_x0 x0 +
+        c_eps eps``."""
         x0, eps = self.predict_x0_eps(model_output, sample, k)
-        if self.is_ddpm:
+        if self.is_ddpm and float(self._c_eps[k]) == 0.0:
             return self._c_x0[k].item() * x0 + self._c_x[k].item() * sample
         return self._c_x0[k].item() * x0 + self._c_eps[k].item() * eps
 

@@ -53,6 +53,7 @@ def test_transitions_match_scheduler_step_and_floored_steps_are_deterministic(ki
     ref.set_timesteps(20)
     assert torch.equal(schedule.timesteps, ref.timesteps.long())
     g = torch.Generator().manual_seed(0)
+    jumps = []
     for k, t in enumerate(schedule.timesteps.tolist()):
         x, out = torch.randn(3, 2, generator=g), torch.randn(3, 2, generator=g)
         noise = torch.randn(3, 2, generator=torch.Generator().manual_seed(k))
@@ -63,12 +64,24 @@ def test_transitions_match_scheduler_step_and_floored_steps_are_deterministic(ki
         else:
             expected = ref.step(out, t, x, eta=eta, variance_noise=noise).prev_sample
             deterministic = float(ref._get_variance(t, t - 1000 // 20)) <= 1e-20
+        # a jump into low noise (the noise level shrinks below 0.45 of itself, ending under 0.5) runs as DDIM's
+        # eta = 0 step: no noise, the marginals kept (docs/algorithms.md §7)
+        level = (1 - float(schedule.alpha_bar[k])) ** 0.5
+        level_next = (1 - float(schedule.alpha_bar_prev[k])) ** 0.5
+        if not deterministic and level_next < 0.5 and level_next < 0.45 * level:
+            jumps.append(k)
+            deterministic = True
+            x0, eps = schedule.predict_x0_eps(out, x, k)
+            a = float(schedule.alpha_bar_prev[k])
+            expected = a**0.5 * x0 + (1 - a) ** 0.5 * eps
         torch.testing.assert_close(schedule.step(out, x, k, noise), expected, rtol=1e-5, atol=1e-5)
         # a floored variance (diffusers adds 1e-10 * noise) is a deterministic step, never a tiny sigma
         assert (float(schedule.std[k]) == 0) == deterministic
         assert float(schedule.std[k]) == 0 or float(schedule.std[k]) > 1e-4
     if kind == "ddpm" and (steps_offset == 1 or spacing == "trailing"):
         assert not schedule.is_stochastic(len(schedule) - 1)  # the SD-config case of the issue
+    # one jump, into the grid's end (t = 0 / 1); trailing grids end at t = 49, whose last step is deterministic anyway
+    assert jumps == ([] if spacing == "trailing" else [len(schedule) - 2])
 
 
 @pytest.mark.parametrize("kind,steps_offset,spacing", CASES)

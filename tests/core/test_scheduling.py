@@ -19,16 +19,24 @@ def test_ddim_mean_and_std_match_scheduler_step(eta, prediction_type, clip):
         x = torch.randn(3, 4, generator=g)
         out = torch.randn(3, 4, generator=g)
         noise = torch.randn(3, 4, generator=g)
-        ref = sched.step(out, int(t), x, eta=eta, variance_noise=noise).prev_sample
+        # the jump into t = 0 (t = 100 -> 0: the noise level shrinks to 0.10 of itself) runs as DDIM's eta = 0 step
+        ref = sched.step(out, int(t), x, eta=0.0 if k == 8 else eta, variance_noise=noise).prev_sample
         ours = sch.step(out, x, k, noise)
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     # leading spacing ends at t = 0, whose "previous" alpha_bar is alpha_bar_0 itself: variance 0
-    assert (sch.std[:-1] > 0).all() and sch.std[-1] == 0
+    assert sch.random_steps() == list(range(8)) and sch.std[-1] == 0
 
 
-def test_ddim_with_steps_offset_is_stochastic_at_every_step():
-    sched = DDIMScheduler(num_train_timesteps=1000, steps_offset=1, set_alpha_to_one=False)
-    assert (DiffusionSchedule(sched, 10, 0.5).std > 0).all()
+def test_ddim_with_steps_offset_is_stochastic_but_for_the_jump_into_t_1():
+    """SD's configs (steps_offset=1): the grid ends at t = 1, and the step into it shrinks the noise level to
+    0.12-0.29 of itself at 10-50 steps, with a KL factor 10-40x the previous step's: deterministic; the last step
+    (t = 1 -> alpha_bar_0) is random."""
+    sched = DDIMScheduler(num_train_timesteps=1000, steps_offset=1, set_alpha_to_one=False, beta_schedule="scaled_linear",
+                          beta_start=0.00085, beta_end=0.012)
+    for K in (10, 50):
+        schedule = DiffusionSchedule(sched, K, 0.5)
+        assert schedule.random_steps() == [k for k in range(K) if k != K - 2]
+        assert int(schedule.timesteps[K - 1]) == 1
 
 
 @pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
@@ -44,8 +52,12 @@ def test_ddpm_mean_and_std_match_scheduler_step(variance_type, prediction_type):
         gen_a, gen_b = torch.Generator().manual_seed(k), torch.Generator().manual_seed(k)
         ref = sched.step(out, int(t), x, generator=gen_a).prev_sample
         noise = torch.randn(2, 3, generator=gen_b)
+        if k == 6:  # the jump t = 125 -> 0 runs as DDIM's eta = 0 step: sqrt(abar') x0 + sqrt(1 - abar') eps
+            x0, eps = sch.predict_x0_eps(out, x, k)
+            ap = float(sch.alpha_bar_prev[k])
+            ref = ap**0.5 * x0 + (1 - ap) ** 0.5 * eps
         torch.testing.assert_close(sch.step(out, x, k, noise), ref, rtol=1e-5, atol=1e-5)
-    assert sch.std[-1] == 0 and not sch.is_stochastic(len(sch) - 1)  # diffusers adds no noise at t = 0
+    assert sch.random_steps() == list(range(6))  # diffusers adds no noise at t = 0; the jump into it is ours
 
 
 def test_eta_zero_and_bad_inputs_are_rejected():

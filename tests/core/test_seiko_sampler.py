@@ -24,7 +24,7 @@ def test_reference_kl_equals_closed_form_and_reference_stays_frozen():
     model = _two_adapter_model()
     s = ControlledSampler(model, DiffusionSchedule(ddim(), 6, 0.7), reference_adapter="previous")
     x = torch.randn(7, 2)
-    for k in range(len(s.schedule) - 1):
+    for k in s.schedule.random_steps():
         _, kl, kl_ref = s.step_with_kls(x, k, torch.randn(7, 2))
         t = s.schedule.timestep(k)
         mu_ft = s.schedule.mean(model(x, t).sample, x, k)

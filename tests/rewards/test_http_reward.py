@@ -133,7 +133,8 @@ def test_a_slow_server_times_out_and_the_concurrency_limit_holds(flaky):
         HTTPReward(flaky, timeout=0.2, max_retries=1, backoff=0.01)(_images(1))
     assert time.monotonic() - start < 3.0
     deadline = time.monotonic() + 5
-    while _Flaky.active and time.monotonic() < deadline:  # the timed-out requests still sleep on the server
+    while (_Flaky.active or _Flaky.seen < 2) and time.monotonic() < deadline:  # both timed-out attempts arrived
+        # and finished sleeping on the server (under load a handler may start after the client gave up)
         time.sleep(0.05)
     _Flaky.delay, _Flaky.peak = 0.3, 0
     scores = HTTPReward(flaky, batch_size=2, max_concurrency=3)(_images(12))
