@@ -13,7 +13,7 @@ half of scikit-learn's digits); the *genuine* classifier, trained on the other h
 Writes to ``output_dir`` (main process only): the adapter, initial-noise model and config, ``README.md`` (model
 card), ``samples_before.png``, ``samples_after.png``, ``metrics.json``, TensorBoard logs in ``logs/`` and
 ``checkpoint-<step>/`` directories. An existing non-empty output directory is never overwritten silently: pass
-``--overwrite`` to replace it or ``--resume_from_checkpoint latest`` to continue it.
+``--overwrite_output_dir`` to replace it or ``--resume_from_checkpoint latest`` to continue it.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ def parse_args(argv=None):
     parser.add_argument("--classifier_epochs", type=int, default=60, help="classifier training when not cached")
     parser.add_argument("--num_eval_samples", type=int, default=512)
     parser.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint directory")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--overwrite_output_dir", "--overwrite", dest="overwrite", action="store_true",
+                        help="replace an existing output directory (diffusers' name; --overwrite also works)")
     parser.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"),
                         help="only 'no': the 0.18M-parameter digits model trains in fp32 (mixed precision is for "
                              "the text-to-image scripts in examples/text_to_image/)")
@@ -74,7 +75,7 @@ def check_output_dir(args, config, accelerator):
     if os.path.isdir(out) and os.listdir(out) and not args.resume_from_checkpoint:
         if not args.overwrite:
             raise SystemExit(f"output directory {out!r} exists and is not empty: pass --resume_from_checkpoint "
-                             f"latest to continue that run, --overwrite to replace it, or --output_dir elsewhere")
+                             f"latest to continue that run, --overwrite_output_dir to replace it, or --output_dir elsewhere")
 
         def replace():
             with RunLock(out):  # never delete a directory another run is using: its error stops every process

@@ -26,7 +26,7 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML file with ElegantConfig fields")
     parser.add_argument("--output_dir", default="outputs/mixture-elegant")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite_output_dir", "--overwrite", dest="overwrite", action="store_true")
     args, rest = parser.parse_known_args()
     try:
         config = ElegantConfig.from_cli(args.config, rest)

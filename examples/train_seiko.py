@@ -20,8 +20,8 @@ Any ``--key value`` after the known arguments overrides a ``SeikoConfig`` field.
 state after every round), ``logs/`` (trackers), ``final/`` (the adapter in the ELEGANT format), sample grids and
 ``metrics.json``. Killing the script and re-running the same command resumes where it stopped, without asking
 the oracle again for any answer it already gave. ``--oracle_fail_rate`` makes a random fraction of the oracle
-calls fail (to see the failure policy at work). ``--push_to_hub REPO`` uploads the model and
-``--feedback_repo REPO`` the feedback dataset (token from ``huggingface-cli login``).
+calls fail (to see the failure policy at work). ``--push_to_hub --hub_model_id REPO`` uploads the model and
+``--feedback_dataset_id REPO`` the feedback dataset (token from ``hf auth login``).
 """
 
 from __future__ import annotations
@@ -146,8 +146,12 @@ def main(argv=None):
     parser.add_argument("--oracle_noise", type=float, default=None, help="oracle noise std (digits 0.3, mixture 0.5)")
     parser.add_argument("--oracle_fail_rate", type=float, default=0.0)
     parser.add_argument("--num_eval_samples", type=int, default=512)
-    parser.add_argument("--push_to_hub", default=None, help="model repo id for the final adapter")
-    parser.add_argument("--feedback_repo", default=None, help="dataset repo id for the feedback dataset")
+    parser.add_argument("--push_to_hub", nargs="?", const=True, default=None,
+                        help="push the final adapter to --hub_model_id (as the text-to-image scripts; a repo id right "
+                             "after the flag also works)")
+    parser.add_argument("--hub_model_id", default=None, help="model repo id for --push_to_hub")
+    parser.add_argument("--feedback_dataset_id", "--feedback_repo", dest="feedback_repo", default=None,
+                        help="dataset repo id for the feedback dataset")
     args, rest = parser.parse_known_args(argv)
     try:
         config = SeikoConfig.from_cli(args.config, rest)
@@ -175,7 +179,10 @@ def main(argv=None):
     x, after = task["evaluate"](trainer, controlled=True)
     trainer.save_pretrained(os.path.join(out, "final"))
     if args.push_to_hub:
-        trainer.push_to_hub(args.push_to_hub, feedback_repo_id=args.feedback_repo)
+        repo = args.hub_model_id or (args.push_to_hub if isinstance(args.push_to_hub, str) else None)
+        if repo is None:
+            parser.error("--push_to_hub needs --hub_model_id REPO")
+        trainer.push_to_hub(repo, feedback_repo_id=args.feedback_repo)
     if not trainer.is_main_process:  # the feedback dataset and the outputs belong to the main process
         return trainer
     task["save_grid"](x, os.path.join(out, "samples_after.png"))

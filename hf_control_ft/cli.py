@@ -92,9 +92,16 @@ def draw(trainer, conditional: bool, args, controlled: bool) -> tuple[torch.Tens
     """``num_samples`` samples (images in ``[0, 1]`` for a pipeline run) and their prompts."""
     gen = torch.Generator().manual_seed(args.seed)
     if conditional:
-        if not args.prompt:
-            exit_with_error("this is a text-to-image control: pass --prompt (one or more)")
-        prompts = [args.prompt[i % len(args.prompt)] for i in range(args.num_samples)]
+        given = list(args.prompt or [])
+        if getattr(args, "prompts_file", None):
+            try:
+                with open(args.prompts_file, encoding="utf-8") as fh:
+                    given += [line.strip() for line in fh if line.strip()]
+            except OSError as err:
+                exit_with_error(f"--prompts_file {args.prompts_file!r}: {err.strerror}")
+        if not given:
+            exit_with_error("this is a text-to-image control: pass --prompt (one or more) or --prompts_file")
+        prompts = [given[i % len(given)] for i in range(args.num_samples)]
         latents = trainer.sample(prompts=prompts, generator=gen, controlled=controlled, batch_size=args.batch_size)
         return trainer.decode(latents).float().clamp(0, 1).cpu(), prompts
     return trainer.sample(args.num_samples, generator=gen, controlled=controlled, batch_size=args.batch_size), None
@@ -127,6 +134,24 @@ def _diversity(x: torch.Tensor) -> float:
     return float(d.sum() / (n * (n - 1))) if n > 1 else 0.0
 
 
+def clip_diversity(embeddings: torch.Tensor, prompts: list | None) -> float | None:
+    """Mean cosine distance ``1 - cos`` between the CLIP image embeddings of samples *of one prompt* (averaged over
+    prompts with at least two samples; all samples for an unconditional model): the diversity a person sees, which
+    a reward-collapsed model loses, where pixel distances mostly see colour and position."""
+    e = torch.nn.functional.normalize(embeddings.float(), dim=-1)
+    groups = {}
+    for i, p in enumerate(prompts if prompts is not None else [None] * len(e)):
+        groups.setdefault(p, []).append(i)
+    values = []
+    for idx in groups.values():
+        if len(idx) > 1:
+            g = e[idx]
+            cos = g @ g.T
+            n = len(idx)
+            values.append(float((1 - cos).sum() / (n * (n - 1))))
+    return sum(values) / len(values) if values else None
+
+
 def cmd_evaluate(args) -> int:
     directory = resolve(args.adapter_dir, args.token, args.revision, args.endpoint)
     task = read_task(directory)
@@ -148,13 +173,25 @@ def cmd_evaluate(args) -> int:
     trainer, conditional = load_trainer(directory, args.base_model, args.token)
     if isinstance(reward, torch.nn.Module):
         reward = reward.to(trainer.device)
-    result = {"reward": args.reward, "num_samples": args.num_samples, "seed": args.seed}
+    features = None
+    if args.diversity_model not in (None, "none") and conditional:
+        from .rewards.clip_rewards import CLIPImageFeatures
+
+        try:
+            features = CLIPImageFeatures.from_pretrained(args.diversity_model, token=args.token).to(trainer.device)
+        except (OSError, ValueError) as err:
+            exit_with_error(f"cannot load --diversity_model {args.diversity_model}: {error_line(err)} (a local CLIP "
+                            "checkpoint, or --diversity_model none for pixel distances only)")
+    result = {"reward": args.reward, "num_samples": args.num_samples, "seed": args.seed,
+              "prompts": args.prompts_file or args.prompt, "diversity_model": args.diversity_model if features else None}
     for name, controlled in (("pretrained", False), ("fine_tuned", True)):
         x, prompts = draw(trainer, conditional, args, controlled)
         with torch.no_grad():
             values = torch.as_tensor(call_reward(reward, x.to(trainer.device), prompts)).float().cpu()
+            clip = None if features is None or x.dim() != 4 else clip_diversity(features(x.to(trainer.device)).cpu(),
+                                                                                 prompts)
         result[name] = {"reward_mean": float(values.mean()), "reward_std": float(values.std()),
-                        "diversity_pairwise_distance": _diversity(x)}
+                        "diversity_pairwise_distance": _diversity(x), "diversity_clip_cosine": clip}
     return _print(result, args.output)
 
 
@@ -189,12 +226,11 @@ def cmd_rate(args) -> int:
         print(f"revoked: {', '.join(gone) or 'nobody'}" + (f" (not registered: {', '.join(unknown)})" if unknown else ""))
         return 0 if not unknown else 1
     try:
-        scale = RatingScale(args.scale_min, args.scale_max, args.scale_step)
+        scale = RatingScale(*(args.rating_scale or (args.scale_min, args.scale_max, args.scale_step)))
         server = start_rating_server(args.output_dir, scale=scale, ratings_per_query=args.ratings_per_query,
                                      host=args.host, port=args.port, raters=args.raters,
                                      assignment_ttl=args.assignment_ttl, mode=args.mode,
-                                     started_by="this page (--mode, --ratings_per_query, --scale_min / --scale_max / "
-                                                "--scale_step)")
+                                     started_by="this page (--rating_mode, --ratings_per_query, --rating_scale)")
     except (ValueError, OSError) as err:
         exit_with_error(error_line(err))
     if args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -259,6 +295,8 @@ def _common(p: argparse.ArgumentParser, num_samples: int, seed: int) -> None:
     p.add_argument("--cache_dir", default=None, help="digits job: this machine's cache with the digits model and "
                    "classifiers (default: $HF_CONTROL_FT_CACHE or ./cache/digits)")
     p.add_argument("--prompt", nargs="+", default=None, help="prompts (text-to-image controls), cycled over samples")
+    p.add_argument("--prompts_file", default=None, help="text-to-image: prompts, one per line (e.g. the held-out "
+                   "examples/text_to_image/prompts_heldout.txt), with or instead of --prompt")
     p.add_argument("--num_samples", type=int, default=num_samples)
     p.add_argument("--batch_size", type=int, default=None, help="sampling batch (default: the training batch)")
     p.add_argument("--seed", type=int, default=seed)
@@ -284,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reward_processor_name_or_path", default=None, help="tokenizer of pickscore / clipscore")
     e.add_argument("--aesthetic_head", default=None, help="--reward aesthetic: the head's .pth / .safetensors, "
                    "local or 'owner/repo/file.pth' on the Hub")
+    e.add_argument("--diversity_model", default="openai/clip-vit-large-patch14",
+                   help="CLIP image encoder of the within-prompt diversity (mean cosine distance); 'none': pixel "
+                        "distances only")
     e.add_argument("--target_digit", type=int, default=None)
     e.add_argument("--output", default=None, help="also write the JSON here")
     e.set_defaults(func=cmd_evaluate)
@@ -293,13 +334,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "in OUTPUT_DIR/ratings/logins/NAME.url, readable by you only)")
     r.add_argument("--revoke", nargs="+", default=None, metavar="NAME",
                    help="end these raters' access (their tokens stop working at once; their ratings stay) and exit")
-    r.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
-    r.add_argument("--port", type=int, default=7860)
-    r.add_argument("--scale_min", type=float, default=1.0)
-    r.add_argument("--scale_max", type=float, default=10.0)
-    r.add_argument("--scale_step", type=float, default=1.0)
+    r.add_argument("--rating_host", "--host", dest="host", default="127.0.0.1",
+                   help="interface to listen on (default: this machine only; train_seiko.py's --rating_host)")
+    r.add_argument("--rating_port", "--port", dest="port", type=int, default=7860)
+    r.add_argument("--rating_scale", type=float, nargs=3, default=None, metavar=("MIN", "MAX", "STEP"),
+                   help="the scale, as train_seiko.py's --rating_scale (default 1 10 1)")
+    r.add_argument("--scale_min", type=float, default=1.0, help=argparse.SUPPRESS)  # the earlier spelling
+    r.add_argument("--scale_max", type=float, default=10.0, help=argparse.SUPPRESS)
+    r.add_argument("--scale_step", type=float, default=1.0, help=argparse.SUPPRESS)
     r.add_argument("--ratings_per_query", type=int, default=1, help="ratings averaged per query, by different raters")
-    r.add_argument("--mode", choices=("score", "pairwise"), default="score",
+    r.add_argument("--rating_mode", "--mode", dest="mode", choices=("score", "pairwise"), default="score",
                    help="score: one image on the scale; pairwise: two images, which is better (Bradley-Terry)")
     r.add_argument("--assignment_ttl", type=float, default=600.0,
                    help="seconds a shown query stays reserved for its rater (a closed tab)")

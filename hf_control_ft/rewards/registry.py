@@ -55,6 +55,18 @@ class RewardSpecError(ValueError):
     """A reward / oracle spec that names nothing loadable (one-line message)."""
 
 
+#: built-in rewards without a gradient (SEIKO oracles only)
+BLACK_BOX_REWARDS = ("vlm_judge",)
+
+
+def black_box_terms(spec: str) -> list[str]:
+    """The terms of ``spec`` (a reward or a weighted mix) that have no gradient: the VLM judge, served URLs. Known
+    from the spec alone, before anything loads."""
+    terms = mix_terms(spec) if isinstance(spec, str) else None
+    names = [t for t, _ in terms] if terms is not None else [spec]
+    return [t for t in names if t in BLACK_BOX_REWARDS or is_reward_url(t)]
+
+
 def mix_terms(spec: str) -> list[tuple[str, float]] | None:
     """``[(term spec, weight), ...]`` of a weighted mix (module docstring), or ``None`` for a single spec without
     a weight. ``"pickscore:1.0,clipscore:0.5"`` -> ``[("pickscore", 1.0), ("clipscore", 0.5)]``."""

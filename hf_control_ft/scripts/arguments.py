@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..processes.options import KL_PRECISIONS
-from ..rewards.registry import RewardSpecError, check_spec
+from ..rewards.registry import RewardSpecError, black_box_terms, check_spec
 from ..serialization.checkpoints import PREFIX as CHECKPOINT_PREFIX
 from ..serialization.checkpoints import finished_model_files, list_checkpoints
 from ..serialization.saved import is_hub_id
@@ -23,17 +23,18 @@ from ..trainers.base import check_trackers
 from ..utils.config_cli import ConfigCliError, explicit_fields, parse_dataclasses
 from ..utils.errors import exit_with_error
 from ..utils.validation import field_checker, is_int
-from .presets import detect_family, preset_values
+from .presets import PRESETS, FamilyLookupError, detect_family, preset_values
 
 #: image encoder of the SEIKO reward heads by default (``--feature_model_name_or_path``); ``"pixels"`` opts out
 DEFAULT_FEATURE_MODEL = "openai/clip-vit-large-patch14"
 PIXEL_FEATURES = "pixels"
 
 
-def _f(default=None, help_text: str = "", **kw):
+def _f(default=None, help_text: str = "", aliases: tuple = (), **kw):
+    metadata = {"help": help_text, "aliases": tuple(aliases)}  # aliases: diffusers' names of the same flag
     if isinstance(default, list):  # a fresh list per instance
-        return field(default_factory=lambda: list(default), metadata={"help": help_text}, **kw)
-    return field(default=default, metadata={"help": help_text}, **kw)
+        return field(default_factory=lambda: list(default), metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
 
 
 @dataclass
@@ -42,6 +43,9 @@ class TextToImageArguments:
 
     pretrained_model_name_or_path: str | None = _f(None, "Hub id or local directory of the base diffusers "
                                                          "pipeline (the pipeline class is read from it)")
+    model_family: str | None = _f(None, "the base model's family, whose preset fills unset flags: " +
+                                  ", ".join(PRESETS) + ", or 'none' (the library defaults); default: read from "
+                                  "the model's model_index.json (needed when that cannot be read: offline, gated)")
     revision: str | None = _f(None, "revision (branch, tag or commit) of the base model on the Hub")
     variant: str | None = _f(None, "weights variant of the base model, e.g. 'fp16'")
     prompts: list[str] | None = _f(None, "training prompts given on the command line")
@@ -50,7 +54,7 @@ class TextToImageArguments:
                                         "training prompts")
     dataset_config_name: str | None = _f(None, "configuration of dataset_name")
     dataset_split: str = _f("train", "split of dataset_name")
-    prompt_column: str = _f("prompt", "column of dataset_name that holds the prompts")
+    prompt_column: str = _f("prompt", "column of dataset_name that holds the prompts", aliases=("caption_column",))
     resolution: int | None = _f(None, "image height and width in pixels (default: the model's)")
     height: int | None = _f(None, "image / video height in pixels (default: --resolution, else the model's)")
     width: int | None = _f(None, "image / video width in pixels (default: --resolution, else the model's)")
@@ -106,6 +110,8 @@ class TextToImageArguments:
         check(bool(self.pretrained_model_name_or_path), "pretrained_model_name_or_path",
               "is required: the base model, a Hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) or a local "
               "diffusers pipeline directory")
+        check(self.model_family in (None, "none", *PRESETS), "model_family",
+              f"must be one of {', '.join(PRESETS)} or 'none', got {self.model_family!r}")
         sources = [n for n in ("prompts", "prompts_file", "dataset_name") if getattr(self, n)]
         check(len(sources) == 1, "prompts", f"give exactly one prompt source (--prompts, --prompts_file or "
               f"--dataset_name), got {sources or 'none'}")
@@ -212,6 +218,15 @@ class ElegantScriptArguments(TextToImageArguments):
     reward: str | None = _f(None, "the reward: a built-in name (aesthetic, pickscore, clipscore, brightness, "
                                   "saturation), 'path/to/file.py:function' or 'package.module:function'")
 
+    def __post_init__(self):
+        super().__post_init__()
+        black_box = black_box_terms(self.reward) if self.reward else []
+        if black_box:  # known from the spec: refused before a 3B judge is downloaded or a model is looked up
+            raise ValueError(f"--reward {self.reward}: {black_box[0]} has no gradient with respect to the images, and "
+                             "ELEGANT backpropagates through the reward; a black-box reward (a VLM judge, a served "
+                             f"model, people) is SEIKO's case: train_seiko.py --oracle {black_box[0]} --num_rounds 4 "
+                             "--queries_per_round 1024 (docs/seiko.md)")
+
     def check_before_loading(self, config) -> None:
         super().check_before_loading(config)
         check_spec(self.reward, "reward", aesthetic_head=self.aesthetic_head)
@@ -259,7 +274,17 @@ class SeikoScriptArguments(TextToImageArguments):
 def apply_family_preset(args, config, explicit: set[str]):
     """``(args, config)`` with the base model's family preset (:mod:`.presets`) in every field the user left
     unset; each value taken is logged. Validation runs again on the new values."""
-    family = detect_family(args.pretrained_model_name_or_path, args.revision, args.hub_token)
+    if args.model_family is not None:
+        family = None if args.model_family == "none" else args.model_family
+    else:
+        try:
+            family = detect_family(args.pretrained_model_name_or_path, args.revision, args.hub_token)
+        except FamilyLookupError as err:
+            raise ValueError(f"--model_family: {err}, so its family preset (batch, steps, stage-1 rollouts, memory "
+                             "switches, KL precision) cannot be chosen, and the library defaults (batch 64, 4096 "
+                             "value rollouts, an fp32 KL) do not fit a real model: pass --model_family "
+                             f"({', '.join(PRESETS)}), or --model_family none for those defaults") from None
+    args.preset_family = family
     changes = [preset_values(family, {f.name for f in dataclasses.fields(obj)}, explicit) for obj in (args, config)]
     args, config = dataclasses.replace(args, **changes[0]), dataclasses.replace(config, **changes[1])
     taken = ", ".join(f"--{k} {v}" for c in changes for k, v in sorted(c.items()))
@@ -289,10 +314,26 @@ _FIELD_ERROR = re.compile(r"^(?:ElegantScriptArguments|SeikoScriptArguments|Text
                           r"SeikoConfig|StableDiffusionOptions)\.(\w+): ")
 
 
-def as_flag(message: str) -> str:
+def as_flag(message: str, fields=None) -> str:
     """``"ElegantConfig.alpha: must be ..."`` -> ``"--alpha: must be ..."``: a script's errors name the flag the user
-    typed (or the YAML key of the same name), not a class of the library."""
-    return _FIELD_ERROR.sub(lambda m: f"--{m.group(1)}: ", message)
+    typed (or the YAML key of the same name), not a class of the library. With ``fields`` (the flag names) the Python
+    spellings of the library's run-time errors become flags too: ``overwrite_output_dir=True`` ->
+    ``--overwrite_output_dir``, ``oracle_max_attempts=3`` -> ``--oracle_max_attempts 3``, ``give num_rounds >= 4``
+    -> ``give --num_rounds 4 or more``, ``ElegantConfig.drift_objective:`` anywhere -> ``--drift_objective:``."""
+    message = _FIELD_ERROR.sub(lambda m: f"--{m.group(1)}: ", message)
+    message = re.sub(r"\b(?:ElegantConfig|SeikoConfig)\.(\w+)", r"--\1", message)
+    if not fields:
+        return message
+    names = "|".join(sorted(map(re.escape, fields), key=len, reverse=True))
+    message = re.sub(rf"(?<![-\w])({names})=True\b", r"--\1", message)
+    message = re.sub(rf"(?<![-\w])({names})=False\b", r"--no_\1", message)
+    message = re.sub(rf"(?<![-\w])({names}) >= (\d+)", r"--\1 \2 or more", message)
+    return re.sub(rf"(?<![-\w])({names})=([^\s,;)]+)", r"--\1 \2", message)
+
+
+def flag_names(*classes) -> set[str]:
+    """Every flag of the scripts' dataclasses (for :func:`as_flag`)."""
+    return {f.name for cls in classes for f in dataclasses.fields(cls)}
 
 
 __all__ = ["TextToImageArguments", "ElegantScriptArguments", "SeikoScriptArguments", "parse_script_args"]

@@ -79,18 +79,29 @@ def _model_index(name_or_path: str, revision: str | None, token: str | None, end
         return json.loads(answer.read())
 
 
+class FamilyLookupError(RuntimeError):
+    """The base model's ``model_index.json`` could not be read (offline, gated, private, a slow link)."""
+
+
 def detect_family(name_or_path: str | None, revision: str | None = None, token: str | None = None,
                   endpoint: str | None = None) -> str | None:
     """The family of a base model from its ``model_index.json`` (local, cached, or fetched alone from the Hub at
-    ``endpoint``, default ``HF_ENDPOINT``); ``None`` when it cannot be read or names another pipeline (then no preset
-    applies and loading reports any real problem)."""
+    ``endpoint``, default ``HF_ENDPOINT``); ``None`` when it names a pipeline without a preset. Raises
+    :class:`FamilyLookupError` when the file cannot be read: the preset must not silently vanish (the library
+    defaults -- batch 64, 4096 value rollouts, an fp32 KL -- do not fit a 12B model), so the scripts then ask for
+    ``--model_family``."""
     if not name_or_path:
         return None
     try:
-        return PIPELINE_FAMILY.get(_model_index(name_or_path, revision, token, endpoint).get("_class_name"))
-    except Exception as err:  # noqa: BLE001 - offline, private, not a diffusers repo: no preset, say so
-        logger.warning("no family preset: cannot read %s's model_index.json (%s)", name_or_path, type(err).__name__)
-        return None
+        index = _model_index(name_or_path, revision, token, endpoint)
+    except Exception as err:  # noqa: BLE001 - offline, gated, private, not a diffusers repo
+        raise FamilyLookupError(f"cannot read {name_or_path}'s model_index.json ({type(err).__name__})") from None
+    return PIPELINE_FAMILY.get(index.get("_class_name"))
+
+
+def family_of_pipeline(pipeline) -> str | None:
+    """The family of a loaded pipeline (its class), ``None`` for one without a preset."""
+    return PIPELINE_FAMILY.get(type(pipeline).__name__)
 
 
 def preset_values(family: str | None, fields: set[str], explicit: set[str]) -> dict:
@@ -100,4 +111,4 @@ def preset_values(family: str | None, fields: set[str], explicit: set[str]) -> d
     return {k: v for k, v in PRESETS[family].items() if k in fields and k not in explicit}
 
 
-__all__ = ["PIPELINE_FAMILY", "PRESETS", "detect_family", "preset_values"]
+__all__ = ["PIPELINE_FAMILY", "PRESETS", "FamilyLookupError", "detect_family", "family_of_pipeline", "preset_values"]

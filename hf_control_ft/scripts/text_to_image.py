@@ -37,7 +37,15 @@ from ..trainers.seiko import SeikoTrainer
 from ..trainers.seiko_config import SeikoConfig
 from ..utils.errors import error_line, exit_with_error
 from ..utils.run_lock import RunLockedError
-from .arguments import PIXEL_FEATURES, ElegantScriptArguments, SeikoScriptArguments, parse_script_args
+from .arguments import (
+    PIXEL_FEATURES,
+    ElegantScriptArguments,
+    SeikoScriptArguments,
+    as_flag,
+    flag_names,
+    parse_script_args,
+)
+from .presets import family_of_pipeline
 from .validation import Validation
 
 logger = logging.getLogger("hf_control_ft")
@@ -62,12 +70,26 @@ def make_accelerator(args, config) -> Accelerator:
     return accelerator
 
 
-def load_pipeline(args):
-    """The base pipeline (class detected from the checkpoint); a clear error when it cannot be loaded."""
+def load_dtype(kl_precision: str, mixed_precision: str | None):
+    """``torch_dtype`` for ``from_pretrained``: the dtype the process keeps each frozen module in, so nothing is
+    loaded in fp32 only to be cast down (FLUX + T5 in fp32: about 67 GB of host memory at the peak). Under
+    ``--mixed_precision fp16 / bf16`` every component in that dtype, but the denoiser in fp32 when the exact KL runs
+    on fp32 weights (``--kl_precision fp32``); ``None`` (fp32 everywhere) without mixed precision."""
+    half = DTYPES.get(mixed_precision or "no")
+    if half is None:
+        return None
+    denoiser = torch.float32 if kl_precision == "fp32" else half
+    return {"default": half, "unet": denoiser, "transformer": denoiser, "transformer_2": denoiser}
+
+
+def load_pipeline(args, mixed_precision: str | None = None):
+    """The base pipeline (class detected from the checkpoint), loaded in the run's dtypes (:func:`load_dtype`); a
+    clear error when it cannot be loaded."""
     absent = ("text_encoder_3", "tokenizer_3") if args.without_text_encoder_3 else ()
+    dtype = load_dtype(args.kl_precision, mixed_precision)
     try:
         pipe = load_base_pipeline(args.pretrained_model_name_or_path, absent=absent, revision=args.revision,
-                                  variant=args.variant)
+                                  variant=args.variant, **({"torch_dtype": dtype} if dtype is not None else {}))
     except Exception as err:  # noqa: BLE001 - unreachable Hub, missing files, bad variant: one line each
         _fail(f"cannot load the base model {args.pretrained_model_name_or_path!r}: {error_line(err)}")
     return pipe
@@ -196,8 +218,13 @@ def _setup(trainer_cls, args, config, spec: str, validation_reward: bool):
     if trainer_cls is ElegantTrainer:  # never an oracle: each of its answers may be paid for
         check_reward_early(fn, spec, accelerator.device)
     with accelerator.main_process_first():
-        pipe = load_pipeline(args)
+        pipe = load_pipeline(args, accelerator.mixed_precision)
         prompts = load_prompt_source(args)
+    loaded = family_of_pipeline(pipe)
+    preset = getattr(args, "preset_family", None)
+    if preset is not None and loaded != preset:  # the preset's batch, steps and memory switches were another's
+        _fail(f"--model_family {preset}: the loaded pipeline is {type(pipe).__name__} ({loaded or 'no preset'}); "
+              f"pass --model_family {loaded or 'none'}")
     extra = {}
     features = getattr(args, "feature_model_name_or_path", PIXEL_FEATURES)
     if features != PIXEL_FEATURES:  # SEIKO: reward heads and bonus on CLIP image embeddings (the default)
@@ -211,7 +238,7 @@ def _setup(trainer_cls, args, config, spec: str, validation_reward: bool):
         trainer = trainer_cls.from_pipeline(pipe, fn, config, prompts, accelerator=accelerator,
                                             **_options(args, accelerator), **extra)
     except (TypeError, ValueError) as err:
-        _fail(str(err))
+        _fail(as_flag(str(err), flag_names(type(args), type(config))))
     trainer.tracker_init_kwargs = args.init_kwargs()
     validation = Validation(args.validation_prompt or [trainer.process.prompts[0]], args.num_validation_images,
                             args.validation_steps, config.output_dir, reward_fn=fn if validation_reward else None,
@@ -219,11 +246,42 @@ def _setup(trainer_cls, args, config, spec: str, validation_reward: bool):
     return accelerator, trainer, validation
 
 
-def _train(trainer, **kwargs) -> dict:
+#: the switches that lower memory, in the order to try them (the presets of large families set most of them)
+MEMORY_SWITCHES = ("--kl_precision upcast", "--gradient_checkpointing", "--pre_compute_text_embeddings", "--offload",
+                   "--enable_vae_slicing", "--batch_size 1 --gradient_accumulation_steps N",
+                   "--rollout_batch_size 1", "--noise_batch_size 1", "--truncate_backprop_steps K")
+
+
+def out_of_memory_message(trainer, args) -> str:
+    """One line for an out-of-memory stop: where it happened, the switches, and the preset that fits."""
+    where = f"at drift step {trainer.global_step + 1}" if getattr(trainer, "global_step", 0) else \
+        "before the first drift step (stage 1-2 rollouts, or the first drift step)"
+    family = getattr(args, "preset_family", None)
+    off = [s for s in MEMORY_SWITCHES if not _switch_on(s, args, trainer.config)]
+    preset = f"; the {family} preset already sets the others" if family else ""
+    return (f"out of accelerator memory {where}: turn on {', '.join(off) or 'nothing left'} (docs/text_to_image.md, "
+            f"memory){preset}. The largest families need --kl_precision upcast and batch 1 on one 80 GB GPU.")
+
+
+def _switch_on(switch: str, args, config) -> bool:
+    name = switch.split()[0][2:]
+    value = getattr(args, name, getattr(config, name, None))
+    if name == "kl_precision":
+        return value in ("upcast", "tf32", "autocast")
+    if name in ("batch_size", "rollout_batch_size", "noise_batch_size"):
+        return value == 1
+    if name == "truncate_backprop_steps":
+        return value is not None
+    return bool(value)
+
+
+def _train(trainer, args=None, **kwargs) -> dict:
     try:
         return trainer.train(**kwargs)
-    except RUN_ERRORS as err:
-        _fail(f"{type(err).__name__}: {err}")  # the whole message: these say what to do
+    except torch.OutOfMemoryError:
+        _fail(out_of_memory_message(trainer, args))
+    except RUN_ERRORS as err:  # the whole message, in flags: these say what to do
+        _fail(as_flag(f"{type(err).__name__}: {err}", flag_names(type(args), type(trainer.config))))
 
 
 def run_elegant(argv=None, prog: str = "train_elegant.py") -> int:
@@ -232,7 +290,7 @@ def run_elegant(argv=None, prog: str = "train_elegant.py") -> int:
     args, config = parse_script_args(ElegantScriptArguments, ElegantConfig, argv, prog=prog,
                                      description="ELEGANT on a text-to-image diffusers pipeline.")
     accelerator, trainer, validation = _setup(ElegantTrainer, args, config, args.reward, validation_reward=True)
-    summary = _train(trainer, resume_from_checkpoint=args.resume_from_checkpoint, callback=validation)
+    summary = _train(trainer, args, resume_from_checkpoint=args.resume_from_checkpoint, callback=validation)
     if validation.last_grid is None and accelerator.is_main_process:  # a run resumed after its last step
         validation.run(trainer, trainer.global_step, trainer.log_step(trainer.global_step))
     metrics = {"reward (training batch)": summary.get("train/reward"),
@@ -249,7 +307,7 @@ def run_seiko(argv=None, prog: str = "train_seiko.py") -> int:
     args, config = parse_script_args(SeikoScriptArguments, SeikoConfig, argv, prog=prog,
                                      description="SEIKO (online feedback) on a text-to-image diffusers pipeline.")
     accelerator, trainer, validation = _setup(SeikoTrainer, args, config, args.oracle, validation_reward=False)
-    summary = _train(trainer, callback=validation.round_callback)
+    summary = _train(trainer, args, callback=validation.round_callback)
     if validation.last_grid is None:  # every round was already done (a finished run, restarted)
         validation.run(trainer, trainer.completed_rounds, trainer.global_step, name="final")
     metrics = {k: summary[k] for k in ("round/oracle_mean", "round/total_queries", "train/kl_pretrained")
@@ -271,4 +329,4 @@ def run_seiko(argv=None, prog: str = "train_seiko.py") -> int:
     return status
 
 
-__all__ = ["run_elegant", "run_seiko", "load_pipeline", "load_prompt_source", "make_accelerator"]
+__all__ = ["run_elegant", "run_seiko", "load_pipeline", "load_dtype", "load_prompt_source", "make_accelerator"]

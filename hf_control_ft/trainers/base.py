@@ -29,23 +29,8 @@ from tqdm.auto import tqdm
 from ..core.adjoint_matching import adjoint_matching_backward
 from ..rewards.checks import check_reward, reward_name
 from ..serialization.saved import push_directory
-
-
-def tracker_names(report_to: str | None) -> list[str] | None:
-    """The trackers of ``report_to`` (comma-separated) as ``Accelerator(log_with=...)`` takes them (None: none)."""
-    return None if report_to in (None, "none") else [t.strip() for t in report_to.split(",")]
-
-
-def check_trackers(report_to: str | None) -> None:
-    """Raises ``ValueError`` when a tracker named in ``report_to`` is not installed (``accelerate`` would drop it
-    with a warning and the run would log nowhere)."""
-    from accelerate.tracking import _available_trackers
-
-    available = {str(getattr(t, "value", t)) for t in _available_trackers}
-    missing = [t for t in tracker_names(report_to) or [] if t not in available]
-    if missing:
-        raise ValueError(f"--report_to {','.join(missing)}: not installed here (pip install {' '.join(missing)}); "
-                         f"available trackers: {sorted(available)}, or 'none'")
+from .ema import LoraEMA
+from .trackers import check_trackers, tracker_names
 
 
 class BaseTrainer:
@@ -75,6 +60,8 @@ class BaseTrainer:
         self.initial_noise = None
         self.reward_fn = None
         self.reward_name = None
+        self.ema = None  # --use_ema: the moving average of the LoRA weights (trainers/ema.py), made with the optimiser
+        self._ema_state = None  # its state from a checkpoint, applied when the average is made
         self.skipped_steps = 0  # drift steps skipped for a non-finite gradient
         self._nonfinite_in_row = 0
         # per-process stream of training randomness
@@ -171,7 +158,12 @@ class BaseTrainer:
         """``(AdamW, LR schedule)`` of the drift stage from the config."""
         cfg = self.config
         opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                weight_decay=0.0)
+                                weight_decay=getattr(cfg, "adam_weight_decay", 0.0))
+        if getattr(cfg, "use_ema", False):
+            self.ema = LoraEMA(params, cfg.ema_decay)
+            if self._ema_state is not None:
+                self.ema.load_state_dict(self._ema_state)
+                self._ema_state = None
         schedule = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=cfg.train_steps)
         return opt, schedule
@@ -292,6 +284,8 @@ class BaseTrainer:
             optimizer.zero_grad(set_to_none=True)
         else:
             optimizer.step()
+            if self.ema is not None:
+                self.ema.update()
         return {"reward": r, "kl": out["kl"], "kl_init": out["kl_init"], "ref_kl": out.get("ref_kl"),
                 "grad_norm": grad_norm, "regression_loss": regression_loss, "skipped": skipped}
 
@@ -351,6 +345,10 @@ class BaseTrainer:
         gen = generator if generator is not None else torch.Generator().manual_seed(self.config.seed)
         bs = batch_size or self.config.batch_size
         out = []
+        with self.ema.applied() if self.ema is not None and controlled else contextlib.nullcontext():
+            return self._sample_batches(num_samples, prompts, gen, bs, controlled, out)
+
+    def _sample_batches(self, num_samples, prompts, gen, bs, controlled, out):
         for start in range(0, num_samples, bs):
             b = min(bs, num_samples - start)
             if prompts is not None:

@@ -20,24 +20,18 @@ import time
 import torch
 from accelerate import Accelerator
 
-from ..core.control import load_lora_state_dict, lora_parameters
+from ..core.control import lora_parameters
 from ..models.initial_noise import InitialNoiseModel
 from ..models.step_values import StepValueFunction, select_states
 from ..models.value_function import ValueFunction
 from ..processes import ControlledProcess, process_from_pipeline
-from ..processes.stable_diffusion import load_options
 from ..serialization import checkpoints as checkpointing
-from ..serialization.lora_io import load_lora_file
-from ..serialization.saved import (
-    read_saved,
-    resolve_directory,
-    save_control,
-)
+from ..serialization.saved import save_control
 from .base import BaseTrainer
 from .costs import WallTime, WallTimeLog, describe, network_evaluations
 from .distributed import lock_on_main, run_on_main
 from .elegant_checkpoints import ElegantCheckpointing
-from .elegant_config import RUN_LOCAL_FIELDS, ElegantConfig
+from .elegant_config import ElegantConfig
 from .objectives import choose_drift_objective, step_value_states_per_rollout
 
 logger = logging.getLogger(__name__)
@@ -92,6 +86,9 @@ class ElegantTrainer(ElegantCheckpointing, WallTimeLog, BaseTrainer):
         self._optimizer_state = None  # restored by load_checkpoint, applied when the drift optimiser exists
         self._callback = None  # train(callback=...)
         self._step_value_rng = None  # generator state the per-step values are drawn with (checkpointed)
+        #: the optimum ``J* = alpha log E_pre[exp(r / alpha)]`` where the task knows it (exact targets, digits by
+        #: rejection): logged as ``train/objective_gap = J* - J``, the path KL to the tilted law times alpha
+        self.optimum: float | None = None
 
     # ------------------------------------------------------------------ stage 1
     def _pretrained_rollouts(self, desc: str, generator: torch.Generator | None = None):
@@ -205,15 +202,19 @@ class ElegantTrainer(ElegantCheckpointing, WallTimeLog, BaseTrainer):
         self.reward_terms()  # a mix's terms: only this iteration's calls are logged below
         out = self.drift_iteration(optimizer, params, value_gradient=value_gradient)
         r, kl, kl_init = out["reward"], out["kl"], out["kl_init"]  # exact path KL of the rollout's chain
-        objective = (r - cfg.alpha * (kl + kl_init)).mean().item()
+        per_sample = r - cfg.alpha * (kl + kl_init)  # J = E[r] - alpha KL, estimated per sample
+        objective = per_sample.mean().item()
+        objective_se = per_sample.std().item() / math.sqrt(per_sample.numel()) if per_sample.numel() > 1 else math.nan
         kl_total = (kl + kl_init).mean().item()  # the whole path's: the chain's steps and the start law's
         metrics = {"train/reward": r.mean().item(), "train/kl": kl.mean().item(),
                    "train/kl_init": kl_init.mean().item(), "train/kl_total": kl_total,
-                   "train/objective": objective, "train/loss": -objective,
+                   "train/objective": objective, "train/objective_se": objective_se, "train/loss": -objective,
                    "train/grad_norm": out["grad_norm"], "train/skipped_steps": self.skipped_steps,
                    **self.reward_terms()}
         if out["regression_loss"] is not None:
             metrics["train/loss"] = metrics["train/adjoint_matching_loss"] = out["regression_loss"]
+        if self.optimum is not None:  # J* = alpha log E_pre[exp(r / alpha)], where the task knows it
+            metrics["train/objective_gap"] = self.optimum - objective
         return metrics
 
     def train_drift(self) -> dict:
@@ -257,6 +258,9 @@ class ElegantTrainer(ElegantCheckpointing, WallTimeLog, BaseTrainer):
                 self.save_checkpoint(opt, lr_schedule)
             if self._callback is not None:
                 self._callback(self, self.global_step)
+        if self.ema is not None:  # --use_ema: the average is the trained adapter from here on
+            self.ema.copy_to_params()
+            self.ema = None
         return metrics
 
     def train(self, resume_from_checkpoint: str | None = None, callback=None) -> dict:
@@ -334,9 +338,10 @@ class ElegantTrainer(ElegantCheckpointing, WallTimeLog, BaseTrainer):
         """
         if not self.is_main_process:
             return
-        save_control(save_directory, self.process, self.config, self.initial_noise, reward=self.reward_name,
-                     metrics=metrics, sample_grid=sample_grid, base_model=base_model, repo_id=repo_id,
-                     card_info=card_info)
+        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():  # --use_ema: the average
+            save_control(save_directory, self.process, self.config, self.initial_noise, reward=self.reward_name,
+                         metrics=metrics, sample_grid=sample_grid, base_model=base_model, repo_id=repo_id,
+                         card_info=card_info)
 
     @classmethod
     def from_pretrained(cls, directory: str, model: torch.nn.Module | None = None, scheduler=None, reward_fn=None,
@@ -352,26 +357,10 @@ class ElegantTrainer(ElegantCheckpointing, WallTimeLog, BaseTrainer):
         The adapter is re-created from the LoRA file's metadata (rank, lora_alpha, targets) and its weights
         loaded; the initial-noise model comes from ``initial_noise/``.
         """
-        directory = resolve_directory(directory)
-        saved = read_saved(directory)
-        # what describes the model; run-local fields (output_dir, logging_dir, trackers, ...) are this run's own,
-        # never the publisher's, even in saves made before they were left out
-        published = {k: v for k, v in saved["config"].items() if k not in RUN_LOCAL_FIELDS}
-        config = ElegantConfig.from_dict(published, **config_overrides)
-        if saved["options_path"] is not None:
-            if pipeline is None:
-                raise ValueError(f"{directory} was trained on a pipeline; pass pipeline= (a fresh base pipeline)")
-            options = load_options(directory)
-            process = process_from_pipeline(pipeline, config, prompts if prompts is not None else [""],
-                                            **vars(options))
-            trainer = cls(config, reward_fn=reward_fn, accelerator=accelerator, process=process)
-        else:
-            trainer = cls(config, model, scheduler, reward_fn, saved["sample_shape"], accelerator=accelerator)
-        state, _ = load_lora_file(saved["lora_path"])
-        load_lora_state_dict(trainer.process.lora_model, state)
-        if config.learn_initial_noise:
-            trainer.initial_noise = InitialNoiseModel.from_pretrained(saved["initial_noise_dir"]).to(trainer.device)
-        return trainer
+        from .elegant_loading import load_saved_trainer
+
+        return load_saved_trainer(cls, directory, model, scheduler, reward_fn, accelerator, pipeline, prompts,
+                                  **config_overrides)
 
     @classmethod
     def from_pipeline(cls, pipeline, reward_fn, config: ElegantConfig, prompts, accelerator=None, **options):

@@ -22,6 +22,33 @@ from ..models.initial_noise import InitialNoiseModel
 from ..serialization import checkpoints as checkpointing
 from ..serialization.saved import INITIAL_NOISE_DIR
 from .elegant_config import RESUME_KEYS
+from .ema import split_state
+
+
+#: the flag that sets each process setting a resumed run may not change
+SETTING_FLAGS = {"base_model": "--pretrained_model_name_or_path", "prompts_sha256": "--prompts / --prompts_file / "
+                 "--dataset_name", "height": "--height / --resolution", "width": "--width / --resolution",
+                 "sample_shape": "--height / --width / --resolution / --num_frames", "family": "the base model"}
+
+
+def check_run_settings(path: str, state: dict, settings: dict, reward: str | None) -> None:
+    """Refuses to resume the checkpoint at ``path`` with another base model, reward, prompts, guidance, size or
+    precision than it was trained with (``ValueError`` naming the flags and both values). Checkpoints written before
+    these were recorded are not checked."""
+    changed = []
+    saved = state.get("process")
+    if isinstance(saved, dict):
+        for key in sorted(set(saved) | set(settings)):
+            if saved.get(key) != settings.get(key):
+                flag = SETTING_FLAGS.get(key, f"--{key}")
+                shown = "(changed)" if key == "prompts_sha256" else f"{saved.get(key)!r}, now {settings.get(key)!r}"
+                changed.append(f"{flag}: {shown}")
+    if state.get("reward") is not None and reward is not None and state["reward"] != reward:
+        changed.append(f"--reward: {state['reward']!r}, now {reward!r}")
+    if changed:
+        raise ValueError(f"{path} was trained on another setting; resuming would train one model on two: "
+                         f"{'; '.join(changed)} (the checkpoint's value first). Resume with the run's own flags and "
+                         "--config, or start a new run in another --output_dir")
 
 
 class ElegantCheckpointing:
@@ -56,9 +83,13 @@ class ElegantCheckpointing:
         path = None
         if self.is_main_process:
             state = {"global_step": self.global_step, "initial_noise_trained": self.initial_noise_trained,
-                     "history": self.history, "config": cfg.to_dict(), "step_value_rng": rng}
+                     "history": self.history, "config": cfg.to_dict(), "step_value_rng": rng,
+                     "process": self.process.run_settings(), "reward": self.reward_name}
             noise = self.initial_noise if self.initial_noise is not None and self.initial_noise_trained else None
-            path = checkpointing.write_checkpoint(cfg.output_dir, self.global_step, lora_state_dict(self.model), state,
+            weights = lora_state_dict(self.model)
+            if self.ema is not None:  # --use_ema: the average beside the trained weights
+                weights.update(self.ema.state_dict())
+            path = checkpointing.write_checkpoint(cfg.output_dir, self.global_step, weights, state,
                                                   optimizer, lr_schedule, noise, cfg.checkpoints_total_limit)
         self.accelerator.wait_for_everyone()
         return path
@@ -81,6 +112,8 @@ class ElegantCheckpointing:
                 raise ValueError(f"{path} was trained with other settings; resuming with changed {sorted(changed)} "
                                  f"(saved vs now: {changed}) would change the objective, the model or the optimiser. "
                                  "Resume with the saved values, or start a new run in another output_dir")
+        check_run_settings(path, state, self.process.run_settings(), self.reward_name)
+        weights, self._ema_state = split_state(weights)
         load_lora_state_dict(self.model, weights)
         self.global_step = int(state["global_step"])
         self.history = list(state.get("history", []))

@@ -17,7 +17,8 @@ DRIFT_OBJECTIVES = ("auto", "pathwise", "adjoint_matching", "value_guided")
 # checkpointing, logging and output settings may change)
 RESUME_KEYS = ("alpha", "eta", "num_inference_steps", "learn_initial_noise", "conditional_initial_noise",
                "drift_objective", "regression_weight_power", "batch_size", "gradient_accumulation_steps",
-               "learning_rate", "adam_beta1", "adam_beta2", "max_grad_norm", "lr_scheduler", "lr_warmup_steps",
+               "learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay", "use_ema", "ema_decay",
+               "max_grad_norm", "lr_scheduler", "lr_warmup_steps",
                "lora_rank", "lora_alpha",
                "lora_target_modules", "truncate_backprop_steps", "value_num_rollouts", "value_train_steps",
                "value_learning_rate", "step_value_train_steps", "noise_num_steps", "noise_train_steps",
@@ -29,11 +30,13 @@ RUN_LOCAL_FIELDS = ("output_dir", "overwrite_output_dir", "logging_dir", "report
                     "checkpointing_steps", "checkpoints_total_limit", "log_every")
 
 
-def _field(default, help_text: str):
-    """A dataclass field with its ``--help`` text (list defaults are copied per instance)."""
+def _field(default, help_text: str, aliases: tuple = ()):
+    """A dataclass field with its ``--help`` text and diffusers' names for it (``aliases``: flags and YAML keys;
+    list defaults are copied per instance)."""
+    metadata = {"help": help_text, "aliases": tuple(aliases)}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help_text})
-    return field(default=default, metadata={"help": help_text})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def _as_float(text: str):
@@ -85,6 +88,14 @@ class ElegantConfig:
     target's mode weights; ``truncate_backprop_steps`` applies to ``"pathwise"`` only.
     """
 
+    #: flags of diffusers' training scripts this one does not take, and what to use instead
+    FLAG_HINTS = {
+        "num_train_epochs": "ELEGANT samples its own training data, so it has no epochs: --train_steps (diffusers' "
+                            "--max_train_steps) sets the drift iterations",
+        "use_8bit_adam": "not supported: the LoRA control's optimiser state is small (AdamW in fp32)",
+        "snr_gamma": "not used: the drift is trained on the objective E[r] - alpha KL, not a denoising loss",
+    }
+
     # objective and sampler
     alpha: float = _field(1.0, "KL weight in reward units per nat (KL summed over every dimension of a sample); the "
                                "optimum is p_pre(x) exp(r(x)/alpha) / Z")
@@ -100,20 +111,26 @@ class ElegantConfig:
                                           "supports and logs why), 'pathwise' (exact gradient through the sampler), "
                                           "'adjoint_matching' or 'value_guided' (regression on fitted per-step value "
                                           "gradients)")
-    train_steps: int = _field(500, "drift (LoRA) iterations; for SEIKO per round")
-    batch_size: int = _field(64, "samples per drift iteration and per process")
+    train_steps: int = _field(500, "drift (LoRA) iterations; for SEIKO per round", aliases=("max_train_steps",))
+    batch_size: int = _field(64, "samples per drift iteration and per process", aliases=("train_batch_size",))
     gradient_accumulation_steps: int = _field(1, "micro-batches of batch_size whose gradients are averaged before "
                                                  "each optimiser step (effective batch = batch_size x this x "
                                                  "processes, memory of one batch_size)")
     learning_rate: float = _field(1e-3, "LoRA learning rate (Adam)")
     adam_beta1: float = _field(0.9, "Adam's first-moment decay of the drift optimiser")
     adam_beta2: float = _field(0.999, "Adam's second-moment decay of the drift optimiser")
+    adam_weight_decay: float = _field(0.0, "AdamW weight decay of the LoRA weights (0: the objective alone; a decay "
+                                           "pulls the control toward zero, i.e. toward the pretrained model)")
+    use_ema: bool = _field(False, "keep an exponential moving average of the LoRA weights; validation images, saves "
+                                  "and pushes use it, and it is the final adapter (as diffusers' --use_ema)")
+    ema_decay: float = _field(0.999, "--use_ema: decay per drift step, with diffusers' warm-up min(decay, "
+                                     "(1 + n) / (10 + n))")
     max_grad_norm: float | None = _field(None, "clip the LoRA gradient norm (None: no clipping)")
     max_nonfinite_steps: int = _field(5, "consecutive drift steps with a non-finite gradient (skipped) before "
                                          "training stops with an error")
     lr_scheduler: str = _field("constant", "'constant', 'constant_with_warmup', 'linear' or 'cosine'")
     lr_warmup_steps: int = _field(0, "warm-up iterations of the learning-rate schedule")
-    lora_rank: int = _field(8, "LoRA rank of the control adapter")
+    lora_rank: int = _field(8, "LoRA rank of the control adapter", aliases=("rank",))
     lora_alpha: float | None = _field(None, "LoRA scaling numerator (None: equal to lora_rank)")
     lora_target_modules: list[str] | None = _field(None, "module-name suffixes that get LoRA (None: the family's "
                                                          "attention projections)")
@@ -162,7 +179,7 @@ class ElegantConfig:
         _check(is_number(self.alpha) and 0 < self.alpha < math.inf, "alpha",
                f"must be a finite number > 0, got {self.alpha!r}")
         for name in ("learn_initial_noise", "conditional_initial_noise", "gradient_checkpointing",
-                     "overwrite_output_dir"):
+                     "overwrite_output_dir", "use_ema"):
             v = getattr(self, name)
             _check(isinstance(v, bool), name, f"must be true or false, got {v!r} ({type(v).__name__}); a string "
                    "such as 'false' is not a boolean")
@@ -180,6 +197,10 @@ class ElegantConfig:
             _check(is_number(v) and 0 < v < math.inf, name, f"must be a finite number > 0, got {v!r}")
         _check(is_number(self.regression_weight_power) and -4 <= self.regression_weight_power <= 4,
                "regression_weight_power", f"must be a number in [-4, 4], got {self.regression_weight_power!r}")
+        _check(is_number(self.adam_weight_decay) and 0 <= self.adam_weight_decay < math.inf, "adam_weight_decay",
+               f"must be a number >= 0, got {self.adam_weight_decay!r}")
+        _check(is_number(self.ema_decay) and 0 < self.ema_decay < 1, "ema_decay",
+               f"must be a number in (0, 1), got {self.ema_decay!r}")
         for name in ("adam_beta1", "adam_beta2"):
             v = getattr(self, name)
             _check(is_number(v) and 0 <= v < 1, name, f"must be a number in [0, 1), got {v!r}")
@@ -234,7 +255,13 @@ class ElegantConfig:
     @classmethod
     def from_dict(cls, values: dict, **overrides):
         """Builds a config; unknown keys are an error that names them."""
-        merged = {**(values or {}), **overrides}
+        from ..utils.config_cli import aliases_of
+
+        aliases = aliases_of({f.name: f for f in dataclasses.fields(cls)})
+        merged = {aliases.get(k, k): v for k, v in {**(values or {}), **overrides}.items()}
+        hinted = sorted(set(merged) & set(getattr(cls, "FLAG_HINTS", {})))
+        if hinted:
+            raise ValueError(f"{cls.__name__}.{hinted[0]}: {cls.FLAG_HINTS[hinted[0]]}")
         unknown = sorted(set(merged) - set(cls.field_names()))
         if unknown:
             raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys: {cls.field_names()}")
@@ -258,7 +285,7 @@ class ElegantConfig:
         """
         fields = {f.name: f for f in dataclasses.fields(cls)}
         try:
-            values, extra_config = parse_flags(fields, list(overrides))
+            values, extra_config = parse_flags(fields, list(overrides), getattr(cls, "FLAG_HINTS", {}))
         except ConfigCliError as err:
             raise ConfigCliError(f"{cls.__name__}: {err}") from None
         path = extra_config or config_path

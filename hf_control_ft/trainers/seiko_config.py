@@ -89,6 +89,8 @@ class SeikoConfig(ElegantConfig):
         _check(self.drift_objective in ("auto", "pathwise"), "drift_objective",
                f"SEIKO rounds use the pathwise two-KL gradient; got {self.drift_objective!r}")
         self.drift_objective = "pathwise"  # what "auto" means for SEIKO
+        _check(not self.use_ema, "use_ema", "is not supported by SEIKO: each round's update starts from the previous "
+               "round's adapter and is measured against it (its KL to the previous round)")
         _check(is_int(self.num_rounds, 1), "num_rounds", f"must be an int >= 1, got {self.num_rounds!r}")
         q = self.queries_per_round
         if isinstance(q, (list, tuple)):

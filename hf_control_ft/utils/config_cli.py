@@ -9,8 +9,11 @@ scalars, so ``1e-3``, ``true``, ``null`` and ``[a, b]`` mean what they say; stri
 * ``--config file.yaml``: a mapping of field names; flags given on the command line win over it;
 * ``-h`` / ``--help``: every field with its type, default and help text (``field(metadata={"help": ...})``).
 
-Unknown names are an error that suggests the closest field. The dataclasses' own ``__post_init__`` validates
-values; this module only routes text to fields.
+A field may have *aliases* (``field(metadata={"aliases": ("train_batch_size",)})``): diffusers' names for the same
+setting, accepted as flags and YAML keys. A dataclass may name flags it does not take with what to use instead
+(a class attribute ``FLAG_HINTS = {"num_train_epochs": "..."}``). Other unknown names are an error that suggests
+the closest field. The dataclasses' own ``__post_init__`` validates values; this module only routes text to
+fields.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import textwrap
 
 import yaml
 
-__all__ = ["ConfigCliError", "parse_dataclasses", "explicit_fields", "format_help", "read_yaml_mapping"]
+__all__ = ["ConfigCliError", "parse_dataclasses", "explicit_fields", "format_help", "read_yaml_mapping", "aliases_of"]
 
 
 class ConfigCliError(ValueError):
@@ -65,7 +68,8 @@ def format_help(classes, prog: str | None = None, description: str | None = None
                 continue
             seen.add(f.name)
             kind = "switch" if _is_bool(f) else _type_text(f)
-            lines.append(f"  --{f.name}  ({kind}, default {_default_text(f)})")
+            also = "".join(f", --{a}" for a in f.metadata.get("aliases", ()))
+            lines.append(f"  --{f.name}{also}  ({kind}, default {_default_text(f)})")
             help_text = f.metadata.get("help", "")
             if help_text:
                 lines += textwrap.wrap(help_text, width=100, initial_indent="        ", subsequent_indent="        ")
@@ -102,14 +106,30 @@ def _value(f: dataclasses.Field, text: str):
         return text
 
 
-def _unknown(name: str, fields: dict) -> ConfigCliError:
+def _unknown(name: str, fields: dict, hints: dict | None = None) -> ConfigCliError:
+    if hints and name in hints:
+        return ConfigCliError(f"--{name}: {hints[name]}")
     close = difflib.get_close_matches(name, list(fields), n=1)
     hint = f" (did you mean --{close[0]}?)" if close else ""
     return ConfigCliError(f"unknown flag --{name}{hint}; --help lists every flag")
 
 
-def parse_flags(fields: dict, argv: list[str]) -> tuple[dict, str | None]:
-    """Flag tokens -> ``({field: value}, config_path)``; ``fields`` maps names to ``dataclasses.Field``."""
+def aliases_of(fields: dict) -> dict:
+    """``{alias: field name}`` from the fields' ``metadata["aliases"]``."""
+    return {alias: name for name, f in fields.items() for alias in f.metadata.get("aliases", ())}
+
+
+def _hints(classes) -> dict:
+    out = {}
+    for cls in classes:
+        out.update(getattr(cls, "FLAG_HINTS", {}))
+    return out
+
+
+def parse_flags(fields: dict, argv: list[str], hints: dict | None = None) -> tuple[dict, str | None]:
+    """Flag tokens -> ``({field: value}, config_path)``; ``fields`` maps names to ``dataclasses.Field`` (aliases
+    in their metadata are accepted); ``hints``: ``{flag: what to use instead}`` for flags that are not taken."""
+    aliases = aliases_of(fields)
     values, config_path, i = {}, None, 0
     while i < len(argv):
         token = argv[i]
@@ -128,9 +148,10 @@ def parse_flags(fields: dict, argv: list[str]) -> tuple[dict, str | None]:
                 raise ConfigCliError("--config takes one YAML file")
             config_path = inline if eq else following[0]
             continue
+        name = aliases.get(name, name)
         negated = name.startswith("no_") and name[3:] in fields and _is_bool(fields[name[3:]])
         if name not in fields and not negated:
-            raise _unknown(name, fields)
+            raise _unknown(name, fields, hints)
         if negated:
             if eq or following:
                 raise ConfigCliError(f"--{name} is a switch and takes no value")
@@ -195,11 +216,16 @@ def _merged(classes, argv: list[str], config_path: str | None = None) -> dict:
         for f in dataclasses.fields(cls):
             if f.init:
                 fields.setdefault(f.name, f)
-    flags, cli_config = parse_flags(fields, argv)
+    hints = _hints(classes)
+    flags, cli_config = parse_flags(fields, argv, hints)
+    aliases = aliases_of(fields)
     merged = {}
     for path in (config_path, cli_config):
         if path:
-            from_file = read_yaml_mapping(path)
+            from_file = {aliases.get(k, k): v for k, v in read_yaml_mapping(path).items()}
+            hinted = sorted(set(from_file) & set(hints))
+            if hinted:
+                raise ConfigCliError(f"config file {path!r}: key {hinted[0]}: {hints[hinted[0]]}")
             unknown = sorted(set(from_file) - set(fields))
             if unknown:
                 raise ConfigCliError(f"config file {path!r}: unknown keys {unknown}; --help lists every field")

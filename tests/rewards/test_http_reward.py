@@ -152,7 +152,11 @@ def test_specs_and_elegant_refusal(served, tmp_path, monkeypatch, capsys):
         run_elegant(["--pretrained_model_name_or_path", "no-such-model", "--prompts", "a cat", "--report_to",
                      "none", "--output_dir", "out", "--reward", served.url])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 1 and f"train_seiko.py --oracle {served.url}" in err and TOKEN not in err
+    assert exit_info.value.code == 2 and f"train_seiko.py --oracle {served.url}" in err and TOKEN not in err
+    with pytest.raises(SystemExit) as exit_info:  # the VLM judge too, before its 3B model is downloaded
+        run_elegant(["--pretrained_model_name_or_path", "no-such-model", "--prompts", "a cat", "--report_to",
+                     "none", "--output_dir", "out", "--reward", "brightness:0.5,vlm_judge:1"])
+    assert exit_info.value.code == 2 and "train_seiko.py --oracle vlm_judge" in capsys.readouterr().err
     with pytest.raises(ValueError, match="needs a token"):
         RewardServer(BrightnessReward(), "0.0.0.0", 0)
 

@@ -9,7 +9,7 @@ import yaml
 from hf_control_ft import ElegantConfig, SeikoConfig
 from hf_control_ft.scripts import ElegantScriptArguments, SeikoScriptArguments
 from hf_control_ft.scripts.arguments import parse_script_args
-from hf_control_ft.scripts.presets import PRESETS, detect_family
+from hf_control_ft.scripts.presets import PRESETS, FamilyLookupError, detect_family
 from hf_control_ft.testing import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -51,7 +51,6 @@ def test_an_unknown_model_gets_no_preset(tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "model_index.json").write_text('{"_class_name": "SomeOtherPipeline"}')
     assert detect_family(str(tmp_path / "other")) is None
-    assert detect_family(str(tmp_path / "missing")) is None  # neither a directory nor a reachable Hub repo
     args, config = parse_script_args(ElegantScriptArguments, ElegantConfig,
                                      ["--pretrained_model_name_or_path", str(tmp_path / "other"), "--prompts", "a",
                                       "--reward", "brightness", "--output_dir", str(tmp_path / "o"),
@@ -87,5 +86,60 @@ def test_the_family_of_a_hub_model_is_read_from_its_model_index_alone(tmp_path, 
                         repo_id="bfl/flux-like")
         assert detect_family("bfl/flux-like", endpoint=hub.url) == "flux"
     start = time.monotonic()
-    assert detect_family("bfl/other-model", endpoint="http://127.0.0.1:9") is None  # nothing listens there
+    with pytest.raises(FamilyLookupError, match="model_index.json"):  # nothing listens there
+        detect_family("bfl/other-model", endpoint="http://127.0.0.1:9")
     assert time.monotonic() - start < 5
+
+
+def _base(model, tmp_path, *extra):
+    return ["--pretrained_model_name_or_path", model, "--prompts", "a cat", "--reward", "brightness",
+            "--output_dir", str(tmp_path / "out"), "--report_to", "none", *extra]
+
+
+def test_a_preset_that_cannot_be_read_is_never_silently_dropped(tmp_path, capsys, monkeypatch):
+    """model_index.json unreadable (offline, gated FLUX.1-dev, a slow link): the run stops before anything loads and
+    names --model_family, instead of training a 12B model with batch 64 and 4096 value rollouts."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(FamilyLookupError):
+        detect_family(str(tmp_path / "missing"))
+    with pytest.raises(SystemExit) as stop:
+        parse_script_args(ElegantScriptArguments, ElegantConfig, _base("black-forest-labs/FLUX.1-dev", tmp_path))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "--model_family" in err and "flux" in err and "model_index.json" in err
+    args, config = parse_script_args(ElegantScriptArguments, ElegantConfig,
+                                     _base("black-forest-labs/FLUX.1-dev", tmp_path, "--model_family", "flux"))
+    assert config.batch_size == PRESETS["flux"]["batch_size"] and args.kl_precision == "upcast"
+    args, config = parse_script_args(ElegantScriptArguments, ElegantConfig,
+                                     _base("black-forest-labs/FLUX.1-dev", tmp_path, "--model_family", "none"))
+    assert config.batch_size == ElegantConfig().batch_size and args.preset_note is None
+    with pytest.raises(SystemExit):
+        parse_script_args(ElegantScriptArguments, ElegantConfig, _base("x/y", tmp_path, "--model_family", "sd4"))
+    assert "--model_family: must be one of" in capsys.readouterr().err
+
+
+def test_a_family_that_does_not_match_the_loaded_pipeline_is_refused(saved, tmp_path, capsys):
+    from hf_control_ft.scripts import run_elegant
+
+    with pytest.raises(SystemExit) as stop:
+        run_elegant(_base(str(saved / "sd15"), tmp_path, "--model_family", "sdxl", "--train_steps", "1"))
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and "StableDiffusionPipeline" in err and "--model_family sd15" in err
+
+
+def test_run_time_errors_speak_flags():
+    from hf_control_ft.scripts.arguments import as_flag, flag_names
+    from hf_control_ft.trainers.seiko_config import SeikoConfig
+
+    fields = flag_names(SeikoScriptArguments, SeikoConfig)
+    assert as_flag("use another output_dir (or overwrite_output_dir=True)", fields) == \
+        "use another output_dir (or --overwrite_output_dir)"
+    assert as_flag("num_rounds=2 would stop it midway: give num_rounds >= 4", fields) == \
+        "--num_rounds 2 would stop it midway: give --num_rounds 4 or more"
+    assert as_flag("(min_answer_fraction=0.5); all oracle_max_attempts=3 sends", fields) == \
+        "(--min_answer_fraction 0.5); all --oracle_max_attempts 3 sends"
+    assert as_flag("ElegantConfig.drift_objective: the flux process", fields) == "--drift_objective: the flux process"
+    assert as_flag("x=1 and learn_initial_noise=False", fields) == "x=1 and --no_learn_initial_noise"

@@ -257,22 +257,31 @@ def test_cli_samples_and_evaluates_a_text_to_image_save_locally_and_from_the_hub
     grid = str(tmp_path / "grid.png")
     assert cli_main(["sample", out, "--prompt", "a red cat", "--num_samples", "4", "--output", grid]) == 0
     assert Image.open(grid).size == (2 * 17 + 1, 2 * 17 + 1)  # 2x2 grid of 16x16 images
-    report = str(tmp_path / "eval.json")
-    assert cli_main(["evaluate", out, "--reward", "my_reward.py:redness", "--prompt", "a red cat", "the blue sea",
-                     "--num_samples", "4", "--output", report]) == 0
-    local = json.load(open(report))
-    assert local["num_samples"] == 4 and local["pretrained"]["reward_mean"] != local["fine_tuned"]["reward_mean"]
-    # evaluate --reward aesthetic takes --aesthetic_head (it used to ask for the flag, then reject it)
     from hf_control_ft.rewards import AestheticHead
     from hf_control_ft.testing import tiny_clip_model
 
     clip, tokenizer = tiny_clip_model()
     clip.save_pretrained(tmp_path / "clip")
     tokenizer.save_pretrained(tmp_path / "clip")
+    report = str(tmp_path / "eval.json")
+    diversity = ["--diversity_model", str(tmp_path / "clip")]  # CLIP-space diversity within each prompt
+    assert cli_main(["evaluate", out, "--reward", "my_reward.py:redness", "--prompt", "a red cat", "the blue sea",
+                     "--num_samples", "4", "--output", report, *diversity]) == 0
+    local = json.load(open(report))
+    assert local["num_samples"] == 4 and local["pretrained"]["reward_mean"] != local["fine_tuned"]["reward_mean"]
+    for model in ("pretrained", "fine_tuned"):
+        assert 0 < local[model]["diversity_clip_cosine"] < 2 and local[model]["diversity_pairwise_distance"] > 0
+    (tmp_path / "heldout.txt").write_text("a green bird\nthe red door\n")  # held-out prompts, from a file
+    assert cli_main(["evaluate", out, "--reward", "my_reward.py:redness", "--prompts_file",
+                     str(tmp_path / "heldout.txt"), "--num_samples", "4", "--output", str(tmp_path / "held.json"),
+                     "--diversity_model", "none"]) == 0
+    held = json.load(open(tmp_path / "held.json"))
+    assert held["prompts"].endswith("heldout.txt") and held["fine_tuned"]["diversity_clip_cosine"] is None
+    # evaluate --reward aesthetic takes --aesthetic_head (it used to ask for the flag, then reject it)
     torch.save(AestheticHead(embed_dim=16).state_dict(), tmp_path / "head.pth")
     assert cli_main(["evaluate", out, "--reward", "aesthetic", "--reward_model_name_or_path", str(tmp_path / "clip"),
                      "--aesthetic_head", str(tmp_path / "head.pth"), "--prompt", "a red cat", "--num_samples", "2",
-                     "--output", str(tmp_path / "aesthetic.json")]) == 0
+                     "--output", str(tmp_path / "aesthetic.json"), "--diversity_model", "none"]) == 0
     assert json.load(open(tmp_path / "aesthetic.json"))["reward"] == "aesthetic"
     with pytest.raises(SystemExit):
         cli_main(["evaluate", out, "--reward", "aesthetic", "--prompt", "a red cat", "--num_samples", "2"])
@@ -288,7 +297,8 @@ def test_cli_samples_and_evaluates_a_text_to_image_save_locally_and_from_the_hub
         push_directory(out, "me/tiny-t2i", token="hf_x", endpoint=hub.url)
         report2 = str(tmp_path / "eval-hub.json")
         assert cli_main(["evaluate", "me/tiny-t2i", "--reward", "my_reward.py:redness", "--prompt", "a red cat",
-                         "the blue sea", "--num_samples", "4", "--output", report2, "--endpoint", hub.url]) == 0
+                         "the blue sea", "--num_samples", "4", "--output", report2, "--endpoint", hub.url,
+                         *diversity]) == 0
     assert json.load(open(report2)) == local  # the same control, the same seed: the same numbers
 
 
@@ -361,7 +371,7 @@ def test_elegant_script_trains_the_newer_families_saved_to_disk(workdir, tmp_pat
             gif = Image.open(tmp_path / "videos.gif")
             assert gif.n_frames == 5 and 120 <= gif.info["duration"] <= 130  # 8 fps (GIF: centiseconds)
             assert cli_main(["evaluate", out, *base, "--reward", "video_reward.py:redness", "--output",
-                             str(tmp_path / "wan.json")]) == 0
+                             str(tmp_path / "wan.json"), "--diversity_model", "none"]) == 0
             assert set(json.load(open(tmp_path / "wan.json"))["fine_tuned"]) >= {"reward_mean",
                                                                                  "diversity_pairwise_distance"}
 

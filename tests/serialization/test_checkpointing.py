@@ -80,3 +80,32 @@ def test_optimizer_state_round_trips_through_safetensors_layout():
 def test_checkpointing_requires_output_dir():
     with pytest.raises(ValueError, match="ElegantConfig.output_dir"):
         ElegantConfig(checkpointing_steps=5)
+
+
+def test_a_text_to_image_resume_refuses_another_model_reward_prompt_guidance_or_size(tmp_path):
+    """An ELEGANT checkpoint records what it was trained on: resuming it with another base model, reward, prompts,
+    guidance, size or precision would train one adapter on two objectives; refused, naming the flag."""
+    from family_checks import redness, tiny_config
+
+    from hf_control_ft import ElegantTrainer
+    from hf_control_ft.testing import tiny_sd_pipeline
+
+    def trainer(reward=redness, prompts=("a cat", "the dog"), **options):
+        config = tiny_config(train_steps=2, checkpointing_steps=1, output_dir=str(tmp_path / "run"))
+        opts = {"guidance_scale": 3.0, "base_model": "tiny/sd", **options}
+        return ElegantTrainer.from_pipeline(tiny_sd_pipeline(), reward, config, list(prompts), **opts)
+
+    trainer().train()
+
+    def bluish(images, prompts):
+        return images[:, 2].mean(dim=(1, 2))
+
+    for changed, flag in ((dict(guidance_scale=5.0), "--guidance_scale: 3.0, now 5.0"),
+                          (dict(base_model="tiny/other"), "--pretrained_model_name_or_path: 'tiny/sd', now 'tiny/other'"),
+                          (dict(prompts=("a bird",)), "--prompts / --prompts_file / --dataset_name: (changed)"),
+                          (dict(reward=bluish), "--reward: 'redness', now 'bluish'"),
+                          (dict(height=32, width=32), "--height / --resolution: None, now 32")):
+        with pytest.raises(ValueError, match="trained on another setting") as err:
+            trainer(**changed).train(resume_from_checkpoint="latest")
+        assert flag in str(err.value), str(err.value)
+    assert trainer().train(resume_from_checkpoint="latest")["resumed_from"].endswith("checkpoint-2")

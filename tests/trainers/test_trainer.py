@@ -297,3 +297,90 @@ def test_a_tracker_that_is_not_installed_is_an_error_not_a_silent_drop():
     with pytest.raises(ValueError, match=f"--report_to {missing}: not installed"):
         ElegantTrainer(small_config(report_to=f"tensorboard,{missing}"), make_mlp_denoiser(lora=False), ddim(),
                        quadratic_reward, (2,))
+
+
+def test_the_objective_is_logged_with_its_standard_error_and_its_gap_to_a_known_optimum():
+    """J = E[r] - alpha KL per logged step, with its standard error over the batch; where the task knows the
+    optimum J* = alpha log E_pre[exp(r / alpha)] (here a linear reward on a Gaussian mixture: closed form), the gap."""
+    import math
+
+    from hf_control_ft.tasks.gaussian_mixture import three_mode_mixture
+
+    mixture, c, alpha = three_mode_mixture(), torch.tensor([0.5, 0.3], dtype=torch.float64), 1.0
+    log_z = torch.logsumexp(mixture.weights.log() + mixture.means @ c / alpha
+                            + torch.einsum("i,jik,k->j", c, mixture.covariances, c) / (2 * alpha**2), 0)
+    cfg = small_config(alpha=alpha, log_every=1, train_steps=3)
+    trainer = ElegantTrainer(cfg, make_mlp_denoiser(), ddim(), lambda x: x @ c.float(), (2,))
+    trainer.optimum = alpha * float(log_z)
+    trainer.train()
+    row = trainer.history[-1]
+    assert row["train/objective_se"] > 0 and math.isfinite(row["train/objective_se"])
+    assert row["train/objective_gap"] == pytest.approx(trainer.optimum - row["train/objective"])
+
+
+def test_use_ema_averages_the_lora_weights_and_the_average_is_the_saved_model(tmp_path):
+    """--use_ema: after every drift step ema <- d ema + (1 - d) theta with diffusers' warm-up d = min(decay,
+    (1 + n) / (10 + n)); a save during training writes the average; the final adapter is the average; a resumed run
+    continues it exactly."""
+    from hf_control_ft.core.control import lora_state_dict
+
+    def run(out, steps, resume=None, seen=None):
+        cfg = small_config(train_steps=steps, use_ema=True, ema_decay=0.8, learning_rate=5e-2, output_dir=str(out),
+                           checkpointing_steps=2, report_to=None)
+        trainer = ElegantTrainer(cfg, make_mlp_denoiser(), ddim(), quadratic_reward, (2,))
+
+        def callback(t, step):
+            if seen is not None:
+                seen.append({k: v.clone() for k, v in lora_state_dict(t.model).items()})
+            if step == 2 and resume is None:
+                t.save_pretrained(str(tmp_path / "mid"))
+
+        trainer.train(resume_from_checkpoint=resume, callback=callback)
+        return trainer
+
+    seen = []
+    trainer = run(tmp_path / "a", 4, seen=seen)
+    expected = dict(seen[0])  # the average starts from the first update's warm-up decay 1/10: mostly theta_1
+    start = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in seen[0].items()}
+    ema = {k: 0.1 * start[k] + 0.9 * seen[0][k] for k in start}
+    for n, weights in enumerate(seen[1:], start=1):
+        d = min(0.8, (1 + n) / (10 + n))
+        ema = {k: d * ema[k] + (1 - d) * weights[k] for k in ema}
+        if n == 1:
+            mid = {k: v.clone() for k, v in ema.items()}
+    final = lora_state_dict(trainer.model)
+    for k in final:
+        torch.testing.assert_close(final[k], ema[k])
+    assert expected.keys() == final.keys()
+    from hf_control_ft.serialization.lora_io import load_lora_file
+
+    saved, _ = load_lora_file(str(tmp_path / "mid" / "pytorch_lora_weights.safetensors"))
+    assert len(saved) == len(mid)
+    assert sorted(float(v.abs().sum()) for v in saved.values()) == pytest.approx(
+        sorted(float(v.abs().sum()) for v in mid.values()), rel=1e-5)
+    # resumed from the step-2 checkpoint: the same final average as the uninterrupted run
+    import shutil
+
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for name in ("pytorch_lora_weights.safetensors", "initial_noise", "README.md", "elegant_config.json",
+                 "checkpoint-4"):
+        path = tmp_path / "b" / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    again = run(tmp_path / "b", 4, resume="checkpoint-2")
+    for k, v in lora_state_dict(again.model).items():
+        torch.testing.assert_close(v, final[k])
+
+
+def test_diffusers_flag_names_are_accepted_and_epochs_are_answered():
+    cfg = ElegantConfig.from_cli(None, ["--train_batch_size", "3", "--max_train_steps", "7", "--rank", "4",
+                                        "--adam_weight_decay", "0.01", "--use_ema"])
+    assert (cfg.batch_size, cfg.train_steps, cfg.lora_rank, cfg.adam_weight_decay, cfg.use_ema) == (3, 7, 4, 0.01, True)
+    assert ElegantConfig.from_dict({"train_batch_size": 5}).batch_size == 5  # as a YAML key too
+    with pytest.raises(ValueError, match="--num_train_epochs: ELEGANT samples its own training data.*--train_steps"):
+        ElegantConfig.from_cli(None, ["--num_train_epochs", "3"])
+    with pytest.raises(ValueError, match="num_train_epochs: ELEGANT samples"):
+        ElegantConfig.from_dict({"num_train_epochs": 3})
+    from hf_control_ft.trainers.seiko_config import SeikoConfig
+
+    with pytest.raises(ValueError, match="use_ema: is not supported by SEIKO"):
+        SeikoConfig(use_ema=True)

@@ -1,0 +1,214 @@
+"""Does ELEGANT's drift reach the optimum of the objective it is given? ``J = E[r] - alpha KL`` along the run.
+
+At every evaluation point of an ELEGANT run (``--every`` drift iterations) ``J`` is estimated on ``--eval_samples``
+fresh samples of the fine-tuned chain from the learned start law, with its standard error, next to the optimum
+``J* = alpha log E_pre[exp(r / alpha)]`` (from ``--optimum_samples`` pretrained samples of the same sampler), so
+``J* - J`` is the path KL to the tilted law times ``alpha`` -- what every setting is judged by. Each row also has
+the KL spent at every step of the chain (where the KL goes), the cumulative network evaluations (NFE, sample
+evaluations as ``trainers/costs.py`` counts them) and the reward.
+
+Tasks: ``digits`` (the 8x8 DDPM of ``benchmarks/finetuner_tasks.py``, 15 steps, r = log p_proxy(3 | x), the shipped
+config ``examples/configs/digits_elegant.yaml``) and the exact cases of ``benchmarks/tilted_cases.py``
+(``linear_2d``, ``bounded_3d``, ``flow_linear_2d``, ``bump_2d``, ``flow_bump_3d``; ``--eta``, ``--steps``).
+``--elegant KEY=VALUE`` overrides config fields (``batch_size=64 train_steps=60``: the same NFE at a larger batch);
+``--optimizer sgd`` swaps AdamW for SGD with momentum 0.9 (a measurement only: not a library option).
+
+    OMP_NUM_THREADS=1 python benchmarks/elegant_objective.py --task digits --seeds 0 1 2 > j_digits.jsonl
+    python benchmarks/elegant_objective.py --task digits --elegant batch_size=64 train_steps=60 --every 10
+    python benchmarks/elegant_objective.py --from_json j_digits.jsonl j_b64.jsonl --png docs/figures/j_digits.png
+    python benchmarks/elegant_objective.py --quick                   # a smoke test (seconds)
+
+Prints one JSON object per evaluation point, then one per run (``"final": true``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from hf_control_ft import ElegantConfig, ElegantTrainer  # noqa: E402
+from hf_control_ft.trainers.costs import network_evaluations  # noqa: E402
+from hf_control_ft.utils.config_cli import parse_flags  # noqa: E402
+
+EXACT = ("linear_2d", "bounded_3d", "flow_linear_2d", "bump_2d", "flow_bump_3d")
+
+
+def build(args, seed: int):
+    """``(trainer, reward_fn)`` of the task with ``--elegant`` overrides."""
+    flags = {f.name: f for f in dataclasses.fields(ElegantConfig)}
+    overrides, _ = parse_flags(flags, ["--" + item for item in args.elegant or []])
+    overrides = {k: [m.strip() for m in v.strip("[]").split(",")] if isinstance(v, str) and v.startswith("[") else v
+                 for k, v in overrides.items()}  # lora_target_modules=[to_q,to_k]
+    if args.task == "digits":
+        from finetuner_tasks import DigitsComparison
+
+        task = DigitsComparison(quick=args.quick).build()
+        fields = {**task.base_config.to_dict(), "seed": seed, "output_dir": None, "report_to": None,
+                  "checkpointing_steps": 0, "train_steps": 240}  # the budget of benchmarks/digits_fidelity.py
+        if args.quick:
+            fields.update(value_num_rollouts=64, value_train_steps=20, noise_train_steps=10, train_steps=4)
+        cfg = ElegantConfig.from_dict({**fields, **overrides})
+        return ElegantTrainer(cfg, model=task.new_model(), scheduler=task.scheduler, reward_fn=task.reward,
+                              sample_shape=task.shape), task.reward
+    from tilted_cases import build_case, load_denoiser
+
+    case = build_case(args.task, distill_steps=100 if args.quick else 1500,
+                      num_reference=20_000 if args.quick else 1_000_000)
+    eta = args.eta if args.eta is not None else case["etas"][0]
+    fields = dict(alpha=case["alpha"], eta=eta, num_inference_steps=args.steps or 50, train_steps=400,
+                  batch_size=128, learning_rate=1e-3, lora_rank=8, seed=seed, value_num_rollouts=4096,
+                  report_to=None)
+    if args.quick:
+        fields.update(num_inference_steps=10, train_steps=4, batch_size=16, value_num_rollouts=128,
+                      value_train_steps=20, noise_train_steps=10, step_value_train_steps=20)
+    cfg = ElegantConfig.from_dict({**fields, **overrides})
+    dim = case["mixture"].dim
+    return ElegantTrainer(cfg, load_denoiser(case["denoiser_state"]), case["scheduler"], case["reward"], (dim,)), \
+        case["reward"]
+
+
+def optimum(trainer, reward_fn, n: int, seed: int = 1234) -> tuple[float, float]:
+    """``(J*, its standard error)``: ``alpha log mean exp(r / alpha)`` over ``n`` pretrained samples (delta method)."""
+    alpha = trainer.config.alpha
+    x = trainer.sample(n, generator=torch.Generator().manual_seed(seed), batch_size=1024, controlled=False)
+    with torch.no_grad():
+        w = (reward_fn(x).double() / alpha)
+    m = float(w.max())
+    e = (w - m).exp()
+    j = alpha * (m + math.log(float(e.mean())))
+    return j, alpha * float(e.std() / e.mean()) / math.sqrt(n)
+
+
+@torch.no_grad()
+def evaluate(trainer, reward_fn, n: int, seed: int = 99) -> dict:
+    """``J``, its standard error, reward, KLs and the per-step KL on ``n`` samples of the fine-tuned chain."""
+    gen = torch.Generator().manual_seed(seed)
+    rs, kls, inits, steps = [], [], [], []
+    batch = min(n, 512)
+    for start in range(0, n, batch):
+        x_T, kl_init = trainer.draw_initial_noise(min(batch, n - start), gen)
+        traj = trainer.sampler.rollout(x_T, gen, measure_kl=True)
+        rs.append(reward_fn(traj.samples).double())
+        kls.append(traj.kl.double())
+        inits.append(kl_init.double())
+        steps.append(traj.kl_steps.double().sum(1))
+    r, kl, kl_init = torch.cat(rs), torch.cat(kls), torch.cat(inits)
+    j = r - trainer.config.alpha * (kl + kl_init)
+    return {"J": float(j.mean()), "J_se": float(j.std() / math.sqrt(len(j))), "reward": float(r.mean()),
+            "kl": float(kl.mean()), "kl_init": float(kl_init.mean()),
+            "kl_steps": [round(float(v), 4) for v in torch.stack(steps).sum(0) / len(r)]}
+
+
+def run(args, seed: int) -> dict:
+    torch.manual_seed(seed)
+    trainer, reward_fn = build(args, seed)
+    cfg = trainer.config
+    if args.optimizer == "sgd":
+        from diffusers.optimization import get_scheduler
+
+        def sgd(params):
+            opt = torch.optim.SGD(params, lr=cfg.learning_rate, momentum=0.9)
+            return opt, get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.lr_warmup_steps,
+                                      num_training_steps=cfg.train_steps)
+
+        trainer.make_optimizer = sgd
+    j_star, j_star_se = optimum(trainer, reward_fn, args.optimum_samples)
+    trainer.optimum = j_star
+    costs = network_evaluations(cfg)
+    per_iteration = (costs["drift_forward"] + costs["drift_backward"]) / cfg.train_steps
+    before = costs["stage1_forward"] + costs["step_values_forward"]
+    label = args.label or " ".join(args.elegant or []) or "default"
+    head = {"task": args.task, "label": label, "seed": seed, "optimizer": args.optimizer,
+            "drift_objective": cfg.drift_objective, "eta": cfg.eta, "steps": cfg.num_inference_steps,
+            "J_star": round(j_star, 4), "J_star_se": round(j_star_se, 4)}
+    rows = []
+
+    def point(step: int) -> None:
+        row = {**head, "step": step, "nfe": int(before + per_iteration * step), **evaluate(trainer, reward_fn,
+                                                                                          args.eval_samples)}
+        row["gap"] = round(j_star - row["J"], 4)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    t0 = time.perf_counter()
+
+    def callback(t, step):
+        if step % args.every == 0 or step == cfg.train_steps:
+            point(step)
+
+    trainer.train(callback=callback)
+    final = {**head, "final": True, "gap": rows[-1]["gap"], "J": rows[-1]["J"], "J_se": rows[-1]["J_se"],
+             "kl": rows[-1]["kl"], "kl_init": rows[-1]["kl_init"], "reward": rows[-1]["reward"],
+             "nfe": rows[-1]["nfe"], "seconds": round(time.perf_counter() - t0, 1),
+             "drift_objective": cfg.drift_objective}
+    print(json.dumps(final), flush=True)
+    return final
+
+
+def plot(paths: list[str], png: str) -> None:
+    """``J* - J`` against NFE, one line per (label, seed), from earlier outputs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for p in paths for line in open(p) if line.startswith("{")]
+    series: dict = {}
+    for r in rows:
+        if not r.get("final"):
+            series.setdefault((r["task"], r["label"]), {}).setdefault(r["seed"], []).append((r["nfe"], r["gap"]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, ((task, label), seeds) in enumerate(sorted(series.items())):
+        for j, (seed, pts) in enumerate(sorted(seeds.items())):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=f"C{i}", alpha=0.8,
+                    label=f"{task}: {label}" if j == 0 else None)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xlabel("network sample evaluations")
+    ax.set_ylabel("J* - J  (alpha x path KL to the tilted law)")
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", default="digits", choices=["digits", *EXACT])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--elegant", nargs="+", default=None, metavar="KEY=VALUE")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    p.add_argument("--eta", type=float, default=None, help="exact cases: the sampler's eta (default: the case's first)")
+    p.add_argument("--steps", type=int, default=None, help="exact cases: sampling steps (default 50)")
+    p.add_argument("--every", type=int, default=30, help="drift iterations between evaluations")
+    p.add_argument("--eval_samples", type=int, default=1024)
+    p.add_argument("--optimum_samples", type=int, default=8192)
+    p.add_argument("--label", default=None)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--from_json", nargs="+", default=None, help="plot earlier outputs instead of running")
+    p.add_argument("--png", default=None)
+    args = p.parse_args(argv)
+    if args.from_json:
+        plot(args.from_json, args.png or "j_curves.png")
+        return
+    if args.quick:
+        args.every, args.eval_samples, args.optimum_samples = 2, 64, 256
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    for seed in args.seeds:
+        run(args, seed)
+
+
+if __name__ == "__main__":
+    main()
