@@ -67,8 +67,13 @@ def load_trainer(directory: str, base_model: str | None, token: str | None = Non
     except (FileNotFoundError, ValueError) as err:
         exit_with_error(str(err))
     pipeline_run = saved["options_path"] is not None
+    dtype = None
     if pipeline_run:
-        recorded = published_base_model(load_options(directory).base_model, given_as_id=True)  # ids only
+        from .processes.options import load_dtype
+
+        options = load_options(directory)
+        recorded = published_base_model(options.base_model, given_as_id=True)  # ids only
+        dtype = load_dtype(options.kl_precision, options.mixed_precision)  # the dtypes the process keeps
     elif read_task(directory).get("task") == "digits":
         from .tasks import digits
 
@@ -80,7 +85,7 @@ def load_trainer(directory: str, base_model: str | None, token: str | None = Non
         exit_with_error(f"no base model: pass --base_model (a Hub id or a local diffusers pipeline directory); "
                         f"{directory} does not record one")
     try:
-        pipe = load_base_pipeline(base, token=token)
+        pipe = load_base_pipeline(base, token=token, **({"torch_dtype": dtype} if dtype is not None else {}))
     except Exception as err:  # noqa: BLE001
         exit_with_error(f"cannot load the base model {base!r}: {error_line(err)} (pass --base_model)")
     if pipeline_run:

@@ -70,8 +70,9 @@ def test_old_log_likelihood_from_the_noise_equals_the_transition_density():
 
 def test_reward_backprop_iteration_backpropagates_the_last_steps_only():
     model, counter, sampler, opt = _setup()
-    reward_backprop_iteration(sampler, opt, _reward, (2,), 8, torch.Generator().manual_seed(0), truncate=2)
-    assert (counter.forward, counter.backward) == (8 * 5, 8 * 2)
+    # the window holds the last random step and the two deterministic ones (the jump into t = 0, then to abar = 1)
+    reward_backprop_iteration(sampler, opt, _reward, (2,), 8, torch.Generator().manual_seed(0), truncate=3)
+    assert (counter.forward, counter.backward) == (8 * 5, 8 * 3)
 
 
 def test_tilted_target_reports_seeds_intervals_and_the_exact_value_ablation(capsys):

@@ -25,6 +25,7 @@ import torch
 
 from ..core.control import pretrained_mode
 from ..processes.loading import load_base_pipeline
+from ..processes.options import load_dtype
 from ..processes.stable_diffusion import load_options
 from ..serialization.saved import resolve_directory
 from ..trainers.elegant import ElegantTrainer
@@ -63,9 +64,13 @@ class ControlledTextToImage:
         ``base_model``, else the base model the save records."""
         directory = resolve_directory(control, token=token, revision=revision, endpoint=endpoint, cache_dir=cache_dir)
         if pipeline is None:
-            base = base_model or load_options(directory).base_model
+            options = load_options(directory)
+            base = base_model or options.base_model
             if not base:
                 raise ValueError(f"{control} records no base model; pass base_model= or pipeline=")
+            dtype = load_dtype(options.kl_precision, options.mixed_precision)  # what the process keeps: no fp32 peak
+            if dtype is not None:
+                pipeline_kwargs.setdefault("torch_dtype", dtype)
             pipeline = load_base_pipeline(base, token=token, **pipeline_kwargs)
         trainer = ElegantTrainer.from_pretrained(directory, pipeline=pipeline, report_to=None)
         return cls(pipeline, trainer)

@@ -18,6 +18,19 @@ DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 KL_PRECISIONS = ("fp32", "upcast", "tf32", "autocast")
 
 
+def load_dtype(kl_precision: str, mixed_precision: str | None):
+    """``torch_dtype`` for ``from_pretrained``: the dtype the process keeps each frozen module in, so nothing is
+    loaded in fp32 only to be cast down (FLUX + T5 in fp32: about 67 GB of host memory at the peak). Under
+    ``--mixed_precision fp16 / bf16`` every component in that dtype, but the denoiser in fp32 when the exact KL runs
+    on fp32 weights (``--kl_precision fp32``); ``None`` (fp32 everywhere) without mixed precision. The scripts, ``hf-control-ft sample`` / ``evaluate`` and
+    ``ControlledTextToImage.from_control`` load with it."""
+    half = DTYPES.get(mixed_precision or "no")
+    if half is None:
+        return None
+    denoiser = torch.float32 if kl_precision == "fp32" else half
+    return {"default": half, "unet": denoiser, "transformer": denoiser, "transformer_2": denoiser}
+
+
 @dataclass
 class StableDiffusionOptions:
     """Settings of text-conditioned training and inference (saved as ``stable_diffusion.json``).
@@ -131,4 +144,4 @@ class StableDiffusionOptions:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
-__all__ = ["StableDiffusionOptions", "DTYPES", "KL_PRECISIONS"]
+__all__ = ["StableDiffusionOptions", "DTYPES", "KL_PRECISIONS", "load_dtype"]

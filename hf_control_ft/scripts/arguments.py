@@ -284,9 +284,9 @@ def apply_family_preset(args, config, explicit: set[str]):
                              "switches, KL precision) cannot be chosen, and the library defaults (batch 64, 4096 "
                              "value rollouts, an fp32 KL) do not fit a real model: pass --model_family "
                              f"({', '.join(PRESETS)}), or --model_family none for those defaults") from None
-    args.preset_family = family
     changes = [preset_values(family, {f.name for f in dataclasses.fields(obj)}, explicit) for obj in (args, config)]
     args, config = dataclasses.replace(args, **changes[0]), dataclasses.replace(config, **changes[1])
+    args.preset_family = family  # checked against the loaded pipeline (scripts/text_to_image.py)
     taken = ", ".join(f"--{k} {v}" for c in changes for k, v in sorted(c.items()))
     args.preset_note = f"{family} preset (flags and --config override it): {taken}" if taken else None
     return args, config

@@ -22,7 +22,7 @@ from ..feedback.oracle import OracleOutputError, OracleUnavailableError
 from ..feedback.human_oracle import HumanOracle
 from ..feedback.rating import RatingScale
 from ..processes.loading import load_base_pipeline
-from ..processes.options import DTYPES
+from ..processes.options import DTYPES, load_dtype
 from ..rewards.clip_rewards import CLIPImageFeatures
 from ..rewards.checks import check_reward, reward_name
 from ..rewards.image_rewards import WeightedSumReward, call_reward
@@ -68,18 +68,6 @@ def make_accelerator(args, config) -> Accelerator:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     return accelerator
-
-
-def load_dtype(kl_precision: str, mixed_precision: str | None):
-    """``torch_dtype`` for ``from_pretrained``: the dtype the process keeps each frozen module in, so nothing is
-    loaded in fp32 only to be cast down (FLUX + T5 in fp32: about 67 GB of host memory at the peak). Under
-    ``--mixed_precision fp16 / bf16`` every component in that dtype, but the denoiser in fp32 when the exact KL runs
-    on fp32 weights (``--kl_precision fp32``); ``None`` (fp32 everywhere) without mixed precision."""
-    half = DTYPES.get(mixed_precision or "no")
-    if half is None:
-        return None
-    denoiser = torch.float32 if kl_precision == "fp32" else half
-    return {"default": half, "unet": denoiser, "transformer": denoiser, "transformer_2": denoiser}
 
 
 def load_pipeline(args, mixed_precision: str | None = None):

@@ -66,7 +66,7 @@ def test_a_black_box_term_of_a_mix_is_named_before_any_model_loads(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         run_elegant(["--pretrained_model_name_or_path", "no-such-model", "--prompts", "a cat", "--report_to", "none",
-                     "--output_dir", "out", "--reward", "brightness:1,score.py:score:0.5"])
+                     "--output_dir", "out", "--reward", "brightness:1,score.py:score:0.5", "--model_family", "none"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and "score.py:score" in err and "is not differentiable" in err
     assert "no-such-model" not in err

@@ -143,3 +143,22 @@ def test_run_time_errors_speak_flags():
         "(--min_answer_fraction 0.5); all --oracle_max_attempts 3 sends"
     assert as_flag("ElegantConfig.drift_objective: the flux process", fields) == "--drift_objective: the flux process"
     assert as_flag("x=1 and learn_initial_noise=False", fields) == "x=1 and --no_learn_initial_noise"
+
+
+def test_pipelines_load_in_the_runs_dtypes_with_the_same_weights(saved):
+    """--mixed_precision bf16: every component loads in bf16 (the denoiser in fp32 under --kl_precision fp32), with
+    the very weights a fp32 load cast down gives: nothing is materialised in fp32 only to be cast."""
+    import torch
+
+    from hf_control_ft.processes.loading import load_base_pipeline
+    from hf_control_ft.processes.options import load_dtype
+
+    path = str(saved / "sd3")
+    exact = load_base_pipeline(path, torch_dtype=load_dtype("fp32", "bf16"))
+    upcast = load_base_pipeline(path, torch_dtype=load_dtype("upcast", "bf16"))
+    fp32 = load_base_pipeline(path)
+    assert exact.transformer.dtype == torch.float32 and exact.vae.dtype == torch.bfloat16
+    assert upcast.transformer.dtype == torch.bfloat16 and upcast.text_encoder.dtype == torch.bfloat16
+    for ours, ref in zip(upcast.transformer.state_dict().values(), fp32.transformer.state_dict().values()):
+        assert torch.equal(ours, ref.to(torch.bfloat16))
+    assert load_dtype("fp32", "no") is None

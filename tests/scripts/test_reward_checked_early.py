@@ -6,7 +6,7 @@ import pytest
 from hf_control_ft.scripts import run_elegant
 
 ARGS = ["--pretrained_model_name_or_path", "no-such-model", "--prompts", "a cat", "--report_to", "none",
-        "--output_dir", "out"]
+        "--output_dir", "out", "--model_family", "none"]  # no model_index.json to read: the family given
 
 
 @pytest.mark.parametrize("body, expected", [

@@ -206,7 +206,8 @@ def test_help_lists_every_field_with_its_help_text(capsys):
 
     for cls in (ElegantConfig, ElegantScriptArguments):
         for f in dataclasses.fields(cls):
-            assert f"--{f.name}  (" in text, f.name
+            also = "".join(f", --{a}" for a in f.metadata.get("aliases", ()))  # diffusers' names beside it
+            assert f"--{f.name}{also}  (" in text, f.name
             assert f.metadata["help"].split()[0] in text, f.name
     assert "--pretrained_model_name_or_path" in text and "--hub_token" in text
 

@@ -108,7 +108,7 @@ def test_per_prompt_start_samples_survive_save_and_load_bit_for_bit(tmp_path):
 
 
 def test_class_conditional_process_validates_labels():
-    cfg = ElegantConfig(num_inference_steps=2, report_to=None, learn_initial_noise=False)
+    cfg = ElegantConfig(num_inference_steps=4, report_to=None, learn_initial_noise=False)
     model = make_mlp_denoiser(lora=False)
     with pytest.raises(ValueError, match="num_classes"):
         ClassConditionalProcess(model, ddim(), (2,), cfg, num_classes=1)
