@@ -139,6 +139,7 @@ class SafeHandler(BaseHTTPRequestHandler):
             self.close_connection = True  # the body is not read: the connection cannot be reused
             raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request over {max_bytes} bytes")
         data = self.rfile.read(length)
+        self._body_read = True
         if len(data) != length:
             raise RequestError(HTTPStatus.BAD_REQUEST, "the body is shorter than its Content-Length")
         return data
@@ -149,11 +150,13 @@ class SafeHandler(BaseHTTPRequestHandler):
                                "localhost / 127.0.0.1 / [::1]")
 
     def _dispatch(self, method) -> None:
-        self._answered = False
+        self._answered = self._body_read = False
         try:
             self._check_host()
             method()
         except RequestError as err:
+            if self.command == "POST" and not self._body_read:
+                self.close_connection = True  # an unread body must not be parsed as the next request
             if not self._answered:
                 self.send_json(err.status, {"error": str(err)})
         except Exception as err:  # noqa: BLE001 - a bug or a hostile request: answer it, keep serving
