@@ -13,7 +13,14 @@ config ``examples/configs/digits_elegant.yaml``) and the exact cases of ``benchm
 ``--elegant KEY=VALUE`` overrides config fields (``batch_size=64 train_steps=60``: the same NFE at a larger batch);
 ``--optimizer sgd`` swaps AdamW for SGD with momentum 0.9 (a measurement only: not a library option).
 
+``--kl_passes bf16|fp16`` trains with every denoiser call (the rollouts and the fine-tuned / pretrained passes whose
+difference is the KL) under CPU / CUDA autocast in that dtype -- what GRPO-style trainers do -- while every
+evaluation point measures the result with fp32 passes: the exact path KL of what was trained. Each point also gives
+the LoRA gradient of the drift loss computed in the training mode against fp32 passes on the same stored
+trajectory (``grad_rel_err``, ``grad_cos``): does a half-precision KL's gradient point where the exact one does?
+
     OMP_NUM_THREADS=1 python benchmarks/elegant_objective.py --task digits --seeds 0 1 2 > j_digits.jsonl
+    python benchmarks/elegant_objective.py --task digits --kl_passes bf16 --seeds 0 1 2
     python benchmarks/elegant_objective.py --task digits --elegant batch_size=64 train_steps=60 --every 10
     python benchmarks/elegant_objective.py --from_json j_digits.jsonl j_b64.jsonl --png docs/figures/j_digits.png
     python benchmarks/elegant_objective.py --quick                   # a smoke test (seconds)
@@ -79,6 +86,70 @@ def build(args, seed: int):
         case["reward"]
 
 
+class HalfPrecisionPasses:
+    """Runs every call of ``model`` under autocast to ``dtype`` while :attr:`active` (forward hooks on the top-level
+    module; the backward of an autocast op keeps its dtypes, so gradients carry the same rounding)."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
+        self.dtype, self.active, self._contexts = dtype, True, []
+        model.register_forward_pre_hook(self._enter)
+        model.register_forward_hook(self._exit)
+
+    def _enter(self, module, args):
+        if self.active:
+            device = next(module.parameters()).device.type
+            ctx = torch.autocast(device_type=device, dtype=self.dtype)
+            ctx.__enter__()
+            self._contexts.append(ctx)
+        else:
+            self._contexts.append(None)
+
+    def _exit(self, module, args, output):
+        ctx = self._contexts.pop()
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+            return _to_float(output)
+        return output
+
+
+def _to_float(output):
+    if torch.is_tensor(output):
+        return output.float()
+    if hasattr(output, "sample"):  # diffusers' UNet2DOutput
+        output.sample = output.sample.float()
+        return output
+    if isinstance(output, tuple):
+        return tuple(_to_float(o) for o in output)
+    return output
+
+
+def gradient_error(trainer, reward_fn, passes: HalfPrecisionPasses, batch: int = 64, seed: int = 7) -> dict:
+    """The drift loss's LoRA gradient (``mean(-r + alpha KL)``) with the training mode's passes against fp32 passes,
+    both on one trajectory rolled out with fp32 passes (only the backward sweep's recomputation differs)."""
+    from hf_control_ft.core.control import lora_parameters
+
+    params = [p for p in lora_parameters(trainer.model) if p.requires_grad]
+    gen = torch.Generator().manual_seed(seed)
+    x_T, _ = trainer.draw_initial_noise(batch, gen)
+    passes.active = False
+    with torch.no_grad():
+        traj = trainer.sampler.rollout(x_T, gen)
+    _, dr = trainer.reward_and_gradient(traj.samples)
+    grads = []
+    for active in (False, True):
+        passes.active = active
+        for p in params:
+            p.grad = None
+        trainer.sampler.backpropagate(traj, -dr / batch, trainer.config.alpha / batch)
+        grads.append(torch.cat([p.grad.flatten().double() for p in params]))
+    passes.active = True
+    exact, half = grads
+    for p in params:
+        p.grad = None
+    return {"grad_rel_err": round(float((half - exact).norm() / exact.norm()), 5),
+            "grad_cos": round(float(torch.nn.functional.cosine_similarity(half, exact, dim=0)), 5)}
+
+
 def optimum(trainer, reward_fn, n: int, seed: int = 1234) -> tuple[float, float]:
     """``(J*, its standard error)``: ``alpha log mean exp(r / alpha)`` over ``n`` pretrained samples (delta method)."""
     alpha = trainer.config.alpha
@@ -124,6 +195,10 @@ def run(args, seed: int) -> dict:
                                       num_training_steps=cfg.train_steps)
 
         trainer.make_optimizer = sgd
+    passes = None
+    if args.kl_passes != "fp32":
+        passes = HalfPrecisionPasses(trainer.model, {"bf16": torch.bfloat16, "fp16": torch.float16}[args.kl_passes])
+        passes.active = False
     j_star, j_star_se = optimum(trainer, reward_fn, args.optimum_samples)
     trainer.optimum = j_star
     costs = network_evaluations(cfg)
@@ -132,17 +207,25 @@ def run(args, seed: int) -> dict:
     label = args.label or " ".join(args.elegant or []) or "default"
     head = {"task": args.task, "label": label, "seed": seed, "optimizer": args.optimizer,
             "drift_objective": cfg.drift_objective, "eta": cfg.eta, "steps": cfg.num_inference_steps,
+            "kl_passes": args.kl_passes,
             "J_star": round(j_star, 4), "J_star_se": round(j_star_se, 4)}
     rows = []
 
     def point(step: int) -> None:
+        if passes is not None:
+            passes.active = False  # measured with fp32 passes: the exact KL of what was trained
         row = {**head, "step": step, "nfe": int(before + per_iteration * step), **evaluate(trainer, reward_fn,
                                                                                           args.eval_samples)}
+        if passes is not None:
+            row.update(gradient_error(trainer, reward_fn, passes))
         row["gap"] = round(j_star - row["J"], 4)
         rows.append(row)
         print(json.dumps(row), flush=True)
 
     t0 = time.perf_counter()
+
+    if passes is not None:
+        passes.active = True
 
     def callback(t, step):
         if step % args.every == 0 or step == cfg.train_steps:
@@ -190,6 +273,8 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--elegant", nargs="+", default=None, metavar="KEY=VALUE")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    p.add_argument("--kl_passes", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="the dtype of every denoiser call while training (evaluation always uses fp32 passes)")
     p.add_argument("--eta", type=float, default=None, help="exact cases: the sampler's eta (default: the case's first)")
     p.add_argument("--steps", type=int, default=None, help="exact cases: sampling steps (default 50)")
     p.add_argument("--every", type=int, default=30, help="drift iterations between evaluations")

@@ -60,16 +60,22 @@ def _vae(latent_channels: int, scaling: float, shift: float | None):
                          use_quant_conv=shift is None, use_post_quant_conv=shift is None)
 
 
-def sdxl_pipeline():
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+def sdxl_unet():
+    from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2, 10),
         attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+
+
+def sdxl_pipeline():
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    unet = sdxl_unet()
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")
     return StableDiffusionXLPipeline(vae=_vae(4, 0.13025, None), text_encoder=_clip(768, 12, 12, 768, False),
@@ -78,13 +84,19 @@ def sdxl_pipeline():
                                      unet=unet, scheduler=scheduler)
 
 
-def sd3_pipeline():
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+def sd3_transformer():
+    from diffusers import SD3Transformer2DModel
 
-    transformer = SD3Transformer2DModel(
+    return SD3Transformer2DModel(
         sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
         joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
         pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+
+
+def sd3_pipeline():
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    transformer = sd3_transformer()
     return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
                                     vae=_vae(16, 1.5305, 0.0609), text_encoder=_clip(768, 12, 12, 768, True),
                                     tokenizer=testing.tiny_tokenizer(77),
@@ -199,6 +211,20 @@ def wan_pipeline():
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     return WanPipeline(tokenizer=tokenizer, text_encoder=umt5, transformer=transformer, vae=AutoencoderKLWan(),
                        scheduler=scheduler)
+
+
+def vae(model: str):
+    """The real-shape VAE of ``model`` (random weights)."""
+    import diffusers
+
+    if model in ("sd15", "sdxl"):
+        return _vae(4, 0.18215 if model == "sd15" else 0.13025, None)
+    if model == "sd3":
+        return _vae(16, 1.5305, 0.0609)
+    if model in ("flux", "z-image"):
+        return _vae(16, 0.3611, 0.1159)
+    return {"qwen-image": diffusers.AutoencoderKLQwenImage, "flux2-klein": diffusers.AutoencoderKLFlux2,
+            "wan": diffusers.AutoencoderKLWan}[model]()
 
 
 REAL = {"sdxl": sdxl_pipeline, "sd3": sd3_pipeline, "flux": flux_pipeline, "qwen-image": qwen_image_pipeline,

@@ -37,6 +37,13 @@ Cost per step: one fine-tuned forward + parameter backward and one pretrained fo
 same as the exact pathwise gradient of :meth:`ControlledSampler.backpropagate`; memory is one step's
 activations plus the stored states.
 
+**Timestep subsampling.** The loss is a sum of per-step terms whose targets are detached, so training the terms of
+a random subset ``S`` of the ``n`` stochastic steps, each weighted ``n / |S|``, is an unbiased estimate of the full
+gradient (DDPO's and Flow-GRPO's ``timestep_fraction``, here without bias: the targets do not depend on which steps
+are trained). The lean adjoint still needs the pretrained VJP at every step; with ``value_gradient`` the steps
+outside ``S`` cost nothing. The per-step KL of the steps outside ``S`` is then not measured: those of ``S`` are
+weighted ``n / |S|`` too, an unbiased estimate of the path KL.
+
 **Variance.** The single-path adjoint ``a_{k+1}`` is heavy-tailed when modes are far apart: most paths
 contract inside a mode, and the few that pass near a boundary between modes carry large Jacobian products
 (``docs/algorithms.md`` §8). Passing ``value_gradient`` (a fitted ``grad V_{k+1}``,
@@ -77,7 +84,7 @@ def lean_adjoints(sampler: ControlledSampler, trajectory: Trajectory, grad_sampl
 
 def adjoint_matching_backward(sampler: ControlledSampler, trajectory: Trajectory, grad_samples: torch.Tensor,
                               alpha: float, loss_scale: float = 1.0, value_gradient=None,
-                              step_weight_power: float = 0.0) -> torch.Tensor:
+                              step_weight_power: float = 0.0, train_steps=None) -> torch.Tensor:
     """One backward sweep of adjoint matching; accumulates LoRA gradients into ``.grad``.
 
     Walks the steps from last to first, carrying the lean adjoint ``a_{k+1}``. At each stochastic step it
@@ -102,6 +109,8 @@ def adjoint_matching_backward(sampler: ControlledSampler, trajectory: Trajectory
             sigma_j^2)^p`` (``p = 0``: the KL-unit loss above; ``p = 1``: plain least squares on the means, which
             weighs the high-noise steps more). Every ``p`` has the same minimiser for an adapter that can represent
             every step's target; with a finite adapter it decides which steps the fit favours.
+        train_steps: the stochastic steps whose terms are trained (see *timestep subsampling*), each weighted
+            ``n / len(train_steps)``; ``None``: all of them, weight 1.
 
     Returns:
         ``(B,)`` regression loss per sample (detached, in nats), summed over steps.
@@ -115,7 +124,15 @@ def adjoint_matching_backward(sampler: ControlledSampler, trajectory: Trajectory
     total = grad_samples.new_zeros(B)
     variances = [float(schedule.std[k]) ** 2 for k in range(K) if schedule.is_stochastic(k)]
     mean_var = sum(variances) / max(len(variances), 1)
+    trained = set(range(K)) if train_steps is None else {int(k) for k in train_steps}
+    inflation = len(variances) / max(1, len(trained)) if train_steps is not None else 1.0
     for k in reversed(range(K)):
+        step_trained = schedule.is_stochastic(k) and k in trained
+        if not step_trained:
+            if schedule.is_stochastic(k):
+                trajectory.kl_steps[k] = 0.0  # not measured: the trained steps' KL, weighted, estimates the path's
+            if value_gradient is not None:
+                continue  # nothing to regress, and the fitted values need no adjoint pulled through this step
         if value_gradient is not None and k + 1 < K:
             adjoint = value_gradient(trajectory.states[k + 1], k + 1).detach()
         x_k = trajectory.states[k].detach()
@@ -123,18 +140,20 @@ def adjoint_matching_backward(sampler: ControlledSampler, trajectory: Trajectory
         with torch.enable_grad(), sampler.kl_context():
             mu_pre = sampler.mean(x_in, k, controlled=False)
             outputs, grads = ([mu_pre], [adjoint]) if value_gradient is None else ([], [])
-            if schedule.is_stochastic(k):
+            if step_trained:
                 var = float(schedule.std[k]) ** 2
                 mu_ft = sampler.mean(x_k, k, controlled=True)  # x_k without grad: only LoRA params
                 u = mu_ft - mu_pre.detach()
                 target = (var / alpha) * adjoint
                 loss_k = _sum_non_batch((u - target).pow(2)) / (2.0 * var)
                 if loss_k.requires_grad:
-                    weight = loss_scale * (var / mean_var) ** step_weight_power if step_weight_power else loss_scale
+                    weight = loss_scale * inflation
+                    if step_weight_power:
+                        weight = weight * (var / mean_var) ** step_weight_power
                     outputs.append(loss_k.sum())
                     grads.append(torch.as_tensor(weight, dtype=loss_k.dtype, device=loss_k.device))
-                trajectory.kl_steps[k] = _sum_non_batch(u.detach().pow(2)) / (2.0 * var)
-                total = total + loss_k.detach()
+                trajectory.kl_steps[k] = inflation * _sum_non_batch(u.detach().pow(2)) / (2.0 * var)
+                total = total + inflation * loss_k.detach()
             if outputs:
                 torch.autograd.backward(outputs, grads)
         if value_gradient is None:

@@ -169,6 +169,19 @@ class ControlledSampler:
         kl = gaussian_kl(mu_ft, mu_pre, self.schedule.std[k])
         return self.schedule.step_from_mean(mu_ft, k, noise), kl
 
+    @torch.no_grad()
+    def trajectory_kl(self, trajectory: "Trajectory", context=None) -> torch.Tensor:
+        """``(B,)`` path KL of the stored transitions of ``trajectory``, recomputed with every network call inside
+        ``context()`` (e.g. a process's exact-arithmetic context, when the passes that trained were half
+        precision): the KL of the chain that drew those samples, without a new rollout."""
+        context = context or contextlib.nullcontext
+        kl = trajectory.states[0].new_zeros(trajectory.states[0].shape[0])
+        for k in range(len(self.schedule)):
+            if self.schedule.is_stochastic(k):
+                with context():
+                    kl = kl + self.step_with_kl(trajectory.states[k], k, trajectory.noises[k])[1]
+        return kl
+
     def _noise(self, like: torch.Tensor, k: int, generator) -> torch.Tensor | None:
         if not self.schedule.is_stochastic(k):
             return None

@@ -106,6 +106,11 @@ class ControlledProcess:
         """Callable returning the context entered around network calls that feed a KL (``None``: none)."""
         return None
 
+    def exact_kl_context(self):
+        """Callable returning the context of an exact KL evaluation, where the passes that train are not exact
+        (half-precision KL passes); ``None`` when they are (the trainer then logs the training passes' KL)."""
+        return None
+
     def peft_config(self, adapter_name: str = "control"):
         """The ``LoraConfig`` of an adapter on :attr:`lora_model`."""
         if adapter_name == "control" and self.lora_config is not None:

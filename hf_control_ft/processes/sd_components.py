@@ -170,6 +170,7 @@ class GuidedUNet(nn.Module):
         self.prompt_embeds = None
         self.negative_embeds = None
         self._full_precision = False
+        self._exact = False
         #: ``kl_precision="upcast"``: the switch of the network's per-layer fp32 arithmetic (:mod:`.upcast`)
         self.upcast = None
 
@@ -184,11 +185,25 @@ class GuidedUNet(nn.Module):
         """
         previous, self._full_precision = self._full_precision, True
         try:
-            with tf32_matmuls(self.upcast is not None and self.upcast.tf32), \
+            with tf32_matmuls(self.upcast is not None and self.upcast.tf32 and not self._exact), \
                     self.upcast.enabled() if self.upcast is not None else contextlib.nullcontext():
                 yield
         finally:
             self._full_precision = previous
+
+    @contextlib.contextmanager
+    def exact(self):
+        """Inside the block every call runs in fp32 arithmetic without TF32, whatever ``kl_precision`` trains with
+        (``"autocast"``: half-precision passes; ``"tf32"``: TF32 matmuls): the exact KL of the same stored weights
+        that the trainer logs (``ElegantTrainer``'s ``train/kl`` at its logging steps)."""
+        previous = self._full_precision, self._exact
+        self._full_precision = self._exact = True
+        try:
+            with tf32_matmuls(False), \
+                    self.upcast.enabled() if self.upcast is not None else contextlib.nullcontext():
+                yield
+        finally:
+            self._full_precision, self._exact = previous
 
     def _precision(self, sample: torch.Tensor) -> tuple:
         """Checks that the batch's prompt embeddings are set and match ``sample``'s batch; returns ``(autocast dtype

@@ -94,14 +94,16 @@ class StableDiffusionProcess(ControlledProcess):
         if options.dtype is not None and not precise_kl:
             logger.warning(
                 "kl_precision='autocast' with mixed_precision=%r: the per-step KL is a difference of two "
-                "half-precision UNet outputs and has a rounding floor (benchmarks/kl_precision.py measures it); "
-                "use kl_precision='fp32' when the KL must be exact", options.mixed_precision)
+                "half-precision UNet outputs and has a rounding floor (benchmarks/kl_precision.py measures it) in "
+                "the passes that train; the KL logged at each logging step is evaluated exactly (fp32 arithmetic "
+                "on the same weights) on the step's last micro-batch", options.mixed_precision)
         torch.manual_seed(config.seed)  # identical adapter initialisation on every process
         lora_config = add_lora_control(unet, config.lora_rank, config.lora_target_modules or self.default_targets,
                                        config.lora_alpha)
         cast_training_params(unet, torch.float32)  # LoRA parameters in fp32 under mixed precision
         upcast = None
-        if options.kl_precision == "tf32" or (options.kl_precision == "upcast" and options.dtype is not None):
+        if options.kl_precision == "tf32" or (options.kl_precision in ("upcast", "autocast") and options.dtype is not None):
+            # "autocast" too: off while training, on for the exact KL the trainer logs (exact_kl_context)
             upcast = install_upcast(unet, UpcastSwitch(tf32=options.kl_precision == "tf32"))
         if config.gradient_checkpointing:
             enable_adapter_aware_checkpointing(unet)
@@ -204,6 +206,12 @@ class StableDiffusionProcess(ControlledProcess):
 
     def kl_context(self):
         return self.model.full_precision if self._precise_kl else None
+
+    def exact_kl_context(self):
+        """The context of an exact KL evaluation when the training passes are not exact (``kl_precision``
+        ``"autocast"`` or ``"tf32"`` with half-precision weights); ``None`` when they are."""
+        exact = self.options.dtype is None or self.options.kl_precision in ("fp32", "upcast")
+        return None if exact else self.model.exact
 
     # ------------------------------------------------------------------ conditioning
     def draw_conditions(self, batch_size: int, generator: torch.Generator | None):

@@ -30,7 +30,7 @@ from ..rewards.registry import load_reward
 from ..serialization.checkpoints import CheckpointError
 from ..serialization.saved import HubPushError, mask_token
 from ..trainers.base import tracker_names
-from ..trainers.distributed import run_on_main_patiently
+from ..trainers.distributed import run_on_main, run_on_main_patiently
 from ..trainers.elegant import ElegantTrainer
 from ..trainers.elegant_config import ElegantConfig
 from ..trainers.seiko import SeikoTrainer
@@ -279,7 +279,9 @@ def run_elegant(argv=None, prog: str = "train_elegant.py") -> int:
                                      description="ELEGANT on a text-to-image diffusers pipeline.")
     accelerator, trainer, validation = _setup(ElegantTrainer, args, config, args.reward, validation_reward=True)
     summary = _train(trainer, args, resume_from_checkpoint=args.resume_from_checkpoint, callback=validation)
-    if validation.last_grid is None and accelerator.is_main_process:  # a run resumed after its last step
+    # a run resumed after its last step has no validation yet (only the main process keeps the grid: its answer
+    # is every process's, since run() is collective)
+    if run_on_main(accelerator, lambda: validation.last_grid is None):
         validation.run(trainer, trainer.global_step, trainer.log_step(trainer.global_step))
     metrics = {"reward (training batch)": summary.get("train/reward"),
                "KL per sample, chain + start law (nats)": summary.get("train/kl_total"), **validation.last_metrics}

@@ -76,11 +76,13 @@ class Validation:
 
     def run(self, trainer, step: int, tracker_step: int, name: str | None = None) -> dict:
         """Samples, saves and logs one validation on the main process (the others wait in short collectives,
-        however long it takes, and get its metrics or its error); returns its metrics."""
-        return run_on_main_patiently(trainer.accelerator, self._run, trainer, step, tracker_step, name)
+        however long it takes, and get its metrics or its error); returns its metrics. With a sharded denoiser
+        (``--fsdp``) every process samples the same images (each denoiser call is a collective)."""
+        images = self.images(trainer) if getattr(trainer, "sharded", False) else None
+        return run_on_main_patiently(trainer.accelerator, self._run, trainer, step, tracker_step, name, images)
 
-    def _run(self, trainer, step: int, tracker_step: int, name: str | None) -> dict:
-        images = self.images(trainer)
+    def _run(self, trainer, step: int, tracker_step: int, name: str | None, images=None) -> dict:
+        images = self.images(trainer) if images is None else images
         directory = os.path.join(self.output_dir, VALIDATION_DIR)
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, f"{name or f'step-{step:06d}'}.png")

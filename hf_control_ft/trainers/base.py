@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import tempfile
 
@@ -31,6 +32,9 @@ from ..rewards.checks import check_reward, reward_name
 from ..serialization.saved import push_directory
 from .ema import LoraEMA
 from .trackers import check_trackers, tracker_names
+
+
+logger = logging.getLogger(__name__)
 
 
 class BaseTrainer:
@@ -66,6 +70,24 @@ class BaseTrainer:
         self._nonfinite_in_row = 0
         # per-process stream of training randomness
         self.generator = torch.Generator().manual_seed(config.seed * 1000 + self.accelerator.process_index + 1)
+
+    def _shard(self, process) -> bool:
+        """``config.fsdp`` or an accelerate FSDP config, several processes: the frozen denoiser sharded across them
+        (:mod:`.sharding`), before it moves to the device (each process moves its shards only). Returns whether."""
+        from accelerate.utils import DistributedType
+
+        wanted = getattr(self.config, "fsdp", False) or self.accelerator.distributed_type == DistributedType.FSDP
+        if not wanted:
+            return False
+        if self.accelerator.num_processes == 1:
+            logger.info("fsdp: one process, nothing to shard")
+            return False
+        from .sharding import shard_frozen_network
+
+        network = process.lora_model
+        adapters = [p for n, p in network.named_parameters() if ".lora_" in n]  # every adapter stays whole
+        shard_frozen_network(network, adapters, self.device)
+        return True
 
     # ------------------------------------------------------------------ process views
     @property
@@ -263,7 +285,9 @@ class BaseTrainer:
         ``reference_kl_weight`` (SEIKO's ``beta``) the KL to the sampler's reference adapter is added
         (pathwise only). With ``gradient_accumulation_steps = G`` the step averages the gradients of ``G``
         micro-batches of ``batch_size`` before the optimiser step. Returns ``{"reward", "kl", "kl_init",
-        "ref_kl", "grad_norm", "regression_loss"}`` as ``(B * G,)`` tensors / floats.
+        "ref_kl", "grad_norm", "regression_loss"}`` as ``(B * G,)`` tensors / floats, and ``"kl_exact"``: where the
+        process's KL passes are half precision and ``self._exact_kl_due`` is set (a logging step), the exact path
+        KL ``(B,)`` of the last micro-batch (its samples are the last ``B`` of the others), else ``None``.
         """
         cfg = self.config
         B, G = cfg.batch_size, cfg.gradient_accumulation_steps
@@ -277,6 +301,11 @@ class BaseTrainer:
         losses = [p["regression_loss"] for p in parts if p["regression_loss"] is not None]
         regression_loss = sum(losses) / len(losses) if losses else None
         r = out["reward"]
+        context = self.process.exact_kl_context()
+        if context is not None and getattr(self, "_exact_kl_due", False):
+            # half-precision KL passes: the logged KL is recomputed exactly on the last micro-batch's own
+            # transitions, before the step changes the control that drew them
+            out["kl_exact"] = self.sampler.trajectory_kl(parts[-1]["trajectory"], context)
         self._sync_grads(params)
         skipped = not self._gradients_finite(params, r)
         grad_norm = math.nan if skipped else self._clip(params)
@@ -287,7 +316,8 @@ class BaseTrainer:
             if self.ema is not None:
                 self.ema.update()
         return {"reward": r, "kl": out["kl"], "kl_init": out["kl_init"], "ref_kl": out.get("ref_kl"),
-                "grad_norm": grad_norm, "regression_loss": regression_loss, "skipped": skipped}
+                "kl_exact": out.get("kl_exact"), "grad_norm": grad_norm, "regression_loss": regression_loss,
+                "skipped": skipped}
 
     def _accumulate_gradient(self, total: int, gen, reference_kl_weight, value_gradient) -> dict:
         """Rollout of one micro-batch of ``batch_size`` and its backward pass, each sample weighted ``1 / total``
@@ -305,12 +335,25 @@ class BaseTrainer:
         regression_loss = None
         if cfg.drift_objective in ("adjoint_matching", "value_guided"):
             regression_loss = adjoint_matching_backward(self.sampler, traj, grad_x0, cfg.alpha, 1.0 / total,
-                                                        value_gradient, cfg.regression_weight_power).mean().item()
+                                                        value_gradient, cfg.regression_weight_power,
+                                                        self._trained_timesteps(gen)).mean().item()
         else:
             ref = None if reference_kl_weight is None else reference_kl_weight / total
             self.sampler.backpropagate(traj, -grad_x0 / total, cfg.alpha / total, reference_kl_weight=ref)
         return {"reward": r, "kl": traj.kl, "kl_init": kl_init, "ref_kl": traj.ref_kl,
-                "regression_loss": regression_loss}
+                "regression_loss": regression_loss, "trajectory": traj}
+
+    def _trained_timesteps(self, gen) -> list[int] | None:
+        """``train_timestep_fraction < 1``: the random stochastic steps whose regression terms this micro-batch
+        trains (at least one), drawn from ``gen``; ``None``: every step."""
+        fraction = getattr(self.config, "train_timestep_fraction", 1.0)
+        if fraction >= 1:
+            return None
+        schedule = self.sampler.schedule
+        stochastic = [k for k in range(len(schedule)) if schedule.is_stochastic(k)]
+        m = max(1, round(fraction * len(stochastic)))
+        picks = torch.randperm(len(stochastic), generator=gen)[:m]
+        return sorted(stochastic[int(i)] for i in picks)
 
     def _gradients_finite(self, params, reward: torch.Tensor) -> bool:
         """False (and counted) when a LoRA gradient is NaN / inf: the step is then skipped, so non-finite values

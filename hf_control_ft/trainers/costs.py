@@ -5,7 +5,7 @@ is ``B``; classifier-free guidance doubles it). Stage 1 runs ``value_num_rollout
 steps; the per-step values of ``drift_objective="value_guided"`` run as many again; stage 2 uses only the small
 initial-noise network (no denoiser call). One drift iteration is a rollout of ``K`` steps plus, for every step
 in the backward window, a fine-tuned and a pretrained forward and one backward through both (counted as two
-backward sample evaluations). :class:`WallTime` turns the counts into hours from the throughput measured in the
+backward sample evaluations); the regression objectives need fewer (:func:`iteration_passes`). :class:`WallTime` turns the counts into hours from the throughput measured in the
 first rollouts and drift iterations, refined as the run goes.
 """
 
@@ -18,19 +18,52 @@ import time
 logger = logging.getLogger(__name__)
 
 
-def network_evaluations(config, guidance_factor: int = 1, num_processes: int = 1) -> dict:
+def iteration_passes(config, stochastic_steps: int | None = None) -> dict:
+    """Denoiser passes of one drift iteration per sample, by kind (before classifier-free guidance's doubling).
+
+    ``rollout``: the chain's ``K`` no-grad passes (the training precision); ``kl_forward``: passes that feed the KL
+    or the regression (fine-tuned and pretrained, in ``kl_precision``); ``backward``: backward passes through the
+    network (an input VJP of the pretrained network or the LoRA gradient of the fine-tuned one; with
+    ``gradient_checkpointing`` each also recomputes its forward). Per objective, with ``W`` the backprop window,
+    ``n`` the stochastic steps (``stochastic_steps``, default ``K``) and ``m = round(train_timestep_fraction * n)``:
+
+    * ``pathwise``: ``2 W`` KL passes, ``2 W`` backward (both networks at every step of the window);
+    * ``adjoint_matching``: the lean adjoint's pretrained pass and VJP at every step, the fine-tuned pass and its
+      backward at the ``m`` trained steps: ``K + m`` and ``K + m``;
+    * ``value_guided``: a pretrained and a fine-tuned pass at the ``m`` trained steps, one backward: ``2 m`` and
+      ``m`` (the fitted values replace the adjoint).
+    """
+    K = config.num_inference_steps
+    n = K if stochastic_steps is None else int(stochastic_steps)
+    m = max(1, round(getattr(config, "train_timestep_fraction", 1.0) * n))
+    objective = config.drift_objective
+    if objective == "adjoint_matching":
+        kl_forward, backward = K + m, K + m
+    elif objective == "value_guided":
+        kl_forward, backward = 2 * m, m
+    else:  # "pathwise" (and "auto" before the trainer resolves it: the costliest)
+        window = K if config.truncate_backprop_steps is None else min(K, config.truncate_backprop_steps)
+        kl_forward, backward = 2 * window, 2 * window
+    return {"rollout": K, "kl_forward": kl_forward, "backward": backward,
+            "recompute": backward if getattr(config, "gradient_checkpointing", False) else 0}
+
+
+def network_evaluations(config, guidance_factor: int = 1, num_processes: int = 1,
+                        stochastic_steps: int | None = None) -> dict:
     """Sample evaluations per stage for ``config`` (an ``ElegantConfig``), summed over all processes.
 
     ``guidance_factor``: 2 under classifier-free guidance (the UNet sees every sample twice), else 1.
+    ``stochastic_steps``: the sampler's random steps (default ``num_inference_steps``), for the regression
+    objectives' counts (:func:`iteration_passes`).
     """
     K = config.num_inference_steps
-    window = K if config.truncate_backprop_steps is None else min(K, config.truncate_backprop_steps)
     g = int(guidance_factor)
     stage1 = config.value_num_rollouts * K * g if config.learn_initial_noise else 0
     step_values = config.value_num_rollouts * K * g if config.drift_objective == "value_guided" else 0
     per_iteration = config.batch_size * getattr(config, "gradient_accumulation_steps", 1) * num_processes * g
-    drift_forward = config.train_steps * per_iteration * (K + 2 * window)
-    drift_backward = config.train_steps * per_iteration * 2 * window
+    passes = iteration_passes(config, stochastic_steps)
+    drift_forward = config.train_steps * per_iteration * (passes["rollout"] + passes["kl_forward"])
+    drift_backward = config.train_steps * per_iteration * passes["backward"]
     before = stage1 + step_values
     total = before + drift_forward + drift_backward
     return {"stage1_forward": stage1, "step_values_forward": step_values, "stage2_forward": 0,

@@ -72,6 +72,7 @@ class ElegantTrainer(ElegantCheckpointing, WallTimeLog, BaseTrainer):
         if config.drift_objective == "value_guided" and not process.supports_step_values:
             raise ValueError(f"ElegantConfig.drift_objective: the {process.family} process does not offer per-step "
                              "values ('value_guided'); use 'pathwise' or 'adjoint_matching'")
+        self.sharded = self._shard(process)
         self.process = process.to(self.device)
         self.sampler = process.make_sampler()
         self.set_reward(reward_fn)
@@ -202,6 +203,11 @@ class ElegantTrainer(ElegantCheckpointing, WallTimeLog, BaseTrainer):
         self.reward_terms()  # a mix's terms: only this iteration's calls are logged below
         out = self.drift_iteration(optimizer, params, value_gradient=value_gradient)
         r, kl, kl_init = out["reward"], out["kl"], out["kl_init"]  # exact path KL of the rollout's chain
+        training_kl = None
+        if out.get("kl_exact") is not None:  # half-precision KL passes: J and the KL from the exact re-evaluation
+            n = out["kl_exact"].numel()
+            training_kl = kl.mean().item()
+            r, kl, kl_init = r[-n:], out["kl_exact"], kl_init[-n:]
         per_sample = r - cfg.alpha * (kl + kl_init)  # J = E[r] - alpha KL, estimated per sample
         objective = per_sample.mean().item()
         objective_se = per_sample.std().item() / math.sqrt(per_sample.numel()) if per_sample.numel() > 1 else math.nan
@@ -211,6 +217,9 @@ class ElegantTrainer(ElegantCheckpointing, WallTimeLog, BaseTrainer):
                    "train/objective": objective, "train/objective_se": objective_se, "train/loss": -objective,
                    "train/grad_norm": out["grad_norm"], "train/skipped_steps": self.skipped_steps,
                    **self.reward_terms()}
+        if training_kl is not None:
+            metrics["train/kl_se"] = kl.std().item() / math.sqrt(kl.numel()) if kl.numel() > 1 else math.nan
+            metrics["train/kl_in_training_precision"] = training_kl
         if out["regression_loss"] is not None:
             metrics["train/loss"] = metrics["train/adjoint_matching_loss"] = out["regression_loss"]
         if self.optimum is not None:  # J* = alpha log E_pre[exp(r / alpha)], where the task knows it
@@ -241,6 +250,8 @@ class ElegantTrainer(ElegantCheckpointing, WallTimeLog, BaseTrainer):
         for _ in bar:
             # the randomness of step n depends on (seed, rank, n) only, so a resumed run repeats it exactly
             self.generator.manual_seed(self._step_seed(self.global_step))
+            # a logging step: where the KL passes are half precision, the logged KL is evaluated exactly
+            self._exact_kl_due = (self.global_step + 1) % cfg.log_every == 0 or self.global_step + 1 == cfg.train_steps
             metrics = self.drift_step(opt, params)
             metrics["train/lr"] = lr_schedule.get_last_lr()[0]
             lr_schedule.step()
@@ -317,7 +328,9 @@ class ElegantTrainer(ElegantCheckpointing, WallTimeLog, BaseTrainer):
     def network_evaluations(self) -> dict:
         """Sample evaluations of the denoiser each stage of this run will cost (:mod:`.costs`)."""
         guidance = 2 if getattr(self.model, "do_guidance", False) else 1
-        return network_evaluations(self.config, guidance, self.accelerator.num_processes)
+        schedule = self.sampler.schedule
+        stochastic = sum(1 for k in range(len(schedule)) if schedule.is_stochastic(k))
+        return network_evaluations(self.config, guidance, self.accelerator.num_processes, stochastic)
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, save_directory: str, metrics: dict | None = None, sample_grid=None,

@@ -27,7 +27,7 @@ RESUME_KEYS = ("alpha", "eta", "num_inference_steps", "learn_initial_noise", "co
 # settings of one run on one machine, not of the model: never published with a save, never adopted by
 # ``from_pretrained`` (a consumer's run never reads or writes the publisher's directories or trackers)
 RUN_LOCAL_FIELDS = ("output_dir", "overwrite_output_dir", "logging_dir", "report_to", "tracker_project_name",
-                    "checkpointing_steps", "checkpoints_total_limit", "log_every")
+                    "checkpointing_steps", "checkpoints_total_limit", "log_every", "fsdp")
 
 
 def _field(default, help_text: str, aliases: tuple = ()):
@@ -134,6 +134,9 @@ class ElegantConfig:
     lora_alpha: float | None = _field(None, "LoRA scaling numerator (None: equal to lora_rank)")
     lora_target_modules: list[str] | None = _field(None, "module-name suffixes that get LoRA (None: the family's "
                                                          "attention projections)")
+    fsdp: bool = _field(False, "shard the frozen denoiser across processes (FSDP2, each process 1/N of its weights; "
+                               "the LoRA stays whole on every process); on by itself under an accelerate FSDP config "
+                               "(examples/accelerate/fsdp.yaml)")
     gradient_checkpointing: bool = _field(True, "recompute network activations in the backward pass (memory ~ one "
                                                 "step instead of all steps)")
     regression_weight_power: float = _field(
@@ -142,6 +145,11 @@ class ElegantConfig:
              "cases measured, docs/measurements.md); the minimiser is the same for an adapter that fits every step")
     truncate_backprop_steps: int | None = _field(None, "pathwise only: backpropagate through the last K sampler steps"
                                                        " (None: all)")
+    train_timestep_fraction: float = _field(
+        1.0, "'value_guided' / 'adjoint_matching': fraction of the random steps whose regression term is trained in "
+             "each iteration, drawn at random and weighted by 1 / fraction (an unbiased estimate of the full loss's "
+             "gradient at a fraction of its network passes; the iteration's KL is then estimated the same way); "
+             "1: every step")
     # stage 1: value function at the start
     value_num_rollouts: int = _field(4096, "pretrained rollouts for the stage-1 value fit (and the per-step values of"
                                            " 'value_guided')")
@@ -179,7 +187,7 @@ class ElegantConfig:
         _check(is_number(self.alpha) and 0 < self.alpha < math.inf, "alpha",
                f"must be a finite number > 0, got {self.alpha!r}")
         for name in ("learn_initial_noise", "conditional_initial_noise", "gradient_checkpointing",
-                     "overwrite_output_dir", "use_ema"):
+                     "overwrite_output_dir", "use_ema", "fsdp"):
             v = getattr(self, name)
             _check(isinstance(v, bool), name, f"must be true or false, got {v!r} ({type(v).__name__}); a string "
                    "such as 'false' is not a boolean")
@@ -210,6 +218,12 @@ class ElegantConfig:
                "truncate_backprop_steps",
                "applies to drift_objective='pathwise' only (adjoint matching regresses every step and keeps no "
                "graph over the chain); set it to None")
+        _check(is_number(self.train_timestep_fraction) and 0 < self.train_timestep_fraction <= 1,
+               "train_timestep_fraction", f"must be a number in (0, 1], got {self.train_timestep_fraction!r}")
+        _check(self.drift_objective in ("adjoint_matching", "value_guided") or self.train_timestep_fraction == 1,
+               "train_timestep_fraction",
+               "applies to drift_objective='value_guided' or 'adjoint_matching' (their loss is a sum of per-step "
+               "terms; the pathwise gradient runs through every step); set it to 1 or choose one of them")
         _check(self.lr_scheduler in ("constant", "constant_with_warmup", "linear", "cosine"), "lr_scheduler",
                f"must be 'constant', 'constant_with_warmup', 'linear' or 'cosine', got {self.lr_scheduler!r}")
         _check(isinstance(self.lr_warmup_steps, int) and self.lr_warmup_steps >= 0, "lr_warmup_steps",

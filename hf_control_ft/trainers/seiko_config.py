@@ -91,6 +91,8 @@ class SeikoConfig(ElegantConfig):
         self.drift_objective = "pathwise"  # what "auto" means for SEIKO
         _check(not self.use_ema, "use_ema", "is not supported by SEIKO: each round's update starts from the previous "
                "round's adapter and is measured against it (its KL to the previous round)")
+        _check(not self.fsdp, "fsdp", "is not supported by SEIKO yet: its rounds sample unequal shares of queries per "
+               "process, and a sharded network needs every process to call it alike")
         _check(is_int(self.num_rounds, 1), "num_rounds", f"must be an int >= 1, got {self.num_rounds!r}")
         q = self.queries_per_round
         if isinstance(q, (list, tuple)):

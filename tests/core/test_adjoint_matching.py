@@ -280,3 +280,51 @@ def test_step_values_fit_the_exact_value_gradient_of_a_gaussian_random_walk_from
         err = (g - c).norm(dim=1).mean() / c.norm()
         assert err < 0.15, (k, float(err), g.mean(0))
 
+
+
+@pytest.mark.parametrize("with_values", [False, True])
+def test_timestep_subsampling_is_unbiased_and_skips_the_untrained_steps(with_values):
+    """Each single-step subset, weighted n, averaged over the n stochastic steps, gives the full sweep's gradient,
+    loss and path KL exactly; with per-step values an untrained step costs no network pass."""
+    s, model, J = _affine_chain(steps=5)
+    c, K = torch.tensor([0.4, 0.3]), len(s.schedule)
+    a = [c]
+    for k in reversed(range(K)):
+        a.insert(0, J[k].T @ a[0])
+    vg = (lambda x, k: a[k].expand_as(x)) if with_values else None
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    traj = s.rollout(torch.randn(8, 2), torch.Generator().manual_seed(0))
+    params = lora_parameters(model)
+    stochastic = [k for k in range(K) if s.schedule.is_stochastic(k)]
+    assert len(stochastic) >= 3
+
+    def sweep(train_steps):
+        for p in params:
+            p.grad = None
+        loss = adjoint_matching_backward(s, traj, c.expand(8, 2), 0.5, 1.0 / 8, value_gradient=vg,
+                                         train_steps=train_steps)
+        return loss, torch.cat([p.grad.flatten() for p in params]), traj.kl.clone()
+
+    full = sweep(None)
+    parts = [sweep([k]) for k in stochastic]
+    for i in range(3):
+        torch.testing.assert_close(sum(p[i] for p in parts) / len(parts), full[i])
+    assert not torch.allclose(parts[0][1], full[1])  # one step alone is not the full gradient
+
+    calls = []
+    hook = model.register_forward_hook(lambda *args: calls.append(1))
+    sweep([stochastic[0]])
+    hook.remove()
+    # the trained step: a fine-tuned and a pretrained pass; the lean adjoint adds a pretrained pass at every other step
+    assert len(calls) == (2 if with_values else K + 1)
+
+
+def test_train_timestep_fraction_is_checked_and_needs_a_regression_objective():
+    with pytest.raises(ValueError, match=r"ElegantConfig\.train_timestep_fraction.*in \(0, 1\]"):
+        ElegantConfig(drift_objective="value_guided", train_timestep_fraction=0)
+    with pytest.raises(ValueError, match=r"ElegantConfig\.train_timestep_fraction.*value_guided"):
+        ElegantConfig(drift_objective="pathwise", train_timestep_fraction=0.5)
+    assert ElegantConfig(drift_objective="adjoint_matching", train_timestep_fraction=0.25).train_timestep_fraction == 0.25
