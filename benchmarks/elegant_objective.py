@@ -7,7 +7,9 @@ fresh samples of the fine-tuned chain from the learned start law, with its stand
 the KL spent at every step of the chain (where the KL goes), the cumulative network evaluations (NFE, sample
 evaluations as ``trainers/costs.py`` counts them) and the reward.
 
-Tasks: ``digits`` (the 8x8 DDPM of ``benchmarks/finetuner_tasks.py``, 15 steps, r = log p_proxy(3 | x), the shipped
+Tasks: ``tiny_sd`` (the test-size Stable Diffusion pipeline of ``hf_control_ft.testing``, 10 steps, guidance 7.5,
+bf16 weights; r = the decoded images' mean brightness; ``--kl_passes bf16`` trains with ``kl_precision="autocast"``,
+``fp32`` with ``"upcast"``, both evaluated with exact passes; no known optimum, so no gap), ``digits`` (the 8x8 DDPM of ``benchmarks/finetuner_tasks.py``, 15 steps, r = log p_proxy(3 | x), the shipped
 config ``examples/configs/digits_elegant.yaml``) and the exact cases of ``benchmarks/tilted_cases.py``
 (``linear_2d``, ``bounded_3d``, ``flow_linear_2d``, ``bump_2d``, ``flow_bump_3d``; ``--eta``, ``--steps``).
 ``--elegant KEY=VALUE`` overrides config fields (``batch_size=64 train_steps=60``: the same NFE at a larger batch);
@@ -31,6 +33,7 @@ Prints one JSON object per evaluation point, then one per run (``"final": true``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -58,6 +61,19 @@ def build(args, seed: int):
     overrides, _ = parse_flags(flags, ["--" + item for item in args.elegant or []])
     overrides = {k: [m.strip() for m in v.strip("[]").split(",")] if isinstance(v, str) and v.startswith("[") else v
                  for k, v in overrides.items()}  # lora_target_modules=[to_q,to_k]
+    if args.task == "tiny_sd":
+        from hf_control_ft.testing import tiny_sd_pipeline
+
+        fields = dict(alpha=0.01, eta=1.0, num_inference_steps=10, learn_initial_noise=False, batch_size=8,
+                      train_steps=60, learning_rate=1e-3, lora_rank=4, drift_objective="pathwise", seed=seed,
+                      report_to=None)
+        if args.quick:
+            fields.update(train_steps=4, batch_size=2)
+        cfg = ElegantConfig.from_dict({**fields, **overrides})
+        trainer = ElegantTrainer.from_pipeline(
+            tiny_sd_pipeline(), _brightness, cfg, prompts=["a cat", "a red car", "a dog", "a house"],
+            guidance_scale=7.5, mixed_precision="bf16", kl_precision="upcast" if args.kl_passes == "fp32" else "autocast")
+        return trainer, trainer.reward_fn
     if args.task == "digits":
         from finetuner_tasks import DigitsComparison
 
@@ -150,6 +166,11 @@ def gradient_error(trainer, reward_fn, passes: HalfPrecisionPasses, batch: int =
             "grad_cos": round(float(torch.nn.functional.cosine_similarity(half, exact, dim=0)), 5)}
 
 
+def _brightness(images, prompts=None):
+    """The tiny SD task's reward: mean brightness of the decoded images, ``(B,)``."""
+    return images.float().mean(dim=(1, 2, 3))
+
+
 def optimum(trainer, reward_fn, n: int, seed: int = 1234) -> tuple[float, float]:
     """``(J*, its standard error)``: ``alpha log mean exp(r / alpha)`` over ``n`` pretrained samples (delta method)."""
     alpha = trainer.config.alpha
@@ -168,9 +189,13 @@ def evaluate(trainer, reward_fn, n: int, seed: int = 99) -> dict:
     gen = torch.Generator().manual_seed(seed)
     rs, kls, inits, steps = [], [], [], []
     batch = min(n, 512)
+    exact = trainer.process.exact_kl_context() or contextlib.nullcontext  # half-precision passes: measured exactly
     for start in range(0, n, batch):
-        x_T, kl_init = trainer.draw_initial_noise(min(batch, n - start), gen)
-        traj = trainer.sampler.rollout(x_T, gen, measure_kl=True)
+        b = min(batch, n - start)
+        trainer.process.prepare_batch(b, gen)
+        x_T, kl_init = trainer.draw_initial_noise(b, gen, trainer.batch_condition())
+        with exact():
+            traj = trainer.sampler.rollout(x_T, gen, measure_kl=True)
         rs.append(reward_fn(traj.samples).double())
         kls.append(traj.kl.double())
         inits.append(kl_init.double())
@@ -196,11 +221,12 @@ def run(args, seed: int) -> dict:
 
         trainer.make_optimizer = sgd
     passes = None
-    if args.kl_passes != "fp32":
+    if args.kl_passes != "fp32" and args.task != "tiny_sd":  # tiny_sd: the process's own kl_precision
         passes = HalfPrecisionPasses(trainer.model, {"bf16": torch.bfloat16, "fp16": torch.float16}[args.kl_passes])
         passes.active = False
-    j_star, j_star_se = optimum(trainer, reward_fn, args.optimum_samples)
-    trainer.optimum = j_star
+    j_star, j_star_se = (math.nan, math.nan) if args.task == "tiny_sd" else optimum(trainer, reward_fn,
+                                                                                      args.optimum_samples)
+    trainer.optimum = None if args.task == "tiny_sd" else j_star
     costs = network_evaluations(cfg)
     per_iteration = (costs["drift_forward"] + costs["drift_backward"]) / cfg.train_steps
     before = costs["stage1_forward"] + costs["step_values_forward"]
@@ -269,7 +295,7 @@ def plot(paths: list[str], png: str) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", default="digits", choices=["digits", *EXACT])
+    p.add_argument("--task", default="digits", choices=["digits", "tiny_sd", *EXACT])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--elegant", nargs="+", default=None, metavar="KEY=VALUE")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])

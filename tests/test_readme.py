@@ -87,10 +87,12 @@ def test_accelerate_configs_and_the_example_yaml_load():
     from hf_control_ft.scripts import ElegantScriptArguments
     from hf_control_ft.utils.config_cli import parse_dataclasses
 
-    expected = {"single_gpu": (1, 1), "multi_gpu": (8, 1), "multi_node": (16, 2)}
+    expected = {"single_gpu": (1, 1), "multi_gpu": (8, 1), "multi_node": (16, 2), "fsdp": (8, 1)}
     for name, (processes, machines) in expected.items():
         config = load_config_from_file(os.path.join(ROOT, "examples", "accelerate", f"{name}.yaml"))
         assert (config.num_processes, config.num_machines, config.mixed_precision) == (processes, machines, "bf16")
+        if name == "fsdp":
+            assert str(config.distributed_type).endswith("FSDP") and config.fsdp_config["fsdp_version"] == 2
     yaml_path = os.path.join(ROOT, "examples", "text_to_image", "sd15_aesthetic.yaml")
     args, config = parse_dataclasses((ElegantScriptArguments, ElegantConfig),
                                      ["--config", yaml_path, "--prompts_file", "prompts.txt", "--alpha=0.2"])

@@ -30,6 +30,7 @@ from ..serialization.saved import save_control
 from .base import BaseTrainer
 from .costs import WallTime, WallTimeLog, describe, network_evaluations
 from .distributed import lock_on_main, run_on_main
+from .sharding import shard_if_requested
 from .elegant_checkpoints import ElegantCheckpointing
 from .elegant_config import ElegantConfig
 from .objectives import choose_drift_objective, step_value_states_per_rollout
@@ -72,7 +73,7 @@ class ElegantTrainer(ElegantCheckpointing, WallTimeLog, BaseTrainer):
         if config.drift_objective == "value_guided" and not process.supports_step_values:
             raise ValueError(f"ElegantConfig.drift_objective: the {process.family} process does not offer per-step "
                              "values ('value_guided'); use 'pathwise' or 'adjoint_matching'")
-        self.sharded = self._shard(process)
+        self.sharded = shard_if_requested(config, self.accelerator, process, self.device)
         self.process = process.to(self.device)
         self.sampler = process.make_sampler()
         self.set_reward(reward_fn)

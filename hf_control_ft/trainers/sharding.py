@@ -68,4 +68,21 @@ def shard_frozen_network(module: nn.Module, trainable, device: torch.device | st
     return module
 
 
-__all__ = ["shard_blocks", "shard_frozen_network"]
+def shard_if_requested(config, accelerator, process, device) -> bool:
+    """``config.fsdp`` or an accelerate FSDP config, several processes: ``process``'s denoiser sharded across them
+    with every adapter left whole, before the process moves to ``device`` (each process moves its shards only).
+    Returns whether it was sharded."""
+    from accelerate.utils import DistributedType
+
+    if not (getattr(config, "fsdp", False) or accelerator.distributed_type == DistributedType.FSDP):
+        return False
+    if accelerator.num_processes == 1:
+        logger.info("fsdp: one process, nothing to shard")
+        return False
+    network = process.lora_model
+    adapters = [p for n, p in network.named_parameters() if ".lora_" in n]
+    shard_frozen_network(network, adapters, device)
+    return True
+
+
+__all__ = ["shard_blocks", "shard_frozen_network", "shard_if_requested"]

@@ -16,6 +16,7 @@ from test_rating import TOKENS, _call, _queue
 from hf_control_ft.feedback.human_oracle import HumanOracle
 from hf_control_ft.feedback.rating import RatingFiles, RatingScale, RatingSettingsError, token_matches
 from hf_control_ft.feedback.rating_server import start_rating_server
+from polling import within
 
 
 @pytest.fixture
@@ -175,9 +176,8 @@ def test_bad_requests_to_the_page_are_answered_and_connections_bounded(tmp_path,
     assert _raw(port, head + b"Content-Length: 6\r\n\r\n[[[[[[").startswith(b"HTTP/1.1 400")
     assert _raw(port, head + b"Content-Length: 2\r\n\r\n[]").startswith(b"HTTP/1.1 400")
     held = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
-    time.sleep(0.2)
-    assert _raw(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 503")
+    get = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert within(5.0, lambda: _raw(port, get).startswith(b"HTTP/1.1 503"))  # once the server has counted them
     for conn in held:
         conn.close()
-    time.sleep(0.5)
-    assert _raw(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200")
+    assert within(5.0, lambda: _raw(port, get).startswith(b"HTTP/1.1 200"))  # and once it has let them go

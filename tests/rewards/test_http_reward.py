@@ -20,6 +20,7 @@ from hf_control_ft.rewards.image_rewards import BrightnessReward
 from hf_control_ft.rewards.registry import RewardSpecError, check_spec, load_reward
 from hf_control_ft.scripts import run_elegant
 from hf_control_ft.utils.images import from_png, to_png
+from polling import within
 
 TOKEN = "reward-secret-7f3a"
 
@@ -341,8 +342,8 @@ def test_idle_connections_are_closed_and_connections_are_capped(two_slot_server)
     assert HANDLER_TIMEOUT <= 60
     port = two_slot_server.server_address[1]
     idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]  # both slots held, nothing sent
-    time.sleep(0.2)
-    assert _raw(port, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").startswith(b"HTTP/1.1 503")  # a third: refused
+    get = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    assert within(5.0, lambda: _raw(port, get).startswith(b"HTTP/1.1 503"))  # a third: refused
     started = threading.Thread(target=lambda: None)  # the process can still start threads
     started.start()
     started.join()
@@ -352,8 +353,7 @@ def test_idle_connections_are_closed_and_connections_are_capped(two_slot_server)
         assert conn.recv(10) == b""  # closed by the server after its idle timeout (1 s here)
         conn.close()
     assert time.monotonic() - start < 3
-    time.sleep(0.2)
-    assert b'"ok": true' in _raw(port, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")  # the slots came back
+    assert within(5.0, lambda: b'"ok": true' in _raw(port, get))  # the slots came back
 
 
 def _picky(images, prompts):

@@ -12,7 +12,7 @@ import yaml
 from accelerate.utils import DistributedType
 
 from hf_control_ft import ElegantConfig
-from hf_control_ft.trainers.base import BaseTrainer
+from hf_control_ft.trainers.sharding import shard_if_requested
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -53,16 +53,15 @@ def test_an_accelerate_fsdp_config_shards_and_one_process_does_not(monkeypatch, 
                         lambda network, trainable, device: calls.append((network, len(trainable))))
     process = types.SimpleNamespace(lora_model=types.SimpleNamespace(named_parameters=lambda: iter([])))
 
-    def trainer(distributed_type, num_processes, fsdp=False):
+    def shard(distributed_type, num_processes, fsdp=False):
         accelerator = types.SimpleNamespace(distributed_type=distributed_type, num_processes=num_processes)
-        return types.SimpleNamespace(config=ElegantConfig(fsdp=fsdp, report_to=None), accelerator=accelerator,
-                                     device="cpu")
+        return shard_if_requested(ElegantConfig(fsdp=fsdp, report_to=None), accelerator, process, "cpu")
 
-    assert BaseTrainer._shard(trainer(DistributedType.FSDP, 2), process) and len(calls) == 1
-    assert BaseTrainer._shard(trainer(DistributedType.MULTI_CPU, 2, fsdp=True), process) and len(calls) == 2
-    assert not BaseTrainer._shard(trainer(DistributedType.MULTI_GPU, 2), process) and len(calls) == 2
+    assert shard(DistributedType.FSDP, 2) and len(calls) == 1
+    assert shard(DistributedType.MULTI_CPU, 2, fsdp=True) and len(calls) == 2
+    assert not shard(DistributedType.MULTI_GPU, 2) and len(calls) == 2
     with caplog.at_level("INFO", logger="hf_control_ft"):
-        assert not BaseTrainer._shard(trainer(DistributedType.FSDP, 1), process)
+        assert not shard(DistributedType.FSDP, 1)
     assert "one process, nothing to shard" in caplog.text
 
 
