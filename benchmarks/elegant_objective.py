@@ -64,7 +64,7 @@ def build(args, seed: int):
     if args.task == "tiny_sd":
         from hf_control_ft.testing import tiny_sd_pipeline
 
-        fields = dict(alpha=0.01, eta=1.0, num_inference_steps=10, learn_initial_noise=False, batch_size=8,
+        fields = dict(alpha=3e-4, eta=1.0, num_inference_steps=10, learn_initial_noise=False, batch_size=8,
                       train_steps=60, learning_rate=1e-3, lora_rank=4, drift_objective="pathwise", seed=seed,
                       report_to=None)
         if args.quick:

@@ -213,8 +213,9 @@ def _affine_chain(alpha_bar_one=False, steps=4, eta=0.8, weight_scale=0.5):
     return s, model, J
 
 
-def test_value_guided_target_with_exact_values_equals_lean_adjoint_target():
-    s, model, J = _affine_chain()
+def _controlled_affine_chain(steps=4):
+    """``(sampler, model, c, K, exact value gradients a[k], a rollout)`` of an affine chain with a random control."""
+    s, model, J = _affine_chain(steps=steps)
     c, K = torch.tensor([0.4, 0.3]), len(s.schedule)
     a = [c]
     for k in reversed(range(K)):
@@ -223,7 +224,11 @@ def test_value_guided_target_with_exact_values_equals_lean_adjoint_target():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.3)
-    traj = s.rollout(torch.randn(8, 2), torch.Generator().manual_seed(0))
+    return s, model, c, K, a, s.rollout(torch.randn(8, 2), torch.Generator().manual_seed(0))
+
+
+def test_value_guided_target_with_exact_values_equals_lean_adjoint_target():
+    s, model, c, K, a, traj = _controlled_affine_chain()
     params = lora_parameters(model)
     results = []
     for vg in (None, lambda x, k: a[k].expand_as(x)):
@@ -286,17 +291,8 @@ def test_step_values_fit_the_exact_value_gradient_of_a_gaussian_random_walk_from
 def test_timestep_subsampling_is_unbiased_and_skips_the_untrained_steps(with_values):
     """Each single-step subset, weighted n, averaged over the n stochastic steps, gives the full sweep's gradient,
     loss and path KL exactly; with per-step values an untrained step costs no network pass."""
-    s, model, J = _affine_chain(steps=5)
-    c, K = torch.tensor([0.4, 0.3]), len(s.schedule)
-    a = [c]
-    for k in reversed(range(K)):
-        a.insert(0, J[k].T @ a[0])
+    s, model, c, K, a, traj = _controlled_affine_chain(steps=5)
     vg = (lambda x, k: a[k].expand_as(x)) if with_values else None
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3)
-    traj = s.rollout(torch.randn(8, 2), torch.Generator().manual_seed(0))
     params = lora_parameters(model)
     stochastic = [k for k in range(K) if s.schedule.is_stochastic(k)]
     assert len(stochastic) >= 3
