@@ -111,6 +111,15 @@ class HalfPrecisionPasses:
         model.register_forward_pre_hook(self._enter)
         model.register_forward_hook(self._exit)
 
+    @contextlib.contextmanager
+    def set(self, active: bool):
+        """``active`` inside the block, the previous state after."""
+        previous, self.active = self.active, active
+        try:
+            yield
+        finally:
+            self.active = previous
+
     def _enter(self, module, args):
         if self.active:
             device = next(module.parameters()).device.type
@@ -139,31 +148,31 @@ def _to_float(output):
     return output
 
 
-def gradient_error(trainer, reward_fn, passes: HalfPrecisionPasses, batch: int = 64, seed: int = 7) -> dict:
-    """The drift loss's LoRA gradient (``mean(-r + alpha KL)``) with the training mode's passes against fp32 passes,
-    both on one trajectory rolled out with fp32 passes (only the backward sweep's recomputation differs)."""
+def gradient_error(trainer, exact, training, batch: int = 64, seed: int = 7) -> dict:
+    """The drift loss's LoRA gradient (``mean(-r + alpha KL)``) computed with the training mode's passes (every network
+    call inside ``training()``) against exact passes (inside ``exact()``), both on one trajectory rolled out with
+    exact passes: only the backward sweep's recomputation differs."""
     from hf_control_ft.core.control import lora_parameters
 
     params = [p for p in lora_parameters(trainer.model) if p.requires_grad]
     gen = torch.Generator().manual_seed(seed)
-    x_T, _ = trainer.draw_initial_noise(batch, gen)
-    passes.active = False
-    with torch.no_grad():
+    trainer.process.prepare_batch(batch, gen)
+    x_T, _ = trainer.draw_initial_noise(batch, gen, trainer.batch_condition())
+    with torch.no_grad(), exact():
         traj = trainer.sampler.rollout(x_T, gen)
     _, dr = trainer.reward_and_gradient(traj.samples)
     grads = []
-    for active in (False, True):
-        passes.active = active
+    for context in (exact, training):
         for p in params:
             p.grad = None
-        trainer.sampler.backpropagate(traj, -dr / batch, trainer.config.alpha / batch)
+        with context():
+            trainer.sampler.backpropagate(traj, -dr / batch, trainer.config.alpha / batch)
         grads.append(torch.cat([p.grad.flatten().double() for p in params]))
-    passes.active = True
-    exact, half = grads
     for p in params:
         p.grad = None
-    return {"grad_rel_err": round(float((half - exact).norm() / exact.norm()), 5),
-            "grad_cos": round(float(torch.nn.functional.cosine_similarity(half, exact, dim=0)), 5)}
+    exact_grad, half = grads
+    return {"grad_rel_err": round(float((half - exact_grad).norm() / exact_grad.norm()), 5),
+            "grad_cos": round(float(torch.nn.functional.cosine_similarity(half, exact_grad, dim=0)), 5)}
 
 
 def _brightness(images, prompts=None):
@@ -243,7 +252,10 @@ def run(args, seed: int) -> dict:
         row = {**head, "step": step, "nfe": int(before + per_iteration * step), **evaluate(trainer, reward_fn,
                                                                                           args.eval_samples)}
         if passes is not None:
-            row.update(gradient_error(trainer, reward_fn, passes))
+            row.update(gradient_error(trainer, lambda: passes.set(False), lambda: passes.set(True)))
+            passes.active = True  # training goes on in the half-precision passes
+        elif trainer.process.exact_kl_context() is not None:  # tiny_sd trained with kl_precision="autocast"
+            row.update(gradient_error(trainer, trainer.process.exact_kl_context(), contextlib.nullcontext, batch=8))
         row["gap"] = round(j_star - row["J"], 4)
         rows.append(row)
         print(json.dumps(row), flush=True)
