@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from hf_control_ft import ElegantConfig  # noqa: E402
 from hf_control_ft.scripts.presets import PRESETS  # noqa: E402
-from hf_control_ft.trainers.costs import iteration_passes  # noqa: E402
+from hf_control_ft.trainers.costs import BF16_TFLOPS, iteration_passes, modelled_seconds  # noqa: E402
 
 GIB = 2**30
 #: the one GPU measurement of an ELEGANT iteration so far (docs/text_to_image.md): it sets the fp32-arithmetic rate
@@ -296,25 +296,21 @@ def family_costs(family: str, objectives=OBJECTIVES, train_timestep_fraction: fl
         c = dataclasses.replace(cfg, drift_objective=objective, train_timestep_fraction=fraction)
         passes = iteration_passes(c)
         samples = c.batch_size * c.gradient_accumulation_steps
-        bf16 = passes["rollout"]
-        exact = passes["kl_forward"] + passes["backward"] + passes["recompute"]
-        if kl_precision in ("fp32", "upcast"):
-            fp32_iter, bf16_iter = exact * samples * tflop, bf16 * samples * tflop
-        else:
-            fp32_iter, bf16_iter = 0.0, (bf16 + exact) * samples * tflop
-        seconds_iter = bf16_iter / bf16_tflops + fp32_iter / fp32_tflops
-        before = c.value_num_rollouts * c.num_inference_steps * tflop * (2 if objective == "value_guided" else 1)
-        seconds = c.train_steps * seconds_iter + before / bf16_tflops
-        sampling = c.num_inference_steps * tflop / bf16_tflops  # one sample, plain bf16 sampling
-        half_iter = (bf16 + exact) * samples * tflop / bf16_tflops  # every pass in bf16 (kl_precision="autocast")
-        half_seconds = c.train_steps * half_iter + before / bf16_tflops
-        rows[objective] = {"passes_per_sample": passes, "tflop_per_iteration_bf16": round(bf16_iter, 1),
+        exact = modelled_seconds(c, tflop, kl_precision in ("fp32", "upcast"), bf16_tflops=bf16_tflops,
+                                 fp32_tflops=fp32_tflops)
+        half = modelled_seconds(c, tflop, False, bf16_tflops=bf16_tflops, fp32_tflops=fp32_tflops)
+        fp32_iter = (passes["kl_forward"] + passes["backward"] + passes["recompute"]) * samples * tflop \
+            if kl_precision in ("fp32", "upcast") else 0.0
+        rows[objective] = {"passes_per_sample": passes,
+                           "tflop_per_iteration_bf16": round((passes["rollout"] + passes["kl_forward"] + passes["backward"]
+                                                              + passes["recompute"]) * samples * tflop - fp32_iter, 1),
                            "tflop_per_iteration_fp32": round(fp32_iter, 1),
-                           "seconds_per_iteration": round(seconds_iter, 2),
-                           "iteration_over_sampling": round(seconds_iter / (samples * sampling), 2),
-                           "gpu_hours": round(seconds / 3600, 2),
-                           "bf16_kl_iteration_over_sampling": round(half_iter / (samples * sampling), 2),
-                           "bf16_kl_gpu_hours": round(half_seconds / 3600, 2)}
+                           "seconds_per_iteration": round(exact["iteration_s"], 2),
+                           "iteration_over_sampling": round(exact["iteration_s"] / (samples * exact["sampling_s"]), 2),
+                           "gpu_hours": round(exact["run_s"] / 3600, 2),
+                           "bf16_kl_iteration_over_sampling": round(half["iteration_s"] / (samples * half["sampling_s"]),
+                                                                    2),
+                           "bf16_kl_gpu_hours": round(half["run_s"] / 3600, 2)}
     return {"family": family, "size": list(size), "steps": cfg.num_inference_steps, "batch": B,
             "accumulation": cfg.gradient_accumulation_steps, "train_steps": cfg.train_steps,
             "kl_precision": kl_precision, "guidance_factor": g,
@@ -377,7 +373,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--families", nargs="+", default=list(PRESETS))
     p.add_argument("--train_timestep_fraction", type=float, default=1.0)
-    p.add_argument("--bf16_tflops", type=float, default=400.0)
+    p.add_argument("--bf16_tflops", type=float, default=BF16_TFLOPS)
     p.add_argument("--fp32_tflops", type=float, default=None, help="default: calibrated on MEASURED")
     args = p.parse_args(argv)
     if args.fp32_tflops is None:

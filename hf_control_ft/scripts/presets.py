@@ -56,6 +56,13 @@ PRESETS = {
 }
 
 
+#: TFLOPs of one denoiser evaluation of each family's published model at its preset size, batch 1, guidance
+#: included (``python benchmarks/cost_model.py``, counted on the meta device; ``tests/scripts/test_presets.py``
+#: recounts two): what the start-up cost estimate multiplies by the passes of the run
+TFLOP_PER_EVALUATION = {"sd15": 1.61, "sdxl": 13.52, "sd3": 22.5, "flux": 74.38, "qwen-image": 138.62,
+                        "flux2-klein": 69.64, "z-image": 111.21, "wan": 145.86}
+
+
 def _model_index(name_or_path: str, revision: str | None, token: str | None, endpoint: str | None) -> dict:
     """``model_index.json`` of a local directory, the Hub cache, or one quick request (5 s, no retries: the
     pipeline's own download, which retries, reports a real connection problem later)."""
@@ -111,4 +118,4 @@ def preset_values(family: str | None, fields: set[str], explicit: set[str]) -> d
     return {k: v for k, v in PRESETS[family].items() if k in fields and k not in explicit}
 
 
-__all__ = ["PIPELINE_FAMILY", "PRESETS", "FamilyLookupError", "detect_family", "family_of_pipeline", "preset_values"]
+__all__ = ["PIPELINE_FAMILY", "PRESETS", "TFLOP_PER_EVALUATION", "FamilyLookupError", "detect_family", "family_of_pipeline", "preset_values"]

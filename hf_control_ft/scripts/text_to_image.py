@@ -30,6 +30,7 @@ from ..rewards.registry import load_reward
 from ..serialization.checkpoints import CheckpointError
 from ..serialization.saved import HubPushError, mask_token
 from ..trainers.base import tracker_names
+from ..trainers.costs import describe_model_estimate, modelled_seconds
 from ..trainers.distributed import run_on_main, run_on_main_patiently
 from ..trainers.elegant import ElegantTrainer
 from ..trainers.elegant_config import ElegantConfig
@@ -45,7 +46,7 @@ from .arguments import (
     flag_names,
     parse_script_args,
 )
-from .presets import family_of_pipeline
+from .presets import PRESETS, TFLOP_PER_EVALUATION, family_of_pipeline
 from .validation import Validation
 
 logger = logging.getLogger("hf_control_ft")
@@ -228,6 +229,8 @@ def _setup(trainer_cls, args, config, spec: str, validation_reward: bool):
     except (TypeError, ValueError) as err:
         _fail(as_flag(str(err), flag_names(type(args), type(config))))
     trainer.tracker_init_kwargs = args.init_kwargs()
+    if loaded in TFLOP_PER_EVALUATION and accelerator.is_main_process:
+        logging.getLogger(__name__).info(model_estimate(trainer, loaded, accelerator.num_processes))
     validation = Validation(args.validation_prompt or [trainer.process.prompts[0]], args.num_validation_images,
                             args.validation_steps, config.output_dir, reward_fn=fn if validation_reward else None,
                             seed=config.seed)
@@ -235,6 +238,29 @@ def _setup(trainer_cls, args, config, spec: str, validation_reward: bool):
 
 
 #: the switches that lower memory, in the order to try them (the presets of large families set most of them)
+def model_estimate(trainer, family: str, num_processes: int) -> str:
+    """The cost model's GPU-hours for this run (:func:`~hf_control_ft.trainers.costs.modelled_seconds`): the family's
+    FLOPs at its preset size scaled by this run's pixels (and frames), before anything is measured."""
+    import math
+
+    process, preset = trainer.process, PRESETS[family]
+    options = process.options
+    try:  # this run's latent size over the preset's (the same process at the preset's size)
+        at_preset = process.latent_shape(preset.get("height", preset.get("resolution")),
+                                         preset.get("width", preset.get("resolution")))
+        scale = math.prod(process.sample_shape) / math.prod(at_preset)
+        if "num_frames" in preset and options.num_frames:  # latent_shape keeps this run's frames
+            scale *= options.num_frames / preset["num_frames"]
+    except (TypeError, ValueError):
+        scale = 1.0
+    tflop = TFLOP_PER_EVALUATION[family] * scale
+    schedule = trainer.sampler.schedule
+    stochastic = sum(1 for k in range(len(schedule)) if schedule.is_stochastic(k))
+    seconds = modelled_seconds(trainer.config, tflop, options.kl_precision in ("fp32", "upcast"), stochastic)
+    samples = trainer.config.batch_size * trainer.config.gradient_accumulation_steps
+    return describe_model_estimate(seconds, num_processes, samples)
+
+
 MEMORY_SWITCHES = ("--kl_precision upcast", "--gradient_checkpointing", "--pre_compute_text_embeddings", "--offload",
                    "--enable_vae_slicing", "--batch_size 1 --gradient_accumulation_steps N",
                    "--rollout_batch_size 1", "--noise_batch_size 1", "--truncate_backprop_steps K")

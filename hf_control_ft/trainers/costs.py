@@ -71,6 +71,41 @@ def network_evaluations(config, guidance_factor: int = 1, num_processes: int = 1
             "stages_before_drift_fraction": before / total if total else 0.0}
 
 
+#: sustained rates the modelled hours assume, TFLOP/s: bf16 work at 40 % of an H100 / H200's dense peak (an assumption),
+#: fp32-arithmetic KL passes at the rate the one GPU measurement implies (``benchmarks/cost_model.py`` calibrates it)
+BF16_TFLOPS, FP32_TFLOPS = 400.0, 9.7
+
+
+def modelled_seconds(config, tflop_per_evaluation: float, fp32_kl_passes: bool, stochastic_steps: int | None = None,
+                     bf16_tflops: float = BF16_TFLOPS, fp32_tflops: float = FP32_TFLOPS) -> dict:
+    """Seconds on one GPU from FLOPs, before anything is measured: ``{"iteration_s", "run_s", "sampling_s"}`` -- one
+    drift iteration (``batch_size x gradient_accumulation_steps`` samples), the whole run on one process (stages 1-2
+    included), and one plain bf16 sample. ``tflop_per_evaluation``: one sample's denoiser evaluation with guidance;
+    a backward pass costs one forward's FLOPs (activation gradients: the frozen weights get none), gradient
+    checkpointing one more; ``fp32_kl_passes``: the KL passes run in fp32 arithmetic (``kl_precision`` ``"fp32"`` /
+    ``"upcast"``), else in bf16."""
+    passes = iteration_passes(config, stochastic_steps)
+    samples = config.batch_size * getattr(config, "gradient_accumulation_steps", 1)
+    exact = passes["kl_forward"] + passes["backward"] + passes["recompute"]
+    rollout_tflop, kl_tflop = passes["rollout"] * samples * tflop_per_evaluation, exact * samples * tflop_per_evaluation
+    iteration = rollout_tflop / bf16_tflops + kl_tflop / (fp32_tflops if fp32_kl_passes else bf16_tflops)
+    K = config.num_inference_steps
+    rollouts = config.value_num_rollouts * K * tflop_per_evaluation
+    before = (rollouts if config.learn_initial_noise else 0.0) + (
+        rollouts if config.drift_objective == "value_guided" else 0.0)
+    return {"iteration_s": iteration, "run_s": config.train_steps * iteration + before / bf16_tflops,
+            "sampling_s": K * tflop_per_evaluation / bf16_tflops}
+
+
+def describe_model_estimate(seconds: dict, num_processes: int, samples_per_iteration: int) -> str:
+    """One log line for :func:`modelled_seconds`."""
+    ratio = seconds["iteration_s"] / (samples_per_iteration * seconds["sampling_s"])
+    return (f"cost model (benchmarks/cost_model.py, the family's published size): about "
+            f"{seconds['run_s'] * num_processes / 3600:.1f} GPU-hours on H100 / H200-class GPUs, an iteration "
+            f"{ratio:.0f}x plain sampling of its samples (assumed {BF16_TFLOPS:.0f} TFLOP/s in bf16, {FP32_TFLOPS} "
+            f"for fp32-arithmetic KL passes); the measured estimate follows the first steps")
+
+
 def describe(costs: dict) -> str:
     """One log line for :func:`network_evaluations`."""
     return (f"network sample evaluations: stage 1 {costs['stage1_forward']:,}, step values "

@@ -162,3 +162,37 @@ def test_pipelines_load_in_the_runs_dtypes_with_the_same_weights(saved):
     for ours, ref in zip(upcast.transformer.state_dict().values(), fp32.transformer.state_dict().values()):
         assert torch.equal(ours, ref.to(torch.bfloat16))
     assert load_dtype("fp32", "no") is None
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_the_start_up_cost_estimate_uses_the_flops_the_cost_model_counts(family):
+    """``TFLOP_PER_EVALUATION`` is ``benchmarks/cost_model.py``'s count at the preset's size (meta device)."""
+    import sys
+
+    from hf_control_ft.scripts.presets import TFLOP_PER_EVALUATION
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import cost_model
+    finally:
+        sys.path.pop(0)
+    assert cost_model.evaluation_tflop(family) == pytest.approx(TFLOP_PER_EVALUATION[family], rel=0.005)
+    if family == "sd15":  # the fp32 rate the estimate assumes is the one the GPU measurement implies
+        from hf_control_ft.trainers.costs import BF16_TFLOPS, FP32_TFLOPS
+
+        assert cost_model.calibrated_fp32_tflops(BF16_TFLOPS) == pytest.approx(FP32_TFLOPS, abs=0.05)
+
+
+def test_the_script_logs_the_modelled_gpu_hours_of_the_run():
+    from hf_control_ft import ElegantTrainer
+    from hf_control_ft.scripts.text_to_image import model_estimate
+
+    fields = {k: v for k, v in PRESETS["sd15"].items() if k in {"num_inference_steps", "batch_size", "train_steps",
+                                                                  "gradient_accumulation_steps", "value_num_rollouts"}}
+    config = ElegantConfig(report_to=None, drift_objective="pathwise", **fields)
+    trainer = ElegantTrainer.from_pipeline(tiny_sd_pipeline(), None, config, ["a cat"], height=512, width=512)
+    line = model_estimate(trainer, "sd15", num_processes=1)
+    assert "about 55." in line and "GPU-hours" in line and "248x plain sampling" in line  # the README's SD 1.5 row
+    half = ElegantTrainer.from_pipeline(tiny_sd_pipeline(), None, config, ["a cat"], height=256, width=256,
+                                        kl_precision="autocast", mixed_precision="bf16")
+    assert "7x plain sampling" in model_estimate(half, "sd15", num_processes=2)  # bf16 KL passes
