@@ -170,17 +170,24 @@ class ControlledSampler:
         return self.schedule.step_from_mean(mu_ft, k, noise), kl
 
     @torch.no_grad()
-    def trajectory_kl(self, trajectory: "Trajectory", context=None) -> torch.Tensor:
+    def trajectory_kl(self, trajectory: "Trajectory", context=None, reference: bool = False):
         """``(B,)`` path KL of the stored transitions of ``trajectory``, recomputed with every network call inside
         ``context()`` (e.g. a process's exact-arithmetic context, when the passes that trained were half
-        precision): the KL of the chain that drew those samples, without a new rollout."""
+        precision): the KL of the chain that drew those samples, without a new rollout. ``reference=True`` (a
+        sampler with a reference adapter): ``(KL, KL to the reference chain)``."""
         context = context or contextlib.nullcontext
         kl = trajectory.states[0].new_zeros(trajectory.states[0].shape[0])
+        ref = torch.zeros_like(kl)
         for k in range(len(self.schedule)):
             if self.schedule.is_stochastic(k):
                 with context():
-                    kl = kl + self.step_with_kl(trajectory.states[k], k, trajectory.noises[k])[1]
-        return kl
+                    if reference:
+                        _, kl_k, ref_k = self.step_with_kls(trajectory.states[k], k, trajectory.noises[k])
+                        ref = ref + ref_k
+                    else:
+                        kl_k = self.step_with_kl(trajectory.states[k], k, trajectory.noises[k])[1]
+                kl = kl + kl_k
+        return (kl, ref) if reference else kl
 
     def _noise(self, like: torch.Tensor, k: int, generator) -> torch.Tensor | None:
         if not self.schedule.is_stochastic(k):

@@ -45,7 +45,8 @@ class DriftIterations:
         micro-batches of ``batch_size`` before the optimiser step. Returns ``{"reward", "kl", "kl_init",
         "ref_kl", "grad_norm", "regression_loss"}`` as ``(B * G,)`` tensors / floats, and ``"kl_exact"``: where the
         process's KL passes are half precision and ``self._exact_kl_due`` is set (a logging step), the exact path
-        KL ``(B,)`` of the last micro-batch (its samples are the last ``B`` of the others), else ``None``.
+        KL ``(B,)`` of the last micro-batch (its samples are the last ``B`` of the others), else ``None`` (and
+        ``"ref_kl_exact"``, its KL to the reference chain, with ``reference_kl_weight``).
         """
         cfg = self.config
         B, G = cfg.batch_size, cfg.gradient_accumulation_steps
@@ -63,7 +64,11 @@ class DriftIterations:
         if context is not None and getattr(self, "_exact_kl_due", False):
             # half-precision KL passes: the logged KL is recomputed exactly on the last micro-batch's own
             # transitions, before the step changes the control that drew them
-            out["kl_exact"] = self.sampler.trajectory_kl(parts[-1]["trajectory"], context)
+            if reference_kl_weight is not None:  # SEIKO: the KL to the previous round's chain too
+                out["kl_exact"], out["ref_kl_exact"] = self.sampler.trajectory_kl(parts[-1]["trajectory"], context,
+                                                                                  reference=True)
+            else:
+                out["kl_exact"] = self.sampler.trajectory_kl(parts[-1]["trajectory"], context)
         self._sync_grads(params)
         skipped = not self._gradients_finite(params, r)
         grad_norm = math.nan if skipped else self._clip(params)
@@ -74,7 +79,7 @@ class DriftIterations:
             if self.ema is not None:
                 self.ema.update()
         return {"reward": r, "kl": out["kl"], "kl_init": out["kl_init"], "ref_kl": out.get("ref_kl"),
-                "kl_exact": out.get("kl_exact"), "grad_norm": grad_norm, "regression_loss": regression_loss,
+                "kl_exact": out.get("kl_exact"), "ref_kl_exact": out.get("ref_kl_exact"), "grad_norm": grad_norm, "regression_loss": regression_loss,
                 "skipped": skipped}
 
     def _accumulate_gradient(self, total: int, gen, reference_kl_weight, value_gradient) -> dict:
@@ -134,4 +139,15 @@ class DriftIterations:
 
 
 
-__all__ = ["DriftIterations"]
+def logged_kls(out: dict) -> tuple[float, float, dict]:
+    """``(KL to the pretrained chain, KL to the reference chain, extra metrics)`` of a :meth:`drift_iteration` with a
+    reference: the exact re-evaluation's where the KL passes were half precision (the training passes' values then
+    go in the extra metrics), else the training passes'."""
+    kl, ref = out["kl"].mean().item(), out["ref_kl"].mean().item()
+    if out.get("kl_exact") is None:
+        return kl, ref, {}
+    return out["kl_exact"].mean().item(), out["ref_kl_exact"].mean().item(), {
+        "train/kl_pretrained_in_training_precision": kl, "train/kl_previous_in_training_precision": ref}
+
+
+__all__ = ["DriftIterations", "logged_kls"]

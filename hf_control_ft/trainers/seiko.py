@@ -49,6 +49,7 @@ from ..processes import ControlledProcess, process_from_pipeline
 from ..serialization.saved import save_control
 from .base import BaseTrainer
 from .distributed import broadcast_tensors, lock_on_main, run_on_main, tensors_from_main
+from .drift import logged_kls
 from .seiko_collect import FeedbackCollection
 from .seiko_config import SeikoConfig
 from .seiko_state import (
@@ -307,18 +308,19 @@ class SeikoTrainer(FeedbackCollection, BaseTrainer):
         params = lora_parameters(self.model, CONTROL_ADAPTER)
         opt, lr_schedule = self.make_optimizer(params)
         gen = self._rank_generator(round_index, "drift")
-        metrics = {}
         bar = self._progress(range(cfg.train_steps), f"round {round_index}: drift", leave=False)
         for it in bar:
+            # a logging step: where the KL passes are half precision, the logged KLs are evaluated exactly
+            self._exact_kl_due = logging_step = (it + 1) % cfg.log_every == 0 or it == cfg.train_steps - 1
             out = self.drift_iteration(opt, params, gen, reference_kl_weight=cfg.beta)
             lr_schedule.step()
             self.global_step += 1
-            r, kl, kl_prev = out["reward"].mean().item(), out["kl"].mean().item(), out["ref_kl"].mean().item()
-            metrics = {"train/optimistic_reward": r, "train/kl_pretrained": kl, "train/kl_previous": kl_prev,
+            r, (kl, kl_prev, exact) = out["reward"].mean().item(), logged_kls(out)
+            metrics = {**exact, "train/optimistic_reward": r, "train/kl_pretrained": kl, "train/kl_previous": kl_prev,
                        "train/kl_init": out["kl_init"].mean().item(),
                        "train/objective": r - cfg.alpha * kl - cfg.beta * kl_prev, "train/grad_norm": out["grad_norm"],
                        "train/skipped_steps": self.skipped_steps}
-            if (it + 1) % cfg.log_every == 0 or it == cfg.train_steps - 1:
+            if logging_step:
                 self._log(metrics, step=self.global_step)
                 bar.set_postfix(reward=f"{r:.3f}", kl=f"{kl:.3f}")
         return metrics

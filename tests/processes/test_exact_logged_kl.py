@@ -61,3 +61,24 @@ def test_training_with_half_precision_passes_logs_the_exact_kl_with_its_error():
     exact = _trainer("sd", "upcast", train_steps=1)
     exact.train()
     assert "train/kl_in_training_precision" not in exact.history[-1]  # exact passes: nothing re-evaluated
+
+
+def test_seiko_with_half_precision_passes_logs_both_kls_exactly(tmp_path):
+    from hf_control_ft import SeikoConfig, SeikoTrainer
+
+    def oracle(images, prompts):
+        return images[:, 0].float().mean((1, 2))
+
+    config = SeikoConfig(num_rounds=1, queries_per_round=4, oracle_batch_size=4, alpha=0.05, beta=0.05,
+                         ensemble_size=2, reward_hidden=8, reward_depth=1, reward_train_steps=5, eta=1.0,
+                         num_inference_steps=4, train_steps=2, batch_size=2, lora_rank=2, value_num_rollouts=2,
+                         value_train_steps=2, noise_train_steps=2, noise_num_steps=2, noise_batch_size=2, aux_hidden=8,
+                         log_every=1, report_to=None, output_dir=str(tmp_path / "run"))
+    trainer = SeikoTrainer.from_pipeline(tiny_sd_pipeline(), oracle, config, prompts=["a cat", "a dog"],
+                                         mixed_precision="bf16", kl_precision="autocast")
+    trainer.train()
+    rows = [h for h in trainer.history if "train/kl_previous" in h]
+    assert len(rows) == 2
+    for row in rows:  # the exact values are logged, the training passes' beside them
+        assert "train/kl_pretrained_in_training_precision" in row and "train/kl_previous_in_training_precision" in row
+        assert math.isfinite(row["train/kl_pretrained"]) and row["train/kl_pretrained"] >= 0
