@@ -107,15 +107,18 @@ def run(argv=None) -> ElegantTrainer:
                              accelerator=accelerator)
     out = config.output_dir
     before = None
-    if accelerator.is_main_process:  # written once training holds the directory (a second run writes nothing)
+    # the main process evaluates (a sharded network, --fsdp, samples on every process: each call is collective)
+    evaluates = accelerator.is_main_process or trainer.sharded
+    if evaluates:  # written once training holds the directory (a second run writes nothing)
         samples_before, before = evaluate(trainer, proxy, genuine, args.target_digit, args.num_eval_samples, False)
 
     summary = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
 
     grid, card_metrics, after = None, None, None
+    if evaluates:
+        samples, after = evaluate(trainer, proxy, genuine, args.target_digit, args.num_eval_samples, True)
     if accelerator.is_main_process:
         digits.digits_grid(samples_before[:64]).save(os.path.join(out, "samples_before.png"))
-        samples, after = evaluate(trainer, proxy, genuine, args.target_digit, args.num_eval_samples, True)
         grid = digits.digits_grid(samples[:64])
         grid.save(os.path.join(out, "samples_after.png"))
         metrics = {"target_digit": args.target_digit, "pretrained": before, "elegant": after,

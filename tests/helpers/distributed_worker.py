@@ -39,7 +39,7 @@ def main():
     everyone = trainer.accelerator.gather(flat[None])
     result = {"rank": trainer.accelerator.process_index, "num_processes": trainer.accelerator.num_processes,
               "identical": all(torch.equal(everyone[0], row) for row in everyone),
-              "lora_norm": float(flat.norm()), "writes": writes}
+              "lora_norm": float(flat.norm()), "writes": writes, "sharded": trainer.sharded}
     # one file per rank, outside the output directory (lines printed by two processes can interleave)
     with open(os.path.join(os.environ["RESULT_DIR"], f"rank{result['rank']}.json"), "w") as f:
         json.dump(result, f)

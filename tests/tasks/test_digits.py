@@ -148,12 +148,14 @@ def free_port():
 
 
 @pytest.mark.slow
-def test_two_cpu_processes_keep_identical_lora_and_only_main_writes(cache, tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_two_cpu_processes_keep_identical_lora_and_only_main_writes(cache, tmp_path, fsdp):
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), os.path.join(ROOT, "tests", "helpers", "distributed_worker.py"),
-           "--cache_dir", cache, "--output_dir", out, "--train_steps", "3", "--checkpointing_steps", "2", *TINY]
+           "--cache_dir", cache, "--output_dir", out, "--train_steps", "3", "--checkpointing_steps", "2", *TINY,
+           *(["--fsdp"] if fsdp else [])]  # --fsdp: the UNet sharded, evaluation on both processes
     result_dir = tmp_path / "results"
     result_dir.mkdir()
     done = subprocess.run(cmd, env={**env(), "ACCELERATE_USE_CPU": "1", "RESULT_DIR": str(result_dir)},
@@ -161,7 +163,7 @@ def test_two_cpu_processes_keep_identical_lora_and_only_main_writes(cache, tmp_p
     assert done.returncode == 0, done.stderr[-3000:]
     results = [json.load(open(p)) for p in sorted(result_dir.iterdir())]
     assert sorted(r["rank"] for r in results) == [0, 1]
-    assert all(r["num_processes"] == 2 and r["identical"] for r in results)
+    assert all(r["num_processes"] == 2 and r["identical"] and r["sharded"] == fsdp for r in results)
     assert results[0]["lora_norm"] == results[1]["lora_norm"] > 0
     assert [r["writes"] for r in results if r["rank"] == 1] == [[]]
     assert {"metrics.json", "samples_after.png", "checkpoint-2"} <= set(os.listdir(out))
