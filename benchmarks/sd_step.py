@@ -18,6 +18,7 @@ backward) during one separate, untimed iteration, divided by the timed seconds.
     python benchmarks/sd_step.py --tiny --model sd3                      # CPU smoke test (tiny pipeline)
     python benchmarks/sd_step.py --models sd15 sdxl sd3 flux --batch_sizes 1 --time_limit 150 --output sd_step.jsonl
     python benchmarks/sd_step.py --models qwen-image flux2-klein z-image wan --batch_sizes 1 --time_limit 150
+    python benchmarks/sd_step.py --kl_precision autocast --drift_objective value_guided --train_timestep_fraction 0.25
 
 With ``--models`` every family runs in its own process with its own ``--time_limit`` (seconds) at its real
 settings (sd15 512 px / 50 steps, sdxl 1024 / 40, sd3 1024 / 28, flux 1024 / 28, qwen-image 1024 / 30,
@@ -74,9 +75,13 @@ def shape_options(args) -> dict:
 
 def build(args, batch_size: int, plain: bool):
     pipe = build_pipeline(args.model, args.tiny, args.device).to(args.device)
+    objective = "pathwise" if plain else args.drift_objective
     cfg = ElegantConfig(alpha=1.0, eta=args.eta, num_inference_steps=args.steps, learn_initial_noise=not plain,
                         batch_size=batch_size, report_to=None, lora_rank=args.lora_rank, gradient_checkpointing=True,
-                        truncate_backprop_steps=args.truncate, noise_num_steps=args.noise_steps, aux_hidden=32)
+                        truncate_backprop_steps=args.truncate, noise_num_steps=args.noise_steps, aux_hidden=32,
+                        drift_objective=objective,
+                        train_timestep_fraction=1.0 if objective == "pathwise" else args.train_timestep_fraction,
+                        value_num_rollouts=2, step_value_train_steps=5)  # value-guided: a token fit (warm-up)
     trainer = ElegantTrainer.from_pipeline(pipe, BrightnessReward(), cfg, prompts=PROMPTS,
                                            guidance_scale=args.guidance_scale,
                                            mixed_precision="no" if args.dtype == "fp32" else args.dtype,
@@ -149,10 +154,17 @@ def measure(args, batch_size: int, mode: str) -> dict:
         times.append(time.perf_counter() - t0)
     seconds = min(times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
-    flops = count_flops(trainer, params, opt, plain) if args.count_flops and mode != "grpo" else None
+    flops, flops_error = None, None
+    if args.count_flops and mode != "grpo":
+        try:
+            flops = count_flops(trainer, params, opt, plain)
+        except RuntimeError as err:  # value_guided: the module tracker cannot follow the values' autograd.grad
+            flops_error = str(err).splitlines()[0][:200]
     out = {"seconds_per_iteration": round(seconds, 4), "seconds_per_sample": round(seconds / batch_size, 4),
            "peak_gpu_memory_gib": None if peak is None else round(peak, 2), "build_s": round(t_build, 2),
            "first_iteration_s": round(t_first, 2)}
+    if flops_error:
+        out["flops_not_counted"] = flops_error
     if flops is not None:
         unet, total = flops
         out.update({"unet_tflop_per_iteration": float(f"{unet / 1e12:.4g}"),
@@ -251,6 +263,11 @@ def main(argv=None):
     p.add_argument("--lora_rank", type=int, default=4)
     p.add_argument("--kl_precision", choices=["fp32", "upcast", "autocast"], default="fp32",
                    help="'upcast': frozen network in --dtype, KL passes in fp32 arithmetic (half the weight memory)")
+    p.add_argument("--drift_objective", choices=["pathwise", "adjoint_matching", "value_guided"], default="pathwise",
+                   help="the ELEGANT iteration's objective (value_guided: its per-step values fitted on 2 rollouts in "
+                        "the warm-up, a token fit: only the iteration's cost is measured)")
+    p.add_argument("--train_timestep_fraction", type=float, default=1.0,
+                   help="adjoint_matching / value_guided: fraction of the steps trained per iteration")
     p.add_argument("--no_flops", dest="count_flops", action="store_false")
     p.add_argument("--stack_every", type=float, default=None,
                    help="print the main thread's stack to stderr every S seconds (where a slow family spends time)")
@@ -289,7 +306,8 @@ def main(argv=None):
                       "steps": args.steps, "eta": args.eta,
                       "guidance_scale": args.guidance_scale, "gradient_checkpointing": True,
                       "lora_rank": args.lora_rank, "kl_precision": args.kl_precision,
-                      "truncate_backprop_steps": args.truncate, "results": results}, indent=None if args.compact else 1))
+                      "truncate_backprop_steps": args.truncate, "drift_objective": args.drift_objective,
+                      "train_timestep_fraction": args.train_timestep_fraction, "results": results}, indent=None if args.compact else 1))
 
 
 if __name__ == "__main__":

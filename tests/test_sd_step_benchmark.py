@@ -71,3 +71,20 @@ def test_script_step_runs_the_training_script_on_random_weights():
     assert record["exit_status"] == 0 and record["model"] == "tiny-random-sd3" and record["wall_s"] > 0
     assert record["script_flags"] == ["--lora_rank", "2"]
     assert record["metrics"]["metrics"]["KL per sample, chain + start law (nats)"] >= 0
+
+
+@pytest.mark.slow
+def test_the_fast_mode_is_measured_bf16_passes_and_a_quarter_of_the_steps(tmp_path):
+    """What a GPU window must time besides the exact mode: bf16 KL passes, value-guided drift on a quarter of the
+    steps (FLOPs of the values' autograd.grad cannot be counted by the module tracker: said, not hidden)."""
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "sd_step.py"), "--tiny", "--model", "sd15", "--batch_sizes",
+           "1", "--repeats", "1", "--dtype", "bf16", "--kl_precision", "autocast", "--drift_objective", "value_guided",
+           "--train_timestep_fraction", "0.25", "--compact"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          cwd=os.path.join(ROOT, "benchmarks"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (record["kl_precision"], record["drift_objective"], record["train_timestep_fraction"]) == \
+        ("autocast", "value_guided", 0.25)
+    (res,) = record["results"]
+    assert res["elegant"]["seconds_per_iteration"] > 0 and "flops_not_counted" in res["elegant"]
