@@ -143,17 +143,23 @@ def test_seiko_script_runs_rounds_with_an_oracle_file_and_names_them_on_the_card
 
 
 @pytest.mark.slow
-def test_elegant_script_on_two_cpu_processes_with_accelerates_mixed_precision(workdir):
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_elegant_script_on_two_cpu_processes_with_accelerates_mixed_precision(workdir, fsdp):
+    out = "two-fsdp" if fsdp else "two"
+    sharded = ["--fsdp", "--validation_steps", "1"] if fsdp else ["--validation_steps", "0"]
     done = launch(ELEGANT, workdir, "--prompts_file", "prompts.txt", "--reward", "my_reward.py:redness", *TINY,
-                  "--train_steps", "2", "--output_dir", "two", "--validation_steps", "0", processes=2,
+                  "--train_steps", "2", "--output_dir", out, *sharded, processes=2,
                   extra_env={"ACCELERATE_USE_CPU": "1"}, precision="bf16")
     assert done.returncode == 0, done.stderr[-3000:]
     # accelerate's own --mixed_precision is honoured (frozen VAE / text encoder in bf16, KL passes in fp32)
-    options = json.loads((workdir / "two" / "stable_diffusion.json").read_text())
+    options = json.loads((workdir / out / "stable_diffusion.json").read_text())
     assert (options["mixed_precision"], options["kl_precision"]) == ("bf16", "fp32")
     assert "drift 144 forward" in done.stderr  # 2 processes x batch 2 counted in the announced cost
-    assert {"pytorch_lora_weights.safetensors", "README.md"} <= set(os.listdir(workdir / "two"))
-    assert os.listdir(workdir / "two" / "validation") == ["step-000002.png"]
+    assert {"pytorch_lora_weights.safetensors", "README.md"} <= set(os.listdir(workdir / out))
+    # --fsdp: the UNet sharded over both processes, validation images sampled by both at every step
+    assert ("sharded over 2 processes" in done.stderr) == fsdp
+    expected = ["step-000001.png", "step-000002.png"] if fsdp else ["step-000002.png"]
+    assert sorted(os.listdir(workdir / out / "validation")) == expected
 
 
 # ----------------------------------------------------------------------------- in-process: fast checks
