@@ -88,3 +88,15 @@ def test_the_fast_mode_is_measured_bf16_passes_and_a_quarter_of_the_steps(tmp_pa
         ("autocast", "value_guided", 0.25)
     (res,) = record["results"]
     assert res["elegant"]["seconds_per_iteration"] > 0 and "flops_not_counted" in res["elegant"]
+
+
+def test_the_prepared_gpu_window_command_uses_flags_that_exist():
+    import re
+
+    script = open(os.path.join(ROOT, "benchmarks", "gpu_window.sh")).read()
+    assert subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", "gpu_window.sh")]).returncode == 0
+    source = open(os.path.join(ROOT, "benchmarks", "sd_step.py")).read()
+    body = script.split("step() {", 1)[1]
+    flags = set(re.findall(r"(--[a-z_0-9]+)", body))
+    assert {"--kl_precision", "--drift_objective", "--train_timestep_fraction", "--models", "--time_limit"} <= flags
+    assert all(f'"{flag}"' in source for flag in flags), sorted(f for f in flags if f'"{f}"' not in source)
