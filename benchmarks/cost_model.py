@@ -99,14 +99,6 @@ class PeakMemory(TorchDispatchMode):
 
 
 # ------------------------------------------------------------------------------------------- components
-def _clip_text(hidden, layers, heads, inter, projection=None):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                            num_attention_heads=heads, max_position_embeddings=77, projection_dim=projection or hidden)
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
-
-
 def _t5_xxl(vocab=32128, umt5=False):
     from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
@@ -137,10 +129,12 @@ def _qwen25_vl_7b():
 
 
 def text_encoders(family: str) -> dict:
-    clip_l = lambda: _clip_text(768, 12, 12, 3072)  # noqa: E731
-    big_g = lambda: _clip_text(1280, 32, 20, 5120, projection=1280)  # noqa: E731
+    from model_shapes import _clip  # CLIP text encoders of the real widths (MLP 4x), as the pipelines there use
+
+    clip_l = lambda: _clip(768, 12, 12, 768, False)  # noqa: E731
+    big_g = lambda: _clip(1280, 32, 20, 1280, True)  # noqa: E731
     return {"sd15": {"clip_l": clip_l}, "sdxl": {"clip_l": clip_l, "openclip_bigG": big_g},
-            "sd3": {"clip_l": lambda: _clip_text(768, 12, 12, 3072, projection=768), "openclip_bigG": big_g,
+            "sd3": {"clip_l": lambda: _clip(768, 12, 12, 768, True), "openclip_bigG": big_g,
                     "t5_xxl": _t5_xxl},
             "flux": {"clip_l": clip_l, "t5_xxl": _t5_xxl}, "qwen-image": {"qwen2.5_vl_7b": _qwen25_vl_7b},
             "flux2-klein": {"qwen3_4b": _qwen3_4b}, "z-image": {"qwen3_4b": _qwen3_4b},
@@ -252,14 +246,7 @@ def family_costs(family: str, objectives=OBJECTIVES, train_timestep_fraction: fl
                     **{k: _bytes(v, dtypes["default"]) for k, v in counts.items() if k != "denoiser"}}
     host_peak = sum(weight_bytes.values())
 
-    # FLOPs of one conditional evaluation, batch 1
-    with torch.device("meta"):
-        inputs = denoiser_inputs(family, 1, size)
-    denoiser.to(torch.bfloat16)
-    inputs = _half(inputs)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        _output(denoiser(**inputs))
-    tflop = counter.get_total_flops() / 1e12 * g
+    tflop = evaluation_tflop(family)  # one guided evaluation, batch 1
 
     # one drift step's backward: the preset's batch (x guidance) through the fine-tuned and the pretrained network
     with torch.device("meta"):

@@ -196,14 +196,12 @@ class GuidedUNet(nn.Module):
         """Inside the block every call runs in fp32 arithmetic without TF32, whatever ``kl_precision`` trains with
         (``"autocast"``: half-precision passes; ``"tf32"``: TF32 matmuls): the exact KL of the same stored weights
         that the trainer logs (``ElegantTrainer``'s ``train/kl`` at its logging steps)."""
-        previous = self._full_precision, self._exact
-        self._full_precision = self._exact = True
+        previous, self._exact = self._exact, True
         try:
-            with tf32_matmuls(False), \
-                    self.upcast.enabled() if self.upcast is not None else contextlib.nullcontext():
+            with self.full_precision():  # which turns TF32 off while _exact is set
                 yield
         finally:
-            self._full_precision, self._exact = previous
+            self._exact = previous
 
     def _precision(self, sample: torch.Tensor) -> tuple:
         """Checks that the batch's prompt embeddings are set and match ``sample``'s batch; returns ``(autocast dtype

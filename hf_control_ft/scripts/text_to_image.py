@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 
@@ -237,12 +238,9 @@ def _setup(trainer_cls, args, config, spec: str, validation_reward: bool):
     return accelerator, trainer, validation
 
 
-#: the switches that lower memory, in the order to try them (the presets of large families set most of them)
 def model_estimate(trainer, family: str, num_processes: int) -> str:
     """The cost model's GPU-hours for this run (:func:`~hf_control_ft.trainers.costs.modelled_seconds`): the family's
     FLOPs at its preset size scaled by this run's pixels (and frames), before anything is measured."""
-    import math
-
     process, preset = trainer.process, PRESETS[family]
     options = process.options
     try:  # this run's latent size over the preset's (the same process at the preset's size)
@@ -254,13 +252,13 @@ def model_estimate(trainer, family: str, num_processes: int) -> str:
     except (TypeError, ValueError):
         scale = 1.0
     tflop = TFLOP_PER_EVALUATION[family] * scale
-    schedule = trainer.sampler.schedule
-    stochastic = sum(1 for k in range(len(schedule)) if schedule.is_stochastic(k))
+    stochastic = len(trainer.sampler.schedule.random_steps())
     seconds = modelled_seconds(trainer.config, tflop, options.kl_precision in ("fp32", "upcast"), stochastic)
     samples = trainer.config.batch_size * trainer.config.gradient_accumulation_steps
     return describe_model_estimate(seconds, num_processes, samples)
 
 
+#: the switches that lower memory, in the order to try them (the presets of large families set most of them)
 MEMORY_SWITCHES = ("--kl_precision upcast", "--gradient_checkpointing", "--pre_compute_text_embeddings", "--offload",
                    "--enable_vae_slicing", "--batch_size 1 --gradient_accumulation_steps N",
                    "--rollout_batch_size 1", "--noise_batch_size 1", "--truncate_backprop_steps K")

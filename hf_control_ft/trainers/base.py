@@ -17,7 +17,6 @@ Subclasses add their own loop (ELEGANT's three stages, SEIKO's rounds) and persi
 from __future__ import annotations
 
 import contextlib
-import logging
 import tempfile
 
 import torch
@@ -30,9 +29,6 @@ from ..serialization.saved import push_directory
 from .drift import DriftIterations
 from .ema import LoraEMA
 from .trackers import check_trackers, tracker_names
-
-
-logger = logging.getLogger(__name__)
 
 
 class BaseTrainer(DriftIterations):

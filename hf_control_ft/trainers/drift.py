@@ -64,11 +64,9 @@ class DriftIterations:
         if context is not None and getattr(self, "_exact_kl_due", False):
             # half-precision KL passes: the logged KL is recomputed exactly on the last micro-batch's own
             # transitions, before the step changes the control that drew them
-            if reference_kl_weight is not None:  # SEIKO: the KL to the previous round's chain too
-                out["kl_exact"], out["ref_kl_exact"] = self.sampler.trajectory_kl(parts[-1]["trajectory"], context,
-                                                                                  reference=True)
-            else:
-                out["kl_exact"] = self.sampler.trajectory_kl(parts[-1]["trajectory"], context)
+            exact = self.sampler.trajectory_kl(parts[-1]["trajectory"], context,
+                                               reference=reference_kl_weight is not None)  # SEIKO: both KLs
+            out["kl_exact"], out["ref_kl_exact"] = exact if reference_kl_weight is not None else (exact, None)
         self._sync_grads(params)
         skipped = not self._gradients_finite(params, r)
         grad_norm = math.nan if skipped else self._clip(params)
@@ -79,8 +77,8 @@ class DriftIterations:
             if self.ema is not None:
                 self.ema.update()
         return {"reward": r, "kl": out["kl"], "kl_init": out["kl_init"], "ref_kl": out.get("ref_kl"),
-                "kl_exact": out.get("kl_exact"), "ref_kl_exact": out.get("ref_kl_exact"), "grad_norm": grad_norm, "regression_loss": regression_loss,
-                "skipped": skipped}
+                "kl_exact": out.get("kl_exact"), "ref_kl_exact": out.get("ref_kl_exact"), "grad_norm": grad_norm,
+                "regression_loss": regression_loss, "skipped": skipped}
 
     def _accumulate_gradient(self, total: int, gen, reference_kl_weight, value_gradient) -> dict:
         """Rollout of one micro-batch of ``batch_size`` and its backward pass, each sample weighted ``1 / total``
@@ -112,8 +110,7 @@ class DriftIterations:
         fraction = getattr(self.config, "train_timestep_fraction", 1.0)
         if fraction >= 1:
             return None
-        schedule = self.sampler.schedule
-        stochastic = [k for k in range(len(schedule)) if schedule.is_stochastic(k)]
+        stochastic = self.sampler.schedule.random_steps()
         m = max(1, round(fraction * len(stochastic)))
         picks = torch.randperm(len(stochastic), generator=gen)[:m]
         return sorted(stochastic[int(i)] for i in picks)
@@ -136,7 +133,6 @@ class DriftIterations:
                 f"({self.reward_name!r}), the learning rate and the precision settings. No non-finite weights were "
                 "applied or saved.")
         return False
-
 
 
 def logged_kls(out: dict) -> tuple[float, float, dict]:

@@ -329,8 +329,7 @@ class ElegantTrainer(ElegantCheckpointing, WallTimeLog, BaseTrainer):
     def network_evaluations(self) -> dict:
         """Sample evaluations of the denoiser each stage of this run will cost (:mod:`.costs`)."""
         guidance = 2 if getattr(self.model, "do_guidance", False) else 1
-        schedule = self.sampler.schedule
-        stochastic = sum(1 for k in range(len(schedule)) if schedule.is_stochastic(k))
+        stochastic = len(self.sampler.schedule.random_steps())
         return network_evaluations(self.config, guidance, self.accelerator.num_processes, stochastic)
 
     # ------------------------------------------------------------------ persistence
