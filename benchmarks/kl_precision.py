@@ -13,7 +13,8 @@ weights in the half dtype, the calls that feed a KL in fp32 arithmetic layer by 
 ``bf16-autocast`` (``kl_precision="autocast"``: every UNet call in the half dtype); ``fp16-tf32-emulated`` /
 ``bf16-tf32-emulated`` (``kl_precision="tf32"`` as a GPU computes it: the upcast modes with the inputs of every
 linear and convolution layer rounded to TF32's 10-bit mantissa, on any device; attention's own products are not
-rounded); where a CUDA device is present also ``tf32`` (fp32 with TF32 matmuls) and ``bf16-tf32`` (the real
+rounded); ``fp16-delta`` / ``bf16-delta`` (``kl_precision="delta"``: half-precision weights and passes, the
+KL's difference carried through one pass by difference propagation); where a CUDA device is present also ``tf32`` (fp32 with TF32 matmuls) and ``bf16-tf32`` (the real
 ``kl_precision="tf32"``). Each record also gives the bytes of the frozen UNet weights.
 
     python benchmarks/kl_precision.py                         # tiny SD + SD-1.5-shaped UNet (CPU: ~40 min)
@@ -50,6 +51,8 @@ MODES = {  # name -> (mixed_precision, kl_precision)
     "bf16-autocast": ("bf16", "autocast"),
     "fp16-tf32-emulated": ("fp16", "tf32"),
     "bf16-tf32-emulated": ("bf16", "tf32"),
+    "fp16-delta": ("fp16", "delta"),
+    "bf16-delta": ("bf16", "delta"),
 }
 CUDA_MODES = {"tf32": ("no", "fp32"), "bf16-tf32": ("bf16", "tf32")}
 

@@ -62,6 +62,10 @@ def _sum_non_batch(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).sum(dim=1)
 
 
+def _trainable(model: torch.nn.Module) -> list:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def lean_adjoints(sampler: ControlledSampler, trajectory: Trajectory, grad_samples: torch.Tensor) -> list:
     """The lean adjoints ``[a_0, ..., a_K]`` of a rollout (each ``(B, *shape)``, detached).
 
@@ -138,12 +142,20 @@ def adjoint_matching_backward(sampler: ControlledSampler, trajectory: Trajectory
         x_k = trajectory.states[k].detach()
         x_in = x_k.clone().requires_grad_(value_gradient is None)
         with torch.enable_grad(), sampler.kl_context():
-            mu_pre = sampler.mean(x_in, k, controlled=False)
+            if step_trained and sampler.difference:  # one difference-propagation pass gives mu_pre and u
+                _, mu_pre, u = sampler.means(x_in, k)
+            else:
+                mu_pre = sampler.mean(x_in, k, controlled=False)
             outputs, grads = ([mu_pre], [adjoint]) if value_gradient is None else ([], [])
+            if step_trained and sampler.difference and value_gradient is None:
+                # u depends on x_in too: the adjoint takes mu_pre's input gradient only, the loss reaches the LoRA
+                (x_grad,) = torch.autograd.grad(mu_pre, x_in, adjoint, retain_graph=True)
+                outputs, grads = [], []
             if step_trained:
                 var = float(schedule.std[k]) ** 2
-                mu_ft = sampler.mean(x_k, k, controlled=True)  # x_k without grad: only LoRA params
-                u = mu_ft - mu_pre.detach()
+                if not sampler.difference:
+                    mu_ft = sampler.mean(x_k, k, controlled=True)  # x_k without grad: only LoRA params
+                    u = mu_ft - mu_pre.detach()
                 target = (var / alpha) * adjoint
                 loss_k = _sum_non_batch((u - target).pow(2)) / (2.0 * var)
                 if loss_k.requires_grad:
@@ -154,6 +166,11 @@ def adjoint_matching_backward(sampler: ControlledSampler, trajectory: Trajectory
                     grads.append(torch.as_tensor(weight, dtype=loss_k.dtype, device=loss_k.device))
                 trajectory.kl_steps[k] = inflation * _sum_non_batch(u.detach().pow(2)) / (2.0 * var)
                 total = total + inflation * loss_k.detach()
+            if step_trained and sampler.difference and value_gradient is None:
+                if outputs:
+                    torch.autograd.backward(outputs, grads, inputs=_trainable(sampler.model))
+                adjoint = x_grad.detach()
+                continue
             if outputs:
                 torch.autograd.backward(outputs, grads)
         if value_gradient is None:

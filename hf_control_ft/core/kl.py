@@ -25,10 +25,16 @@ def gaussian_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, std: float | torch.T
     Returns:
         ``(B,)`` KL per sample, summed over all dimensions of ``shape``.
     """
+    return difference_kl(mean_p - mean_q, std)
+
+
+def difference_kl(difference: torch.Tensor, std: float | torch.Tensor) -> torch.Tensor:
+    """:func:`gaussian_kl` from the difference of the means ``(B, *shape)``: ``||difference||^2 / (2 std^2)``,
+    ``(B,)`` nats (the form the difference-propagation passes give it, :mod:`hf_control_ft.core.difference`)."""
     std = float(std)
     if std <= 0:
         raise ValueError(f"gaussian_kl needs std > 0, got {std}")
-    return _sum_non_batch((mean_p - mean_q).pow(2)) / (2.0 * std * std)
+    return _sum_non_batch(difference.pow(2)) / (2.0 * std * std)
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: float | torch.Tensor) -> torch.Tensor:

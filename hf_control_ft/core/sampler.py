@@ -49,8 +49,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .control import call_denoiser, pretrained_mode, reference_adapter_mode
-from .kl import gaussian_kl
+from .control import CONTROL_ADAPTER, call_denoiser, pretrained_mode, reference_adapter_mode
+from .difference import difference_parts
+from .difference_lora import difference_mode
+from .kl import difference_kl
 from .scheduling import DiffusionSchedule
 
 
@@ -101,6 +103,9 @@ class ControlledSampler:
             per-step KL term (SEIKO's previous round); ``None`` (default) for the plain ELEGANT sampler.
         kl_context: callable returning a context manager entered around every network call that feeds a KL
             (see the module docstring); ``None``: no change.
+        difference: compute each KL's mean difference by difference propagation (one pass carrying the pretrained
+            values and the fine-tuned network's difference from them, :mod:`hf_control_ft.core.difference`;
+            ``kl_precision="delta"``) instead of subtracting two passes.
     """
 
     def __init__(
@@ -112,6 +117,7 @@ class ControlledSampler:
         model_kwargs: dict | None = None,
         reference_adapter: str | None = None,
         kl_context=None,
+        difference: bool = False,
     ):
         self.model = model
         self.schedule = schedule
@@ -122,6 +128,7 @@ class ControlledSampler:
         self.model_kwargs = model_kwargs if model_kwargs is not None else {}  # shared: the process may update it
         self.reference_adapter = reference_adapter
         self.kl_context = kl_context or contextlib.nullcontext
+        self.difference = bool(difference)
 
     # ------------------------------------------------------------------ single steps
     def predict(self, x: torch.Tensor, k: int) -> torch.Tensor:
@@ -146,28 +153,44 @@ class ControlledSampler:
         with reference_adapter_mode(self.model, self.reference_adapter):
             return self.schedule.mean(self.predict(x, k), x, k)
 
+    def _chain_mean(self, x: torch.Tensor, k: int, chain: str) -> torch.Tensor:
+        if chain == "reference":
+            return self.reference_mean(x, k)
+        return self.mean(x, k, controlled=chain == "control")
+
+    def means(self, x: torch.Tensor, k: int, target: str = "control", base: str = "pretrained"):
+        """``(mu_target, mu_base, mu_target - mu_base)`` at stochastic step ``k``, inside ``kl_context``; chains
+        ``"control"`` (fine-tuned), ``"pretrained"`` or ``"reference"`` (the frozen reference adapter). With
+        ``difference`` the difference comes from one difference-propagation pass (exact at the pass's precision
+        relative to the difference itself) and ``mu_target`` is ``mu_base`` plus it."""
+        with self.kl_context():
+            if not self.difference:
+                mu_t, mu_b = self._chain_mean(x, k, target), self._chain_mean(x, k, base)
+                return mu_t, mu_b, mu_t - mu_b
+            names = {"control": (CONTROL_ADAPTER,), "pretrained": (), "reference": (self.reference_adapter,)}
+            with difference_mode(self.model, target=names[target], base=names[base]):
+                mu = self.schedule.mean(self.predict(x, k), x, k)
+        mu_b, u = difference_parts(mu)
+        u = torch.zeros_like(mu_b) if u is None else u.to(mu_b.dtype)
+        return mu_b + u, mu_b, u
+
     def step_with_kls(self, x: torch.Tensor, k: int, noise: torch.Tensor | None):
         """``(x_{k+1}, KL_k, KLref_k)``: the step, its KL to the pretrained chain and to the reference chain."""
         if not self.schedule.is_stochastic(k):
             zeros = x.new_zeros(x.shape[0])
             return self.mean(x, k, controlled=False), zeros, zeros
-        with self.kl_context():
-            mu_ft = self.mean(x, k, controlled=True)
-            mu_pre = self.mean(x, k, controlled=False)
-            mu_ref = self.reference_mean(x, k)
+        mu_ft, _, u = self.means(x, k)
+        u_ref = self.means(x, k, base="reference")[2]
         std = self.schedule.std[k]
         x_next = self.schedule.step_from_mean(mu_ft, k, noise)
-        return x_next, gaussian_kl(mu_ft, mu_pre, std), gaussian_kl(mu_ft, mu_ref, std)
+        return x_next, difference_kl(u, std), difference_kl(u_ref, std)
 
     def step_with_kl(self, x: torch.Tensor, k: int, noise: torch.Tensor | None):
         """``(x_{k+1}, KL_k)`` for one step; ``KL_k`` is ``(B,)`` (zeros for deterministic steps)."""
         if not self.schedule.is_stochastic(k):
             return self.mean(x, k, controlled=False), x.new_zeros(x.shape[0])
-        with self.kl_context():
-            mu_ft = self.mean(x, k, controlled=True)
-            mu_pre = self.mean(x, k, controlled=False)
-        kl = gaussian_kl(mu_ft, mu_pre, self.schedule.std[k])
-        return self.schedule.step_from_mean(mu_ft, k, noise), kl
+        mu_ft, _, u = self.means(x, k)
+        return self.schedule.step_from_mean(mu_ft, k, noise), difference_kl(u, self.schedule.std[k])
 
     @torch.no_grad()
     def trajectory_kl(self, trajectory: "Trajectory", context=None, reference: bool = False):

@@ -100,11 +100,17 @@ class ControlledProcess:
         """The controlled sampler of this process (optionally with a frozen reference adapter, SEIKO)."""
         return ControlledSampler(self.model, self.schedule, self.config.gradient_checkpointing,
                                  self.config.truncate_backprop_steps, self.model_kwargs,
-                                 reference_adapter=reference_adapter, kl_context=self.kl_context())
+                                 reference_adapter=reference_adapter, kl_context=self.kl_context(),
+                                 difference=self.kl_difference())
 
     def kl_context(self):
         """Callable returning the context entered around network calls that feed a KL (``None``: none)."""
         return None
+
+    def kl_difference(self) -> bool:
+        """Whether the KL's mean differences come from difference propagation (``kl_precision="delta"``,
+        :mod:`hf_control_ft.core.difference`) rather than from subtracting two passes."""
+        return False
 
     def exact_kl_context(self):
         """Callable returning the context of an exact KL evaluation, where the passes that train are not exact

@@ -108,7 +108,9 @@ def _set_adapter_state(layers, state: tuple) -> None:
     for layer in layers:
         if tuple(layer.active_adapters) != names:
             layer.set_adapter(list(names), inference_mode=not trainable)
-        if layer.disable_adapters == enabled:
+        if not enabled and trainable:  # difference_mode: adapters off by their flag, weights still trainable
+            layer._disable_adapters = True
+        elif layer.disable_adapters == enabled:
             layer.enable_adapters(enabled)
             if enabled and not trainable:  # enable_adapters makes the active adapter trainable again
                 layer.set_adapter(list(names), inference_mode=True)
@@ -132,16 +134,23 @@ def enable_adapter_aware_checkpointing(model: nn.Module) -> None:
         switch = getattr(model, "_hf_upcast_switch", None)  # kl_precision="upcast": fp32 arithmetic on or off
         upcast = switch is not None and switch.on
         tf32 = torch.backends.cuda.matmul.allow_tf32  # as in the forward: KL passes set it (memory.tf32_matmuls)
+        difference = getattr(layers[0], "_hf_difference_switch", None) if layers else None  # kl_precision="delta"
+        difference_state = None if difference is None else difference.state
 
         def run(*inputs):
             current = _adapter_state(layers)
             if current != forward_state:
                 _set_adapter_state(layers, forward_state)
+            previous = None if difference is None else difference.state
+            if difference is not None:
+                difference.state = difference_state
             try:
                 with switch.enabled(upcast) if switch is not None else contextlib.nullcontext(), \
                         tf32_matmuls(tf32):
                     return module(*inputs)
             finally:
+                if difference is not None:
+                    difference.state = previous
                 if current != forward_state:
                     _set_adapter_state(layers, current)
 

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..core.control import add_lora_control
+from ..core.difference_lora import install_difference
 from ..rewards.checks import reward_name
 from ..serialization.saved import OPTIONS_NAME, published_base_model
 from .base import ControlledProcess
@@ -101,6 +102,8 @@ class StableDiffusionProcess(ControlledProcess):
         lora_config = add_lora_control(unet, config.lora_rank, config.lora_target_modules or self.default_targets,
                                        config.lora_alpha)
         cast_training_params(unet, torch.float32)  # LoRA parameters in fp32 under mixed precision
+        if options.kl_precision == "delta":
+            install_difference(unet)  # the LoRA layers' difference-propagation hooks (off until a KL pass)
         upcast = None
         if options.kl_precision == "tf32" or (options.kl_precision in ("upcast", "autocast") and options.dtype is not None):
             # "autocast" too: off while training, on for the exact KL the trainer logs (exact_kl_context)
@@ -207,10 +210,14 @@ class StableDiffusionProcess(ControlledProcess):
     def kl_context(self):
         return self.model.full_precision if self._precise_kl else None
 
+    def kl_difference(self) -> bool:
+        return self.options.kl_precision == "delta"
+
     def exact_kl_context(self):
         """The context of an exact KL evaluation when the training passes are not exact (``kl_precision``
-        ``"autocast"`` or ``"tf32"`` with half-precision weights); ``None`` when they are."""
-        exact = self.options.dtype is None or self.options.kl_precision in ("fp32", "upcast")
+        ``"autocast"`` or ``"tf32"`` with half-precision weights); ``None`` when they are (``"delta"``'s difference
+        propagation included: its error is relative to the difference, ``docs/numerics.md``)."""
+        exact = self.options.dtype is None or self.options.kl_precision in ("fp32", "upcast", "delta")
         return None if exact else self.model.exact
 
     # ------------------------------------------------------------------ conditioning

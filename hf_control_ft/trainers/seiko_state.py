@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..core.control import CONTROL_ADAPTER, load_lora_state_dict, lora_state_dict
-from ..core.kl import gaussian_kl
+from ..core.kl import difference_kl
 from ..utils.versioned_dir import VersionedDirectory, fsync_dir, write_atomic
 from .elegant_config import RESUME_KEYS as ELEGANT_RESUME_KEYS
 
@@ -242,10 +242,8 @@ def mixture_rollout(sampler, alpha: float, beta: float, x_T: torch.Tensor, gener
         if not schedule.is_stochastic(k):
             x = schedule.step_from_mean(sampler.mean(x, k, controlled=False), k, None)
             continue
-        with sampler.kl_context():
-            mu_pre = sampler.mean(x, k, controlled=False)
-            mu_prev = sampler.reference_mean(x, k)
-        cost += (a * b / (a + b)) * gaussian_kl(mu_pre, mu_prev, schedule.std[k])
+        mu_prev, mu_pre, u = sampler.means(x, k, target="reference")
+        cost += (a * b / (a + b)) * difference_kl(u, schedule.std[k])
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
         x = schedule.step_from_mean((1 - w) * mu_pre + w * mu_prev, k, noise)
     return x, cost
