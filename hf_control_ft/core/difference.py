@@ -28,7 +28,6 @@ autograd.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
@@ -140,14 +139,14 @@ def _generic(func, args, kwargs):
     with _autocast_off(args):
         perturbed = func(*_map(plus, args), **_map(plus, kwargs))
         reference = func(*_map(base, args), **_map(base, kwargs))
-    diff = _map(lambda x: x, perturbed)
-    return _zip(out, _map2(lambda p, r: p - r if _is_float(p) else None, diff, reference))
+    return _zip(out, _map2(lambda p, r: p - r if _is_float(p) else None, perturbed, reference))
 
 
 def _map2(fn, a, b):
+    """``fn`` over two output structures of the same shape."""
     if isinstance(a, (list, tuple)):
-        return type(a)([_map2(fn, x, y) for x, y in zip(a, b)]) if not hasattr(a, "_fields") else type(a)(
-            *[_map2(fn, x, y) for x, y in zip(a, b)])
+        out = [_map2(fn, x, y) for x, y in zip(a, b)]
+        return type(a)(out) if not hasattr(a, "_fields") else type(a)(*out)
     return fn(a, b)
 
 
@@ -155,7 +154,7 @@ def _add(a, b, *, alpha=1, sign=1.0):
     (ha, da), (hb, db) = difference_parts(a), difference_parts(b)
     c = alpha * sign
     out = ha + hb if c == 1 else (ha - hb if c == -1 else ha + hb * c)
-    parts = [t for t in (da, None if db is None else db * (alpha * sign)) if t is not None]
+    parts = [t for t in (da, None if db is None else (db if c == 1 else db * c)) if t is not None]
     if not parts:
         return out
     return difference_pair(out, parts[0] if len(parts) == 1 else parts[0] + parts[1])
@@ -174,12 +173,35 @@ def _product(op, a, b, out_h):
     return difference_pair(out_h, terms[0] if len(terms) == 1 else terms[0] + terms[1])
 
 
+_MATMUL_DTYPE = [None]
+
+
+def set_matmul_dtype(dtype: torch.dtype | None) -> None:
+    """The dtype the rules' matrix products (matmul, bmm, einsum, attention) take their inputs in while a difference
+    pass runs with fp32 activations (``kl_precision="delta"``: the half dtype; ``None``: the inputs' own)."""
+    _MATMUL_DTYPE[0] = dtype
+
+
+def _cast_product(op):
+    """``op`` on inputs in the pass's matmul dtype, its result in the inputs' (wider) dtype."""
+    dtype = _MATMUL_DTYPE[0]
+    if dtype is None:
+        return op
+
+    def product(x, y):
+        wide = torch.promote_types(x.dtype, y.dtype) if isinstance(y, torch.Tensor) else x.dtype
+        return op(x.to(dtype), y.to(dtype) if isinstance(y, torch.Tensor) else y).to(wide)
+
+    return product
+
+
 def _mul(a, b):
     return _product(torch.mul, a, b, torch.mul(_base(a), _base(b)))
 
 
 def _matmul(a, b):
-    return _product(torch.matmul, a, b, torch.matmul(_base(a), _base(b)))
+    op = _cast_product(torch.matmul)
+    return _product(op, a, b, op(_base(a), _base(b)))
 
 
 def _div(a, b, *, rounding_mode=None):
@@ -209,7 +231,9 @@ def _weight_op(op):
 def _pad(input, pad, mode="constant", value=None):
     h, d = difference_parts(input)
     out = F.pad(h, pad, mode=mode, value=value)
-    return out if d is None else difference_pair(out, F.pad(d, pad, mode=mode, value=0.0 if mode == "constant" else None))
+    if d is None:
+        return out
+    return difference_pair(out, F.pad(d, pad, mode=mode, value=0.0 if mode == "constant" else None))
 
 
 def _dropout(input, p=0.5, training=True, inplace=False):
@@ -225,12 +249,13 @@ def _einsum(equation, *operands):
         return _linear_rule(torch.einsum)(equation, ops[0])
     if len(ops) != 2:
         return _generic(torch.einsum, (equation, *ops), {})
-    op = lambda x, y: torch.einsum(equation, x, y)
+    op = _cast_product(lambda x, y: torch.einsum(equation, x, y))
     return _product(op, ops[0], ops[1], op(_base(ops[0]), _base(ops[1])))
 
 
 def _baddbmm(input, batch1, batch2, *, beta=1, alpha=1):
-    prod = _product(torch.bmm, batch1, batch2, torch.bmm(_base(batch1), _base(batch2)))
+    op = _cast_product(torch.bmm)
+    prod = _product(op, batch1, batch2, op(_base(batch1), _base(batch2)))
     return _add(_mul_scalar(input, beta), _mul_scalar(prod, alpha))
 
 
@@ -244,13 +269,20 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     kwargs = dict(attn_mask=_base(attn_mask), dropout_p=dropout_p, is_causal=is_causal, scale=scale)
     if enable_gqa:
         kwargs["enable_gqa"] = True
-    out = F.scaled_dot_product_attention(qh, kh, vh, **kwargs)
+    half = _MATMUL_DTYPE[0]
+    if half is None:
+        out = F.scaled_dot_product_attention(qh, kh, vh, **kwargs)
+    else:  # the fused kernel on half inputs, its result in the activations' dtype
+        mask = kwargs["attn_mask"]
+        if mask is not None and mask.is_floating_point():
+            kwargs["attn_mask"] = mask.to(half)
+        out = F.scaled_dot_product_attention(qh.to(half), kh.to(half), vh.to(half), **kwargs).to(qh.dtype)
     if qd is None and kd is None and vd is None:
         return out
     if dropout_p:
         raise RuntimeError("difference propagation needs attention without dropout")
     return difference_pair(out, attention_difference(qh, qd, kh, kd, vh, vd, _base(attn_mask), is_causal, scale,
-                                                     enable_gqa))
+                                                     enable_gqa, matmul_dtype=half))
 
 
 _LINEAR_FUNCS = [
@@ -342,4 +374,4 @@ def _inplace(func, args, kwargs):
     return target
 
 
-__all__ = ["Difference", "difference_pair", "difference_parts"]
+__all__ = ["Difference", "difference_pair", "difference_parts", "set_matmul_dtype"]

@@ -19,9 +19,10 @@ from torch.utils.checkpoint import checkpoint
 
 
 def attention_difference(qh, qd, kh, kd, vh, vd, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
-                         block_elements: int = 2 ** 24):
+                         block_elements: int = 2 ** 24, matmul_dtype: torch.dtype | None = None):
     """``softmax((q+dq)(k+dk)^T s) (v+dv) - softmax(q k^T s) v`` for ``(B, H, L, E)`` inputs (``None``: no
-    difference), in blocks of queries of at most ``block_elements`` scores, each recomputed in backward."""
+    difference), in blocks of queries of at most ``block_elements`` scores, each recomputed in backward.
+    ``matmul_dtype``: the four products take their inputs in this (half) dtype; the result is in the inputs' dtype."""
     if enable_gqa and kh.shape[-3] != qh.shape[-3]:
         rep = qh.shape[-3] // kh.shape[-3]
         kh, vh = kh.repeat_interleave(rep, -3), vh.repeat_interleave(rep, -3)
@@ -33,13 +34,13 @@ def attention_difference(qh, qd, kh, kd, vh, vd, attn_mask=None, is_causal=False
     if is_causal:
         mask = torch.ones(L, S, dtype=torch.bool, device=qh.device).tril()
     rows = max(1, block_elements // max(1, qh[..., :1, :1].numel() * S))
-    kt = kh if kd is None else kh + kd.to(kh.dtype if not torch.is_autocast_enabled(kh.device.type) else kd.dtype)
-    vt = vh if vd is None else vh + vd.to(vh.dtype if not torch.is_autocast_enabled(vh.device.type) else vd.dtype)
+    kt = kh if kd is None else kh + kd
+    vt = vh if vd is None else vh + vd
     outs = []
     for start in range(0, L, rows):
         sl = slice(start, start + rows)
         m = None if mask is None else (mask[..., sl, :] if mask.shape[-2] == L else mask)
-        args = (qh[..., sl, :], None if qd is None else qd[..., sl, :], kh, kd, kt, vt, vd, m, scale)
+        args = (qh[..., sl, :], None if qd is None else qd[..., sl, :], kh, kd, kt, vt, vd, m, scale, matmul_dtype)
         grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args)
         outs.append(checkpoint(_attention_block, *args, use_reentrant=False) if grad else _attention_block(*args))
     return torch.cat(outs, dim=-2)
@@ -50,19 +51,27 @@ def _wide(t: torch.Tensor) -> torch.dtype:
     return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
 
-def _attention_block(qh, qd, kh, kd, kt, vt, vd, mask, scale):
+def _attention_block(qh, qd, kh, kd, kt, vt, vd, mask, scale, matmul_dtype):
+    wide = _wide(qh)
     autocast = torch.is_autocast_enabled(qh.device.type)
-    cast = (lambda t, like: t) if autocast else (lambda t, like: t.to(like.dtype))
+
+    def mm(x, y):
+        if matmul_dtype is not None:
+            x, y = x.to(matmul_dtype), y.to(matmul_dtype)
+        elif not autocast:
+            x, y = x.to(torch.promote_types(x.dtype, y.dtype)), y.to(torch.promote_types(x.dtype, y.dtype))
+        return torch.matmul(x, y).to(wide)
+
     qs = qh * scale
-    s = torch.matmul(qs, kh.transpose(-1, -2)).to(_wide(qh))
+    s = mm(qs, kh.transpose(-1, -2))
     if mask is not None:
-        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(_wide(qh))
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(wide)
     p = torch.softmax(s, dim=-1)
     ds = None
     if qd is not None:
-        ds = torch.matmul(cast(qd * scale, kt), kt.transpose(-1, -2)).to(_wide(qh))
+        ds = mm(qd * scale, kt.transpose(-1, -2))
     if kd is not None:
-        term = torch.matmul(qs, cast(kd, qs).transpose(-1, -2)).to(_wide(qh))
+        term = mm(qs, kd.transpose(-1, -2))
         ds = term if ds is None else ds + term
     out = None
     if ds is not None:
@@ -71,9 +80,9 @@ def _attention_block(qh, qd, kh, kd, kt, vt, vd, mask, scale):
         dp = p * (e - c) / (1 + c)
         if mask is not None:
             dp = torch.nan_to_num(dp)  # rows masked out entirely
-        out = torch.matmul(cast(dp, vt), vt)
+        out = mm(dp, vt)
     if vd is not None:
-        pv = torch.matmul(cast(p, vd), vd)
+        pv = mm(p, vd)
         out = pv if out is None else out + pv
     return out
 

@@ -15,15 +15,25 @@ import contextlib
 import torch
 
 from .control import tuner_layers
-from .difference import difference_pair, difference_parts
+from .difference import difference_pair, difference_parts, set_matmul_dtype
 
 
 class DifferenceSwitch:
     """``state``: ``None`` (off) or ``(base adapters, target adapters)``: the LoRA layers (run with adapters off)
     add ``sum_target lora(h + dh) - sum_base lora(h)`` to the difference and ``sum_base lora(h)`` to the base."""
 
-    def __init__(self):
-        self.state = None
+    def __init__(self, matmul_dtype: torch.dtype | None = None):
+        self.matmul_dtype = matmul_dtype
+        self._state = None
+
+    @property
+    def state(self):
+        return self._state
+
+    @state.setter
+    def state(self, value):  # the difference rules' products follow the active switch (set_matmul_dtype)
+        self._state = value
+        set_matmul_dtype(None if value is None else self.matmul_dtype)
 
 
 def _lora(layer, name, x):
@@ -35,14 +45,14 @@ def _lora(layer, name, x):
     return B(A(layer.lora_dropout[name](x))) * layer.scaling[name]
 
 
-def install_difference(model: torch.nn.Module) -> DifferenceSwitch:
+def install_difference(model: torch.nn.Module, matmul_dtype: torch.dtype | None = None) -> DifferenceSwitch:
     """Registers (once) the forward hooks of difference propagation on the LoRA layers of ``model``; returns their
     switch (stored on each layer as ``_hf_difference_switch``, for the gradient-checkpointing recompute)."""
     layers = tuner_layers(model)
     switch = getattr(layers[0], "_hf_difference_switch", None) if layers else None
     if switch is not None:
         return switch
-    switch = DifferenceSwitch()
+    switch = DifferenceSwitch(matmul_dtype)
 
     def hook(layer, args, output):
         if switch.state is None:

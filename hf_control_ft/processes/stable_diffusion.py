@@ -78,7 +78,7 @@ class StableDiffusionProcess(ControlledProcess):
         self.options = options
         self.prompts = load_prompts(prompts, options.prompt_column)
         unet, vae = self.denoiser_module(), pipeline.vae
-        precise_kl = options.kl_precision in ("fp32", "upcast", "tf32")
+        precise_kl = options.kl_precision in ("fp32", "upcast", "tf32", "delta")
         for module in self.frozen_modules():
             module.requires_grad_(False).eval()  # frozen: no dropout (a pipeline built from configs is in train mode)
             if module is unet and options.kl_precision == "fp32":
@@ -102,12 +102,15 @@ class StableDiffusionProcess(ControlledProcess):
         lora_config = add_lora_control(unet, config.lora_rank, config.lora_target_modules or self.default_targets,
                                        config.lora_alpha)
         cast_training_params(unet, torch.float32)  # LoRA parameters in fp32 under mixed precision
-        if options.kl_precision == "delta":
-            install_difference(unet)  # the LoRA layers' difference-propagation hooks (off until a KL pass)
+        if options.kl_precision == "delta":  # the LoRA layers' difference-propagation hooks (off until a KL pass);
+            install_difference(unet, options.dtype)  # its products in the half dtype, activations fp32 (upcast below)
         upcast = None
-        if options.kl_precision == "tf32" or (options.kl_precision in ("upcast", "autocast") and options.dtype is not None):
-            # "autocast" too: off while training, on for the exact KL the trainer logs (exact_kl_context)
-            upcast = install_upcast(unet, UpcastSwitch(tf32=options.kl_precision == "tf32"))
+        if options.kl_precision == "tf32" or (options.kl_precision in ("upcast", "autocast", "delta")
+                                              and options.dtype is not None):
+            # "autocast" too: off while training, on for the exact KL the trainer logs (exact_kl_context); "delta":
+            # fp32 activations, each linear / convolution product on half inputs (tensor cores)
+            upcast = install_upcast(unet, UpcastSwitch(tf32=options.kl_precision == "tf32", matmul_dtype=(
+                options.dtype if options.kl_precision == "delta" else None)))
         if config.gradient_checkpointing:
             enable_adapter_aware_checkpointing(unet)
             if getattr(vae, "_supports_gradient_checkpointing", False):  # the video VAEs (Qwen-Image, Wan) do not

@@ -47,11 +47,15 @@ class UpcastSwitch:
             same stored weights (``benchmarks/kl_precision.py``, ``tests/processes/test_upcast.py``).
     """
 
-    def __init__(self, tf32: bool = False, emulate_tf32: bool = False, dtype: torch.dtype = torch.float32):
+    def __init__(self, tf32: bool = False, emulate_tf32: bool = False, dtype: torch.dtype = torch.float32,
+                 matmul_dtype: torch.dtype | None = None):
         self.on = False
         self.tf32 = bool(tf32)
         self.emulate_tf32 = bool(emulate_tf32)
         self.dtype = dtype
+        #: ``kl_precision="delta"``: linear / convolution products in this (half) dtype on half inputs and weights,
+        #: bias and everything else in ``dtype`` (tensor-core products, fp32 activations)
+        self.matmul_dtype = matmul_dtype
 
     @contextlib.contextmanager
     def enabled(self, on: bool = True):
@@ -100,6 +104,10 @@ def _in(t, dtype):
 def _product(op, m, x, sw):
     """``op(x, weight, bias)`` (a linear or a convolution) in the switch's dtype, TF32-rounded when emulating."""
     d = sw.dtype
+    if sw.matmul_dtype is not None:
+        out = op(x.to(sw.matmul_dtype), m.weight.to(sw.matmul_dtype), None).to(d)
+        return out if m.bias is None else out + (m.bias.to(d) if out.dim() < 3 or op is F.linear
+                                                  else m.bias.to(d).reshape(-1, *([1] * (out.dim() - 2))))
     if not sw.emulate_tf32:
         return op(x.to(d), m.weight.to(d), _in(m.bias, d))
     return _TF32GradInput.apply(op(_TF32Input.apply(x.to(d)), _TF32Input.apply(m.weight.to(d)), _in(m.bias, d)))

@@ -11,6 +11,7 @@ import torch
 from hf_control_ft import ElegantConfig, ElegantTrainer
 from hf_control_ft.core.adjoint_matching import adjoint_matching_backward
 from hf_control_ft.core.control import add_reference_adapter, lora_parameters
+from hf_control_ft.core.difference_lora import install_difference
 from hf_control_ft.testing import (
     scale_lora,
     tiny_sd3_pipeline,
@@ -67,44 +68,50 @@ def _kl_and_gradient(trainer, traj=None):
     return float(traj.kl.mean()), grad, traj
 
 
-def _fp64_reference(family, guidance, scale=None):
-    """The exact KL of the bf16-stored weights: the KL passes in fp64 arithmetic (``UpcastSwitch.dtype``)."""
-    ref = _trainer(family, "upcast", guidance, scale)
+def _fp64_reference(family, guidance, scale=None, mixed_precision="bf16"):
+    """The exact KL of the half-precision stored weights (and of the prompt embeddings the half-precision text
+    encoder gives): the KL passes in fp64 arithmetic (``UpcastSwitch.dtype``)."""
+    ref = _trainer(family, "upcast", guidance, scale, mixed_precision=mixed_precision)
     ref.process.model.upcast.dtype = torch.float64
     return _kl_and_gradient(ref)
+
+
+def _exact_arithmetic(trainer):
+    """The delta trainer's passes in fp64 arithmetic throughout (products too, network and LoRA in fp64)."""
+    trainer.process.model.autocast_dtype = None
+    trainer.process.model.upcast.dtype, trainer.process.model.upcast.matmul_dtype = torch.float64, None
+    install_difference(trainer.process.lora_model).matmul_dtype = None
+    trainer.process.lora_model.double()
+    return trainer
 
 
 def _error(value, grad, ref_value, ref_grad):
     return abs(value / ref_value - 1), float((grad - ref_grad).norm() / ref_grad.norm())
 
 
+# measured KL / gradient errors of bf16 delta at guidance 1 and the default (``benchmarks/kl_difference.py``) are at
+# most 0.4 % / 1.5 %, except SD3 at guidance 7: 1.5 % / 1.3 %
+BF16_TOLERANCE = {"sd3": 0.02, "flux2-klein": 0.02, "qwen-image": 0.02, "z-image": 0.015}
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_difference_propagation_is_exact_on_every_family(family):
-    """The rules in fp64 arithmetic (network and LoRA in fp64, no autocast) against fp64 subtraction: what is left is
-    the arithmetic's, so every operation of the family's network has its difference rule right."""
+def test_difference_propagation_on_every_family(family):
+    """In fp64 arithmetic (network, LoRA and products in fp64, no autocast) against fp64 subtraction: what is left is
+    the arithmetic's, so every operation of the family's network has its difference rule right. In bf16 products
+    (fp32 activations) the KL and its gradient stay within 1-2 %."""
     for guidance in (1.0, DEFAULT_GUIDANCE[family]):
         kl_ref, grad_ref, traj = _fp64_reference(family, guidance)
+        assert kl_ref > 0.09
         trainer = _trainer(family, "delta", guidance)
         assert trainer.sampler.difference and trainer.process.exact_kl_context() is None
-        trainer.process.model.autocast_dtype = None
-        trainer.process.lora_model.double()
         kl, grad, _ = _kl_and_gradient(trainer, traj)
         kl_err, grad_err = _error(kl, grad, kl_ref, grad_ref)
+        tol = BF16_TOLERANCE.get(family, 0.01)
+        assert kl_err < tol and grad_err < tol, ("bf16", guidance, kl_err, grad_err)
+        kl, grad, _ = _kl_and_gradient(_exact_arithmetic(trainer), traj)
+        kl_err, grad_err = _error(kl, grad, kl_ref, grad_ref)
         tol = 1e-3 if family == "z-image" else 1e-4  # Z-Image's network casts some activations to fp32 itself
-        assert kl_err < tol and grad_err < tol, (guidance, kl_err, grad_err)
-        assert kl_ref > 0.09
-
-
-@pytest.mark.parametrize("guidance", [1.0, 7.5])
-def test_bf16_difference_propagation_keeps_the_kl_and_gradient_within_one_percent(guidance):
-    kl_ref, grad_ref, traj = _fp64_reference("sd", guidance)
-    assert kl_ref >= 0.1
-    kl, grad, _ = _kl_and_gradient(_trainer("sd", "delta", guidance), traj)
-    kl_err, grad_err = _error(kl, grad, kl_ref, grad_ref)
-    assert kl_err < 0.01 and grad_err < 0.01
-    kl_half, grad_half, _ = _kl_and_gradient(_trainer("sd", "autocast", guidance), traj)
-    half_err = _error(kl_half, grad_half, kl_ref, grad_ref)
-    assert half_err[0] > 10 * kl_err and half_err[1] > 5 * grad_err
+        assert kl_err < tol and grad_err < tol, ("fp64", guidance, kl_err, grad_err)
 
 
 def test_at_a_small_control_the_error_stays_relative_to_the_kl():
@@ -119,8 +126,8 @@ def test_at_a_small_control_the_error_stays_relative_to_the_kl():
 
 @pytest.mark.parametrize("objective", ["pathwise", "value_guided", "adjoint_matching"])
 def test_every_drift_objective_trains_with_delta_and_logs_its_kl(objective):
-    trainer = _trainer("sd", "delta", 7.5, reward=_brightness, drift_objective=objective, train_steps=2, log_every=1, learning_rate=1e-4,
-                       value_num_rollouts=4, value_train_steps=2, step_value_train_steps=5)
+    trainer = _trainer("sd", "delta", 7.5, reward=_brightness, drift_objective=objective, train_steps=2, log_every=1,
+                       learning_rate=1e-4, value_num_rollouts=4, value_train_steps=2, step_value_train_steps=5)
     summary = trainer.train()
     rows = [h for h in trainer.history if "train/kl" in h]
     assert len(rows) == 2 and all(math.isfinite(r["train/kl"]) and r["train/kl"] > 0 for r in rows)
