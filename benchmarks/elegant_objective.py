@@ -9,7 +9,8 @@ evaluations as ``trainers/costs.py`` counts them) and the reward.
 
 Tasks: ``tiny_sd`` (the test-size Stable Diffusion pipeline of ``hf_control_ft.testing``, 10 steps, guidance 7.5,
 bf16 weights; r = the decoded images' mean brightness; ``--kl_passes bf16`` trains with ``kl_precision="autocast"``,
-``fp32`` with ``"upcast"``, both evaluated with exact passes; no known optimum, so no gap), ``digits`` (the 8x8 DDPM of ``benchmarks/finetuner_tasks.py``, 15 steps, r = log p_proxy(3 | x), the shipped
+``fp32`` with ``"upcast"``, ``delta`` with ``"delta"`` (difference propagation), all evaluated with exact passes; no
+known optimum, so no gap), ``digits`` (the 8x8 DDPM of ``benchmarks/finetuner_tasks.py``, 15 steps, r = log p_proxy(3 | x), the shipped
 config ``examples/configs/digits_elegant.yaml``) and the exact cases of ``benchmarks/tilted_cases.py``
 (``linear_2d``, ``bounded_3d``, ``flow_linear_2d``, ``bump_2d``, ``flow_bump_3d``; ``--eta``, ``--steps``).
 ``--elegant KEY=VALUE`` overrides config fields (``batch_size=64 train_steps=60``: the same NFE at a larger batch);
@@ -72,7 +73,8 @@ def build(args, seed: int):
         cfg = ElegantConfig.from_dict({**fields, **overrides})
         trainer = ElegantTrainer.from_pipeline(
             tiny_sd_pipeline(), _brightness, cfg, prompts=["a cat", "a red car", "a dog", "a house"],
-            guidance_scale=7.5, mixed_precision="bf16", kl_precision="upcast" if args.kl_passes == "fp32" else "autocast")
+            guidance_scale=7.5, mixed_precision="bf16",
+            kl_precision={"fp32": "upcast", "delta": "delta"}.get(args.kl_passes, "autocast"))
         return trainer, trainer.reward_fn
     if args.task == "digits":
         from finetuner_tasks import DigitsComparison
@@ -230,6 +232,8 @@ def run(args, seed: int) -> dict:
 
         trainer.make_optimizer = sgd
     passes = None
+    if args.kl_passes == "delta" and args.task != "tiny_sd":
+        raise SystemExit("--kl_passes delta: a text-to-image process's kl_precision; use --task tiny_sd")
     if args.kl_passes != "fp32" and args.task != "tiny_sd":  # tiny_sd: the process's own kl_precision
         passes = HalfPrecisionPasses(trainer.model, {"bf16": torch.bfloat16, "fp16": torch.float16}[args.kl_passes])
         passes.active = False
@@ -311,7 +315,7 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--elegant", nargs="+", default=None, metavar="KEY=VALUE")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
-    p.add_argument("--kl_passes", default="fp32", choices=["fp32", "bf16", "fp16"],
+    p.add_argument("--kl_passes", default="fp32", choices=["fp32", "bf16", "fp16", "delta"],
                    help="the dtype of every denoiser call while training (evaluation always uses fp32 passes)")
     p.add_argument("--eta", type=float, default=None, help="exact cases: the sampler's eta (default: the case's first)")
     p.add_argument("--steps", type=int, default=None, help="exact cases: sampling steps (default 50)")

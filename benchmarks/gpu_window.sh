@@ -20,8 +20,11 @@ step() { python3 benchmarks/sd_step.py --batch_sizes 1 --dtype bf16 --repeats 1 
 # 1. the mode the cost model prices at 2x sampling: bf16 passes, value-guided drift on a quarter of the steps
 step --models sd15 flux --time_limit 110 --kl_precision autocast --drift_objective value_guided \
     --train_timestep_fraction 0.25
-# 2. bf16 passes, the pathwise gradient (7x by the model)
-step --models sd15 flux --time_limit 90 --kl_precision autocast
-# 3. the exact fp32-arithmetic KL passes (248x by the model; 49.9 s for SD 1.5's first iteration on an H200)
+# 2. the exact KL at half-precision products: difference propagation, value-guided on a quarter of the steps
+step --models sd15 flux --time_limit 110 --kl_precision delta --drift_objective value_guided \
+    --train_timestep_fraction 0.25
+# 3. bf16 passes, the pathwise gradient (7x by the model)
+step --models sd15 --time_limit 70 --kl_precision autocast
+# 4. the exact fp32-arithmetic KL passes (248x by the model; 49.9 s for SD 1.5's first iteration on an H200)
 step --models sd15 --time_limit 90 --kl_precision upcast
 echo "done: $OUT/sd_step.jsonl"

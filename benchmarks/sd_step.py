@@ -192,7 +192,9 @@ def run_families(args) -> None:
     """``--models``: one process per family, each with ``--time_limit``; JSON lines appended as measured."""
     forwarded = ["--eta", str(args.eta), "--dtype", args.dtype, "--batch_sizes", *map(str, args.batch_sizes),
                  "--lora_rank", str(args.lora_rank), "--kl_precision", args.kl_precision,
-                 "--noise_steps", str(args.noise_steps), "--repeats", str(args.repeats), "--device", args.device]
+                 "--noise_steps", str(args.noise_steps), "--repeats", str(args.repeats), "--device", args.device,
+                 "--drift_objective", args.drift_objective,
+                 "--train_timestep_fraction", str(args.train_timestep_fraction)]
     for flag in ("steps", "resolution", "guidance_scale", "truncate"):
         if getattr(args, flag) is not None:
             forwarded += [f"--{flag}", str(getattr(args, flag))]
@@ -261,7 +263,7 @@ def main(argv=None):
     p.add_argument("--noise_steps", type=int, default=20, help="Euler steps of the initial-noise model")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--lora_rank", type=int, default=4)
-    p.add_argument("--kl_precision", choices=["fp32", "upcast", "autocast"], default="fp32",
+    p.add_argument("--kl_precision", choices=["fp32", "upcast", "autocast", "delta"], default="fp32",
                    help="'upcast': frozen network in --dtype, KL passes in fp32 arithmetic (half the weight memory)")
     p.add_argument("--drift_objective", choices=["pathwise", "adjoint_matching", "value_guided"], default="pathwise",
                    help="the ELEGANT iteration's objective (value_guided: its per-step values fitted on 2 rollouts in "
