@@ -16,11 +16,12 @@ Everything is counted on the meta device (no memory, no download, seconds on a C
   attention is counted as the math kernel holds it on the meta device (its score matrix: an upper bound where a
   GPU's flash attention runs);
 * **passes of one drift iteration by kind** for each objective (``trainers/costs.py::iteration_passes``), and the
-  run's FLOPs by precision: the rollouts in bf16, the KL passes in the preset's ``kl_precision`` (``upcast``: fp32
-  arithmetic), a backward counted as one forward's FLOPs (activation gradients; the frozen weights get none) plus the
-  recompute of gradient checkpointing; the ``bf16_kl_*`` columns price the same passes all in bf16
-  (``kl_precision="autocast"``, what GRPO-style trainers run), whose training point ``benchmarks/elegant_objective.py
-  --kl_passes bf16`` measures;
+  run's FLOPs by precision: the rollouts in bf16, the KL passes in fp32 arithmetic (``kl_precision`` ``fp32`` /
+  ``upcast``), a backward counted as one forward's FLOPs (activation gradients; the frozen weights get none) plus the
+  recompute of gradient checkpointing; the ``bf16_kl_*`` columns price the same passes all with bf16 products
+  (``kl_precision="delta"``, the presets' exact mode, whose fp32 elementwise work is not counted, and ``"autocast"``,
+  what GRPO-style trainers run), whose training points ``benchmarks/elegant_objective.py --kl_passes delta|bf16``
+  measure;
 * **GPU-hours**, an estimate: bf16 work at ``--bf16_tflops`` sustained (default 400, 40 % of an H100 / H200's dense
   peak, an assumption), fp32-arithmetic work at the rate the only GPU measurement so far implies (:data:`MEASURED`:
   SD 1.5 512 px / 50 steps, batch 1, ``--kl_precision upcast``, pathwise: one ELEGANT iteration in 49.9 s on an
@@ -283,11 +284,11 @@ def family_costs(family: str, objectives=OBJECTIVES, train_timestep_fraction: fl
         c = dataclasses.replace(cfg, drift_objective=objective, train_timestep_fraction=fraction)
         passes = iteration_passes(c)
         samples = c.batch_size * c.gradient_accumulation_steps
-        exact = modelled_seconds(c, tflop, kl_precision in ("fp32", "upcast"), bf16_tflops=bf16_tflops,
-                                 fp32_tflops=fp32_tflops)
+        # "exact": the KL passes in fp32 arithmetic (kl_precision fp32 / upcast); "bf16": half-precision products,
+        # which kl_precision "delta" (the presets') and "autocast" share (delta's fp32 elementwise work not counted)
+        exact = modelled_seconds(c, tflop, True, bf16_tflops=bf16_tflops, fp32_tflops=fp32_tflops)
         half = modelled_seconds(c, tflop, False, bf16_tflops=bf16_tflops, fp32_tflops=fp32_tflops)
-        fp32_iter = (passes["kl_forward"] + passes["backward"] + passes["recompute"]) * samples * tflop \
-            if kl_precision in ("fp32", "upcast") else 0.0
+        fp32_iter = (passes["kl_forward"] + passes["backward"] + passes["recompute"]) * samples * tflop
         rows[objective] = {"passes_per_sample": passes,
                            "tflop_per_iteration_bf16": round((passes["rollout"] + passes["kl_forward"] + passes["backward"]
                                                               + passes["recompute"]) * samples * tflop - fp32_iter, 1),

@@ -5,7 +5,8 @@ For each family's tiny pipeline (random weights, LoRA ``B`` matrices set to ``sc
 family's schedule, eta 1, guidance 1 and the family's default, and two control sizes (the tests' and a tenth of it:
 a KL 100x smaller), it prints the relative error of the mean path KL and of its LoRA gradient (a vector, norm-wise)
 for ``delta`` in bf16 and fp16 autocast, ``autocast`` (two bf16 passes subtracted) and ``delta`` in fp64 arithmetic
-(what is left is the rules' own error). The reference is ``kl_precision="upcast"`` in fp64 arithmetic on the same
+(what is left is the rules' own error); ``delta-bf16-fp32-layers`` (a diagnosis: the linear and convolution products
+in fp32, attention's in bf16) says which products' rounding the bf16 error comes from. The reference is ``kl_precision="upcast"`` in fp64 arithmetic on the same
 stored weights (bf16, or fp16 for the fp16 mode, whose text encoder also runs in fp16).
 
     python benchmarks/kl_difference.py                          # every family but FLUX.1 (~5 min on 2 cores)
@@ -25,7 +26,8 @@ from test_kl_difference import (  # noqa: E402
     DEFAULT_GUIDANCE, LORA_SCALE, _error, _exact_arithmetic, _fp64_reference, _kl_and_gradient, _trainer)
 
 MODES = {"delta-bf16": ("delta", "bf16"), "delta-fp16": ("delta", "fp16"), "autocast-bf16": ("autocast", "bf16"),
-         "delta-fp64": ("delta", "fp64")}
+         "delta-fp64": ("delta", "fp64"), "delta-bf16-fp32-layers": ("delta", "bf16-fp32-layers")}
+DEFAULT_MODES = ["delta-bf16", "delta-fp16", "autocast-bf16", "delta-fp64"]
 
 
 def run(family: str, mode: str, guidance: float, scale: float, references: dict) -> dict:
@@ -34,9 +36,11 @@ def run(family: str, mode: str, guidance: float, scale: float, references: dict)
     if half not in references:
         references[half] = _fp64_reference(family, guidance, scale, mixed_precision=half)
     kl_ref, grad_ref, traj = references[half]
-    trainer = _trainer(family, precision, guidance, scale, mixed_precision="bf16" if dtype == "fp64" else dtype)
+    trainer = _trainer(family, precision, guidance, scale, mixed_precision=half)
     if dtype == "fp64":
         _exact_arithmetic(trainer)
+    elif dtype == "bf16-fp32-layers":  # a diagnosis: linear / convolution products in fp32, attention's in bf16
+        trainer.process.model.upcast.matmul_dtype = None
     kl, grad, _ = _kl_and_gradient(trainer, traj)
     kl_err, grad_err = _error(kl, grad, kl_ref, grad_ref)
     return {"family": family, "mode": mode, "guidance": guidance, "lora_scale": scale, "kl_fp64": kl_ref,
@@ -46,7 +50,7 @@ def run(family: str, mode: str, guidance: float, scale: float, references: dict)
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--families", nargs="+", default=sorted(LORA_SCALE))
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES))
     args = parser.parse_args()
     records = []
     for family in args.families:

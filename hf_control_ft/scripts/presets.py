@@ -7,9 +7,10 @@ equal) with a reward and an alpha, as starting points to copy.
 
 The values are the scale each family is trained at (its usual resolution, steps and guidance; the batch that fits
 one 80 GB GPU with gradient checkpointing, grown by accumulation; stage-1 rollouts and noise batches sized to the
-cost of a sample), not tuned results. The memory switches are on where the text encoders or the frozen network
-are large (T5-XXL, a 12B transformer): half-precision frozen weights with the exact KL (``kl_precision="upcast"``),
-prompt embeddings computed once, one-image VAE decodes.
+cost of a sample), not tuned results. Every family takes the exact KL at half-precision products
+(``kl_precision="delta"``: difference propagation, frozen weights in the ``--mixed_precision`` dtype). The memory
+switches are on where the text encoders or the frozen network are large (T5-XXL, a 12B transformer): prompt
+embeddings computed once, one-image VAE decodes.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ PIPELINE_FAMILY = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline
                    "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "QwenImagePipeline": "qwen-image",
                    "Flux2KleinPipeline": "flux2-klein", "ZImagePipeline": "z-image", "WanPipeline": "wan"}
 
-_COMMON = dict(gradient_checkpointing=True, checkpointing_steps=50, validation_steps=50)
-_LARGE = dict(kl_precision="upcast", enable_vae_slicing=True, batch_size=1, gradient_accumulation_steps=8)
+_COMMON = dict(gradient_checkpointing=True, checkpointing_steps=50, validation_steps=50, kl_precision="delta")
+_LARGE = dict(enable_vae_slicing=True, batch_size=1, gradient_accumulation_steps=8)
 PRESETS = {
     "sd15": dict(_COMMON, resolution=512, num_inference_steps=50, guidance_scale=7.5, batch_size=4,
                  gradient_accumulation_steps=2, learning_rate=3e-4, lora_rank=8, value_num_rollouts=256,

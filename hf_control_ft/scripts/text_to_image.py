@@ -259,7 +259,7 @@ def model_estimate(trainer, family: str, num_processes: int) -> str:
 
 
 #: the switches that lower memory, in the order to try them (the presets of large families set most of them)
-MEMORY_SWITCHES = ("--kl_precision upcast", "--gradient_checkpointing", "--pre_compute_text_embeddings", "--offload",
+MEMORY_SWITCHES = ("--kl_precision delta", "--gradient_checkpointing", "--pre_compute_text_embeddings", "--offload",
                    "--enable_vae_slicing", "--batch_size 1 --gradient_accumulation_steps N",
                    "--rollout_batch_size 1", "--noise_batch_size 1", "--truncate_backprop_steps K")
 
@@ -272,7 +272,7 @@ def out_of_memory_message(trainer, args) -> str:
     off = [s for s in MEMORY_SWITCHES if not _switch_on(s, args, trainer.config)]
     preset = f"; the {family} preset already sets the others" if family else ""
     return (f"out of accelerator memory {where}: turn on {', '.join(off) or 'nothing left'} (docs/text_to_image.md, "
-            f"memory){preset}. The largest families need --kl_precision upcast and batch 1 on one 80 GB GPU; on "
+            f"memory){preset}. The largest families need half-precision frozen weights (--kl_precision delta or upcast) and batch 1 on one 80 GB GPU; on "
             f"several GPUs --config_file examples/accelerate/fsdp.yaml shards the frozen network "
             f"(README: memory per preset).")
 
@@ -281,7 +281,7 @@ def _switch_on(switch: str, args, config) -> bool:
     name = switch.split()[0][2:]
     value = getattr(args, name, getattr(config, name, None))
     if name == "kl_precision":
-        return value in ("upcast", "tf32", "autocast")
+        return value in ("upcast", "tf32", "autocast", "delta")
     if name in ("batch_size", "rollout_batch_size", "noise_batch_size"):
         return value == 1
     if name == "truncate_backprop_steps":

@@ -25,8 +25,8 @@ from hf_control_ft.testing.families import (
     tiny_z_image_pipeline,
 )
 
-# FLUX.1 is left out: its tiny pipeline's attention over 512 text tokens makes one check take 7 minutes on 2 CPU
-# cores (measured once: KL error 7e-4 relative, gradient 5e-5, on a KL of 3e-7 nats; FLUX.2 shares its blocks)
+# FLUX.1 is left out: its tiny pipeline's attention over 512 text tokens makes one check take minutes on 2 CPU cores
+# (and its random LoRA moves the KL by 3e-7 nats only); FLUX.2 klein's blocks are of its kind
 FAMILIES = {"sd": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline, "sd3": tiny_sd3_pipeline,
             "qwen-image": tiny_qwen_image_pipeline, "flux2-klein": tiny_flux2_klein_pipeline,
             "z-image": tiny_z_image_pipeline, "wan": tiny_wan_pipeline}

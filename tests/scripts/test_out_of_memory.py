@@ -19,7 +19,7 @@ def _trainer(step, **config):
 
 
 def test_out_of_memory_names_the_switches_still_off_in_one_line(capsys):
-    args = types.SimpleNamespace(preset_family="flux", kl_precision="upcast", pre_compute_text_embeddings=True,
+    args = types.SimpleNamespace(preset_family="flux", kl_precision="delta", pre_compute_text_embeddings=True,
                                  offload=False, enable_vae_slicing=True)
     with pytest.raises(SystemExit) as stop:
         _train(_trainer(7, batch_size=2, gradient_checkpointing=True), args)
@@ -27,7 +27,7 @@ def test_out_of_memory_names_the_switches_still_off_in_one_line(capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: out of accelerator memory at drift step 8")
     assert "--offload" in err and "--batch_size 1 --gradient_accumulation_steps N" in err  # still off
-    assert "--kl_precision upcast," not in err and "--gradient_checkpointing" not in err  # already on
+    assert "--kl_precision delta," not in err and "--gradient_checkpointing" not in err  # already on
     assert "the flux preset already sets the others" in err and "examples/accelerate/fsdp.yaml" in err
     assert "Traceback" not in err
 
@@ -38,4 +38,4 @@ def test_out_of_memory_before_the_drift_says_so(capsys):
     with pytest.raises(SystemExit):
         _train(_trainer(0, gradient_checkpointing=False), args)
     err = capsys.readouterr().err
-    assert "before the first drift step" in err and "--kl_precision upcast" in err and "--gradient_checkpointing" in err
+    assert "before the first drift step" in err and "--kl_precision delta" in err and "--gradient_checkpointing" in err

@@ -112,7 +112,7 @@ def test_a_preset_that_cannot_be_read_is_never_silently_dropped(tmp_path, capsys
     assert stop.value.code == 2 and "--model_family" in err and "flux" in err and "model_index.json" in err
     args, config = parse_script_args(ElegantScriptArguments, ElegantConfig,
                                      _base("black-forest-labs/FLUX.1-dev", tmp_path, "--model_family", "flux"))
-    assert config.batch_size == PRESETS["flux"]["batch_size"] and args.kl_precision == "upcast"
+    assert config.batch_size == PRESETS["flux"]["batch_size"] and args.kl_precision == "delta"
     args, config = parse_script_args(ElegantScriptArguments, ElegantConfig,
                                      _base("black-forest-labs/FLUX.1-dev", tmp_path, "--model_family", "none"))
     assert config.batch_size == ElegantConfig().batch_size and args.preset_note is None
