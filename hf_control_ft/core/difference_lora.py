@@ -37,6 +37,7 @@ class DifferenceSwitch:
 
 
 def _lora(layer, name, x):
+    """The adapter ``name``'s own term of a peft LoRA layer, ``s B A dropout(x)``."""
     if getattr(layer, "use_dora", {}).get(name, False):
         raise NotImplementedError("kl_precision='delta' does not support DoRA adapters")
     A, B = layer.lora_A[name], layer.lora_B[name]
@@ -69,6 +70,8 @@ def install_difference(model: torch.nn.Module, matmul_dtype: torch.dtype | None 
             d.append(-extra)
         if od is not None:
             d.append(od)
+        if not d:
+            return oh
         total = d[0]
         for t in d[1:]:
             total = total + t

@@ -205,5 +205,15 @@ def tiny_wan_output(transformer, seed: int = 1) -> torch.Tensor:
         return transformer(x, torch.tensor([700.0, 300.0]), emb, return_dict=False)[0]
 
 
-__all__ = ["tiny_wan_pipeline", "tiny_wan_output", "tiny_chat_tokenizer", "tiny_flux2_klein_pipeline", "tiny_flux2_output", "tiny_z_image_pipeline", "tiny_z_image_output", "tiny_qwen_image_pipeline",
-           "tiny_qwen_image_output"]
+def tiny_pipelines() -> dict:
+    """Every family's tiny pipeline builder by family name (the precision tests run each mode on all of them)."""
+    from . import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
+
+    return {"sd": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline, "sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline,
+            "qwen-image": tiny_qwen_image_pipeline, "flux2-klein": tiny_flux2_klein_pipeline,
+            "z-image": tiny_z_image_pipeline, "wan": tiny_wan_pipeline}
+
+
+__all__ = ["tiny_wan_pipeline", "tiny_wan_output", "tiny_chat_tokenizer", "tiny_flux2_klein_pipeline", "tiny_flux2_output",
+           "tiny_z_image_pipeline", "tiny_z_image_output", "tiny_qwen_image_pipeline", "tiny_qwen_image_output",
+           "tiny_pipelines"]

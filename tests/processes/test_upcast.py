@@ -7,25 +7,10 @@ import pytest
 import torch
 
 from hf_control_ft import ElegantConfig, ElegantTrainer
-from hf_control_ft.testing import (
-    kl_and_gradient,
-    scale_lora,
-    tiny_flux_pipeline,
-    tiny_sd3_pipeline,
-    tiny_sd_pipeline,
-    tiny_sdxl_pipeline,
-)
+from hf_control_ft.testing import kl_and_gradient, scale_lora
+from hf_control_ft.testing.families import tiny_pipelines
 
-from hf_control_ft.testing.families import (
-    tiny_flux2_klein_pipeline,
-    tiny_qwen_image_pipeline,
-    tiny_wan_pipeline,
-    tiny_z_image_pipeline,
-)
-
-FAMILIES = {"sd": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline, "sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline,
-            "qwen-image": tiny_qwen_image_pipeline, "flux2-klein": tiny_flux2_klein_pipeline,
-            "z-image": tiny_z_image_pipeline, "wan": tiny_wan_pipeline}
+FAMILIES = tiny_pipelines()
 # a control with a KL well above its rounding
 LORA_SCALE = {"sd": 0.05, "sdxl": 0.5, "sd3": 0.5, "flux": 0.5, "qwen-image": 0.5, "flux2-klein": 1.0, "z-image": 0.5,
               "wan": 0.5}

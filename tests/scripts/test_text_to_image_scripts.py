@@ -151,9 +151,9 @@ def test_elegant_script_on_two_cpu_processes_with_accelerates_mixed_precision(wo
                   "--train_steps", "2", "--output_dir", out, *sharded, processes=2,
                   extra_env={"ACCELERATE_USE_CPU": "1"}, precision="bf16")
     assert done.returncode == 0, done.stderr[-3000:]
-    # accelerate's own --mixed_precision is honoured (frozen VAE / text encoder in bf16, KL passes in fp32)
+    # accelerate's own --mixed_precision is honoured (frozen VAE / text encoder in bf16) with the preset's exact KL
     options = json.loads((workdir / out / "stable_diffusion.json").read_text())
-    assert (options["mixed_precision"], options["kl_precision"]) == ("bf16", "fp32")
+    assert (options["mixed_precision"], options["kl_precision"]) == ("bf16", "delta")
     assert "drift 144 forward" in done.stderr  # 2 processes x batch 2 counted in the announced cost
     assert {"pytorch_lora_weights.safetensors", "README.md"} <= set(os.listdir(workdir / out))
     # --fsdp: the UNet sharded over both processes, validation images sampled by both at every step
