@@ -216,6 +216,7 @@ def _evaluate_digits(args, directory: str, task: dict) -> int:
 
 def cmd_rate(args) -> int:
     """Serves the rating page of a SEIKO run until interrupted (the trainer, with a ``HumanOracle``, waits for it)."""
+    import threading
     import time
 
     from .feedback.rating import RatingScale
@@ -243,8 +244,10 @@ def cmd_rate(args) -> int:
     try:
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
-        server.shutdown()
+    except KeyboardInterrupt:  # stop serving; the page's threads are daemons, so a stuck one cannot hold the exit
+        stopper = threading.Thread(target=server.shutdown, daemon=True)
+        stopper.start()
+        stopper.join(5.0)
     return 0
 
 

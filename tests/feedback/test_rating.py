@@ -353,9 +353,11 @@ def test_hf_control_ft_rate_serves_a_run_from_another_process(tmp_path):
         status, body = _call(f"http://127.0.0.1:{port}", "/api/progress", token)
         assert status == 200 and body["rater"] == "carol" and body["progress"]["total"] == 2
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
+        stdout, stderr = proc.communicate(timeout=30)  # drains both pipes: a full stderr pipe would block the child
+        assert proc.returncode == 0, stderr[-2000:]
     finally:
         if proc.poll() is None:
             proc.kill()
-    printed = proc.stdout.read() + proc.stderr.read()
+            stdout, stderr = proc.communicate()
+    printed = stdout + stderr
     assert token not in printed + "".join(lines) and token not in json.dumps(RatingFiles(str(out)).raters())
