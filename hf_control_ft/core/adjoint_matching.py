@@ -141,19 +141,21 @@ def adjoint_matching_backward(sampler: ControlledSampler, trajectory: Trajectory
             adjoint = value_gradient(trajectory.states[k + 1], k + 1).detach()
         x_k = trajectory.states[k].detach()
         x_in = x_k.clone().requires_grad_(value_gradient is None)
+        one_pass = step_trained and sampler.difference  # one difference-propagation pass gives mu_pre and u
+        # ... and u then depends on x_in too: the adjoint takes mu_pre's input gradient only, the loss the LoRA's
+        split_backward = one_pass and value_gradient is None
         with torch.enable_grad(), sampler.kl_context():
-            if step_trained and sampler.difference:  # one difference-propagation pass gives mu_pre and u
+            if one_pass:
                 _, mu_pre, u = sampler.means(x_in, k)
             else:
                 mu_pre = sampler.mean(x_in, k, controlled=False)
             outputs, grads = ([mu_pre], [adjoint]) if value_gradient is None else ([], [])
-            if step_trained and sampler.difference and value_gradient is None:
-                # u depends on x_in too: the adjoint takes mu_pre's input gradient only, the loss reaches the LoRA
+            if split_backward:
                 (x_grad,) = torch.autograd.grad(mu_pre, x_in, adjoint, retain_graph=True)
                 outputs, grads = [], []
             if step_trained:
                 var = float(schedule.std[k]) ** 2
-                if not sampler.difference:
+                if not one_pass:
                     mu_ft = sampler.mean(x_k, k, controlled=True)  # x_k without grad: only LoRA params
                     u = mu_ft - mu_pre.detach()
                 target = (var / alpha) * adjoint
@@ -166,7 +168,7 @@ def adjoint_matching_backward(sampler: ControlledSampler, trajectory: Trajectory
                     grads.append(torch.as_tensor(weight, dtype=loss_k.dtype, device=loss_k.device))
                 trajectory.kl_steps[k] = inflation * _sum_non_batch(u.detach().pow(2)) / (2.0 * var)
                 total = total + inflation * loss_k.detach()
-            if step_trained and sampler.difference and value_gradient is None:
+            if split_backward:
                 if outputs:
                     torch.autograd.backward(outputs, grads, inputs=_trainable(sampler.model))
                 adjoint = x_grad.detach()

@@ -7,8 +7,8 @@ activation, the pretrained network's value ``h`` and the difference ``dh`` of th
 it (``docs/numerics.md``, *Difference propagation*):
 
 * at each LoRA layer (adapters off, so the layer computes the pretrained ``W h + b``) the difference is
-  ``W dh + s B A (h + dh)`` (:func:`difference_mode`'s hooks): the weight acts on ``dh`` in the run's half
-  precision, whose rounding now scales with ``|dh|``, not with ``|h|``;
+  ``W dh + s B A (h + dh)`` (the hooks of :func:`~hf_control_ft.core.difference_lora.difference_mode`): the weight
+  acts on ``dh`` in half precision, whose rounding now scales with ``|dh|``, not with ``|h|``;
 * linear operations (reshapes, sums, concatenations, convolutions, padding, nearest / linear resampling, RoPE's
   rotations) act on ``dh`` as on ``h``; products use ``d(ab) = da (b + db) + a db``;
 * every other operation (SiLU, GELU, GroupNorm / LayerNorm / RMSNorm, exp, division, ...) takes its difference in
@@ -18,8 +18,10 @@ it (``docs/numerics.md``, *Difference propagation*):
   ``dP = P (E - c) / (1 + c)`` with ``E = expm1(dS)``, ``c = sum_j P_j E_j``, and ``d out = dP (V + dV) + P dV``
   (:func:`attention_difference`), each block recomputed in the backward pass instead of stored.
 
-The base values ``h`` are computed as the run computes them (half precision under autocast); their rounding moves
-the point at which ``d`` is evaluated, an error relative to ``d`` itself (about 2^-8 of it), not to ``h``.
+In ``kl_precision="delta"`` the activations stay fp32 and every matrix product takes half-precision inputs
+(:func:`set_matmul_dtype` here, ``UpcastSwitch.matmul_dtype`` for the network's layers): tensor-core products. Their
+rounding of the base values moves the point at which ``d`` is evaluated, an error relative to ``d`` itself, not to
+``h`` (``docs/numerics.md`` measures it per family).
 
 A :class:`Difference` is a tensor holding ``h`` that carries ``dh`` (``difference_parts``); ``__torch_function__``
 applies the rules above, so the diffusers networks run unchanged. Gradients flow through both parts by ordinary
@@ -89,14 +91,18 @@ def _is_float(t) -> bool:
     return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
 
 
+def _map2(fn, a, b):
+    """``fn`` over two output structures of the same shape."""
+    if isinstance(a, (list, tuple)):
+        out = [_map2(fn, x, y) for x, y in zip(a, b)]
+        return type(a)(out) if not hasattr(a, "_fields") else type(a)(*out)
+    return fn(a, b)
+
+
 def _zip(h_out, d_out):
     """Pairs an output structure of base values with the same structure of differences."""
-    if isinstance(h_out, (list, tuple)):
-        out = [_zip(h, d) for h, d in zip(h_out, d_out)]
-        return type(h_out)(out) if not hasattr(h_out, "_fields") else type(h_out)(*out)
-    if _is_float(h_out) and isinstance(d_out, torch.Tensor):
-        return difference_pair(h_out, d_out)
-    return h_out
+    return _map2(lambda h, d: difference_pair(h, d) if _is_float(h) and isinstance(d, torch.Tensor) else h,
+                 h_out, d_out)
 
 
 def _autocast_off(args):
@@ -140,14 +146,6 @@ def _generic(func, args, kwargs):
         perturbed = func(*_map(plus, args), **_map(plus, kwargs))
         reference = func(*_map(base, args), **_map(base, kwargs))
     return _zip(out, _map2(lambda p, r: p - r if _is_float(p) else None, perturbed, reference))
-
-
-def _map2(fn, a, b):
-    """``fn`` over two output structures of the same shape."""
-    if isinstance(a, (list, tuple)):
-        out = [_map2(fn, x, y) for x, y in zip(a, b)]
-        return type(a)(out) if not hasattr(a, "_fields") else type(a)(*out)
-    return fn(a, b)
 
 
 def _add(a, b, *, alpha=1, sign=1.0):

@@ -38,8 +38,6 @@ class DifferenceSwitch:
 
 def _lora(layer, name, x):
     """The adapter ``name``'s own term of a peft LoRA layer, ``s B A dropout(x)``."""
-    if getattr(layer, "use_dora", {}).get(name, False):
-        raise NotImplementedError("kl_precision='delta' does not support DoRA adapters")
     A, B = layer.lora_A[name], layer.lora_B[name]
     if not torch.is_autocast_enabled(x.device.type):
         x = x.to(A.weight.dtype)
@@ -89,6 +87,9 @@ def difference_mode(model: torch.nn.Module, target=("control",), base=()):
     (none: the pretrained network) carrying the difference of the network with the ``target`` adapters from it."""
     switch = install_difference(model)
     layers = tuner_layers(model)
+    if any(any(getattr(layer, "use_dora", {}).values()) for layer in layers):
+        raise ValueError("--kl_precision delta: DoRA adapters (use_dora) have a magnitude term the difference rules "
+                         "do not carry; use --kl_precision upcast")
     off = [layer._disable_adapters for layer in layers]
     for layer in layers:  # the flag only: peft's enable_adapters(False) would also freeze the adapter's weights
         layer._disable_adapters = True

@@ -55,9 +55,10 @@ class StableDiffusionOptions:
             several times fp32's speed on tensor-core GPUs, with a KL rounding floor far below ``"autocast"``'s,
             given by ``docs/numerics.md``); ``"autocast"``:
             those calls run in the half dtype too, faster but with a KL rounding floor (module docstring);
-            ``"delta"``: half-precision weights and passes, the KL's mean difference carried through one pass by
-            difference propagation (:mod:`hf_control_ft.core.difference`): about the cost of ``"autocast"``, with a
-            KL error relative to the KL itself (0.2 % in bf16 on the tiny SD) instead of a rounding floor.
+            ``"delta"``: half-precision weights and matrix products, fp32 activations, the KL's mean difference
+            carried through one pass by difference propagation (:mod:`hf_control_ft.core.difference`): the products
+            of ``"autocast"``, with a KL error relative to the KL itself (at most 0.4 % in bf16 on the tiny SD,
+            ``docs/numerics.md``) instead of a rounding floor.
         base_model: Hub id or path of the base pipeline (for the model card and for loading).
         prompt_column: column of a ``datasets`` prompt source.
         guidance_rescale: must be 0 (accepted so that diffusers' argument gets a clear error, not a TypeError).

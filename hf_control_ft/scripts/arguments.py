@@ -89,9 +89,9 @@ class TextToImageArguments:
                                    "'upcast': weights in the --mixed_precision dtype (half the memory), calls that"
                                    " feed the KL in fp32 arithmetic layer by layer (exact KL); 'tf32': the same "
                                    "with TF32 tensor-core matmuls there (GPU); 'autocast': half "
-                                   "precision, faster, with a KL rounding floor; 'delta': half precision, the "
-                                   "KL's difference carried through one pass (about autocast's cost, error "
-                                   "relative to the KL)")
+                                   "precision, faster, with a KL rounding floor; 'delta': half-precision "
+                                   "weights and products, the KL's difference carried through one pass (autocast's "
+                                   "products, error relative to the KL)")
     pre_compute_text_embeddings: bool = _f(False, "encode each prompt once, keep the embeddings on the CPU and the "
                                                   "text encoders off the accelerator")
     offload: bool = _f(False, "keep the text encoders (and a SEIKO oracle that is a model) on the CPU, on the "

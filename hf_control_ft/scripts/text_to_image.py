@@ -272,9 +272,9 @@ def out_of_memory_message(trainer, args) -> str:
     off = [s for s in MEMORY_SWITCHES if not _switch_on(s, args, trainer.config)]
     preset = f"; the {family} preset already sets the others" if family else ""
     return (f"out of accelerator memory {where}: turn on {', '.join(off) or 'nothing left'} (docs/text_to_image.md, "
-            f"memory){preset}. The largest families need half-precision frozen weights (--kl_precision delta or upcast) and batch 1 on one 80 GB GPU; on "
-            f"several GPUs --config_file examples/accelerate/fsdp.yaml shards the frozen network "
-            f"(README: memory per preset).")
+            f"memory){preset}. The largest families need half-precision frozen weights (--kl_precision delta or "
+            f"upcast) and batch 1 on one 80 GB GPU; on several GPUs --config_file examples/accelerate/fsdp.yaml "
+            f"shards the frozen network (README: memory per preset).")
 
 
 def _switch_on(switch: str, args, config) -> bool:

@@ -131,3 +131,15 @@ def test_dropout_in_training_mode_is_refused():
     with pytest.raises(RuntimeError, match="eval mode"):
         F.dropout(difference_pair(h, d), 0.1, training=True)
     assert isinstance(F.dropout(difference_pair(h, d), 0.1, training=False), Difference)
+
+
+def test_dora_adapters_are_refused_naming_the_flag():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from hf_control_ft.core.difference_lora import difference_mode
+
+    model = inject_adapter_in_model(LoraConfig(r=2, target_modules=["0"], use_dora=True),
+                                    torch.nn.Sequential(torch.nn.Linear(4, 4)), adapter_name="control")
+    with pytest.raises(ValueError, match="--kl_precision delta.*DoRA.*--kl_precision upcast"):
+        with difference_mode(model):
+            model(torch.randn(2, 4))
