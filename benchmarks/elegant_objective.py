@@ -12,7 +12,13 @@ bf16 weights; r = the decoded images' mean brightness; ``--kl_passes bf16`` trai
 ``fp32`` with ``"upcast"``, ``delta`` with ``"delta"`` (difference propagation), all evaluated with exact passes; no
 known optimum, so no gap), ``digits`` (the 8x8 DDPM of ``benchmarks/finetuner_tasks.py``, 15 steps, r = log p_proxy(3 | x), the shipped
 config ``examples/configs/digits_elegant.yaml``) and the exact cases of ``benchmarks/tilted_cases.py``
-(``linear_2d``, ``bounded_3d``, ``flow_linear_2d``, ``bump_2d``, ``flow_bump_3d``; ``--eta``, ``--steps``).
+(``linear_2d``, ``bounded_3d``, ``flow_linear_2d``, ``bump_2d``, ``flow_bump_3d``; ``--eta``, ``--steps``; each point
+also has the mode-weight TV to the exact target) and ``rare`` (``benchmarks/seiko_tasks.py``'s rare task with its
+true reward, alpha 2, the per-round settings of ``benchmarks/seiko_feedback.py``; each point has the rare mode's
+weight). With ``--elegant use_ema=true`` every point measures the moving average of the weights.
+``--init_from_floor`` (exact cases) starts the drift at the discretisation floor's adapter and ``--tilted_fit N``
+(digits) at the maximum-likelihood fit to exact tilted paths (``benchmarks/tilted_fit.py``); both print their
+starting point as iteration 0.
 ``--elegant KEY=VALUE`` overrides config fields (``batch_size=64 train_steps=60``: the same NFE at a larger batch);
 ``--optimizer sgd`` swaps AdamW for SGD with momentum 0.9 (a measurement only: not a library option).
 
@@ -54,6 +60,11 @@ from hf_control_ft.trainers.costs import network_evaluations  # noqa: E402
 from hf_control_ft.utils.config_cli import parse_flags  # noqa: E402
 
 EXACT = ("linear_2d", "bounded_3d", "flow_linear_2d", "bump_2d", "flow_bump_3d")
+_CASES: dict = {}  # the exact cases built (their targets give each point's mode-weight TV)
+
+
+def _case(args) -> dict:
+    return _CASES[args.task]
 
 
 def build(args, seed: int):
@@ -87,10 +98,27 @@ def build(args, seed: int):
         cfg = ElegantConfig.from_dict({**fields, **overrides})
         return ElegantTrainer(cfg, model=task.new_model(), scheduler=task.scheduler, reward_fn=task.reward,
                               sample_shape=task.shape), task.reward
+    if args.task == "rare":  # the SEIKO rare task with its true reward (benchmarks/seiko_rare_ceiling.py's setting)
+        import copy
+
+        from seiko_feedback import UPDATE_SETTINGS
+        from seiko_tasks import RareTask
+
+        task = RareTask()
+        task.build()
+        f = task.config_fields()
+        fields = dict(alpha=2.0, num_inference_steps=f["num_inference_steps"], train_steps=30,
+                      batch_size=f["batch_size"], learning_rate=f["learning_rate"], lora_rank=f["lora_rank"],
+                      value_num_rollouts=f["value_num_rollouts"], seed=seed, output_dir=None, **UPDATE_SETTINGS)
+        cfg = ElegantConfig.from_dict({**fields, **overrides})
+        _CASES["rare"] = {"rare_task": task}
+        return ElegantTrainer(cfg, model=copy.deepcopy(task.model), scheduler=task.scheduler,
+                              reward_fn=task.true_reward, sample_shape=task.sample_shape), task.true_reward
     from tilted_cases import build_case, load_denoiser
 
     case = build_case(args.task, distill_steps=100 if args.quick else 1500,
                       num_reference=20_000 if args.quick else 1_000_000)
+    _CASES[args.task] = case
     eta = args.eta if args.eta is not None else case["etas"][0]
     fields = dict(alpha=case["alpha"], eta=eta, num_inference_steps=args.steps or 50, train_steps=400,
                   batch_size=128, learning_rate=1e-3, lora_rank=8, seed=seed, value_num_rollouts=4096,
@@ -182,8 +210,9 @@ def _brightness(images, prompts=None):
     return images.float().mean(dim=(1, 2, 3))
 
 
-def optimum(trainer, reward_fn, n: int, seed: int = 1234) -> tuple[float, float]:
-    """``(J*, its standard error)``: ``alpha log mean exp(r / alpha)`` over ``n`` pretrained samples (delta method)."""
+def optimum(trainer, reward_fn, n: int, seed: int = 1234) -> tuple[float, float, float]:
+    """``(J*, its standard error, the pretrained model's J = E[r])``: ``J* = alpha log mean exp(r / alpha)`` over
+    ``n`` pretrained samples (standard error by the delta method)."""
     alpha = trainer.config.alpha
     x = trainer.sample(n, generator=torch.Generator().manual_seed(seed), batch_size=1024, controlled=False)
     with torch.no_grad():
@@ -191,31 +220,44 @@ def optimum(trainer, reward_fn, n: int, seed: int = 1234) -> tuple[float, float]
     m = float(w.max())
     e = (w - m).exp()
     j = alpha * (m + math.log(float(e.mean())))
-    return j, alpha * float(e.std() / e.mean()) / math.sqrt(n)
+    return j, alpha * float(e.std() / e.mean()) / math.sqrt(n), alpha * float(w.mean())
 
 
 @torch.no_grad()
-def evaluate(trainer, reward_fn, n: int, seed: int = 99) -> dict:
+def evaluate(trainer, reward_fn, n: int, seed: int = 99, case: dict | None = None) -> dict:
     """``J``, its standard error, reward, KLs and the per-step KL on ``n`` samples of the fine-tuned chain."""
     gen = torch.Generator().manual_seed(seed)
-    rs, kls, inits, steps = [], [], [], []
+    rs, kls, inits, steps, samples = [], [], [], [], []
     batch = min(n, 512)
     exact = trainer.process.exact_kl_context() or contextlib.nullcontext  # half-precision passes: measured exactly
-    for start in range(0, n, batch):
-        b = min(batch, n - start)
-        trainer.process.prepare_batch(b, gen)
-        x_T, kl_init = trainer.draw_initial_noise(b, gen, trainer.batch_condition())
-        with exact():
-            traj = trainer.sampler.rollout(x_T, gen, measure_kl=True)
-        rs.append(reward_fn(traj.samples).double())
-        kls.append(traj.kl.double())
-        inits.append(kl_init.double())
-        steps.append(traj.kl_steps.double().sum(1))
+    average = trainer.ema.applied() if trainer.ema is not None else contextlib.nullcontext()  # --use_ema
+    with average:
+        for start in range(0, n, batch):
+            _evaluate_batch(trainer, reward_fn, min(batch, n - start), gen, exact, rs, kls, inits, steps, samples)
     r, kl, kl_init = torch.cat(rs), torch.cat(kls), torch.cat(inits)
     j = r - trainer.config.alpha * (kl + kl_init)
-    return {"J": float(j.mean()), "J_se": float(j.std() / math.sqrt(len(j))), "reward": float(r.mean()),
-            "kl": float(kl.mean()), "kl_init": float(kl_init.mean()),
-            "kl_steps": [round(float(v), 4) for v in torch.stack(steps).sum(0) / len(r)]}
+    out = {"J": float(j.mean()), "J_se": float(j.std() / math.sqrt(len(j))), "reward": float(r.mean()),
+           "kl": float(kl.mean()), "kl_init": float(kl_init.mean()),
+           "kl_steps": [round(float(v), 4) for v in torch.stack(steps).sum(0) / len(r)]}
+    if case is not None and "rare_task" in case:  # the rare mode's weight
+        out["rare_mode_weight"] = case["rare_task"].evaluate(torch.cat(samples))["rare_mode_weight"]
+    elif case is not None:  # an exact case: the mode weights' distance to the target's
+        from tilted_cases import evaluate as mode_weights
+
+        out["tv"] = mode_weights(case["target"], torch.cat(samples))["tv"]
+    return out
+
+
+def _evaluate_batch(trainer, reward_fn, b: int, gen, exact, rs, kls, inits, steps, samples) -> None:
+    trainer.process.prepare_batch(b, gen)
+    x_T, kl_init = trainer.draw_initial_noise(b, gen, trainer.batch_condition())
+    with exact():
+        traj = trainer.sampler.rollout(x_T, gen, measure_kl=True)
+    rs.append(reward_fn(traj.samples).double())
+    samples.append(traj.samples)
+    kls.append(traj.kl.double())
+    inits.append(kl_init.double())
+    steps.append(traj.kl_steps.double().sum(1))
 
 
 def run(args, seed: int) -> dict:
@@ -237,8 +279,8 @@ def run(args, seed: int) -> dict:
     if args.kl_passes != "fp32" and args.task != "tiny_sd":  # tiny_sd: the process's own kl_precision
         passes = HalfPrecisionPasses(trainer.model, {"bf16": torch.bfloat16, "fp16": torch.float16}[args.kl_passes])
         passes.active = False
-    j_star, j_star_se = (math.nan, math.nan) if args.task == "tiny_sd" else optimum(trainer, reward_fn,
-                                                                                      args.optimum_samples)
+    j_star, j_star_se, j_pre = (math.nan,) * 3 if args.task == "tiny_sd" else optimum(trainer, reward_fn,
+                                                                                       args.optimum_samples)
     trainer.optimum = None if args.task == "tiny_sd" else j_star
     costs = network_evaluations(cfg)
     per_iteration = (costs["drift_forward"] + costs["drift_backward"]) / cfg.train_steps
@@ -247,24 +289,55 @@ def run(args, seed: int) -> dict:
     head = {"task": args.task, "label": label, "seed": seed, "optimizer": args.optimizer,
             "drift_objective": cfg.drift_objective, "eta": cfg.eta, "steps": cfg.num_inference_steps,
             "kl_passes": args.kl_passes,
-            "J_star": round(j_star, 4), "J_star_se": round(j_star_se, 4)}
+            "J_star": round(j_star, 4), "J_star_se": round(j_star_se, 4), "J_pretrained": round(j_pre, 4)}
     rows = []
 
-    def point(step: int) -> None:
+    def point(step: int, extra: dict | None = None) -> None:
         if passes is not None:
             passes.active = False  # measured with fp32 passes: the exact KL of what was trained
         row = {**head, "step": step, "nfe": int(before + per_iteration * step), **evaluate(trainer, reward_fn,
-                                                                                          args.eval_samples)}
+                                                                                          args.eval_samples,
+                                                                                          case=_CASES.get(args.task))}
         if passes is not None:
             row.update(gradient_error(trainer, lambda: passes.set(False), lambda: passes.set(True)))
             passes.active = True  # training goes on in the half-precision passes
         elif trainer.process.exact_kl_context() is not None:  # tiny_sd trained with kl_precision="autocast"
             row.update(gradient_error(trainer, trainer.process.exact_kl_context(), contextlib.nullcontext, batch=8))
         row["gap"] = round(j_star - row["J"], 4)
+        row.update(extra or {})
         rows.append(row)
         print(json.dumps(row), flush=True)
 
     t0 = time.perf_counter()
+    if args.tilted_fit:  # the drift starts from the fit to exact tilted paths (benchmarks/tilted_fit.py)
+        from tilted_fit import fit_control, tilted_paths
+
+        make_optimizer = trainer.make_optimizer
+
+        def fitted_then_optimizer(params):
+            gen = torch.Generator().manual_seed(10_000 + seed)
+            paths = tilted_paths(trainer, reward_fn, args.tilted_fit, gen)
+            info = fit_control(trainer, paths, args.tilted_fit_iterations, 64, args.tilted_fit_lr, gen)
+            point(0, {"tilted_fit": info})
+            return make_optimizer(params)
+
+        trainer.make_optimizer = fitted_then_optimizer
+    if args.init_from_floor:  # exact cases: the drift starts at the discretisation floor's adapter
+        from tilted_cases import discretisation_floor
+
+        make_optimizer_ = trainer.make_optimizer
+
+        def floor_then_optimizer(params):
+            state = {}
+            floor = discretisation_floor(_case(args), cfg.eta, cfg.num_inference_steps, seed=seed, lora_state=state)
+            named = dict(trainer.model.named_parameters())
+            with torch.no_grad():
+                for name, value in state.items():
+                    named[name].copy_(value)
+            point(0, {"floor_tv_from_normal_start": floor["tv"]})
+            return make_optimizer_(params)
+
+        trainer.make_optimizer = floor_then_optimizer
 
     if passes is not None:
         passes.active = True
@@ -311,7 +384,7 @@ def plot(paths: list[str], png: str) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", default="digits", choices=["digits", "tiny_sd", *EXACT])
+    p.add_argument("--task", default="digits", choices=["digits", "tiny_sd", "rare", *EXACT])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--elegant", nargs="+", default=None, metavar="KEY=VALUE")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
@@ -323,6 +396,13 @@ def main(argv=None) -> None:
     p.add_argument("--eval_samples", type=int, default=1024)
     p.add_argument("--optimum_samples", type=int, default=8192)
     p.add_argument("--label", default=None)
+    p.add_argument("--tilted_fit", type=int, default=0, metavar="ROLLOUTS",
+                   help="digits: start the drift from the maximum-likelihood fit to the accepted paths of ROLLOUTS "
+                        "pretrained rollouts (exact tilted paths; benchmarks/tilted_fit.py)")
+    p.add_argument("--tilted_fit_iterations", type=int, default=400)
+    p.add_argument("--init_from_floor", action="store_true",
+                   help="exact cases: start the drift at the discretisation floor's adapter (its J at iteration 0)")
+    p.add_argument("--tilted_fit_lr", type=float, default=5e-3)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--from_json", nargs="+", default=None, help="plot earlier outputs instead of running")
     p.add_argument("--png", default=None)

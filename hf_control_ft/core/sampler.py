@@ -293,9 +293,19 @@ class ControlledSampler:
                 ref_kl = ref_kl + out[2]
         return (x, kl, ref_kl) if return_reference_kl else (x, kl)
 
+    def _step_scales(self, power: float) -> list[float]:
+        """``c_k = (sigma_k^2 / mean sigma^2)^power`` at stochastic steps, 1 at deterministic ones."""
+        K = len(self.schedule)
+        if not power:
+            return [1.0] * K
+        var = {k: float(self.schedule.std[k]) ** 2 for k in range(K) if self.schedule.is_stochastic(k)}
+        mean = sum(var.values()) / max(len(var), 1)
+        return [(var[k] / mean) ** power if k in var else 1.0 for k in range(K)]
+
     def backpropagate(self, trajectory: Trajectory, grad_samples: torch.Tensor,
                       kl_weight: float | torch.Tensor | None,
-                      reference_kl_weight: float | torch.Tensor | None = None) -> torch.Tensor:
+                      reference_kl_weight: float | torch.Tensor | None = None,
+                      step_weight_power: float = 0.0) -> torch.Tensor:
         """Backward sweep: accumulates into the LoRA parameters' ``.grad`` the gradient of
 
             L = sum_b <grad_samples_b, x_0_b> + sum_b kl_weight_b * sum_k KL_k_b
@@ -309,6 +319,12 @@ class ControlledSampler:
 
         ``reference_kl_weight`` (needs a reference adapter and a ``kl_weight``) adds
         ``sum_b reference_kl_weight_b * sum_k KLref_k`` (SEIKO: ``beta / B``) and fills ``ref_kl_steps``.
+
+        ``step_weight_power = p != 0`` multiplies the *parameter* gradient that step ``k``'s network call receives
+        by ``c_k = (sigma_k^2 / mean_j sigma_j^2)^p`` and leaves the chain's adjoint exact (the step's
+        vector-Jacobian product is taken with ``c_k`` times the cotangents and its input gradient divided by
+        ``c_k``): a per-step preconditioner, ``sigma_k^2`` being the inverse of step ``k``'s KL metric. It keeps
+        every stationary point where each step's control is at its own optimum (``docs/algorithms.md`` §7).
         """
         K = len(self.schedule)
         first = self._first_grad_step()
@@ -323,7 +339,9 @@ class ControlledSampler:
         if with_ref:
             w_ref = torch.as_tensor(reference_kl_weight, dtype=grad_samples.dtype, device=grad_samples.device).expand(B)
         adjoint = grad_samples.detach()
+        scales = self._step_scales(step_weight_power)
         for k in reversed(range(first, K)):
+            c = scales[k]
             x_k = trajectory.states[k].detach().requires_grad_(True)
             with torch.enable_grad():
                 ref_k = None
@@ -341,12 +359,12 @@ class ControlledSampler:
                 if ref_k is not None and ref_k.requires_grad:
                     outputs.append(ref_k)
                     grads.append(w_ref)
-                torch.autograd.backward(outputs, grads)
+                torch.autograd.backward(outputs, grads if c == 1.0 else [g * c for g in grads])
             if kl_k is not None:
                 trajectory.kl_steps[k] = kl_k.detach()
             if ref_k is not None:
                 trajectory.ref_kl_steps[k] = ref_k.detach()
-            adjoint = x_k.grad
+            adjoint = x_k.grad if c == 1.0 else x_k.grad / c
         if first > 0:
             return torch.zeros_like(adjoint)
         return adjoint

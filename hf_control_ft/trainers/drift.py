@@ -100,7 +100,8 @@ class DriftIterations:
                                                         self._trained_timesteps(gen)).mean().item()
         else:
             ref = None if reference_kl_weight is None else reference_kl_weight / total
-            self.sampler.backpropagate(traj, -grad_x0 / total, cfg.alpha / total, reference_kl_weight=ref)
+            self.sampler.backpropagate(traj, -grad_x0 / total, cfg.alpha / total, reference_kl_weight=ref,
+                                       step_weight_power=getattr(cfg, "regression_weight_power", 0.0))
         return {"reward": r, "kl": traj.kl, "kl_init": kl_init, "ref_kl": traj.ref_kl,
                 "regression_loss": regression_loss, "trajectory": traj}
 

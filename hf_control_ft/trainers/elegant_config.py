@@ -68,7 +68,8 @@ class ElegantConfig:
       iterations (:mod:`hf_control_ft.models.step_values`) -- a low-variance target, biased by the value fit; it
       stores ``value_num_rollouts * step_value_states_per_rollout`` states (all steps of every rollout when they
       fit in 2 GiB, else a random subset of steps), so latent pipelines can use it too. Both regressions weight
-      step ``k`` by ``(sigma_k^2 / mean sigma^2)^regression_weight_power`` (``docs/algorithms.md`` §7).
+      step ``k`` by ``(sigma_k^2 / mean sigma^2)^regression_weight_power`` (``docs/algorithms.md`` §7); the
+      pathwise gradient scales step ``k``'s LoRA gradient by the same factor.
 
     ``rollout_batch_size``: batch of the no-grad pretrained rollouts of stage 1 and of the per-step values
     (default: ``batch_size``); larger than the training batch on big GPUs, since nothing is backpropagated.
@@ -141,8 +142,9 @@ class ElegantConfig:
                                                 "step instead of all steps)")
     regression_weight_power: float = _field(
         0.0, "'value_guided' / 'adjoint_matching': step k's regression loss is weighted by (sigma_k^2 / mean "
-             "sigma^2)^p; 0: KL units; 1: least squares on the means (closer to the tilted law on the two exact "
-             "cases measured, docs/measurements.md); the minimiser is the same for an adapter that fits every step")
+             "sigma^2)^p; 0: KL units; 1: least squares on the means; 'pathwise': step k's LoRA gradient is scaled "
+             "by the same factor (a per-step preconditioner, the chain rule between steps exact); the optimum is "
+             "the same for an adapter that fits every step; measured in docs/measurements.md, not better everywhere")
     truncate_backprop_steps: int | None = _field(None, "pathwise only: backpropagate through the last K sampler steps"
                                                        " (None: all)")
     train_timestep_fraction: float = _field(

@@ -137,3 +137,44 @@ def test_sampling_is_deterministic_under_a_generator():
     a = s.sample(torch.zeros(3, 2), torch.Generator().manual_seed(5))
     b = s.sample(torch.zeros(3, 2), torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
+
+
+def test_step_weight_power_scales_each_steps_parameter_gradient_and_keeps_the_adjoint():
+    """``backpropagate(step_weight_power=p)``: the LoRA gradient is ``sum_k c_k g_k`` with ``g_k`` what step ``k``'s
+    network call contributes (reference: a chain whose step ``k`` runs its own copy of the adapter) and
+    ``c_k = (sigma_k^2 / mean sigma^2)^p``; ``dL/dx_T`` is the unweighted chain rule's."""
+    import copy
+
+    model = make_mlp_denoiser(perturb=0.3)
+    s = _sampler(model, steps=6, eta=0.7)
+    gen = torch.Generator().manual_seed(3)
+    x_T = torch.randn(5, 2, generator=gen)
+    traj = s.rollout(x_T, gen)
+    cot = torch.randn(5, 2, generator=gen) / 5
+    params = lora_parameters(model)
+
+    def swept(power):
+        for p in params:
+            p.grad = None
+        adjoint = s.backpropagate(copy.deepcopy(traj), cot, 0.7 / 5, step_weight_power=power)
+        return [p.grad.clone() for p in params], adjoint
+
+    plain, adjoint_plain = swept(0.0)
+    weighted, adjoint_weighted = swept(1.0)
+    torch.testing.assert_close(adjoint_weighted, adjoint_plain, rtol=1e-5, atol=1e-7)
+    var = [float(s.schedule.std[k]) ** 2 for k in s.schedule.random_steps()]
+    c = {k: v / (sum(var) / len(var)) for k, v in zip(s.schedule.random_steps(), var)}
+    assert max(c.values()) / min(c.values()) > 2  # the weights differ enough to show
+    copies = [copy.deepcopy(model) for _ in range(len(s.schedule))]
+    x = x_T.clone().requires_grad_(True)
+    loss = 0.0
+    for k, m in enumerate(copies):
+        x, kl_k = _sampler(m, steps=6, eta=0.7).step_with_kl(x, k, traj.noises[k])
+        loss = loss + 0.7 / 5 * kl_k.sum()
+    (loss + (cot * x).sum()).backward()
+    torch.testing.assert_close(x.detach(), traj.samples)
+    expected = [sum(c.get(k, 1.0) * lora_parameters(m)[i].grad for k, m in enumerate(copies)
+                    if lora_parameters(m)[i].grad is not None) for i in range(len(params))]
+    for got, want in zip(weighted, expected):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
+    assert sum(float((a - b).norm()) for a, b in zip(weighted, plain)) > 1e-3 * sum(float(a.norm()) for a in plain)
