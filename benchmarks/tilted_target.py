@@ -276,10 +276,12 @@ def parse_args(argv=None):
     if args.suite:
         args.seeds = args.seeds or [0, 1, 2]
         args.skip_fixed_noise = not args.with_fixed_noise
-    if args.quick:
-        args.train_steps, args.distill_steps, args.value_rollouts = 30, 300, 1024
-        args.value_train_steps, args.noise_train_steps, args.eval_samples, args.steps = 100, 50, 2048, 20
-        args.floor_steps, args.step_value_train_steps = 200, 300
+    if args.quick:  # smaller sizes, except where a flag was given
+        quick = dict(train_steps=30, distill_steps=300, value_rollouts=1024, value_train_steps=100,
+                     noise_train_steps=50, eval_samples=2048, steps=20, floor_steps=200, step_value_train_steps=300)
+        for name, value in quick.items():
+            if getattr(args, name) == p.get_default(name):
+                setattr(args, name, value)
     return args
 
 

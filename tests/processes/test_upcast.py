@@ -24,7 +24,9 @@ def _trainer(family, kl_precision, round_network):
     network = pipe.transformer if hasattr(pipe, "transformer") and pipe.transformer is not None else pipe.unet
     if round_network:  # the half-precision model's values, stored in fp32
         network.to(torch.bfloat16).to(torch.float32)
-    cfg = ElegantConfig(alpha=1.0, eta=1.0, num_inference_steps=10, learn_initial_noise=False, batch_size=2,
+    # the tiny FLUX's dynamic shift (mu 11.5 at its sequence length) holds every level above 0.9999: 4 steps suffice
+    cfg = ElegantConfig(alpha=1.0, eta=1.0, num_inference_steps=4 if family == "flux" else 10,
+                        learn_initial_noise=False, batch_size=2,
                         report_to=None, lora_rank=4, gradient_checkpointing=True)
     guidance = {"flux": 3.5}.get(family, 5.0)
     trainer = ElegantTrainer.from_pipeline(pipe, None, cfg, prompts=["a cat", "a red car"], guidance_scale=guidance,

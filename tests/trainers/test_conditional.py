@@ -21,8 +21,8 @@ def _mixture_trainer(denoiser_state, scheduler, reward, **kw):
     model = MLPDenoiser(**denoiser_state["config"])
     model.load_state_dict(denoiser_state["weights"])
     cfg = ElegantConfig(alpha=2.0, eta=0.2, num_inference_steps=20, train_steps=40, batch_size=64, learning_rate=1e-3,
-                        lora_rank=8, value_num_rollouts=1024, value_train_steps=150, noise_train_steps=80,
-                        step_value_train_steps=600, report_to=None, drift_objective="value_guided", **kw)
+                        lora_rank=8, value_num_rollouts=1024, value_train_steps=100, noise_train_steps=50,
+                        step_value_train_steps=300, report_to=None, drift_objective="value_guided", **kw)
     process = ClassConditionalProcess(model.requires_grad_(False), scheduler, (2,), cfg, num_classes=3)
     return ElegantTrainer(cfg, reward_fn=reward, process=process)
 
