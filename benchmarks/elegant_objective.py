@@ -19,6 +19,8 @@ weight). With ``--elegant use_ema=true`` every point measures the moving average
 ``--init_from_floor`` (exact cases) starts the drift at the discretisation floor's adapter and ``--tilted_fit N``
 (digits) at the maximum-likelihood fit to exact tilted paths (``benchmarks/tilted_fit.py``); both print their
 starting point as iteration 0.
+``--proximal BETA EVERY`` adds ``BETA`` times the KL to the control frozen every ``EVERY`` iterations (a proximal
+outer loop, ``benchmarks/proximal.py``).
 ``--elegant KEY=VALUE`` overrides config fields (``batch_size=64 train_steps=60``: the same NFE at a larger batch);
 ``--optimizer sgd`` swaps AdamW for SGD with momentum 0.9 (a measurement only: not a library option).
 
@@ -339,10 +341,20 @@ def run(args, seed: int) -> dict:
 
         trainer.make_optimizer = floor_then_optimizer
 
+    refresh = None
+    if args.proximal:  # mirror descent on the path law (benchmarks/proximal.py)
+        from proximal import attach_proximal
+
+        refresh = attach_proximal(trainer, args.proximal[0], int(args.proximal[1]))
+        head["proximal"] = {"beta": args.proximal[0], "every": int(args.proximal[1])}
+        # the anchor's chain: one more forward pass per random step of every rollout
+        per_iteration += cfg.batch_size * cfg.gradient_accumulation_steps * len(trainer.sampler.schedule.random_steps())
     if passes is not None:
         passes.active = True
 
     def callback(t, step):
+        if refresh is not None:
+            refresh(step)
         if step % args.every == 0 or step == cfg.train_steps:
             point(step)
 
@@ -402,6 +414,9 @@ def main(argv=None) -> None:
     p.add_argument("--tilted_fit_iterations", type=int, default=400)
     p.add_argument("--init_from_floor", action="store_true",
                    help="exact cases: start the drift at the discretisation floor's adapter (its J at iteration 0)")
+    p.add_argument("--proximal", type=float, nargs=2, default=None, metavar=("BETA", "EVERY"),
+                   help="pathwise: add BETA x the KL to the control frozen every EVERY iterations (mirror descent; "
+                        "benchmarks/proximal.py)")
     p.add_argument("--tilted_fit_lr", type=float, default=5e-3)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--from_json", nargs="+", default=None, help="plot earlier outputs instead of running")
