@@ -9,7 +9,7 @@ for ``delta`` in bf16 and fp16 autocast, ``autocast`` (two bf16 passes subtracte
 in fp32, attention's in bf16) says which products' rounding the bf16 error comes from. The reference is ``kl_precision="upcast"`` in fp64 arithmetic on the same
 stored weights (bf16, or fp16 for the fp16 mode, whose text encoder also runs in fp16).
 
-    python benchmarks/kl_difference.py                          # every family but FLUX.1 (~5 min on 2 cores)
+    python benchmarks/kl_difference.py                          # every family (~5 min on 2 cores)
     python benchmarks/kl_difference.py --families sd sd3 --modes delta-bf16 autocast-bf16
 """
 

@@ -14,6 +14,8 @@ PROMPTS = ["a cat", "a red car", "the sea"]
 def _trainer(make, **options):
     cfg = ElegantConfig(alpha=1.0, eta=1.0, num_inference_steps=3, learn_initial_noise=False, batch_size=2,
                         report_to=None, lora_rank=4)
+    if make is tiny_flux_pipeline:  # a tiny size: at FLUX's default 1024 px its shifted levels sit at 1 (KL ~0)
+        options = {"height": 32, "width": 32, "max_sequence_length": 8, **options}
     trainer = ElegantTrainer.from_pipeline(make(), None, cfg, prompts=PROMPTS, **options)
     scale_lora(trainer.model, 0.1)
     return trainer
@@ -22,6 +24,7 @@ def _trainer(make, **options):
 @pytest.mark.parametrize("make", [tiny_sd_pipeline, tiny_sdxl_pipeline, tiny_flux_pipeline])
 def test_switches_leave_the_kl_and_gradient_unchanged(make):
     reference = kl_and_gradient(_trainer(make))
+    assert reference[0] > 1e-3  # a control the switches could change
     switched = _trainer(make, pre_compute_text_embeddings=True, offload=True, enable_vae_slicing=True)
     calls = []
     encode = switched.process.encode

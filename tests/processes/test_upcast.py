@@ -12,9 +12,12 @@ from hf_control_ft.testing.families import tiny_pipelines
 
 FAMILIES = tiny_pipelines()
 # a control with a KL well above its rounding
-LORA_SCALE = {"sd": 0.05, "sdxl": 0.5, "sd3": 0.5, "flux": 0.5, "qwen-image": 0.5, "flux2-klein": 1.0, "z-image": 0.5,
+LORA_SCALE = {"sd": 0.05, "sdxl": 0.5, "sd3": 0.5, "flux": 0.2, "qwen-image": 0.5, "flux2-klein": 1.0, "z-image": 0.5,
               "wan": 0.5}
-OPTIONS = {"qwen-image": dict(height=32, width=32), "flux2-klein": dict(height=16, width=16, max_sequence_length=32),
+# tiny sizes: at the preset's 1024 px the tiny FLUX ran 4096 tokens, and its dynamic shift (mu 11.5) held every
+# level above 0.9999, where the control does nothing (KL ~3e-8)
+OPTIONS = {"flux": dict(height=32, width=32, max_sequence_length=8), "qwen-image": dict(height=32, width=32),
+           "flux2-klein": dict(height=16, width=16, max_sequence_length=32),
            "z-image": dict(height=16, width=16, max_sequence_length=64),
            "wan": dict(height=32, width=32, num_frames=5, max_sequence_length=16)}
 
@@ -24,9 +27,7 @@ def _trainer(family, kl_precision, round_network):
     network = pipe.transformer if hasattr(pipe, "transformer") and pipe.transformer is not None else pipe.unet
     if round_network:  # the half-precision model's values, stored in fp32
         network.to(torch.bfloat16).to(torch.float32)
-    # the tiny FLUX's dynamic shift (mu 11.5 at its sequence length) holds every level above 0.9999: 4 steps suffice
-    cfg = ElegantConfig(alpha=1.0, eta=1.0, num_inference_steps=4 if family == "flux" else 10,
-                        learn_initial_noise=False, batch_size=2,
+    cfg = ElegantConfig(alpha=1.0, eta=1.0, num_inference_steps=10, learn_initial_noise=False, batch_size=2,
                         report_to=None, lora_rank=4, gradient_checkpointing=True)
     guidance = {"flux": 3.5}.get(family, 5.0)
     trainer = ElegantTrainer.from_pipeline(pipe, None, cfg, prompts=["a cat", "a red car"], guidance_scale=guidance,
@@ -46,7 +47,7 @@ def test_upcast_gives_the_kl_of_the_half_precision_weights_within_one_percent(fa
     frozen = [p for n, p in network.named_parameters() if "lora" not in n and not any(k in n for k in keep)]
     assert {p.dtype for p in frozen} == {torch.bfloat16}  # half the memory of fp32 weights
     kl, grad = kl_and_gradient(trainer)
-    assert kl_ref >= 0.1 or family == "flux"  # the tiny random FLUX barely responds to its LoRA: KL ~3e-8
+    assert kl_ref >= 0.1
     assert kl == pytest.approx(kl_ref, rel=1e-2) and grad == pytest.approx(grad_ref, rel=1e-2)
     half, _ = _trainer(family, "autocast", round_network=False)  # the rounding floor that upcast removes
     kl_half, _ = kl_and_gradient(half)
