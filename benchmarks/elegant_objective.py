@@ -345,8 +345,9 @@ def run(args, seed: int) -> dict:
     if args.proximal:  # mirror descent on the path law (benchmarks/proximal.py)
         from proximal import attach_proximal
 
-        refresh = attach_proximal(trainer, args.proximal[0], int(args.proximal[1]))
-        head["proximal"] = {"beta": args.proximal[0], "every": int(args.proximal[1])}
+        beta, every = args.proximal[0], int(args.proximal[1])
+        refresh = attach_proximal(trainer, beta, every)
+        head["proximal"] = {"beta": beta, "every": every}
         # the anchor's chain: one more forward pass per random step of every rollout
         per_iteration += cfg.batch_size * cfg.gradient_accumulation_steps * len(trainer.sampler.schedule.random_steps())
     if passes is not None:

@@ -48,21 +48,28 @@ def test_proximal_anchor_is_the_previous_iterate_and_its_kl_is_added():
 
     trainer.drift_iteration = recording
 
+    def snapshot(adapter):
+        return [p.detach().clone() for p in lora_parameters(trainer.process.lora_model, adapter)]
+
+    start, controls = snapshot(CONTROL_ADAPTER), []
+
     def callback(t, step):
         refresh(step)
-        anchors.append([p.detach().clone() for p in lora_parameters(t.process.lora_model, ANCHOR)])
+        anchors.append(snapshot(ANCHOR))
+        controls.append(snapshot(CONTROL_ADAPTER))
 
     trainer.train(callback=callback)
-    control = lora_parameters(trainer.process.lora_model, CONTROL_ADAPTER)
     # the first iterations' anchor is the zero control (the pretrained chain): its KL is the KL to the pretrained
     assert torch.allclose(outs[0]["ref_kl"], outs[0]["kl"], rtol=1e-5, atol=1e-7)
     assert float(outs[0]["kl"].mean()) == 0.0 and float(outs[1]["kl"].mean()) > 0
     assert torch.allclose(outs[1]["ref_kl"], outs[1]["kl"], rtol=1e-5, atol=1e-7)
-    # after iteration 2 the anchor is the control of that moment; iteration 3's chain differs from both
-    assert all(not torch.equal(a, b) for a, b in zip(anchors[1], anchors[0]) if a.abs().sum() > 0)
-    assert float((outs[2]["kl"] - outs[2]["ref_kl"]).abs().max()) > 1e-6
-    assert not all(torch.equal(a, c) for a, c in zip(anchors[2], control))  # refreshed at 2, trained at 3
+    # the anchor is the starting control until iteration 2, then the control of that moment, kept through 3
+    assert all(torch.equal(a, c) for a, c in zip(anchors[0], start))
+    assert all(torch.equal(a, c) for a, c in zip(anchors[1], controls[1]))
+    assert not all(torch.equal(a, c) for a, c in zip(anchors[1], start))
     assert all(torch.equal(a, b) for a, b in zip(anchors[2], anchors[1]))
+    assert not all(torch.equal(a, c) for a, c in zip(anchors[2], controls[2]))  # trained at 3, not refreshed
+    assert float((outs[2]["kl"] - outs[2]["ref_kl"]).abs().max()) > 1e-6  # iteration 3's chain differs from both
 
 
 def test_proximal_refuses_a_regression_objective():

@@ -205,6 +205,15 @@ def tiny_wan_output(transformer, seed: int = 1) -> torch.Tensor:
         return transformer(x, torch.tensor([700.0, 300.0]), emb, return_dict=False)[0]
 
 
+#: the ``from_pipeline`` size options each tiny pipeline is meant to run at (families not named: their defaults are
+#: tiny already). FLUX.1 needs one: at its default 1024 px the tiny transformer runs 4096 tokens and the dynamic shift
+#: scaled to 16-256 tokens (mu 11.5) holds every level above 0.9999, where a control does nothing (KL ~3e-8)
+TINY_OPTIONS = {"flux": dict(height=32, width=32, max_sequence_length=8), "qwen-image": dict(height=32, width=32),
+                "flux2-klein": dict(height=16, width=16, max_sequence_length=32),
+                "z-image": dict(height=16, width=16, max_sequence_length=64),
+                "wan": dict(height=32, width=32, num_frames=5, max_sequence_length=16)}
+
+
 def tiny_pipelines() -> dict:
     """Every family's tiny pipeline builder by family name (the precision tests run each mode on all of them)."""
     from . import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
@@ -216,4 +225,4 @@ def tiny_pipelines() -> dict:
 
 __all__ = ["tiny_wan_pipeline", "tiny_wan_output", "tiny_chat_tokenizer", "tiny_flux2_klein_pipeline", "tiny_flux2_output",
            "tiny_z_image_pipeline", "tiny_z_image_output", "tiny_qwen_image_pipeline", "tiny_qwen_image_output",
-           "tiny_pipelines"]
+           "tiny_pipelines", "TINY_OPTIONS"]

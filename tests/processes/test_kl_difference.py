@@ -13,18 +13,13 @@ from hf_control_ft.core.adjoint_matching import adjoint_matching_backward
 from hf_control_ft.core.control import add_reference_adapter, lora_parameters
 from hf_control_ft.core.difference_lora import install_difference
 from hf_control_ft.testing import scale_lora
-from hf_control_ft.testing.families import tiny_pipelines
+from hf_control_ft.testing.families import TINY_OPTIONS, tiny_pipelines
 
 FAMILIES = tiny_pipelines()
 LORA_SCALE = {"sd": 0.07, "sdxl": 0.5, "sd3": 0.5, "flux": 0.2, "qwen-image": 0.5, "flux2-klein": 1.0, "z-image": 0.5,
               "wan": 0.5}
 DEFAULT_GUIDANCE = {"sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5, "qwen-image": 4.0, "flux2-klein": 4.0,
                     "z-image": 5.0, "wan": 5.0}
-# tiny sizes (FLUX.1 at its default 1024 px: 4096 tokens, every shifted level above 0.9999 and a KL of ~3e-7)
-OPTIONS = {"flux": dict(height=32, width=32, max_sequence_length=8), "qwen-image": dict(height=32, width=32),
-           "flux2-klein": dict(height=16, width=16, max_sequence_length=32),
-           "z-image": dict(height=16, width=16, max_sequence_length=64),
-           "wan": dict(height=32, width=32, num_frames=5, max_sequence_length=16)}
 
 
 def _brightness(images, prompts=None):
@@ -36,7 +31,7 @@ def _trainer(family, kl_precision, guidance, scale=None, mixed_precision="bf16",
                                   report_to=None, lora_rank=4, gradient_checkpointing=True), **overrides})
     trainer = ElegantTrainer.from_pipeline(FAMILIES[family](), reward, cfg, prompts=["a cat", "a red car"],
                                            guidance_scale=guidance, mixed_precision=mixed_precision,
-                                           kl_precision=kl_precision, **OPTIONS.get(family, {}))
+                                           kl_precision=kl_precision, **TINY_OPTIONS.get(family, {}))
     scale_lora(trainer.model, LORA_SCALE[family] if scale is None else scale)
     return trainer
 

@@ -7,6 +7,7 @@ import torch
 from hf_control_ft import ElegantConfig, ElegantTrainer
 from hf_control_ft.processes.memory import EmbeddingCache, on_device, tf32_matmuls, text_encoders
 from hf_control_ft.testing import kl_and_gradient, scale_lora, tiny_flux_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
+from hf_control_ft.testing.families import TINY_OPTIONS
 
 PROMPTS = ["a cat", "a red car", "the sea"]
 
@@ -14,8 +15,8 @@ PROMPTS = ["a cat", "a red car", "the sea"]
 def _trainer(make, **options):
     cfg = ElegantConfig(alpha=1.0, eta=1.0, num_inference_steps=3, learn_initial_noise=False, batch_size=2,
                         report_to=None, lora_rank=4)
-    if make is tiny_flux_pipeline:  # a tiny size: at FLUX's default 1024 px its shifted levels sit at 1 (KL ~0)
-        options = {"height": 32, "width": 32, "max_sequence_length": 8, **options}
+    if make is tiny_flux_pipeline:
+        options = {**TINY_OPTIONS["flux"], **options}
     trainer = ElegantTrainer.from_pipeline(make(), None, cfg, prompts=PROMPTS, **options)
     scale_lora(trainer.model, 0.1)
     return trainer

@@ -8,18 +8,12 @@ import torch
 
 from hf_control_ft import ElegantConfig, ElegantTrainer
 from hf_control_ft.testing import kl_and_gradient, scale_lora
-from hf_control_ft.testing.families import tiny_pipelines
+from hf_control_ft.testing.families import TINY_OPTIONS, tiny_pipelines
 
 FAMILIES = tiny_pipelines()
 # a control with a KL well above its rounding
 LORA_SCALE = {"sd": 0.05, "sdxl": 0.5, "sd3": 0.5, "flux": 0.2, "qwen-image": 0.5, "flux2-klein": 1.0, "z-image": 0.5,
               "wan": 0.5}
-# tiny sizes: at the preset's 1024 px the tiny FLUX ran 4096 tokens, and its dynamic shift (mu 11.5) held every
-# level above 0.9999, where the control does nothing (KL ~3e-8)
-OPTIONS = {"flux": dict(height=32, width=32, max_sequence_length=8), "qwen-image": dict(height=32, width=32),
-           "flux2-klein": dict(height=16, width=16, max_sequence_length=32),
-           "z-image": dict(height=16, width=16, max_sequence_length=64),
-           "wan": dict(height=32, width=32, num_frames=5, max_sequence_length=16)}
 
 
 def _trainer(family, kl_precision, round_network):
@@ -32,7 +26,7 @@ def _trainer(family, kl_precision, round_network):
     guidance = {"flux": 3.5}.get(family, 5.0)
     trainer = ElegantTrainer.from_pipeline(pipe, None, cfg, prompts=["a cat", "a red car"], guidance_scale=guidance,
                                            mixed_precision="bf16", kl_precision=kl_precision,
-                                           **OPTIONS.get(family, {}))
+                                           **TINY_OPTIONS.get(family, {}))
     scale_lora(trainer.model, LORA_SCALE[family])
     return trainer, network
 
